@@ -1,0 +1,1 @@
+"""Deciding what to do: spec -> reconcile -> placement -> dispatch -> per-clone pipeline."""

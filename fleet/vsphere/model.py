@@ -1,0 +1,236 @@
+"""fleet's own view of vSphere: plain domain objects and the engine-facing interface.
+
+This module is the seam between deciding (``fleet.engine``) and talking
+(``fleet.vsphere.client``). It imports nothing from pyVmomi, so the engine can
+use it freely; the real client and the in-memory fake (``fleet.vsphere.fake``)
+both implement :class:`VSphere`.
+
+All calls raise only ``fleet.errors`` types. Durations are seconds (``_s``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+PowerState = Literal["poweredOn", "poweredOff", "suspended"]
+TaskState = Literal["queued", "running", "success", "error"]
+NicConnect = Literal["connect", "disconnect"]
+GuestFamily = Literal["linux", "windows", "other"]
+
+
+@dataclass(frozen=True, order=True)
+class Ref:
+    """A managed object reference: vSphere type name and id (``VirtualMachine``, ``vm-42``)."""
+
+    type: str
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.id}"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the endpoint says it is (``ServiceContent.about``)."""
+
+    name: str
+    version: str  # product version, e.g. "8.0.3"
+    api_version: str  # e.g. "8.0.3.0"
+    api_type: str  # "VirtualCenter" or "HostAgent"
+    instance_uuid: str
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    ref: Ref
+    name: str
+    connection_state: str  # "connected" | "disconnected" | "notResponding"
+    in_maintenance: bool
+    memory_mb: int  # physical memory
+    memory_used_mb: int  # what the host reports in use (page sharing counted)
+    cluster: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.connection_state == "connected" and not self.in_maintenance
+
+
+@dataclass(frozen=True)
+class DatastoreInfo:
+    ref: Ref
+    name: str
+    capacity_bytes: int
+    free_bytes: int
+    accessible: bool = True
+
+
+@dataclass(frozen=True)
+class NicInfo:
+    key: int
+    label: str
+    mac: str
+    connected: bool
+    start_connected: bool
+    network: str | None = None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A VM as fleet needs to see it (sources and fleet members alike)."""
+
+    ref: Ref
+    name: str
+    power_state: PowerState
+    frozen: bool  # runtime.instantCloneFrozen
+    host: Ref | None
+    host_name: str | None
+    folder: Ref | None
+    datastores: tuple[Ref, ...]
+    chain_depth: int  # deepest delta-disk chain over the VM's disks (layoutEx)
+    memory_mb: int
+    guest_family: GuestFamily
+    nics: tuple[NicInfo, ...] = ()
+    extra_config: Mapping[str, str] = field(default_factory=dict)
+    tools_running: bool = False
+    guest_ip: str | None = None
+    guest_macs: tuple[str, ...] = ()  # MACs the guest OS uses, as VMware Tools reports them
+    instance_uuid: str | None = None
+
+    @property
+    def powered_on(self) -> bool:
+        return self.power_state == "poweredOn"
+
+
+@dataclass(frozen=True)
+class CloneRequest:
+    """One instant clone: what to make, from what, where."""
+
+    source: Ref
+    name: str
+    folder: Ref
+    extra_config: Mapping[str, str] = field(default_factory=dict)
+    pool: Ref | None = None
+    datastore: Ref | None = None
+    # NIC key -> migrateConnect. ``None`` means every NIC of the source;
+    # an empty mapping leaves all NICs as the source has them.
+    nic_connect: Mapping[int, NicConnect] | NicConnect | None = None
+    bios_uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class GuestCredentials:
+    """Guest OS login for guest operations. ``repr`` never shows the password."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class GuestProgram:
+    """A program to run in the guest through VMware Tools."""
+
+    path: str
+    arguments: str = ""
+    working_directory: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskSnapshot:
+    """Where a vCenter task stands, as the client last saw it."""
+
+    ref: Ref
+    state: TaskState
+    queue_time: float | None = None  # epoch seconds, server clock
+    start_time: float | None = None
+    complete_time: float | None = None
+
+
+@runtime_checkable
+class TaskHandle(Protocol):
+    """A vCenter task in flight. ``wait`` returns its result or raises a fleet error."""
+
+    @property
+    def ref(self) -> Ref: ...
+
+    @property
+    def snapshot(self) -> TaskSnapshot: ...
+
+    async def wait(self, timeout_s: float | None = None) -> Any: ...
+
+    async def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class VSphere(Protocol):
+    """The small async interface the engine drives. Implemented by the client and the fake."""
+
+    async def server_info(self) -> ServerInfo:
+        """About the endpoint; raises UnsupportedEndpoint if it cannot instant-clone."""
+        ...
+
+    # -- inventory -------------------------------------------------------
+    async def find_vms(self, names_or_paths: Sequence[str]) -> list[VmInfo]:
+        """Resolve VMs by name or inventory path; NotFound names every missing one."""
+        ...
+
+    async def get_vm(self, ref: Ref) -> VmInfo: ...
+
+    async def list_hosts(self) -> list[HostInfo]: ...
+
+    async def list_datastores(self) -> list[DatastoreInfo]: ...
+
+    async def ensure_folder(self, path: str) -> Ref:
+        """The VM folder at ``path`` (``dc/vm/a/b`` or ``a/b`` under the first
+        datacenter's VM folder), created with its parents if missing."""
+        ...
+
+    async def find_folder(self, path: str) -> Ref | None: ...
+
+    async def list_folder_vms(self, folder: Ref) -> list[VmInfo]:
+        """Every VM directly in ``folder`` (members are recognised by their labels)."""
+        ...
+
+    # -- clones and power ------------------------------------------------
+    async def start_instant_clone(self, request: CloneRequest) -> TaskHandle:
+        """Submit ``InstantClone_Task``; the handle's result is the new VM's Ref."""
+        ...
+
+    async def check_instant_clone(self, request: CloneRequest) -> list[str]:
+        """Preflight (``CheckInstantClone_Task``); returns problems, empty if fine."""
+        ...
+
+    async def full_clone(self, source: Ref, name: str, folder: Ref, *, host: Ref | None = None,
+                         datastore: Ref | None = None, power_on: bool = True) -> Ref: ...
+
+    async def relocate(self, vm: Ref, *, host: Ref | None = None,
+                       datastore: Ref | None = None) -> None: ...
+
+    async def power_on(self, vm: Ref) -> None: ...
+
+    async def power_off(self, vm: Ref) -> None: ...
+
+    async def reset(self, vm: Ref) -> None: ...
+
+    async def destroy(self, vm: Ref) -> None:
+        """Power off if needed, then destroy. A VM already gone is not an error."""
+        ...
+
+    async def set_nics_connected(self, vm: Ref, connected: bool,
+                                 nic_keys: Sequence[int] | None = None) -> None: ...
+
+    async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None: ...
+
+    # -- guest -----------------------------------------------------------
+    async def run_in_guest(self, vm: Ref, credentials: GuestCredentials, program: GuestProgram,
+                           *, timeout_s: float) -> int:
+        """Run a program through VMware Tools and return its exit code."""
+        ...
+
+    async def wait_for_vm(self, vm: Ref, *, timeout_s: float, guest_ip: bool = False,
+                          extra_config_key: str | None = None, frozen: bool | None = None,
+                          tools_running: bool = False) -> VmInfo:
+        """Wait (with WaitForUpdatesEx, no polling) until every asked condition holds."""
+        ...
