@@ -64,9 +64,9 @@ class _FetchInfo:
     """Method info for pyVmomi's non-WSDL ``Fetch`` accessor."""
 
     name: str = "Fetch"
-    wsdlName: str = "Fetch"  # noqa: N815 - mirrors pyVmomi's attribute name
-    isTask: bool = False  # noqa: N815
-    privId: str = "System.Read"  # noqa: N815
+    wsdlName: str = "Fetch"
+    isTask: bool = False
+    privId: str = "System.Read"
 
 
 FETCH_INFO = _FetchInfo()
@@ -101,7 +101,7 @@ def _param_type(param: Any) -> Any:
     return typ
 
 
-class _RequestParser(ExpatDeserializerNSHandlers):
+class _RequestParser(ExpatDeserializerNSHandlers):  # type: ignore[misc]
     """Outer expat handlers: envelope and method element; params go to pyVmomi."""
 
     def __init__(self, version: str) -> None:
@@ -136,7 +136,7 @@ class _RequestParser(ExpatDeserializerNSHandlers):
         else:
             self.args[name] = value
 
-    def StartElementHandler(self, tag: str, attr: dict[str, str]) -> None:  # noqa: N802
+    def StartElementHandler(self, tag: str, attr: dict[str, str]) -> None:
         self._collect()
         self.depth += 1
         ns, _, name = tag.rpartition(NS_SEP)
@@ -181,11 +181,11 @@ class _RequestParser(ExpatDeserializerNSHandlers):
             return
         raise SoapDecodeError(f"unexpected element {name!r}")
 
-    def EndElementHandler(self, tag: str) -> None:  # noqa: N802
+    def EndElementHandler(self, tag: str) -> None:
         self._collect()
         self.depth -= 1
 
-    def CharacterDataHandler(self, data: str) -> None:  # noqa: N802
+    def CharacterDataHandler(self, data: str) -> None:
         pass
 
 

@@ -1,0 +1,108 @@
+"""``fleet sim``: serve a simulated vCenter until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from fleet.errors import ConfigError
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a numeric port 0..65535."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{value!r} is not HOST:PORT", key="--listen")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"{host!r} is not an IP address", key="--listen") from None
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"port {port_s!r} is not a number", key="--listen") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range 0..65535", key="--listen")
+    return host, port
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:8989", metavar="HOST:PORT",
+                        help="address to serve on (port 0 picks a free one; default %(default)s)")
+    parser.add_argument("--topology", metavar="FILE",
+                        help="topology TOML (default: the built-in config/sim.toml)")
+    parser.add_argument("--http", action="store_true", help="serve plain http instead of https")
+    parser.add_argument("--time-scale", type=float, default=1.0, metavar="X",
+                        help="multiply every simulated duration by X (default 1)")
+    parser.add_argument("--user", help="vCenter user (default: the topology's)")
+    parser.add_argument("--password", help="vCenter password (default: the topology's, or "
+                                           "$FLEET_SIM_PASSWORD)")
+    parser.add_argument("--cert-file", metavar="PEM", help="serve this certificate ...")
+    parser.add_argument("--key-file", metavar="PEM", help="... with this key")
+    parser.add_argument("--write-cert", metavar="PATH",
+                        help="write the certificate served (PEM) here, for clients to trust")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"])
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from fleet.sim import tls as simtls
+    from fleet.sim.server import serve
+    from fleet.sim.simulator import Simulator
+    from fleet.sim.topology import load_topology
+
+    host, port = parse_listen(args.listen)
+    if not args.time_scale > 0:
+        raise ConfigError(f"{args.time_scale} must be greater than 0", key="--time-scale")
+    if bool(args.cert_file) != bool(args.key_file):
+        raise ConfigError("give both --cert-file and --key-file, or neither", key="--cert-file")
+    topology = load_topology(args.topology)
+    password = args.password if args.password is not None else os.environ.get(
+        "FLEET_SIM_PASSWORD")
+    sim = Simulator(topology, time_scale=args.time_scale, user=args.user, password=password)
+    context = None
+    if not args.http:
+        try:
+            cert = (simtls.load(args.cert_file, args.key_file) if args.cert_file
+                    else simtls.generate())
+            context = cert.server_context()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot use the certificate: {exc}", key="--cert-file") from None
+        if args.write_cert:
+            try:
+                await asyncio.to_thread(Path(args.write_cert).write_bytes, cert.cert_pem)
+            except OSError as exc:
+                raise ConfigError(f"cannot write {args.write_cert}: {exc.strerror}",
+                                  key="--write-cert") from None
+        print(f"certificate SHA-256 thumbprint {cert.sha256_thumbprint}", file=sys.stderr)
+    try:
+        running = await serve(sim, host, port, context)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                          key="--listen") from None
+    print(f"listening on {running.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await running.close()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_run(args))

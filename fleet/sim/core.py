@@ -1,0 +1,253 @@
+"""The simulator's object model: managed objects, the inventory registry, property paths.
+
+Every simulated managed object is a :class:`SimObject` with a vCenter-style id
+(``vm-42``, ``host-7``) and a pyVmomi managed-object reference. Properties are
+computed on read by ``prop_<name>`` methods that return real pyVmomi values, so
+what goes on the wire is exactly pyVmomi's type system. Methods are Python
+methods named after their WSDL operation (``InstantClone_Task``) taking a
+:class:`CallContext` and the call's named parameters.
+
+Mutations call :meth:`SimObject.touch` with the top-level properties that
+changed; the :class:`Inventory` forwards that to the property filters watching
+the object (``fleet.sim.propcollector``), which is how ``WaitForUpdatesEx``
+learns about changes without polling.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from pyVmomi import VmomiSupport, vim, vmodl
+
+if TYPE_CHECKING:
+    from fleet.sim.service import Session
+    from fleet.sim.simulator import Simulator
+
+
+class ChangeListener(Protocol):
+    """Something that wants to hear about property changes (a property filter)."""
+
+    def on_touch(self, obj: SimObject, props: tuple[str, ...]) -> None: ...
+
+    def on_structure_change(self) -> None: ...
+
+
+@dataclass
+class CallContext:
+    """Who is calling, and with which API version."""
+
+    sim: Simulator
+    session: Session
+    version: str
+    injection: Any = None  # a fault-injection rule that fired for this call
+
+
+#: The call being served, for the few properties whose value depends on the caller
+#: (``SessionManager.currentSession``).
+current_call: ContextVar[CallContext] = ContextVar("current_call")
+
+
+class SimObject:
+    """Base of every simulated managed object."""
+
+    vim_type: ClassVar[Any] = VmomiSupport.ManagedObject
+    id_prefix: ClassVar[str] = "mo-"
+
+    def __init__(self, sim: Simulator, moid: str | None = None) -> None:
+        self.sim = sim
+        self.moid = moid if moid is not None else sim.inventory.next_id(self.id_prefix)
+        self.ref: Any = self.vim_type(self.moid)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.moid}>"
+
+    # -- properties --------------------------------------------------------
+    def get_property(self, name: str) -> Any:
+        """Value of a top-level property; ``None`` when unset. Unknown names fault."""
+        getter = getattr(self, "prop_" + name, None)
+        if getter is not None:
+            return getter()
+        property_type(self.vim_type, name)  # raises InvalidProperty for unknown names
+        return None
+
+    def property_names(self) -> list[str]:
+        """The properties this object can report (for ``PropertySpec.all``)."""
+        return [p.name for p in self.vim_type._GetPropertyList()
+                if hasattr(self, "prop_" + p.name)]
+
+    def touch(self, *props: str) -> None:
+        """Record that top-level ``props`` changed, for WaitForUpdates."""
+        self.sim.inventory.touched(self, props)
+
+    @property
+    def display_name(self) -> str:
+        return self.moid
+
+
+class Inventory:
+    """Registry of every managed object, by id and by type."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, SimObject] = {}
+        self._counter = 0
+        self._watchers: dict[str, set[ChangeListener]] = {}
+        self._structure_listeners: set[ChangeListener] = set()
+        #: bumped whenever objects appear, disappear or move
+        self.generation = 0
+
+    def next_id(self, prefix: str) -> str:
+        """A vCenter-style id (``vm-42``): one counter for all types, as vpxd does."""
+        self._counter += 1
+        return f"{prefix}{self._counter}"
+
+    def add(self, obj: SimObject) -> None:
+        self.objects[obj.moid] = obj
+        self.structure_changed()
+
+    def remove(self, obj: SimObject) -> None:
+        self.objects.pop(obj.moid, None)
+        watchers = self._watchers.pop(obj.moid, set())
+        for watcher in list(watchers):
+            watcher.on_structure_change()
+        self.structure_changed()
+
+    def get(self, moid: str) -> SimObject | None:
+        return self.objects.get(moid)
+
+    def resolve(self, ref: Any) -> SimObject:
+        """The object behind a pyVmomi reference, or ManagedObjectNotFound."""
+        obj = self.objects.get(ref._moId) if ref is not None else None
+        if obj is None:
+            raise vmodl.fault.ManagedObjectNotFound(
+                msg=f"The object '{ref}' has already been deleted or has not been completely "
+                    "created", obj=ref)
+        return obj
+
+    def of_type(self, cls: type[SimObjectT]) -> Iterator[SimObjectT]:
+        for obj in list(self.objects.values()):
+            if isinstance(obj, cls):
+                yield obj
+
+    # -- change notification ----------------------------------------------
+    def watch(self, moid: str, listener: ChangeListener) -> None:
+        self._watchers.setdefault(moid, set()).add(listener)
+
+    def unwatch(self, moid: str, listener: ChangeListener) -> None:
+        watchers = self._watchers.get(moid)
+        if watchers is not None:
+            watchers.discard(listener)
+            if not watchers:
+                del self._watchers[moid]
+
+    def listen_structure(self, listener: ChangeListener) -> None:
+        self._structure_listeners.add(listener)
+
+    def unlisten_structure(self, listener: ChangeListener) -> None:
+        self._structure_listeners.discard(listener)
+
+    def touched(self, obj: SimObject, props: tuple[str, ...]) -> None:
+        for watcher in list(self._watchers.get(obj.moid, ())):
+            watcher.on_touch(obj, props)
+
+    def structure_changed(self) -> None:
+        self.generation += 1
+        for listener in list(self._structure_listeners):
+            listener.on_structure_change()
+
+
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    SimObjectT = TypeVar("SimObjectT", bound=SimObject)
+
+
+# -- property paths ----------------------------------------------------------
+
+_KEYED = re.compile(r"^(\w+)\[(.+)\]$")
+
+
+def invalid_property(path: str) -> vmodl.query.InvalidProperty:
+    return vmodl.query.InvalidProperty(msg=f"Invalid property: {path}", name=path)
+
+
+def _split(part: str) -> tuple[str, str | None]:
+    match = _KEYED.match(part)
+    if match is None:
+        return part, None
+    key = match.group(2)
+    if len(key) >= 2 and key[0] == key[-1] and key[0] in "\"'":
+        key = key[1:-1]
+    return match.group(1), key
+
+
+@lru_cache(maxsize=4096)
+def property_type(mo_type: Any, path: str) -> Any:
+    """The declared pyVmomi type at ``path`` below ``mo_type``; InvalidProperty if none."""
+    typ = mo_type
+    for part in path.split("."):
+        name, key = _split(part)
+        if issubclass(typ, list):
+            raise invalid_property(path)
+        try:
+            info = typ._GetPropertyInfo(name)
+        except (AttributeError, KeyError):
+            raise invalid_property(path) from None
+        typ = info.type
+        if key is not None:
+            if not issubclass(typ, list):
+                raise invalid_property(path)
+            typ = typ.Item
+    return typ
+
+
+def resolve_path(obj: SimObject, path: str) -> Any:
+    """Read a (possibly nested or keyed) property path; ``None`` if any step is unset."""
+    parts = path.split(".")
+    value: Any = None
+    for i, part in enumerate(parts):
+        name, key = _split(part)
+        value = obj.get_property(name) if i == 0 else getattr(value, name, None)
+        if value is None:
+            return None
+        if key is not None:
+            value = next((item for item in value if str(getattr(item, "key", None)) == key), None)
+            if value is None:
+                return None
+    return value
+
+
+def typed_value(mo_type: Any, path: str, value: Any) -> Any:
+    """Make a value safe for an ``anyType`` slot: lists become typed arrays."""
+    if isinstance(value, list) and not isinstance(value, VmomiSupport.Array):
+        typ = property_type(mo_type, path)
+        if issubclass(typ, list):
+            return typ(value)
+    return value
+
+
+def refs(objs: Iterable[SimObject], array_type: Any) -> Any:
+    """A typed array of references, e.g. ``refs(vms, vim.VirtualMachine.Array)``."""
+    return array_type([o.ref for o in objs])
+
+
+def fault(cls: Any, message: str, **fields: Any) -> Any:
+    """Build a vim fault with its message; a small helper to keep call sites short."""
+    return cls(msg=message, **fields)
+
+
+__all__ = [
+    "CallContext",
+    "Inventory",
+    "SimObject",
+    "fault",
+    "property_type",
+    "refs",
+    "resolve_path",
+    "typed_value",
+    "vim",
+]

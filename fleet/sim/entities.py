@@ -1,0 +1,405 @@
+"""Inventory entities other than VMs: folders, datacenter, cluster, resource pools,
+hosts, datastores and networks.
+
+Hosts own the two resources instant clones compete for: provisioning slots
+(see ``fleet.sim.tasks``) and memory, accounted with page sharing: an instant
+clone initially shares most of its memory with its source, so it costs the host
+only its unshared part (``Simulator.clone_memory_share``).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pyVmomi import vim, vmodl
+
+from fleet.sim.core import CallContext, SimObject
+
+if TYPE_CHECKING:
+    from fleet.sim.simulator import Simulator
+    from fleet.sim.vm import VirtualMachine
+
+GREEN = "green"
+MB = 1024 * 1024
+GB = 1024 * MB
+# vCenter refuses these characters in entity names (it escapes '%', '/' and '\').
+_BAD_NAME = re.compile(r"[/\\%]")
+
+
+def check_entity_name(name: str | None, what: str = "name") -> str:
+    if not name or not name.strip():
+        raise vim.fault.InvalidName(msg=f"The {what} must not be empty.", name=name or "")
+    if len(name) > 80:
+        raise vim.fault.InvalidName(msg=f"The {what} '{name}' is longer than 80 characters.",
+                                    name=name)
+    if _BAD_NAME.search(name):
+        raise vim.fault.InvalidName(msg=f"The {what} '{name}' contains '/', '\\' or '%'.",
+                                    name=name)
+    return name
+
+
+class ManagedEntity(SimObject):
+    vim_type = vim.ManagedEntity
+
+    def __init__(self, sim: Simulator, name: str, parent: ManagedEntity | None,
+                 moid: str | None = None) -> None:
+        super().__init__(sim, moid)
+        self.name = name
+        self.parent = parent
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+    def children(self) -> list[ManagedEntity]:
+        return []
+
+    def prop_name(self) -> str:
+        return self.name
+
+    def prop_parent(self) -> Any:
+        return self.parent.ref if self.parent is not None else None
+
+    def prop_overallStatus(self) -> str:
+        return GREEN
+
+    def prop_configStatus(self) -> str:
+        return GREEN
+
+    def prop_alarmActionsEnabled(self) -> bool:
+        return True
+
+    def prop_effectiveRole(self) -> list[int]:
+        return [-1]
+
+    def inventory_path(self) -> str:
+        parts: list[str] = []
+        node: ManagedEntity | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/".join(reversed(parts))
+
+
+def contained(container: SimObject, recursive: bool) -> list[SimObject]:
+    """What a ContainerView over ``container`` shows (children, or all descendants)."""
+    out: list[SimObject] = []
+    if not isinstance(container, ManagedEntity):
+        return out
+    stack = list(reversed(container.children()))
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        if recursive:
+            stack.extend(reversed(node.children()))
+    return out
+
+
+class Folder(ManagedEntity):
+    vim_type = vim.Folder
+    id_prefix = "group-v"
+
+    def __init__(self, sim: Simulator, name: str, parent: ManagedEntity | None,
+                 child_types: Iterable[str], moid: str | None = None) -> None:
+        super().__init__(sim, name, parent, moid)
+        self.child_types = tuple(child_types)
+        self.entities: list[ManagedEntity] = []
+
+    def children(self) -> list[ManagedEntity]:
+        return list(self.entities)
+
+    def prop_childEntity(self) -> Any:
+        return vim.ManagedEntity.Array([c.ref for c in self.entities])
+
+    def prop_childType(self) -> list[str]:
+        return list(self.child_types)
+
+    def child_named(self, name: str) -> ManagedEntity | None:
+        for child in self.entities:
+            if child.name == name:
+                return child
+        return None
+
+    def attach(self, entity: ManagedEntity) -> None:
+        entity.parent = self
+        self.entities.append(entity)
+        self.touch("childEntity")
+
+    def detach(self, entity: ManagedEntity) -> None:
+        if entity in self.entities:
+            self.entities.remove(entity)
+            self.touch("childEntity")
+
+    def CreateFolder(self, ctx: CallContext, name: str) -> Any:
+        check_entity_name(name)
+        if "Folder" not in self.child_types:
+            raise vmodl.fault.NotSupported(msg=f"Folder '{self.name}' cannot hold folders.")
+        if self.child_named(name) is not None:
+            raise vim.fault.DuplicateName(
+                msg=f"The name '{name}' already exists.", name=name,
+                object=self.child_named(name).ref)  # type: ignore[union-attr]
+        folder = Folder(ctx.sim, name, self, self.child_types)
+        self.attach(folder)
+        ctx.sim.inventory.add(folder)
+        return folder.ref
+
+
+class Datacenter(ManagedEntity):
+    vim_type = vim.Datacenter
+    id_prefix = "datacenter-"
+
+    def __init__(self, sim: Simulator, name: str, parent: Folder) -> None:
+        super().__init__(sim, name, parent)
+        self.vm_folder = Folder(sim, "vm", self, ["Folder", "VirtualMachine", "VirtualApp"])
+        self.host_folder = Folder(sim, "host", self, ["Folder", "ComputeResource"],
+                                  moid=sim.inventory.next_id("group-h"))
+        self.datastore_folder = Folder(sim, "datastore", self, ["Folder", "Datastore"],
+                                       moid=sim.inventory.next_id("group-s"))
+        self.network_folder = Folder(sim, "network", self, ["Folder", "Network"],
+                                     moid=sim.inventory.next_id("group-n"))
+
+    def folders(self) -> list[Folder]:
+        return [self.vm_folder, self.host_folder, self.datastore_folder, self.network_folder]
+
+    def children(self) -> list[ManagedEntity]:
+        return list(self.folders())
+
+    def prop_vmFolder(self) -> Any:
+        return self.vm_folder.ref
+
+    def prop_hostFolder(self) -> Any:
+        return self.host_folder.ref
+
+    def prop_datastoreFolder(self) -> Any:
+        return self.datastore_folder.ref
+
+    def prop_networkFolder(self) -> Any:
+        return self.network_folder.ref
+
+    def prop_datastore(self) -> Any:
+        return vim.Datastore.Array([d.ref for d in self.datastore_folder.entities])
+
+    def prop_network(self) -> Any:
+        return vim.Network.Array([n.ref for n in self.network_folder.entities])
+
+
+class ResourcePool(ManagedEntity):
+    vim_type = vim.ResourcePool
+    id_prefix = "resgroup-"
+
+    def __init__(self, sim: Simulator, name: str, parent: ManagedEntity,
+                 owner: ClusterComputeResource) -> None:
+        super().__init__(sim, name, parent)
+        self.owner = owner
+        self.vms: list[VirtualMachine] = []
+
+    def prop_owner(self) -> Any:
+        return self.owner.ref
+
+    def prop_vm(self) -> Any:
+        return vim.VirtualMachine.Array([v.ref for v in self.vms])
+
+    def prop_resourcePool(self) -> Any:
+        return vim.ResourcePool.Array()
+
+    def prop_summary(self) -> Any:
+        alloc = vim.ResourceAllocationInfo(reservation=0, expandableReservation=True, limit=-1,
+                                           shares=vim.SharesInfo(shares=4000, level="normal"))
+        usage = vim.ResourcePool.ResourceUsage(
+            reservationUsed=0, reservationUsedForVm=0, unreservedForPool=0, unreservedForVm=0,
+            overallUsage=0, maxUsage=0)
+        return vim.ResourcePool.Summary(
+            name=self.name,
+            config=vim.ResourceConfigSpec(cpuAllocation=alloc, memoryAllocation=alloc),
+            runtime=vim.ResourcePool.RuntimeInfo(memory=usage, cpu=usage, overallStatus=GREEN))
+
+
+class HostSystem(ManagedEntity):
+    vim_type = vim.HostSystem
+    id_prefix = "host-"
+
+    def __init__(self, sim: Simulator, name: str, parent: ManagedEntity, *, slots: int,
+                 memory_mb: int, overcommit: float, cpu_cores: int, connection_state: str) -> None:
+        super().__init__(sim, name, parent)
+        self.slots = slots
+        self.memory_mb = memory_mb
+        self.overcommit = overcommit
+        self.cpu_cores = cpu_cores
+        self.connection_state = connection_state
+        self.uuid = str(uuid.uuid4())
+        self.vms: list[VirtualMachine] = []
+        self.datastores: list[Datastore] = []
+        self.networks: list[Network] = []
+        self.boot_time = datetime.now(UTC)
+
+    @property
+    def connected(self) -> bool:
+        return self.connection_state == "connected"
+
+    def memory_used_mb(self) -> int:
+        """Host memory in use: powered-on VMs, clones counted by their unshared part."""
+        return sum(vm.host_memory_cost_mb() for vm in self.vms)
+
+    def memory_limit_mb(self) -> int:
+        return int(self.memory_mb * self.overcommit)
+
+    def set_connection_state(self, state: str) -> None:
+        self.connection_state = state
+        self.touch("runtime", "summary")
+        for vm in self.vms:
+            vm.touch("runtime", "summary")
+
+    def prop_runtime(self) -> Any:
+        return vim.host.RuntimeInfo(connectionState=self.connection_state,
+                                    powerState="poweredOn", inMaintenanceMode=False,
+                                    bootTime=self.boot_time)
+
+    def _hardware_summary(self) -> Any:
+        return vim.host.Summary.HardwareSummary(
+            vendor="fleet-sim", model="Simulated host", uuid=self.uuid,
+            memorySize=self.memory_mb * MB, cpuModel="Simulated CPU", cpuMhz=2600,
+            numCpuPkgs=2, numCpuCores=self.cpu_cores, numCpuThreads=self.cpu_cores * 2,
+            numNics=2, numHBAs=1)
+
+    def prop_summary(self) -> Any:
+        return vim.host.Summary(
+            host=self.ref,
+            hardware=self._hardware_summary(),
+            runtime=self.prop_runtime(),
+            config=vim.host.Summary.ConfigSummary(name=self.name, port=443,
+                                                  vmotionEnabled=True,
+                                                  faultToleranceEnabled=False,
+                                                  product=self.sim.about(esxi=True)),
+            quickStats=vim.host.Summary.QuickStats(overallMemoryUsage=self.memory_used_mb(),
+                                                   overallCpuUsage=0, uptime=0),
+            overallStatus=GREEN if self.connected else "gray",
+            rebootRequired=False,
+            managementServerIp="127.0.0.1")
+
+    def prop_hardware(self) -> Any:
+        return vim.host.HardwareInfo(
+            systemInfo=vim.host.SystemInfo(vendor="fleet-sim", model="Simulated host",
+                                           uuid=self.uuid),
+            cpuInfo=vim.host.CpuInfo(numCpuPackages=2, numCpuCores=self.cpu_cores,
+                                     numCpuThreads=self.cpu_cores * 2, hz=2_600_000_000),
+            cpuPkg=[], memorySize=self.memory_mb * MB, smcPresent=False)
+
+    def prop_vm(self) -> Any:
+        return vim.VirtualMachine.Array([v.ref for v in self.vms])
+
+    def prop_datastore(self) -> Any:
+        return vim.Datastore.Array([d.ref for d in self.datastores])
+
+    def prop_network(self) -> Any:
+        return vim.Network.Array([n.ref for n in self.networks])
+
+
+class ClusterComputeResource(ManagedEntity):
+    vim_type = vim.ClusterComputeResource
+    id_prefix = "domain-c"
+
+    def __init__(self, sim: Simulator, name: str, parent: Folder) -> None:
+        super().__init__(sim, name, parent)
+        self.hosts: list[HostSystem] = []
+        self.pool = ResourcePool(sim, "Resources", self, self)
+
+    def children(self) -> list[ManagedEntity]:
+        return [*self.hosts, self.pool]
+
+    def prop_host(self) -> Any:
+        return vim.HostSystem.Array([h.ref for h in self.hosts])
+
+    def prop_resourcePool(self) -> Any:
+        return self.pool.ref
+
+    def prop_datastore(self) -> Any:
+        seen: dict[str, Datastore] = {}
+        for host in self.hosts:
+            for ds in host.datastores:
+                seen.setdefault(ds.moid, ds)
+        return vim.Datastore.Array([d.ref for d in seen.values()])
+
+    def prop_network(self) -> Any:
+        seen: dict[str, Network] = {}
+        for host in self.hosts:
+            for net in host.networks:
+                seen.setdefault(net.moid, net)
+        return vim.Network.Array([n.ref for n in seen.values()])
+
+    def prop_summary(self) -> Any:
+        hosts = [h for h in self.hosts if h.connected]
+        memory = sum(h.memory_mb for h in self.hosts) * MB
+        cores = sum(h.cpu_cores for h in self.hosts)
+        return vim.ClusterComputeResource.Summary(
+            totalCpu=cores * 2600, totalMemory=memory, numCpuCores=cores,
+            numCpuThreads=cores * 2, effectiveCpu=cores * 2600,
+            effectiveMemory=sum(h.memory_mb for h in hosts), numHosts=len(self.hosts),
+            numEffectiveHosts=len(hosts), overallStatus=GREEN)
+
+
+class Datastore(ManagedEntity):
+    vim_type = vim.Datastore
+    id_prefix = "datastore-"
+
+    def __init__(self, sim: Simulator, name: str, parent: Folder, capacity_bytes: int,
+                 free_bytes: int) -> None:
+        super().__init__(sim, name, parent)
+        self.capacity = capacity_bytes
+        self.used = capacity_bytes - free_bytes
+        self.url = f"ds:///vmfs/volumes/{uuid.uuid4().hex[:8]}-{name}/"
+        self.vms: list[VirtualMachine] = []
+        self.hosts: list[HostSystem] = []
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.used)
+
+    def allocate(self, nbytes: int) -> None:
+        self.used += nbytes
+        self.touch("summary", "info")
+
+    def release(self, nbytes: int) -> None:
+        self.used = max(0, self.used - nbytes)
+        self.touch("summary", "info")
+
+    def prop_summary(self) -> Any:
+        return vim.Datastore.Summary(datastore=self.ref, name=self.name, url=self.url,
+                                     capacity=self.capacity, freeSpace=self.free,
+                                     accessible=True, type="VMFS", multipleHostAccess=True,
+                                     maintenanceMode="normal")
+
+    def prop_info(self) -> Any:
+        return vim.host.VmfsDatastoreInfo(name=self.name, url=self.url, freeSpace=self.free,
+                                          maxFileSize=62 * 1024 * GB,
+                                          maxMemoryFileSize=62 * 1024 * GB)
+
+    def prop_vm(self) -> Any:
+        return vim.VirtualMachine.Array([v.ref for v in self.vms])
+
+    def prop_host(self) -> Any:
+        return [vim.Datastore.HostMount(key=h.ref, mountInfo=vim.host.MountInfo(
+            accessMode="readWrite", mounted=True, accessible=True)) for h in self.hosts]
+
+
+class Network(ManagedEntity):
+    vim_type = vim.Network
+    id_prefix = "network-"
+
+    def __init__(self, sim: Simulator, name: str, parent: Folder) -> None:
+        super().__init__(sim, name, parent)
+        self.vms: list[VirtualMachine] = []
+        self.hosts: list[HostSystem] = []
+
+    def prop_summary(self) -> Any:
+        return vim.Network.Summary(network=self.ref, name=self.name, accessible=True,
+                                   ipPoolName="")
+
+    def prop_vm(self) -> Any:
+        return vim.VirtualMachine.Array([v.ref for v in self.vms])
+
+    def prop_host(self) -> Any:
+        return vim.HostSystem.Array([h.ref for h in self.hosts])

@@ -1,0 +1,550 @@
+"""PropertyCollector, PropertyFilter, ViewManager and ContainerView.
+
+Retrieval walks ``ObjectSpec``/``TraversalSpec``/``SelectionSpec`` trees exactly
+as vCenter does (``skip``, named selection specs, type-matched traversal of
+reference properties) and pages results with ``maxObjects`` and continuation
+tokens.
+
+Waiting is change-based, not polling: every filter registers with the
+inventory for the objects it covers; a mutation (``SimObject.touch``) stamps the
+touched paths with the collector's next version number and wakes waiters.
+``WaitForUpdatesEx(version)`` then reports everything stamped after
+``version``: objects that entered, changed or left. Because the state is kept
+per version, a client repeating a call with an older version (a lost reply)
+gets the changes again instead of losing them. Collector state is per session,
+as in vCenter: a new session gets ``InvalidCollectorVersion`` for old versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pyVmomi import VmomiSupport, vim, vmodl
+
+from fleet.sim.core import (
+    CallContext,
+    SimObject,
+    property_type,
+    resolve_path,
+    typed_value,
+)
+
+if TYPE_CHECKING:
+    from fleet.sim.service import Session
+    from fleet.sim.simulator import Simulator
+
+PC = vmodl.query.PropertyCollector
+
+# vCenter caps one WaitForUpdatesEx reply; clients continue with the version.
+DEFAULT_MAX_OBJECT_UPDATES = 10_000
+_token_ids = itertools.count(1)
+
+
+# -- traversal -----------------------------------------------------------------
+
+def _named_specs(select_set: Iterable[Any], out: dict[str, Any]) -> None:
+    for sel in select_set or ():
+        if isinstance(sel, PC.TraversalSpec):
+            if sel.name and sel.name not in out:
+                out[sel.name] = sel
+                _named_specs(sel.selectSet, out)
+            elif not sel.name:
+                _named_specs(sel.selectSet, out)
+
+
+def _children(sim: Simulator, obj: SimObject, path: str) -> list[SimObject]:
+    value = resolve_path(obj, path)
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, VmomiSupport.ManagedObject):
+            child = sim.inventory.get(item._moId)
+            if child is not None:
+                out.append(child)
+    return out
+
+
+def collect_objects(sim: Simulator, object_set: Iterable[Any]) -> dict[str, SimObject]:
+    """The objects an ``objectSet`` selects, in traversal order (ids -> objects)."""
+    result: dict[str, SimObject] = {}
+    for spec in object_set or ():
+        root = sim.inventory.resolve(spec.obj)
+        named: dict[str, Any] = {}
+        _named_specs(spec.selectSet, named)
+        visited: set[tuple[str, int]] = set()
+
+        def visit(obj: SimObject, select_set: Iterable[Any], skip: bool,
+                  named: dict[str, Any] = named, visited: set[tuple[str, int]] = visited) -> None:
+            if not skip:
+                result.setdefault(obj.moid, obj)
+            for sel in select_set or ():
+                ts = sel if isinstance(sel, PC.TraversalSpec) else named.get(sel.name)
+                if ts is None:
+                    raise vmodl.fault.InvalidArgument(
+                        msg=f"unknown selection spec {sel.name!r}", invalidProperty="selectSet")
+                if not isinstance(obj.ref, ts.type):
+                    continue
+                mark = (obj.moid, id(ts))
+                if mark in visited:
+                    continue
+                visited.add(mark)
+                property_type(ts.type, ts.path)  # validate the traversal path
+                for child in _children(sim, obj, ts.path):
+                    visit(child, ts.selectSet, bool(ts.skip))
+
+        visit(root, spec.selectSet, bool(spec.skip))
+    return result
+
+
+def paths_for(obj: SimObject, prop_set: Iterable[Any]) -> tuple[str, ...] | None:
+    """Property paths the ``propSet`` asks of ``obj``; ``None`` if no spec matches its type."""
+    paths: list[str] = []
+    matched = False
+    for ps in prop_set or ():
+        if not isinstance(obj.ref, ps.type):
+            continue
+        matched = True
+        if ps.all:
+            paths.extend(obj.property_names())
+        for path in ps.pathSet or ():
+            property_type(ps.type, path)
+            paths.append(path)
+    if not matched:
+        return None
+    return tuple(dict.fromkeys(paths))
+
+
+def validate_prop_set(prop_set: Iterable[Any]) -> None:
+    for ps in prop_set or ():
+        if ps.type is None:
+            raise vmodl.fault.InvalidArgument(msg="PropertySpec.type is required",
+                                              invalidProperty="type")
+        for path in ps.pathSet or ():
+            property_type(ps.type, path)
+
+
+def read_props(obj: SimObject, paths: Iterable[str]) -> list[Any]:
+    out = []
+    for path in paths:
+        value = resolve_path(obj, path)
+        if value is None:
+            continue
+        out.append(vmodl.DynamicProperty(name=path, val=typed_value(obj.vim_type, path, value)))
+    return out
+
+
+def retrieve(sim: Simulator, spec_set: Iterable[Any]) -> list[Any]:
+    """ObjectContent for every object every FilterSpec selects."""
+    contents: list[Any] = []
+    for spec in spec_set:
+        validate_prop_set(spec.propSet)
+        for obj in collect_objects(sim, spec.objectSet).values():
+            paths = paths_for(obj, spec.propSet)
+            if paths is None:
+                continue
+            contents.append(PC.ObjectContent(obj=obj.ref, propSet=read_props(obj, paths)))
+    return contents
+
+
+# -- filters and update tracking ---------------------------------------------
+
+@dataclass
+class _Tracked:
+    obj: SimObject
+    paths: tuple[str, ...]
+    tops: frozenset[str]
+    entered: int
+    changed: dict[str, int] = field(default_factory=dict)
+
+
+class PropertyFilter(SimObject):
+    vim_type = PC.Filter
+    id_prefix = "session"
+
+    def __init__(self, sim: Simulator, state: CollectorState, spec: Any, partial: bool) -> None:
+        super().__init__(sim, f"session[{state.session.key[:8]}]{next(_token_ids):x}")
+        self.state = state
+        self.spec = spec
+        self.partial = partial
+        self.tracked: dict[str, _Tracked] = {}
+        self.left: dict[str, tuple[Any, int]] = {}
+        self.dynamic = any(os.selectSet for os in spec.objectSet or ())
+        self.needs_resolve = False
+        self.created = state.bump()
+        self._resolve(self.created)
+        if self.dynamic:
+            sim.inventory.listen_structure(self)
+
+    def prop_spec(self) -> Any:
+        return self.spec
+
+    def prop_partialUpdates(self) -> bool:
+        return self.partial
+
+    def _resolve(self, version: int) -> None:
+        try:
+            objects = collect_objects(self.sim, self.spec.objectSet)
+        except vmodl.fault.ManagedObjectNotFound:
+            objects = {}
+            for os in self.spec.objectSet or ():
+                obj = self.sim.inventory.get(os.obj._moId)
+                if obj is not None and not os.skip:
+                    objects[obj.moid] = obj
+        for moid in list(self.tracked):
+            if moid not in objects:
+                tracked = self.tracked.pop(moid)
+                self.sim.inventory.unwatch(moid, self)
+                self.left[moid] = (tracked.obj.ref, version)
+        for moid, obj in objects.items():
+            if moid in self.tracked:
+                continue
+            paths = paths_for(obj, self.spec.propSet)
+            if paths is None:
+                continue
+            tops = frozenset(p.split(".", 1)[0].split("[", 1)[0] for p in paths)
+            self.tracked[moid] = _Tracked(obj, paths, tops, version)
+            self.left.pop(moid, None)
+            self.sim.inventory.watch(moid, self)
+
+    def on_touch(self, obj: SimObject, props: tuple[str, ...]) -> None:
+        tracked = self.tracked.get(obj.moid)
+        if tracked is None:
+            return
+        hit = [p for p in tracked.paths if p.split(".", 1)[0].split("[", 1)[0] in props]
+        if not hit:
+            return
+        version = self.state.bump()
+        for path in hit:
+            tracked.changed[path] = version
+        self.state.wake()
+
+    def on_structure_change(self) -> None:
+        if self.dynamic:
+            self.needs_resolve = True
+        else:
+            # One of our static objects disappeared: it leaves.
+            version = self.state.bump()
+            for moid in [m for m in self.tracked if self.sim.inventory.get(m) is None]:
+                tracked = self.tracked.pop(moid)
+                self.left[moid] = (tracked.obj.ref, version)
+        self.state.wake()
+
+    def refresh(self) -> None:
+        if self.needs_resolve:
+            self.needs_resolve = False
+            self._resolve(self.state.bump())
+
+    def updates_since(self, base: int, upto: int) -> list[Any]:
+        """ObjectUpdates for changes stamped in (base, upto]."""
+        out = []
+        for moid in sorted(self.tracked):
+            tracked = self.tracked[moid]
+            if base < tracked.entered <= upto:
+                out.append((moid, PC.ObjectUpdate(kind="enter", obj=tracked.obj.ref,
+                                                  changeSet=self._changes(tracked,
+                                                                          tracked.paths))))
+                continue
+            if tracked.entered > upto:
+                continue
+            paths = [p for p, v in tracked.changed.items() if base < v <= upto]
+            if paths:
+                out.append((moid, PC.ObjectUpdate(kind="modify", obj=tracked.obj.ref,
+                                                  changeSet=self._changes(tracked, paths,
+                                                                          modify=True))))
+        for moid, (ref, version) in self.left.items():
+            if base < version <= upto:
+                out.append((moid, PC.ObjectUpdate(kind="leave", obj=ref)))
+        out.sort(key=lambda item: item[0])
+        return out
+
+    def _changes(self, tracked: _Tracked, paths: Iterable[str], modify: bool = False) -> list[Any]:
+        changes = []
+        for path in paths:
+            value = resolve_path(tracked.obj, path)
+            if value is None:
+                if modify:
+                    changes.append(PC.Change(name=path, op="assign"))
+                continue
+            changes.append(PC.Change(name=path, op="assign",
+                                     val=typed_value(tracked.obj.vim_type, path, value)))
+        return changes
+
+    def destroy(self) -> None:
+        for moid in list(self.tracked):
+            self.sim.inventory.unwatch(moid, self)
+        self.tracked.clear()
+        self.sim.inventory.unlisten_structure(self)
+        self.sim.inventory.objects.pop(self.moid, None)
+        self.state.filters.pop(self.moid, None)
+
+    def DestroyPropertyFilter(self, ctx: CallContext) -> None:
+        self.destroy()
+
+
+class CollectorState:
+    """One session's view of one property collector: its filters and version counter."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.version = 0
+        self.filters: dict[str, PropertyFilter] = {}
+        self._event = asyncio.Event()
+        self.cancelled = 0
+        # last reply, so that a retried call after a lost reply gets the same answer
+        self.last_request: str | None = None
+        self.last_reply: Any = None
+
+    def bump(self) -> int:
+        self.version += 1
+        return self.version
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def wait(self, limit_s: float | None) -> None:
+        self._event.clear()
+        if limit_s is None:
+            await self._event.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), limit_s)
+
+    def close(self) -> None:
+        for flt in list(self.filters.values()):
+            flt.destroy()
+        self.cancelled += 1
+        self.wake()
+
+
+def _parse_version(version: str | None, state: CollectorState) -> tuple[int, int | None, str]:
+    """(base, snapshot, cursor) from a version string; vCenter's are opaque strings."""
+    if not version:
+        return -1, None, ""
+    try:
+        if ":" in version:
+            base_s, snap_s, cursor = version.split(":", 2)
+            base, snap = int(base_s), int(snap_s)
+        else:
+            base, snap, cursor = int(version), None, ""
+    except ValueError:
+        raise vmodl.query.InvalidCollectorVersion(msg=f"invalid version {version!r}") from None
+    if base > state.version or (snap is not None and snap > state.version):
+        raise vmodl.query.InvalidCollectorVersion(msg=f"unknown version {version!r}")
+    return base, snap, cursor
+
+
+class PropertyCollector(SimObject):
+    vim_type = PC
+    id_prefix = "session"
+
+    def __init__(self, sim: Simulator, moid: str | None = None,
+                 owner: Session | None = None) -> None:
+        super().__init__(sim, moid)
+        self.owner = owner  # None for the shared, per-session 'propertyCollector'
+        self._retrieve_pages: dict[str, list[Any]] = {}
+
+    def state(self, ctx: CallContext) -> CollectorState:
+        return ctx.session.collector_state(self.moid)
+
+    def prop_filter(self) -> Any:
+        return None
+
+    # -- retrieval ------------------------------------------------------
+    def RetrieveContents(self, ctx: CallContext, specSet: list[Any]) -> Any:
+        return PC.ObjectContent.Array(retrieve(ctx.sim, specSet))
+
+    def RetrieveProperties(self, ctx: CallContext, specSet: list[Any]) -> Any:
+        return PC.ObjectContent.Array(retrieve(ctx.sim, specSet))
+
+    def RetrievePropertiesEx(self, ctx: CallContext, specSet: list[Any],
+                             options: Any = None) -> Any:
+        contents = retrieve(ctx.sim, specSet)
+        limit = options.maxObjects if options is not None and options.maxObjects else None
+        return self._page(ctx, contents, limit)
+
+    def _page(self, ctx: CallContext, contents: list[Any], limit: int | None) -> Any:
+        if not contents:
+            return None
+        if limit is None or len(contents) <= limit:
+            return PC.RetrieveResult(objects=contents)
+        token = f"{next(_token_ids)}"
+        ctx.session.retrieve_tokens[token] = (contents[limit:], limit)
+        return PC.RetrieveResult(objects=contents[:limit], token=token)
+
+    def ContinueRetrievePropertiesEx(self, ctx: CallContext, token: str) -> Any:
+        pending = ctx.session.retrieve_tokens.pop(token, None)
+        if pending is None:
+            raise vmodl.fault.InvalidArgument(msg=f"unknown token {token!r}",
+                                              invalidProperty="token")
+        contents, limit = pending
+        result = self._page(ctx, contents, limit)
+        if result is None:
+            return PC.RetrieveResult(objects=[])
+        return result
+
+    def CancelRetrievePropertiesEx(self, ctx: CallContext, token: str) -> None:
+        ctx.session.retrieve_tokens.pop(token, None)
+
+    # -- filters --------------------------------------------------------
+    def CreateFilter(self, ctx: CallContext, spec: Any, partialUpdates: bool) -> Any:
+        validate_prop_set(spec.propSet)
+        for os in spec.objectSet or ():
+            ctx.sim.inventory.resolve(os.obj)
+        state = self.state(ctx)
+        flt = PropertyFilter(ctx.sim, state, spec, partialUpdates)
+        ctx.sim.inventory.objects[flt.moid] = flt  # not an inventory entity: no structure event
+        state.filters[flt.moid] = flt
+        state.wake()
+        return flt.ref
+
+    def DestroyPropertyCollector(self, ctx: CallContext) -> None:
+        if self.owner is None:
+            raise vmodl.fault.NotSupported(msg="the default property collector cannot be destroyed")
+        ctx.session.drop_collector(self.moid)
+        ctx.sim.inventory.objects.pop(self.moid, None)
+
+    def CreatePropertyCollector(self, ctx: CallContext) -> Any:
+        collector = PropertyCollector(ctx.sim, owner=ctx.session)
+        ctx.sim.inventory.objects[collector.moid] = collector
+        ctx.session.owned_collectors.add(collector.moid)
+        return collector.ref
+
+    # -- waiting ----------------------------------------------------------
+    def CancelWaitForUpdates(self, ctx: CallContext) -> None:
+        state = self.state(ctx)
+        state.cancelled += 1
+        state.wake()
+
+    async def WaitForUpdatesEx(self, ctx: CallContext, version: str | None = None,
+                               options: Any = None) -> Any:
+        max_wait = options.maxWaitSeconds if options is not None else None
+        max_objects = (options.maxObjectUpdates if options is not None
+                       and options.maxObjectUpdates else DEFAULT_MAX_OBJECT_UPDATES)
+        return await self._wait(ctx, version, max_wait, max_objects)
+
+    async def WaitForUpdates(self, ctx: CallContext, version: str | None = None) -> Any:
+        return await self._wait(ctx, version, None, None)
+
+    async def CheckForUpdates(self, ctx: CallContext, version: str | None = None) -> Any:
+        return await self._wait(ctx, version, 0, None)
+
+    async def _wait(self, ctx: CallContext, version: str | None, max_wait: int | None,
+                    max_objects: int | None) -> Any:
+        state = self.state(ctx)
+        key = version or ""
+        # A repeat of the previous call (its reply was lost): answer it the same way.
+        if state.last_request == key and state.last_reply is not None:
+            return state.last_reply
+        base, snap, cursor = _parse_version(version, state)
+        cancelled = state.cancelled
+        loop = asyncio.get_running_loop()
+        deadline = None if max_wait is None else loop.time() + max_wait
+        while True:
+            for flt in list(state.filters.values()):
+                flt.refresh()
+            upto = snap if snap is not None else state.version
+            result = self._collect(state, base, upto, cursor, max_objects)
+            if result is not None:
+                state.last_request, state.last_reply = key, result
+                return result
+            if state.cancelled != cancelled:
+                raise vmodl.fault.RequestCanceled(msg="WaitForUpdates was cancelled")
+            if not ctx.session.alive:
+                raise vim.fault.NotAuthenticated(msg="The session is not authenticated.")
+            if snap is not None:
+                # A truncated series just ended: continue from its snapshot.
+                base, snap, cursor = snap, None, ""
+                continue
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                await state.wait(remaining)
+            else:
+                await state.wait(None)
+
+    def _collect(self, state: CollectorState, base: int, upto: int, cursor: str,
+                 max_objects: int | None) -> Any:
+        filter_updates = []
+        count = 0
+        truncated_at: str | None = None
+        prev_mark = cursor
+        for fid in sorted(state.filters):
+            flt = state.filters[fid]
+            updates = []
+            for moid, update in flt.updates_since(base, upto):
+                mark = f"{fid}/{moid}"
+                if cursor and mark <= cursor:
+                    continue
+                if max_objects is not None and count >= max_objects:
+                    truncated_at = truncated_at or prev_mark
+                    break
+                updates.append(update)
+                count += 1
+                prev_mark = mark
+            if updates:
+                filter_updates.append(PC.FilterUpdate(filter=flt.ref, objectSet=updates))
+            if truncated_at:
+                break
+        if not filter_updates:
+            return None
+        if truncated_at:
+            return PC.UpdateSet(version=f"{base}:{upto}:{truncated_at}",
+                                filterSet=filter_updates, truncated=True)
+        return PC.UpdateSet(version=str(upto), filterSet=filter_updates, truncated=False)
+
+
+class ContainerView(SimObject):
+    vim_type = vim.view.ContainerView
+    id_prefix = "session-view-"
+
+    def __init__(self, sim: Simulator, container: SimObject, types: list[Any],
+                 recursive: bool, owner: Session) -> None:
+        super().__init__(sim)
+        self.container = container
+        self.types = tuple(types or ())
+        self.recursive = recursive
+        self.owner = owner
+
+    def prop_container(self) -> Any:
+        return self.container.ref
+
+    def prop_type(self) -> Any:
+        return [t for t in self.types] or None
+
+    def prop_recursive(self) -> bool:
+        return self.recursive
+
+    def prop_view(self) -> Any:
+        from fleet.sim.entities import contained
+
+        found = contained(self.container, self.recursive)
+        if self.types:
+            found = [o for o in found if isinstance(o.ref, self.types)]
+        return VmomiSupport.ManagedObject.Array([o.ref for o in found])
+
+    def DestroyView(self, ctx: CallContext) -> None:
+        ctx.session.views.discard(self.moid)
+        self.sim.inventory.objects.pop(self.moid, None)
+
+
+class ViewManager(SimObject):
+    vim_type = vim.view.ViewManager
+
+    def prop_viewList(self) -> Any:
+        return None
+
+    def CreateContainerView(self, ctx: CallContext, container: Any, type: Any = None,
+                            recursive: bool = False) -> Any:
+        target = ctx.sim.inventory.resolve(container)
+        view = ContainerView(ctx.sim, target, list(type or ()), bool(recursive), ctx.session)
+        ctx.sim.inventory.objects[view.moid] = view
+        ctx.session.views.add(view.moid)
+        return view.ref

@@ -1,0 +1,300 @@
+"""The simulator's HTTP side: vim25 SOAP at ``/sdk`` plus a small control API.
+
+Endpoints:
+
+- ``POST /sdk``: SOAP calls (cookie ``vmware_soap_session``).
+- ``GET /sdk/vimServiceVersions.xml``: API version negotiation, as vCenter serves it.
+- ``GET /_sim/stats``: JSON statistics (VMs, clones, sources, conflicts, faults, tasks).
+- ``GET|POST|DELETE /_sim/faults``: list, add (one rule object or a list) or clear
+  fault-injection rules; ``DELETE /_sim/faults/{id}`` removes one.
+- ``POST /_sim/sessions/expire``: expire every authenticated session now.
+- ``POST /_sim/hosts/{name}``: ``{"connection_state": "disconnected"}`` and back.
+- ``POST /_sim/vms/{name}``: ``{"chain_depth": N}`` and/or ``{"frozen": bool}``, to play
+  another tool having changed a source behind fleet's back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+from pyVmomi import VmomiSupport, vmodl
+
+from fleet.sim.faults import Injection
+from fleet.sim.simulator import Simulator
+from fleet.sim.soap import (
+    SoapDecodeError,
+    decode_request,
+    encode_client_fault,
+    encode_fault,
+    encode_response,
+    version_from_soap_action,
+)
+from fleet.sim.topology import FaultRule
+from fleet.sim.vm import DISK_KEY_BASE, VirtualMachine
+
+log = logging.getLogger("fleet.sim.server")
+
+_COOKIE = re.compile(r'vmware_soap_session="?([0-9A-Za-z]+)"?')
+_XML = "text/xml; charset=utf-8"
+MAX_BODY = 16 * 1024 * 1024
+
+
+class _ConnectionDropped(Exception):
+    """The handler dropped the connection on purpose (injected fault)."""
+
+
+def versions_xml(api_version: str) -> str:
+    """``vimServiceVersions.xml`` for an endpoint speaking ``api_version``."""
+    current = VmomiSupport.versionMap["vim25/" + api_version]
+    prior = []
+    for ns, name in VmomiSupport.versionMap.items():
+        if not isinstance(ns, str) or not ns.startswith("vim25/") or ns == "vim25/" + api_version:
+            continue
+        if name != current and VmomiSupport.IsChildVersion(current, name):
+            prior.append(ns.split("/", 1)[1])
+    prior_xml = "".join(f"<version>{v}</version>" for v in sorted(set(prior), reverse=True))
+    return (
+        '<?xml version="1.0" encoding="UTF-8" ?>\n<namespaces version="1.0">\n <namespace>\n'
+        f"  <name>urn:vim25</name>\n  <version>{api_version}</version>\n"
+        f"  <priorVersions>{prior_xml}</priorVersions>\n </namespace>\n</namespaces>\n"
+    )
+
+
+def _drop(request: web.Request) -> None:
+    """Reset the TCP connection (RST), as a crashed proxy or load balancer would."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class SimApp:
+    """aiohttp handlers bound to one :class:`Simulator`."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self._versions = versions_xml(sim.topology.vcenter.api_version)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post("/sdk", self.soap)
+        app.router.add_get("/sdk/vimServiceVersions.xml", self.versions)
+        app.router.add_get("/_sim/stats", self.stats)
+        app.router.add_get("/_sim/faults", self.list_faults)
+        app.router.add_post("/_sim/faults", self.add_faults)
+        app.router.add_delete("/_sim/faults", self.clear_faults)
+        app.router.add_delete("/_sim/faults/{id}", self.remove_fault)
+        app.router.add_post("/_sim/sessions/expire", self.expire_sessions)
+        app.router.add_post("/_sim/hosts/{name}", self.set_host)
+        app.router.add_post("/_sim/vms/{name}", self.set_vm)
+        app.cleanup_ctx.append(self._reaper)
+        return app
+
+    async def _reaper(self, app: web.Application) -> AsyncIterator[None]:
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(5.0)
+                self.sim.reap_sessions()
+
+        task = asyncio.get_running_loop().create_task(reap())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await self.sim.close()
+
+    # -- SOAP ----------------------------------------------------------------
+    async def soap(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        version = version_from_soap_action(request.headers.get("SOAPAction"))
+        match = _COOKIE.search(request.headers.get("Cookie", ""))
+        session, new = self.sim.session_for(match.group(1) if match else None,
+                                            request.remote or "127.0.0.1",
+                                            request.headers.get("User-Agent", ""))
+        headers = {}
+        if new:
+            headers["Set-Cookie"] = (f'vmware_soap_session="{session.key}"; Path=/; HttpOnly; '
+                                     "Secure")
+        try:
+            call = decode_request(body, version)
+        except SoapDecodeError as exc:
+            return web.Response(status=500, body=encode_client_fault(str(exc)),
+                                content_type="text/xml", charset="utf-8", headers=headers)
+        moid = call.this._moId
+        name = self.sim.object_name(moid)
+        http = self.sim.faults.match(call.method, moid, name, http=True)
+        if http is not None:
+            await self.sim.sleep(http.rule.delay_s)
+            if http.kind == "http:reset":
+                _drop(request)
+                raise _ConnectionDropped
+            if http.kind == "http:503":
+                return web.Response(status=503, text="Service Unavailable", headers=headers)
+        injection: Injection | None = self.sim.faults.match(call.method, moid, name, http=False)
+        try:
+            value, result_type, flags = await self.sim.invoke(call, session, version, injection)
+            payload = encode_response(call.method, result_type, flags, value, version)
+            status = 200
+        except vmodl.MethodFault as fault:
+            payload = encode_fault(fault, version)
+            status = 500
+        except Exception as exc:
+            log.exception("simulator error in %s on %s", call.method, moid)
+            payload = encode_fault(vmodl.fault.SystemError(msg=f"simulator error: {exc!r}",
+                                                           reason=repr(exc)), version)
+            status = 500
+        if http is not None and http.kind == "http:lost_reply":
+            _drop(request)
+            raise _ConnectionDropped
+        return web.Response(status=status, body=payload, content_type="text/xml",
+                            charset="utf-8", headers=headers)
+
+    async def versions(self, request: web.Request) -> web.Response:
+        return web.Response(text=self._versions, content_type="text/xml")
+
+    # -- control API -----------------------------------------------------------
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sim.stats())
+
+    async def list_faults(self, request: web.Request) -> web.Response:
+        return web.json_response({"rules": [r.as_dict() for r in self.sim.faults.rules],
+                                  "injected": dict(self.sim.faults.injected)})
+
+    async def add_faults(self, request: web.Request) -> web.Response:
+        try:
+            raw = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        items = raw if isinstance(raw, list) else raw.get("rules", [raw]) if isinstance(
+            raw, dict) else None
+        if not isinstance(items, list):
+            return web.json_response({"error": "expected a rule object or a list"}, status=400)
+        rules = []
+        for i, item in enumerate(items):
+            try:
+                rules.append(FaultRule.model_validate(item))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = ".".join(str(p) for p in err["loc"])
+                return web.json_response({"error": f"rules[{i}].{loc}: {err['msg']}"},
+                                         status=400)
+        added = [self.sim.faults.add(rule).as_dict() for rule in rules]
+        return web.json_response({"added": added})
+
+    async def clear_faults(self, request: web.Request) -> web.Response:
+        count = len(self.sim.faults.rules)
+        self.sim.faults.clear()
+        return web.json_response({"removed": count})
+
+    async def remove_fault(self, request: web.Request) -> web.Response:
+        try:
+            rule_id = int(request.match_info["id"])
+        except ValueError:
+            return web.json_response({"error": "fault id must be an integer"}, status=400)
+        if not self.sim.faults.remove(rule_id):
+            return web.json_response({"error": f"no fault rule {rule_id}"}, status=404)
+        return web.json_response({"removed": 1})
+
+    async def expire_sessions(self, request: web.Request) -> web.Response:
+        return web.json_response({"expired": self.sim.expire_all_sessions()})
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            raw = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text="body is not JSON") from None
+        if not isinstance(raw, dict):
+            raise web.HTTPBadRequest(text="body must be a JSON object")
+        return raw
+
+    async def set_host(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        host = self.sim.hosts.get(name)
+        if host is None:
+            return web.json_response({"error": f"no host {name!r}"}, status=404)
+        raw = await self._json(request)
+        state = raw.get("connection_state")
+        if state not in ("connected", "disconnected", "notResponding"):
+            return web.json_response(
+                {"error": "connection_state must be connected, disconnected or notResponding"},
+                status=400)
+        host.set_connection_state(state)
+        return web.json_response({"host": name, "connection_state": state})
+
+    async def set_vm(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        vm = next((v for v in self.sim.inventory.of_type(VirtualMachine) if v.name == name), None)
+        if vm is None:
+            return web.json_response({"error": f"no VM {name!r}"}, status=404)
+        raw = await self._json(request)
+        depth = raw.get("chain_depth")
+        if depth is not None:
+            if not isinstance(depth, int) or not 1 <= depth <= 255:
+                return web.json_response({"error": "chain_depth must be an integer 1..255"},
+                                         status=400)
+            for disk in vm.disks:
+                base = disk.chain[0]
+                disk.chain = [base] + [
+                    f"[{disk.datastore.name}] {vm.name}/{vm.name}-ext-"
+                    f"{disk.key - DISK_KEY_BASE:02d}{level:06d}.vmdk" for level in range(1, depth)]
+            vm.touch("layoutEx", "config")
+        frozen = raw.get("frozen")
+        if frozen is not None:
+            if not isinstance(frozen, bool):
+                return web.json_response({"error": "frozen must be true or false"}, status=400)
+            if frozen and vm.power_state != "poweredOn":
+                return web.json_response({"error": "only a powered-on VM can be frozen"},
+                                         status=400)
+            if frozen:
+                vm.freeze()
+            else:
+                vm.unfreeze()
+        return web.json_response({"vm": name, "chain_depth": vm.chain_depth(),
+                                  "frozen": vm.frozen})
+
+
+@dataclass
+class RunningSim:
+    """A simulator being served; ``url`` is its ``/sdk`` endpoint."""
+
+    sim: Simulator
+    runner: web.AppRunner
+    url: str
+    base_url: str
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def serve(sim: Simulator, host: str = "127.0.0.1", port: int = 8989,
+                tls: ssl.SSLContext | None = None) -> RunningSim:
+    """Start serving ``sim``; port 0 picks a free port (the URL says which)."""
+    handlers = SimApp(sim)
+    runner = web.AppRunner(handlers.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024, reuse_address=True)
+    await site.start()
+    actual_port = port
+    sockets = getattr(site._server, "sockets", None)
+    if sockets:
+        actual_port = sockets[0].getsockname()[1]
+    scheme = "https" if tls is not None else "http"
+    shown = f"[{host}]" if ":" in host else host
+    base = f"{scheme}://{shown}:{actual_port}"
+    return RunningSim(sim, runner, f"{base}/sdk", base)

@@ -1,0 +1,248 @@
+"""Tasks and vCenter's concurrency limits.
+
+Every ``*_Task`` method returns a :class:`Task` at once; its work runs in the
+background and moves ``queued -> running -> success | error`` exactly as
+``Task.info.state`` shows on a real vCenter.
+
+The :class:`Scheduler` holds vCenter's limits: a host runs at most its
+provisioning slots at once, vCenter at most ``max_concurrent_operations``, and
+a running source is cloned by one task at a time. Work over a limit waits in a
+queue (state ``queued``); it is never refused. Queues are kept per most
+specific resource (host or source) so a freed slot only wakes work that can
+use it; the oldest waiting task goes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pyVmomi import VmomiSupport, vim, vmodl
+
+from fleet.sim.core import CallContext, SimObject
+
+if TYPE_CHECKING:
+    from fleet.sim.simulator import Simulator
+
+VC = "vc"
+_seq = itertools.count()
+
+TaskBody = Callable[["Task"], Awaitable[Any]]
+
+
+class Scheduler:
+    """Counts resources in use and starts queued tasks when theirs free up."""
+
+    def __init__(self, vc_capacity: int) -> None:
+        self.capacity: dict[str, int] = {VC: vc_capacity}
+        self.in_use: dict[str, int] = {}
+        self._queues: dict[str, deque[Task]] = {}
+        self.queued = 0
+        self.running = 0
+
+    def set_capacity(self, key: str, capacity: int) -> None:
+        self.capacity[key] = capacity
+        self._drain([key])
+
+    def _fits(self, resources: Sequence[str]) -> bool:
+        for key in resources:
+            cap = self.capacity.get(key)
+            if cap is not None and self.in_use.get(key, 0) >= cap:
+                return False
+        return True
+
+    def busy(self, key: str) -> bool:
+        cap = self.capacity.get(key)
+        return cap is not None and self.in_use.get(key, 0) >= cap
+
+    def submit(self, task: Task) -> None:
+        if self._fits(task.resources) and not self._queues.get(task.resources[-1]):
+            self._start(task)
+        else:
+            self._queues.setdefault(task.resources[-1], deque()).append(task)
+            self.queued += 1
+
+    def _start(self, task: Task) -> None:
+        for key in task.resources:
+            self.in_use[key] = self.in_use.get(key, 0) + 1
+        self.running += 1
+        task.begin()
+
+    def release(self, task: Task) -> None:
+        for key in task.resources:
+            self.in_use[key] -= 1
+        self.running -= 1
+        self._drain(task.resources)
+
+    def withdraw(self, task: Task) -> bool:
+        """Take a queued task out of its queue (it was cancelled before starting)."""
+        queue = self._queues.get(task.resources[-1])
+        if queue is not None and task in queue:
+            queue.remove(task)
+            self.queued -= 1
+            return True
+        return False
+
+    def _drain(self, freed: Sequence[str]) -> None:
+        if VC in freed or any(k not in self._queues for k in freed):
+            groups = [k for k, q in self._queues.items() if q]
+        else:
+            groups = [k for k in freed if self._queues.get(k)]
+        while groups:
+            # Oldest head first, so no queue starves another.
+            groups.sort(key=lambda k: self._queues[k][0].seq)
+            progressed = False
+            for key in list(groups):
+                queue = self._queues[key]
+                if queue and self._fits(queue[0].resources):
+                    task = queue.popleft()
+                    self.queued -= 1
+                    self._start(task)
+                    progressed = True
+                if not queue:
+                    groups.remove(key)
+                    self._queues.pop(key, None)
+            if not progressed or self.busy(VC):
+                break
+
+
+class Task(SimObject):
+    vim_type = vim.Task
+    id_prefix = "task-"
+
+    def __init__(self, sim: Simulator, *, entity: SimObject | None, method: str,
+                 description_id: str, user: str, resources: Sequence[str], body: TaskBody,
+                 cancelable: bool = True) -> None:
+        super().__init__(sim)
+        self.seq = next(_seq)
+        self.entity = entity
+        self.entity_name = getattr(entity, "name", None)
+        self.method = method
+        self.description_id = description_id
+        self.user = user
+        self.resources = tuple(resources) or (VC,)
+        self.body = body
+        self.state = "queued"
+        self.cancelable = cancelable
+        self.cancelled = False
+        self.result: Any = None
+        self.error: Any = None
+        self.progress: int | None = None
+        self.queue_time = datetime.now(UTC)
+        self.start_time: datetime | None = None
+        self.complete_time: datetime | None = None
+        self.done = asyncio.Event()
+        self._cancel = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self.chain_id = self.seq
+
+    # -- properties -----------------------------------------------------
+    def prop_info(self) -> Any:
+        try:
+            name = VmomiSupport.GetWsdlMethod("urn:vim25", self.method)
+        except KeyError:
+            name = None
+        return vim.TaskInfo(
+            key=self.moid, task=self.ref, name=name, descriptionId=self.description_id,
+            entity=self.entity.ref if self.entity is not None else None,
+            entityName=self.entity_name, state=self.state, cancelled=self.cancelled,
+            cancelable=self.cancelable and self.state in ("queued", "running"),
+            error=self.error, result=self.result, progress=self.progress,
+            reason=vim.TaskReasonUser(userName=self.user), queueTime=self.queue_time,
+            startTime=self.start_time, completeTime=self.complete_time,
+            eventChainId=self.chain_id)
+
+    # -- lifecycle ------------------------------------------------------
+    def begin(self) -> None:
+        self.state = "running"
+        self.start_time = datetime.now(UTC)
+        self.progress = 0
+        self.touch("info")
+        self._runner = self.sim.spawn(self._run())
+
+    async def _run(self) -> None:
+        try:
+            result = await self.body(self)
+        except vmodl.MethodFault as fault:
+            self._finish(error=fault)
+        except asyncio.CancelledError:
+            self._finish(error=vmodl.fault.RequestCanceled(msg="The task was canceled."))
+            raise
+        except Exception as exc:  # a simulator bug must not hang the client
+            self.sim.log.exception("task %s (%s) crashed", self.moid, self.method)
+            self._finish(error=vmodl.fault.SystemError(msg=f"simulator error: {exc!r}",
+                                                       reason=repr(exc)))
+        else:
+            self._finish(result=result)
+
+    def _finish(self, *, result: Any = None, error: Any = None) -> None:
+        if self.state in ("success", "error"):
+            return
+        was_running = self.state == "running"
+        self.state = "error" if error is not None else "success"
+        self.result = result
+        self.error = error
+        self.progress = 100 if error is None else self.progress
+        self.complete_time = datetime.now(UTC)
+        self.touch("info")
+        self.done.set()
+        if was_running:
+            self.sim.scheduler.release(self)
+        self.sim.tasks_finished(self)
+
+    async def sleep(self, seconds: float) -> None:
+        """Simulated work: a (scaled, jittered) pause that ends early on CancelTask."""
+        delay = self.sim.latency(seconds)
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cancel.wait(), delay)
+        if self._cancel.is_set() and self.cancelable:
+            raise vmodl.fault.RequestCanceled(msg="The task was canceled by a user.")
+
+    def set_progress(self, percent: int) -> None:
+        self.progress = percent
+        self.touch("info")
+
+    def commit(self) -> None:
+        """Past this point the work cannot be undone: cancelling is refused."""
+        self.cancelable = False
+        self.touch("info")
+
+    # -- methods --------------------------------------------------------
+    def CancelTask(self, ctx: CallContext) -> None:
+        if self.state in ("success", "error"):
+            raise vim.fault.InvalidState(msg="The task has already completed.")
+        if not self.cancelable:
+            raise vmodl.fault.NotSupported(msg="The task cannot be cancelled at this stage.")
+        self.cancelled = True
+        if self.state == "queued" and self.sim.scheduler.withdraw(self):
+            self._finish(error=vmodl.fault.RequestCanceled(msg="The task was canceled by a user."))
+            return
+        self._cancel.set()
+        self.touch("info")
+
+    def SetTaskState(self, ctx: CallContext, state: str, result: Any = None,
+                     fault: Any = None) -> None:
+        raise vmodl.fault.NotSupported(msg="SetTaskState is not supported by the simulator.")
+
+
+class TaskManager(SimObject):
+    vim_type = vim.TaskManager
+
+    def __init__(self, sim: Simulator, moid: str) -> None:
+        super().__init__(sim, moid)
+        self.recent: deque[Task] = deque(maxlen=200)
+
+    def prop_recentTask(self) -> Any:
+        return vim.Task.Array([t.ref for t in self.recent if t.moid in self.sim.inventory.objects])
+
+    def prop_maxCollector(self) -> int:
+        return 32
+
+    def prop_description(self) -> Any:
+        return None

@@ -1,0 +1,337 @@
+"""The simulator's topology file: TOML validated into typed models.
+
+A topology describes one simulated vCenter: its API level, limits, latency
+model, datacenter/cluster, hosts, datastores, networks, VMs (sources among
+them), folders and fault-injection rules. Entries with ``count`` expand a
+``{index}`` template so large inventories stay short to write::
+
+    [[hosts]]
+    name = "esx-{index:02d}"
+    count = 8
+
+Every error is a :class:`fleet.errors.ConfigError` naming the file, the dotted
+key and the bad value.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fleet.errors import ConfigError
+
+MAX_CHAIN_DEPTH = 255
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VCenterConfig(_Model):
+    kind: Literal["vcenter", "esxi"] = "vcenter"
+    # API version advertised in /sdk/vimServiceVersions.xml and ServiceContent.about.
+    api_version: str = "8.0.3.0"
+    name: str = "fleet-sim vCenter"
+    # Operations vCenter runs at once before queueing the rest (task state "queued").
+    max_concurrent_operations: Annotated[int, Field(ge=1)] = 640
+    session_idle_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    user: str = "administrator@vsphere.local"
+    password: str = "fleet-sim"
+    # A running source already being cloned: "wait" queues the next clone behind
+    # it, "fault" fails it with TaskInProgress.
+    running_source_busy: Literal["wait", "fault"] = "wait"
+    # How long finished tasks stay readable (real seconds).
+    task_retention_s: Annotated[float, Field(gt=0)] = 900.0
+
+    @field_validator("api_version")
+    @classmethod
+    def _known_version(cls, value: str) -> str:
+        from pyVmomi import VmomiSupport
+
+        if "vim25/" + value not in VmomiSupport.versionMap:
+            raise ValueError(f"{value!r} is not a vim25 API version pyVmomi knows")
+        return value
+
+
+class LatencyConfig(_Model):
+    """Task durations at time scale 1 (seconds). Real vCenter: ~1 s per instant clone."""
+
+    instant_clone_s: Annotated[float, Field(ge=0)] = 1.0
+    # A running source is stunned (paused) while its delta disk is added.
+    stun_s: Annotated[float, Field(ge=0)] = 0.4
+    per_chain_level_s: Annotated[float, Field(ge=0)] = 0.003
+    full_clone_s: Annotated[float, Field(ge=0)] = 20.0
+    relocate_s: Annotated[float, Field(ge=0)] = 10.0
+    power_on_s: Annotated[float, Field(ge=0)] = 1.5
+    power_off_s: Annotated[float, Field(ge=0)] = 0.5
+    reset_s: Annotated[float, Field(ge=0)] = 1.0
+    destroy_s: Annotated[float, Field(ge=0)] = 0.5
+    reconfigure_s: Annotated[float, Field(ge=0)] = 0.2
+    check_s: Annotated[float, Field(ge=0)] = 0.2
+    guest_program_s: Annotated[float, Field(ge=0)] = 0.5
+    freeze_s: Annotated[float, Field(ge=0)] = 1.0
+    # Time after power-on/resume until VMware Tools runs and the guest has an IP.
+    guest_boot_s: Annotated[float, Field(ge=0)] = 0.5
+    # Relative jitter: each duration is multiplied by a factor in [1-j, 1+j].
+    jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
+class HostConfig(_Model):
+    name: str
+    count: Annotated[int, Field(ge=1)] | None = None
+    # Provisioning operations the host runs at once; more are queued.
+    slots: Annotated[int, Field(ge=1)] = 8
+    memory_gb: Annotated[float, Field(gt=0)] = 512.0
+    # Memory the host may hand out relative to physical memory before
+    # InsufficientResourcesFault (page sharing counted).
+    overcommit: Annotated[float, Field(gt=0)] = 1.0
+    cpu_cores: Annotated[int, Field(ge=1)] = 32
+    connection_state: Literal["connected", "disconnected", "notResponding"] = "connected"
+    datastores: list[str] | None = None  # default: every datastore
+
+
+class DatastoreConfig(_Model):
+    name: str
+    count: Annotated[int, Field(ge=1)] | None = None
+    capacity_gb: Annotated[float, Field(gt=0)] = 4096.0
+    free_gb: Annotated[float, Field(ge=0)] | None = None
+
+
+class NetworkConfig(_Model):
+    name: str
+
+
+class GuestConfig(_Model):
+    family: Literal["linux", "windows"] = "linux"
+    user: str = "root"
+    password: str = "fleet-guest"
+    tools: bool = True
+
+
+class VmConfig(_Model):
+    """A VM in the inventory. Sources are VMs listed under ``[[sources]]``."""
+
+    name: str
+    count: Annotated[int, Field(ge=1)] | None = None
+    host: str | None = None  # default: spread over hosts
+    datastore: str | None = None  # default: spread over datastores
+    folder: str | None = None  # path under the datacenter's vm folder
+    state: Literal["running", "frozen", "poweredOff"] = "running"
+    chain_depth: Annotated[int, Field(ge=1, le=MAX_CHAIN_DEPTH)] = 1
+    memory_mb: Annotated[int, Field(ge=4)] = 4096
+    num_cpu: Annotated[int, Field(ge=1)] = 2
+    disk_gb: Annotated[float, Field(gt=0)] = 40.0
+    disks: Annotated[int, Field(ge=1, le=16)] = 1
+    nics: Annotated[int, Field(ge=0, le=10)] = 1
+    nic_connected: bool = True
+    guest: GuestConfig = GuestConfig()
+    extra_config: dict[str, str] = {}
+
+
+class FaultRule(_Model):
+    """Inject a fault where ``method`` and ``object`` globs match.
+
+    ``fault`` is a vim fault name (``TaskInProgress``, ``vim.fault.InvalidState``,
+    ``NotAuthenticated`` ...) or an HTTP-level failure: ``http:reset`` (drop the
+    connection before doing anything), ``http:503`` or ``http:lost_reply`` (do
+    the work, then drop the connection without answering), or ``slow`` (the
+    task takes ``delay_s`` longer). ``phase`` decides whether a vim fault fails
+    the call itself or the task it started.
+    """
+
+    method: str = "*"
+    object: str = "*"  # glob over the object's moref id and its name
+    fault: str
+    probability: Annotated[float, Field(ge=0, le=1)] = 1.0
+    delay_s: Annotated[float, Field(ge=0)] = 0.0  # at time scale 1, like latencies
+    max_count: Annotated[int, Field(ge=0)] | None = None
+    phase: Literal["call", "task"] | None = None  # default: task for *_Task methods
+    message: str | None = None
+
+    @field_validator("fault")
+    @classmethod
+    def _known_fault(cls, value: str) -> str:
+        if value == "slow":
+            return value
+        if value.startswith("http:"):
+            if value not in ("http:reset", "http:503", "http:lost_reply"):
+                raise ValueError(
+                    f"{value!r} is not an HTTP fault (http:reset, http:503, http:lost_reply)"
+                )
+            return value
+        resolve_fault_type(value)
+        return value
+
+
+class UserConfig(_Model):
+    """An extra vCenter user, for permission tests: ``denied`` privileges fail with NoPermission."""
+
+    name: str
+    password: str
+    denied: list[str] = []
+
+
+class Topology(_Model):
+    vcenter: VCenterConfig = VCenterConfig()
+    latency: LatencyConfig = LatencyConfig()
+    datacenter: str = "dc1"
+    cluster: str = "cluster1"
+    hosts: list[HostConfig] = Field(default_factory=lambda: [HostConfig(name="esx-01")])
+    datastores: list[DatastoreConfig] = Field(
+        default_factory=lambda: [DatastoreConfig(name="datastore1")]
+    )
+    networks: list[NetworkConfig] = Field(
+        default_factory=lambda: [NetworkConfig(name="VM Network")]
+    )
+    folders: list[str] = []
+    sources: list[VmConfig] = []
+    vms: list[VmConfig] = []
+    faults: list[FaultRule] = []
+    users: list[UserConfig] = []
+    # Fraction of an instant clone's memory shared with its source (page sharing).
+    clone_memory_shared: Annotated[float, Field(ge=0, le=1)] = 0.75
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> Topology:
+        hosts = {h for h in expand_names(self.hosts)}
+        datastores = set(expand_names(self.datastores))
+        seen: dict[str, str] = {}
+        for section in ("sources", "vms"):
+            entries: list[VmConfig] = getattr(self, section)
+            for i, vm in enumerate(entries):
+                names = _expand(vm.name, vm.count)
+                for name in names:
+                    if name in seen:
+                        raise ValueError(
+                            f"{section}[{i}].name: {name!r} is already used by {seen[name]}"
+                        )
+                    seen[name] = f"{section}[{i}]"
+                for field_name, known in (("host", hosts), ("datastore", datastores)):
+                    value = getattr(vm, field_name)
+                    if value is None:
+                        continue
+                    for j in range(vm.count or 1):
+                        actual = value.format(index=j + 1) if vm.count else value
+                        if actual not in known:
+                            raise ValueError(
+                                f"{section}[{i}].{field_name}: {actual!r} is not a "
+                                f"{field_name} of this topology"
+                            )
+        for i, host in enumerate(self.hosts):
+            for ds in host.datastores or ():
+                if ds not in datastores:
+                    raise ValueError(f"hosts[{i}].datastores: {ds!r} is not a datastore")
+        if not hosts:
+            raise ValueError("hosts: at least one host is needed")
+        if not datastores:
+            raise ValueError("datastores: at least one datastore is needed")
+        return self
+
+
+def _expand(template: str, count: int | None) -> list[str]:
+    if count is None:
+        return [template]
+    return [template.format(index=i + 1) for i in range(count)]
+
+
+def expand_names(entries: list[HostConfig] | list[DatastoreConfig]) -> list[str]:
+    out: list[str] = []
+    for entry in entries:
+        out.extend(_expand(entry.name, entry.count))
+    return out
+
+
+def resolve_fault_type(name: str) -> Any:
+    """``InvalidState`` / ``vim.fault.InvalidState`` / ``vmodl.fault.SystemError`` -> type."""
+    from pyVmomi import vim, vmodl
+
+    candidates = [name] if "." in name else [
+        f"vim.fault.{name}", f"vmodl.fault.{name}", f"vim.{name}", f"vmodl.{name}"
+    ]
+    for candidate in candidates:
+        obj: Any = None
+        root, _, rest = candidate.partition(".")
+        obj = {"vim": vim, "vmodl": vmodl}.get(root)
+        for part in rest.split("."):
+            if obj is None:
+                break
+            obj = getattr(obj, part, None)
+        if isinstance(obj, type) and issubclass(obj, vmodl.MethodFault):
+            return obj
+    raise ValueError(f"{name!r} is not a vim fault type")
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _check_templates(raw: dict[str, Any]) -> None:
+    for section in ("hosts", "datastores", "sources", "vms"):
+        for i, entry in enumerate(raw.get(section) or []):
+            if not isinstance(entry, dict):
+                continue
+            count = entry.get("count")
+            for key in ("name", "host", "datastore"):
+                value = entry.get(key)
+                if not isinstance(value, str):
+                    continue
+                try:
+                    value.format(index=1)
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise ConfigError(f"{value!r} is not a valid name template ({exc})",
+                                      key=f"{section}[{i}].{key}") from None
+                if key == "name" and count and count > 1 and "{index" not in value:
+                    raise ConfigError(
+                        f"{value!r} gives the same name to all {count} entries; use {{index}}",
+                        key=f"{section}[{i}].name",
+                    )
+
+
+def parse_topology(raw: dict[str, Any], source: str = "<topology>") -> Topology:
+    """Validate a parsed TOML document; errors name ``source`` and the key."""
+    try:
+        _check_templates(raw)
+        return Topology.model_validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, key=exc.key, source=source) from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = _format_loc(tuple(err["loc"]))
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(
+            value, dict | list) else f" (got {value!r})"
+        raise ConfigError(f"{msg}{shown}", key=loc or None, source=source) from None
+
+
+def load_topology(path: str | Path | None = None) -> Topology:
+    """Load a topology file, or the built-in default (``config/sim.toml``) when ``None``."""
+    if path is None:
+        text = resources.files("fleet").joinpath("data/sim.toml").read_text(encoding="utf-8")
+        source = "default topology (fleet/data/sim.toml)"
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read topology file: {exc.strerror}", source=source) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=source) from None
+    return parse_topology(raw, source)
