@@ -1,0 +1,326 @@
+"""What the engine tells the world: a typed event stream and the closing summary.
+
+Events are small frozen dataclasses handed to one synchronous callback
+(``on_event``) as they happen; the CLI progress bar, the summary printer and the
+Prometheus metrics all consume the same stream. The callback must be quick and
+must not raise (an exception is logged and swallowed: a broken progress bar
+must not break a burst). Every event is also logged, one line per state change,
+with the elapsed time and the job's index.
+
+:class:`Summary` is the run's result; ``to_dict()`` is what ``--json`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+log = logging.getLogger("fleet.engine")
+
+PHASES = ("queue", "clone", "network", "reconnect", "ready")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of all events. ``elapsed_s`` is seconds since the run started."""
+
+    kind: ClassVar[str] = "event"
+    level: ClassVar[int] = logging.DEBUG
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.kind, **asdict(self)}
+
+    def describe(self) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in asdict(self).items() if k != "elapsed_s")
+        return f"[{self.elapsed_s:8.3f}s] {self.kind} {fields}"
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    kind: ClassVar[str] = "run_started"
+    level: ClassVar[int] = logging.INFO
+    fleet: str
+    run_id: str
+    requested: int
+    to_create: int
+    to_resume: int
+    to_remove: int
+    already_ready: int
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    kind: ClassVar[str] = "run_finished"
+    level: ClassVar[int] = logging.INFO
+    fleet: str
+    run_id: str
+    ready: int
+    failed: int
+    cancelled: bool
+
+
+@dataclass(frozen=True)
+class JobQueued(Event):
+    kind: ClassVar[str] = "job_queued"
+    index: int
+    name: str
+    phase: str  # the phase the job starts from (clone for new members)
+
+
+@dataclass(frozen=True)
+class JobStarted(Event):
+    """A clone was handed to vCenter."""
+
+    kind: ClassVar[str] = "job_started"
+    index: int
+    name: str
+    source: str
+    host: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class PhaseDone(Event):
+    kind: ClassVar[str] = "phase_done"
+    index: int
+    name: str
+    phase: str
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class JobRetried(Event):
+    kind: ClassVar[str] = "job_retried"
+    level: ClassVar[int] = logging.INFO
+    index: int
+    name: str
+    phase: str
+    attempt: int
+    reason: str
+    delay_s: float
+    message: str
+
+
+@dataclass(frozen=True)
+class JobReplaced(Event):
+    """A clone went back to placement because its source or host was taken out."""
+
+    kind: ClassVar[str] = "job_replaced"
+    level: ClassVar[int] = logging.INFO
+    index: int
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobAdopted(Event):
+    """A VM with this job's labels already existed (a lost reply, or a re-run)."""
+
+    kind: ClassVar[str] = "job_adopted"
+    level: ClassVar[int] = logging.INFO
+    index: int
+    name: str
+    vm: str
+    state: str
+
+
+@dataclass(frozen=True)
+class JobReady(Event):
+    kind: ClassVar[str] = "job_ready"
+    index: int
+    name: str
+    source: str
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class JobFailed(Event):
+    kind: ClassVar[str] = "job_failed"
+    level: ClassVar[int] = logging.WARNING
+    index: int
+    name: str
+    phase: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class JobCleanedUp(Event):
+    """A half-made clone was destroyed (cancellation or an unrecoverable phase)."""
+
+    kind: ClassVar[str] = "job_cleaned_up"
+    level: ClassVar[int] = logging.INFO
+    index: int
+    name: str
+    vm: str
+
+
+@dataclass(frozen=True)
+class MemberRemoved(Event):
+    kind: ClassVar[str] = "member_removed"
+    level: ClassVar[int] = logging.INFO
+    index: int
+    name: str
+    vm: str
+
+
+@dataclass(frozen=True)
+class SourceRetired(Event):
+    kind: ClassVar[str] = "source_retired"
+    level: ClassVar[int] = logging.WARNING
+    source: str
+    reason: str
+    chain_depth: int
+
+
+@dataclass(frozen=True)
+class HostExcluded(Event):
+    kind: ClassVar[str] = "host_excluded"
+    level: ClassVar[int] = logging.WARNING
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LimitChanged(Event):
+    kind: ClassVar[str] = "limit_changed"
+    level: ClassVar[int] = logging.INFO
+    limiter: str
+    old: float
+    new: float
+
+
+@dataclass(frozen=True)
+class SourceFrozen(Event):
+    kind: ClassVar[str] = "source_frozen"
+    level: ClassVar[int] = logging.INFO
+    source: str
+    host: str
+
+
+@dataclass(frozen=True)
+class SourcePrepared(Event):
+    kind: ClassVar[str] = "source_prepared"
+    level: ClassVar[int] = logging.INFO
+    source: str
+    host: str
+
+
+EventCallback = Callable[[Event], None]
+
+
+class Emitter:
+    """Hands events to the callback and the log; never lets the callback break a run."""
+
+    def __init__(self, on_event: EventCallback | None, clock: Callable[[], float]):
+        self._on_event = on_event
+        self._clock = clock
+        self._t0 = clock()
+
+    def elapsed(self) -> float:
+        return self._clock() - self._t0
+
+    def __call__(self, cls: type[Event], **fields: Any) -> None:
+        logged = log.isEnabledFor(cls.level)
+        if self._on_event is None and not logged:
+            return  # nobody listens: thousands of clones need not build thousands of events
+        event = cls(elapsed_s=round(self.elapsed(), 6), **fields)
+        if logged:
+            log.log(event.level, "%s", event.describe())
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # a consumer's bug must not stop provisioning
+                log.exception("on_event callback failed for %s", event.kind)
+
+
+# -- summary ------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (0 for none)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass(frozen=True)
+class PhaseStats:
+    count: int
+    p50_s: float
+    p95_s: float
+    p99_s: float
+    max_s: float
+    mean_s: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> PhaseStats:
+        v = sorted(values)
+        if not v:
+            return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return cls(len(v), round(percentile(v, 50), 6), round(percentile(v, 95), 6),
+                   round(percentile(v, 99), 6), round(v[-1], 6), round(sum(v) / len(v), 6))
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    clones: int
+    chain_depth: int
+    frozen: bool
+    host: str | None
+    clones_left: int | None  # None: unlimited (frozen)
+    retired: str | None = None
+
+
+@dataclass
+class Summary:
+    """How a provisioning run went. ``failed`` = ``requested`` - ``ready``, and
+    ``failures`` gives a reason for every one of them."""
+
+    fleet: str
+    run_id: str
+    requested: int
+    ready: int
+    failed: int
+    created: int
+    adopted: int
+    removed: int
+    duration_s: float
+    clones_per_s: float
+    phases: dict[str, PhaseStats]
+    sources: dict[str, SourceSummary]
+    failures: dict[str, int] = field(default_factory=dict)
+    failed_indexes: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    limits: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.ready == self.requested and not self.cancelled
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False)
+
+
+@dataclass
+class RemovalSummary:
+    """What ``destroy`` (or a scale-down) did."""
+
+    fleet: str
+    removed: int
+    failed: int
+    duration_s: float
+    failures: dict[str, int] = field(default_factory=dict)
+    untouched: int = 0  # VMs in the folder without the fleet's labels
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,367 @@
+"""Capacity limits: how many operations fleet hands vCenter at once, overall and per
+host, datastore and running source, and the ``auto`` limits that learn them.
+
+Each limit is an :class:`anyio.CapacityLimiter`. A clone holds one token from
+every limiter that applies to it, always acquired in the fixed order overall ->
+host -> datastore -> source, so two jobs can never hold tokens the other waits
+for. The dispatcher places a job and takes its tokens without awaiting in
+between (:meth:`Limiters.try_acquire`), so what placement saw is what it gets.
+
+``auto`` limits follow TCP congestion control (AIMD, :class:`AimdController`):
+slow start until vCenter first pushes back, then one more operation per window
+of prompt completions, and a multiplicative cut when a task sat ``queued`` or
+its run time jumped. A cut caused by queueing goes straight to the concurrency
+vCenter was running when it queued (that is the slot count it revealed), and
+the limit then creeps toward that ceiling slowly instead of probing it every
+window. A task that queued is the signal; fleet never keeps more than one
+window's worth of probing outstanding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from fleet.engine.spec import LimitsSpec
+
+LimitKind = Literal["overall", "host", "datastore", "source"]
+_ORDER: dict[str, int] = {"overall": 0, "host": 1, "datastore": 2, "source": 3}
+
+
+@dataclass(frozen=True, order=True)
+class LimitKey:
+    """One limiter: its kind and the id of what it limits (``""`` for overall)."""
+
+    rank: int
+    kind: LimitKind
+    id: str
+
+    @classmethod
+    def of(cls, kind: LimitKind, id: str = "") -> LimitKey:
+        return cls(_ORDER[kind], kind, id)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.id}" if self.id else self.kind
+
+
+@dataclass(frozen=True)
+class AutoTuning:
+    """Knobs of the ``auto`` limits (not spec keys: the defaults suit vCenter)."""
+
+    host_initial: int = 2
+    host_max: int = 64
+    datastore_initial: int = 8
+    datastore_max: int = 128
+    overall_initial: int = 16
+    overall_max: int = 640
+    decrease: float = 0.7  # multiplicative cut on a latency spike (CUBIC's beta)
+    # A task counts as queued when it waited longer than this before vCenter started
+    # it, and longer than queued_fraction of the usual run time.
+    queued_min_s: float = 0.25
+    queued_fraction: float = 0.25
+    # A run time above latency_factor x the baseline (and latency_floor_s more) is a spike.
+    latency_factor: float = 3.0
+    latency_floor_s: float = 0.5
+    # Near a known ceiling, grow this many times slower (a plateau, as in CUBIC).
+    plateau_slowdown: int = 8
+
+
+class AimdController:
+    """The arithmetic of one ``auto`` limit. Pure: it never awaits, never sleeps."""
+
+    def __init__(self, initial: int, minimum: int, maximum: int, tuning: AutoTuning):
+        self.minimum = minimum
+        self.maximum = maximum
+        self.tuning = tuning
+        self.limit = max(minimum, min(initial, maximum))
+        self.slow_start = True
+        self.ceiling: int | None = None
+        self.increases = 0
+        self.decreases = 0
+        self._credit = 0.0
+        self._hold = 0  # completions before another cut may happen (one cut per window)
+        self.baseline_s: float | None = None
+
+    def queued_threshold_s(self) -> float:
+        base = self.baseline_s or 0.0
+        return max(self.tuning.queued_min_s, self.tuning.queued_fraction * base)
+
+    def is_spike(self, run_s: float) -> bool:
+        base = self.baseline_s
+        if base is None:
+            return False
+        return run_s > base * self.tuning.latency_factor and \
+            run_s > base + self.tuning.latency_floor_s
+
+    def classify(self, *, queue_s: float, run_s: float) -> Literal["queued", "spike", "ok"]:
+        """What one finished task says about vCenter's load."""
+        if queue_s > self.queued_threshold_s():
+            return "queued"
+        if self.is_spike(run_s):
+            return "spike"
+        return "ok"
+
+    def completed(self, *, queue_s: float, run_s: float, in_flight_before: int,
+                  was_limited: bool) -> int:
+        """Feed one finished task; returns the new limit.
+
+        ``in_flight_before`` is how many of ours vCenter had when this one was
+        handed over; ``was_limited`` says whether the limit was full then (we only
+        grow a limit that is actually what holds us back)."""
+        verdict = self.classify(queue_s=queue_s, run_s=run_s)
+        if verdict == "queued":
+            return self.congested(capacity=in_flight_before)
+        if verdict == "spike":
+            return self.congested(capacity=None)
+        return self.prompt(run_s=run_s, was_limited=was_limited)
+
+    def prompt(self, *, run_s: float, was_limited: bool) -> int:
+        """A task that started at once and ran as usual: grow (if the limit binds)."""
+        # Track the usual run time from unremarkable tasks only.
+        self.baseline_s = run_s if self.baseline_s is None else \
+            0.8 * self.baseline_s + 0.2 * run_s
+        if self._hold > 0:
+            self._hold -= 1
+        elif was_limited:
+            self._grow()
+        return self.limit
+
+    def _grow(self) -> None:
+        if self.limit >= self.maximum:
+            return
+        if self.slow_start:
+            self.limit += 1
+            self.increases += 1
+            return
+        step = 1.0 / self.limit
+        if self.ceiling is not None and self.limit + 1 >= self.ceiling:
+            step /= self.tuning.plateau_slowdown
+        self._credit += step
+        if self._credit >= 1.0:
+            self._credit = 0.0
+            self.limit += 1
+            self.increases += 1
+
+    def congested(self, *, capacity: int | None) -> int:
+        """vCenter pushed back. ``capacity`` is what it was running, when known."""
+        if self._hold > 0:
+            return self.limit
+        self.slow_start = False
+        if capacity is not None:
+            new = min(self.limit - 1, capacity)
+            self.ceiling = capacity + 1
+        else:
+            new = math.floor(self.limit * self.tuning.decrease)
+        new = max(self.minimum, new)
+        if new < self.limit:
+            self.decreases += 1
+        self.limit = new
+        self._credit = 0.0
+        self._hold = self.limit  # the rest of this window's completions are old news
+        return self.limit
+
+
+@dataclass(frozen=True)
+class LimiterStats:
+    """One limiter's gauges."""
+
+    key: str
+    kind: LimitKind
+    limit: float
+    in_use: int
+    waiting: int
+    auto: bool
+    peak: int
+    increases: int = 0
+    decreases: int = 0
+
+
+class Limiter:
+    """A named CapacityLimiter, with an optional AIMD controller moving its size."""
+
+    def __init__(self, key: LimitKey, limit: float, controller: AimdController | None):
+        self.key = key
+        self.controller = controller
+        self.capacity = anyio.CapacityLimiter(
+            controller.limit if controller else _tokens(limit))
+        self.peak = 0
+
+    @property
+    def limit(self) -> float:
+        return self.capacity.total_tokens
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity.borrowed_tokens
+
+    @property
+    def free(self) -> float:
+        return self.capacity.total_tokens - self.capacity.borrowed_tokens
+
+    def stats(self) -> LimiterStats:
+        s = self.capacity.statistics()
+        c = self.controller
+        return LimiterStats(str(self.key), self.key.kind, s.total_tokens, s.borrowed_tokens,
+                            s.tasks_waiting, c is not None, self.peak,
+                            c.increases if c else 0, c.decreases if c else 0)
+
+
+def _tokens(limit: float) -> float:
+    return limit if math.isinf(limit) else int(limit)
+
+
+@dataclass
+class Lease:
+    """Tokens one job holds. Release exactly once (:meth:`Limiters.release`)."""
+
+    owner: object
+    limiters: tuple[Limiter, ...]
+    in_flight_before: dict[LimitKey, int] = field(default_factory=dict)
+    was_limited: dict[LimitKey, bool] = field(default_factory=dict)
+    released: bool = False
+
+
+class Limiters:
+    """Every limiter of a run, created on first use, plus the ``changed`` callback the
+    dispatcher uses to wake up when capacity frees or a limit moves."""
+
+    def __init__(self, spec: LimitsSpec, *, tuning: AutoTuning | None = None,
+                 on_change: Callable[[], None] | None = None,
+                 on_limit: Callable[[LimitKey, float, float], None] | None = None):
+        self.spec = spec
+        self.tuning = tuning or AutoTuning()
+        self._on_change = on_change or (lambda: None)
+        self._on_limit = on_limit or (lambda key, old, new: None)
+        self._limiters: dict[LimitKey, Limiter] = {}
+
+    def keys_for(self, *, host: str, datastore: str | None, running_source: str | None
+                 ) -> tuple[LimitKey, ...]:
+        """The limiters a clone needs, in acquisition order."""
+        keys = [LimitKey.of("overall"), LimitKey.of("host", host)]
+        if datastore is not None:
+            keys.append(LimitKey.of("datastore", datastore))
+        if running_source is not None:
+            keys.append(LimitKey.of("source", running_source))
+        return tuple(sorted(keys))
+
+    def get(self, key: LimitKey) -> Limiter:
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            limiter = self._make(key)
+            self._limiters[key] = limiter
+        return limiter
+
+    def _make(self, key: LimitKey) -> Limiter:
+        t = self.tuning
+        setting = {"overall": self.spec.in_flight, "host": self.spec.per_host,
+                   "datastore": self.spec.per_datastore,
+                   "source": self.spec.per_running_source}[key.kind]
+        if setting != "auto":
+            return Limiter(key, setting, None)
+        if key.kind == "source":
+            # vCenter serialises clones of a running source: more would only queue.
+            return Limiter(key, 1, None)
+        initial, maximum = {"overall": (t.overall_initial, t.overall_max),
+                            "host": (t.host_initial, t.host_max),
+                            "datastore": (t.datastore_initial, t.datastore_max)}[key.kind]
+        return Limiter(key, initial, AimdController(initial, 1, maximum, t))
+
+    def free(self, key: LimitKey) -> float:
+        return self.get(key).free
+
+    def blocked_by(self, keys: Sequence[LimitKey]) -> str | None:
+        """Why these tokens cannot all be had now (e.g. ``host:esx-01 8/8``), or None."""
+        for key in keys:
+            lim = self.get(key)
+            if lim.free < 1 or lim.capacity.statistics().tasks_waiting:
+                return f"{key} {lim.in_use}/{_fmt(lim.limit)} in flight"
+        return None
+
+    def try_acquire(self, keys: Sequence[LimitKey], owner: object) -> Lease | None:
+        """All of ``keys`` for ``owner`` at once, or None (and nothing held). Never awaits."""
+        lease = Lease(owner, ())
+        taken: list[Limiter] = []
+        for key in sorted(keys):
+            lim = self.get(key)
+            try:
+                lim.capacity.acquire_on_behalf_of_nowait(owner)
+            except anyio.WouldBlock:
+                for got in reversed(taken):
+                    got.capacity.release_on_behalf_of(owner)
+                return None
+            taken.append(lim)
+            self._note(lease, lim)
+        lease.limiters = tuple(taken)
+        return lease
+
+    async def acquire(self, keys: Sequence[LimitKey], owner: object) -> Lease:
+        """Wait for all of ``keys`` in the fixed order. Callers bound the wait
+        (``anyio.fail_after``); on cancellation nothing stays held."""
+        lease = Lease(owner, ())
+        taken: list[Limiter] = []
+        try:
+            for key in sorted(keys):
+                lim = self.get(key)
+                await lim.capacity.acquire_on_behalf_of(owner)
+                taken.append(lim)
+                self._note(lease, lim)
+        except BaseException:
+            for got in reversed(taken):
+                got.capacity.release_on_behalf_of(owner)
+            if taken:
+                self._on_change()
+            raise
+        lease.limiters = tuple(taken)
+        return lease
+
+    def _note(self, lease: Lease, lim: Limiter) -> None:
+        in_use = lim.in_use
+        lim.peak = max(lim.peak, in_use)
+        lease.in_flight_before[lim.key] = in_use - 1
+        lease.was_limited[lim.key] = in_use >= lim.limit
+
+    def release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        for lim in reversed(lease.limiters):
+            lim.capacity.release_on_behalf_of(lease.owner)
+        self._on_change()
+
+    def completed(self, lease: Lease, *, queue_s: float, run_s: float) -> None:
+        """Feed a finished clone's timings (from the task's queue/start/complete times)
+        to the ``auto`` limiters it held. Push-back is blamed on the narrowest one
+        (host, else datastore, else overall); a prompt task lets each of them grow."""
+        autos = [lim for kind in ("host", "datastore", "overall") for lim in lease.limiters
+                 if lim.key.kind == kind and lim.controller is not None]
+        if not autos:
+            return
+        first = autos[0].controller
+        assert first is not None
+        verdict = first.classify(queue_s=queue_s, run_s=run_s)
+        for lim in autos if verdict == "ok" else autos[:1]:
+            c = lim.controller
+            assert c is not None
+            old = c.limit
+            if verdict == "ok":
+                new = c.prompt(run_s=run_s, was_limited=lease.was_limited.get(lim.key, False))
+            else:
+                capacity = lease.in_flight_before.get(lim.key, 0) if verdict == "queued" \
+                    else None
+                new = c.congested(capacity=capacity)
+            if new != old:
+                lim.capacity.total_tokens = new
+                self._on_limit(lim.key, old, new)
+                self._on_change()
+
+    def statistics(self) -> list[LimiterStats]:
+        """Gauges for every limiter in use, in acquisition order."""
+        return [self._limiters[k].stats() for k in sorted(self._limiters)]
+
+
+def _fmt(limit: float) -> str:
+    return "inf" if math.isinf(limit) else str(int(limit))

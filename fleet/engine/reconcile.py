@@ -1,0 +1,134 @@
+"""Membership and reconciliation: what the fleet has in vCenter versus what the spec wants.
+
+Membership lives in vCenter, not in a local file. A member is a VM in the
+fleet's folder whose ``guestinfo.fleet.name`` is the fleet's name and whose
+``guestinfo.fleet.index`` is an integer; it also carries the run that made it
+(``run_id``), its source, and ``guestinfo.fleet.state``, the last pipeline
+phase it finished (``cloned`` -> ``network`` -> ``ready``), so a re-run can finish
+half-configured members instead of making new ones. A VM without the fleet's
+label is never a member and is never touched.
+
+:func:`reconcile` is pure: VMs in, a :class:`Reconciliation` out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from fleet.engine.spec import FleetSpec
+from fleet.vsphere.model import VmInfo
+
+LABEL_NAME = "guestinfo.fleet.name"
+LABEL_INDEX = "guestinfo.fleet.index"
+LABEL_RUN_ID = "guestinfo.fleet.run_id"
+LABEL_SOURCE = "guestinfo.fleet.source"
+LABEL_STATE = "guestinfo.fleet.state"
+
+MemberState = Literal["cloned", "network", "ready"]
+STATES: tuple[MemberState, ...] = ("cloned", "network", "ready")
+
+
+def labels(*, fleet: str, index: int, run_id: str, source: str,
+           state: MemberState) -> dict[str, str]:
+    """The extraConfig entries that make a VM a member."""
+    return {LABEL_NAME: fleet, LABEL_INDEX: str(index), LABEL_RUN_ID: run_id,
+            LABEL_SOURCE: source, LABEL_STATE: state}
+
+
+@dataclass(frozen=True)
+class Member:
+    vm: VmInfo
+    index: int
+    state: MemberState
+    run_id: str
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.vm.name
+
+
+def member_index(extra_config: Mapping[str, str], fleet: str) -> int | None:
+    """The member index a VM's labels give for ``fleet``, or None if it is not ours."""
+    if extra_config.get(LABEL_NAME) != fleet:
+        return None
+    raw = extra_config.get(LABEL_INDEX, "")
+    if not raw.isdigit():
+        return None
+    return int(raw)
+
+
+def as_member(vm: VmInfo, fleet: str) -> Member | None:
+    index = member_index(vm.extra_config, fleet)
+    if index is None:
+        return None
+    raw_state = vm.extra_config.get(LABEL_STATE, "cloned")
+    # An unknown state (a newer fleet wrote it?) is redone from the start of the pipeline.
+    st: MemberState = next((s for s in STATES if s == raw_state), "cloned")
+    return Member(vm, index, st, vm.extra_config.get(LABEL_RUN_ID, ""),
+                  vm.extra_config.get(LABEL_SOURCE, ""))
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """The difference between the folder and the spec."""
+
+    create: tuple[int, ...]  # missing indexes, ascending
+    resume: tuple[Member, ...]  # wanted members that have not finished the pipeline
+    ready: tuple[Member, ...]  # wanted members that are done
+    remove: tuple[Member, ...]  # scale-down (highest index first) and duplicates
+    foreign: tuple[VmInfo, ...]  # VMs in the folder without the fleet's label
+    blocked: dict[int, str]  # index -> why it cannot be made (its name is held by a foreign VM)
+
+    @property
+    def members(self) -> int:
+        return len(self.resume) + len(self.ready)
+
+
+def _rank(member: Member, expected_name: str) -> tuple[bool, int]:
+    return member.name == expected_name, STATES.index(member.state)
+
+
+def reconcile(spec: FleetSpec, vms: Iterable[VmInfo]) -> Reconciliation:
+    """Sort the folder's VMs into keep/resume/remove and list the indexes to create."""
+    by_index: dict[int, list[Member]] = {}
+    foreign: list[VmInfo] = []
+    for vm in vms:
+        member = as_member(vm, spec.name)
+        if member is None:
+            foreign.append(vm)
+        else:
+            by_index.setdefault(member.index, []).append(member)
+    remove: list[Member] = []
+    resume: list[Member] = []
+    ready: list[Member] = []
+    for index in sorted(by_index, reverse=True):
+        group = by_index[index]
+        if index >= spec.count:
+            remove.extend(group)
+            continue
+        expected = spec.vm_name(index)
+        # Two VMs claiming one index: keep the best (right name, furthest along).
+        group.sort(key=lambda m: _rank(m, expected), reverse=True)
+        keep, extras = group[0], group[1:]
+        remove.extend(extras)
+        (ready if keep.state == "ready" else resume).append(keep)
+    foreign_names = {vm.name: vm for vm in foreign}
+    create: list[int] = []
+    blocked: dict[int, str] = {}
+    for index in range(spec.count):
+        if index in by_index:
+            continue
+        name = spec.vm_name(index)
+        holder = foreign_names.get(name)
+        if holder is not None:
+            blocked[index] = f"the name {name} is taken by {holder.ref.id}, which is not " \
+                f"a member of fleet {spec.name}"
+        else:
+            create.append(index)
+    remove.sort(key=lambda m: m.index, reverse=True)
+    return Reconciliation(tuple(create), tuple(sorted(resume, key=lambda m: m.index)),
+                          tuple(sorted(ready, key=lambda m: m.index)), tuple(remove),
+                          tuple(foreign), blocked)
