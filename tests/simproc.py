@@ -51,6 +51,7 @@ class SimProcess:
         line = self.proc.stdout.readline()
         if not line.startswith("listening on "):
             self.proc.kill()
+            self.proc.wait()
             self._stderr_thread.join(timeout=5)
             raise RuntimeError(f"fleet sim did not start: {line!r} {''.join(self.stderr_lines)}")
         self.url = line.split("listening on ", 1)[1].strip()
@@ -118,8 +119,10 @@ class SimProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        self._stderr_thread.join(timeout=10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
         self._tmp.cleanup()
 
     def __enter__(self) -> SimProcess:

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyVmomi import VmomiSupport
+
 from fleet.sim.topology import FaultRule, resolve_fault_type
 
 
@@ -43,12 +45,35 @@ class Injection:
     def kind(self) -> str:
         return self.rule.fault
 
-    def make_fault(self, method: str, obj_name: str) -> Any:
+    def make_fault(self, method: str, obj_name: str, target: Any = None) -> Any:
         cls = resolve_fault_type(self.rule.fault)
         message = self.rule.message or (
             f"Injected fault {cls.__name__.rsplit('.', 1)[-1]} on {method} ({obj_name})")
         fault = cls(msg=message)
+        _fill_required(fault, target)
         return fault
+
+
+def _fill_required(fault: Any, target: Any) -> None:
+    """Give an injected fault's required fields plausible values so it serializes."""
+    for prop in fault._GetPropertyList():
+        if prop.flags & VmomiSupport.F_OPTIONAL or getattr(fault, prop.name) is not None:
+            continue
+        typ = prop.type
+        value: Any
+        if issubclass(typ, VmomiSupport.ManagedObject):
+            value = target if isinstance(target, typ) else typ(f"{prop.name}-injected")
+        elif issubclass(typ, list) or issubclass(typ, VmomiSupport.DataObject):
+            value = typ()
+        elif typ is bool:
+            value = False
+        elif typ in (int, float) or issubclass(typ, int):
+            value = typ(0)
+        elif issubclass(typ, VmomiSupport.Enum):
+            value = typ.values[0] if getattr(typ, "values", None) else ""
+        else:
+            value = "injected"
+        setattr(fault, prop.name, value)
 
 
 @dataclass

@@ -152,18 +152,26 @@ class SimApp:
             payload = encode_response(call.method, result_type, flags, value, version)
             status = 200
         except vmodl.MethodFault as fault:
-            payload = encode_fault(fault, version)
-            status = 500
+            payload, status = self._fault(fault, call.method, moid, version), 500
         except Exception as exc:
             log.exception("simulator error in %s on %s", call.method, moid)
-            payload = encode_fault(vmodl.fault.SystemError(msg=f"simulator error: {exc!r}",
-                                                           reason=repr(exc)), version)
-            status = 500
+            payload, status = self._fault(vmodl.fault.SystemError(
+                msg=f"simulator error: {exc!r}", reason=repr(exc)), call.method, moid, version), 500
         if http is not None and http.kind == "http:lost_reply":
             _drop(request)
             raise _ConnectionDropped
         return web.Response(status=status, body=payload, content_type="text/xml",
                             charset="utf-8", headers=headers)
+
+    @staticmethod
+    def _fault(fault: Any, method: str, moid: str, version: str) -> bytes:
+        try:
+            return encode_fault(fault, version)
+        except Exception as exc:  # a fault we built wrong must still reach the client
+            log.exception("cannot serialize %s from %s on %s", type(fault).__name__, method, moid)
+            return encode_fault(vmodl.fault.SystemError(
+                msg=f"simulator error serializing {type(fault).__name__}: {exc!r}",
+                reason=repr(exc)), version)
 
     async def versions(self, request: web.Request) -> web.Response:
         return web.Response(text=self._versions, content_type="text/xml")

@@ -245,6 +245,7 @@ class Simulator:
             ds.used += int(cfg.disk_gb * GB)
         guest = Guest(family=cfg.guest.family, user=cfg.guest.user,
                       password=cfg.guest.password, tools_installed=cfg.guest.tools,
+                      ready_key=cfg.guest.ready_key, ready_after_s=cfg.guest.ready_after_s,
                       macs=[n.mac for n in nics])
         vm = VirtualMachine(self, name, folder, pool=self.cluster.pool, host=host, datastore=ds,
                             memory_mb=cfg.memory_mb, num_cpu=cfg.num_cpu, guest=guest, nics=nics,
@@ -371,7 +372,7 @@ class Simulator:
             await task.sleep(rule.delay_s)
             if rule.fault == "slow":
                 return await body(task)
-            raise injection.make_fault(method, name)
+            raise injection.make_fault(method, name, entity.ref if entity is not None else None)
 
         return injected
 
@@ -522,7 +523,7 @@ class Simulator:
             if injection is not None and injection.phase == "call":
                 await self.sleep(injection.rule.delay_s)
                 if injection.rule.fault != "slow":
-                    raise injection.make_fault(call.method, obj.display_name)
+                    raise injection.make_fault(call.method, obj.display_name, obj.ref)
             result = handler(ctx, **call.args)
             if inspect.isawaitable(result):
                 result = await result

@@ -36,7 +36,6 @@ from pyVmomi.SoapAdapter import (
     SoapDeserializer,
     SoapSerializer,
     XmlEscape,
-    _SerializeToStr,
 )
 
 VIM_NS = "urn:vim25"
@@ -213,6 +212,9 @@ def _ns_map() -> dict[str, str]:
     return ns_map
 
 
+_NS_MAP = _ns_map()
+
+
 def encode_response(method: str, result_type: Any, result_flags: int, value: Any,
                     version: str) -> bytes:
     """Serialize ``value`` as the ``returnval`` of ``method``'s response."""
@@ -220,7 +222,11 @@ def encode_response(method: str, result_type: Any, result_flags: int, value: Any
     if value is not None and result_type is not type(None):
         info = VmomiSupport.Object(name="returnval", type=result_type, version=version,
                                    flags=result_flags)
-        parts.append(_SerializeToStr(value, info, version, _ns_map()))
+        writer = StringIO()
+        serializer = SoapSerializer(writer, version, _NS_MAP)
+        serializer.outermostAttrs = ""  # vCenter sends no versionId attribute in replies
+        serializer.Serialize(value, info)
+        parts.append(writer.getvalue())
     parts.append(f"</{method}Response>")
     parts.append(_ENVELOPE_END)
     return "".join(parts).encode(XML_ENCODING)
@@ -236,6 +242,7 @@ def encode_fault(fault: Any, version: str) -> bytes:
         VIM_NS: "",
     }
     serializer = SoapSerializer(writer, version, ns_map)
+    serializer.outermostAttrs = ""
     info = VmomiSupport.Object(name=f"{wsdl_name}Fault", type=vmodl.MethodFault,
                                version=version, flags=0)
     serializer._SerializeDataObject(fault, info, f' xmlns="{VIM_NS}"', VIM_NS)

@@ -178,7 +178,19 @@ class Task(SimObject):
             self._finish(error=vmodl.fault.SystemError(msg=f"simulator error: {exc!r}",
                                                        reason=repr(exc)))
         else:
-            self._finish(result=result)
+            self._finish(result=self._typed(result))
+
+    def _typed(self, result: Any) -> Any:
+        """``info.result`` is anyType: a list must travel as its declared typed array."""
+        if isinstance(result, list) and not isinstance(result, VmomiSupport.Array):
+            try:
+                info = VmomiSupport.GetWsdlMethod("urn:vim25", self.method).info
+                declared = VmomiSupport.GetVmodlType(info.methodResultName)
+            except KeyError:
+                return result
+            if issubclass(declared, list):
+                return declared(result)
+        return result
 
     def _finish(self, *, result: Any = None, error: Any = None) -> None:
         if self.state in ("success", "error"):

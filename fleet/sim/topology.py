@@ -110,6 +110,17 @@ class GuestConfig(_Model):
     user: str = "root"
     password: str = "fleet-guest"
     tools: bool = True
+    # A guest agent that sets this guestinfo key to "1" once the guest is networked
+    # (its own MAC, NIC connected, an IP), ``ready_after_s`` later.
+    ready_key: str | None = None
+    ready_after_s: Annotated[float, Field(ge=0)] = 1.0
+
+    @field_validator("ready_key")
+    @classmethod
+    def _guestinfo_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("guestinfo."):
+            raise ValueError(f"{value!r} must start with 'guestinfo.'")
+        return value
 
 
 class VmConfig(_Model):
@@ -278,7 +289,10 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 def _check_templates(raw: dict[str, Any]) -> None:
     for section in ("hosts", "datastores", "sources", "vms"):
-        for i, entry in enumerate(raw.get(section) or []):
+        entries = raw.get(section)
+        if not isinstance(entries, list):
+            continue  # the model reports the wrong type
+        for i, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 continue
             count = entry.get("count")

@@ -734,9 +734,10 @@ class VirtualMachine(ManagedEntity):
             device = change.device
             if change.operation not in (None, "edit") or not isinstance(
                     device, vim.vm.device.VirtualEthernetCard):
+                message = ("Instant clone allows only edits of network adapters in "
+                           f"location.deviceChange (entry {i}).")
                 raise vim.fault.DisallowedMigrationDeviceAttached(
-                    msg="Instant clone allows only edits of network adapters in "
-                        f"location.deviceChange (entry {i}).")
+                    msg=message, fault=vmodl.fault.NotSupported(msg=message))
             if self._nic(device.key) is None:
                 raise vim.fault.InvalidDeviceSpec(
                     msg=f"No network adapter with key {device.key} on '{self.name}'.",
