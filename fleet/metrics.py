@@ -1,0 +1,241 @@
+"""Prometheus metrics for fleet: one :class:`FleetMetrics` object, passed in, no globals.
+
+It consumes the engine's event stream (:meth:`FleetMetrics.on_event`) and the
+vSphere client's request hook (:meth:`FleetMetrics.observe_request`), and keeps
+everything in its own ``CollectorRegistry`` so tests and several services in
+one process never collide.
+
+Naming follows Prometheus practice: base units in names (``_seconds``),
+``_total`` on counters, small fixed label sets, never a VM name or id as a
+label. Source names and host names are labels because a fleet has a handful of
+each (they are the things operators act on); fleet names label member counts.
+
+=============================================  =========  ======================
+metric                                         type       labels
+=============================================  =========  ======================
+fleet_build_info                               gauge      version, python
+fleet_clones_total                             counter    outcome (ready|failed)
+fleet_clone_failures_total                     counter    reason
+fleet_clone_attempts_total                     counter    (none)
+fleet_clone_retries_total                      counter    reason
+fleet_clones_adopted_total                     counter    (none)
+fleet_clone_phase_duration_seconds             histogram  phase
+fleet_clone_duration_seconds                   histogram  (none)
+fleet_clones_in_flight                         gauge      host
+fleet_queue_length                             gauge      (none)
+fleet_source_chain_depth                       gauge      source
+fleet_source_clones_left                       gauge      source
+fleet_source_clones_total                      counter    source
+fleet_sources_retired_total                    counter    reason
+fleet_hosts_excluded_total                     counter    reason
+fleet_limit                                    gauge      limiter
+fleet_vsphere_request_duration_seconds         histogram  method
+fleet_vsphere_faults_total                     counter    fault
+fleet_vsphere_relogins_total                   counter    (none)
+fleet_fleet_members                            gauge      fleet, state
+fleet_runs_total                               counter    outcome (complete|incomplete|cancelled)
+=============================================  =========  ======================
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from fleet import __version__
+
+if TYPE_CHECKING:
+    from fleet.engine.events import Event
+
+# 50 ms to 5 min: instant clones take about a second, guest phases tens of
+# seconds, and a stuck phase should still land in a bucket below +Inf.
+PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
+                 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0)
+# vSphere calls: a few ms (property reads) to seconds (slow tasks' waits).
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0)
+PHASES = ("queue", "clone", "network", "reconnect", "ready")
+OUTCOMES = ("ready", "failed")
+MEMBER_STATES = ("cloned", "network", "ready")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class FleetMetrics:
+    """Every fleet metric, in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.build_info = Gauge("fleet_build_info", "fleet's version and Python version (always 1)",
+                                ["version", "python"], registry=r)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.clones = PromCounter("fleet_clones_total", "Clones that finished, by outcome",
+                                  ["outcome"], registry=r)
+        self.failures = PromCounter("fleet_clone_failures_total",
+                                    "Clones that failed for good, by reason", ["reason"],
+                                    registry=r)
+        self.attempts = PromCounter("fleet_clone_attempts_total",
+                                    "Instant clone tasks handed to vCenter", registry=r)
+        self.retries = PromCounter("fleet_clone_retries_total", "Retried clone phases, by reason",
+                                   ["reason"], registry=r)
+        self.adopted = PromCounter("fleet_clones_adopted_total",
+                                   "Existing labelled VMs adopted instead of cloned again",
+                                   registry=r)
+        self.phase_duration = Histogram("fleet_clone_phase_duration_seconds",
+                                        "Duration of each phase of a clone's pipeline",
+                                        ["phase"], buckets=PHASE_BUCKETS, registry=r)
+        self.clone_duration = Histogram("fleet_clone_duration_seconds",
+                                        "From queued to ready, per clone",
+                                        buckets=PHASE_BUCKETS, registry=r)
+        self.in_flight = Gauge("fleet_clones_in_flight",
+                               "Clone tasks at vCenter right now, per host", ["host"], registry=r)
+        self.queue_length = Gauge("fleet_queue_length",
+                                  "Clones waiting for a slot (not yet at vCenter)", registry=r)
+        self.source_depth = Gauge("fleet_source_chain_depth",
+                                  "Delta-disk chain depth of each source", ["source"], registry=r)
+        self.source_left = Gauge("fleet_source_clones_left",
+                                 "Clones a running source may still give before its chain "
+                                 "budget (-1: unlimited, a frozen source)", ["source"],
+                                 registry=r)
+        self.source_clones = PromCounter("fleet_source_clones_total",
+                                         "Clones started from each source", ["source"],
+                                         registry=r)
+        self.retired = PromCounter("fleet_sources_retired_total",
+                                   "Sources taken out of placement, by reason", ["reason"],
+                                   registry=r)
+        self.excluded = PromCounter("fleet_hosts_excluded_total",
+                                    "Hosts taken out of placement, by reason", ["reason"],
+                                    registry=r)
+        self.limit = Gauge("fleet_limit", "Current concurrency limit, per limiter", ["limiter"],
+                           registry=r)
+        self.request_duration = Histogram("fleet_vsphere_request_duration_seconds",
+                                          "vSphere API call latency, per method", ["method"],
+                                          buckets=REQUEST_BUCKETS, registry=r)
+        self.faults = PromCounter("fleet_vsphere_faults_total",
+                                  "Faults vSphere answered, by fault type", ["fault"], registry=r)
+        self.relogins = PromCounter("fleet_vsphere_relogins_total",
+                                    "Transparent re-logins after an expired session", registry=r)
+        self.members = Gauge("fleet_fleet_members", "Fleet members as vCenter shows them",
+                             ["fleet", "state"], registry=r)
+        self.runs = PromCounter("fleet_runs_total", "Provisioning runs, by outcome", ["outcome"],
+                                registry=r)
+        # Known label values start at 0, so rate() and absent() behave from the first scrape.
+        for outcome in OUTCOMES:
+            self.clones.labels(outcome)
+        for phase in PHASES:
+            self.phase_duration.labels(phase)
+        for outcome in ("complete", "incomplete", "cancelled"):
+            self.runs.labels(outcome)
+        self.queue_length.set(0)
+        self._host_of: dict[tuple[str, int], str] = {}
+        self._queued: set[tuple[str, int]] = set()
+        self._run_fleet = ""
+
+    # -- engine events ---------------------------------------------------------
+    def on_event(self, event: Event) -> None:
+        kind = event.kind
+        fleet = getattr(event, "fleet", None) or self._run_fleet
+        index = getattr(event, "index", None)
+        job = (fleet, index) if index is not None else None
+        if kind == "run_started":
+            self._run_fleet = fleet
+        elif kind == "job_queued" and job is not None:
+            self._queued.add(job)
+            self.queue_length.set(len(self._queued))
+        elif kind == "job_started" and job is not None:
+            self._dequeue(job)
+            host = getattr(event, "host", "") or "unknown"
+            self._leave_host(job)
+            self._host_of[job] = host
+            self.in_flight.labels(host).inc()
+            self.attempts.inc()
+            self.source_clones.labels(getattr(event, "source", "unknown")).inc()
+        elif kind == "phase_done":
+            phase = getattr(event, "phase", "")
+            self.phase_duration.labels(phase).observe(float(getattr(event, "duration_s", 0.0)))
+            if phase == "clone" and job is not None:
+                self._leave_host(job)
+        elif kind in ("job_retried", "job_replaced") and job is not None:
+            self._leave_host(job)
+            if kind == "job_retried":
+                self.retries.labels(getattr(event, "reason", "unknown")).inc()
+        elif kind == "job_adopted":
+            self.adopted.inc()
+        elif kind == "job_ready" and job is not None:
+            self._dequeue(job)
+            self._leave_host(job)
+            self.clones.labels("ready").inc()
+            self.clone_duration.observe(float(getattr(event, "duration_s", 0.0)))
+        elif kind == "job_failed" and job is not None:
+            self._dequeue(job)
+            self._leave_host(job)
+            self.clones.labels("failed").inc()
+            self.failures.labels(getattr(event, "reason", "unknown")).inc()
+        elif kind == "source_retired":
+            self.retired.labels(getattr(event, "reason", "unknown")).inc()
+            source = getattr(event, "source", "unknown")
+            self.source_depth.labels(source).set(float(getattr(event, "chain_depth", 0)))
+            self.source_left.labels(source).set(0)
+        elif kind == "host_excluded":
+            self.excluded.labels(getattr(event, "reason", "unknown")).inc()
+        elif kind == "limit_changed":
+            self.limit.labels(getattr(event, "limiter", "unknown")).set(
+                float(getattr(event, "new", 0.0)))
+        elif kind == "source_state":
+            source = getattr(event, "source", "unknown")
+            self.source_depth.labels(source).set(float(getattr(event, "chain_depth", 0)))
+            left = getattr(event, "clones_left", None)
+            self.source_left.labels(source).set(-1 if left is None else float(left))
+        elif kind == "run_finished":
+            cancelled = bool(getattr(event, "cancelled", False))
+            failed = int(getattr(event, "failed", 0))
+            self.runs.labels("cancelled" if cancelled else
+                             "incomplete" if failed else "complete").inc()
+            for key in [k for k in self._queued if k[0] == fleet]:
+                self._dequeue(key)
+            for key in [k for k in self._host_of if k[0] == fleet]:
+                self._leave_host(key)
+
+    def _dequeue(self, job: tuple[str, int]) -> None:
+        if job in self._queued:
+            self._queued.discard(job)
+        self.queue_length.set(len(self._queued))
+
+    def _leave_host(self, job: tuple[str, int]) -> None:
+        host = self._host_of.pop(job, None)
+        if host is not None:
+            self.in_flight.labels(host).dec()
+
+    # -- vSphere client hooks -------------------------------------------------
+    def observe_request(self, method: str, duration_s: float, fault: str | None = None) -> None:
+        """One vSphere call: ``method`` is its WSDL name, ``fault`` the fault's if it failed."""
+        self.request_duration.labels(method).observe(duration_s)
+        if fault:
+            self.faults.labels(fault).inc()
+
+    def relogin(self) -> None:
+        self.relogins.inc()
+
+    # -- state snapshots -----------------------------------------------------
+    def set_source(self, source: str, chain_depth: int, clones_left: int | None) -> None:
+        self.source_depth.labels(source).set(chain_depth)
+        self.source_left.labels(source).set(-1 if clones_left is None else clones_left)
+
+    def set_members(self, fleet: str, states: Mapping[str, int] | Counter[str]) -> None:
+        for state in sorted(set(MEMBER_STATES) | set(states)):
+            self.members.labels(fleet, state).set(states.get(state, 0))
+
+    def forget_fleet(self, fleet: str) -> None:
+        for state in MEMBER_STATES:
+            self.members.labels(fleet, state).set(0)
+
+    def exposition(self) -> bytes:
+        """The text format a scrape gets."""
+        return generate_latest(self.registry)

@@ -1,0 +1,78 @@
+"""FleetMetrics turns engine events and client hooks into Prometheus samples."""
+
+from __future__ import annotations
+
+from fleet.engine import events as ev
+from fleet.metrics import FleetMetrics
+
+
+def sample(m: FleetMetrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_known_labels_start_at_zero() -> None:
+    m = FleetMetrics()
+    assert sample(m, "fleet_clones_total", outcome="ready") == 0
+    assert sample(m, "fleet_clones_total", outcome="failed") == 0
+    assert sample(m, "fleet_clone_phase_duration_seconds_count", phase="clone") == 0
+    assert sample(m, "fleet_queue_length") == 0
+    assert sample(m, "fleet_build_info", version=__import__("fleet").__version__,
+                  python=__import__("platform").python_version()) == 1
+
+
+def test_a_clone_life_cycle() -> None:
+    m = FleetMetrics()
+    m.on_event(ev.RunStarted(0.0, fleet="f", run_id="r", requested=2, to_create=2, to_resume=0,
+                             to_remove=0, already_ready=0))
+    m.on_event(ev.JobQueued(0.0, index=0, name="f-0", phase="clone"))
+    m.on_event(ev.JobQueued(0.0, index=1, name="f-1", phase="clone"))
+    assert sample(m, "fleet_queue_length") == 2
+    m.on_event(ev.JobStarted(0.1, index=0, name="f-0", source="s1", host="esx-01", attempt=1))
+    m.on_event(ev.JobStarted(0.1, index=1, name="f-1", source="s1", host="esx-01", attempt=1))
+    assert sample(m, "fleet_queue_length") == 0
+    assert sample(m, "fleet_clones_in_flight", host="esx-01") == 2
+    m.on_event(ev.PhaseDone(1.1, index=0, name="f-0", phase="clone", duration_s=1.0))
+    assert sample(m, "fleet_clones_in_flight", host="esx-01") == 1
+    m.on_event(ev.JobRetried(1.2, index=1, name="f-1", phase="clone", attempt=1,
+                             reason="busy", delay_s=0.5, message="x"))
+    assert sample(m, "fleet_clones_in_flight", host="esx-01") == 0
+    assert sample(m, "fleet_clone_retries_total", reason="busy") == 1
+    m.on_event(ev.JobReady(2.0, index=0, name="f-0", source="s1", duration_s=2.0))
+    m.on_event(ev.JobFailed(3.0, index=1, name="f-1", phase="clone", reason="chain_too_deep",
+                            message="x"))
+    assert sample(m, "fleet_clones_total", outcome="ready") == 1
+    assert sample(m, "fleet_clones_total", outcome="failed") == 1
+    assert sample(m, "fleet_clone_failures_total", reason="chain_too_deep") == 1
+    assert sample(m, "fleet_clone_phase_duration_seconds_count", phase="clone") == 1
+    assert sample(m, "fleet_clone_phase_duration_seconds_bucket", phase="clone", le="1.0") == 1
+    assert sample(m, "fleet_clone_phase_duration_seconds_bucket", phase="clone", le="0.75") == 0
+    assert sample(m, "fleet_source_clones_total", source="s1") == 2
+    assert sample(m, "fleet_clone_attempts_total") == 2
+    m.on_event(ev.RunFinished(3.0, fleet="f", run_id="r", ready=1, failed=1, cancelled=False))
+    assert sample(m, "fleet_runs_total", outcome="incomplete") == 1
+
+
+def test_client_hooks_and_snapshots() -> None:
+    m = FleetMetrics()
+    m.observe_request("InstantClone_Task", 0.02)
+    m.observe_request("InstantClone_Task", 0.03, fault="TaskInProgress")
+    m.relogin()
+    m.set_source("golden", 12, 188)
+    m.set_source("frozen-01", 2, None)
+    m.set_members("web", {"ready": 5, "cloned": 1})
+    assert sample(m, "fleet_vsphere_request_duration_seconds_count",
+                  method="InstantClone_Task") == 2
+    assert sample(m, "fleet_vsphere_faults_total", fault="TaskInProgress") == 1
+    assert sample(m, "fleet_vsphere_relogins_total") == 1
+    assert sample(m, "fleet_source_clones_left", source="frozen-01") == -1
+    assert sample(m, "fleet_source_chain_depth", source="golden") == 12
+    assert sample(m, "fleet_fleet_members", fleet="web", state="network") == 0
+    assert sample(m, "fleet_fleet_members", fleet="web", state="ready") == 5
+    text = m.exposition().decode()
+    assert "fleet_vsphere_request_duration_seconds_bucket" in text
+
+
+def test_registries_are_independent() -> None:
+    a, b = FleetMetrics(), FleetMetrics()
+    a.relogin()
+    assert sample(b, "fleet_vsphere_relogins_total") == 0
