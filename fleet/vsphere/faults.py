@@ -1,0 +1,255 @@
+"""The one place where vSphere faults and transport failures become ``fleet.errors``.
+
+Everything below the client (pyVmomi faults, aiohttp/TLS/socket errors, HTTP
+statuses, timeouts) goes through :func:`translate`; :func:`map_vsphere_faults`
+is the context-manager form. Decisions are made on types and fault fields,
+never on message text:
+
+=============================================  ==========================================
+vSphere says                                   fleet raises
+=============================================  ==========================================
+NotAuthenticated                               NotAuthenticated (transient)
+InvalidLogin                                   InvalidLogin
+NoPermission (``privilegeId``)                 PermissionDenied(privilege=...)
+InvalidGuestLogin                              InvalidGuestLogin
+GuestOperationsFault, ToolsUnavailable         GuestOperationFailed
+DuplicateName (``name``, ``object``)           DuplicateName(existing=<object id>)
+InvalidHostState, HostCommunication            HostUnavailable (scope host)
+InsufficientResourcesFault                     InsufficientResources (scope host)
+InvalidState/InvalidPowerState on InstantClone SourceNotPoweredOn (scope source)
+GenericVmConfigFault/SystemError on            ChainTooDeep (scope source) when the
+  InstantClone                                   caller re-read the source's chain and it
+                                                 is at the 255 limit; otherwise as below
+MethodNotFound/NotSupported on InstantClone    UnsupportedEndpoint
+TaskInProgress, ConcurrentAccess, ResourceInUse ResourceBusy (transient)
+Timedout                                       RequestTimeout (transient)
+SystemError                                    TransientFault
+RequestCanceled                                TaskCancelled
+ManagedObjectNotFound, NotFound                NotFound
+anything else                                  VSphereFault
+connect failure, HTTP 503                      NotDelivered (a ConnectionFailed)
+reset / disconnect / bad reply / other 5xx     ConnectionFailed
+deadline passed                                RequestTimeout
+certificate not trusted / thumbprint mismatch  TlsVerificationFailed
+=============================================  ==========================================
+
+:class:`NotDelivered` marks failures that prove vCenter never ran the call (the
+TCP connection was never made, or a proxy answered 503): the session may repeat
+*any* call after one of those; after other transport failures only calls that
+are safe to repeat are retried (see ``fleet.vsphere.session``).
+
+Messages name the method and the object and carry vCenter's own message; they
+never contain credentials (no request bodies, headers or cookies are ever
+quoted).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from xml.parsers.expat import ExpatError
+
+import aiohttp
+from pyVmomi import vim, vmodl
+
+from fleet.errors import (
+    ChainTooDeep,
+    ConnectionFailed,
+    DuplicateName,
+    GuestOperationFailed,
+    HostUnavailable,
+    InsufficientResources,
+    InvalidGuestLogin,
+    InvalidLogin,
+    NotAuthenticated,
+    NotFound,
+    PermissionDenied,
+    RequestTimeout,
+    ResourceBusy,
+    SourceNotPoweredOn,
+    TaskCancelled,
+    TlsVerificationFailed,
+    TransientFault,
+    UnsupportedEndpoint,
+    VSphereError,
+    VSphereFault,
+)
+
+#: A disk chain may be this deep; a clone adds one level (DESIGN.md section 3).
+MAX_CHAIN_DEPTH = 255
+
+#: Methods whose faults describe the *source* of an instant clone.
+INSTANT_CLONE_METHODS = frozenset({"InstantClone_Task", "CheckInstantClone_Task"})
+
+
+class NotDelivered(ConnectionFailed):
+    """The request never reached vCenter (connect failed, HTTP 503): any call may be repeated."""
+
+    reason = "connection"
+
+
+class HttpStatusError(Exception):
+    """An HTTP reply that is neither a SOAP result (200) nor a SOAP fault (500)."""
+
+    def __init__(self, status: int, reason: str | None = None) -> None:
+        self.status = status
+        self.reason = reason or ""
+        super().__init__(f"HTTP {status} {self.reason}".strip())
+
+
+class BadReply(Exception):
+    """A 200/500 reply whose body is not a vim25 SOAP message we can read."""
+
+
+def fault_name(fault: Any) -> str:
+    """The WSDL name of a vim fault (``InvalidPowerState``)."""
+    return str(getattr(fault, "_wsdlName", None) or type(fault).__name__.rsplit(".", 1)[-1])
+
+
+def _moid(value: Any) -> str | None:
+    moid = getattr(value, "_moId", None)
+    return str(moid) if moid is not None else None
+
+
+def _mo_type(value: Any) -> str | None:
+    name = getattr(value, "_wsdlName", None)
+    return str(name) if name is not None and _moid(value) is not None else None
+
+
+def _where(method: str | None, obj: str | None) -> str:
+    if method and obj:
+        return f"{method} on {obj}: "
+    if method:
+        return f"{method}: "
+    if obj:
+        return f"{obj}: "
+    return ""
+
+
+def _missing_privilege(fault: Any) -> str | None:
+    privilege = getattr(fault, "privilegeId", None)
+    if privilege:
+        return str(privilege)
+    for missing in getattr(fault, "missingPrivileges", None) or ():
+        for pid in getattr(missing, "privilegeIds", None) or ():
+            return str(pid)
+    return None
+
+
+def translate_fault(fault: Any, *, method: str | None = None, obj: str | None = None,
+                    source_chain_depth: int | None = None) -> VSphereError:
+    """The fleet error for a vim fault raised by ``method`` on ``obj``.
+
+    ``source_chain_depth`` is the source's chain depth as re-read by the caller
+    after an instant clone failed; at the limit, a generic config fault or
+    system error is the chain being too deep."""
+    name = fault_name(fault)
+    text = getattr(fault, "msg", None) or getattr(fault, "faultMessage", None) or name
+    if not isinstance(text, str):
+        text = name
+    message = _where(method, obj) + text
+    kw: dict[str, Any] = {"fault": name, "method": method, "obj": obj}
+    clone = method in INSTANT_CLONE_METHODS
+
+    if isinstance(fault, vim.fault.NotAuthenticated):
+        return NotAuthenticated(message, **kw)
+    if isinstance(fault, vim.fault.InvalidLogin):
+        return InvalidLogin(message, **kw)
+    if isinstance(fault, vim.fault.NoPermission):
+        privilege = _missing_privilege(fault)
+        target = _moid(getattr(fault, "object", None)) or obj
+        detail = f" (missing privilege {privilege} on {target})" if privilege else ""
+        return PermissionDenied(message + detail, privilege=privilege, fault=name,
+                                method=method, obj=target)
+    if isinstance(fault, vim.fault.InvalidGuestLogin):
+        return InvalidGuestLogin(message, **kw)
+    if isinstance(fault, vim.fault.GuestOperationsFault | vim.fault.ToolsUnavailable):
+        return GuestOperationFailed(message, **kw)
+    if isinstance(fault, vim.fault.DuplicateName):
+        holder = getattr(fault, "object", None)
+        existing = _moid(holder) if _mo_type(holder) == "VirtualMachine" else None
+        return DuplicateName(message, name=getattr(fault, "name", None), existing=existing,
+                             **kw)
+    if isinstance(fault, vim.fault.InvalidHostState | vmodl.fault.HostCommunication):
+        host = _moid(getattr(fault, "host", None))
+        return HostUnavailable(message, fault=name, method=method, obj=host or obj)
+    if isinstance(fault, vim.fault.InsufficientResourcesFault):
+        return InsufficientResources(message, **kw)
+    if clone and isinstance(fault, vim.fault.InvalidState):
+        return SourceNotPoweredOn(message, **kw)
+    if clone and isinstance(fault, vim.fault.GenericVmConfigFault | vmodl.fault.SystemError) \
+            and source_chain_depth is not None and source_chain_depth >= MAX_CHAIN_DEPTH:
+        return ChainTooDeep(f"{message} (the source's disk chain is {source_chain_depth} "
+                            f"levels deep; the limit is {MAX_CHAIN_DEPTH})", **kw)
+    if clone and isinstance(fault, vmodl.fault.MethodNotFound | vmodl.fault.NotSupported):
+        return UnsupportedEndpoint(
+            f"{message} (instant clone needs vCenter Server 6.7 or later)", **kw)
+    if isinstance(fault, vim.fault.TaskInProgress | vim.fault.ConcurrentAccess
+                  | vim.fault.ResourceInUse):
+        return ResourceBusy(message, **kw)
+    if isinstance(fault, vim.fault.Timedout):
+        return RequestTimeout(message, **kw)
+    if isinstance(fault, vmodl.fault.RequestCanceled):
+        return TaskCancelled(message, **kw)
+    if isinstance(fault, vmodl.fault.ManagedObjectNotFound):
+        return NotFound(message, fault=name, method=method,
+                        obj=_moid(getattr(fault, "obj", None)) or obj)
+    if isinstance(fault, vim.fault.NotFound):
+        return NotFound(message, **kw)
+    if isinstance(fault, vmodl.fault.SystemError):
+        return TransientFault(message, **kw)
+    return VSphereFault(message, **kw)
+
+
+def translate(exc: BaseException, *, method: str | None = None, obj: str | None = None,
+              source_chain_depth: int | None = None) -> VSphereError:
+    """The fleet error for anything a vSphere call can raise."""
+    if isinstance(exc, VSphereError):
+        return exc
+    if isinstance(exc, vmodl.MethodFault):
+        return translate_fault(exc, method=method, obj=obj,
+                               source_chain_depth=source_chain_depth)
+    where = _where(method, obj)
+    kw: dict[str, Any] = {"method": method, "obj": obj}
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        return TlsVerificationFailed(
+            f"{where}the server certificate's SHA-256 thumbprint does not match the pinned "
+            "thumbprint", **kw)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+        cert_error = getattr(exc, "certificate_error", exc)
+        detail = getattr(cert_error, "verify_message", None) or type(cert_error).__name__
+        return TlsVerificationFailed(
+            f"{where}the server certificate is not trusted ({detail}); pass a CA file "
+            "(tls ca_file) or pin its SHA-256 thumbprint (tls thumbprint)", **kw)
+    if isinstance(exc, HttpStatusError):
+        if exc.status == 503:
+            return NotDelivered(f"{where}HTTP 503 {exc.reason}".rstrip(), **kw)
+        return ConnectionFailed(f"{where}HTTP {exc.status} {exc.reason}".rstrip(), **kw)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return NotDelivered(f"{where}cannot connect: {exc.os_error or type(exc).__name__}", **kw)
+    if isinstance(exc, TimeoutError):
+        return RequestTimeout(f"{where}no reply before the deadline", **kw)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ConnectionFailed(f"{where}the server closed the connection without a reply",
+                                **kw)
+    if isinstance(exc, BadReply | ExpatError):
+        return ConnectionFailed(f"{where}unreadable reply ({exc})", **kw)
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return ConnectionFailed(f"{where}{type(exc).__name__}: {exc}", **kw)
+    return VSphereFault(f"{where}{type(exc).__name__}: {exc}", **kw)
+
+
+@contextmanager
+def map_vsphere_faults(*, method: str | None = None, obj: str | None = None,
+                       source_chain_depth: int | None = None) -> Iterator[None]:
+    """Re-raise whatever a vSphere call raises as its fleet error (``from`` the original)."""
+    try:
+        yield
+    except VSphereError:
+        raise
+    except (vmodl.MethodFault, aiohttp.ClientError, OSError, TimeoutError, HttpStatusError,
+            BadReply, ExpatError) as exc:
+        raise translate(exc, method=method, obj=obj,
+                        source_chain_depth=source_chain_depth) from exc

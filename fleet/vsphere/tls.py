@@ -1,0 +1,76 @@
+"""How fleet trusts a vCenter's certificate.
+
+Verified by default against the system's CAs. A self-signed vCenter is trusted
+explicitly, one of two ways: a CA file (PEM; the certificate or the CA that
+signed it, host name checked) or a pinned SHA-256 thumbprint of the server
+certificate (``AA:BB:...`` or plain hex; only that certificate is accepted,
+whatever its name). ``insecure=True`` turns checking off and says so loudly
+in the log on every connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from fleet.errors import ConfigError
+
+log = logging.getLogger("fleet.vsphere")
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    ca_file: str | Path | None = None
+    thumbprint: str | None = None  # SHA-256 of the DER certificate
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        chosen = [n for n, v in (("ca_file", self.ca_file), ("thumbprint", self.thumbprint),
+                                 ("insecure", self.insecure)) if v]
+        if len(chosen) > 1:
+            raise ConfigError(f"choose one way to trust the server, not {' and '.join(chosen)}",
+                              key="tls")
+        if self.thumbprint is not None:
+            normalize_thumbprint(self.thumbprint)
+
+
+def normalize_thumbprint(thumbprint: str) -> bytes:
+    """The 32 digest bytes of a SHA-256 thumbprint written with or without colons."""
+    text = thumbprint.replace(":", "").replace(" ", "").strip().lower()
+    if len(text) == 40:
+        raise ConfigError(f"{thumbprint!r} looks like a SHA-1 thumbprint; pin the SHA-256 one",
+                          key="tls.thumbprint")
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ConfigError(f"{thumbprint!r} is not a SHA-256 thumbprint (64 hex digits)",
+                          key="tls.thumbprint")
+    return digest
+
+
+def ssl_for(options: TlsOptions, url: str) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
+    """What aiohttp's connector should use for ``url`` (``ssl=`` argument)."""
+    if not url.lower().startswith("https:"):
+        return False  # plain http: nothing to verify (only ever a simulator)
+    if options.insecure:
+        log.warning("TLS certificate verification is OFF for %s (insecure=True): anyone on "
+                    "the path can read and change this session, credentials included", url)
+        return False
+    if options.thumbprint is not None:
+        return aiohttp.Fingerprint(normalize_thumbprint(options.thumbprint))
+    if options.ca_file is not None:
+        path = Path(options.ca_file)
+        if not path.is_file():
+            raise ConfigError(f"{str(path)!r} does not exist", key="tls.ca_file")
+        try:
+            return ssl.create_default_context(cafile=str(path))
+        except ssl.SSLError as exc:
+            raise ConfigError(f"{str(path)!r} is not a PEM certificate file ({exc})",
+                              key="tls.ca_file") from exc
+    return ssl.create_default_context()

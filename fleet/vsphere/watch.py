@@ -1,0 +1,514 @@
+"""One property collector and one ``WaitForUpdatesEx`` loop for everything fleet waits on.
+
+Tasks in flight and VMs being waited for are *watches*: an object and the
+property paths wanted of it. The :class:`PropertyWatcher` owns a private
+property collector (``CreatePropertyCollector``) and runs a single
+``WaitForUpdatesEx`` long poll; each update is dispatched to the watches of
+the object it names. There is no per-task polling.
+
+Filters are created in batches: a new watch is queued and a flusher creates
+one ``CreateFilter`` for everything queued while the previous one was in
+flight (one filter per batch and property signature, at most
+``max_filter_objects`` objects). A burst of 1,000 clones therefore costs a
+handful of ``CreateFilter`` calls, not 1,000, and a filter is destroyed once
+every watch in it is released. A filter created while a long poll is pending
+shows up in that poll's answer (vCenter reports new filters' objects as
+``enter``).
+
+Failure handling:
+
+- a lost reply of ``WaitForUpdatesEx`` (reset, timeout) is answered by asking
+  again with the *same* version: vCenter answers a repeated version with the
+  same changes, so nothing is missed;
+- ``truncated`` update sets are continued at once with the returned version;
+- collector state belongs to the session: after a re-login (the session's
+  ``generation`` changed) or ``InvalidCollectorVersion`` the watcher makes a
+  new collector, re-creates the filters of every live watch and starts again
+  from version ``""``, so the first answer re-reads every watched object's
+  current state (a task that finished meanwhile is seen finished);
+- an object that disappears (``leave``, or ``ManagedObjectNotFound`` when its
+  filter is created) marks its watches gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from pyVmomi import vmodl
+
+from fleet.errors import (
+    ConnectionFailed,
+    InvalidLogin,
+    NotAuthenticated,
+    NotFound,
+    RequestTimeout,
+    TaskCancelled,
+    TransientVSphereError,
+    VSphereError,
+)
+from fleet.vsphere.model import Ref, TaskSnapshot, TaskState
+from fleet.vsphere.session import Session
+
+log = logging.getLogger("fleet.vsphere")
+PC = vmodl.query.PropertyCollector
+
+#: What the watcher reads of a task: enough for ``TaskSnapshot`` and the outcome.
+TASK_PATHS = ("info.state", "info.error", "info.result", "info.queueTime", "info.startTime",
+              "info.completeTime")
+
+
+def ref_of(mo: Any) -> Ref:
+    return Ref(str(mo._wsdlName), str(mo._moId))
+
+
+class Watch:
+    """The latest values of some properties of one object, kept current by the watcher."""
+
+    def __init__(self, watcher: PropertyWatcher, obj: Any, paths: tuple[str, ...],
+                 done: Callable[[Watch], bool] | None = None) -> None:
+        self.watcher = watcher
+        self.obj = obj
+        self.moid: str = obj._moId
+        self.type_name: str = obj._wsdlName
+        self.paths = paths
+        self.values: dict[str, Any] = {}
+        self.gone = False
+        self.error: VSphereError | None = None
+        self.active = True
+        self._done = done
+        self._event = anyio.Event()
+        self.group: _Group | None = None
+
+    def __repr__(self) -> str:
+        return f"<Watch {self.type_name}:{self.moid} {','.join(self.paths)}>"
+
+    def get(self, path: str, default: Any = None) -> Any:
+        return self.values.get(path, default)
+
+    def _notify(self) -> None:
+        event, self._event = self._event, anyio.Event()
+        event.set()
+        if self._done is not None and self.active and self._done(self):
+            self.watcher.release(self)
+
+    def fail(self, error: VSphereError) -> None:
+        if self.error is None:
+            self.error = error
+        self._notify()
+
+    async def wait_for(self, predicate: Callable[[Watch], bool], *,
+                       timeout_s: float | None = None, what: str = "the wanted state") -> None:
+        """Return once ``predicate(self)`` holds; RequestTimeout after ``timeout_s``."""
+        with anyio.move_on_after(timeout_s):
+            while True:
+                if predicate(self):
+                    return
+                if self.error is not None:
+                    raise self.error
+                if self.gone:
+                    raise NotFound(f"{self.type_name} {self.moid} no longer exists",
+                                   fault="ManagedObjectNotFound", obj=self.moid)
+                await self._event.wait()
+        raise RequestTimeout(f"{self.type_name} {self.moid}: no {what} after {timeout_s} s",
+                             obj=self.moid)
+
+    def release(self) -> None:
+        self.watcher.release(self)
+
+
+@dataclass(eq=False)
+class _Group:
+    """One server-side filter and the watches it feeds."""
+
+    filter: Any
+    watches: set[Watch]
+    generation: int
+
+
+@dataclass
+class WatcherStats:
+    wait_calls: int = 0  # WaitForUpdatesEx answers received
+    updates: int = 0  # object updates dispatched
+    truncated: int = 0
+    filters_created: int = 0
+    filters_destroyed: int = 0
+    rebuilds: int = 0
+    watches: int = 0
+
+
+class PropertyWatcher:
+    """Owns the collector, its filters and the ``WaitForUpdatesEx`` loop."""
+
+    def __init__(self, session: Session, *, max_wait_s: int = 30,
+                 max_object_updates: int | None = None,
+                 max_filter_objects: int = 1000) -> None:
+        self.session = session
+        self.max_wait_s = max_wait_s
+        self.max_object_updates = max_object_updates
+        self.max_filter_objects = max_filter_objects
+        self.stats = WatcherStats()
+        self._watches: dict[str, list[Watch]] = {}
+        self._pending: list[Watch] = []
+        self._groups: set[_Group] = set()
+        self._retired: list[Any] = []
+        self._collector: Any = None
+        self._collector_generation = -1
+        self._lock = anyio.Lock()
+        self._wake = anyio.Event()
+        self._flush_needed = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._stopped: VSphereError | None = None
+
+    # -- registration ---------------------------------------------------------
+    def watch(self, obj: Any, paths: Sequence[str],
+              done: Callable[[Watch], bool] | None = None) -> Watch:
+        """Start watching ``paths`` of ``obj``. ``done(watch)`` true releases it."""
+        w = Watch(self, obj, tuple(paths), done)
+        if self._stopped is not None:
+            w.fail(self._stopped)
+            return w
+        self._watches.setdefault(w.moid, []).append(w)
+        self._pending.append(w)
+        self.stats.watches += 1
+        self._flush_needed.set()
+        self._wake.set()
+        return w
+
+    def release(self, w: Watch) -> None:
+        if not w.active:
+            return
+        w.active = False
+        same = self._watches.get(w.moid)
+        if same is not None:
+            if w in same:
+                same.remove(w)
+            if not same:
+                del self._watches[w.moid]
+        group = w.group
+        if group is not None:
+            group.watches.discard(w)
+            if not group.watches and group in self._groups:
+                self._groups.discard(group)
+                if group.generation == self.session.generation:
+                    self._retired.append(group.filter)
+                    self._flush_needed.set()
+        elif w in self._pending:
+            self._pending.remove(w)
+
+    @property
+    def live(self) -> int:
+        return sum(len(ws) for ws in self._watches.values())
+
+    # -- running --------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The watcher's loops; run it in the client's task group."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._flusher)
+                task_status.started()
+                await self._loop()
+        except BaseException:
+            self._stop(ConnectionFailed("the vCenter update loop stopped"))
+            raise
+
+    def _stop(self, error: VSphereError) -> None:
+        self._stopped = error
+        for ws in list(self._watches.values()):
+            for w in list(ws):
+                w.fail(error)
+
+    async def _loop(self) -> None:
+        version = ""
+        failures = 0
+        options = PC.WaitOptions(maxWaitSeconds=self.max_wait_s,
+                                 maxObjectUpdates=self.max_object_updates)
+        while True:
+            if not self._watches:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                continue
+            if self._collector is None or \
+                    self._collector_generation != self.session.generation:
+                try:
+                    await self._rebuild()
+                except InvalidLogin as exc:
+                    self._fail_all(exc)
+                    continue
+                except VSphereError as exc:
+                    failures += 1
+                    log.warning("cannot create a property collector (%s); retrying", exc)
+                    await anyio.sleep(self.session.retry.pause_s(min(failures, 6)))
+                    continue
+                version = ""
+            try:
+                update = await self.session.call(
+                    self._collector, "WaitForUpdatesEx", version, options,
+                    timeout_s=self.max_wait_s + self.session.call_timeout_s, session_bound=True)
+            except (NotAuthenticated, TaskCancelled):
+                # Session gone (re-login done by the session) or our wait cancelled by
+                # the server: the next round rebuilds or simply asks again.
+                continue
+            except NotFound:
+                self._collector = None  # the collector vanished: rebuild
+                continue
+            except InvalidLogin as exc:
+                self._fail_all(exc)
+                continue
+            except TransientVSphereError as exc:
+                failures += 1
+                log.info("WaitForUpdatesEx failed (%s); asking again", exc.reason)
+                await anyio.sleep(self.session.retry.pause_s(min(failures, 6)))
+                continue
+            except VSphereError as exc:
+                if exc.fault == "InvalidCollectorVersion":
+                    self._collector = None
+                    continue
+                failures += 1
+                log.warning("WaitForUpdatesEx failed: %s", exc)
+                await anyio.sleep(self.session.retry.pause_s(min(failures, 6)))
+                continue
+            failures = 0
+            self.stats.wait_calls += 1
+            if update is None:
+                continue
+            version = update.version
+            if update.truncated:
+                self.stats.truncated += 1
+            self._dispatch(update)
+
+    def _fail_all(self, error: VSphereError) -> None:
+        for ws in list(self._watches.values()):
+            for w in list(ws):
+                w.fail(error)
+                self.release(w)
+
+    def _dispatch(self, update: Any) -> None:
+        touched: dict[int, Watch] = {}
+        for filter_update in update.filterSet or ():
+            for object_update in filter_update.objectSet or ():
+                self.stats.updates += 1
+                watches = self._watches.get(object_update.obj._moId)
+                if not watches:
+                    continue
+                if object_update.kind == "leave":
+                    for w in watches:
+                        w.gone = True
+                        touched[id(w)] = w
+                    continue
+                changes = object_update.changeSet or ()
+                for w in watches:
+                    values = w.values
+                    paths = w.paths
+                    for change in changes:
+                        name = change.name
+                        if name in paths:
+                            if change.op == "remove" or change.val is None:
+                                values.pop(name, None)
+                            else:
+                                values[name] = change.val
+                    touched[id(w)] = w
+        for w in touched.values():
+            w._notify()
+
+    # -- collector and filters ----------------------------------------------------
+    async def _rebuild(self) -> None:
+        async with self._lock:
+            generation = self.session.generation
+            old = self._collector
+            if old is not None and self._collector_generation == generation:
+                # Same session (InvalidCollectorVersion): drop the old one.
+                with contextlib.suppress(VSphereError):
+                    await self.session.call(old, "DestroyPropertyCollector")
+            self._collector = None
+            content = self.session.content
+            collector = await self.session.call(content.propertyCollector,
+                                                "CreatePropertyCollector", session_bound=True)
+            live = [w for ws in self._watches.values() for w in ws]
+            for group in self._groups:
+                for w in group.watches:
+                    w.group = None
+            self._groups.clear()
+            self._retired.clear()
+            self._pending = live
+            self._collector = collector
+            self._collector_generation = generation
+            self.stats.rebuilds += 1
+            if self.stats.rebuilds > 1:
+                log.info("property collector rebuilt after a new login: re-reading %d "
+                         "watched objects", len(live))
+            self._flush_needed.set()
+
+    async def _flusher(self) -> None:
+        failures = 0
+        while True:
+            await self._flush_needed.wait()
+            self._flush_needed = anyio.Event()
+            try:
+                await self._flush()
+                failures = 0
+            except VSphereError as exc:
+                failures += 1
+                log.info("creating property filters failed (%s); retrying", exc.reason)
+                await anyio.sleep(self.session.retry.pause_s(min(failures, 6)))
+                self._flush_needed.set()
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            retired, self._retired = self._retired, []
+            for flt in retired:
+                try:
+                    await self.session.call(flt, "DestroyPropertyFilter", session_bound=True)
+                    self.stats.filters_destroyed += 1
+                except VSphereError:
+                    pass  # gone with its session, or never mind: it only costs the server
+            while self._pending:
+                collector = self._collector
+                generation = self._collector_generation
+                if collector is None or generation != self.session.generation:
+                    return  # the loop rebuilds and flushes again
+                batch: dict[tuple[str, tuple[str, ...]], list[Watch]] = {}
+                rest: list[Watch] = []
+                for w in self._pending:
+                    key = (w.type_name, w.paths)
+                    group = batch.setdefault(key, [])
+                    if len(group) < self.max_filter_objects:
+                        group.append(w)
+                    else:
+                        rest.append(w)
+                self._pending = rest
+                for watches in batch.values():
+                    await self._create_filter(collector, generation, watches)
+
+    async def _create_filter(self, collector: Any, generation: int,
+                             watches: list[Watch]) -> None:
+        while watches:
+            objects: dict[str, Any] = {}
+            for w in watches:
+                objects.setdefault(w.moid, w.obj)
+            spec = PC.FilterSpec(
+                objectSet=[PC.ObjectSpec(obj=o, skip=False) for o in objects.values()],
+                propSet=[PC.PropertySpec(type=type(watches[0].obj), all=False,
+                                         pathSet=list(watches[0].paths))])
+            try:
+                flt = await self.session.call(collector, "CreateFilter", spec, False,
+                                              session_bound=True)
+            except NotAuthenticated:
+                self._pending.extend(w for w in watches if w.active)
+                return
+            except NotFound as exc:
+                bad = [w for w in watches if w.moid == exc.obj]
+                if not bad:  # the collector itself is gone
+                    self._pending.extend(w for w in watches if w.active)
+                    self._collector = None
+                    self._wake.set()
+                    return
+                for w in bad:
+                    w.gone = True
+                    w._notify()
+                    self.release(w)
+                watches = [w for w in watches if w.moid != exc.obj]
+                continue
+            except TransientVSphereError:
+                self._pending.extend(w for w in watches if w.active)
+                raise
+            except VSphereError as exc:
+                for w in watches:
+                    w.fail(exc)
+                    self.release(w)
+                return
+            self.stats.filters_created += 1
+            group = _Group(flt, {w for w in watches if w.active}, generation)
+            for w in group.watches:
+                w.group = group
+            if group.watches and generation == self.session.generation:
+                self._groups.add(group)
+            elif generation == self.session.generation:
+                self._retired.append(flt)
+                self._flush_needed.set()
+            return
+
+
+# -- tasks ------------------------------------------------------------------------
+
+def _epoch(value: Any) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _task_done(w: Watch) -> bool:
+    return w.values.get("info.state") in ("success", "error")
+
+
+ResultConverter = Callable[[Any], Any]
+ErrorTranslator = Callable[[Any], Awaitable[VSphereError]]
+
+
+class VCenterTask:
+    """A vCenter task in flight (implements ``fleet.vsphere.model.TaskHandle``)."""
+
+    def __init__(self, session: Session, watcher: PropertyWatcher, task: Any, *, method: str,
+                 convert: ResultConverter, translate_error: ErrorTranslator) -> None:
+        self._session = session
+        self._task = task
+        self._ref = ref_of(task)
+        self.method = method
+        self._convert = convert
+        self._translate = translate_error
+        self._watch = watcher.watch(task, TASK_PATHS, done=_task_done)
+        self.submitted = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<VCenterTask {self._ref.id} {self.method} {self.snapshot.state}>"
+
+    @property
+    def ref(self) -> Ref:
+        return self._ref
+
+    @property
+    def snapshot(self) -> TaskSnapshot:
+        values = self._watch.values
+        state: TaskState = values.get("info.state") or "queued"
+        return TaskSnapshot(self._ref, state, _epoch(values.get("info.queueTime")),
+                            _epoch(values.get("info.startTime")),
+                            _epoch(values.get("info.completeTime")))
+
+    async def wait(self, timeout_s: float | None = None) -> Any:
+        """The task's result, or its translated fault; RequestTimeout after ``timeout_s``."""
+        w = self._watch
+        try:
+            await w.wait_for(_task_done, timeout_s=timeout_s, what=f"end of {self.method}")
+        except RequestTimeout:
+            raise RequestTimeout(
+                f"task {self._ref.id} ({self.method}) still {self.snapshot.state} after "
+                f"{timeout_s} s", method=self.method, obj=self._ref.id) from None
+        except NotFound:
+            raise NotFound(f"task {self._ref.id} ({self.method}) vanished before it was seen "
+                           "to finish; its outcome is unknown", method=self.method,
+                           obj=self._ref.id) from None
+        if w.values.get("info.state") == "success":
+            return self._convert(w.values.get("info.result"))
+        fault = w.values.get("info.error")
+        if not isinstance(fault, BaseException):
+            raise VSphereError(f"task {self._ref.id} ({self.method}) failed without a fault",
+                               method=self.method, obj=self._ref.id)
+        raise await self._translate(fault) from fault
+
+    async def cancel(self) -> None:
+        """Ask vCenter to cancel; a task that already finished or cannot be cancelled
+        any more is left alone (its ``wait`` tells how it ended)."""
+        if _task_done(self._watch):
+            return
+        try:
+            await self._session.call(self._task, "CancelTask")
+        except VSphereError as exc:
+            if exc.fault in ("InvalidState", "NotSupported"):
+                log.info("task %s could not be cancelled: %s", self._ref.id, exc)
+                return
+            raise
