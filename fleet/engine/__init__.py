@@ -1,1 +1,45 @@
-"""Deciding what to do: spec -> reconcile -> placement -> dispatch -> per-clone pipeline."""
+"""Deciding what to do: spec -> reconcile -> placement -> dispatch -> per-clone pipeline.
+
+The public API (what the CLI and the REST service call)::
+
+    spec = load_spec("fleet.toml")                  # or spec_from_dict({...})
+    summary = await provision(spec, vsphere, on_event=print)
+    await destroy(spec, vsphere)
+    report = await plan(spec, vsphere)              # dry run, no changes
+    state = await status(spec, vsphere)
+    await list_sources(spec, vsphere); await freeze_sources(spec, vsphere)
+    await prepare_sources(spec, vsphere, golden="golden-vm")
+
+``vsphere`` is anything implementing :class:`fleet.vsphere.model.VSphere`.
+"""
+
+from fleet.engine.api import FleetStatus, Plan, PlanRow, destroy, plan, provision, status
+from fleet.engine.events import Event, EventCallback, PhaseStats, RemovalSummary, Summary
+from fleet.engine.run import EngineOptions, Provisioner
+from fleet.engine.sources import SourceStatus, freeze_sources, list_sources, prepare_sources
+from fleet.engine.spec import FleetSpec, SpecError, load_spec, spec_from_dict
+
+__all__ = [
+    "EngineOptions",
+    "Event",
+    "EventCallback",
+    "FleetSpec",
+    "FleetStatus",
+    "PhaseStats",
+    "Plan",
+    "PlanRow",
+    "Provisioner",
+    "RemovalSummary",
+    "SourceStatus",
+    "SpecError",
+    "Summary",
+    "destroy",
+    "freeze_sources",
+    "list_sources",
+    "load_spec",
+    "plan",
+    "prepare_sources",
+    "provision",
+    "spec_from_dict",
+    "status",
+]

@@ -27,6 +27,7 @@ from typing import Literal
 import anyio
 
 from fleet.engine.spec import LimitsSpec
+from fleet.vsphere.model import TaskHandle
 
 LimitKind = Literal["overall", "host", "datastore", "source"]
 _ORDER: dict[str, int] = {"overall": 0, "host": 1, "datastore": 2, "source": 3}
@@ -137,6 +138,8 @@ class AimdController:
             self.limit += 1
             self.increases += 1
             return
+        if self.ceiling is not None and self.limit >= self.ceiling:
+            self.ceiling = None  # we passed the old ceiling without push-back: it moved
         step = 1.0 / self.limit
         if self.ceiling is not None and self.limit + 1 >= self.ceiling:
             step /= self.tuning.plateau_slowdown
@@ -189,6 +192,7 @@ class Limiter:
         self.capacity = anyio.CapacityLimiter(
             controller.limit if controller else _tokens(limit))
         self.peak = 0
+        self.holders: dict[int, Lease] = {}  # by id(lease): who holds tokens now
 
     @property
     def limit(self) -> float:
@@ -223,6 +227,13 @@ class Lease:
     in_flight_before: dict[LimitKey, int] = field(default_factory=dict)
     was_limited: dict[LimitKey, bool] = field(default_factory=dict)
     released: bool = False
+    #: the vCenter task this lease covers, once submitted (its snapshot shows "queued")
+    task: TaskHandle | None = None
+    submitted_at: float = 0.0
+
+    def submitted(self, task: TaskHandle, now: float) -> None:
+        self.task = task
+        self.submitted_at = now
 
 
 class Limiters:
@@ -291,6 +302,7 @@ class Limiters:
                 lim.capacity.acquire_on_behalf_of_nowait(owner)
             except anyio.WouldBlock:
                 for got in reversed(taken):
+                    got.holders.pop(id(lease), None)
                     got.capacity.release_on_behalf_of(owner)
                 return None
             taken.append(lim)
@@ -311,6 +323,7 @@ class Limiters:
                 self._note(lease, lim)
         except BaseException:
             for got in reversed(taken):
+                got.holders.pop(id(lease), None)
                 got.capacity.release_on_behalf_of(owner)
             if taken:
                 self._on_change()
@@ -319,6 +332,7 @@ class Limiters:
         return lease
 
     def _note(self, lease: Lease, lim: Limiter) -> None:
+        lim.holders[id(lease)] = lease
         in_use = lim.in_use
         lim.peak = max(lim.peak, in_use)
         lease.in_flight_before[lim.key] = in_use - 1
@@ -329,20 +343,38 @@ class Limiters:
             return
         lease.released = True
         for lim in reversed(lease.limiters):
+            lim.holders.pop(id(lease), None)
             lim.capacity.release_on_behalf_of(lease.owner)
         self._on_change()
 
-    def completed(self, lease: Lease, *, queue_s: float, run_s: float) -> None:
+    def completed(self, lease: Lease, *, queue_s: float, run_s: float,
+                  now: float | None = None) -> None:
         """Feed a finished clone's timings (from the task's queue/start/complete times)
         to the ``auto`` limiters it held. Push-back is blamed on the narrowest one
-        (host, else datastore, else overall); a prompt task lets each of them grow."""
+        (host, else datastore, else overall); a prompt task lets each of them grow.
+
+        Besides this task's own queue time, any sibling holding the same limiter
+        whose task has sat ``queued`` past the threshold (as of ``now``) counts as
+        push-back: waiting for those to finish would let a slow start overshoot."""
         autos = [lim for kind in ("host", "datastore", "overall") for lim in lease.limiters
                  if lim.key.kind == kind and lim.controller is not None]
         if not autos:
             return
-        first = autos[0].controller
+        narrow = autos[0]
+        first = narrow.controller
         assert first is not None
         verdict = first.classify(queue_s=queue_s, run_s=run_s)
+        capacity = lease.in_flight_before.get(narrow.key, 0)
+        if verdict == "ok" and now is not None:
+            threshold = first.queued_threshold_s()
+            stuck = sum(1 for other in narrow.holders.values()
+                        if other is not lease and other.task is not None
+                        and other.task.snapshot.state == "queued"
+                        and now - other.submitted_at > threshold)
+            if stuck:
+                verdict = "queued"
+                # What vCenter runs now: our holders minus this one and the stuck ones.
+                capacity = max(1, narrow.in_use - 1 - stuck)
         for lim in autos if verdict == "ok" else autos[:1]:
             c = lim.controller
             assert c is not None
@@ -350,9 +382,7 @@ class Limiters:
             if verdict == "ok":
                 new = c.prompt(run_s=run_s, was_limited=lease.was_limited.get(lim.key, False))
             else:
-                capacity = lease.in_flight_before.get(lim.key, 0) if verdict == "queued" \
-                    else None
-                new = c.congested(capacity=capacity)
+                new = c.congested(capacity=capacity if verdict == "queued" else None)
             if new != old:
                 lim.capacity.total_tokens = new
                 self._on_limit(lim.key, old, new)

@@ -516,6 +516,7 @@ class Provisioner:
         try:
             with anyio.fail_after(self.spec.timeouts.clone_s):
                 job.task = await self.vs.start_instant_clone(self._clone_request(job, src))
+                lease.submitted(job.task, anyio.current_time())
                 made = await job.task.wait()
         except (VSphereError, TimeoutError) as exc:
             error = exc
@@ -552,7 +553,8 @@ class Provisioner:
                 snap.complete_time is None:
             return
         self.limiters.completed(lease, queue_s=max(0.0, snap.start_time - snap.queue_time),
-                                run_s=max(0.0, snap.complete_time - snap.start_time))
+                                run_s=max(0.0, snap.complete_time - snap.start_time),
+                                now=anyio.current_time())
 
     async def _refresh_source(self, src: SourceState) -> None:
         try:

@@ -324,6 +324,7 @@ class FakeVSphere:
         self._pending: deque[FakeTask] = deque()
         self._task_host: dict[FakeTask, FakeHost] = {}
         self._tg: TaskGroup | None = None
+        self._idle: anyio.Event | None = None
         self._root = self._add_folder("")
 
     # -- lifecycle -------------------------------------------------------------
@@ -337,8 +338,9 @@ class FakeVSphere:
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         tg, self._tg = self._tg, None
         assert tg is not None
-        tg.cancel_scope.cancel()
-        return await tg.__aexit__(exc_type, exc, tb)
+        tg.cancel_scope.cancel()  # clone tasks still running die with their vCenter
+        await tg.__aexit__(None, None, None)
+        return None  # an error from the body propagates as it is, not in a group
 
     # -- building the inventory ------------------------------------------------
     def _new_ref(self, kind: str, prefix: str) -> Ref:
@@ -449,6 +451,16 @@ class FakeVSphere:
     def add_fault(self, rule: FaultRule) -> FaultRule:
         self.faults.append(rule)
         return rule
+
+    async def wait_idle(self, timeout_s: float = 5.0) -> None:
+        """Wait until no clone task is queued or running (RequestTimeout if it takes longer)."""
+        with anyio.move_on_after(timeout_s):
+            while self.stats.in_flight_total:
+                if self._idle is None:
+                    self._idle = anyio.Event()
+                await self._idle.wait()
+            return
+        raise RequestTimeout(f"{self.stats.in_flight_total} clone tasks still in flight")
 
     # -- internals ---------------------------------------------------------------
     def _inject(self, method: str, name: str, *, lost_reply: bool) -> None:
@@ -718,6 +730,9 @@ class FakeVSphere:
             ds.in_flight -= 1
             source.in_flight_clones -= 1
             self.stats.in_flight_total -= 1
+            if not self.stats.in_flight_total and self._idle is not None:
+                self._idle.set()
+                self._idle = None
             self._task_host.pop(task, None)
             if not task.done.is_set():  # the fake itself is shutting down
                 self._finish(task, error=TaskCancelled("vCenter went away"))

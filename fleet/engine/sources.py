@@ -1,0 +1,188 @@
+"""Instant-clone sources: list them, freeze them, and make one per host.
+
+- :func:`list_sources`: power state, frozen, host, chain depth, and how many
+  clones the chain budget still allows (unlimited for a frozen source).
+- :func:`freeze_sources`: run the freeze command (``fleet.engine.recipes``) in
+  each running source through guest operations and wait for
+  ``runtime.instantCloneFrozen``.
+- :func:`prepare_sources`: from one golden VM, full-clone, power on and freeze
+  a source on every connected host that has no usable source yet.
+
+Guest operations log in with the spec's guest credentials (``network.guest_user``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import anyio
+
+from fleet.engine import recipes
+from fleet.engine.events import Emitter, EventCallback, SourceFrozen, SourcePrepared
+from fleet.engine.placement import SourceState
+from fleet.engine.spec import FleetSpec
+from fleet.errors import ConfigError, DuplicateName, GuestOperationFailed, NotFound
+from fleet.vsphere.model import GuestCredentials, Ref, VmInfo, VSphere
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    name: str
+    vm: str
+    power_state: str
+    frozen: bool
+    host: str | None
+    chain_depth: int
+    budget: int
+    clones_left: int | None  # None: unlimited (frozen)
+    guest_family: str
+
+    @classmethod
+    def of(cls, name: str, info: VmInfo, budget: int) -> SourceStatus:
+        return cls(name, info.ref.id, info.power_state, info.frozen, info.host_name,
+                   info.chain_depth, budget, SourceState(name, info, budget).clones_left,
+                   info.guest_family)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def _find(vs: VSphere, names: Sequence[str], timeout_s: float) -> dict[str, VmInfo]:
+    """Resolve names one by one, skipping missing ones."""
+    found: dict[str, VmInfo] = {}
+    for name in names:
+        try:
+            with anyio.fail_after(timeout_s):
+                found[name] = (await vs.find_vms([name]))[0]
+        except NotFound:
+            continue
+    return found
+
+
+async def list_sources(spec: FleetSpec, vsphere: VSphere) -> list[SourceStatus]:
+    """Every source of the spec as vCenter has it. A missing one is a ConfigError."""
+    with anyio.fail_after(spec.timeouts.call_s):
+        try:
+            infos = await vsphere.find_vms([s.name for s in spec.sources])
+        except NotFound as exc:
+            raise ConfigError(str(exc), key="sources", source=spec.origin) from None
+    return [SourceStatus.of(s.name, info, spec.budget_for(s.name))
+            for s, info in zip(spec.sources, infos, strict=True)]
+
+
+def _credentials(spec: FleetSpec, what: str) -> GuestCredentials:
+    creds = spec.network.credentials
+    if creds is None:
+        raise ConfigError(f"{what} needs guest credentials (network.guest_user and "
+                          "network.guest_password_env or _file)", key="network.guest_user",
+                          source=spec.origin)
+    return creds
+
+
+async def freeze(vs: VSphere, vm: VmInfo, credentials: GuestCredentials, *,
+                 timeout_s: float) -> VmInfo:
+    """Freeze one running VM and wait until vCenter reports it frozen.
+
+    The freeze command does not return inside the source (the guest stops at
+    that line), so the program and the wait race: the wait decides."""
+    if vm.frozen:
+        return vm
+    program = recipes.freeze_program(vm.guest_family)
+
+    async def run_program() -> None:
+        code = await vs.run_in_guest(vm.ref, credentials, program, timeout_s=timeout_s)
+        if code != 0:  # it failed before freezing: stop waiting for a freeze
+            raise GuestOperationFailed(f"{program.path} exited with {code} in {vm.name}")
+
+    with anyio.fail_after(timeout_s):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_program)
+            frozen = await vs.wait_for_vm(vm.ref, timeout_s=timeout_s, frozen=True)
+            tg.cancel_scope.cancel()
+    return frozen
+
+
+async def freeze_sources(spec: FleetSpec, vsphere: VSphere, names: Sequence[str] | None = None,
+                         *, on_event: EventCallback | None = None) -> list[SourceStatus]:
+    """Freeze the spec's running sources (or just ``names``); frozen ones are left as is.
+    Waits up to ``timeouts.network_s`` for each."""
+    creds = _credentials(spec, "sources freeze")
+    emit = Emitter(on_event, anyio.current_time)
+    wanted = list(names) if names else [s.name for s in spec.sources]
+    with anyio.fail_after(spec.timeouts.call_s):
+        infos = await vsphere.find_vms(wanted)
+    results: dict[str, VmInfo] = {}
+
+    async def one(name: str, info: VmInfo) -> None:
+        if not info.powered_on:
+            raise GuestOperationFailed(f"{name} is {info.power_state}; power it on first")
+        frozen = await freeze(vsphere, info, creds, timeout_s=spec.timeouts.network_s)
+        results[name] = frozen
+        if not info.frozen:
+            emit(SourceFrozen, source=name, host=frozen.host_name or "")
+
+    async with anyio.create_task_group() as tg:
+        for name, info in zip(wanted, infos, strict=True):
+            tg.start_soon(one, name, info)
+    return [SourceStatus.of(n, results[n], spec.budget_for(n)) for n in wanted]
+
+
+async def prepare_sources(spec: FleetSpec, vsphere: VSphere, golden: str, *,
+                          name_template: str = "{golden}-{host}", folder: str | None = None,
+                          on_event: EventCallback | None = None,
+                          concurrency: int = 4) -> list[SourceStatus]:
+    """Make a frozen source on every connected host lacking a powered-on source of the spec.
+
+    Each is a full clone of ``golden`` named by ``name_template`` (``{golden}``,
+    ``{host}``), placed on the host, powered on, and frozen. A VM of that name
+    that already exists (an earlier, interrupted prepare) is reused. Returns the
+    sources made or reused; add their names to the spec's ``sources``."""
+    creds = _credentials(spec, "sources prepare")
+    emit = Emitter(on_event, anyio.current_time)
+    t = spec.timeouts
+    with anyio.fail_after(t.call_s):
+        try:
+            gold = (await vsphere.find_vms([golden]))[0]
+        except NotFound as exc:
+            raise ConfigError(str(exc), key="golden") from None
+        hosts = await vsphere.list_hosts()
+    existing = await _find(vsphere, [s.name for s in spec.sources], t.call_s)
+    covered = {info.host for info in existing.values() if info.powered_on}
+    target_folder = gold.folder
+    if folder is not None:
+        with anyio.fail_after(t.call_s):
+            target_folder = await vsphere.ensure_folder(folder)
+    assert target_folder is not None
+    made: list[SourceStatus] = []
+    limiter = anyio.CapacityLimiter(max(1, concurrency))
+
+    async def one(host_ref: Ref, host_name: str) -> None:
+        name = name_template.format(golden=gold.name, host=host_name)
+        async with limiter:
+            try:
+                with anyio.fail_after(t.clone_s):
+                    ref = await vsphere.full_clone(gold.ref, name, target_folder, host=host_ref,
+                                                   power_on=True)
+            except DuplicateName as exc:
+                ref = Ref("VirtualMachine", exc.existing) if exc.existing else \
+                    (await vsphere.find_vms([name]))[0].ref
+            info = await vsphere.get_vm(ref)
+            if not info.powered_on:
+                with anyio.fail_after(t.call_s):
+                    await vsphere.power_on(ref)
+            info = await vsphere.wait_for_vm(ref, timeout_s=spec.readiness.timeout_s,
+                                             tools_running=True)
+            info = await freeze(vsphere, info, creds, timeout_s=t.network_s)
+        made.append(SourceStatus.of(name, info, spec.chain_budget))
+        emit(SourcePrepared, source=name, host=host_name)
+
+    async with anyio.create_task_group() as tg:
+        for h in hosts:
+            if h.connected and h.ref not in covered:
+                tg.start_soon(one, h.ref, h.name)
+    return sorted(made, key=lambda s: s.name)
+
+
+__all__ = ["SourceStatus", "freeze", "freeze_sources", "list_sources", "prepare_sources"]

@@ -1,0 +1,162 @@
+"""Limiters: fixed acquisition order, all-or-nothing, and the AIMD arithmetic of ``auto``."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleet.engine.limits import AimdController, AutoTuning, Limiters, LimitKey
+from fleet.engine.spec import LimitsSpec
+
+T = AutoTuning(queued_min_s=0.01, queued_fraction=0.0, latency_floor_s=0.05)
+
+
+def test_keys_are_in_fixed_order() -> None:
+    lim = Limiters(LimitsSpec())
+    keys = lim.keys_for(host="h1", datastore="ds1", running_source="vm-1")
+    assert [k.kind for k in keys] == ["overall", "host", "datastore", "source"]
+    assert [k.kind for k in lim.keys_for(host="h1", datastore=None, running_source=None)] == \
+        ["overall", "host"]
+    assert str(keys[1]) == "host:h1" and str(keys[0]) == "overall"
+
+
+@pytest.mark.anyio
+async def test_try_acquire_is_all_or_nothing() -> None:
+    changes: list[int] = []
+    lim = Limiters(LimitsSpec(in_flight=3, per_host=2, per_running_source=1),
+                   on_change=lambda: changes.append(1))
+    a = lim.keys_for(host="h1", datastore="d", running_source="src")
+    b = lim.keys_for(host="h1", datastore="d", running_source=None)
+    first = lim.try_acquire(a, "job1")
+    assert first is not None
+    assert lim.try_acquire(a, "job2") is None  # the running source is busy...
+    assert lim.get(LimitKey.of("host", "h1")).in_use == 1  # ...and nothing stayed held
+    assert lim.get(LimitKey.of("overall")).in_use == 1
+    second = lim.try_acquire(b, "job3")
+    assert second is not None
+    assert lim.try_acquire(b, "job4") is None  # host h1 is full (2)
+    assert lim.blocked_by(b) == "host:h1 2/2 in flight"
+    c = lim.keys_for(host="h2", datastore="d", running_source=None)
+    third = lim.try_acquire(c, "job5")
+    assert third is not None
+    assert lim.blocked_by(c) == "overall 3/3 in flight"
+    lim.release(first)
+    lim.release(first)  # idempotent
+    assert lim.get(LimitKey.of("overall")).in_use == 2
+    assert changes
+    stats = {s.key: s for s in lim.statistics()}
+    assert stats["host:h1"].in_use == 1 and stats["host:h1"].peak == 2
+    assert stats["source:src"].limit == 1 and not stats["overall"].auto
+
+
+@pytest.mark.anyio
+async def test_waiting_acquire_releases_everything_when_cancelled() -> None:
+    lim = Limiters(LimitsSpec(in_flight=5, per_host=1))
+    keys = lim.keys_for(host="h", datastore=None, running_source=None)
+    held = lim.try_acquire(keys, "holder")
+    assert held is not None
+    with anyio.move_on_after(0.01):
+        await lim.acquire(keys, "waiter")
+    assert lim.get(LimitKey.of("overall")).in_use == 1  # the waiter's overall token is back
+    lim.release(held)
+    got = await lim.acquire(keys, "waiter")
+    assert lim.get(LimitKey.of("host", "h")).in_use == 1
+    lim.release(got)
+
+
+def test_aimd_slow_start_then_cut_to_revealed_capacity() -> None:
+    c = AimdController(2, 1, 64, T)
+    for _ in range(7):
+        c.completed(queue_s=0.0, run_s=0.1, in_flight_before=c.limit - 1, was_limited=True)
+    assert c.limit == 9 and c.slow_start
+    # a task that sat queued while 8 other of ours ran: vCenter runs 8
+    c.completed(queue_s=0.5, run_s=0.1, in_flight_before=8, was_limited=True)
+    assert c.limit == 8 and not c.slow_start and c.ceiling == 9
+    c.limit = 12
+    c._hold = 0
+    c.completed(queue_s=0.5, run_s=0.1, in_flight_before=8, was_limited=True)
+    assert c.limit == 8 and c.decreases == 2
+
+
+def test_aimd_one_cut_per_window() -> None:
+    c = AimdController(20, 1, 64, T)
+    c.congested(capacity=None)
+    assert c.limit == 14  # 20 * 0.7
+    for _ in range(5):
+        c.completed(queue_s=1.0, run_s=0.1, in_flight_before=3, was_limited=True)
+    assert c.limit == 14  # the rest of the window's push-back is old news
+
+
+def test_aimd_additive_increase_and_plateau() -> None:
+    c = AimdController(4, 1, 64, T)
+    c.congested(capacity=4)  # ceiling 5, limit 3
+    assert c.limit == 3
+    n = 0
+    while c.limit < 4:
+        c.completed(queue_s=0, run_s=0.1, in_flight_before=3, was_limited=True)
+        n += 1
+    assert 3 <= n <= 3 + 3 + 1  # one window to wait out, one window of +1/limit
+    n = 0
+    while c.limit < 5:
+        c.completed(queue_s=0, run_s=0.1, in_flight_before=4, was_limited=True)
+        n += 1
+    assert n >= 4 * T.plateau_slowdown  # probing the known ceiling is slow
+    for _ in range(200):
+        c.completed(queue_s=0, run_s=0.1, in_flight_before=4, was_limited=False)
+    assert c.limit == 5  # a limit that does not bind does not grow
+
+
+def test_aimd_latency_spike_is_multiplicative() -> None:
+    c = AimdController(10, 1, 64, T)
+    c.slow_start = False
+    for _ in range(20):
+        c.completed(queue_s=0, run_s=0.1, in_flight_before=9, was_limited=False)
+    assert c.baseline_s == pytest.approx(0.1)
+    c.completed(queue_s=0, run_s=0.2, in_flight_before=9, was_limited=False)
+    assert c.limit == 10  # twice the baseline is not a spike
+    c.completed(queue_s=0, run_s=1.0, in_flight_before=9, was_limited=False)
+    assert c.limit == 7 and c.decreases == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 2), st.floats(0.01, 3), st.integers(0, 100),
+                          st.booleans()), max_size=300),
+       st.integers(1, 10), st.integers(10, 100))
+def test_property_aimd_stays_in_bounds(events: list[tuple[float, float, int, bool]],
+                                       initial: int, maximum: int) -> None:
+    c = AimdController(initial, 1, maximum, T)
+    for queue_s, run_s, before, limited in events:
+        old = c.limit
+        new = c.completed(queue_s=queue_s, run_s=run_s, in_flight_before=before,
+                          was_limited=limited)
+        assert 1 <= new <= maximum
+        assert new <= old + 1  # never more than one step up at a time
+        if queue_s > c.queued_threshold_s() and new < old:
+            assert new <= max(1, before)  # a cut lands at most at what vCenter ran
+
+
+@pytest.mark.anyio
+async def test_auto_limiter_feeds_the_narrowest_and_grows_the_rest() -> None:
+    changed: list[tuple[str, float, float]] = []
+    lim = Limiters(LimitsSpec(in_flight="auto", per_host="auto"), tuning=T,
+                   on_limit=lambda k, o, n: changed.append((str(k), o, n)))
+    keys = lim.keys_for(host="h", datastore=None, running_source=None)
+    host = lim.get(LimitKey.of("host", "h"))
+    overall = lim.get(LimitKey.of("overall"))
+    assert host.limit == T.host_initial and overall.limit == T.overall_initial
+    a = lim.try_acquire(keys, "a")
+    b = lim.try_acquire(keys, "b")
+    assert a is not None and b is not None
+    assert lim.try_acquire(keys, "c") is None  # host auto starts at 2
+    lim.completed(a, queue_s=0.0, run_s=0.1)  # a found the host limit not yet full
+    assert host.limit == 2
+    lim.completed(b, queue_s=0.0, run_s=0.1)  # b filled it: slow start, +1
+    lim.release(b)
+    assert host.limit == 3
+    assert overall.limit == T.overall_initial  # the overall limit did not bind: no growth
+    lim.completed(a, queue_s=1.0, run_s=0.1)  # a sat queued with nobody else ahead
+    lim.release(a)
+    assert host.limit == 1 and overall.limit == T.overall_initial
+    assert changed == [("host:h", 2, 3), ("host:h", 3, 1)]

@@ -1,0 +1,215 @@
+"""Spec loading: good specs load, every bad one names its key and value, secrets never leak."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.engine.spec import SpecError, load_spec, spec_from_dict
+from fleet.errors import ConfigError
+from tests.engine.conftest import BASE, ENV, GUEST_PASSWORD, VCENTER_PASSWORD, merge, spec_data
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "fleet.example.toml"
+VC = {"url": "https://vc.example.com/sdk", "user": "fleet", "password_env": "VC_PW"}
+
+
+def test_minimal_spec_has_documented_defaults() -> None:
+    spec = spec_from_dict({"name": "lt", "count": 3, "sources": ["a"],
+                           "network": {"refresh": "none"}})
+    assert spec.chain_budget == 200
+    assert spec.limits.per_host == 8
+    assert spec.limits.per_running_source == 1
+    assert spec.limits.in_flight == "auto"
+    assert spec.folder_path == "fleet/lt"
+    assert spec.vm_name(7) == "lt-0007"
+    assert spec.simulated
+    assert spec.network.credentials is None
+
+
+def test_example_loads_with_every_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"FLEET_VCENTER_PASSWORD": "x", "FLEET_GUEST_PASSWORD": "y"}
+    spec = load_spec(EXAMPLE, env=env)
+    assert spec.name == "loadtest" and spec.count == 500
+    assert spec.vcenter is not None and spec.vcenter.password.get_secret_value() == "x"
+    assert spec.budget_for("golden-running") == 60
+    assert spec.budget_for("frozen-01") == 200
+    rendered = spec.guestinfo_for(index=4, name="loadtest-0004", source="frozen-01", run_id="r1")
+    assert rendered["guestinfo.metadata"] == '{"fleet": "loadtest", "index": 4, "run": "r1"}'
+    assert not spec.simulated
+
+
+def test_example_mentions_every_key() -> None:
+    """The example is the documentation: every model field appears in it."""
+    from fleet.engine import spec as m
+
+    text = EXAMPLE.read_text()
+    for model in (m.FleetSpec, m.VCenterSpec, m.LimitsSpec, m.RetriesSpec, m.NetworkSpec,
+                  m.ReadinessSpec, m.TimeoutsSpec, m.SourceSpec):
+        for name in model.model_fields:
+            assert f"{name} =" in text or f"{name}=" in text or f"[{name}]" in text, name
+
+
+def test_load_spec_file_and_relative_password_file(tmp_path: Path) -> None:
+    (tmp_path / "vc.secret").write_text(VCENTER_PASSWORD + "\n")
+    (tmp_path / "fleet.toml").write_text(
+        'name = "lt"\ncount = 2\nsources = ["a"]\n'
+        '[vcenter]\nurl = "https://vc/sdk"\nuser = "u"\npassword_file = "vc.secret"\n'
+        '[network]\nrefresh = "none"\n')
+    spec = load_spec(tmp_path / "fleet.toml", env={})
+    assert spec.vcenter is not None
+    assert spec.vcenter.password.get_secret_value() == VCENTER_PASSWORD
+    assert spec.origin == "fleet.toml"
+
+
+BAD: list[tuple[dict[str, Any], str, str]] = [
+    ({"chain_budget": 300}, "chain_budget", "300 is above the vSphere limit of 254"),
+    ({"chain_budget": 0}, "chain_budget", "0 must be at least 1"),
+    ({"sources": ["a", {"name": "b", "chain_budget": 255}]}, "sources[1].chain_budget",
+     "255 is above the vSphere limit of 254"),
+    ({"sources": []}, "sources", "at least 1"),
+    ({"sources": ["a", "a"]}, "sources[1]", '"a" is listed twice'),
+    ({"sources": [{"nam": "x"}]}, "sources[0].nam", "unknown key"),
+    ({"count": -1}, "count", "-1 must be at least 0"),
+    ({"count": "10"}, "count", '"10" must be an integer'),
+    ({"count": 1.5}, "count", "1.5 must be an integer"),
+    ({"name": "bad name!"}, "name", '"bad name!"'),
+    ({"bogus": 1}, "bogus", "unknown key"),
+    ({"limits": {"per_host": 0}}, "limits.per_host", "0 must be at least 1"),
+    ({"limits": {"per_host": "many"}}, "limits.per_host", '"many" is neither'),
+    ({"limits": {"in_flight": 1000}}, "limits.in_flight", "1000 is above the 640"),
+    ({"limits": {"per_hots": 4}}, "limits.per_hots", "unknown key"),
+    ({"retries": {"attempts": 0}}, "retries.attempts", "0 must be at least 1"),
+    ({"retries": {"jitter": 1.5}}, "retries.jitter", "1.5 must be at most 1"),
+    ({"retries": {"backoff_base_s": 5.0, "backoff_max_s": 1.0}}, "retries.backoff_max_s",
+     "1.0 is below retries.backoff_base_s"),
+    ({"timeouts": {"clone_s": 0}}, "timeouts.clone_s", "0 must be above 0"),
+    ({"timeouts": {"clone": 10}}, "timeouts.clone", "unknown key"),
+    ({"readiness": {"wait_for": "ping"}}, "readiness.wait_for", '"ping" must be one of'),
+    ({"readiness": {"wait_for": "guestinfo", "guestinfo_key": "ready"}},
+     "readiness.guestinfo_key", '"ready" must start with "guestinfo."'),
+    ({"network": {"refresh": "bsd"}}, "network.refresh", '"bsd" must be one of'),
+    ({"network": {"refresh": "custom"}}, "network.command", "is required"),
+    ({"network": {"command": "/bin/x"}}, "network.command", "only used when"),
+    ({"network": {"guest_user": None}}, "network.guest_user", "is required when"),
+    ({"network": {"guest_password_file": "/x"}}, "network.guest_password_env",
+     "set exactly one of"),
+    ({"network": {"guest_password_env": "NOPE"}}, "network.guest_password_env",
+     "environment variable NOPE is not set"),
+    ({"network": {"guest_password": "hunter2"}}, "network.guest_password", "unknown key"),
+    ({"network": {"reconnect": False}}, "readiness.wait_for", "never happens"),
+    ({"name_template": "vm"}, "name_template", "has no {index}"),
+    ({"name_template": "vm-{index:.1}", "count": 20}, "name_template",
+     "is not a valid template"),
+    ({"name_template": "vm/{index}"}, "name_template", "contains '/'"),
+    ({"name_template": "vm%{index}"}, "name_template", "contains '%'"),
+    ({"name_template": "{fleet}" + "x" * 80 + "{index}"}, "name_template",
+     "characters long (vSphere allows 80)"),
+    ({"name_template": "vm-{idx}"}, "name_template", "uses {idx}"),
+    ({"name_template": "vm-{index"}, "name_template", "is not a valid template"),
+    ({"name_template": "vm-{index!s:.1}", "count": 20}, "name_template",
+     'gives "vm-1" for indexes 1 and 10: names must be unique'),
+    ({"folder": "//"}, "folder", "is not a folder path"),
+    ({"guestinfo": {"role": "x"}}, "guestinfo.role", 'must start with "guestinfo."'),
+    ({"guestinfo": {"guestinfo.fleet.name": "x"}}, 'guestinfo."guestinfo.fleet.name"',
+     "reserved"),
+    ({"guestinfo": {"guestinfo.a": "{nope}"}}, 'guestinfo."guestinfo.a"', "uses {nope}"),
+    ({"guestinfo": {"guestinfo.a": "x" * 70000}}, 'guestinfo."guestinfo.a"',
+     "renders to 70000 bytes"),
+    ({"guestinfo": {"guestinfo.a": 5}}, 'guestinfo."guestinfo.a"', "5 must be a string"),
+    ({"vcenter": {**VC, "url": "vc.example.com"}}, "vcenter.url", "is not an http(s) URL"),
+    ({"vcenter": {**VC, "url": "http://vc/sdk"}}, "vcenter.url", "plain http"),
+    ({"vcenter": {**VC, "password": "hunter2"}}, "vcenter.password", "never the spec"),
+    ({"vcenter": {**VC, "password_env": None}}, "vcenter.password_env", "set exactly one"),
+    ({"vcenter": {**VC, "password_env": "1BAD"}}, "vcenter.password_env",
+     "not an environment variable name"),
+    ({"vcenter": {**VC, "password_env": "MISSING_PW"}}, "vcenter.password_env",
+     "MISSING_PW is not set"),
+    ({"vcenter": {**VC, "password_env": None, "password_file": "/nonexistent/pw"}},
+     "vcenter.password_file", "cannot read"),
+    ({"vcenter": {**VC, "thumbprint": "AB:CD"}}, "vcenter.thumbprint", "is not a SHA-1"),
+    ({"vcenter": {**VC, "insecure": True, "thumbprint": "AB:" * 19 + "CD"}},
+     "vcenter.insecure", "choose one of"),
+    ({"vcenter": {**VC, "ca_file": "/nonexistent/ca.pem"}}, "vcenter.ca_file",
+     "is not a readable file"),
+    ({"vcenter": {**VC, "user": ""}}, "vcenter.user", "must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("over", "key", "fragment"), BAD, ids=[f"{k}:{f[:30]}" for _, k, f in BAD])
+def test_bad_spec_names_key_and_value(over: dict[str, Any], key: str, fragment: str) -> None:
+    data = merge(BASE, over)
+    if "network" in over and over["network"].get("guest_user", "") is None:
+        data["network"].pop("guest_user")
+        data["network"].pop("guest_password_env")
+    for section in ("vcenter", "network"):
+        for k in [k for k, v in data.get(section, {}).items() if v is None]:
+            del data[section][k]
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data, source="fleet.toml", env=ENV)
+    err = info.value
+    assert isinstance(err, ConfigError)
+    messages = [m for k, m in err.problems if k == key]
+    assert messages, str(err)
+    assert any(fragment in m for m in messages), str(err)
+    assert f"fleet.toml: {key}: " in str(err)
+    assert err.key == err.problems[0][0]
+    assert "pydantic" not in str(err).lower() and "errors.pydantic.dev" not in str(err)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(spec_data(count=-1, chain_budget=999, bogus=True), source="f.toml",
+                       env=ENV)
+    keys = {k for k, _ in info.value.problems}
+    assert keys == {"count", "chain_budget", "bogus"}
+    assert str(info.value).count("f.toml: ") == 3
+
+
+def test_toml_syntax_error_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("name = \n")
+    with pytest.raises(ConfigError, match=r"^broken.toml: not valid TOML"):
+        load_spec(path)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read the spec"):
+        load_spec("/nonexistent/fleet.toml")
+
+
+def test_secrets_never_appear(tmp_path: Path) -> None:
+    spec = spec_from_dict(spec_data(vcenter=VC), env=ENV)
+    assert spec.vcenter is not None
+    assert spec.vcenter.password.get_secret_value() == VCENTER_PASSWORD
+    assert spec.network.credentials is not None
+    assert spec.network.credentials.password == GUEST_PASSWORD
+    for text in (repr(spec), str(spec), spec.model_dump_json(), repr(spec.model_dump()),
+                 repr(spec.network.credentials), repr(spec.vcenter)):
+        assert VCENTER_PASSWORD not in text
+        assert GUEST_PASSWORD not in text
+    # A password written where a key is not allowed is not echoed back either.
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(spec_data(vcenter={**VC, "password": "hunter2-literal"}), env=ENV)
+    assert "hunter2-literal" not in str(info.value)
+
+
+def test_unknown_top_level_table() -> None:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(spec_data(vcentre={"url": "x"}), env=ENV)
+    assert info.value.key == "vcentre"
+
+
+def test_name_template_checks_every_index() -> None:
+    # Only index 100 goes past 80 characters: the check must reach it.
+    template = "{fleet}-" + "x" * 75 + "{index}"
+    spec_from_dict(spec_data(name_template=template, count=100), env=ENV)
+    with pytest.raises(SpecError, match=r"index 100\)"):
+        spec_from_dict(spec_data(name_template=template, count=101), env=ENV)
+
+
+def test_per_source_budget_and_fallback() -> None:
+    spec = spec_from_dict(spec_data(sources=["a", {"name": "b", "chain_budget": 12}]), env=ENV)
+    assert spec.budget_for("a") == 200
+    assert spec.budget_for("b") == 12
