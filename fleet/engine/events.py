@@ -171,19 +171,40 @@ class MemberRemoved(Event):
 
 @dataclass(frozen=True)
 class SourceRetired(Event):
+    """The run stopped using a source. ``reason`` is short and label-safe
+    (``chain_budget`` or an error's reason); ``message`` has the detail."""
+
     kind: ClassVar[str] = "source_retired"
     level: ClassVar[int] = logging.WARNING
     source: str
     reason: str
     chain_depth: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class SourceStateChanged(Event):
+    """A source as the run now sees it (at start, and when its depth, power or freeze
+    state changes)."""
+
+    kind: ClassVar[str] = "source_state"
+    source: str
+    host: str
+    chain_depth: int
+    clones_left: int | None  # None: unlimited (frozen)
+    frozen: bool
+    powered_on: bool
 
 
 @dataclass(frozen=True)
 class HostExcluded(Event):
+    """The run stopped placing on a host. ``reason`` is the error's short reason."""
+
     kind: ClassVar[str] = "host_excluded"
     level: ClassVar[int] = logging.WARNING
     host: str
     reason: str
+    message: str = ""
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from fleet.engine.events import (
     RunFinished,
     RunStarted,
     SourceRetired,
+    SourceStateChanged,
     SourceSummary,
     Summary,
 )
@@ -126,7 +127,8 @@ class Job:
     queue_s: float = 0.0
     task: TaskHandle | None = None
     adopted: bool = False
-    uncertain: bool = False  # a failed attempt may yet make a VM (a lost submit reply)
+    submit_started: float | None = None  # a submit call is under way since then
+    lost_submit_at: float | None = None  # a submit whose reply never came (it may yet clone)
     outcome: Outcome | None = None
     reason: str | None = None
 
@@ -250,7 +252,9 @@ class Provisioner:
         self._check_recipes(view)
         for src in view.sources.values():
             if src.clones_left == 0:
-                self._retire(src, f"chain depth {src.info.chain_depth} is at budget {src.budget}")
+                self._retire(src, "chain_budget",
+                             f"chain depth {src.info.chain_depth} is at budget {src.budget}")
+            self._source_state(src)
         with anyio.fail_after(spec.timeouts.call_s):
             self._folder = await self.vs.ensure_folder(spec.folder_path)
             vms = await self.vs.list_folder_vms(self._folder)
@@ -324,12 +328,26 @@ class Provisioner:
         for scope in self._shields:
             scope.deadline = min(scope.deadline, deadline)
 
-    def _retire(self, src: SourceState, reason: str) -> None:
+    def _retire(self, src: SourceState, reason: str, message: str) -> None:
         assert self.view is not None
-        if self.view.retire(src.name, reason):
+        if self.view.retire(src.name, f"{reason}: {message}"):
             self.emit(SourceRetired, source=src.name, reason=reason,
-                      chain_depth=src.info.chain_depth)
+                      chain_depth=src.info.chain_depth, message=message)
             self._wake.set()
+
+    def _source_state(self, src: SourceState) -> None:
+        self.emit(SourceStateChanged, source=src.name, host=src.info.host_name or "",
+                  chain_depth=src.info.chain_depth, clones_left=src.clones_left,
+                  frozen=src.info.frozen, powered_on=src.info.powered_on)
+
+    def _update_source(self, src: SourceState, info: VmInfo) -> None:
+        old = src.info
+        src.info = info
+        if (old.chain_depth, old.frozen, old.power_state) != \
+                (info.chain_depth, info.frozen, info.power_state):
+            self._source_state(src)
+        if src.clones_left == 0 and src.in_flight == 0:
+            self._retire(src, "chain_budget", f"chain budget {src.budget} reached")
 
     def _keys(self, src: SourceState) -> tuple[LimitKey, ...]:
         host = src.info.host
@@ -366,7 +384,7 @@ class Provisioner:
     def _drop_queued(self) -> None:
         for job in list(self._queue) + self._delayed:
             if job.outcome is None:
-                if job.uncertain:
+                if job.lost_submit_at is not None:
                     self._unsettled.append(job)
                 self._finish(job, "cancelled", "queue", "cancelled",
                              f"not started: {self._stop_reason or 'run ended'}")
@@ -386,7 +404,7 @@ class Provisioner:
 
     async def _destroy_found(self, job: Job) -> None:
         with anyio.move_on_after(self.spec.timeouts.cleanup_s):
-            found = await self._settle(job)
+            found = await self._find_made(job)
             if found is not None:
                 with contextlib.suppress(VSphereError):
                     await self.vs.destroy(found.ref)
@@ -515,11 +533,17 @@ class Provisioner:
             return
         try:
             with anyio.fail_after(self.spec.timeouts.clone_s):
+                job.submit_started = anyio.current_time()
                 job.task = await self.vs.start_instant_clone(self._clone_request(job, src))
+                job.submit_started = None
                 lease.submitted(job.task, anyio.current_time())
                 made = await job.task.wait()
         except (VSphereError, TimeoutError) as exc:
             error = exc
+            if job.task is None and (not isinstance(exc, VSphereError) or exc.transient):
+                # The request may have reached vCenter and be cloning without us.
+                job.lost_submit_at = job.submit_started
+                job.submit_started = None
             if job.task is not None and not (isinstance(exc, VSphereError)
                                              and not exc.transient):
                 # The task may still be running in vCenter: keep its tokens until it ends,
@@ -536,7 +560,7 @@ class Provisioner:
                     await self._refresh_source(src)
         if made is not None:
             self._created += 1
-            job.vm, job.source, job.uncertain = made, src.name, False
+            job.vm, job.source = made, src.name
             job.phase = "done" if self._no_post_phases() else "network"
             self._record(job, "queue", job.queue_s)
             self._record(job, "clone", anyio.current_time() - t0)
@@ -562,9 +586,7 @@ class Provisioner:
                 info = await self.vs.get_vm(src.ref)
         except (VSphereError, TimeoutError):
             return  # the periodic refresh will try again
-        src.info = info
-        if src.clones_left == 0 and src.in_flight == 0:
-            self._retire(src, f"chain budget {src.budget} reached")
+        self._update_source(src, info)
 
     async def _clone_failed(self, job: Job, src: SourceState, host: HostState | None,
                             error: BaseException) -> None:
@@ -582,10 +604,11 @@ class Provisioner:
             return
         if isinstance(error, VSphereError) and not error.transient and error.scope != "call":
             if error.scope == "source":
-                self._retire(src, f"{error.reason}: {error}")
+                self._retire(src, error.reason, str(error))
             elif host is not None and self.view.exclude_host(host.info.ref,
                                                               f"{error.reason}: {error}"):
-                self.emit(HostExcluded, host=host.info.name, reason=f"{error.reason}: {error}")
+                self.emit(HostExcluded, host=host.info.name, reason=error.reason,
+                          message=str(error))
             job.replaced += 1
             job.attempt -= 1  # not the job's fault
             if job.replaced > len(self.view.sources) + len(self.view.hosts):
@@ -605,7 +628,6 @@ class Provisioner:
         if found is not None:
             self._adopt(job, found)
             return
-        job.uncertain = True
         if job.attempt >= spec.retries.attempts:
             self._finish(job, "failed", "clone", reason,
                          f"{message} (after {job.attempt} attempts)")
@@ -647,6 +669,28 @@ class Provisioner:
                 return vm
         return None
 
+    async def _find_made(self, job: Job) -> VmInfo | None:
+        """The VM this job's attempts made, if any. After a lost submit reply the clone
+        may still be on its way: keep looking (with backoff) until the clone timeout
+        has passed since that submit. Callers bound the whole wait."""
+        found = await self._settle(job)
+        since = job.lost_submit_at
+        if found is not None or since is None:
+            return found
+        deadline = since + self.spec.timeouts.clone_s
+        delay = 0.01
+        while anyio.current_time() < deadline:
+            await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
+            delay = min(delay * 2, 1.0)
+            try:
+                with anyio.fail_after(self.spec.timeouts.call_s):
+                    vm = await self._lookup(job.name)
+            except (VSphereError, TimeoutError):
+                continue
+            if vm is not None and member_index(vm.extra_config, self.spec.name) == job.index:
+                return vm
+        return None
+
     async def _settle_task(self, task: TaskHandle) -> None:
         """Cancel a task if vCenter will, and wait (bounded) until it has ended."""
         if task.snapshot.state in ("success", "error"):
@@ -661,7 +705,7 @@ class Provisioner:
     def _adopt(self, job: Job, vm: VmInfo) -> None:
         member = as_member(vm, self.spec.name)
         assert member is not None
-        job.vm, job.adopted, job.attempt, job.uncertain = vm.ref, True, 0, False
+        job.vm, job.adopted, job.attempt = vm.ref, True, 0
         job.source = member.source or job.source
         job.phase = _NEXT_PHASE[member.state]
         self.emit(JobAdopted, index=job.index, name=job.name, vm=vm.ref.id, state=member.state)
@@ -783,19 +827,22 @@ class Provisioner:
             info = await self._vm(vm)
         except (VSphereError, TimeoutError):
             return
-        if info.host is not None and self.view.exclude_host(info.host, str(error)):
-            self.emit(HostExcluded, host=info.host_name or info.host.id,
-                      reason=f"{error.reason}: {error}")
+        if info.host is not None and self.view.exclude_host(info.host,
+                                                            f"{error.reason}: {error}"):
+            self.emit(HostExcluded, host=info.host_name or info.host.id, reason=error.reason,
+                      message=str(error))
 
     # -- stopping --------------------------------------------------------------------
     async def _cleanup(self, job: Job) -> None:
         """Destroy what a job that did not finish made (shielded, bounded)."""
         if job.outcome == "ready":
             return
+        if job.submit_started is not None:  # cut off mid-submit: it may have gone through
+            job.lost_submit_at, job.submit_started = job.submit_started, None
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.spec.timeouts.cleanup_s):
             vm: Ref | None = job.vm
             if vm is None:
-                found = await self._settle(job)
+                found = await self._find_made(job)
                 vm = found.ref if found is not None else None
             if vm is not None:
                 try:
@@ -826,9 +873,7 @@ class Provisioner:
                             state.info = info
                     for src in view.sources.values():
                         if src.retired is None:
-                            src.info = await self.vs.get_vm(src.ref)
-                            if src.clones_left == 0 and src.in_flight == 0:
-                                self._retire(src, f"chain budget {src.budget} reached")
+                            self._update_source(src, await self.vs.get_vm(src.ref))
             except (VSphereError, TimeoutError):
                 continue  # a refresh is an optimisation; the next one may work
             self._wake.set()

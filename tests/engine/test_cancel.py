@@ -1,0 +1,123 @@
+"""Stopping a run (Ctrl-C, a deadline, ``stop()``) leaves no half-made VM behind."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from fleet.engine.events import Event, JobCleanedUp, JobReady
+from fleet.engine.reconcile import LABEL_NAME, LABEL_STATE
+from fleet.engine.run import Provisioner
+from fleet.errors import ConnectionFailed
+from fleet.vsphere.fake import FakeLatency, FakeVSphere, FaultRule, make_fake
+from tests.engine.conftest import CREDS, FROZEN4, make_spec
+from tests.engine.conftest import options as opts
+
+pytestmark = pytest.mark.anyio
+
+SLOW = FakeLatency(clone_s=0.03, guest_op_s=0.01, reconfig_s=0.005)
+
+
+def folder_states(fake: FakeVSphere, path: str) -> list[str]:
+    """The state label of every VM in the folder ("" for one without our labels)."""
+    return [vm.extra_config.get(LABEL_STATE, "") if vm.extra_config.get(LABEL_NAME) == "lt"
+            else "" for vm in fake.folder_vms(path)]
+
+
+async def test_deadline_with_no_grace_destroys_everything_unfinished() -> None:
+    fake = make_fake(hosts=4, credentials=CREDS, latency=SLOW)
+    spec = make_spec(count=200, timeouts={"cancel_grace_s": 0.0})
+    cleaned: list[Event] = []
+    async with fake:
+        p = Provisioner(spec, fake, on_event=lambda e: cleaned.append(e)
+                        if isinstance(e, JobCleanedUp) else None, options=opts())
+        with anyio.move_on_after(0.1) as scope:
+            await p.run()
+        assert scope.cancelled_caught
+        await fake.wait_idle()
+        await anyio.sleep(0.05)  # any clone still landing would show up now
+        states = folder_states(fake, spec.folder_path)
+    assert set(states) <= {"ready"}, states
+    assert p.summary is not None and p.summary.cancelled
+    assert p.summary.ready == len(states) < 200
+    assert p.summary.failures.get("cancelled") == 200 - p.summary.ready
+    assert cleaned  # there were clones in flight, and they were destroyed
+    assert fake.stats.destroyed == len(cleaned)
+    assert fake.stats.network_conflicts == 0
+
+
+async def test_deadline_with_grace_lets_in_flight_clones_finish() -> None:
+    fake = make_fake(hosts=4, credentials=CREDS, latency=SLOW)
+    spec = make_spec(count=200, timeouts={"cancel_grace_s": 5.0})
+    async with fake:
+        p = Provisioner(spec, fake, options=opts())
+        with anyio.move_on_after(0.1):
+            await p.run()
+        await fake.wait_idle()
+        states = folder_states(fake, spec.folder_path)
+    assert set(states) == {"ready"}
+    assert p.summary is not None and p.summary.cancelled
+    assert fake.stats.destroyed == 0  # everything in flight finished
+    assert fake.stats.clones_made == len(states) == p.summary.ready
+    assert 0 < p.summary.ready < 200
+
+
+async def test_stop_returns_a_summary() -> None:
+    fake = make_fake(hosts=4, credentials=CREDS, latency=SLOW)
+    spec = make_spec(count=300)
+    ready = 0
+
+    def on_event(event: Event) -> None:
+        nonlocal ready
+        if isinstance(event, JobReady):
+            ready += 1
+            if ready == 20:
+                p.stop("operator pressed Ctrl-C")
+
+    async with fake:
+        p = Provisioner(spec, fake, on_event=on_event, options=opts())
+        summary = await p.run()
+        await fake.wait_idle()
+        states = folder_states(fake, spec.folder_path)
+    assert summary.cancelled and not summary.complete
+    assert set(states) == {"ready"} and len(states) == summary.ready >= 20
+    assert summary.failures == {"cancelled": 300 - summary.ready}
+    assert summary.failed == 300 - summary.ready
+
+
+async def test_cancel_while_lost_replies_are_pending_leaks_nothing() -> None:
+    fake = make_fake(hosts=2, latency=FakeLatency(clone_s=0.03), seed=5)
+    # every other submit "fails" although vCenter got it and is cloning
+    fake.add_fault(FaultRule("start_instant_clone", ConnectionFailed, lost_reply=True,
+                             probability=0.5))
+    spec = make_spec(count=40, sources=FROZEN4[:2], network={"refresh": "none",
+                                                             "disconnect_at_clone": False},
+                     readiness={"wait_for": "none"},
+                     retries={"attempts": 5, "backoff_base_s": 0.2, "backoff_max_s": 0.2,
+                              "jitter": 0.0},
+                     timeouts={"cancel_grace_s": 0.0, "clone_s": 0.5})
+    async with fake:
+        p = Provisioner(spec, fake, options=opts())
+        with anyio.move_on_after(0.05):
+            await p.run()
+        await fake.wait_idle()
+        names = sorted(vm.name for vm in fake.folder_vms(spec.folder_path))
+    assert fake.stats.faults_injected["start_instant_clone"] > 0
+    assert p.summary is not None
+    # whatever a lost reply made was found and destroyed: only ready members remain
+    assert len(names) == p.summary.ready
+    assert fake.stats.clones_made == p.summary.ready + fake.stats.destroyed
+
+
+async def test_cancel_during_guest_phases_cleans_up_resumed_members_too() -> None:
+    fake = make_fake(hosts=2, credentials=CREDS,
+                     latency=FakeLatency(clone_s=0.001, guest_op_s=0.2))
+    spec = make_spec(count=10, sources=FROZEN4[:2], timeouts={"cancel_grace_s": 0.01})
+    async with fake:
+        p = Provisioner(spec, fake, options=opts())
+        with anyio.move_on_after(0.05):
+            await p.run()
+        await fake.wait_idle()
+        assert fake.folder_vms(spec.folder_path) == []  # all were in the slow guest phase
+        assert fake.stats.destroyed == 10
+        assert p.summary is not None and p.summary.ready == 0
