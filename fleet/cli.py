@@ -1,44 +1,369 @@
-"""The ``fleet`` command."""
+"""The ``fleet`` command.
+
+Exit status: 0 when the command did what was asked (``provision``: every member
+ready), 1 when it did not (an incomplete fleet, failures), 2 for bad input (a
+wrong spec, option or topology: the message names the culprit), 130 when
+interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import anyio
 
 from fleet import __version__
-from fleet.errors import FleetError
+from fleet.errors import ConfigError, FleetError
 
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def eprint(message: str) -> None:
+    print(f"fleet: {message}", file=sys.stderr, flush=True)
+
+
+# -- shared option groups --------------------------------------------------------
+
+def _spec_options(parser: argparse.ArgumentParser, *, count: bool = True) -> None:
+    parser.add_argument("--spec", metavar="FILE",
+                        help="fleet spec (TOML); without it, a demo fleet on the built-in "
+                             "simulator")
+    if count:
+        parser.add_argument("--count", type=int, metavar="N",
+                            help="members wanted (overrides the spec's count)")
+    parser.add_argument("--name", metavar="NAME",
+                        help="fleet name (overrides the spec's; default 'demo' without a spec)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--sim-time-scale", type=float, default=1.0, metavar="X",
+                        help="time scale of the built-in simulator (when the spec names no "
+                             "vCenter); default 1")
+
+
+def _load_spec(args: argparse.Namespace) -> Any:
+    from fleet.engine.spec import spec_from_dict
+    from fleet.target import demo_spec
+
+    count = getattr(args, "count", None)
+    if count is not None and count < 0:
+        raise ConfigError(f"{count} is negative; give 0 or more", key="--count")
+    if not args.sim_time_scale > 0:
+        raise ConfigError(f"{args.sim_time_scale} must be greater than 0",
+                          key="--sim-time-scale")
+    if args.spec is None:
+        return demo_spec(count if count is not None else 10, args.name or "demo")
+    from fleet.engine.spec import load_spec
+
+    spec = load_spec(args.spec)
+    overrides: dict[str, Any] = {}
+    if count is not None:
+        overrides["count"] = count
+    if args.name:
+        overrides["name"] = args.name
+    if overrides:
+        # Re-validate with the overrides so templates and limits are checked against them.
+        import tomllib
+        from pathlib import Path
+
+        raw = tomllib.loads(Path(args.spec).read_text(encoding="utf-8"))
+        raw.update(overrides)
+        spec = spec_from_dict(raw, source=f"{args.spec} (with command-line overrides)",
+                              base_dir=Path(args.spec).resolve().parent)
+    return spec
+
+
+@contextlib.asynccontextmanager
+async def _metrics_server(port: int | None, metrics: Any) -> AsyncIterator[None]:
+    if port is None:
+        yield
+        return
+    from aiohttp import web
+
+    from fleet.metrics import CONTENT_TYPE
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"{port} is not a TCP port", key="--metrics-port")
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}",
+                              key="--metrics-port") from None
+        eprint(f"metrics at http://127.0.0.1:{port}/metrics")
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def _fanout(*consumers: Callable[[Any], None] | None) -> Callable[[Any], None]:
+    active = [c for c in consumers if c is not None]
+
+    def on_event(event: Any) -> None:
+        for consumer in active:
+            consumer(event)
+
+    return on_event
+
+
+# -- commands ------------------------------------------------------------------------
+
+async def _provision(args: argparse.Namespace) -> int:
+    from fleet.engine.run import EngineOptions, Provisioner
+    from fleet.metrics import FleetMetrics
+    from fleet.report import LiveProgress, print_summary
+    from fleet.target import open_target
+
+    spec = _load_spec(args)
+    metrics = FleetMetrics()
+    show_progress = not args.json and not args.no_progress
+    progress = LiveProgress() if show_progress else None
+    interrupted = False
+    async with open_target(spec, observer=metrics, announce=eprint,
+                           sim_time_scale=args.sim_time_scale) as target, \
+            _metrics_server(args.metrics_port, metrics):
+        provisioner = Provisioner(spec, target.client,
+                                  on_event=_fanout(metrics.on_event,
+                                                   progress.on_event if progress else None),
+                                  options=EngineOptions(seed=args.seed))
+        with progress if progress is not None else contextlib.nullcontext():
+            async with anyio.create_task_group() as tg:
+                async def watch_signals() -> None:
+                    nonlocal interrupted
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            if not interrupted:
+                                interrupted = True
+                                eprint(f"{signal.Signals(signum).name}: stopping; in-flight "
+                                       "clones finish or are cleaned up (again to abort)")
+                                provisioner.stop(f"interrupted ({signal.Signals(signum).name})")
+                            else:
+                                tg.cancel_scope.cancel()
+
+                async def run() -> None:
+                    await provisioner.run()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_signals)
+                tg.start_soon(run)
+    summary = provisioner.summary
+    if summary is None:
+        eprint("aborted before a summary could be made")
+        return EXIT_INTERRUPTED
+    if args.json:
+        out = summary.to_dict()
+        out["target"] = "simulator" if target.simulated else "vcenter"
+        print(json.dumps(out))
+    else:
+        print_summary(summary)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.complete else EXIT_INCOMPLETE
+
+
+async def _plan(args: argparse.Namespace) -> int:
+    from fleet.engine.api import plan
+    from fleet.report import print_table
+    from fleet.target import open_target
+
+    spec = _load_spec(args)
+    async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
+        result = await plan(spec, target.client)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"fleet {result.fleet}: {result.requested} wanted — create {result.create}, "
+              f"resume {result.resume}, remove {result.remove}, already ready {result.ready}"
+              + (f", {result.foreign} VMs in the folder are not members" if result.foreign
+                 else ""))
+        print_table("placement (dry run: nothing was changed)",
+                    ["source", "host", "kind", "power", "chain depth", "budget", "clones left",
+                     "planned", "depth after", "status", "preflight"],
+                    [[r.source, r.host, "frozen" if r.frozen else "running", r.power_state,
+                      r.chain_depth, r.budget,
+                      "unlimited" if r.clones_left is None else r.clones_left, r.planned,
+                      r.final_depth, r.status, "; ".join(r.preflight) or "ok"]
+                     for r in result.rows])
+        if result.unplaced:
+            print(f"{result.unplaced} clones fit nowhere:")
+            for source, reasons in result.unplaced_reasons.items():
+                print(f"  {source}: {', '.join(reasons)}")
+        for index, why in result.blocked.items():
+            print(f"  index {index} blocked: {why}")
+        print("feasible" if result.feasible else "NOT feasible as it stands")
+    return EXIT_OK if result.feasible else EXIT_INCOMPLETE
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from fleet.engine.api import status
+    from fleet.target import open_target
+
+    spec = _load_spec(args)
+    async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
+        result = await status(spec, target.client)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(result.by_state.items())) or "none"
+        print(f"fleet {result.fleet} in {result.folder}: {result.ready}/{result.requested} "
+              f"ready ({states}); missing {len(result.missing)}, extra {len(result.extra)}, "
+              f"not members {result.foreign}")
+    return EXIT_OK if result.complete else EXIT_INCOMPLETE
+
+
+async def _destroy(args: argparse.Namespace) -> int:
+    from fleet.engine.api import destroy, status
+    from fleet.report import print_removal
+    from fleet.target import open_target
+
+    spec = _load_spec(args)
+    async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
+        if not args.yes:
+            current = await status(spec, target.client)
+            if current.members == 0:
+                eprint(f"fleet {spec.name} has no members; nothing to destroy")
+                return EXIT_OK
+            if not sys.stdin.isatty():
+                raise ConfigError(f"refusing to destroy {current.members} members of fleet "
+                                  f"{spec.name} without confirmation; pass --yes", key="--yes")
+            answer = await anyio.to_thread.run_sync(
+                input, f"Destroy all {current.members} members of fleet {spec.name} in "
+                       f"{spec.folder_path}? Type the fleet name to confirm: ")
+            if answer.strip() != spec.name:
+                eprint("not confirmed; nothing destroyed")
+                return EXIT_INCOMPLETE
+        result = await destroy(spec, target.client)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print_removal(result)
+    return EXIT_OK if result.failed == 0 else EXIT_INCOMPLETE
+
+
+async def _sources(args: argparse.Namespace) -> int:
+    from fleet.engine import sources as src_api
+    from fleet.report import print_table
+    from fleet.target import open_target
+
+    spec = _load_spec(args)
+    async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
+        vs = target.client
+        if args.sources_command == "list":
+            result = await src_api.list_sources(spec, vs)
+        elif args.sources_command == "freeze":
+            result = await src_api.freeze_sources(spec, vs, args.names or None)
+        else:
+            if not args.per_host:
+                raise ConfigError("only --per-host preparation exists; pass --per-host",
+                                  key="--per-host")
+            result = await src_api.prepare_sources(spec, vs, args.golden)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in result]))
+    else:
+        print_table("sources", ["source", "power", "frozen", "host", "chain depth", "budget",
+                                "clones left", "guest"],
+                    [[s.name, s.power_state, "yes" if s.frozen else "no", s.host, s.chain_depth,
+                      s.budget, "unlimited" if s.clones_left is None else s.clones_left,
+                      s.guest_family] for s in result])
+    return EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleet",
-        description="Provision fleets of vSphere Instant Clones fast, within vCenter's limits.")
+        description="Provision fleets of vSphere Instant Clones fast, within vCenter's limits. "
+                    "Without a vCenter in the spec (or without a spec), commands run against "
+                    "a built-in simulator.")
     parser.add_argument("--version", action="version", version=f"fleet {__version__}")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"],
+                        help="log to stderr at this level (default warning)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    p = sub.add_parser("provision", help="bring a fleet to its count of ready members",
+                       description="Create missing members, finish half-configured ones and "
+                                   "remove extras, within vCenter's limits.")
+    _spec_options(p)
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics on 127.0.0.1:N/metrics during the run")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(afunc=_provision)
+
+    p = sub.add_parser("plan", help="dry run: placement table and preflight checks, no changes")
+    _spec_options(p)
+    p.set_defaults(afunc=_plan)
+
+    p = sub.add_parser("status", help="members by state, missing and extra indexes")
+    _spec_options(p, count=True)
+    p.set_defaults(afunc=_status)
+
+    p = sub.add_parser("destroy", help="power off and destroy every member of a fleet")
+    _spec_options(p, count=False)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(afunc=_destroy)
+
+    p = sub.add_parser("sources", help="inspect, freeze or prepare instant-clone sources")
+    ssub = p.add_subparsers(dest="sources_command", metavar="ACTION")
+    ssub.required = True
+    sp = ssub.add_parser("list", help="power state, frozen, host, chain depth, clones left")
+    _spec_options(sp, count=False)
+    sp = ssub.add_parser("freeze", help="freeze running sources through guest operations")
+    _spec_options(sp, count=False)
+    sp.add_argument("names", nargs="*", help="sources to freeze (default: the spec's)")
+    sp = ssub.add_parser("prepare", help="make a frozen source on every host lacking one")
+    _spec_options(sp, count=False)
+    sp.add_argument("--per-host", action="store_true", help="one frozen source per host")
+    sp.add_argument("--golden", required=True, metavar="VM", help="the VM to clone them from")
+    p.set_defaults(afunc=_sources)
+
     from fleet.sim import cli as sim_cli
 
-    sim = sub.add_parser("sim", help="serve a simulated vCenter (vim25 SOAP)",
-                         description="Serve a simulated vCenter that unmodified pyVmomi and "
-                                     "fleet talk to. Prints 'listening on URL' when ready.")
-    sim_cli.add_arguments(sim)
-    sim.set_defaults(func=sim_cli.main)
+    p = sub.add_parser("sim", help="serve a simulated vCenter (vim25 SOAP)",
+                       description="Serve a simulated vCenter that unmodified pyVmomi and fleet "
+                                   "talk to. Prints 'listening on URL' when ready.")
+    sim_cli.add_arguments(p)
+    p.set_defaults(func=sim_cli.main)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "afunc", None) is not None:
+            return int(anyio.run(args.afunc, args))
         return int(args.func(args) or 0)
+    except ConfigError as exc:
+        eprint(f"error: {exc}")
+        return EXIT_USAGE
     except FleetError as exc:
-        print(f"fleet: error: {exc}", file=sys.stderr)
-        return 2
+        eprint(f"error: {exc}")
+        return EXIT_INCOMPLETE
     except KeyboardInterrupt:
-        print("fleet: interrupted", file=sys.stderr)
-        return 130
+        eprint("interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
