@@ -64,7 +64,7 @@ from fleet.vsphere.model import (
 )
 from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session
 from fleet.vsphere.tls import TlsOptions
-from fleet.vsphere.transport import MIN_VERSION, SoapTransport
+from fleet.vsphere.transport import MIN_VERSION, make_transport
 from fleet.vsphere.watch import PropertyWatcher, VCenterTask, Watch
 
 log = logging.getLogger("fleet.vsphere")
@@ -110,12 +110,14 @@ class VSphereClient:
                  wait_max_s: int = 30, max_object_updates: int | None = None,
                  page_size: int = 1000, retry: RetryPolicy | None = None,
                  observer: CallObserver | None = None,
-                 guest_poll_s: tuple[float, float] = (0.1, 2.0)) -> None:
+                 guest_poll_s: tuple[float, float] = (0.1, 2.0),
+                 transport: str = "protocol", compress: bool = False) -> None:
         if tls is None:
             tls = TlsOptions(ca_file=ca_file, thumbprint=thumbprint, insecure=insecure)
         elif ca_file or thumbprint or insecure:
             raise ConfigError("give either tls= or ca_file/thumbprint/insecure", key="tls")
-        self.transport = SoapTransport(url, tls=tls, max_connections=max_connections)
+        self.transport = make_transport(url, transport, tls=tls, max_connections=max_connections,
+                                        compress=compress)
         self.session = Session(self.transport, user, password, call_timeout_s=call_timeout_s,
                                retry=retry, observer=observer)
         self.watcher = PropertyWatcher(self.session, max_wait_s=wait_max_s,

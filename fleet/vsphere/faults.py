@@ -76,6 +76,7 @@ from fleet.errors import (
     VSphereError,
     VSphereFault,
 )
+from fleet.vsphere.http import ConnectFailed, PinnedCertificateMismatch, ProtocolError
 
 #: A disk chain may be this deep; a clone adds one level (DESIGN.md section 3).
 MAX_CHAIN_DEPTH = 255
@@ -213,7 +214,7 @@ def translate(exc: BaseException, *, method: str | None = None, obj: str | None 
                                source_chain_depth=source_chain_depth)
     where = _where(method, obj)
     kw: dict[str, Any] = {"method": method, "obj": obj}
-    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch | PinnedCertificateMismatch):
         return TlsVerificationFailed(
             f"{where}the server certificate's SHA-256 thumbprint does not match the pinned "
             "thumbprint", **kw)
@@ -227,6 +228,10 @@ def translate(exc: BaseException, *, method: str | None = None, obj: str | None 
         if exc.status == 503:
             return NotDelivered(f"{where}HTTP 503 {exc.reason}".rstrip(), **kw)
         return ConnectionFailed(f"{where}HTTP {exc.status} {exc.reason}".rstrip(), **kw)
+    if isinstance(exc, ConnectFailed):
+        return NotDelivered(f"{where}{exc}", **kw)
+    if isinstance(exc, ProtocolError):
+        return ConnectionFailed(f"{where}{exc}", **kw)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return NotDelivered(f"{where}cannot connect: {exc.os_error or type(exc).__name__}", **kw)
     if isinstance(exc, TimeoutError):

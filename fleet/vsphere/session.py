@@ -100,9 +100,15 @@ class Secret:
 
 
 class CallObserver(Protocol):
-    """Told about every SOAP exchange (for metrics). ``error`` is None on success."""
+    """Told about every SOAP exchange and re-login (``fleet.metrics.FleetMetrics`` is one).
 
-    def on_call(self, method: str, duration_s: float, error: VSphereError | None) -> None: ...
+    ``method`` is the WSDL name, ``fault`` the vim fault's name (or fleet's reason
+    for transport failures) when the exchange failed. Never anything else."""
+
+    def observe_request(self, method: str, duration_s: float,
+                        fault: str | None = None) -> None: ...
+
+    def relogin(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ class Session:
             raise VSphereFault("Login: the server set no session cookie", method="Login")
         self.stats.logins += 1
         log.info("logged in to %s (API %s) in %.2f s", self.transport.url,
-                 self.stub.versionId.strip('"'), time.monotonic() - started)
+                 self.stub.versionId.strip('"').rsplit("/", 1)[-1], time.monotonic() - started)
 
     async def relogin(self, seen_generation: int) -> None:
         """Log in again unless someone already did since ``seen_generation``."""
@@ -221,6 +227,8 @@ class Session:
                 raise
             self.generation += 1
             self.stats.relogins += 1
+            if self.observer is not None:
+                self.observer.relogin()
             log.warning("session expired: logged in again (login %d) in %.2f s",
                         self.generation, time.monotonic() - started)
 
@@ -312,7 +320,8 @@ class Session:
             raise
         finally:
             if self.observer is not None:
-                self.observer.on_call(method, time.perf_counter() - started, error)
+                fault = None if error is None else (error.fault or error.reason)
+                self.observer.observe_request(method, time.perf_counter() - started, fault)
 
     # -- keep-alive --------------------------------------------------------------
     async def keepalive(self, interval_s: float) -> None:

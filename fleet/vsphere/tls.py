@@ -54,23 +54,46 @@ def normalize_thumbprint(thumbprint: str) -> bytes:
     return digest
 
 
-def ssl_for(options: TlsOptions, url: str) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
-    """What aiohttp's connector should use for ``url`` (``ssl=`` argument)."""
+def client_context(options: TlsOptions, url: str) -> tuple[ssl.SSLContext | None, bytes | None]:
+    """(SSL context, pinned SHA-256 digest) for ``url``; (None, None) for plain http.
+
+    With a pinned thumbprint the context does not verify (a self-signed vCenter
+    has no chain to check); the digest must then be compared after the handshake,
+    before anything is sent."""
     if not url.lower().startswith("https:"):
-        return False  # plain http: nothing to verify (only ever a simulator)
+        return None, None  # plain http: nothing to verify (only ever a simulator)
     if options.insecure:
         log.warning("TLS certificate verification is OFF for %s (insecure=True): anyone on "
                     "the path can read and change this session, credentials included", url)
-        return False
+        return _unverified(), None
     if options.thumbprint is not None:
-        return aiohttp.Fingerprint(normalize_thumbprint(options.thumbprint))
+        return _unverified(), normalize_thumbprint(options.thumbprint)
     if options.ca_file is not None:
         path = Path(options.ca_file)
         if not path.is_file():
             raise ConfigError(f"{str(path)!r} does not exist", key="tls.ca_file")
         try:
-            return ssl.create_default_context(cafile=str(path))
+            return ssl.create_default_context(cafile=str(path)), None
         except ssl.SSLError as exc:
             raise ConfigError(f"{str(path)!r} is not a PEM certificate file ({exc})",
                               key="tls.ca_file") from exc
-    return ssl.create_default_context()
+    return ssl.create_default_context(), None
+
+
+def _unverified() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def ssl_for(options: TlsOptions, url: str) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
+    """The same policy as aiohttp's connector ``ssl=`` argument."""
+    context, pinned = client_context(options, url)
+    if context is None:
+        return False
+    if pinned is not None:
+        return aiohttp.Fingerprint(pinned)
+    if options.insecure:
+        return False
+    return context
