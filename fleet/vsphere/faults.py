@@ -12,7 +12,8 @@ NotAuthenticated                               NotAuthenticated (transient)
 InvalidLogin                                   InvalidLogin
 NoPermission (``privilegeId``)                 PermissionDenied(privilege=...)
 InvalidGuestLogin                              InvalidGuestLogin
-GuestOperationsFault, ToolsUnavailable         GuestOperationFailed
+GuestOperationsFault, ToolsUnavailable,        GuestOperationFailed
+  FileFault in a guest operation
 DuplicateName (``name``, ``object``)           DuplicateName(existing=<object id>)
 InvalidHostState, HostCommunication            HostUnavailable (scope host)
 InsufficientResourcesFault                     InsufficientResources (scope host)
@@ -83,6 +84,9 @@ MAX_CHAIN_DEPTH = 255
 
 #: Methods whose faults describe the *source* of an instant clone.
 INSTANT_CLONE_METHODS = frozenset({"InstantClone_Task", "CheckInstantClone_Task"})
+#: Guest operations: a file fault there is the guest program's, not the datastore's.
+GUEST_METHODS = frozenset({"StartProgramInGuest", "ListProcessesInGuest",
+                           "TerminateProcessInGuest"})
 
 
 class NotDelivered(ConnectionFailed):
@@ -166,7 +170,8 @@ def translate_fault(fault: Any, *, method: str | None = None, obj: str | None = 
                                 method=method, obj=target)
     if isinstance(fault, vim.fault.InvalidGuestLogin):
         return InvalidGuestLogin(message, **kw)
-    if isinstance(fault, vim.fault.GuestOperationsFault | vim.fault.ToolsUnavailable):
+    if isinstance(fault, vim.fault.GuestOperationsFault | vim.fault.ToolsUnavailable) or (
+            method in GUEST_METHODS and isinstance(fault, vim.fault.FileFault)):
         return GuestOperationFailed(message, **kw)
     if isinstance(fault, vim.fault.DuplicateName):
         holder = getattr(fault, "object", None)

@@ -68,6 +68,7 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         self.reusable = True
         self.last_used = time.monotonic()
+        self.lost = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,6 +78,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.reusable = False
+        if not self.lost.done():
+            self.lost.set_result(None)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             if self._head is not None and self._length is None and not self._chunked:
@@ -252,6 +255,7 @@ class HttpPool:
         self._idle: collections.deque[_Connection] = collections.deque()
         self._count = 0  # connections open or being opened
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._all: set[_Connection] = set()
         self._closed = False
         self.connections_made = 0
 
@@ -335,6 +339,8 @@ class HttpPool:
             raise
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        self._all.add(conn)
+        conn.lost.add_done_callback(lambda _: self._all.discard(conn))
         if self.pinned_sha256 is not None:
             assert conn.transport is not None
             sslobj = conn.transport.get_extra_info("ssl_object")
@@ -366,14 +372,21 @@ class HttpPool:
                 waiter.set_result(None)
                 return
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 1.0) -> None:
+        """Close every connection, idle or busy, and wait (briefly) until they are closed."""
         self._closed = True
-        while self._idle:
-            conn = self._idle.pop()
-            conn.close()
-            self._count -= 1
+        self._idle.clear()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-        await asyncio.sleep(0)  # let transports finish closing
+        conns = list(self._all)
+        for conn in conns:
+            conn.close()
+        if conns:
+            _, pending = await asyncio.wait([c.lost for c in conns], timeout=timeout_s)
+            for conn in conns:
+                if not conn.lost.done() and conn.transport is not None:
+                    conn.transport.abort()
+            if pending:
+                await asyncio.wait(pending, timeout=timeout_s)
