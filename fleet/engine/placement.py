@@ -56,6 +56,9 @@ class SourceState:
     in_flight: int = 0  # clones submitted, not finished
     clones: int = 0  # clones made this run
     retired: str | None = None  # why the run stopped using it
+    #: deadlines of clones whose outcome is unknown (a lost reply): a running source's
+    #: chain may still grow by one for each, so they count until then
+    phantoms: list[float] = field(default_factory=list)
 
     @property
     def ref(self) -> Ref:
@@ -73,7 +76,8 @@ class SourceState:
     @property
     def projected_depth(self) -> int:
         """The chain depth once every in-flight clone of a running source lands."""
-        return self.info.chain_depth + (self.in_flight if self.running else 0)
+        return self.info.chain_depth + \
+            (self.in_flight + len(self.phantoms) if self.running else 0)
 
     @property
     def clones_left(self) -> int | None:
@@ -151,6 +155,11 @@ class ClusterView:
             if source.running:
                 # The chain grew by one; the next inventory refresh confirms it.
                 source.info = _with_depth(source.info, source.info.chain_depth + 1)
+
+    def prune_phantoms(self, now: float) -> None:
+        for src in self.sources.values():
+            if src.phantoms:
+                src.phantoms = [t for t in src.phantoms if t > now]
 
     def retire(self, name: str, reason: str) -> bool:
         """Stop using a source; True if it was in use until now."""

@@ -346,7 +346,7 @@ class Provisioner:
         if (old.chain_depth, old.frozen, old.power_state) != \
                 (info.chain_depth, info.frozen, info.power_state):
             self._source_state(src)
-        if src.clones_left == 0 and src.in_flight == 0:
+        if src.info.chain_depth + 1 > src.budget:  # chains only grow: this is final
             self._retire(src, "chain_budget", f"chain budget {src.budget} reached")
 
     def _keys(self, src: SourceState) -> tuple[LimitKey, ...]:
@@ -404,11 +404,8 @@ class Provisioner:
 
     async def _destroy_found(self, job: Job) -> None:
         with anyio.move_on_after(self.spec.timeouts.cleanup_s):
-            found = await self._find_made(job)
-            if found is not None:
-                with contextlib.suppress(VSphereError):
-                    await self.vs.destroy(found.ref)
-                    self.emit(JobCleanedUp, index=job.index, name=job.name, vm=found.ref.id)
+            with contextlib.suppress(VSphereError):
+                await self._reap(job)
 
     def _requeue(self, job: Job, delay_s: float) -> None:
         job.phase = "clone"
@@ -428,6 +425,7 @@ class Provisioner:
         capacity = make_capacity(lambda s: self.limiters.blocked_by(self._keys(s)))
         while True:
             now = anyio.current_time()
+            self.view.prune_phantoms(now)
             if self._stopping:
                 self._drop_queued()
             if self._delayed:
@@ -552,12 +550,24 @@ class Provisioner:
                     await self._settle_task(job.task)
         finally:
             self._feed_limiters(job, lease, made is not None)
-            self.limiters.release(lease)
-            self.view.unreserve(src, made=made is not None)
-            if src.running:
+            info: VmInfo | None = None
+            running = src.running
+            if running:
+                # Read the chain before letting go of the reservation: until then placement
+                # counts this clone, so no other one can slip past the budget meanwhile.
                 # Shielded: the depth must be right even if this job is being cancelled.
                 with anyio.CancelScope(shield=True):
-                    await self._refresh_source(src)
+                    info = await self._read_source(src)
+                unsure = made is None and (
+                    job.lost_submit_at is not None or
+                    (job.task is not None and job.task.snapshot.state != "error"))
+                if unsure:
+                    # It may still land and deepen the chain: count it until it must have.
+                    src.phantoms.append(anyio.current_time() + self.spec.timeouts.clone_s)
+            self.view.unreserve(src, made=made is not None)
+            if info is not None:
+                self._update_source(src, info)
+            self.limiters.release(lease)
         if made is not None:
             self._created += 1
             job.vm, job.source = made, src.name
@@ -580,13 +590,12 @@ class Provisioner:
                                 run_s=max(0.0, snap.complete_time - snap.start_time),
                                 now=anyio.current_time())
 
-    async def _refresh_source(self, src: SourceState) -> None:
+    async def _read_source(self, src: SourceState) -> VmInfo | None:
         try:
             with anyio.fail_after(self.spec.timeouts.call_s):
-                info = await self.vs.get_vm(src.ref)
+                return await self.vs.get_vm(src.ref)
         except (VSphereError, TimeoutError):
-            return  # the periodic refresh will try again
-        self._update_source(src, info)
+            return None  # the periodic refresh will try again
 
     async def _clone_failed(self, job: Job, src: SourceState, host: HostState | None,
                             error: BaseException) -> None:
@@ -669,14 +678,22 @@ class Provisioner:
                 return vm
         return None
 
-    async def _find_made(self, job: Job) -> VmInfo | None:
-        """The VM this job's attempts made, if any. After a lost submit reply the clone
-        may still be on its way: keep looking (with backoff) until the clone timeout
-        has passed since that submit. Callers bound the whole wait."""
-        found = await self._settle(job)
+    async def _reap(self, job: Job) -> None:
+        """Destroy every VM this job's attempts made. After a lost submit reply a clone
+        may still be on its way, so keep looking (with backoff) until the clone
+        timeout has passed since that submit, destroying what lands. Callers bound
+        the whole wait; a failed destroy raises."""
+        vm = job.vm
+        if vm is None:
+            found = await self._settle(job)
+            vm = found.ref if found is not None else None
+        if vm is not None:
+            await self.vs.destroy(vm)
+            job.vm = None
+            self.emit(JobCleanedUp, index=job.index, name=job.name, vm=vm.id)
         since = job.lost_submit_at
-        if found is not None or since is None:
-            return found
+        if since is None:
+            return
         deadline = since + self.spec.timeouts.clone_s
         delay = 0.01
         while anyio.current_time() < deadline:
@@ -684,12 +701,12 @@ class Provisioner:
             delay = min(delay * 2, 1.0)
             try:
                 with anyio.fail_after(self.spec.timeouts.call_s):
-                    vm = await self._lookup(job.name)
+                    info = await self._lookup(job.name)
             except (VSphereError, TimeoutError):
                 continue
-            if vm is not None and member_index(vm.extra_config, self.spec.name) == job.index:
-                return vm
-        return None
+            if info is not None and member_index(info.extra_config, self.spec.name) == job.index:
+                await self.vs.destroy(info.ref)
+                self.emit(JobCleanedUp, index=job.index, name=job.name, vm=info.ref.id)
 
     async def _settle_task(self, task: TaskHandle) -> None:
         """Cancel a task if vCenter will, and wait (bounded) until it has ended."""
@@ -840,18 +857,12 @@ class Provisioner:
         if job.submit_started is not None:  # cut off mid-submit: it may have gone through
             job.lost_submit_at, job.submit_started = job.submit_started, None
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.spec.timeouts.cleanup_s):
-            vm: Ref | None = job.vm
-            if vm is None:
-                found = await self._find_made(job)
-                vm = found.ref if found is not None else None
-            if vm is not None:
-                try:
-                    await self.vs.destroy(vm)
-                except VSphereError as exc:
-                    self._finish(job, "failed", job.phase, "cleanup_failed",
-                                 f"could not destroy half-made {job.name}: {exc}")
-                    return
-                self.emit(JobCleanedUp, index=job.index, name=job.name, vm=vm.id)
+            try:
+                await self._reap(job)
+            except VSphereError as exc:
+                self._finish(job, "failed", job.phase, "cleanup_failed",
+                             f"could not destroy half-made {job.name}: {exc}")
+                return
         self._finish(job, "cancelled", job.phase, "cancelled",
                      f"{self._stop_reason or 'stopped'} before it was ready")
 

@@ -142,6 +142,7 @@ class FakeStats:
     clones_submitted: int = 0
     clones_made: int = 0
     clones_failed: int = 0
+    task_errors: Counter[str] = field(default_factory=Counter)  # clone task errors by reason
     tasks_queued: int = 0  # clone tasks that had to wait for a slot
     in_flight_total: int = 0
     max_in_flight_total: int = 0
@@ -724,6 +725,7 @@ class FakeVSphere:
                 self._pump()
         except VSphereError as exc:
             self.stats.clones_failed += 1
+            self.stats.task_errors[exc.reason] += 1
             self._finish(task, error=exc)
         finally:
             host.in_flight -= 1
