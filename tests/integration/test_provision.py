@@ -214,22 +214,29 @@ async def test_host_disconnected_mid_burst_moves_work_elsewhere() -> None:
         seen_hosts_after: list[str] = []
         lost = anyio.Event()
 
+        sixty_made = anyio.Event()
+        made = 0
+
         def on_event(event: Any) -> None:
+            nonlocal made
+            if event.kind == "phase_done" and event.phase == "clone":
+                made += 1
+                if made >= 60:
+                    sixty_made.set()
             if event.kind == "job_started" and lost.is_set():
                 seen_hosts_after.append(event.host)
 
-        async with client(sim) as vs:
-            async with anyio.create_task_group() as tg:
-                async def burst() -> None:
-                    nonlocal summary
-                    summary = await provision(spec, vs, on_event=on_event)
+        summary = None
+        async with client(sim) as vs, anyio.create_task_group() as tg:
+            async def burst() -> None:
+                nonlocal summary
+                summary = await provision(spec, vs, on_event=on_event)
 
-                summary = None
-                tg.start_soon(burst)
-                while sim.stats()["clones_total"] < 60:
-                    await anyio.sleep(0.05)
-                await anyio.to_thread.run_sync(sim.set_host, "esx-03", "disconnected")
-                lost.set()
+            tg.start_soon(burst)
+            with anyio.fail_after(60):
+                await sixty_made.wait()
+            await anyio.to_thread.run_sync(sim.set_host, "esx-03", "disconnected")
+            lost.set()
         assert summary is not None
         # Nothing new was sent to the lost host once it was seen gone (a few may have
         # been dispatched before fleet noticed; they fail and are re-placed).
