@@ -127,6 +127,7 @@ class Job:
     queue_s: float = 0.0
     task: TaskHandle | None = None
     adopted: bool = False
+    labelled: MemberState = "cloned"  # the state label the VM carries now
     submit_started: float | None = None  # a submit call is under way since then
     lost_submit_at: float | None = None  # a submit whose reply never came (it may yet clone)
     outcome: Outcome | None = None
@@ -269,7 +270,8 @@ class Provisioner:
             self._jobs.append(Job(index, spec.vm_name(index), "clone", now, now))
         for m in rec.resume:
             self._jobs.append(Job(m.index, m.name, _NEXT_PHASE[m.state], now, now,
-                                  vm=m.vm.ref, source=m.source or None, adopted=True))
+                                  vm=m.vm.ref, source=m.source or None, adopted=True,
+                                  labelled=m.state))
         for index, why in sorted(rec.blocked.items()):
             emit(JobFailed, index=index, name=spec.vm_name(index), phase="queue",
                  reason="name_taken", message=why)
@@ -571,6 +573,7 @@ class Provisioner:
         if made is not None:
             self._created += 1
             job.vm, job.source = made, src.name
+            job.labelled = "ready" if self._no_post_phases() else "cloned"
             job.phase = "done" if self._no_post_phases() else "network"
             self._record(job, "queue", job.queue_s)
             self._record(job, "clone", anyio.current_time() - t0)
@@ -723,6 +726,7 @@ class Provisioner:
         member = as_member(vm, self.spec.name)
         assert member is not None
         job.vm, job.adopted, job.attempt = vm.ref, True, 0
+        job.labelled = member.state
         job.source = member.source or job.source
         job.phase = _NEXT_PHASE[member.state]
         self.emit(JobAdopted, index=job.index, name=job.name, vm=vm.ref.id, state=member.state)
@@ -776,8 +780,9 @@ class Provisioner:
                 if wait_ready:
                     await self._phase(job, "ready", spec.readiness.timeout_s, self._ready_wait(vm),
                                       retry_timeouts=False)
-                    await self._label(job, "ready")
                 job.phase = "done"
+            if job.labelled != "ready":
+                await self._label(job, "ready")
             self._finish(job, "ready", "ready")
         except _PhaseFailed as exc:
             if exc.error is not None and exc.error.scope == "host":
@@ -807,6 +812,7 @@ class Provisioner:
                 self.limiters.release(lease)
 
         await self._phase(job, None, self.spec.timeouts.call_s, write)
+        job.labelled = state
 
     async def _phase(self, job: Job, phase: str | None, timeout_s: float,
                      fn: Callable[[], Awaitable[object]], *, retry_timeouts: bool = True) -> None:

@@ -96,12 +96,42 @@ async def freeze(vs: VSphere, vm: VmInfo, credentials: GuestCredentials, *,
         if code != 0:  # it failed before freezing: stop waiting for a freeze
             raise GuestOperationFailed(f"{program.path} exited with {code} in {vm.name}")
 
-    with anyio.fail_after(timeout_s):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run_program)
-            frozen = await vs.wait_for_vm(vm.ref, timeout_s=timeout_s, frozen=True)
-            tg.cancel_scope.cancel()
+    try:
+        with anyio.fail_after(timeout_s):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_program)
+                frozen = await vs.wait_for_vm(vm.ref, timeout_s=timeout_s, frozen=True)
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _first(group) from None
     return frozen
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error of a (nested) task-group failure: callers want a fleet error,
+    not a group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _gather(jobs: list[tuple[Any, ...]], fn: Any) -> None:
+    """Run ``fn(*args)`` for every job concurrently; raise the first error (after all
+    have finished, so none is left half-done) rather than an exception group."""
+    errors: list[BaseException] = []
+
+    async def guarded(*args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for args in jobs:
+            tg.start_soon(guarded, *args)
+    if errors:
+        raise errors[0]
 
 
 async def freeze_sources(spec: FleetSpec, vsphere: VSphere, names: Sequence[str] | None = None,
@@ -123,9 +153,7 @@ async def freeze_sources(spec: FleetSpec, vsphere: VSphere, names: Sequence[str]
         if not info.frozen:
             emit(SourceFrozen, source=name, host=frozen.host_name or "")
 
-    async with anyio.create_task_group() as tg:
-        for name, info in zip(wanted, infos, strict=True):
-            tg.start_soon(one, name, info)
+    await _gather(list(zip(wanted, infos, strict=True)), one)
     return [SourceStatus.of(n, results[n], spec.budget_for(n)) for n in wanted]
 
 
@@ -178,10 +206,7 @@ async def prepare_sources(spec: FleetSpec, vsphere: VSphere, golden: str, *,
         made.append(SourceStatus.of(name, info, spec.chain_budget))
         emit(SourcePrepared, source=name, host=host_name)
 
-    async with anyio.create_task_group() as tg:
-        for h in hosts:
-            if h.connected and h.ref not in covered:
-                tg.start_soon(one, h.ref, h.name)
+    await _gather([(h.ref, h.name) for h in hosts if h.connected and h.ref not in covered], one)
     return sorted(made, key=lambda s: s.name)
 
 
