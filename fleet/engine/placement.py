@@ -132,6 +132,7 @@ class ClusterView:
     sources: dict[str, SourceState]
     hosts: dict[Ref, HostState]
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+    datastore_names: dict[Ref, str] = field(default_factory=dict)
 
     def host_of(self, source: SourceState) -> HostState | None:
         return self.hosts.get(source.info.host) if source.info.host else None

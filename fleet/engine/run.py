@@ -184,10 +184,12 @@ async def load_view(spec: FleetSpec, vs: VSphere, policy: PlacementPolicy | None
         except NotFound as exc:
             raise ConfigError(str(exc), key="sources", source=spec.origin) from None
         hosts = await vs.list_hosts()
+        datastores = await vs.list_datastores()
     sources = {s.name: SourceState(s.name, info, spec.budget_for(s.name))
                for s, info in zip(spec.sources, infos, strict=True)}
     return ClusterView(sources, {h.ref: HostState(h) for h in hosts},
-                       policy or PlacementPolicy())
+                       policy or PlacementPolicy(),
+                       datastore_names={d.ref: d.name for d in datastores})
 
 
 def source_summary(src: SourceState) -> SourceSummary:
@@ -358,9 +360,12 @@ class Provisioner:
         cache_key = (src.name, host, ds, running)
         keys = self._key_cache.get(cache_key)
         if keys is None:
-            keys = self.limiters.keys_for(host=host.id if host else "?",
-                                          datastore=ds.id if ds else None,
-                                          running_source=src.ref.id if running else None)
+            # Names, not ids: these keys label gauges and the summary's limits.
+            assert self.view is not None
+            keys = self.limiters.keys_for(
+                host=src.info.host_name or (host.id if host else "?"),
+                datastore=self.view.datastore_names.get(ds, ds.id) if ds else None,
+                running_source=src.name if running else None)
             self._key_cache[cache_key] = keys
         return keys
 

@@ -193,15 +193,17 @@ async def prepare_sources(spec: FleetSpec, vsphere: VSphere, golden: str, *,
                 with anyio.fail_after(t.clone_s):
                     ref = await vsphere.full_clone(gold.ref, name, target_folder, host=host_ref,
                                                    power_on=True)
-            except DuplicateName as exc:
-                ref = Ref("VirtualMachine", exc.existing) if exc.existing else \
-                    (await vsphere.find_vms([name]))[0].ref
-            info = await vsphere.get_vm(ref)
-            if not info.powered_on:
+            except DuplicateName as exc:  # an earlier, interrupted prepare made it
                 with anyio.fail_after(t.call_s):
+                    ref = Ref("VirtualMachine", exc.existing) if exc.existing else \
+                        (await vsphere.find_vms([name]))[0].ref
+            with anyio.fail_after(t.call_s):
+                info = await vsphere.get_vm(ref)
+                if not info.powered_on:
                     await vsphere.power_on(ref)
-            info = await vsphere.wait_for_vm(ref, timeout_s=spec.readiness.timeout_s,
-                                             tools_running=True)
+            with anyio.fail_after(spec.readiness.timeout_s):
+                info = await vsphere.wait_for_vm(ref, timeout_s=spec.readiness.timeout_s,
+                                                 tools_running=True)
             info = await freeze(vsphere, info, creds, timeout_s=t.network_s)
         made.append(SourceStatus.of(name, info, spec.chain_budget))
         emit(SourcePrepared, source=name, host=host_name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections import Counter
 from typing import Any
 
@@ -33,7 +35,15 @@ from fleet.errors import (
     VSphereFault,
 )
 from fleet.vsphere.fake import FakeLatency, FakeVSphere, FaultRule, make_fake
-from tests.engine.conftest import CLONE_ONLY, CREDS, FROZEN4, assert_complete, make_spec, members
+from tests.engine.conftest import (
+    CLONE_ONLY,
+    CREDS,
+    FROZEN4,
+    GUEST_PASSWORD,
+    assert_complete,
+    make_spec,
+    members,
+)
 from tests.engine.conftest import options as opts
 
 pytestmark = pytest.mark.anyio
@@ -450,3 +460,20 @@ async def test_auto_limits_find_the_host_slots() -> None:
     assert host_limits and all(7 <= lim <= 9 for lim in host_limits), host_limits
     assert fake.stats.tasks_queued < 500 * 0.05  # rarely handed vCenter more than it runs
     assert max(fake.stats.max_in_flight_per_host.values()) <= 2 * 8
+
+
+async def test_one_log_line_per_state_change_and_no_secrets(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fleet.engine")
+    fake = make_fake(hosts=1, credentials=CREDS)
+    async with fake:
+        await provision(make_spec(count=3, sources=FROZEN4[:1]), fake, options=opts())
+    lines = [r.getMessage() for r in caplog.records if "name=lt-0001 " in r.getMessage()]
+    kinds = [line.split()[2] for line in lines]
+    assert kinds == ["job_queued", "job_started", "phase_done", "phase_done", "phase_done",
+                     "phase_done", "phase_done", "job_ready"]
+    assert all(re.match(r"^\[ *\d+\.\d{3}s\] ", line) and "index=1 " in line for line in lines)
+    phases = [re.search(r"phase=(\w+)", line).group(1)  # type: ignore[union-attr]
+              for line in lines if "phase_done" in line]
+    assert phases == ["queue", "clone", "network", "reconnect", "ready"]
+    assert GUEST_PASSWORD not in caplog.text
