@@ -477,3 +477,31 @@ async def test_one_log_line_per_state_change_and_no_secrets(
               for line in lines if "phase_done" in line]
     assert phases == ["queue", "clone", "network", "reconnect", "ready"]
     assert GUEST_PASSWORD not in caplog.text
+
+
+async def test_duplicate_name_held_by_our_own_member_is_adopted() -> None:
+    """A VM with this job's labels appears after reconciliation (a lost reply of an
+    earlier attempt, another fleet process): the clone's DuplicateName adopts it."""
+    fake = make_fake(hosts=1, credentials=CREDS)
+    spec = make_spec(count=4, sources=FROZEN4[:1])
+    rec = Recorder()
+
+    def on_event(event: Event) -> None:
+        rec(event)
+        if event.kind == "run_started":
+            vm = fake.add_vm("lt-0002", host="esx-01", folder=spec.folder_path,
+                             credentials=CREDS,
+                             extra_config=labels(fleet="lt", index=2, run_id="earlier",
+                                                 source="frozen-01", state="cloned"))
+            vm.guest_macs = list(fake.vm("frozen-01").guest_macs)  # a fresh clone's guest
+            vm.nics[0].connected = False
+            vm.guest_ip = None
+
+    async with fake:
+        summary = await provision(spec, fake, on_event=on_event, options=opts())
+    assert summary.ready == 4 and summary.adopted == 1 and summary.created == 3
+    assert fake.stats.task_errors == {"duplicate_name": 1}
+    (adopted,) = rec.of(JobAdopted)
+    assert (adopted.index, adopted.state) == (2, "cloned")
+    assert_complete(fake, spec)
+    assert fake.stats.network_conflicts == 0  # the adopted one was refreshed too
