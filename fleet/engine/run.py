@@ -590,13 +590,19 @@ class Provisioner:
         await self._clone_failed(job, src, host, error)
 
     def _feed_limiters(self, job: Job, lease: Lease, ok: bool) -> None:
-        snap = job.task.snapshot if job.task is not None else None
-        if not ok or snap is None or snap.queue_time is None or snap.start_time is None or \
-                snap.complete_time is None:
+        """Tell the ``auto`` limits how this clone went: vCenter's own queue and run times
+        when the task reports them, else the time we waited (all of it counted as run)."""
+        if not ok or job.task is None:
             return
-        self.limiters.completed(lease, queue_s=max(0.0, snap.start_time - snap.queue_time),
-                                run_s=max(0.0, snap.complete_time - snap.start_time),
-                                now=anyio.current_time())
+        now = anyio.current_time()
+        snap = job.task.snapshot
+        if snap.queue_time is not None and snap.start_time is not None and \
+                snap.complete_time is not None:
+            queue_s = max(0.0, snap.start_time - snap.queue_time)
+            run_s = max(0.0, snap.complete_time - snap.start_time)
+        else:
+            queue_s, run_s = 0.0, max(0.0, now - lease.submitted_at)
+        self.limiters.completed(lease, queue_s=queue_s, run_s=run_s, now=now)
 
     async def _read_source(self, src: SourceState) -> VmInfo | None:
         try:
