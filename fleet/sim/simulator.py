@@ -69,6 +69,16 @@ PRIVILEGES = {
 FREE_PRIVILEGES = ("System.Anonymous", "System.View", "System.Read")
 
 
+def _distribution(values: list[float]) -> dict[str, float]:
+    """count/mean/p50/p95/max of task run times (seconds)."""
+    if not values:
+        return {"count": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
+    ordered = sorted(values)
+    n = len(ordered)
+    return {"count": n, "mean": sum(ordered) / n, "p50": ordered[n // 2],
+            "p95": ordered[min(n - 1, int(n * 0.95))], "max": ordered[-1]}
+
+
 def _product_version(api_version: str) -> str:
     parts = api_version.split(".")
     return ".".join(parts[:3]) if len(parts) >= 3 else api_version
@@ -103,6 +113,7 @@ class Simulator:
             self.users[extra.name] = (extra.password, frozenset(extra.denied))
         self.source_names: set[str] = set()
         self.max_clone_chain_depth = 0
+        self.clone_task_s: list[float] = []  # run time of each successful instant clone task
         self._background: set[asyncio.Task[Any]] = set()
         self._pending_names: dict[str, set[str]] = {}
         self._mac_counter = 0x800000
@@ -378,6 +389,9 @@ class Simulator:
 
     def tasks_finished(self, task: Task) -> None:
         retention = self.topology.vcenter.task_retention_s
+        if task.method == "InstantClone_Task" and task.state == "success" and task.start_time:
+            run_s = ((task.complete_time or task.start_time) - task.start_time).total_seconds()
+            self.clone_task_s.append(run_s)
 
         def forget() -> None:
             self.inventory.objects.pop(task.moid, None)
@@ -425,6 +439,7 @@ class Simulator:
             "sessions": sum(1 for s in self.sessions.values() if s.authenticated),
             "logins": self.counters["logins"],
             "guest_programs": self.counters["guest_programs"],
+            "clone_task_s": _distribution(self.clone_task_s),
             "calls": sum(self.calls.values()),
             "calls_by_method": dict(self.calls),
         }
