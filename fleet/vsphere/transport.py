@@ -284,8 +284,12 @@ class AiohttpTransport(SoapTransport):
         if self._http is not None:
             return
         ssl_param = ssl_for(self.tls, self.url)
+        # Abort TLS transports aiohttp closed itself (a thumbprint mismatch) when the
+        # connector closes, on the Python versions that would otherwise leak them.
+        cleanup = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
         connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
-                                         keepalive_timeout=self.keepalive_s, ssl=ssl_param)
+                                         keepalive_timeout=self.keepalive_s, ssl=ssl_param,
+                                         enable_cleanup_closed=cleanup)
         headers = {"User-Agent": _USER_AGENT,
                    "Accept-Encoding": "gzip, deflate" if self.compress else "identity"}
         self._http = aiohttp.ClientSession(connector=connector,

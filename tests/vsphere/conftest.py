@@ -7,6 +7,7 @@ special topology start their own, module-scoped.
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -36,3 +37,11 @@ def client_for(sim: SimProcess, *, user: str = USER, password: str = PASSWORD,
 def sim() -> Iterator[SimProcess]:
     with SimProcess(time_scale=TIME_SCALE) as process:
         yield process
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect after every test, so a leaked socket or transport fails the test that
+    leaked it (``-W error`` turns its ResourceWarning into an error there)."""
+    yield
+    gc.collect()

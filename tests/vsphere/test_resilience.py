@@ -139,10 +139,12 @@ async def test_session_expiry_during_200_concurrent_clones(fsim: SimProcess) -> 
         assert len(set(results)) == 200
         assert len(await vs.list_folder_vms(folder)) == 200
         stats = vs.stats
-        assert stats["relogins"] >= 2
-        assert stats["rebuilds"] >= 3  # first collector + one per re-login
-        assert stats["logins"] == stats["relogins"] + 1  # single-flight re-login
-        assert stats["live_watches"] == 0
+        assert stats["relogins"] >= 2, stats
+        # First collector, then at least one more after the re-logins (two re-logins in a
+        # row may share a rebuild when the loop is slow to notice the first).
+        assert stats["rebuilds"] >= 2, stats
+        assert stats["logins"] == stats["relogins"] + 1, stats  # single-flight re-login
+        assert stats["live_watches"] == 0, stats
 
 
 async def test_injected_not_authenticated_relogs_in(fsim: SimProcess) -> None:
