@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pyVmomi import VmomiSupport, vim, vmodl
@@ -60,7 +60,9 @@ from fleet.vsphere.model import (
     HostInfo,
     Ref,
     ServerInfo,
+    TaskHandle,
     VmInfo,
+    VSphere,
 )
 from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session
 from fleet.vsphere.tls import TlsOptions
@@ -777,6 +779,12 @@ def _convert(result: Any) -> Any:
     if isinstance(result, VmomiSupport.ManagedObject):
         return inv.ref_of(result)
     return result
+
+
+if TYPE_CHECKING:
+    # mypy proves the client and its task handles implement the engine's interface.
+    def _implements(client: VSphereClient, task: VCenterTask) -> tuple[VSphere, TaskHandle]:
+        return client, task
 
 
 __all__ = ["ConnectionFailed", "TlsOptions", "VSphereClient", "endpoint_problem"]
