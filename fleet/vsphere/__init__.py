@@ -1,2 +1,13 @@
 """Talking to vCenter. ``model`` is pyVmomi-free and safe for the engine to import;
-the client modules are the only place (besides ``fleet.sim``) that use pyVmomi."""
+the client modules are the only place (besides ``fleet.sim``) that use pyVmomi.
+
+- ``model``: domain objects and the ``VSphere`` / ``TaskHandle`` interfaces.
+- ``client``: :class:`~fleet.vsphere.client.VSphereClient`, the real implementation.
+- ``session``: login, keep-alive, re-login, the rule for repeating calls.
+- ``watch``: one property collector and one ``WaitForUpdatesEx`` loop for all waits.
+- ``transport`` / ``http``: SOAP over HTTP (fleet's own HTTP/1.1 client or aiohttp).
+- ``tls``: how the server certificate is trusted (CA file, pinned thumbprint).
+- ``faults``: the one translation of vSphere faults into ``fleet.errors``.
+- ``inventory`` / ``specs``: property paths, conversions and spec builders.
+- ``fake``: an in-memory ``VSphere`` for engine tests.
+"""
