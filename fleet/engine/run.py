@@ -31,7 +31,7 @@ import random
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import anyio
@@ -344,8 +344,10 @@ class Provisioner:
                   chain_depth=src.info.chain_depth, clones_left=src.clones_left,
                   frozen=src.info.frozen, powered_on=src.info.powered_on)
 
-    def _update_source(self, src: SourceState, info: VmInfo) -> None:
-        old = src.info
+    def _update_source(self, src: SourceState, info: VmInfo, *,
+                       before: VmInfo | None = None) -> None:
+        """Take a new view of a source (and retire it if its chain is at the budget)."""
+        old = before or src.info
         src.info = info
         if (old.chain_depth, old.frozen, old.power_state) != \
                 (info.chain_depth, info.frozen, info.power_state):
@@ -558,22 +560,24 @@ class Provisioner:
         finally:
             self._feed_limiters(job, lease, made is not None)
             info: VmInfo | None = None
-            running = src.running
-            if running:
-                # Read the chain before letting go of the reservation: until then placement
-                # counts this clone, so no other one can slip past the budget meanwhile.
-                # Shielded: the depth must be right even if this job is being cancelled.
+            before = src.info
+            if src.running and made is None:
+                # A failed attempt may or may not have deepened the chain (the stun comes
+                # first; a lost reply hides a made clone): read it while this attempt
+                # still holds the source's token and its reservation, which placement
+                # counts, so the read sees no other clone of the source (one at a time)
+                # and none can slip past the budget meanwhile. Shielded: the depth must
+                # be right even if this job is being cancelled.
                 with anyio.CancelScope(shield=True):
                     info = await self._read_source(src)
-                unsure = made is None and (
-                    job.lost_submit_at is not None or
-                    (job.task is not None and job.task.snapshot.state != "error"))
-                if unsure:
-                    # It may still land and deepen the chain: count it until it must have.
+                if job.lost_submit_at is not None or (
+                        job.task is not None and job.task.snapshot.state != "error"):
+                    # It may land later still: count it until it must have.
                     src.phantoms.append(anyio.current_time() + self.spec.timeouts.clone_s)
+            # A clone made from a running source deepened its chain by exactly one:
+            # unreserve counts it, with no need to read the chain back.
             self.view.unreserve(src, made=made is not None)
-            if info is not None:
-                self._update_source(src, info)
+            self._update_source(src, info or src.info, before=before)
             self.limiters.release(lease)
         if made is not None:
             self._created += 1
@@ -900,8 +904,15 @@ class Provisioner:
                         else:
                             state.info = info
                     for src in view.sources.values():
-                        if src.retired is None:
-                            self._update_source(src, await self.vs.get_vm(src.ref))
+                        if src.retired is not None:
+                            continue
+                        vm_info = await self.vs.get_vm(src.ref)
+                        if src.running and (src.in_flight or src.phantoms):
+                            # vCenter counts an in-flight clone in the chain from its stun
+                            # on, and placement adds it too: keep our own count of the
+                            # depth until the source is idle; take power and freeze state.
+                            vm_info = replace(vm_info, chain_depth=src.info.chain_depth)
+                        self._update_source(src, vm_info)
             except (VSphereError, TimeoutError):
                 continue  # a refresh is an optimisation; the next one may work
             self._wake.set()

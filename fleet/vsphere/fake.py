@@ -672,9 +672,10 @@ class FakeVSphere:
         task.complete_time = time.time()
         task.done.set()
 
-    def _clone_problem(self, request: CloneRequest, source: FakeVm, host: FakeHost) -> \
-            VSphereError | None:
-        """Why this clone cannot be made right now, or None."""
+    def _clone_problem(self, request: CloneRequest, source: FakeVm, host: FakeHost, *,
+                       growing: bool = False) -> VSphereError | None:
+        """Why this clone cannot be made right now, or None. ``growing``: the source's
+        chain already holds this clone's new level."""
         if self._vms.get(source.ref) is not source:
             return NotFound(f"source {source.name} no longer exists", obj=source.ref.id)
         if not host.connected:
@@ -683,7 +684,7 @@ class FakeVSphere:
         if not source.powered_on:
             return SourceNotPoweredOn(f"source {source.name} is {source.power_state}",
                                       fault="InvalidState", obj=source.ref.id)
-        if source.chain_depth + 1 > MAX_CHAIN_DEPTH:
+        if source.chain_depth + (0 if growing else 1) > MAX_CHAIN_DEPTH:
             return ChainTooDeep(
                 f"Unable to prepare migration: {source.name} is at chain depth "
                 f"{source.chain_depth}", fault="GenericVmConfigFault", obj=source.ref.id)
@@ -743,15 +744,18 @@ class FakeVSphere:
                         host: FakeHost, ds: FakeDatastore) -> None:
         self._inject("instant_clone", request.name, lost_reply=False)
         lat = self.latency
-        await anyio.sleep(lat.clone_s + lat.clone_per_depth_s * source.chain_depth)
-        # The world may have changed while the clone ran.
-        problem = self._clone_problem(request, source, host)
-        if problem is not None:
-            raise problem
-        depth = source.chain_depth + 1
+        start_depth = source.chain_depth
+        depth = start_depth + 1
         if not source.frozen:
+            # The stun comes first: the running source gets its new delta disk at once,
+            # and keeps it even if the clone then fails.
             source.chain_depth = depth
             source.touch()
+        await anyio.sleep(lat.clone_s + lat.clone_per_depth_s * start_depth)
+        # The world may have changed while the clone ran.
+        problem = self._clone_problem(request, source, host, growing=not source.frozen)
+        if problem is not None:
+            raise problem
         vm = self._make_clone(request, source, host, depth)
         self.stats.clones_made += 1
         self.stats.clones_per_source[source.name] += 1

@@ -505,3 +505,18 @@ async def test_duplicate_name_held_by_our_own_member_is_adopted() -> None:
     assert (adopted.index, adopted.state) == (2, "cloned")
     assert_complete(fake, spec)
     assert fake.stats.network_conflicts == 0  # the adopted one was refreshed too
+
+
+async def test_refresh_during_a_running_clone_does_not_double_count() -> None:
+    """vCenter deepens a running source's chain at the stun, before the clone ends; an
+    inventory refresh in between must not make the engine count that clone twice
+    (which would retire the source a clone early)."""
+    fake = FakeVSphere(latency=FakeLatency(clone_s=0.03))
+    fake.add_host("esx-01")
+    fake.add_vm("golden", host="esx-01", state="running", chain_depth=1)
+    spec = make_spec(count=8, sources=[{"name": "golden", "chain_budget": 6}], **CLONE_ONLY)
+    async with fake:
+        summary = await provision(spec, fake, options=opts(refresh_interval_s=0.005))
+    assert fake.stats.clones_per_source["golden"] == 5  # depth 1 -> 6, every level used
+    assert summary.ready == 5 and summary.failures == {"unschedulable": 3}
+    assert fake.vm("golden").chain_depth == 6
