@@ -170,6 +170,9 @@ class PropertyWatcher:
     def watch(self, obj: Any, paths: Sequence[str],
               done: Callable[[Watch], bool] | None = None) -> Watch:
         """Start watching ``paths`` of ``obj``. ``done(watch)`` true releases it."""
+        if self._tg is None:
+            raise RuntimeError("the watcher is not running (use the client as an async "
+                               "context manager)")
         w = Watch(self, obj, tuple(paths), done)
         if self._stopped is not None:
             w.fail(self._stopped)
@@ -255,6 +258,9 @@ class PropertyWatcher:
             except (NotAuthenticated, TaskCancelled):
                 # Session gone (re-login done by the session) or our wait cancelled by
                 # the server: the next round rebuilds or simply asks again.
+                failures += 1
+                if failures > 2:
+                    await anyio.sleep(self.session.retry.pause_s(min(failures, 6)))
                 continue
             except NotFound:
                 self._collector = None  # the collector vanished: rebuild
