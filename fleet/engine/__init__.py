@@ -11,6 +11,11 @@ The public API (what the CLI and the REST service call)::
     await prepare_sources(spec, vsphere, golden="golden-vm")
 
 ``vsphere`` is anything implementing :class:`fleet.vsphere.model.VSphere`.
+For Ctrl-C, run ``p = Provisioner(spec, vsphere, on_event=...)`` and call
+``p.stop(reason)`` from the signal handler: ``await p.run()`` then returns a
+summary with ``cancelled`` set after in-flight clones finished (within
+``timeouts.cancel_grace_s``) or were destroyed. Cancelling ``run`` does the
+same and leaves the summary on ``p.summary``.
 """
 
 from fleet.engine.api import FleetStatus, Plan, PlanRow, destroy, plan, provision, status

@@ -7,7 +7,8 @@ tested against the real rules:
 - every host has provisioning *slots*; clone tasks beyond them, or beyond the
   vCenter-wide cap, wait in state ``queued`` (``TaskHandle.snapshot.state``);
 - a clone from a *running* source is serialised with the source's other clones
-  and deepens the source's chain by one; a *frozen* source is unchanged and
+  and deepens the source's chain by one at its start (the stun), even if the
+  clone then fails; a *frozen* source is unchanged and
   clones concurrently; a clone's depth is its source's + 1, and a clone that
   would pass 255 fails with ``ChainTooDeep``;
 - powered-off source -> ``SourceNotPoweredOn``; a name taken in the folder ->
