@@ -132,7 +132,7 @@ def pyvmomi_reads(sim: SimProcess, calls: int, concurrency: int) -> dict[str, An
 async def fleet_clones(sim: SimProcess, n: int) -> dict[str, Any]:
     async with VSphereClient(sim.url, USER, PASSWORD, ca_file=sim.cert_path) as vs:
         sources = await vs.find_vms([f"frozen-{i:02d}" for i in range(1, 9)])
-        folder = await vs.ensure_folder("bench/clones")
+        folder = await vs.ensure_folder(f"bench/clones-{time.monotonic_ns()}")
         before = dict(vs.stats["calls"])
         wait0 = vs.stats["wait_calls"]
         results: list[Any] = []
@@ -186,7 +186,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clones", type=int, default=1000)
     args = parser.parse_args()
 
