@@ -59,7 +59,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._waiter: asyncio.Future[HttpResponse] | None = None
+        self._waiter: _Reply | None = None
         self._head: tuple[int, str, dict[str, str]] | None = None
         self._length: int | None = None  # Content-Length, or None for chunked / until close
         self._chunked = False
@@ -111,10 +111,9 @@ class _Connection(asyncio.Protocol):
     def closed(self) -> bool:
         return self._closed or self.transport is None or self.transport.is_closing()
 
-    def send(self, data: bytes) -> asyncio.Future[HttpResponse]:
+    def send(self, data: bytes) -> _Reply:
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+        self._waiter = _Reply()
         self._buffer.clear()
         self._head = None
         self._length = None
@@ -239,6 +238,18 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(HttpResponse(status, reason, headers, body))
 
 
+class _Reply(asyncio.Future[HttpResponse]):
+    """The reply future; ``expired`` tells a deadline from an outside cancellation."""
+
+    expired = False
+
+
+def _expire(fut: _Reply) -> None:
+    if not fut.done():
+        fut.expired = True
+        fut.cancel()
+
+
 class HttpPool:
     """Keep-alive connections to one ``host:port``, at most ``limit`` at once."""
 
@@ -264,16 +275,24 @@ class HttpPool:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         conn = await self._acquire(deadline)
         fut = conn.send(data)
+        timer = None
+        if deadline is not None:
+            # A plain timer on the reply future (cheaper than a timeout scope per call).
+            timer = asyncio.get_running_loop().call_later(
+                max(0.0, deadline - time.monotonic()), _expire, fut)
         done = False
         try:
-            if deadline is None:
+            try:
                 response = await fut
-            else:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    response = await fut
+            except asyncio.CancelledError:
+                if timer is not None and getattr(fut, "expired", False):
+                    raise TimeoutError from None
+                raise
             done = True
             return response
         finally:
+            if timer is not None:
+                timer.cancel()
             if done and conn.reusable and not conn.closed:
                 self._release(conn)
             else:

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
+import anyio
 from pyVmomi import VmomiSupport
 from pyVmomi.SoapAdapter import SoapResponseDeserializer, SoapStubAdapterBase
 from yarl import URL
@@ -216,7 +217,8 @@ class ProtocolTransport(SoapTransport):
     async def open(self) -> None:
         if self._pool is not None:
             return
-        context, pinned = client_context(self.tls, self.url)
+        # Loading the system's CA bundle reads files: not on the event loop.
+        context, pinned = await anyio.to_thread.run_sync(client_context, self.tls, self.url)
         self._pool = HttpPool(self.host, self.port, ssl_context=context, pinned_sha256=pinned,
                               limit=self.max_connections, keepalive_s=self.keepalive_s,
                               connect_timeout_s=self.connect_timeout_s)
@@ -283,7 +285,7 @@ class AiohttpTransport(SoapTransport):
     async def open(self) -> None:
         if self._http is not None:
             return
-        ssl_param = ssl_for(self.tls, self.url)
+        ssl_param = await anyio.to_thread.run_sync(ssl_for, self.tls, self.url)
         # Abort TLS transports aiohttp closed itself (a thumbprint mismatch) when the
         # connector closes, on the Python versions that would otherwise leak them.
         cleanup = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
