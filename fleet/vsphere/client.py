@@ -41,7 +41,6 @@ from pyVmomi import VmomiSupport, vim, vmodl
 
 from fleet.errors import (
     ConfigError,
-    ConnectionFailed,
     GuestOperationFailed,
     NotAuthenticated,
     NotFound,
@@ -787,4 +786,4 @@ if TYPE_CHECKING:
         return client, task
 
 
-__all__ = ["ConnectionFailed", "TlsOptions", "VSphereClient", "endpoint_problem"]
+__all__ = ["RetryPolicy", "Secret", "TlsOptions", "VSphereClient", "endpoint_problem"]
