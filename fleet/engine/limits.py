@@ -8,9 +8,12 @@ for. The dispatcher places a job and takes its tokens without awaiting in
 between (:meth:`Limiters.try_acquire`), so what placement saw is what it gets.
 
 ``auto`` limits follow TCP congestion control (AIMD, :class:`AimdController`):
-slow start until vCenter first pushes back, then one more operation per window
-of prompt completions, and a multiplicative cut when a task sat ``queued`` or
-its run time jumped. A cut caused by queueing goes straight to the concurrency
+slow start (one more operation per prompt completion, so the limit doubles per
+round trip) until vCenter first pushes back or, for a host, until vSphere's
+documented 8 slots (TCP's ssthresh), then one more operation per window of
+prompt completions, and a multiplicative cut when a task sat ``queued`` or
+its run time jumped. A limit grows only while it is at least half used
+(TCP's congestion window validation), so an idle limit never inflates. A cut caused by queueing goes straight to the concurrency
 vCenter was running when it queued (that is the slot count it revealed), and
 the limit then creeps toward that ceiling slowly instead of probing it every
 window. A task that queued is the signal; fleet never keeps more than one
@@ -55,9 +58,12 @@ class AutoTuning:
 
     host_initial: int = 2
     host_max: int = 64
+    # Slow start ends here (TCP's ssthresh): vSphere's documented 8 provisioning
+    # operations per host. A host with more slots is found by slower probing.
+    host_slow_start_until: int = 8
     datastore_initial: int = 8
     datastore_max: int = 128
-    overall_initial: int = 16
+    overall_initial: int = 64  # a tenth of the 640 operations vCenter runs at once
     overall_max: int = 640
     decrease: float = 0.7  # multiplicative cut on a latency spike (CUBIC's beta)
     # A task counts as queued when it waited longer than this before vCenter started
@@ -74,12 +80,14 @@ class AutoTuning:
 class AimdController:
     """The arithmetic of one ``auto`` limit. Pure: it never awaits, never sleeps."""
 
-    def __init__(self, initial: int, minimum: int, maximum: int, tuning: AutoTuning):
+    def __init__(self, initial: int, minimum: int, maximum: int, tuning: AutoTuning,
+                 slow_start_until: int | None = None):
         self.minimum = minimum
         self.maximum = maximum
         self.tuning = tuning
         self.limit = max(minimum, min(initial, maximum))
-        self.slow_start = True
+        self.slow_start_until = slow_start_until if slow_start_until is not None else maximum
+        self.slow_start = self.limit < self.slow_start_until
         self.ceiling: int | None = None
         self.increases = 0
         self.decreases = 0
@@ -137,6 +145,8 @@ class AimdController:
         if self.slow_start:
             self.limit += 1
             self.increases += 1
+            if self.limit >= self.slow_start_until:
+                self.slow_start = False
             return
         if self.ceiling is not None and self.limit >= self.ceiling:
             self.ceiling = None  # we passed the old ceiling without push-back: it moved
@@ -279,7 +289,8 @@ class Limiters:
         initial, maximum = {"overall": (t.overall_initial, t.overall_max),
                             "host": (t.host_initial, t.host_max),
                             "datastore": (t.datastore_initial, t.datastore_max)}[key.kind]
-        return Limiter(key, initial, AimdController(initial, 1, maximum, t))
+        until = t.host_slow_start_until if key.kind == "host" else None
+        return Limiter(key, initial, AimdController(initial, 1, maximum, t, until))
 
     def free(self, key: LimitKey) -> float:
         return self.get(key).free
@@ -336,7 +347,10 @@ class Limiters:
         in_use = lim.in_use
         lim.peak = max(lim.peak, in_use)
         lease.in_flight_before[lim.key] = in_use - 1
-        lease.was_limited[lim.key] = in_use >= lim.limit
+        # "Limited" as in TCP's congestion window validation (RFC 7661): the limit was at
+        # least half used. Requiring it full would count only the last job of each burst
+        # of dispatches, and slow start would add half a window per round trip, not one.
+        lease.was_limited[lim.key] = 2 * in_use >= lim.limit
 
     def release(self, lease: Lease) -> None:
         if lease.released:

@@ -150,13 +150,24 @@ async def test_auto_limiter_feeds_the_narrowest_and_grows_the_rest() -> None:
     b = lim.try_acquire(keys, "b")
     assert a is not None and b is not None
     assert lim.try_acquire(keys, "c") is None  # host auto starts at 2
-    lim.completed(a, queue_s=0.0, run_s=0.1)  # a found the host limit not yet full
-    assert host.limit == 2
-    lim.completed(b, queue_s=0.0, run_s=0.1)  # b filled it: slow start, +1
-    lim.release(b)
+    lim.completed(a, queue_s=0.0, run_s=0.1)  # a found the host limit half used: slow start
     assert host.limit == 3
-    assert overall.limit == T.overall_initial  # the overall limit did not bind: no growth
+    lim.completed(b, queue_s=0.0, run_s=0.1)  # b filled it: +1 again
+    lim.release(b)
+    assert host.limit == 4
+    # The overall limit was never half used (1 or 2 of 64): it does not grow.
+    assert overall.limit == T.overall_initial
     lim.completed(a, queue_s=1.0, run_s=0.1)  # a sat queued with nobody else ahead
     lim.release(a)
     assert host.limit == 1 and overall.limit == T.overall_initial
-    assert changed == [("host:h", 2, 3), ("host:h", 3, 1)]
+    assert changed == [("host:h", 2, 3), ("host:h", 3, 4), ("host:h", 4, 1)]
+
+
+def test_host_slow_start_stops_at_vspheres_eight_slots() -> None:
+    c = AimdController(2, 1, 64, AutoTuning(), slow_start_until=8)
+    for _ in range(6):
+        c.prompt(run_s=1.0, was_limited=True)
+    assert c.limit == 8 and not c.slow_start
+    for _ in range(8):  # congestion avoidance: one window of completions for one step
+        c.prompt(run_s=1.0, was_limited=True)
+    assert c.limit == 9
