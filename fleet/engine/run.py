@@ -30,7 +30,7 @@ import math
 import random
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -82,6 +82,7 @@ from fleet.engine.reconcile import (
     member_index,
     reconcile,
 )
+from fleet.engine.shared import SharedLimits
 from fleet.engine.spec import FleetSpec
 from fleet.errors import (
     ConfigError,
@@ -108,6 +109,12 @@ class EngineOptions:
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
     seed: int | None = None  # placement tie-breaks and jitter; None: random
     removal_concurrency: int = 16
+    #: limiters shared with other runs (``fleet serve``); None: the run makes its own from
+    #: the spec's ``limits``
+    shared_limits: SharedLimits | None = None
+    #: more ``guestinfo.fleet.*`` labels for every new clone (e.g. the fleet's expiry);
+    #: the engine's own labels win a clash
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -212,8 +219,10 @@ class Provisioner:
         self.rng = random.Random(self.options.seed)
         self._on_event = on_event
         self._wake = _Signal()
-        self.limiters = Limiters(spec.limits, tuning=self.options.tuning,
-                                 on_change=self._wake.set, on_limit=self._limit_changed)
+        shared = self.options.shared_limits
+        self.limiters = shared.limiters if shared is not None else \
+            Limiters(spec.limits, tuning=self.options.tuning, on_change=self._wake.set,
+                     on_limit=self._limit_changed)
         self.view: ClusterView | None = None
         self.summary: Summary | None = None
         self._emit: Emitter | None = None
@@ -290,7 +299,8 @@ class Provisioner:
                         self._queue.append(job)
                     else:
                         self._spawn(tg, job, None, None)
-                await self._dispatch(tg)
+                with self._shared_wakeups():
+                    await self._dispatch(tg)
                 tg.cancel_scope.cancel()  # the refresher; every job has finished
         except BaseException:
             self.stop("cancelled")
@@ -312,6 +322,16 @@ class Provisioner:
     def emit(self) -> Emitter:
         assert self._emit is not None
         return self._emit
+
+    def _shared_wakeups(self) -> contextlib.AbstractContextManager[None]:
+        """While dispatching, capacity other runs free wakes this one too (fairly)."""
+        shared = self.options.shared_limits
+        if shared is None:
+            return contextlib.nullcontext()
+        assert self.view is not None
+        view = self.view
+        return shared.attach(self._wake.set,
+                             lambda: sum(s.in_flight for s in view.sources.values()))
 
     def _limit_changed(self, key: LimitKey, old: float, new: float) -> None:
         if self._emit is not None:
@@ -512,6 +532,7 @@ class Provisioner:
         state: MemberState = "ready" if self._no_post_phases() else "cloned"
         extra = spec.guestinfo_for(index=job.index, name=job.name, source=src.name,
                                    run_id=self.run_id)
+        extra.update(self.options.labels)
         extra.update(labels(fleet=spec.name, index=job.index, run_id=self.run_id,
                             source=src.name, state=state))
         connect: Literal["connect", "disconnect"] = \
