@@ -15,7 +15,12 @@ on its own (everything else surfaces to the caller, which decides):
    ``StartProgramInGuest`` ...) is *not*: its ``ConnectionFailed`` /
    ``RequestTimeout`` reaches the caller, which must find out what happened
    (the engine reconciles by name: a repeated clone answers DuplicateName with
-   the existing VM's id).
+   the existing VM's id). A caller may pass ``safe=True`` for a task-starting
+   call that is idempotent by construction: the client does so for power on/off,
+   destroy, relocate and reconfigurations to absolute values, whose repeat
+   converges to the same end state (and treats "already so" as success).
+   Each call is repeated at most ``RetryPolicy.max_retries`` times, with
+   exponential backoff and jitter.
 3. vCenter's own verdicts (faults other than NotAuthenticated) are never
    retried here.
 

@@ -72,7 +72,8 @@ class VimStub(SoapStubAdapterBase):  # type: ignore[misc]
 
     def serialize(self, mo: Any, info: Any, args: list[Any]) -> bytes:
         """The request body (raises MethodNotFound if the API version lacks the method)."""
-        return bytes(self.SerializeRequest(mo, info, args))
+        body: bytes = self.SerializeRequest(mo, info, args)
+        return body
 
     def deserialize(self, body: bytes, result_type: Any) -> Any:
         """A result or, for a fault reply, the fault object (not raised)."""
