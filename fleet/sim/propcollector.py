@@ -162,6 +162,31 @@ class _Tracked:
     tops: frozenset[str]
     entered: int
     changed: dict[str, int] = field(default_factory=dict)
+    # the value each path had when last stamped: a touch that leaves it equal is no change
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Deep equality of pyVmomi values (DataObject's own ``==`` is identity)."""
+    if a is b:
+        return True
+    mo = VmomiSupport.ManagedObject
+    if isinstance(a, mo) or isinstance(b, mo):
+        return isinstance(a, mo) and isinstance(b, mo) and a._moId == b._moId \
+            and type(a) is type(b)
+    if isinstance(a, VmomiSupport.DataObject) or isinstance(b, VmomiSupport.DataObject):
+        if type(a) is not type(b):
+            return False
+        return all(same(getattr(a, p.name), getattr(b, p.name)) for p in a._GetPropertyList())
+    if isinstance(a, list) or isinstance(b, list):
+        return (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+                and all(same(x, y) for x, y in zip(a, b, strict=True)))
+    if isinstance(a, BaseException) or isinstance(b, BaseException):
+        return False  # faults: always report
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:
+        return False
 
 
 class PropertyFilter(SimObject):
@@ -209,7 +234,8 @@ class PropertyFilter(SimObject):
             if paths is None:
                 continue
             tops = frozenset(p.split(".", 1)[0].split("[", 1)[0] for p in paths)
-            self.tracked[moid] = _Tracked(obj, paths, tops, version)
+            self.tracked[moid] = _Tracked(obj, paths, tops, version,
+                                          values={p: resolve_path(obj, p) for p in paths})
             self.left.pop(moid, None)
             self.sim.inventory.watch(moid, self)
 
@@ -220,9 +246,19 @@ class PropertyFilter(SimObject):
         hit = [p for p in tracked.paths if p.split(".", 1)[0].split("[", 1)[0] in props]
         if not hit:
             return
-        version = self.state.bump()
+        # vCenter reports values that changed, not every path below a touched property.
+        really: list[tuple[str, Any]] = []
         for path in hit:
+            value = resolve_path(obj, path)
+            if path in tracked.values and same(tracked.values[path], value):
+                continue
+            really.append((path, value))
+        if not really:
+            return
+        version = self.state.bump()
+        for path, value in really:
             tracked.changed[path] = version
+            tracked.values[path] = value
         self.state.wake()
 
     def on_structure_change(self) -> None:

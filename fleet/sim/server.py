@@ -123,19 +123,19 @@ class SimApp:
     async def soap(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         version = version_from_soap_action(request.headers.get("SOAPAction"))
-        match = _COOKIE.search(request.headers.get("Cookie", ""))
-        session, new = self.sim.session_for(match.group(1) if match else None,
-                                            request.remote or "127.0.0.1",
-                                            request.headers.get("User-Agent", ""))
-        headers = {}
-        if new:
-            headers["Set-Cookie"] = (f'vmware_soap_session="{session.key}"; Path=/; HttpOnly; '
-                                     "Secure")
         try:
             call = decode_request(body, version)
         except SoapDecodeError as exc:
             return web.Response(status=500, body=encode_client_fault(str(exc)),
-                                content_type="text/xml", charset="utf-8", headers=headers)
+                                content_type="text/xml", charset="utf-8")
+        match = _COOKIE.search(request.headers.get("Cookie", ""))
+        session, new = self.sim.session_for(
+            match.group(1) if match else None, request.remote or "127.0.0.1",
+            request.headers.get("User-Agent", ""), create=self.sim.may_open_session(call))
+        headers = {}
+        if new:
+            headers["Set-Cookie"] = (f'vmware_soap_session="{session.key}"; Path=/; HttpOnly; '
+                                     "Secure")
         moid = call.this._moId
         name = self.sim.object_name(moid)
         http = self.sim.faults.match(call.method, moid, name, http=True)

@@ -437,6 +437,7 @@ class Simulator:
                                "slots": h.slots, "memory_used_mb": h.memory_used_mb(),
                                "vms": len(h.vms)} for h in self.hosts.values()},
             "sessions": sum(1 for s in self.sessions.values() if s.authenticated),
+            "sessions_open": len(self.sessions),  # logged in or not
             "logins": self.counters["logins"],
             "guest_programs": self.counters["guest_programs"],
             "clone_task_s": _distribution(self.clone_task_s),
@@ -445,9 +446,13 @@ class Simulator:
         }
 
     # -- sessions ----------------------------------------------------------------
-    def session_for(self, key: str | None, ip: str = "127.0.0.1",
-                    user_agent: str = "") -> tuple[Session, bool]:
-        """The caller's session, or a new (unauthenticated) one; True when new."""
+    def session_for(self, key: str | None, ip: str = "127.0.0.1", user_agent: str = "",
+                    *, create: bool = True) -> tuple[Session, bool]:
+        """The caller's session, or a new unauthenticated one (True when new).
+
+        With ``create=False`` (a call that needs a login anyway) an unknown or
+        expired cookie gets a throw-away session that is not kept: a client
+        hammering with a dead cookie must not fill the table with sessions."""
         if key is not None:
             session = self.sessions.get(key)
             if session is not None:
@@ -459,8 +464,9 @@ class Simulator:
                 elif session.alive:
                     return session, False
         session = Session(self, ip, user_agent)
-        self.sessions[session.key] = session
-        return session, True
+        if create:
+            self.sessions[session.key] = session
+        return session, create
 
     def expire(self, session: Session) -> None:
         session.close()
@@ -478,6 +484,11 @@ class Simulator:
         for session in list(self.sessions.values()):
             if session.idle_s() > max(idle, 60.0 if not session.authenticated else 0.0):
                 self.expire(session)
+
+    def may_open_session(self, call: SoapRequest) -> bool:
+        """Calls allowed before Login open a session (and get a cookie); others do not."""
+        return call.method in ANONYMOUS or (call.method == "Fetch" and call.this._moId == \
+            "ServiceInstance")
 
     # -- dispatch -------------------------------------------------------------------
     def check_privilege(self, session: Session, privilege: str | None, obj: SimObject) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
 from tests.sim.conftest import connect, find_vm, vm_folder
@@ -249,3 +250,36 @@ def test_truncated_updates_continue(sim: SimProcess, si: Any) -> None:
             break
     assert sorted(seen) == sorted(vm._moId for vm in vms)
     pc.Destroy()
+
+
+def test_unchanged_values_are_not_reported_again(si: Any) -> None:
+    """A touch that leaves a watched value equal is no update (vCenter sends changes)."""
+    pc = si.content.propertyCollector.CreatePropertyCollector()
+    vm = find_vm(si, "frozen-05")
+    pc.CreateFilter(PC.FilterSpec(objectSet=[PC.ObjectSpec(obj=vm)], propSet=[PC.PropertySpec(
+        type=vim.VirtualMachine, pathSet=["config.uuid", "config.extraConfig"])]), True)
+    version = pc.WaitForUpdatesEx("", PC.WaitOptions(maxWaitSeconds=0)).version
+    # Changes config.extraConfig, touches config; config.uuid stays as it was.
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key="guestinfo.same", value="x")])))
+    update = pc.WaitForUpdatesEx(version, PC.WaitOptions(maxWaitSeconds=5))
+    [obj] = update.filterSet[0].objectSet
+    assert [c.name for c in obj.changeSet] == ["config.extraConfig"]
+    # The same value again: nothing to report.
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key="guestinfo.same", value="x")])))
+    assert pc.WaitForUpdatesEx(update.version, PC.WaitOptions(maxWaitSeconds=0)) is None
+    pc.Destroy()
+
+
+def test_calls_with_a_dead_cookie_do_not_pile_up_sessions(sim: SimProcess) -> None:
+    si = connect(sim)
+    sim.expire_sessions()
+    open_before = sim.stats()["sessions_open"]
+    for _ in range(20):
+        with pytest.raises(vim.fault.NotAuthenticated):
+            _ = si.content.rootFolder.childEntity
+    si.content.sessionManager.Login(USER, PASSWORD, None)
+    assert si.content.rootFolder.childEntity[0].name == "dc1"
+    # one new session for the Login, not one per refused call
+    assert sim.stats()["sessions_open"] <= open_before + 1
