@@ -113,8 +113,8 @@ class CloneRequest:
     extra_config: Mapping[str, str] = field(default_factory=dict)
     pool: Ref | None = None
     datastore: Ref | None = None
-    # NIC key -> migrateConnect. ``None`` means every NIC of the source;
-    # an empty mapping leaves all NICs as the source has them.
+    # migrateConnect for the clone's NICs: one value for every NIC, or NIC key ->
+    # value. ``None`` (or an empty mapping) leaves every NIC as the source has it.
     nic_connect: Mapping[int, NicConnect] | NicConnect | None = None
     bios_uuid: str | None = None
 
