@@ -3,7 +3,10 @@
 It consumes the engine's event stream (:meth:`FleetMetrics.on_event`) and the
 vSphere client's request hook (:meth:`FleetMetrics.observe_request`), and keeps
 everything in its own ``CollectorRegistry`` so tests and several services in
-one process never collide.
+one process never collide. Several runs may feed one object at once (``fleet
+serve``): give each its own callback with :meth:`FleetMetrics.events_for`, so
+their jobs (which events name by index only) are told apart. The service adds
+its own numbers: fleets by state, expiries, API requests.
 
 Naming follows Prometheus practice: base units in names (``_seconds``),
 ``_total`` on counters, small fixed label sets, never a VM name or id as a
@@ -34,6 +37,10 @@ fleet_vsphere_faults_total                     counter    fault
 fleet_vsphere_relogins_total                   counter    (none)
 fleet_fleet_members                            gauge      fleet, state
 fleet_runs_total                               counter    outcome (complete|incomplete|cancelled)
+fleet_fleets                                   gauge      state (fleet serve)
+fleet_fleets_expired_total                     counter    (none)
+fleet_api_requests_total                       counter    route, method, code
+fleet_api_request_duration_seconds             histogram  route
 =============================================  =========  ======================
 """
 
@@ -41,7 +48,7 @@ from __future__ import annotations
 
 import platform
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
@@ -52,6 +59,7 @@ from fleet import __version__
 
 if TYPE_CHECKING:
     from fleet.engine.events import Event
+    from fleet.engine.limits import LimiterStats
 
 # 50 ms to 5 min: instant clones take about a second, guest phases tens of
 # seconds, and a stuck phase should still land in a bucket below +Inf.
@@ -60,6 +68,8 @@ PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
 # vSphere calls: a few ms (property reads) to seconds (slow tasks' waits).
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0)
+# API calls: sub-millisecond reads to a large fleet's JSON.
+API_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 PHASES = ("queue", "clone", "network", "reconnect", "ready")
 OUTCOMES = ("ready", "failed")
 MEMBER_STATES = ("cloned", "network", "ready")
@@ -126,6 +136,16 @@ class FleetMetrics:
                              ["fleet", "state"], registry=r)
         self.runs = PromCounter("fleet_runs_total", "Provisioning runs, by outcome", ["outcome"],
                                 registry=r)
+        self.fleets = Gauge("fleet_fleets", "Fleets the service manages, by state", ["state"],
+                            registry=r)
+        self.expired = PromCounter("fleet_fleets_expired_total",
+                                   "Fleets destroyed because their lifetime ended", registry=r)
+        self.api_requests = PromCounter("fleet_api_requests_total",
+                                        "REST API requests, by route template, method and "
+                                        "status code", ["route", "method", "code"], registry=r)
+        self.api_duration = Histogram("fleet_api_request_duration_seconds",
+                                      "REST API request latency, by route template", ["route"],
+                                      buckets=API_BUCKETS, registry=r)
         # Known label values start at 0, so rate() and absent() behave from the first scrape.
         for outcome in OUTCOMES:
             self.clones.labels(outcome)
@@ -139,9 +159,17 @@ class FleetMetrics:
         self._run_fleet = ""
 
     # -- engine events ---------------------------------------------------------
-    def on_event(self, event: Event) -> None:
+    def events_for(self, fleet: str) -> Callable[[Event], None]:
+        """An ``on_event`` callback for one run of ``fleet`` (runs may overlap)."""
+
+        def on_event(event: Event) -> None:
+            self.on_event(event, fleet=fleet)
+
+        return on_event
+
+    def on_event(self, event: Event, *, fleet: str | None = None) -> None:
         kind = event.kind
-        fleet = getattr(event, "fleet", None) or self._run_fleet
+        fleet = getattr(event, "fleet", None) or fleet or self._run_fleet
         index = getattr(event, "index", None)
         job = (fleet, index) if index is not None else None
         if kind == "run_started":
@@ -233,8 +261,25 @@ class FleetMetrics:
             self.members.labels(fleet, state).set(states.get(state, 0))
 
     def forget_fleet(self, fleet: str) -> None:
-        for state in MEMBER_STATES:
-            self.members.labels(fleet, state).set(0)
+        """A fleet is gone: its member series go too (not a row of zeros forever)."""
+        for labels in [s.labels for m in self.members.collect() for s in m.samples
+                       if s.labels.get("fleet") == fleet]:
+            self.members.remove(labels["fleet"], labels["state"])
+
+    def set_fleets(self, states: Mapping[str, int], known: Iterable[str] = ()) -> None:
+        """Fleets by state; ``known`` states are shown at 0 when no fleet is in them."""
+        for state in sorted(set(known) | set(states)):
+            self.fleets.labels(state).set(states.get(state, 0))
+
+    def set_limits(self, stats: Iterable[LimiterStats]) -> None:
+        """Current limits of shared limiters (``fleet serve`` reads them at scrape time)."""
+        for s in stats:
+            if s.limit != float("inf"):
+                self.limit.labels(s.key).set(s.limit)
+
+    def observe_api(self, route: str, method: str, code: int, duration_s: float) -> None:
+        self.api_requests.labels(route, method, str(code)).inc()
+        self.api_duration.labels(route).observe(duration_s)
 
     def exposition(self) -> bytes:
         """The text format a scrape gets."""
