@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -124,11 +125,20 @@ def _fanout(*consumers: Callable[[Any], None] | None) -> Callable[[Any], None]:
 # -- commands ------------------------------------------------------------------------
 
 async def _provision(args: argparse.Namespace) -> int:
+    import time
+
+    from fleet.engine.lifetime import (
+        current_expiry,
+        expiry_labels,
+        parse_duration,
+        stamp_expiry,
+    )
     from fleet.engine.run import EngineOptions, Provisioner
     from fleet.metrics import FleetMetrics
     from fleet.report import LiveProgress, print_summary
     from fleet.target import open_target
 
+    ttl_s = parse_duration(args.ttl) if args.ttl is not None else None
     spec = _load_spec(args)
     metrics = FleetMetrics()
     show_progress = not args.json and not args.no_progress
@@ -137,10 +147,19 @@ async def _provision(args: argparse.Namespace) -> int:
     async with open_target(spec, observer=metrics, announce=eprint,
                            sim_time_scale=args.sim_time_scale) as target, \
             _metrics_server(args.metrics_port, metrics):
+        expires_at: float | None
+        if ttl_s is not None:
+            expires_at = time.time() + ttl_s
+            await stamp_expiry(spec, target.client, expires_at)
+            eprint(f"fleet {spec.name} expires at "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(expires_at))}")
+        else:
+            expires_at = await current_expiry(spec, target.client)
         provisioner = Provisioner(spec, target.client,
                                   on_event=_fanout(metrics.on_event,
                                                    progress.on_event if progress else None),
-                                  options=EngineOptions(seed=args.seed))
+                                  options=EngineOptions(seed=args.seed,
+                                                        labels=expiry_labels(expires_at)))
         with progress if progress is not None else contextlib.nullcontext():
             async with anyio.create_task_group() as tg:
                 async def watch_signals() -> None:
@@ -168,6 +187,7 @@ async def _provision(args: argparse.Namespace) -> int:
     if args.json:
         out = summary.to_dict()
         out["target"] = "simulator" if target.simulated else "vcenter"
+        out["expires_at"] = None if expires_at is None else math.ceil(expires_at)
         print(json.dumps(out))
     else:
         print_summary(summary)
@@ -305,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, metavar="N",
                    help="serve Prometheus metrics on 127.0.0.1:N/metrics during the run")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.add_argument("--ttl", metavar="DURATION",
+                   help="the fleet's lifetime from now (90s, 15m, 2h, 1d, 1h30m): recorded on "
+                        "every member; 'fleet serve' destroys the fleet when it ends. Without "
+                        "it the fleet keeps the expiry it has, if any")
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.set_defaults(afunc=_provision)
 
@@ -334,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-host", action="store_true", help="one frozen source per host")
     sp.add_argument("--golden", required=True, metavar="VM", help="the VM to clone them from")
     p.set_defaults(afunc=_sources)
+
+    from fleet.api import cli as serve_cli
+
+    p = sub.add_parser("serve", help="serve the REST API for fleets (many callers, one vCenter)",
+                       description="A long-running service that owns the vCenter session and "
+                                   "the limits, so many callers' bursts share them fairly. "
+                                   "Prints 'listening on URL' when ready.")
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.main)
 
     from fleet.sim import cli as sim_cli
 

@@ -1,0 +1,166 @@
+"""``fleet serve``: load the service config, connect to vCenter, serve the REST API.
+
+Prints ``listening on http://HOST:PORT`` on stdout once the API answers (the
+tests and scripts wait for that line). SIGINT or SIGTERM stops it: the HTTP
+side closes, runs in progress get their grace period and are cleaned up, and
+their requests stay on record so the next start resumes them.
+
+Exit status: 0 after a clean stop, 1 when vCenter cannot be reached at start,
+2 for a bad config or option (the message names the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import tomllib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from fleet.api.config import ServiceConfig, load_config, parse_listen
+from fleet.errors import ConfigError, FleetError
+from fleet.metrics import FleetMetrics
+from fleet.vsphere.model import VSphere
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="service config (TOML); see config/serve.example.toml")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="address to serve on (overrides the config's listen; port 0 "
+                             "picks a free one)")
+
+
+def _eprint(message: str) -> None:
+    print(f"fleet serve: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def connect(config: ServiceConfig, metrics: FleetMetrics,
+                  announce: Callable[[str], Any] = _eprint) -> AsyncIterator[VSphere]:
+    """The service's one vCenter client (or a built-in simulator's)."""
+    from fleet.target import SIM_USER, builtin_simulator
+    from fleet.vsphere.client import VSphereClient
+
+    vc = config.vcenter
+    if vc is not None:
+        client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
+                               ca_file=config.ca_file, thumbprint=vc.thumbprint,
+                               insecure=vc.insecure, observer=metrics)
+        async with client:
+            announce(f"connected to {vc.url}")
+            yield client
+        return
+    sim = config.simulator
+    async with builtin_simulator(time_scale=sim.time_scale, topology=sim.topology) as (
+            url, password, thumbprint):
+        announce(f"no [vcenter] configured: using the built-in simulator at {url}")
+        async with VSphereClient(url, SIM_USER, password, thumbprint=thumbprint,
+                                 observer=metrics) as client:
+            yield client
+
+
+async def serve(config: ServiceConfig, host: str, port: int, *,
+                on_listening: Callable[[str], Any] | None = None,
+                stop: anyio.Event | None = None) -> None:
+    """Run the service until SIGINT/SIGTERM (or ``stop`` is set)."""
+    from aiohttp import web
+
+    from fleet.api.app import make_app
+    from fleet.api.service import FleetService
+
+    metrics = FleetMetrics()
+    with contextlib.ExitStack() as stack:
+        state_path = None
+        if config.vcenter is None and config.state_dir is None:
+            # A built-in simulator starts empty: requests from an earlier one mean nothing.
+            state_path = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="fleet-serve-")))
+        async with connect(config, metrics) as vs, \
+                FleetService(config, vs, metrics, state_path=state_path) as service:
+            runner = web.AppRunner(make_app(service, config, metrics), access_log=None,
+                                   handle_signals=False)
+            await runner.setup()
+            try:
+                site = web.TCPSite(runner, host, port)
+                try:
+                    await site.start()
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on {host}:{port}: "
+                                      f"{exc.strerror or exc}", key="listen") from None
+                bound = runner.addresses[0]
+                url = f"http://{host}:{bound[1]}"
+                if on_listening is not None:
+                    on_listening(url)
+                async with anyio.create_task_group() as tg:
+                    async def signals() -> None:
+                        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                            async for signum in sigs:
+                                _eprint(f"{signal.Signals(signum).name}: stopping")
+                                break
+                        tg.cancel_scope.cancel()
+
+                    async def stopped() -> None:
+                        if stop is not None:
+                            await stop.wait()
+                            tg.cancel_scope.cancel()
+
+                    tg.start_soon(signals)
+                    tg.start_soon(stopped)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await runner.cleanup()
+
+
+def _names_vcenter(path: str) -> bool:
+    try:
+        return "vcenter" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return True  # load_config reports it properly
+
+
+def main(args: argparse.Namespace) -> int:
+    from fleet.target import SIM_GUEST_ENV, SIM_GUEST_PASSWORD
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A service logs its state changes (accepted, run ended, expired) by default.
+    api_log = logging.getLogger("fleet.api")
+    if api_log.getEffectiveLevel() > logging.INFO:
+        api_log.setLevel(logging.INFO)
+    env = dict(os.environ)
+    if not _names_vcenter(args.config):
+        # The built-in simulator's guest password is no secret; defaults may name it.
+        env.setdefault(SIM_GUEST_ENV, SIM_GUEST_PASSWORD)
+    try:
+        config = load_config(args.config, env=env)
+        host, port = parse_listen(args.listen, "--listen") if args.listen \
+            else config.listen_address
+    except ConfigError as exc:
+        _eprint(f"error: {exc}")
+        return EXIT_USAGE
+
+    def listening(url: str) -> None:
+        print(f"listening on {url}", flush=True)
+
+    try:
+        anyio.run(lambda: serve(config, host, port, on_listening=listening))
+    except ConfigError as exc:
+        _eprint(f"error: {exc}")
+        return EXIT_USAGE
+    except FleetError as exc:
+        _eprint(f"error: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK

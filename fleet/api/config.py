@@ -1,0 +1,265 @@
+"""The service's configuration (``fleet serve --config FILE``): TOML in, validated model out.
+
+This module owns the service's keys and their rules; :func:`load_config` is the
+only way in and raises :class:`~fleet.engine.spec.SpecError` naming the file,
+the dotted key and the bad value, like a fleet spec. Unknown keys are errors.
+
+- ``[vcenter]`` is the fleet spec's table (same keys, same checks); without it
+  the service starts the built-in simulator (``[simulator]``).
+- ``[api]``: the bearer token comes from ``token_env`` or ``token_file``, never
+  the file itself or argv; at least 16 characters.
+- ``[limits]`` (the spec's table) are shared by every fleet the service runs.
+- ``[defaults]``: fleet spec keys merged under every request body (tables merge
+  key by key; the request wins). Secrets (``network.guest_password_env`` or
+  ``_file``) may only come from here: a caller must not make the service read
+  its environment or files.
+
+Every fleet lives in ``<root_folder>/<name>``; the service finds fleets by
+scanning that folder, so fleets made by ``fleet provision`` with the default
+folder (``fleet/<name>``) are found too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
+
+from fleet.engine.spec import (
+    MAX_COUNT,
+    LimitsSpec,
+    SpecError,
+    VCenterSpec,
+    _pydantic_problems,
+    _read_secret,
+    _show,
+    _vcenter_problems,
+    spec_from_dict,
+)
+
+MIN_TOKEN_CHARS = 16
+#: spec keys the service owns: a request body may not set them
+SERVICE_KEYS = ("vcenter", "limits", "folder")
+SECRET_KEYS = ("guest_password_env", "guest_password_file")
+_LISTEN = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ApiSection(_Model):
+    """Who may call the API, and how much they may send."""
+
+    token_env: str | None = None
+    token_file: str | None = None
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    _token: SecretStr = PrivateAttr(default=SecretStr(""))
+
+    @property
+    def token(self) -> SecretStr:
+        return self._token
+
+
+class SimulatorSection(_Model):
+    """The built-in simulator, used when there is no ``[vcenter]``."""
+
+    time_scale: float = Field(default=1.0, gt=0)
+    topology: str | None = None
+
+
+class ServiceConfig(_Model):
+    listen: str = "127.0.0.1:8080"
+    root_folder: str = "fleet"
+    state_dir: str | None = None
+    scan_interval_s: float = Field(default=30.0, gt=0, le=86400)
+    max_fleets: int = Field(default=100, ge=1, le=10_000)
+    max_count: int = Field(default=10_000, ge=1, le=MAX_COUNT)
+    shutdown_grace_s: float = Field(default=60.0, ge=0)
+    vcenter: VCenterSpec | None = None
+    simulator: SimulatorSection = Field(default_factory=SimulatorSection)
+    api: ApiSection = Field(default_factory=ApiSection)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    _origin: str = PrivateAttr(default="<config>")
+    _base_dir: Path = PrivateAttr(default=Path("."))
+    _env: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        """The environment secrets are read from (the service's, at load time)."""
+        return self._env
+
+    @property
+    def base_dir(self) -> Path:
+        """The config file's directory: relative paths in it start here."""
+        return self._base_dir
+
+    @property
+    def ca_file(self) -> str | None:
+        """``vcenter.ca_file``, relative to the config file's directory."""
+        if self.vcenter is None or self.vcenter.ca_file is None:
+            return None
+        p = Path(self.vcenter.ca_file).expanduser()
+        return str(p if p.is_absolute() else self._base_dir / p)
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        m = _LISTEN.match(self.listen)
+        assert m is not None  # validated at load
+        return m.group("host").strip("[]"), int(m.group("port"))
+
+    @property
+    def state_path(self) -> Path:
+        """Where requested specs are kept (see ``fleet.api.state``)."""
+        if self.state_dir is not None:
+            p = Path(self.state_dir).expanduser()
+            return p if p.is_absolute() else self._base_dir / p
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "fleet" / "serve"
+
+    def fleet_folder(self, name: str) -> str:
+        return f"{self.root_folder.strip('/')}/{name}"
+
+
+def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
+    m = _LISTEN.match(value)
+    if m is None or not 0 <= int(m.group("port")) <= 65535:
+        raise SpecError([(key, f"{_show(value)} is not HOST:PORT (like 127.0.0.1:8080)")],
+                        source="--listen" if key == "--listen" else "<config>")
+    return m.group("host").strip("[]"), int(m.group("port"))
+
+
+def load_config(path: str | os.PathLike[str], *,
+                env: Mapping[str, str] | None = None) -> ServiceConfig:
+    """Read, validate and resolve the service config. Every error is a SpecError."""
+    p = Path(path)
+    origin = p.name
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise SpecError([("", f"cannot read the config: {exc.strerror or exc}")],
+                        source=str(p)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError([("", f"not valid TOML: {exc}")], source=origin) from None
+    return config_from_dict(data, source=origin, env=env, base_dir=p.resolve().parent)
+
+
+def config_from_dict(data: Mapping[str, Any], *, source: str = "<config>",
+                     env: Mapping[str, str] | None = None,
+                     base_dir: str | os.PathLike[str] | None = None) -> ServiceConfig:
+    env = os.environ if env is None else env
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    try:
+        config = ServiceConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise SpecError(_pydantic_problems(exc), source=source) from None
+    problems = list(_problems(config))
+    if not problems:
+        problems = list(_resolve(config, env, base))
+    if not problems:
+        problems = list(_defaults_problems(config, env, base))
+    if problems:
+        raise SpecError(problems, source=source)
+    config._origin = source
+    config._base_dir = base
+    config._env = dict(env)
+    return config
+
+
+def _problems(config: ServiceConfig) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    m = _LISTEN.match(config.listen)
+    if m is None or int(m.group("port")) > 65535:
+        problems.append(("listen", f"{_show(config.listen)} is not HOST:PORT "
+                                   "(like 127.0.0.1:8080)"))
+    root = config.root_folder
+    if not root.strip("/") or "//" in root or root != root.strip():
+        problems.append(("root_folder", f"{_show(root)} is not a folder path like \"fleet\""))
+    problems.extend(_vcenter_problems(config.vcenter))
+    api = config.api
+    if (api.token_env is None) == (api.token_file is None):
+        problems.append(("api.token_env", "set exactly one of api.token_env and "
+                                          "api.token_file (the API needs a bearer token)"))
+    if config.simulator.topology is not None and config.vcenter is not None:
+        problems.append(("simulator.topology", "is only used without [vcenter]"))
+    for key in config.defaults:
+        if key in SERVICE_KEYS or key == "name":
+            where = f"defaults.{key}"
+            what = "the fleet's name" if key == "name" else f"[{key}]"
+            problems.append((where, f"{what} is not a default; "
+                             + ("every fleet is in root_folder/<name>" if key == "folder" else
+                                "it belongs to the service's own table" if key != "name" else
+                                "each request names its fleet")))
+    return problems
+
+
+def _resolve(config: ServiceConfig, env: Mapping[str, str],
+             base: Path) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    vc = config.vcenter
+    if vc is not None:
+        which = "password_env" if vc.password_env is not None else "password_file"
+        secret, problem = _read_secret(which, vc.password_env, vc.password_file, env, base)
+        if problem:
+            problems.append((f"vcenter.{which}", problem))
+        elif secret is not None:
+            vc._password = secret
+        if vc.ca_file is not None:
+            ca = Path(vc.ca_file).expanduser()
+            if not (ca if ca.is_absolute() else base / ca).is_file():
+                problems.append(("vcenter.ca_file", f"{_show(vc.ca_file)} is not a readable file"))
+    api = config.api
+    which = "token_env" if api.token_env is not None else "token_file"
+    secret, problem = _read_secret(which, api.token_env, api.token_file, env, base)
+    if problem:
+        problems.append((f"api.{which}", problem))
+    elif secret is not None:
+        token = secret.get_secret_value().strip()
+        if len(token) < MIN_TOKEN_CHARS:
+            problems.append((f"api.{which}", f"the token is {len(token)} characters long; "
+                             f"use at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 24`)"))
+        else:
+            api._token = SecretStr(token)
+    return problems
+
+
+def _defaults_problems(config: ServiceConfig, env: Mapping[str, str],
+                       base: Path) -> list[tuple[str, str]]:
+    """Validate the defaults as a spec would see them: merged into a trial fleet."""
+    trial: dict[str, Any] = {"name": "defaults", "count": 0, "sources": ["?"]}
+    network = config.defaults.get("network")
+    if not (isinstance(network, Mapping) and "guest_user" in network):
+        # No guest login among the defaults: fleets must then skip the NIC refresh,
+        # which each request says for itself; check the rest.
+        trial["network"] = {"refresh": "none"}
+    trial = merge(trial, config.defaults)
+    try:
+        spec_from_dict(trial, source=config.origin, env=env, base_dir=base)
+    except SpecError as exc:
+        return [(f"defaults.{key}" if key else "defaults", message)
+                for key, message in exc.problems]
+    return []
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``; tables merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            out[key] = merge(old, value)
+        else:
+            out[key] = value
+    return out

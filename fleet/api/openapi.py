@@ -1,0 +1,237 @@
+"""The OpenAPI 3.1 description of ``fleet serve``'s REST API (``GET /v1/openapi.json``).
+
+Written here by hand, except the fleet spec's schema, which is derived from the
+spec's pydantic models (so a new spec key shows up without an edit here), less
+the keys the service owns, plus ``ttl_s``. Tests check the document with
+``openapi-spec-validator`` and check real responses against its schemas.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fleet import __version__
+from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig
+from fleet.engine.lifetime import MAX_TTL_S
+from fleet.engine.spec import FleetSpec
+
+_REF = "#/components/schemas/{model}"
+
+
+def _spec_schemas() -> dict[str, Any]:
+    schema = FleetSpec.model_json_schema(ref_template=_REF)
+    defs: dict[str, Any] = schema.pop("$defs", {})
+    for key in SERVICE_KEYS:
+        schema["properties"].pop(key, None)
+    defs.pop("VCenterSpec", None)
+    defs.pop("LimitsSpec", None)
+    for key in SECRET_KEYS:
+        defs["NetworkSpec"]["properties"].pop(key, None)
+    props = schema["properties"]
+    props["name"]["pattern"] = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+    # A source is a name (or inventory path) or a table with its own chain budget.
+    props["sources"]["items"] = {"anyOf": [{"type": "string", "minLength": 1},
+                                           {"$ref": _REF.format(model="SourceSpec")}]}
+    props["ttl_s"] = {
+        "type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_TTL_S,
+        "title": "Ttl S",
+        "description": "Lifetime in seconds from this request; the service destroys the "
+                       "fleet when it ends (also across restarts). Absent: keep the "
+                       "fleet's current expiry, if any."}
+    schema["title"] = "FleetSpec"
+    schema["description"] = (
+        "A fleet spec: the TOML spec's keys as JSON, without vcenter, limits, folder and "
+        "the guest password's *_env/*_file (the service owns them), plus ttl_s. The "
+        "service's [defaults] are merged underneath. Unknown keys are errors.")
+    defs["FleetSpec"] = schema
+    return defs
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json(_ref("Error"))}
+
+
+def openapi_document(config: ServiceConfig) -> dict[str, Any]:
+    schemas = _spec_schemas()
+    nullable_str = {"type": ["string", "null"]}
+    nullable_num = {"type": ["number", "null"]}
+    schemas["Error"] = {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["status", "message"],
+            "properties": {
+                "status": {"type": "integer"},
+                "message": {"type": "string"},
+                "problems": {"type": "array", "items": {
+                    "type": "object", "required": ["key", "message"],
+                    "properties": {"key": {"type": "string",
+                                           "description": "dotted key, e.g. sources[1].name"},
+                                   "message": {"type": "string"}}}}}}}}
+    schemas["FleetSummary"] = {
+        "type": "object",
+        "required": ["name", "url", "status", "generation", "requested", "members", "ready",
+                     "by_state", "folder", "expires_at", "ttl_left_s", "error"],
+        "properties": {
+            "name": {"type": "string"},
+            "url": {"type": "string"},
+            "status": {"type": "string",
+                       "enum": ["pending", "provisioning", "retrying", "ready", "incomplete",
+                                "failed", "destroying", "discovered"]},
+            "generation": {"type": "integer",
+                           "description": "requests accepted for this fleet"},
+            "requested": {"type": ["integer", "null"],
+                          "description": "null for a fleet discovered in vCenter"},
+            "members": {"type": "integer", "description": "members that exist as VMs"},
+            "ready": {"type": "integer"},
+            "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "folder": {"type": "string"},
+            "expires_at": {"type": ["integer", "null"], "description": "epoch seconds"},
+            "ttl_left_s": nullable_num,
+            "created_at": nullable_num,
+            "updated_at": nullable_num,
+            "error": nullable_str,
+            "destroy_reason": nullable_str,
+        }}
+    schemas["Member"] = {
+        "type": "object", "required": ["index", "name", "state"],
+        "properties": {
+            "index": {"type": "integer"},
+            "name": {"type": "string"},
+            "state": {"type": "string",
+                      "enum": ["queued", "cloning", "cloned", "network", "ready", "failed"]},
+            "vm": nullable_str, "source": nullable_str, "host": nullable_str,
+            "attempt": {"type": "integer"},
+            "phases_s": {"type": "object", "additionalProperties": {"type": "number"},
+                         "description": "seconds per pipeline phase: queue, clone, network, "
+                                        "reconnect, ready"},
+            "reason": nullable_str, "message": nullable_str,
+        }}
+    schemas["FleetDetail"] = {
+        "allOf": [_ref("FleetSummary"), {
+            "type": "object",
+            "required": ["member_list", "member_list_total", "member_list_offset", "spec",
+                         "run"],
+            "properties": {
+                "member_list": {"type": "array", "items": _ref("Member")},
+                "member_list_total": {"type": "integer"},
+                "member_list_offset": {"type": "integer"},
+                "spec": {"type": ["object", "null"],
+                         "description": "the effective spec (defaults merged)"},
+                "run": {"type": ["object", "null"],
+                        "description": "the current or last provisioning run; summary "
+                                       "has per-phase timings (p50/p95/p99)"},
+                "removal": {"type": ["object", "null"]},
+            }}]}
+    schemas["Accepted"] = {
+        "type": "object", "required": ["fleet", "url"],
+        "properties": {"fleet": _ref("FleetSummary"), "url": {"type": "string"},
+                       "created": {"type": "boolean"}}}
+    schemas["Scale"] = {
+        "type": "object", "additionalProperties": False, "minProperties": 1,
+        "properties": {"count": {"type": "integer", "minimum": 0,
+                                 "maximum": config.max_count},
+                       "ttl_s": schemas["FleetSpec"]["properties"]["ttl_s"]}}
+
+    name_param = {"name": "name", "in": "path", "required": True,
+                  "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}}
+    auth: list[dict[str, list[str]]] = [{"bearer": []}]
+    bad_body = {
+        "400": _error("the body is not JSON"),
+        "401": _error("no or wrong bearer token"),
+        "409": _error("the fleet is being destroyed, or too many fleets"),
+        "413": _error(f"the body is larger than {config.api.max_body_bytes} bytes"),
+        "415": _error("the body is not application/json"),
+        "422": _error("the body is not a valid fleet spec; problems name each field"),
+    }
+    accepted = {"description": "accepted; progress shows in the fleet's status",
+                "headers": {"Location": {"schema": {"type": "string"}}},
+                "content": _json(_ref("Accepted"))}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fleet serve", "version": __version__,
+                 "description": "Request bursts of vSphere Instant Clones. Fleets share the "
+                                "service's vCenter session and limits."},
+        "servers": [{"url": "/"}],
+        "security": auth,
+        "paths": {
+            "/v1/fleets": {
+                "get": {"operationId": "listFleets", "summary": "every fleet",
+                        "responses": {"200": {"description": "the fleets", "content": _json({
+                            "type": "object", "required": ["fleets"],
+                            "properties": {"fleets": {"type": "array",
+                                                      "items": _ref("FleetSummary")}}})},
+                                      "401": _error("no or wrong bearer token")}},
+                "post": {"operationId": "createFleet",
+                         "summary": "create a fleet, or re-specify (scale) one",
+                         "requestBody": {"required": True,
+                                         "content": _json(_ref("FleetSpec"))},
+                         "responses": {"202": accepted, **bad_body}},
+            },
+            "/v1/fleets/{name}": {
+                "parameters": [name_param],
+                "get": {"operationId": "getFleet",
+                        "summary": "a fleet with its members, their states and phase timings",
+                        "parameters": [
+                            {"name": "offset", "in": "query",
+                             "schema": {"type": "integer", "minimum": 0}},
+                            {"name": "limit", "in": "query",
+                             "schema": {"type": "integer", "minimum": 0, "maximum": 100000}}],
+                        "responses": {"200": {"description": "the fleet",
+                                              "content": _json(_ref("FleetDetail"))},
+                                      "400": _error("bad offset or limit"),
+                                      "401": _error("no or wrong bearer token"),
+                                      "404": _error("no such fleet")}},
+                "put": {"operationId": "putFleet",
+                        "summary": "create or re-specify this fleet (the body's name, if "
+                                   "any, must match)",
+                        "requestBody": {"required": True,
+                                        "content": _json(_ref("FleetSpec"))},
+                        "responses": {"202": accepted, **bad_body}},
+                "patch": {"operationId": "scaleFleet",
+                          "summary": "change count and/or ttl_s of a fleet",
+                          "requestBody": {"required": True, "content": _json(_ref("Scale"))},
+                          "responses": {"202": accepted, "404": _error("no such fleet"),
+                                        **bad_body}},
+                "delete": {"operationId": "destroyFleet",
+                           "summary": "destroy every member (in the background)",
+                           "responses": {"202": accepted,
+                                         "401": _error("no or wrong bearer token"),
+                                         "404": _error("no such fleet")}},
+            },
+            "/v1/openapi.json": {
+                "get": {"operationId": "openapi", "summary": "this document",
+                        "responses": {"200": {"description": "OpenAPI 3.1",
+                                              "content": _json({"type": "object"})}}}},
+            "/healthz": {
+                "get": {"operationId": "healthz", "security": [],
+                        "summary": "the process serves",
+                        "responses": {"200": {"description": "alive",
+                                              "content": _json({"type": "object"})}}}},
+            "/readyz": {
+                "get": {"operationId": "readyz", "security": [],
+                        "summary": "vCenter reachable and fleets discovered",
+                        "responses": {"200": {"description": "ready",
+                                              "content": _json({"type": "object"})},
+                                      "503": {"description": "not ready (reason given)",
+                                              "content": _json({"type": "object"})}}}},
+            "/metrics": {
+                "get": {"operationId": "metrics", "security": [],
+                        "summary": "Prometheus metrics",
+                        "responses": {"200": {"description": "text exposition format",
+                                              "content": {"text/plain": {
+                                                  "schema": {"type": "string"}}}}}}},
+        },
+        "components": {
+            "schemas": copy.deepcopy(schemas),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,100 @@
+"""What the service keeps on local disk: the specs callers asked for, nothing more.
+
+vCenter is the truth for members (labels on the VMs, including their expiry).
+What vCenter cannot hold is a request itself: the count, sources and settings
+of a fleet that is still being built, or that has no member yet. Each such
+request is one small JSON file, ``<state_dir>/<fleet>.json``, written
+atomically (temporary file, fsync, rename), so a restarted service resumes the
+builds it was doing. Losing the directory loses no VM and no expiry: fleets are
+still rediscovered from vCenter, only their unfinished requests are forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+log = logging.getLogger("fleet.api.state")
+
+FORMAT = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass
+class SavedFleet:
+    """One fleet's request as the service last accepted it."""
+
+    name: str
+    spec: dict[str, Any]  # the effective spec (defaults merged), as JSON data
+    generation: int
+    status: str  # pending | provisioning | ready | incomplete | failed | destroying
+    expires_at: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    format: int = FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StateStore:
+    """The state directory. File I/O runs in a worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _file(self, name: str) -> Path:
+        if not _NAME.match(name) or name in (".", ".."):
+            raise ValueError(f"not a fleet name: {name!r}")
+        return self.path / f"{name}.json"
+
+    def _prepare(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def prepare(self) -> None:
+        await anyio.to_thread.run_sync(self._prepare)
+
+    def _load_all(self) -> list[SavedFleet]:
+        out: list[SavedFleet] = []
+        if not self.path.is_dir():
+            return out
+        for p in sorted(self.path.glob("*.json")):
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+                saved = SavedFleet(**data)
+                if saved.format != FORMAT or self._file(saved.name) != p:
+                    raise ValueError("unexpected format or name")
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("ignoring state file %s: %s", p, exc)
+                continue
+            out.append(saved)
+        return out
+
+    async def load_all(self) -> list[SavedFleet]:
+        return await anyio.to_thread.run_sync(self._load_all)
+
+    def _save(self, saved: SavedFleet) -> None:
+        target = self._file(saved.name)
+        tmp = target.with_name(f".{target.name}.tmp")
+        data = json.dumps(asdict(saved), sort_keys=True, indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+
+    async def save(self, saved: SavedFleet) -> None:
+        await anyio.to_thread.run_sync(self._save, saved)
+
+    def _delete(self, name: str) -> None:
+        self._file(name).unlink(missing_ok=True)
+
+    async def delete(self, name: str) -> None:
+        await anyio.to_thread.run_sync(self._delete, name)
