@@ -185,12 +185,13 @@ class FleetService:
         for rec in running:
             assert rec.provisioner is not None
             rec.provisioner.stop("service stopping")
-        with anyio.CancelScope(shield=True):
-            if running:
-                with anyio.move_on_after(self.config.shutdown_grace_s + self._call_s):
-                    await self._runs_done.wait()
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+        if running:
+            with anyio.CancelScope(shield=True), \
+                    anyio.move_on_after(self.config.shutdown_grace_s + self._call_s):
+                await self._runs_done.wait()
+        tg.cancel_scope.cancel()
+        # Exited where it was entered (not inside another scope), as anyio requires.
+        await tg.__aexit__(None, None, None)
         log.info("service stopped")
 
     @property
@@ -230,13 +231,23 @@ class FleetService:
         rec.worker = True
         self._tg.start_soon(self._worker, rec)
 
-    async def _save(self, rec: FleetRecord) -> None:
+    async def _save(self, rec: FleetRecord, *, must: bool = False) -> None:
+        """Record the fleet's request. ``must``: a request is being accepted, and is not
+        unless it is on disk (503); otherwise a failure is logged and retried later."""
         if rec.spec_data is None:
             return
-        await self.store.save(SavedFleet(
-            name=rec.name, spec=rec.spec_data, generation=rec.generation, status=rec.status,
-            expires_at=rec.expires_at, created_at=rec.created_at, updated_at=rec.updated_at,
-            extra={"destroy_reason": rec.destroy_reason} if rec.want_destroy else {}))
+        try:
+            await self.store.save(SavedFleet(
+                name=rec.name, spec=rec.spec_data, generation=rec.generation,
+                status=rec.status, expires_at=rec.expires_at, created_at=rec.created_at,
+                updated_at=rec.updated_at,
+                extra={"destroy_reason": rec.destroy_reason} if rec.want_destroy else {}))
+        except OSError as exc:
+            log.error("fleet %s: cannot record its request in %s: %s", rec.name,
+                      self.store.path, exc.strerror or exc)
+            if must:
+                raise ApiError(503, "the service cannot record requests now (state "
+                                    "directory unwritable); try again later") from None
 
     # -- requests (called by the HTTP layer) ---------------------------------------
     def get(self, name: str) -> FleetRecord:
@@ -267,7 +278,7 @@ class FleetService:
             raise ApiError(409, f"fleet {spec.name} is being destroyed "
                                 f"({rec.destroy_reason}); try again when it is gone")
         self._accept(rec, request, spec, request.data)
-        await self._save(rec)
+        await self._save(rec, must=True)
         self._ensure_worker(rec)
         rec.poke()
         self._scan_wake.set()  # a new expiry may be sooner than the next scan
@@ -287,7 +298,7 @@ class FleetService:
             raise ApiError(409, f"fleet {name} is being destroyed ({rec.destroy_reason})")
         request = make(rec.spec_data)
         self._accept(rec, request, request.spec, request.data)
-        await self._save(rec)
+        await self._save(rec, must=True)
         rec.poke()
         self._scan_wake.set()
         log.info("fleet %s: accepted scale request %d (count %d)", name, rec.generation,
@@ -333,17 +344,22 @@ class FleetService:
         failures = 0
         try:
             while not self._stopping and self.fleets.get(rec.name) is rec:
-                if rec.want_destroy:
-                    if await self._destroy(rec):
-                        return
-                    failures += 1
-                elif rec.spec is not None and rec.applied < rec.generation:
-                    if await self._run(rec):
+                try:
+                    if rec.want_destroy:
+                        if await self._destroy(rec):
+                            return
+                        failures += 1
+                    elif rec.spec is not None and rec.applied < rec.generation:
+                        if await self._run(rec):
+                            failures = 0
+                            continue
+                        failures += 1
+                    else:
                         failures = 0
-                        continue
+                except Exception as exc:  # a bug in one fleet must not stop the others
+                    log.exception("fleet %s: worker error", rec.name)
+                    rec.error = f"internal error: {type(exc).__name__}"
                     failures += 1
-                else:
-                    failures = 0
                 delay = self.config.scan_interval_s if failures == 0 else \
                     min(RETRY_MAX_S, 0.5 * 2.0 ** min(failures, 10))
                 with anyio.move_on_after(delay):

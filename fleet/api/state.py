@@ -47,6 +47,8 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Saves of one fleet must land in the order they were made: one at a time.
+        self._lock = anyio.Lock()
 
     def _file(self, name: str) -> Path:
         if not _NAME.match(name) or name in (".", ".."):
@@ -91,10 +93,12 @@ class StateStore:
         os.replace(tmp, target)
 
     async def save(self, saved: SavedFleet) -> None:
-        await anyio.to_thread.run_sync(self._save, saved)
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._save, saved)
 
     def _delete(self, name: str) -> None:
         self._file(name).unlink(missing_ok=True)
 
     async def delete(self, name: str) -> None:
-        await anyio.to_thread.run_sync(self._delete, name)
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._delete, name)
