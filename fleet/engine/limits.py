@@ -13,8 +13,9 @@ round trip) until vCenter first pushes back or, for a host, until vSphere's
 documented 8 slots (TCP's ssthresh), then one more operation per window of
 prompt completions, and a multiplicative cut when a task sat ``queued`` or
 its run time jumped. A limit grows only while it is at least half used
-(TCP's congestion window validation), so an idle limit never inflates. A cut caused by queueing goes straight to the concurrency
-vCenter was running when it queued (that is the slot count it revealed), and
+(TCP's congestion window validation), so an idle limit never inflates. A cut
+caused by queueing goes straight to the concurrency vCenter was running when it
+queued (that is the slot count it revealed), and
 the limit then creeps toward that ceiling slowly instead of probing it every
 window. A task that queued is the signal; fleet never keeps more than one
 window's worth of probing outstanding.
