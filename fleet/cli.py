@@ -378,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, as task groups raise them."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _report(errors: list[BaseException]) -> int:
+    if any(isinstance(e, KeyboardInterrupt) for e in errors):
+        eprint("interrupted")
+        return EXIT_INTERRUPTED
+    for exc in errors:
+        eprint(f"error: {exc}")
+    return EXIT_USAGE if any(isinstance(e, ConfigError) for e in errors) else EXIT_INCOMPLETE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -388,15 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "afunc", None) is not None:
             return int(anyio.run(args.afunc, args))
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        eprint(f"error: {exc}")
-        return EXIT_USAGE
-    except FleetError as exc:
-        eprint(f"error: {exc}")
-        return EXIT_INCOMPLETE
-    except KeyboardInterrupt:
-        eprint("interrupted")
-        return EXIT_INTERRUPTED
+    except (FleetError, KeyboardInterrupt) as exc:
+        return _report([exc])
+    except BaseExceptionGroup as group:
+        errors = _leaves(group)
+        if all(isinstance(e, FleetError | KeyboardInterrupt) for e in errors):
+            return _report(errors)
+        raise
 
 
 if __name__ == "__main__":

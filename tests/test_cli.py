@@ -1,0 +1,193 @@
+"""The ``fleet`` command as users run it: a real process, the built-in or a given simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.simproc import PASSWORD, USER, SimProcess
+
+ENV = {"SIM_PASSWORD": PASSWORD, "GUEST_PASSWORD": "fleet-guest"}
+
+
+def fleet(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
+          cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})),
+                          cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimProcess]:
+    with SimProcess(time_scale=0.05) as proc:
+        yield proc
+
+
+def write_spec(path: Path, sim: SimProcess, name: str, count: int, extra: str = "") -> Path:
+    path.write_text(f"""
+name = "{name}"
+count = {count}
+sources = ["frozen-01", "frozen-02", "frozen-03", "golden-running"]
+{extra}
+[vcenter]
+url = "{sim.url}"
+user = "{USER}"
+password_env = "SIM_PASSWORD"
+thumbprint = "{sim.thumbprint}"
+
+[network]
+guest_user = "root"
+guest_password_env = "GUEST_PASSWORD"
+""")
+    return path
+
+
+def test_main_command_uses_the_builtin_simulator_from_any_directory(tmp_path: Path) -> None:
+    result = fleet("provision", "--count", "12", "--json", "--sim-time-scale", "0.1",
+                   cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "built-in simulator" in result.stderr
+    summary = json.loads(result.stdout)
+    for key in ("requested", "ready", "failed", "duration_s", "clones_per_s", "phases",
+                "sources"):
+        assert key in summary
+    assert summary["requested"] == summary["ready"] == 12
+    assert summary["failed"] == 0
+    assert set(summary["phases"]) >= {"queue", "clone", "network", "reconnect", "ready"}
+    assert summary["phases"]["clone"]["count"] == 12
+    assert summary["target"] == "simulator"
+
+
+def test_plain_progress_and_summary_when_not_a_terminal(tmp_path: Path) -> None:
+    result = fleet("provision", "--count", "5", "--sim-time-scale", "0.1", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "5/5 ready" in result.stdout
+    assert "phases" in result.stdout and "sources" in result.stdout
+    assert "clones/s" in result.stderr  # plain progress lines go to stderr
+
+
+def test_provision_status_plan_destroy_against_a_vcenter(sim: SimProcess, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "fleet.toml", sim, "cli", 20)
+    made = fleet("provision", "--spec", str(spec), "--json", env=ENV)
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["ready"] == 20
+    assert "built-in simulator" not in made.stderr
+    status = fleet("status", "--spec", str(spec), "--json", env=ENV)
+    assert status.returncode == 0, status.stderr
+    st = json.loads(status.stdout)
+    assert st["ready"] == 20 and st["missing"] == [] and st["complete"] is True
+    plan = fleet("plan", "--spec", str(spec), "--count", "30", "--json", env=ENV)
+    assert plan.returncode == 0, plan.stderr
+    p = json.loads(plan.stdout)
+    assert p["create"] == 10 and p["feasible"] is True
+    assert sim.stats()["vms"] == 9 + 20  # the plan changed nothing
+    shown = fleet("plan", "--spec", str(spec), env=ENV)
+    assert "placement" in shown.stdout and "frozen-01" in shown.stdout
+    refused = fleet("destroy", "--spec", str(spec), env=ENV)  # stdin is not a terminal
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr
+    gone = fleet("destroy", "--spec", str(spec), "--yes", "--json", env=ENV)
+    assert gone.returncode == 0, gone.stderr
+    assert json.loads(gone.stdout)["removed"] == 20
+    assert sim.stats()["vms"] == 9
+
+
+def test_sources_list_freeze_and_prepare(tmp_path: Path) -> None:
+    with SimProcess(time_scale=0.02) as sim:
+        spec = write_spec(tmp_path / "fleet.toml", sim, "src", 1)
+        listed = fleet("sources", "list", "--spec", str(spec), "--json", env=ENV)
+        assert listed.returncode == 0, listed.stderr
+        rows = {r["name"]: r for r in json.loads(listed.stdout)}
+        assert rows["frozen-01"]["frozen"] is True and rows["frozen-01"]["clones_left"] is None
+        assert rows["golden-running"]["frozen"] is False
+        assert rows["golden-running"]["clones_left"] == 199  # depth 1, budget 200
+        frozen = fleet("sources", "freeze", "--spec", str(spec), "golden-running", "--json",
+                       env=ENV)
+        assert frozen.returncode == 0, frozen.stderr
+        assert json.loads(frozen.stdout)[0]["frozen"] is True
+        assert sim.stats()["sources"]["golden-running"]["frozen"] is True
+        prepared = fleet("sources", "prepare", "--spec", str(spec), "--per-host", "--golden",
+                         "frozen-01", "--json", env=ENV)
+        assert prepared.returncode == 0, prepared.stderr
+        # esx-04..08 had no source of this spec; each gets a frozen one
+        made = json.loads(prepared.stdout)
+        hosts = {r["host"] for r in made if r["frozen"]}
+        assert {"esx-04", "esx-05", "esx-06", "esx-07", "esx-08"} <= hosts
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["provision", "--count", "-1"], "--count: -1 is negative"),
+    (["provision", "--spec", "/no/such/spec.toml"], "cannot read the spec"),
+    (["provision", "--count", "3", "--metrics-port", "99999"], "--metrics-port"),
+    (["provision", "--count", "3", "--sim-time-scale", "0"], "--sim-time-scale"),
+    (["destroy", "--spec", "/no/such/spec.toml", "--yes"], "cannot read the spec"),
+])
+def test_bad_options_are_clear_errors(args: list[str], expected: str) -> None:
+    result = fleet(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr
+
+
+def test_a_bad_spec_names_file_key_and_value(sim: SimProcess, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "bad.toml", sim, "bad", 5, extra="chain_budget = 300")
+    result = fleet("provision", "--spec", str(spec), env=ENV)
+    assert result.returncode == 2
+    assert "bad.toml" in result.stderr and "chain_budget" in result.stderr
+    assert "300" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_source_fails_before_any_clone(sim: SimProcess, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "fleet.toml", sim, "ghost", 5)
+    spec.write_text(spec.read_text().replace('"frozen-03"', '"no-such-vm"'))
+    before = sim.stats()["clones_total"]
+    result = fleet("provision", "--spec", str(spec), env=ENV)
+    assert result.returncode == 2, result.stderr
+    assert "no-such-vm" in result.stderr
+    assert sim.stats()["clones_total"] == before
+
+
+def test_metrics_port_serves_prometheus_text(tmp_path: Path) -> None:
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scraped: list[str] = []
+
+    def scrape() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not scraped:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+                    if "fleet_clones_total" in text:
+                        scraped.append(text)
+            except OSError:
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=scrape)
+    thread.start()
+    result = fleet("provision", "--count", "40", "--json", "--metrics-port", str(port),
+                   "--sim-time-scale", "0.5", cwd=str(tmp_path))
+    thread.join(70)
+    assert result.returncode == 0, result.stderr
+    assert scraped, "no scrape during the run"
+    text = scraped[0]
+    assert "fleet_vsphere_request_duration_seconds_bucket" in text
+    assert 'fleet_clone_phase_duration_seconds_bucket{le="0.05",phase="clone"}' in text
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
