@@ -76,3 +76,39 @@ def test_registries_are_independent() -> None:
     a, b = FleetMetrics(), FleetMetrics()
     a.relogin()
     assert sample(b, "fleet_vsphere_relogins_total") == 0
+
+
+def test_overlapping_runs_keep_their_jobs_apart() -> None:
+    m = FleetMetrics()
+    a, b = m.events_for("a"), m.events_for("b")
+    a(ev.RunStarted(0.0, fleet="a", run_id="ra", requested=1, to_create=1, to_resume=0,
+                    to_remove=0, already_ready=0))
+    b(ev.RunStarted(0.0, fleet="b", run_id="rb", requested=1, to_create=1, to_resume=0,
+                    to_remove=0, already_ready=0))
+    # Same index in both fleets: two jobs, not one.
+    a(ev.JobQueued(0.0, index=0, name="a-0", phase="clone"))
+    b(ev.JobQueued(0.0, index=0, name="b-0", phase="clone"))
+    assert sample(m, "fleet_queue_length") == 2
+    a(ev.JobStarted(0.1, index=0, name="a-0", source="s", host="esx-01", attempt=1))
+    b(ev.JobStarted(0.1, index=0, name="b-0", source="s", host="esx-01", attempt=1))
+    assert sample(m, "fleet_clones_in_flight", host="esx-01") == 2
+    a(ev.PhaseDone(1.0, index=0, name="a-0", phase="clone", duration_s=0.9))
+    assert sample(m, "fleet_clones_in_flight", host="esx-01") == 1
+    b(ev.RunFinished(2.0, fleet="b", run_id="rb", ready=0, failed=1, cancelled=True))
+    assert sample(m, "fleet_clones_in_flight", host="esx-01") == 0
+    m.set_members("a", {"ready": 1})
+    m.set_members("b", {"ready": 2})
+    m.forget_fleet("b")
+    assert sample(m, "fleet_fleet_members", fleet="a", state="ready") == 1
+    assert sample(m, "fleet_fleet_members", fleet="b", state="ready") is None
+
+
+def test_api_and_service_numbers() -> None:
+    m = FleetMetrics()
+    m.observe_api("/v1/fleets/{name}", "GET", 404, 0.002)
+    m.set_fleets({"ready": 2}, ["ready", "pending"])
+    assert sample(m, "fleet_api_requests_total", route="/v1/fleets/{name}", method="GET",
+                  code="404") == 1
+    assert sample(m, "fleet_api_request_duration_seconds_count", route="/v1/fleets/{name}") == 1
+    assert sample(m, "fleet_fleets", state="ready") == 2
+    assert sample(m, "fleet_fleets", state="pending") == 0

@@ -52,7 +52,7 @@ def free_port() -> int:
 
 
 def get_json(url: str, timeout_s: float = 10.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (loopback)
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
         return json.loads(resp.read())
 
 

@@ -1,0 +1,112 @@
+"""The service config: every mistake is an error naming the file, the key and the value;
+secrets come from the environment or files only; the shipped example loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.api.cli import main as serve_main
+from fleet.api.config import config_from_dict, load_config, parse_listen
+from fleet.cli import build_parser
+from fleet.engine.spec import SpecError
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {"TOKEN": "a-good-long-token-123456", "VC_PW": "vc-secret", "GUEST": "guest-secret"}
+
+
+def problems(data: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        config_from_dict({"api": {"token_env": "TOKEN"}, **data}, source="serve.toml",
+                         env=ENV if env is None else env)
+    assert "serve.toml" in str(info.value)
+    return dict(info.value.problems)
+
+
+def test_the_example_config_loads(tmp_path: Path) -> None:
+    config = load_config(ROOT / "config" / "serve.example.toml",
+                         env={"FLEET_API_TOKEN": "x" * 24,
+                              "FLEET_SIM_GUEST_PASSWORD": "fleet-guest"})
+    assert config.vcenter is None and config.root_folder == "fleet"
+    assert config.listen_address == ("127.0.0.1", 8080)
+    assert config.api.token.get_secret_value() == "x" * 24
+    assert "x" * 24 not in repr(config) and "x" * 24 not in config.model_dump_json()
+
+
+@pytest.mark.parametrize(("data", "key", "words"), [
+    ({"listen": "8080"}, "listen", '"8080"'),
+    ({"listen": "host:99999"}, "listen", "HOST:PORT"),
+    ({"root_folder": "/"}, "root_folder", "folder path"),
+    ({"scan_interval_s": 0}, "scan_interval_s", "above 0"),
+    ({"max_count": 10**9}, "max_count", "at most"),
+    ({"bogus": 1}, "bogus", "unknown key"),
+    ({"api": {"token_env": "TOKEN", "token": "inline"}}, "api.token", "unknown key"),
+    ({"api": {}}, "api.token_env", "exactly one"),
+    ({"api": {"token_env": "TOKEN", "token_file": "/x"}}, "api.token_env", "exactly one"),
+    ({"api": {"token_env": "UNSET"}}, "api.token_env", "UNSET is not set"),
+    ({"api": {"token_env": "TOKEN", "max_body_bytes": 10}}, "api.max_body_bytes", "1024"),
+    ({"vcenter": {"url": "https://vc/sdk", "user": "u"}}, "vcenter.password_env", "exactly"),
+    ({"vcenter": {"url": "ftp://vc", "user": "u", "password_env": "VC_PW"}}, "vcenter.url",
+     "http(s)"),
+    ({"vcenter": {"url": "https://vc/sdk", "user": "u", "password_env": "VC_PW",
+                  "thumbprint": "zz"}}, "vcenter.thumbprint", "fingerprint"),
+    ({"limits": {"in_flight": 1000}}, "limits.in_flight", "640"),
+    ({"limits": {"per_host": "lots"}}, "limits.per_host", '"lots"'),
+    ({"defaults": {"vcenter": {}}}, "defaults.vcenter", "not a default"),
+    ({"defaults": {"name": "x"}}, "defaults.name", "each request names"),
+    ({"defaults": {"folder": "x"}}, "defaults.folder", "root_folder"),
+    ({"defaults": {"chain_budget": 300}}, "defaults.chain_budget", "254"),
+    ({"defaults": {"nope": 1}}, "defaults.nope", "unknown key"),
+    ({"defaults": {"network": {"guest_user": "root", "guest_password_env": "UNSET"}}},
+     "defaults.network.guest_password_env", "UNSET is not set"),
+    ({"simulator": {"time_scale": -1}}, "simulator.time_scale", "above 0"),
+])
+def test_config_errors_name_the_key_and_value(data: dict[str, Any], key: str,
+                                              words: str) -> None:
+    found = problems(data)
+    assert key in found, found
+    assert words in found[key], found[key]
+
+
+def test_tokens_must_be_long_and_come_from_env_or_file(tmp_path: Path) -> None:
+    found = problems({}, env={"TOKEN": "short"})
+    assert "at least 16" in found["api.token_env"] and "short" not in found["api.token_env"]
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token-0123456789\n")
+    config = config_from_dict({"api": {"token_file": "token"}}, env={}, base_dir=tmp_path)
+    assert config.api.token.get_secret_value() == "file-token-0123456789"
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    config = config_from_dict({"api": {"token_env": "TOKEN"}, "state_dir": "state",
+                               "vcenter": {"url": "https://vc/sdk", "user": "u",
+                                           "password_env": "VC_PW", "ca_file": "ca.pem"}},
+                              env=ENV, base_dir=tmp_path)
+    assert config.state_path == tmp_path / "state"
+    assert config.ca_file == str(tmp_path / "ca.pem")
+    assert config.vcenter is not None
+    assert config.vcenter.password.get_secret_value() == "vc-secret"
+
+
+def test_listen_option_is_checked() -> None:
+    assert parse_listen("127.0.0.1:0", "--listen") == ("127.0.0.1", 0)
+    assert parse_listen("[::1]:8080", "--listen") == ("::1", 8080)
+    with pytest.raises(SpecError, match="--listen"):
+        parse_listen("localhost", "--listen")
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "serve.toml"
+    path.write_text('[api]\ntoken_env = "FLEET_TEST_NO_SUCH_TOKEN"\n')
+    args = build_parser().parse_args(["serve", "--config", str(path)])
+    assert serve_main(args) == 2
+    err = capsys.readouterr().err
+    assert "serve.toml: api.token_env: environment variable FLEET_TEST_NO_SUCH_TOKEN is not set" \
+        in err
+    path.write_text("listen = [")
+    assert serve_main(args) == 2
+    assert "not valid TOML" in capsys.readouterr().err
