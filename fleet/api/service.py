@@ -421,6 +421,14 @@ class FleetService:
         superseded = rec.generation != generation or rec.want_destroy
         if self._stopping or superseded:
             return True  # the newer request (or the destroy, or the next start) takes over
+        try:
+            # Read the members back first (VM ids, labels), so that a caller who sees the
+            # new status sees the members that go with it.
+            await self._refresh(rec)
+        except (FleetError, TimeoutError) as exc:
+            log.warning("fleet %s: could not re-read members: %s", rec.name, exc)
+        if rec.generation != generation or rec.want_destroy or self._stopping:
+            return True
         rec.applied = generation
         rec.status = "ready" if summary.complete else "incomplete"
         if summary.failures:
@@ -430,10 +438,6 @@ class FleetService:
         await self._save(rec)
         log.info("fleet %s: run %s ended %s: %d/%d ready in %.1fs", rec.name, summary.run_id,
                  rec.status, summary.ready, summary.requested, summary.duration_s)
-        try:
-            await self._refresh(rec)
-        except (FleetError, TimeoutError) as exc:
-            log.warning("fleet %s: could not re-read members: %s", rec.name, exc)
         return True
 
     def _run_ended(self, rec: FleetRecord) -> None:

@@ -356,7 +356,7 @@ def test_unknown_fleets_are_404(service: ServeProcess, method: str, name: str) -
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", "/", 404), ("GET", "/v2/fleets", 404), ("GET", "/v1", 404),
     ("POST", "/healthz", 405), ("DELETE", "/v1/fleets", 405), ("POST", "/v1/fleets/x/y", 404),
-    ("GET", "/v1/fleets/crud?limit=abc", 404), ("GET", "/v1/fleets/crud?offset=-1", 404),
+    ("GET", "/v1/fleets/never?limit=abc", 404), ("GET", "/v1/fleets/never?offset=-1", 404),
 ])
 def test_unknown_routes_and_methods(service: ServeProcess, method: str, path: str,
                                     status: int) -> None:
