@@ -16,7 +16,8 @@ DELETE   /v1/fleets/{name}            destroy the fleet (in the background)
 =======  ===========================  ==============================================
 
 Everything under ``/v1`` needs ``Authorization: Bearer <token>``, compared with
-:func:`hmac.compare_digest`. Every refusal is JSON, ``{"error": {"status",
+:func:`hmac.compare_digest` on SHA-256 digests (equal lengths: not even the
+token's length shows in the timing). Every refusal is JSON, ``{"error": {"status",
 "message", "problems"?}}``, with a 4xx status: 400 (not JSON, bad query), 401,
 404, 405, 409, 413 (body over ``api.max_body_bytes``), 415 (not
 ``application/json``), 422 (not a valid spec: ``problems`` name each field).
@@ -26,6 +27,7 @@ fuzzing makes sure none happens.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -108,7 +110,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         given_bytes = given.strip().encode("utf-8", "surrogateescape")
     except UnicodeError:
         given_bytes = b""
-    if not hmac.compare_digest(given_bytes, request.app[TOKEN_KEY]):
+    if not hmac.compare_digest(hashlib.sha256(given_bytes).digest(), request.app[TOKEN_KEY]):
         raise ApiError(401, "the bearer token is not valid")
     return await handler(request)
 
@@ -231,7 +233,7 @@ def make_app(service: FleetService, config: ServiceConfig, metrics: FleetMetrics
     app[SERVICE_KEY] = service
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = metrics
-    app[TOKEN_KEY] = config.api.token.get_secret_value().encode()
+    app[TOKEN_KEY] = hashlib.sha256(config.api.token.get_secret_value().encode()).digest()
     app[DOC_KEY] = json.dumps(openapi_document(config)).encode()
     r = app.router
     r.add_get("/healthz", healthz)

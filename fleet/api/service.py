@@ -278,7 +278,8 @@ class FleetService:
             raise ApiError(409, f"fleet {spec.name} is being destroyed "
                                 f"({rec.destroy_reason}); try again when it is gone")
         self._accept(rec, request, spec, request.data)
-        await self._save(rec, must=True)
+        with anyio.CancelScope(shield=True):  # accepted: a caller hanging up changes nothing
+            await self._save(rec, must=True)
         self._ensure_worker(rec)
         rec.poke()
         self._scan_wake.set()  # a new expiry may be sooner than the next scan
@@ -298,7 +299,8 @@ class FleetService:
             raise ApiError(409, f"fleet {name} is being destroyed ({rec.destroy_reason})")
         request = make(rec.spec_data)
         self._accept(rec, request, request.spec, request.data)
-        await self._save(rec, must=True)
+        with anyio.CancelScope(shield=True):
+            await self._save(rec, must=True)
         rec.poke()
         self._scan_wake.set()
         log.info("fleet %s: accepted scale request %d (count %d)", name, rec.generation,
@@ -325,7 +327,8 @@ class FleetService:
         rec = self.get(name)
         if not rec.want_destroy:
             self._doom(rec, "deleted")
-            await self._save(rec)
+            with anyio.CancelScope(shield=True):
+                await self._save(rec)
         return rec
 
     def _doom(self, rec: FleetRecord, reason: str) -> None:
