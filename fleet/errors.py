@@ -10,6 +10,7 @@ decides what to do by type, never by message text::
     └── VSphereError                 anything vCenter (or the way to it) said no to
         ├── TransientVSphereError    worth retrying as is, after a backoff
         │   ├── ConnectionFailed     TCP/TLS/HTTP-level failure, reset, 5xx
+        │   │   └── NotDelivered     provably never reached vCenter (connect failed, 503)
         │   ├── RequestTimeout       a call or task wait passed its deadline
         │   ├── NotAuthenticated     session expired or logged out (re-login, then retry)
         │   ├── ResourceBusy         TaskInProgress, concurrent access
@@ -99,6 +100,13 @@ class TransientVSphereError(VSphereError):
 
 
 class ConnectionFailed(TransientVSphereError):
+    reason = "connection"
+
+
+class NotDelivered(ConnectionFailed):
+    """The request never reached vCenter (connect failed, HTTP 503): any call may be
+    repeated, and a clone submitted this way was certainly not made."""
+
     reason = "connection"
 
 

@@ -88,6 +88,8 @@ from fleet.errors import (
     ConfigError,
     DuplicateName,
     FleetError,
+    NotAuthenticated,
+    NotDelivered,
     NotFound,
     RequestTimeout,
     VSphereError,
@@ -568,9 +570,11 @@ class Provisioner:
                 made = await job.task.wait()
         except (VSphereError, TimeoutError) as exc:
             error = exc
-            if job.task is None and (not isinstance(exc, VSphereError) or exc.transient):
-                # The request may have reached vCenter and be cloning without us.
-                job.lost_submit_at = job.submit_started
+            if job.task is None:
+                if (not isinstance(exc, VSphereError) or exc.transient) and \
+                        not isinstance(exc, NotDelivered | NotAuthenticated):
+                    # The request may have reached vCenter and be cloning without us.
+                    job.lost_submit_at = job.submit_started
                 job.submit_started = None
             if job.task is not None and not (isinstance(exc, VSphereError)
                                              and not exc.transient):
@@ -642,13 +646,23 @@ class Provisioner:
         spec = self.spec
         if isinstance(error, DuplicateName):
             holder = await self._holder(job, error)
+            if holder is None:
+                # vCenter holds the name for a clone still in flight (our own submit whose
+                # reply was lost, or one of a run that died) and no VM has it yet: wait for
+                # it to land, then judge it like any holder.
+                holder = await self._await_holder(job)
             if holder is not None and member_index(holder.extra_config, spec.name) == job.index:
                 self._adopt(job, holder)
                 return
-            who = holder.ref.id if holder is not None else (error.existing or "another VM")
-            self._finish(job, "failed", "clone", "name_taken",
-                         f"the name {job.name} is taken by {who}, which is not a member of "
-                         f"fleet {spec.name}; it was left alone")
+            if holder is not None:
+                self._finish(job, "failed", "clone", "name_taken",
+                             f"the name {job.name} is taken by {holder.ref.id}, which is not a "
+                             f"member of fleet {spec.name}; it was left alone")
+                return
+            # No VM took the name: the clone that held it failed, and the name is free.
+            await self._retry_clone(job, error.reason,
+                                    f"{error} (no VM took the name within "
+                                    f"{spec.timeouts.clone_s}s)")
             return
         if isinstance(error, VSphereError) and not error.transient and error.scope != "call":
             if error.scope == "source":
@@ -676,7 +690,22 @@ class Provisioner:
         if found is not None:
             self._adopt(job, found)
             return
+        await self._retry_clone(job, reason, message)
+
+    async def _retry_clone(self, job: Job, reason: str, message: str) -> None:
+        """Back to the queue after a backoff, or failed when out of attempts."""
+        spec = self.spec
         if job.attempt >= spec.retries.attempts:
+            if job.lost_submit_at is not None:
+                # A submit whose reply was lost may still land (each retry's reply may have
+                # been lost too): give it the clone timeout before calling the job failed,
+                # or a member would appear that the summary says is missing.
+                found = await self._await_holder(
+                    job, deadline=job.lost_submit_at + spec.timeouts.clone_s)
+                if found is not None and \
+                        member_index(found.extra_config, spec.name) == job.index:
+                    self._adopt(job, found)
+                    return
             self._finish(job, "failed", "clone", reason,
                          f"{message} (after {job.attempt} attempts)")
             return
@@ -684,6 +713,27 @@ class Provisioner:
         self.emit(JobRetried, index=job.index, name=job.name, phase="clone",
                   attempt=job.attempt, reason=reason, delay_s=round(delay, 6), message=message)
         self._requeue(job, delay)
+
+    async def _await_holder(self, job: Job, *, deadline: float | None = None) -> VmInfo | None:
+        """The VM that lands under ``job.name`` by ``deadline`` (default: the clone timeout
+        from now; a clone in flight holds its name before its VM exists), or None; looked
+        up at least once, with backoff, given up early when the run stops."""
+        if deadline is None:
+            deadline = anyio.current_time() + self.spec.timeouts.clone_s
+        delay = 0.01
+        while True:
+            try:
+                with anyio.fail_after(self.spec.timeouts.call_s):
+                    found = await self._lookup(job.name)
+            except (VSphereError, TimeoutError):
+                found = None
+            if found is not None:
+                return found
+            now = anyio.current_time()
+            if now >= deadline or self._stopping:
+                return None
+            await anyio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 1.0)
 
     async def _holder(self, job: Job, error: DuplicateName) -> VmInfo | None:
         try:

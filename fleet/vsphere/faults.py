@@ -65,6 +65,7 @@ from fleet.errors import (
     InvalidGuestLogin,
     InvalidLogin,
     NotAuthenticated,
+    NotDelivered,
     NotFound,
     PermissionDenied,
     RequestTimeout,
@@ -87,12 +88,6 @@ INSTANT_CLONE_METHODS = frozenset({"InstantClone_Task", "CheckInstantClone_Task"
 #: Guest operations: a file fault there is the guest program's, not the datastore's.
 GUEST_METHODS = frozenset({"StartProgramInGuest", "ListProcessesInGuest",
                            "TerminateProcessInGuest"})
-
-
-class NotDelivered(ConnectionFailed):
-    """The request never reached vCenter (connect failed, HTTP 503): any call may be repeated."""
-
-    reason = "connection"
 
 
 class HttpStatusError(Exception):

@@ -6,7 +6,7 @@ on its own (everything else surfaces to the caller, which decides):
 1. **Never executed -> repeat anything.** A ``NotAuthenticated`` fault is
    vCenter refusing the call at the door (the session check comes before any
    work), so after a re-login the call is sent again, task-starting calls
-   included. The same holds for :class:`~fleet.vsphere.faults.NotDelivered`
+   included. The same holds for :class:`~fleet.errors.NotDelivered`
    (the TCP/TLS connection was never made, or a proxy answered HTTP 503).
 2. **Maybe executed -> repeat only what is safe to repeat.** After a reset, a
    dropped or unreadable reply or a deadline, the call may have run. Reads and
@@ -57,12 +57,13 @@ from pyVmomi import vim
 from fleet.errors import (
     InvalidLogin,
     NotAuthenticated,
+    NotDelivered,
     PermanentVSphereError,
     TransientVSphereError,
     VSphereError,
     VSphereFault,
 )
-from fleet.vsphere.faults import NotDelivered, map_vsphere_faults, translate
+from fleet.vsphere.faults import map_vsphere_faults, translate
 from fleet.vsphere.transport import MIN_VERSION, SoapTransport, VimStub, version_name
 
 log = logging.getLogger("fleet.vsphere")

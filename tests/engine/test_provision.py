@@ -195,7 +195,10 @@ async def test_permanent_fault_is_reported_not_retried() -> None:
 async def test_retries_are_bounded() -> None:
     fake = make_fake(hosts=2)
     rule = fake.add_fault(FaultRule("start_instant_clone", ConnectionFailed, match="lt-0001"))
-    spec = make_spec(sources=FROZEN4[:2], count=4, retries={"attempts": 3}, **CLONE_ONLY)
+    # A submit that may have gone through is given the clone timeout to land before the
+    # job is called failed: keep that short here.
+    spec = make_spec(sources=FROZEN4[:2], count=4, retries={"attempts": 3},
+                     timeouts={"clone_s": 0.3}, **CLONE_ONLY)
     async with fake:
         summary = await provision(spec, fake, options=opts())
     assert rule.fired == 3
