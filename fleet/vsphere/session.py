@@ -184,7 +184,7 @@ class Session:
             version = version_name(str(about.apiVersion or "")) or MIN_VERSION
         self.stub = VimStub(version, self.invoke)
         async with self._login_lock:
-            await self._login()
+            await self._login_retrying()
             self.generation += 1
 
     async def _service_content(self, *, adopt_cookie: bool = False) -> Any:
@@ -215,6 +215,26 @@ class Session:
         log.info("logged in to %s (API %s) in %.2f s", self.transport.url,
                  self.stub.versionId.strip('"').rsplit("/", 1)[-1], time.monotonic() - started)
 
+    async def _login_retrying(self) -> None:
+        """:meth:`_login`, repeated after transient failures (a reset, a 503, a lost reply).
+
+        Each attempt starts over on a fresh cookie, so repeating is safe; a Login whose
+        reply was lost leaves one unused session behind, which vCenter drops when it
+        idles out. vCenter's verdicts (a refused password) are not repeated."""
+        attempt = 0
+        while True:
+            try:
+                await self._login()
+                return
+            except TransientVSphereError as exc:
+                if self._closed or attempt >= self.retry.max_retries:
+                    raise
+                attempt += 1
+                self.stats.retries["Login"] += 1
+                log.info("login to %s failed (%s); retry %d", self.transport.url, exc.reason,
+                         attempt)
+                await anyio.sleep(self.retry.pause_s(attempt))
+
     async def relogin(self, seen_generation: int) -> None:
         """Log in again unless someone already did since ``seen_generation``."""
         async with self._login_lock:
@@ -227,7 +247,7 @@ class Session:
                 raise InvalidLogin(refused[1], fault="InvalidLogin", method="Login")
             started = time.monotonic()
             try:
-                await self._login()
+                await self._login_retrying()
             except InvalidLogin as exc:
                 self._login_refused = (seen_generation, str(exc))
                 raise

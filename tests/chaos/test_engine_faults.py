@@ -1,0 +1,55 @@
+"""Fault handling the chaos runs rely on, pinned down one fault at a time.
+
+Fast tests: the engine against the in-memory fake, the client against a small
+simulator.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from fleet.engine import provision
+from fleet.errors import NotDelivered
+from fleet.vsphere.fake import FaultRule, make_fake
+from tests.chaos.conftest import client
+from tests.engine.conftest import CLONE_ONLY, FROZEN4, make_spec
+from tests.engine.conftest import options as opts
+from tests.simproc import SimProcess
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_submit_that_never_reached_vcenter_is_not_waited_for() -> None:
+    """A clone submit that provably never reached vCenter (connection refused, 503) made
+    nothing: the job is retried and failed without waiting out the clone timeout for a
+    clone that cannot land."""
+    fake = make_fake(hosts=2)
+    rule = fake.add_fault(FaultRule("start_instant_clone", NotDelivered, match="lt-0001"))
+    spec = make_spec(sources=FROZEN4[:2], count=4, retries={"attempts": 3},
+                     timeouts={"clone_s": 30.0}, **CLONE_ONLY)
+    started = time.monotonic()
+    async with fake:
+        summary = await provision(spec, fake, options=opts())
+    assert rule.fired == 3
+    assert summary.failures == {"connection": 1} and summary.ready == 3
+    assert time.monotonic() - started < 5.0
+
+
+async def test_login_survives_resets_503s_and_a_lost_reply() -> None:
+    """The first Login meets a 503, a reset and a lost reply: the client logs in anyway
+    (each attempt on a fresh session), and so does a re-login after an expiry."""
+    with SimProcess(time_scale=0.05) as sim:
+        sim.add_faults({"method": "Login", "fault": "http:503", "max_count": 1},
+                       {"method": "Login", "fault": "http:reset", "max_count": 1},
+                       {"method": "Login", "fault": "http:lost_reply", "max_count": 1})
+        async with client(sim) as vs:
+            assert (await vs.find_vms(["frozen-01"]))[0].name == "frozen-01"
+            assert vs.stats["retries"]["Login"] == 3
+            sim.add_faults({"method": "Login", "fault": "http:reset", "max_count": 2})
+            await anyio.to_thread.run_sync(sim.expire_sessions)
+            assert (await vs.find_vms(["frozen-02"]))[0].name == "frozen-02"
+            assert vs.stats["relogins"] == 1
+            assert vs.stats["retries"]["Login"] == 5
