@@ -69,6 +69,8 @@ STATUSES = ("pending", "provisioning", "retrying", "ready", "incomplete", "faile
 UNFINISHED = ("pending", "provisioning", "retrying")
 MEMBER_STATES = ("queued", "cloning", "cloned", "network", "ready", "failed")
 RETRY_MAX_S = 60.0
+#: deadline of one vCenter call the service makes itself (a scan gets four)
+CALL_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -160,7 +162,7 @@ class FleetService:
         await self.store.prepare()
         for saved in await self.store.load_all():
             self._restore(saved)
-        with anyio.fail_after(self._call_s * 4):
+        with anyio.fail_after(CALL_TIMEOUT_S * 4):
             await self.scan()
         tg = anyio.create_task_group()
         await tg.__aenter__()
@@ -187,16 +189,12 @@ class FleetService:
             rec.provisioner.stop("service stopping")
         if running:
             with anyio.CancelScope(shield=True), \
-                    anyio.move_on_after(self.config.shutdown_grace_s + self._call_s):
+                    anyio.move_on_after(self.config.shutdown_grace_s + CALL_TIMEOUT_S):
                 await self._runs_done.wait()
         tg.cancel_scope.cancel()
         # Exited where it was entered (not inside another scope), as anyio requires.
         await tg.__aexit__(None, None, None)
         log.info("service stopped")
-
-    @property
-    def _call_s(self) -> float:
-        return 60.0
 
     @property
     def ready(self) -> bool:
@@ -206,6 +204,14 @@ class FleetService:
         self.metrics.limit.labels(str(key)).set(new)
 
     def _restore(self, saved: SavedFleet) -> None:
+        if saved.spec is None:
+            # A fleet found in vCenter, not requested here, that a caller asked to destroy.
+            if saved.status == "destroying":
+                self.fleets[saved.name] = FleetRecord(
+                    saved.name, self.config.fleet_folder(saved.name), status="destroying",
+                    want_destroy=True, destroy_reason=saved.extra.get("destroy_reason", ""),
+                    created_at=saved.created_at, updated_at=saved.updated_at)
+            return
         try:
             spec = spec_from_dict(saved.spec, source=f"state of fleet {saved.name}",
                                   env=self.config.env, base_dir=self.config.base_dir)
@@ -234,8 +240,8 @@ class FleetService:
     async def _save(self, rec: FleetRecord, *, must: bool = False) -> None:
         """Record the fleet's request. ``must``: a request is being accepted, and is not
         unless it is on disk (503); otherwise a failure is logged and retried later."""
-        if rec.spec_data is None:
-            return
+        if rec.spec_data is None and not rec.want_destroy:
+            return  # nothing vCenter does not already say
         try:
             await self.store.save(SavedFleet(
                 name=rec.name, spec=rec.spec_data, generation=rec.generation,
@@ -552,7 +558,7 @@ class FleetService:
         rec.members = dict(sorted(new.items()))
 
     async def _refresh(self, rec: FleetRecord) -> list[Member]:
-        with anyio.fail_after(self._call_s):
+        with anyio.fail_after(CALL_TIMEOUT_S):
             folder = await self.vs.find_folder(rec.folder)
             vms: list[VmInfo] = await self.vs.list_folder_vms(folder) if folder else []
         members = [m for m in (as_member(vm, rec.name) for vm in vms) if m is not None]
@@ -632,7 +638,7 @@ class FleetService:
             if anyio.current_time() >= next_scan:
                 next_scan = anyio.current_time() + interval
                 try:
-                    with anyio.fail_after(self._call_s * 4):
+                    with anyio.fail_after(CALL_TIMEOUT_S * 4):
                         await self.scan()
                 except (FleetError, TimeoutError) as exc:
                     self.scan_error = str(exc) or "the scan timed out"

@@ -32,7 +32,8 @@ class SavedFleet:
     """One fleet's request as the service last accepted it."""
 
     name: str
-    spec: dict[str, Any]  # the effective spec (defaults merged), as JSON data
+    spec: dict[str, Any] | None  # the effective spec (defaults merged), as JSON data;
+    # None for a fleet found in vCenter that is being destroyed
     generation: int
     status: str  # pending | provisioning | ready | incomplete | failed | destroying
     expires_at: float | None = None

@@ -228,3 +228,29 @@ async def test_destroy_stops_a_run_and_removes_everything(tmp_path: Path) -> Non
             await until(lambda: "doomed" not in service.fleets)
         assert members_of(fake, "doomed") == []
         assert fake.folder_vms("fleet/doomed") == []
+
+
+async def test_a_delete_of_a_discovered_fleet_survives_a_restart(tmp_path: Path) -> None:
+    from fleet.errors import PermissionDenied
+    from fleet.vsphere.fake import FaultRule
+
+    clock = Clock()
+    fake = folder_fake()
+    config = make_config(tmp_path)
+    spec = spec_from_dict({"name": "found", "count": 3, "sources": FROZEN4,
+                           "network": {"refresh": "none", "disconnect_at_clone": False},
+                           "readiness": {"wait_for": "none"}}, env=ENV)
+    async with fake:
+        assert (await provision(spec, fake)).complete
+        rule = fake.add_fault(FaultRule("destroy", PermissionDenied))
+        async with running(config, fake, clock) as service:
+            assert service.fleets["found"].status == "discovered"
+            await service.remove("found")
+            await until(lambda: rule.fired >= 3)  # vCenter refuses every destroy
+            assert service.fleets["found"].error is not None
+        assert '"destroying"' in (tmp_path / "found.json").read_text()
+        fake.faults.clear()
+        async with running(config, fake, clock) as service:
+            await until(lambda: "found" not in service.fleets)
+        assert members_of(fake, "found") == []
+        assert not (tmp_path / "found.json").exists()
