@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -374,3 +375,21 @@ def test_bad_queries_are_400(service: ServeProcess) -> None:
         assert status == 400, (query, resp)
     assert service.call("DELETE", "/v1/fleets/query")[0] == 202
     service.wait_for("query", ("gone",))
+
+
+def test_secrets_stay_out_of_argv_logs_metrics_and_answers(service: ServeProcess) -> None:
+    from tests.api.serveproc import GUEST_PASSWORD
+    from tests.simproc import PASSWORD
+
+    secrets = [TOKEN, PASSWORD, GUEST_PASSWORD]
+    cmdline = Path(f"/proc/{service.proc.pid}/cmdline").read_bytes().decode(errors="replace")
+    assert not [s for s in secrets if s in cmdline], "a secret is in the service's argv"
+    _, text = service.call("GET", "/metrics", token=None)
+    _, listing = service.call("GET", "/v1/fleets")
+    answers = text + json.dumps(listing) + json.dumps(doc(service))
+    for name in [f["name"] for f in listing["fleets"]]:
+        answers += json.dumps(service.fleet(name))
+    logs = "".join(service.stderr_lines)
+    for secret in secrets:
+        assert secret not in answers
+        assert secret not in logs
