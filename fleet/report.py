@@ -154,9 +154,15 @@ def print_summary(summary: Summary, stream: IO[str] | None = None) -> None:
         failures = Table(title="failures by reason", title_justify="left")
         failures.add_column("reason")
         failures.add_column("count", justify="right")
-        for reason, count in sorted(summary.failures.items(), key=lambda kv: -kv[1]):
+        ordered = sorted(summary.failures.items(), key=lambda kv: -kv[1])
+        for reason, count in ordered:
             failures.add_row(reason, str(count))
         console.print(failures)
+        for reason, _ in ordered:
+            message = summary.failure_messages.get(reason)
+            if message:  # one line each, unwrapped, so it can be read and searched whole
+                console.print(f"{reason}: {message}", soft_wrap=True, highlight=False,
+                              markup=False)
 
 
 def print_removal(summary: RemovalSummary, stream: IO[str] | None = None) -> None:

@@ -320,6 +320,9 @@ class Summary:
     failed_indexes: list[int] = field(default_factory=list)
     cancelled: bool = False
     limits: dict[str, float] = field(default_factory=dict)
+    #: why, for each reason in ``failures``: the first message given for it (e.g. every
+    #: source's reason when none can take a clone)
+    failure_messages: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:

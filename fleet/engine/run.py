@@ -243,6 +243,7 @@ class Provisioner:
         self._removed = 0
         self._already_ready = 0
         self._blocked: dict[int, str] = {}
+        self._failure_messages: dict[str, str] = {}  # reason -> the first message given
         self._unsettled: list[Job] = []
         self._key_cache: dict[tuple[str, Ref | None, Ref | None, bool], tuple[LimitKey, ...]] = {}
 
@@ -408,6 +409,7 @@ class Provisioner:
             self.emit(JobReady, index=job.index, name=job.name, source=job.source or "",
                       duration_s=round(anyio.current_time() - job.started_at, 6))
         else:
+            self._failure_messages.setdefault(reason or "unfinished", message)
             self.emit(JobFailed, index=job.index, name=job.name, phase=phase, reason=reason,
                       message=message)
         self._wake.set()
@@ -666,7 +668,13 @@ class Provisioner:
             return
         if isinstance(error, VSphereError) and not error.transient and error.scope != "call":
             if error.scope == "source":
-                self._retire(src, error.reason, str(error))
+                self._retire(src, error.reason, str(error))  # before any await: no new job
+                # Re-read it (its chain, its power): the summary and the gauges then show
+                # the source as vCenter has it, not as fleet believed it was.
+                with anyio.CancelScope(shield=True):
+                    info = await self._read_source(src)
+                if info is not None:
+                    self._update_source(src, info)
             elif host is not None and self.view.exclude_host(host.info.ref,
                                                               f"{error.reason}: {error}"):
                 self.emit(HostExcluded, host=host.info.name, reason=error.reason,
@@ -999,9 +1007,10 @@ class Provisioner:
             if job.outcome != "ready":
                 failures[job.reason or "unfinished"] += 1
                 failed_indexes.append(job.index)
-        for index in self._blocked:
+        for index, why in self._blocked.items():
             failures["name_taken"] += 1
             failed_indexes.append(index)
+            self._failure_messages.setdefault("name_taken", why)
         sources = {name: source_summary(s) for name, s in self.view.sources.items()} \
             if self.view else {}
         return Summary(
@@ -1012,6 +1021,7 @@ class Provisioner:
             clones_per_s=round(self._created / duration, 3),
             phases={p: PhaseStats.of(v) for p, v in self._phase_s.items()},
             sources=sources, failures=dict(failures), failed_indexes=sorted(failed_indexes),
+            failure_messages={r: self._failure_messages.get(r, "") for r in failures},
             cancelled=self._stopping,
             limits={s.key: s.limit for s in self.limiters.statistics()
                     if not math.isinf(s.limit)})
