@@ -140,6 +140,13 @@ async def _provision(args: argparse.Namespace) -> int:
 
     ttl_s = parse_duration(args.ttl) if args.ttl is not None else None
     spec = _load_spec(args)
+    if spec.count == 0:
+        # Scaling to zero removes every member without asking: a slip of the finger
+        # must not do that. `fleet destroy` removes them, and asks first.
+        raise ConfigError(f"0 would remove every member of fleet {spec.name}; use "
+                          "`fleet destroy` for that (it asks first)",
+                          key="--count" if args.count is not None else "count",
+                          source=None if args.count is not None else spec.origin)
     metrics = FleetMetrics()
     show_progress = not args.json and not args.no_progress
     progress = LiveProgress() if show_progress else None

@@ -58,8 +58,9 @@ GUESTINFO_FIELDS = frozenset({"index", "name", "fleet", "source", "run_id"})
 _GUESTINFO_KEY = re.compile(r"^guestinfo\.[A-Za-z0-9_.-]+$")
 _FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_THUMBPRINT = re.compile(
-    r"^([0-9A-Fa-f]{2}:){19}[0-9A-Fa-f]{2}$|^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
+#: SHA-256, as the client pins it (with or without colons); SHA-1 is refused there too
+_THUMBPRINT = re.compile(r"([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}|[0-9A-Fa-f]{64}")
+_SHA1_THUMBPRINT = re.compile(r"([0-9A-Fa-f]{2}:){19}[0-9A-Fa-f]{2}|[0-9A-Fa-f]{40}")
 #: characters vSphere escapes in names (%2f, %5c, %25): a name with them is not what you asked
 _NAME_BAD_CHARS = ("/", "\\", "%")
 _SECRETISH = re.compile(r"pass|secret|token|key", re.IGNORECASE)
@@ -93,7 +94,8 @@ Limit = Annotated[int | Literal["auto"], PlainValidator(_limit)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # No inf/nan: every wait has a finite deadline.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class VCenterSpec(_Model):
@@ -115,7 +117,7 @@ class VCenterSpec(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
+        if not re.match(r"^https?://[^/\s]+", v) or any(c.isspace() for c in v):
             raise ValueError(f"{_show(v)} is not an http(s) URL")
         return v
 
@@ -221,7 +223,7 @@ class FleetSpec(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _FLEET_NAME.match(v):
+        if not _FLEET_NAME.fullmatch(v):
             raise ValueError(f"{_show(v)} must be 1-63 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
         return v
@@ -338,7 +340,10 @@ def _dotted(loc: Iterable[int | str]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + (json.dumps(part) if "." in part else part)
+            # Quoted unless plain, so a key with dots, spaces or control characters
+            # reads unambiguously (and cannot move the terminal's cursor).
+            plain = re.fullmatch(r"[A-Za-z0-9_-]+", part) is not None
+            out += ("." if out else "") + (part if plain else json.dumps(part))
     return out
 
 
@@ -358,6 +363,7 @@ _PHRASES = {
     "literal_error": "must be one of {expected}",
     "too_short": "must have at least {min_length} item(s)",
     "string_too_short": "must not be empty",
+    "finite_number": "must be a finite number",
 }
 
 
@@ -385,12 +391,29 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
-def _fields(template: str) -> list[str]:
-    """The replacement field names of a str.format template (ValueError if malformed)."""
+_FORMAT_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError)
+
+
+def _fields(template: str, max_width: int) -> list[str]:
+    """The replacement field names of a str.format template. ValueError if it is
+    malformed, reaches into a value (``{fleet.real}``, ``{index[0]}``: templates come
+    from specs and API callers, and attribute access is how format strings leak),
+    nests fields in a format spec, or asks for a width above ``max_width`` (which
+    could only render a value too long, after allocating all of it)."""
     names = []
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is not None:
-            names.append(re.split(r"[.\[]", field, maxsplit=1)[0])
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if "." in field or "[" in field:
+            raise ValueError(f"{{{field}}} reaches into a value; use plain fields like "
+                             "{index}")
+        names.append(field)
+        if spec and "{" in spec:
+            raise ValueError(f"the format spec of {{{field}}} contains a field")
+        widest = max((int(n) for n in re.findall(r"\d+", spec or "")), default=0)
+        if widest > max_width:
+            raise ValueError(f"the format spec of {{{field}}} asks for {widest} characters; "
+                             f"the value may be at most {max_width}")
     return names
 
 
@@ -414,15 +437,23 @@ def _semantic_problems(spec: FleetSpec) -> Iterable[tuple[str, str]]:
     for i, name in enumerate(names):
         if name in names[:i]:
             yield f"sources[{i}]", f"{_show(name)} is listed twice"
+        elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+            yield f"sources[{i}]", f"{_show(name)} contains control characters"
     if spec.retries.backoff_max_s < spec.retries.backoff_base_s:
         yield ("retries.backoff_max_s", f"{spec.retries.backoff_max_s} is below "
                f"retries.backoff_base_s ({spec.retries.backoff_base_s})")
     if spec.folder is not None and (not spec.folder.strip("/") or "//" in spec.folder):
         yield "folder", f"{_show(spec.folder)} is not a folder path like \"fleet/loadtest\""
+    elif spec.folder is not None:
+        for part in spec.folder.strip("/").split("/"):
+            problem = _name_problem(part)
+            if problem:
+                yield "folder", f"{_show(spec.folder)}: the folder name {_show(part)} {problem}"
+                break
     yield from _vcenter_problems(spec.vcenter)
     yield from _network_problems(spec)
     r = spec.readiness
-    if r.wait_for == "guestinfo" and not _GUESTINFO_KEY.match(r.guestinfo_key):
+    if r.wait_for == "guestinfo" and not _GUESTINFO_KEY.fullmatch(r.guestinfo_key):
         yield ("readiness.guestinfo_key",
                f"{_show(r.guestinfo_key)} must start with \"guestinfo.\" (letters, digits, ._-)")
 
@@ -430,7 +461,7 @@ def _semantic_problems(spec: FleetSpec) -> Iterable[tuple[str, str]]:
 def _template_problems(spec: FleetSpec) -> Iterable[tuple[str, str]]:
     template = spec.name_template
     try:
-        fields = _fields(template)
+        fields = _fields(template, MAX_VM_NAME)
     except ValueError as exc:
         yield "name_template", f"{_show(template)} is not a valid template: {exc}"
         return
@@ -446,7 +477,7 @@ def _template_problems(spec: FleetSpec) -> Iterable[tuple[str, str]]:
     for index in range(spec.count):
         try:
             name = template.format(index=index, fleet=spec.name)
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+        except _FORMAT_ERRORS as exc:
             yield "name_template", f"{_show(template)} is not a valid template: {exc}"
             return
         problem = _name_problem(name)
@@ -468,7 +499,7 @@ def _guestinfo_problems(spec: FleetSpec) -> Iterable[tuple[str, str]]:
     total = 0
     for key, template in spec.guestinfo.items():
         where = _dotted(("guestinfo", key))
-        if not _GUESTINFO_KEY.match(key):
+        if not _GUESTINFO_KEY.fullmatch(key):
             yield where, (f"{_show(key)} must start with \"guestinfo.\" and use only letters, "
                           "digits, '.', '_' and '-'")
             continue
@@ -479,13 +510,14 @@ def _guestinfo_problems(spec: FleetSpec) -> Iterable[tuple[str, str]]:
             yield where, f"{_show(key)} is longer than {GUESTINFO_KEY_MAX} characters"
             continue
         try:
-            unknown = sorted(set(_fields(template)) - GUESTINFO_FIELDS)
+            unknown = sorted(set(_fields(template, GUESTINFO_VALUE_MAX_BYTES))
+                             - GUESTINFO_FIELDS)
             if unknown:
                 yield where, (f"{_show(template)} uses {{{unknown[0]}}}; known fields are "
                               + ", ".join(f"{{{f}}}" for f in sorted(GUESTINFO_FIELDS)))
                 continue
             size = len(template.format(**sample).encode())
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+        except _FORMAT_ERRORS as exc:
             yield where, f"{_show(template)} is not a valid template: {exc}"
             continue
         if size > GUESTINFO_VALUE_MAX_BYTES:
@@ -501,7 +533,7 @@ def _secret_source_problems(prefix: str, env_key: str, env_name: str | None, fil
     if (env_name is None) == (file_name is None):
         yield f"{prefix}.{env_key}", f"set exactly one of {prefix}.{env_key} and " \
             f"{prefix}.{file_key}"
-    elif env_name is not None and not _ENV_NAME.match(env_name):
+    elif env_name is not None and not _ENV_NAME.fullmatch(env_name):
         yield f"{prefix}.{env_key}", f"{_show(env_name)} is not an environment variable name"
 
 
@@ -514,9 +546,12 @@ def _vcenter_problems(vc: VCenterSpec | None) -> Iterable[tuple[str, str]]:
                             ("insecure", vc.insecure or None)) if v is not None]
     if len(trust) > 1:
         yield f"vcenter.{trust[1]}", f"choose one of vcenter.{trust[0]} and vcenter.{trust[1]}"
-    if vc.thumbprint is not None and not _THUMBPRINT.match(vc.thumbprint):
-        yield "vcenter.thumbprint", (f"{_show(vc.thumbprint)} is not a SHA-1 or SHA-256 "
-                                     "fingerprint like \"AB:CD:...\"")
+    if vc.thumbprint is not None and _SHA1_THUMBPRINT.fullmatch(vc.thumbprint):
+        yield "vcenter.thumbprint", (f"{_show(vc.thumbprint)} is a SHA-1 fingerprint; pin the "
+                                     "certificate's SHA-256 one (64 hex digits)")
+    elif vc.thumbprint is not None and not _THUMBPRINT.fullmatch(vc.thumbprint):
+        yield "vcenter.thumbprint", (f"{_show(vc.thumbprint)} is not a SHA-256 fingerprint "
+                                     "like \"AB:CD:...\" (64 hex digits)")
     if vc.url.startswith("http://") and not vc.insecure:
         yield "vcenter.url", f"{_show(vc.url)} is plain http; set vcenter.insecure = true " \
             "to allow it"

@@ -128,13 +128,96 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
      "MISSING_PW is not set"),
     ({"vcenter": {**VC, "password_env": None, "password_file": "/nonexistent/pw"}},
      "vcenter.password_file", "cannot read"),
-    ({"vcenter": {**VC, "thumbprint": "AB:CD"}}, "vcenter.thumbprint", "is not a SHA-1"),
+    ({"vcenter": {**VC, "thumbprint": "AB:CD"}}, "vcenter.thumbprint", "is not a SHA-256"),
+    ({"vcenter": {**VC, "thumbprint": "AB:" * 19 + "CD"}}, "vcenter.thumbprint",
+     "is a SHA-1 fingerprint; pin the certificate's SHA-256 one"),
     ({"vcenter": {**VC, "insecure": True, "thumbprint": "AB:" * 19 + "CD"}},
      "vcenter.insecure", "choose one of"),
     ({"vcenter": {**VC, "ca_file": "/nonexistent/ca.pem"}}, "vcenter.ca_file",
      "is not a readable file"),
     ({"vcenter": {**VC, "user": ""}}, "vcenter.user", "must not be empty"),
+    # -- issue 6's catalogue: wrong types --------------------------------------------
+    ({"name": 5}, "name", "5 must be a string"),
+    ({"count": True}, "count", "true must be an integer"),
+    ({"sources": "frozen-01"}, "sources", '"frozen-01" must be a list'),
+    ({"sources": [5]}, "sources[0]", "5 must be a table"),
+    ({"vcenter": "https://vc.example.com/sdk"}, "vcenter", "must be a table"),
+    ({"limits": [8]}, "limits", "must be a table"),
+    ({"guestinfo": ["guestinfo.a"]}, "guestinfo", "must be a table"),
+    ({"chain_budget": 2.5}, "chain_budget", "2.5 must be an integer"),
+    ({"timeouts": {"clone_s": "10"}}, "timeouts.clone_s", '"10" must be a number'),
+    ({"network": {"reconnect": "yes"}}, "network.reconnect", '"yes" must be true or false'),
+    ({"readiness": {"timeout_s": [1]}}, "readiness.timeout_s", "must be a number"),
+    # -- out of range ------------------------------------------------------------------
+    ({"count": 100_001}, "count", "must be at most 100000"),
+    ({"count": -5}, "count", "-5 must be at least 0"),
+    ({"chain_budget": -5}, "chain_budget", "-5 must be at least 1"),
+    ({"chain_budget": 254 + 1}, "chain_budget", "255 is above the vSphere limit of 254"),
+    ({"sources": [{"name": "a", "chain_budget": 0}]}, "sources[0].chain_budget",
+     "0 must be at least 1"),
+    ({"limits": {"per_datastore": -1}}, "limits.per_datastore", "-1 must be at least 1"),
+    ({"retries": {"attempts": 101}}, "retries.attempts", "101 must be at most 100"),
+    ({"readiness": {"timeout_s": -1.0}}, "readiness.timeout_s", "-1.0 must be above 0"),
+    ({"timeouts": {"clone_s": float("inf")}}, "timeouts.clone_s", "must be a finite number"),
+    ({"timeouts": {"call_s": float("nan")}}, "timeouts.call_s", "nan"),
+    # -- names: duplicates, names vSphere refuses, templates that reach too far ---------
+    ({"name_template": "vm-{index!s:.2}", "count": 101}, "name_template",
+     'gives "vm-10" for indexes 10 and 100: names must be unique'),
+    ({"name_template": "vm\\{index}"}, "name_template", "contains '\\\\'"),
+    ({"name_template": "vm-\t{index}"}, "name_template", "contains control characters"),
+    ({"name_template": " vm-{index}"}, "name_template", "leading/trailing spaces"),
+    ({"name_template": "{fleet:.0}", "count": 1}, "name_template", "is empty"),
+    ({"name_template": "{fleet.real}-{index}"}, "name_template", "reaches into a value"),
+    ({"name_template": "{fleet}-{index[0]}"}, "name_template", "reaches into a value"),
+    ({"name_template": "{index:{fleet}}"}, "name_template", "contains a field"),
+    ({"name_template": "{index:100000000}"}, "name_template",
+     "asks for 100000000 characters"),
+    ({"name": "lt\n"}, "name", "must be 1-63 letters"),
+    ({"folder": "fleet/a%b"}, "folder", "contains '%'"),
+    ({"folder": "fleet/\u001b[2J"}, "folder", "contains control characters"),
+    ({"sources": ["frozen-01", "bad\u001b[2J"]}, "sources[1]", "contains control characters"),
+    # -- guestinfo: keys outside guestinfo., oversized values ---------------------------
+    ({"guestinfo": {"guestinfo.": "x"}}, 'guestinfo."guestinfo."', 'must start with'),
+    ({"guestinfo": {"guestinfo.a b": "x"}}, 'guestinfo."guestinfo.a b"', "only letters"),
+    ({"guestinfo": {"guestinfo.a\n": "x"}}, 'guestinfo."guestinfo.a\\n"', "only letters"),
+    ({"guestinfo": {"GuestInfo.a": "x"}}, 'guestinfo."GuestInfo.a"', 'must start with'),
+    ({"guestinfo": {"guestinfo." + "k" * 130: "x"}}, f'guestinfo."guestinfo.{"k" * 130}"',
+     "longer than 128"),
+    ({"guestinfo": {"guestinfo.a": "{name}" * 1000}}, 'guestinfo."guestinfo.a"',
+     "renders to 80000 bytes"),
+    ({"guestinfo": {f"guestinfo.k{i}": "x" * 60_000 for i in range(20)}}, "guestinfo",
+     "in all; the limit is 1048576"),
+    ({"guestinfo": {"guestinfo.a": "{name.__class__}"}}, 'guestinfo."guestinfo.a"',
+     "reaches into a value"),
+    ({"guestinfo": {"guestinfo.a": "{index:9999999}"}}, 'guestinfo."guestinfo.a"',
+     "asks for 9999999 characters"),
+    # -- vCenter ------------------------------------------------------------------------
+    ({"vcenter": {**VC, "url": "https://vc example/sdk"}}, "vcenter.url",
+     "is not an http(s) URL"),
+    ({"vcenter": {**VC, "thumbprint": "AB:" * 31 + "CD\n"}}, "vcenter.thumbprint",
+     "is not a SHA-256"),
+    ({"vcenter": {**VC, "password_env": "VC_PW\n"}}, "vcenter.password_env",
+     "not an environment variable name"),
 ]
+
+REQUIRED = [((), "name"), ((), "count"), ((), "sources"), (("vcenter",), "url"),
+            (("vcenter",), "user"), (("sources", 0), "name")]
+
+
+@pytest.mark.parametrize(("where", "key"), REQUIRED,
+                         ids=[".".join(map(str, (*w, k))) for w, k in REQUIRED])
+def test_missing_keys_are_named(where: tuple[Any, ...], key: str) -> None:
+    data = spec_data(vcenter=dict(VC), sources=[{"name": "a"}])
+    node: Any = data
+    for part in where:
+        node = node[part]
+    del node[key]
+    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in (*where, key))
+    dotted = dotted.lstrip(".")
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data, source="fleet.toml", env=ENV)
+    assert (dotted, "is required") in info.value.problems, info.value.problems
+    assert f"fleet.toml: {dotted}: is required" in str(info.value)
 
 
 @pytest.mark.parametrize(("over", "key", "fragment"), BAD, ids=[f"{k}:{f[:30]}" for _, k, f in BAD])
@@ -144,8 +227,9 @@ def test_bad_spec_names_key_and_value(over: dict[str, Any], key: str, fragment: 
         data["network"].pop("guest_user")
         data["network"].pop("guest_password_env")
     for section in ("vcenter", "network"):
-        for k in [k for k, v in data.get(section, {}).items() if v is None]:
-            del data[section][k]
+        table = data.get(section)
+        for k in [k for k, v in table.items() if v is None] if isinstance(table, dict) else []:
+            del table[k]
     with pytest.raises(SpecError) as info:
         spec_from_dict(data, source="fleet.toml", env=ENV)
     err = info.value
