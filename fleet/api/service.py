@@ -47,7 +47,6 @@ import anyio
 from anyio.abc import TaskGroup
 
 from fleet.api.config import ServiceConfig
-from fleet.api.inventory import child_folders
 from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.state import SavedFleet, StateStore
 from fleet.engine.api import destroy
@@ -572,7 +571,7 @@ class FleetService:
         root = await self.vs.find_folder(self.config.root_folder)
         found: dict[str, list[Member]] = {}
         if root is not None:
-            for name, ref in await child_folders(self.vs, root):
+            for name, ref in await self.vs.list_child_folders(root):
                 if not valid_name(name):
                     continue
                 rec = self.fleets.get(name)

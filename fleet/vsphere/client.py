@@ -516,6 +516,16 @@ class VSphereClient:
                                inv.VM_PATHS)
         return await self._vm_infos(await self.retrieve([spec]))
 
+    async def list_child_folders(self, folder: Ref) -> list[tuple[str, Ref]]:
+        """(name, ref) of every folder directly in ``folder``, sorted by name."""
+        spec = inv.filter_spec([inv.object_spec_children(self.mo(folder))], vim.Folder, ["name"])
+        found = []
+        for content in await self.retrieve([spec]):
+            ref = inv.ref_of(content.obj)
+            if ref.type == "Folder":
+                found.append((str(inv.props(content).get("name", "")), ref))
+        return sorted(found)
+
     # -- instant clones -----------------------------------------------------------------
     async def _source_nics(self, source: Any, fresh: bool = False) -> list[Any]:
         cached = self._nic_cache.get(source._moId)

@@ -606,6 +606,14 @@ class FakeVSphere:
             raise NotFound(f"{folder} does not exist", method="list_folder_vms")
         return [self._info(vm) for vm in f.vms.values()]
 
+    async def list_child_folders(self, folder: Ref) -> list[tuple[str, Ref]]:
+        await self._call("list_child_folders", folder.id)
+        f = self._folders_by_ref.get(folder)
+        if f is None:
+            raise NotFound(f"{folder} does not exist", method="list_child_folders")
+        return sorted((path.rpartition("/")[2], child.ref) for path, child in self._folders.items()
+                      if path and path.rpartition("/")[0] == f.path)
+
     # -- VSphere: clones ---------------------------------------------------------
     async def start_instant_clone(self, request: CloneRequest) -> FakeTask:
         if self._tg is None:

@@ -193,6 +193,10 @@ class VSphere(Protocol):
         """Every VM directly in ``folder`` (members are recognised by their labels)."""
         ...
 
+    async def list_child_folders(self, folder: Ref) -> list[tuple[str, Ref]]:
+        """(name, ref) of every folder directly in ``folder``, sorted by name."""
+        ...
+
     # -- clones and power ------------------------------------------------
     async def start_instant_clone(self, request: CloneRequest) -> TaskHandle:
         """Submit ``InstantClone_Task``; the handle's result is the new VM's Ref."""

@@ -4,7 +4,6 @@ shared limits and the metrics it feeds. A controllable wall clock makes TTLs ins
 from __future__ import annotations
 
 import itertools
-import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +22,6 @@ from fleet.engine.run import EngineOptions
 from fleet.engine.spec import spec_from_dict
 from fleet.metrics import FleetMetrics
 from fleet.vsphere.fake import FakeLatency, FakeVSphere, make_fake
-from fleet.vsphere.model import Ref
 
 pytestmark = pytest.mark.anyio
 
@@ -41,16 +39,7 @@ class Clock:
 
 
 def folder_fake(**kw: Any) -> FakeVSphere:
-    """The fake, plus the folder listing the service needs to discover fleets."""
-    fake = make_fake(hosts=4, **kw)
-
-    async def list_child_folders(self: FakeVSphere, folder: Ref) -> list[tuple[str, Ref]]:
-        parent = self._folders_by_ref[folder].path
-        return sorted((path.rpartition("/")[2], f.ref) for path, f in self._folders.items()
-                      if path and path.rpartition("/")[0] == parent)
-
-    fake.list_child_folders = types.MethodType(list_child_folders, fake)  # type: ignore[attr-defined]
-    return fake
+    return make_fake(hosts=4, **kw)
 
 
 def make_config(state: Path, **over: Any) -> ServiceConfig:

@@ -313,3 +313,15 @@ async def test_pyvmomi_style_calls_on_references(sim: SimProcess) -> None:
         assert await mo.name == "frozen-01"  # a Fetch through the session
         now = await vs.content.sessionManager.currentSession
         assert now is not None
+
+
+async def test_list_child_folders(sim: SimProcess) -> None:
+    async with client_for(sim) as vs:
+        top = unique("lcf")
+        root = await vs.ensure_folder(top)
+        for name in ("b", "a", "c"):
+            await vs.ensure_folder(f"{top}/{name}")
+        found = await vs.list_child_folders(root)
+        assert [name for name, _ in found] == ["a", "b", "c"]
+        assert all(ref.type == "Folder" for _, ref in found)
+        assert await vs.list_child_folders(found[0][1]) == []
