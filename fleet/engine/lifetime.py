@@ -69,7 +69,9 @@ def expiry_labels(expires_at: float | None) -> dict[str, str]:
 def expires_at_of(extra_config: Mapping[str, str]) -> float | None:
     """A member's expiry label, or None if it has none (or one fleet did not write)."""
     raw = extra_config.get(LABEL_EXPIRES_AT, "")
-    return float(raw) if raw.isdigit() else None
+    # ASCII digits only: str.isdigit() also takes other scripts' digits (float("\u0663")
+    # is 3.0, an expiry in 1970) and superscripts (float("\u00b2") raises).
+    return float(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 12 else None
 
 
 def fleet_expiry(members: Iterable[Member]) -> float | None:

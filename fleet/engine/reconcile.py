@@ -13,6 +13,7 @@ label is never a member and is never touched.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -50,12 +51,19 @@ class Member:
         return self.vm.name
 
 
+#: An index exactly as fleet writes it (``str(index)``): ASCII digits, no sign, no
+#: leading zero, no spaces. ``str.isdigit``/``int`` also take "03", other scripts'
+#: digits or superscripts (which int() refuses): a VM labelled so is not a member, so it
+#: is never removed as a duplicate of a real one and never crashes reconciliation.
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
 def member_index(extra_config: Mapping[str, str], fleet: str) -> int | None:
     """The member index a VM's labels give for ``fleet``, or None if it is not ours."""
     if extra_config.get(LABEL_NAME) != fleet:
         return None
     raw = extra_config.get(LABEL_INDEX, "")
-    if not raw.isdigit():
+    if not _INDEX.fullmatch(raw):
         return None
     return int(raw)
 
