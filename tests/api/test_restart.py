@@ -1,4 +1,5 @@
-"""``fleet serve`` killed (SIGKILL) mid-build and started again: nothing is lost.
+"""``fleet serve`` killed (SIGKILL) while two fleets are being built, then started
+again: nothing is lost.
 
 Fleets and members come back from vCenter, the unfinished build resumes to
 exactly its count (no duplicate, no orphan), and lifetimes recorded as member
@@ -45,16 +46,22 @@ def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
             status, _ = first.call("POST", "/v1/fleets", {"name": "crash", "count": 200,
                                                           "ttl_s": 3600})
             assert status == 202
+            # A second fleet in progress when the service dies.
+            status, _ = first.call("POST", "/v1/fleets", {"name": "crash2", "count": 150})
+            assert status == 202
             status, _ = first.call("POST", "/v1/fleets", {"name": "done", "count": 3})
             assert status == 202
             first.wait_for("done")
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 fleet = first.fleet("crash")
-                if fleet["by_state"].get("ready", 0) >= 20:
+                other = first.fleet("crash2")
+                if fleet["by_state"].get("ready", 0) >= 10 and \
+                        other["by_state"].get("ready", 0) >= 10:
                     break
                 time.sleep(0.02)
             assert fleet["status"] == "provisioning", fleet["status"]
+            assert other["status"] == "provisioning", other["status"]
             expires_at = fleet["expires_at"]
         finally:
             first.kill()  # SIGKILL: no cleanup, no goodbye
@@ -72,6 +79,9 @@ def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
             assert sorted(m["index"] for m in members) == list(range(200))
             assert len({m["vm"] for m in members}) == 200
             assert second.fleet("done")["ready"] == 3
+            other = second.wait_for("crash2", timeout_s=60)
+            assert other["ready"] == 150
+            assert sorted(m["index"] for m in other["member_list"]) == list(range(150))
 
             # The CLI's fleet is found in vCenter and destroyed when its lifetime ends.
             second.wait_for("clittl", ("gone",), timeout_s=20)
@@ -82,6 +92,6 @@ def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
             assert second.stop() == 0
 
         stats = sim.stats()
-        # Sources (9) + 200 + 3 members: no orphan of the killed process, no duplicate.
-        assert stats["vms"] == 9 + 200 + 3, stats
+        # Sources (9) + 200 + 150 + 3 members: no orphan of the killed process, no duplicate.
+        assert stats["vms"] == 9 + 200 + 150 + 3, stats
         assert stats["network_conflicts"] == 0
