@@ -494,17 +494,23 @@ class VSphereClient:
     async def _child_folder(self, parent: Any, name: str) -> Any:
         index = self.content.searchIndex
         child = await self.session.call(index, "FindChild", parent, name)
-        if child is None:
+        attempt = 0
+        while child is None:
             try:
                 child = await self.session.call(parent, "CreateFolder", name)
                 log.info("created folder %s under %s", name, parent._moId)
             except VSphereError as exc:
-                # Someone made it first, or our reply was lost after it was made.
+                # Someone made it first, or our reply was lost after it was made, or the
+                # request was lost before (a reset): look, and ask again if it is not there.
                 if exc.reason not in ("duplicate_name", "connection", "timeout"):
                     raise
                 child = await self.session.call(index, "FindChild", parent, name)
-                if child is None:
+                if child is None and (exc.reason == "duplicate_name"
+                                      or attempt >= self.session.retry.max_retries):
                     raise
+                attempt += 1
+                if child is None:
+                    await anyio.sleep(self.session.retry.pause_s(attempt))
         if child._wsdlName != "Folder":
             raise ConfigError(f"{name!r} under {parent._moId} is a {child._wsdlName}, "
                               "not a folder")

@@ -53,3 +53,16 @@ async def test_login_survives_resets_503s_and_a_lost_reply() -> None:
             assert (await vs.find_vms(["frozen-02"]))[0].name == "frozen-02"
             assert vs.stats["relogins"] == 1
             assert vs.stats["retries"]["Login"] == 5
+
+
+async def test_folder_creation_survives_resets_and_a_lost_reply() -> None:
+    """CreateFolder is not safe to repeat blindly (a lost reply made the folder), so the
+    client looks before asking again; a reset (nothing made) must not end the run."""
+    with SimProcess(time_scale=0.05) as sim:
+        sim.add_faults({"method": "CreateFolder", "fault": "http:reset", "max_count": 2},
+                       {"method": "CreateFolder", "fault": "http:lost_reply", "max_count": 2})
+        async with client(sim) as vs:
+            made = await vs.ensure_folder("fleet/a/b")
+            assert await vs.find_folder("fleet/a/b") == made
+            assert await vs.ensure_folder("fleet/a/b") == made
+        assert sim.stats()["faults_by_type"] == {"http:reset": 2, "http:lost_reply": 2}
