@@ -19,6 +19,7 @@ whole ``fleet`` command, as a user runs it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -182,10 +183,8 @@ def _run_watched(args: list[str], env: dict[str, str], sim: SimProcess, *, port:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     scraper.start()
     argv = ""
-    try:
+    with contextlib.suppress(OSError):
         argv = Path(f"/proc/{proc.pid}/cmdline").read_text().replace("\0", " ")
-    except OSError:
-        pass
     if expire_sessions:
         deadline = time.monotonic() + 30
         while not scraper.pages and time.monotonic() < deadline and proc.poll() is None:
