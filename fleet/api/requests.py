@@ -23,12 +23,11 @@ from typing import Any
 
 from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig, merge
 from fleet.engine.lifetime import MAX_TTL_S
-from fleet.engine.spec import FleetSpec, SpecError, _show, spec_from_dict
+from fleet.engine.spec import FleetSpec, SpecError, _show, is_fleet_name, spec_from_dict
 
 #: longest template (name_template, guestinfo values) accepted, and the widest field:
 #: a format spec like {index:0100000000d} would make the validator render gigabytes
 MAX_FORMAT_NUMBER = 256
-_FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 SCALE_KEYS = ("count", "ttl_s")
 
 
@@ -72,7 +71,7 @@ def parse_json(raw: bytes) -> Any:
 
 
 def valid_name(name: str) -> bool:
-    return bool(_FLEET_NAME.match(name))
+    return is_fleet_name(name)
 
 
 def _template_problems(key: str, template: object) -> list[tuple[str, str]]:

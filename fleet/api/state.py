@@ -14,17 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 
+from fleet.engine.spec import is_fleet_name
+
 log = logging.getLogger("fleet.api.state")
 
 FORMAT = 1
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class StateStore:
         self._lock = anyio.Lock()
 
     def _file(self, name: str) -> Path:
-        if not _NAME.match(name) or name in (".", ".."):
+        if not is_fleet_name(name):
             raise ValueError(f"not a fleet name: {name!r}")
         return self.path / f"{name}.json"
 

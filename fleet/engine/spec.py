@@ -56,7 +56,7 @@ LABEL_PREFIX = "guestinfo.fleet."
 NAME_FIELDS = frozenset({"index", "fleet"})
 GUESTINFO_FIELDS = frozenset({"index", "name", "fleet", "source", "run_id"})
 _GUESTINFO_KEY = re.compile(r"^guestinfo\.[A-Za-z0-9_.-]+$")
-_FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_FLEET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: SHA-256, as the client pins it (with or without colons); SHA-1 is refused there too
 _THUMBPRINT = re.compile(r"([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}|[0-9A-Fa-f]{64}")
@@ -279,6 +279,11 @@ def _check_budget(v: int) -> int:
 
 
 # -- loading -------------------------------------------------------------------------
+
+
+def is_fleet_name(name: str) -> bool:
+    """A fleet name: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    return _FLEET_NAME.fullmatch(name) is not None
 
 
 def load_spec(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> FleetSpec:

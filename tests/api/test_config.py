@@ -110,3 +110,13 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path,
     path.write_text("listen = [")
     assert serve_main(args) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["web\n", "web\r", "..", ".", "", "-web", "a/b", "x" * 64])
+def test_names_the_service_refuses(tmp_path: Path, name: str) -> None:
+    from fleet.api.requests import valid_name
+    from fleet.api.state import StateStore
+
+    assert not valid_name(name)
+    with pytest.raises(ValueError):
+        StateStore(tmp_path)._file(name)
