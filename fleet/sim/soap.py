@@ -38,6 +38,10 @@ from pyVmomi.SoapAdapter import (
     XmlEscape,
 )
 
+from fleet import vmomi
+
+vmomi.install()
+
 VIM_NS = "urn:vim25"
 
 # The newest API version the simulator speaks; a topology may lower it to play

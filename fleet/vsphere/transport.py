@@ -41,12 +41,14 @@ from pyVmomi import VmomiSupport
 from pyVmomi.SoapAdapter import SoapResponseDeserializer, SoapStubAdapterBase
 from yarl import URL
 
+from fleet import vmomi
 from fleet.errors import ConfigError
 from fleet.vsphere.faults import BadReply, HttpStatusError, map_vsphere_faults, translate
 from fleet.vsphere.http import HttpPool
 from fleet.vsphere.tls import TlsOptions, client_context, ssl_for
 
 log = logging.getLogger("fleet.vsphere")
+vmomi.install()
 
 COOKIE_NAME = "vmware_soap_session"
 _SET_COOKIE = re.compile(COOKIE_NAME + r'="?([^";,\s]+)"?')
