@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.simproc import PASSWORD, USER, SimProcess
+from tests import specs
+from tests.simproc import SimProcess
+from tests.specs import ENV
 
-ENV = {"SIM_PASSWORD": PASSWORD, "GUEST_PASSWORD": "fleet-guest"}
+SOURCES = ["frozen-01", "frozen-02", "frozen-03", "golden-running"]
 
 
 def fleet(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
@@ -30,23 +32,8 @@ def sim() -> Iterator[SimProcess]:
         yield proc
 
 
-def write_spec(path: Path, sim: SimProcess, name: str, count: int, extra: str = "") -> Path:
-    path.write_text(f"""
-name = "{name}"
-count = {count}
-sources = ["frozen-01", "frozen-02", "frozen-03", "golden-running"]
-{extra}
-[vcenter]
-url = "{sim.url}"
-user = "{USER}"
-password_env = "SIM_PASSWORD"
-thumbprint = "{sim.thumbprint}"
-
-[network]
-guest_user = "root"
-guest_password_env = "GUEST_PASSWORD"
-""")
-    return path
+def write_spec(path: Path, sim: SimProcess, name: str, count: int, **extra: Any) -> Path:
+    return specs.write_spec(path, sim, name, count, sources=SOURCES, **extra)
 
 
 def test_main_command_uses_the_builtin_simulator_from_any_directory(tmp_path: Path) -> None:
@@ -137,7 +124,7 @@ def test_bad_options_are_clear_errors(args: list[str], expected: str) -> None:
 
 
 def test_a_bad_spec_names_file_key_and_value(sim: SimProcess, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "bad.toml", sim, "bad", 5, extra="chain_budget = 300")
+    spec = write_spec(tmp_path / "bad.toml", sim, "bad", 5, chain_budget=300)
     result = fleet("provision", "--spec", str(spec), env=ENV)
     assert result.returncode == 2
     assert "bad.toml" in result.stderr and "chain_budget" in result.stderr

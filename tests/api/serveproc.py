@@ -21,35 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from tests.simproc import PASSWORD, USER, SimProcess
+from tests.specs import FROZEN, GUEST_PASSWORD, to_toml
+
+__all__ = ["FROZEN", "GUEST_PASSWORD", "TOKEN", "ServeProcess", "service_config", "to_toml"]
 
 TOKEN = "test-token-0123456789abcdef"
-GUEST_PASSWORD = "fleet-guest"  # the default topology's guest password
-FROZEN = [f"frozen-{i:02d}" for i in range(1, 9)]
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}"
-                               for k, v in value.items()) + "}"
-    raise TypeError(type(value))
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """A small TOML writer: top-level scalars, then one-level tables of inline values."""
-    lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for key, table in data.items():
-        if isinstance(table, dict):
-            lines.append(f"[{key}]")
-            lines.extend(f"{json.dumps(k)} = {toml_value(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"
 
 
 def service_config(sim: SimProcess, state_dir: str | Path, **over: Any) -> dict[str, Any]:

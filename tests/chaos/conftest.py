@@ -15,14 +15,16 @@ from typing import Any
 
 import pytest
 
-from fleet.engine.spec import FleetSpec, spec_from_dict
+from fleet.engine.spec import FleetSpec
 from fleet.vsphere.client import VSphereClient
+from tests import specs
 from tests.simproc import PASSWORD, USER, SimProcess
+from tests.specs import ENV, FROZEN
+
+__all__ = ["ENV", "FROZEN", "FULL", "client", "make_spec"]
 
 FULL = os.environ.get("FLEET_FULL_CHAOS") == "1"
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-ENV = {"SIM_PASSWORD": PASSWORD, "GUEST_PASSWORD": "fleet-guest"}
-FROZEN = [f"frozen-{i:02d}" for i in range(1, 9)]
 
 
 @pytest.fixture
@@ -32,21 +34,8 @@ def anyio_backend() -> str:
 
 def make_spec(sim: SimProcess, name: str, count: int, **extra: Any) -> FleetSpec:
     """A spec against ``sim`` with the full network workflow and quick retries."""
-    data: dict[str, Any] = {
-        "name": name,
-        "count": count,
-        "sources": FROZEN,
-        "vcenter": {"url": sim.url, "user": USER, "password_env": "SIM_PASSWORD",
-                    "thumbprint": sim.thumbprint},
-        "network": {"guest_user": "root", "guest_password_env": "GUEST_PASSWORD"},
-        "retries": {"attempts": 6, "backoff_base_s": 0.02, "backoff_max_s": 0.5},
-    }
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return spec_from_dict(data, source=f"chaos spec {name}", env=ENV)
+    extra["retries"] = {"attempts": 6, "backoff_max_s": 0.5, **extra.get("retries", {})}
+    return specs.make_spec(sim, name, count, **extra)
 
 
 def client(sim: SimProcess, **kw: Any) -> VSphereClient:

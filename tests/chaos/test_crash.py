@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from tests import specs
 from tests.chaos.audit import audit, vm_ids
-from tests.chaos.conftest import ENV, FROZEN, FULL, report
-from tests.simproc import USER, SimProcess
+from tests.chaos.conftest import ENV, FULL, report
+from tests.simproc import SimProcess
 
 COUNT = 1000 if FULL else 96
 # Real time, and clones slower than fleet takes to start (2.5 s, the default topology's
@@ -34,27 +35,9 @@ KILLS = 3
 
 
 def write_spec(path: Path, sim: SimProcess, count: int) -> None:
-    in_flight = json.dumps(IN_FLIGHT)
-    path.write_text(f"""
-name = "crashy"
-count = {count}
-sources = {json.dumps(FROZEN)}
-[vcenter]
-url = "{sim.url}"
-user = "{USER}"
-password_env = "SIM_PASSWORD"
-thumbprint = "{sim.thumbprint}"
-[network]
-guest_user = "root"
-guest_password_env = "GUEST_PASSWORD"
-[limits]
-in_flight = {in_flight}
-[retries]
-backoff_base_s = 0.05
-backoff_max_s = 1.0
-[timeouts]
-clone_s = 60
-""")
+    specs.write_spec(path, sim, "crashy", count, limits={"in_flight": IN_FLIGHT},
+                     retries={"backoff_base_s": 0.05, "backoff_max_s": 1.0},
+                     timeouts={"clone_s": 60})
 
 
 def provision_cmd(spec: Path) -> list[str]:

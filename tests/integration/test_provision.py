@@ -27,28 +27,11 @@ from pyVmomi import vim
 
 from fleet.engine.api import destroy, provision, status
 from fleet.engine.reconcile import LABEL_INDEX, LABEL_NAME, LABEL_STATE
-from fleet.engine.spec import FleetSpec, spec_from_dict
 from fleet.vsphere.client import VSphereClient
 from tests.simproc import PASSWORD, USER, SimProcess
+from tests.specs import ENV, FROZEN, make_spec, write_spec
 
 pytestmark = pytest.mark.anyio
-
-ENV = {"SIM_PASSWORD": PASSWORD, "GUEST_PASSWORD": "fleet-guest"}
-FROZEN = [f"frozen-{i:02d}" for i in range(1, 9)]
-
-
-def make_spec(sim: SimProcess, name: str, count: int, **extra: Any) -> FleetSpec:
-    data: dict[str, Any] = {
-        "name": name,
-        "count": count,
-        "sources": FROZEN,
-        "vcenter": {"url": sim.url, "user": USER, "password_env": "SIM_PASSWORD",
-                    "thumbprint": sim.thumbprint},
-        "network": {"guest_user": "root", "guest_password_env": "GUEST_PASSWORD"},
-        "retries": {"backoff_base_s": 0.02, "backoff_max_s": 0.2},
-    }
-    data.update(extra)
-    return spec_from_dict(data, source=f"test spec {name}", env=ENV)
 
 
 def client(sim: SimProcess) -> VSphereClient:
@@ -259,22 +242,8 @@ async def test_host_disconnected_mid_burst_moves_work_elsewhere() -> None:
 
 def test_sigint_mid_burst_leaves_no_half_configured_clone(tmp_path: Path) -> None:
     with SimProcess(time_scale=0.5) as sim:
-        spec_file = tmp_path / "fleet.toml"
-        spec_file.write_text(f"""
-name = "interrupted"
-count = 400
-sources = {FROZEN!r}
-[vcenter]
-url = "{sim.url}"
-user = "{USER}"
-password_env = "SIM_PASSWORD"
-thumbprint = "{sim.thumbprint}"
-[network]
-guest_user = "root"
-guest_password_env = "GUEST_PASSWORD"
-[timeouts]
-cancel_grace_s = 20
-""")
+        spec_file = write_spec(tmp_path / "fleet.toml", sim, "interrupted", 400,
+                               timeouts={"cancel_grace_s": 20})
         env = dict(os.environ, **ENV)
         proc = subprocess.Popen([sys.executable, "-m", "fleet", "provision", "--spec",
                                  str(spec_file), "--json"], env=env, stdout=subprocess.PIPE,
