@@ -59,24 +59,21 @@ def _load_spec(args: argparse.Namespace) -> Any:
                           key="--sim-time-scale")
     if args.spec is None:
         return demo_spec(count if count is not None else 10, args.name or "demo")
-    from fleet.engine.spec import load_spec
+    from pathlib import Path
 
-    spec = load_spec(args.spec)
-    overrides: dict[str, Any] = {}
+    from fleet.engine.spec import read_toml
+
+    path = Path(args.spec)
+    raw = read_toml(path)
+    source = path.name
+    # Overrides are validated with the rest, so templates and limits are checked with them.
     if count is not None:
-        overrides["count"] = count
+        raw["count"] = count
     if args.name:
-        overrides["name"] = args.name
-    if overrides:
-        # Re-validate with the overrides so templates and limits are checked against them.
-        import tomllib
-        from pathlib import Path
-
-        raw = tomllib.loads(Path(args.spec).read_text(encoding="utf-8"))
-        raw.update(overrides)
-        spec = spec_from_dict(raw, source=f"{args.spec} (with command-line overrides)",
-                              base_dir=Path(args.spec).resolve().parent)
-    return spec
+        raw["name"] = args.name
+    if count is not None or args.name:
+        source += " (with command-line overrides)"
+    return spec_from_dict(raw, source=source, base_dir=path.resolve().parent)
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from fleet.engine.spec import (
     _read_secret,
     _show,
     _vcenter_problems,
+    read_toml,
     spec_from_dict,
 )
 
@@ -143,17 +143,8 @@ def load_config(path: str | os.PathLike[str], *,
                 env: Mapping[str, str] | None = None) -> ServiceConfig:
     """Read, validate and resolve the service config. Every error is a SpecError."""
     p = Path(path)
-    origin = p.name
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise SpecError([("", f"cannot read the config: {exc.strerror or exc}")],
-                        source=str(p)) from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError([("", f"not valid TOML: {exc}")], source=origin) from None
-    return config_from_dict(data, source=origin, env=env, base_dir=p.resolve().parent)
+    return config_from_dict(read_toml(p, "config"), source=p.name, env=env,
+                            base_dir=p.resolve().parent)
 
 
 def config_from_dict(data: Mapping[str, Any], *, source: str = "<config>",

@@ -286,20 +286,24 @@ def is_fleet_name(name: str) -> bool:
     return _FLEET_NAME.fullmatch(name) is not None
 
 
-def load_spec(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> FleetSpec:
-    """Read, validate and resolve a TOML fleet spec. Every error is a :class:`SpecError`."""
+def read_toml(path: str | os.PathLike[str], what: str = "spec") -> dict[str, Any]:
+    """A TOML file's data; a :class:`SpecError` naming the file if it cannot be had."""
     p = Path(path)
-    origin = p.name
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise SpecError([("", f"cannot read the spec: {exc.strerror or exc}")],
+        raise SpecError([("", f"cannot read the {what}: {exc.strerror or exc}")],
                         source=str(p)) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError([("", f"not valid TOML: {exc}")], source=origin) from None
-    return spec_from_dict(data, source=origin, env=env, base_dir=p.parent)
+        raise SpecError([("", f"not valid TOML: {exc}")], source=p.name) from None
+
+
+def load_spec(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> FleetSpec:
+    """Read, validate and resolve a TOML fleet spec. Every error is a :class:`SpecError`."""
+    p = Path(path)
+    return spec_from_dict(read_toml(p), source=p.name, env=env, base_dir=p.parent)
 
 
 def spec_from_dict(data: Mapping[str, Any], *, source: str = "<spec>",
