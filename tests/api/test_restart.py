@@ -36,23 +36,32 @@ def cli_provision(sim: SimProcess, workdir: Path, name: str, count: int, ttl: st
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+# CI size; FLEET_FULL_CHAOS=1 runs the full size (1,000 clones over the two fleets at
+# time scale 1) and prints a figures line, like the chaos suite.
+FULL = os.environ.get("FLEET_FULL_CHAOS") == "1"
+FIRST, SECOND = (600, 400) if FULL else (200, 150)
+TIME_SCALE = 1.0 if FULL else 0.05
+WAIT_S = 300 if FULL else 60
+
+
 def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
-    with SimProcess(time_scale=0.05) as sim, \
+    started = time.monotonic()
+    with SimProcess(time_scale=TIME_SCALE) as sim, \
             tempfile.TemporaryDirectory(prefix="fleet-serve-restart-") as tmp:
         workdir = Path(tmp)
         config = service_config(sim, workdir / "state")
         first = ServeProcess(config)
         try:
-            status, _ = first.call("POST", "/v1/fleets", {"name": "crash", "count": 200,
+            status, _ = first.call("POST", "/v1/fleets", {"name": "crash", "count": FIRST,
                                                           "ttl_s": 3600})
             assert status == 202
             # A second fleet in progress when the service dies.
-            status, _ = first.call("POST", "/v1/fleets", {"name": "crash2", "count": 150})
+            status, _ = first.call("POST", "/v1/fleets", {"name": "crash2", "count": SECOND})
             assert status == 202
             status, _ = first.call("POST", "/v1/fleets", {"name": "done", "count": 3})
             assert status == 202
             first.wait_for("done")
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + WAIT_S
             while time.monotonic() < deadline:
                 fleet = first.fleet("crash")
                 other = first.fleet("crash2")
@@ -72,16 +81,18 @@ def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
 
         second = ServeProcess(config)
         try:
-            fleet = second.wait_for("crash", timeout_s=60)
-            assert fleet["requested"] == 200 and fleet["ready"] == 200
+            fleet = second.wait_for("crash", timeout_s=WAIT_S)
+            assert fleet["requested"] == FIRST and fleet["ready"] == FIRST
             assert fleet["expires_at"] == expires_at  # the expiry survived, unchanged
             members = fleet["member_list"]
-            assert sorted(m["index"] for m in members) == list(range(200))
-            assert len({m["vm"] for m in members}) == 200
+            assert sorted(m["index"] for m in members) == list(range(FIRST))
+            assert len({m["vm"] for m in members}) == FIRST
             assert second.fleet("done")["ready"] == 3
-            other = second.wait_for("crash2", timeout_s=60)
-            assert other["ready"] == 150
-            assert sorted(m["index"] for m in other["member_list"]) == list(range(150))
+            indexes = [m["index"] for m in members]
+            other = second.wait_for("crash2", timeout_s=WAIT_S)
+            indexes2 = [m["index"] for m in other["member_list"]]
+            assert other["ready"] == SECOND
+            assert sorted(m["index"] for m in other["member_list"]) == list(range(SECOND))
 
             # The CLI's fleet is found in vCenter and destroyed when its lifetime ends.
             second.wait_for("clittl", ("gone",), timeout_s=20)
@@ -92,6 +103,12 @@ def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
             assert second.stop() == 0
 
         stats = sim.stats()
-        # Sources (9) + 200 + 150 + 3 members: no orphan of the killed process, no duplicate.
-        assert stats["vms"] == 9 + 200 + 150 + 3, stats
+        # Sources + both fleets + 3 members: no orphan of the killed process, no duplicate.
+        assert stats["vms"] == 9 + FIRST + SECOND + 3, stats
         assert stats["network_conflicts"] == 0
+        print("restart-figures " + json.dumps({
+            "requested": FIRST + SECOND, "members": len(indexes) + len(indexes2),
+            "duplicates": len(indexes) - len(set(indexes)) + len(indexes2) - len(set(indexes2)),
+            "orphans": stats["vms"] - 9 - 3 - len(indexes) - len(indexes2),
+            "conflicts": stats["network_conflicts"], "clones_total": stats["clones_total"],
+            "time_s": round(time.monotonic() - started, 1), "time_scale": TIME_SCALE}))
