@@ -15,7 +15,7 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -109,6 +109,29 @@ async def _metrics_server(port: int | None, metrics: Any) -> AsyncIterator[None]
         await runner.cleanup()
 
 
+@contextlib.contextmanager
+def _event_log(path: str | None) -> Iterator[Callable[[Any], None] | None]:
+    """``--events FILE``: every event as one JSON line, buffered, flushed at the end."""
+    if path is None:
+        yield None
+        return
+    try:
+        stream = open(path, "w", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the event log {path!r}: {exc.strerror}",
+                          key="--events") from exc
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+    def write(event: Any) -> None:
+        stream.write(dumps(event.to_dict()))
+        stream.write("\n")
+
+    try:
+        yield write
+    finally:
+        stream.close()
+
+
 def _fanout(*consumers: Callable[[Any], None] | None) -> Callable[[Any], None]:
     active = [c for c in consumers if c is not None]
 
@@ -148,9 +171,12 @@ async def _provision(args: argparse.Namespace) -> int:
     show_progress = not args.json and not args.no_progress
     progress = LiveProgress() if show_progress else None
     interrupted = False
-    async with open_target(spec, observer=metrics, announce=eprint,
-                           sim_time_scale=args.sim_time_scale) as target, \
-            _metrics_server(args.metrics_port, metrics):
+    async with contextlib.AsyncExitStack() as stack:
+        event_log = stack.enter_context(_event_log(args.events))
+        target = await stack.enter_async_context(
+            open_target(spec, observer=metrics, announce=eprint,
+                        sim_time_scale=args.sim_time_scale))
+        await stack.enter_async_context(_metrics_server(args.metrics_port, metrics))
         expires_at: float | None
         if ttl_s is not None:
             expires_at = time.time() + ttl_s
@@ -160,7 +186,7 @@ async def _provision(args: argparse.Namespace) -> int:
         else:
             expires_at = await current_expiry(spec, target.client)
         provisioner = Provisioner(spec, target.client,
-                                  on_event=_fanout(metrics.on_event,
+                                  on_event=_fanout(metrics.on_event, event_log,
                                                    progress.on_event if progress else None),
                                   options=EngineOptions(seed=args.seed,
                                                         labels=expiry_labels(expires_at)))
@@ -333,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fleet's lifetime from now (90s, 15m, 2h, 1d, 1h30m): recorded on "
                         "every member; 'fleet serve' destroys the fleet when it ends. Without "
                         "it the fleet keeps the expiry it has, if any")
+    p.add_argument("--events", metavar="FILE",
+                   help="write every engine event to FILE as JSON lines (one object per "
+                        "event, with its elapsed seconds), for analysis after the run")
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.set_defaults(afunc=_provision)
 

@@ -52,6 +52,21 @@ def test_main_command_uses_the_builtin_simulator_from_any_directory(tmp_path: Pa
     assert summary["target"] == "simulator"
 
 
+def test_events_file_holds_every_event_as_json_lines(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    result = fleet("provision", "--count", "6", "--json", "--sim-time-scale", "0.1",
+                   "--events", str(events), cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    kinds = [line["event"] for line in lines]
+    assert kinds[0] == "source_state" and kinds[-1] == "run_finished"
+    assert kinds.count("job_started") == kinds.count("job_ready") == 6
+    assert [e["elapsed_s"] for e in lines] == sorted(e["elapsed_s"] for e in lines)
+    clone_done = [e for e in lines if e["event"] == "phase_done" and e["phase"] == "clone"]
+    assert sorted(e["index"] for e in clone_done) == list(range(6))
+    assert all(e["duration_s"] > 0 for e in clone_done)
+
+
 def test_plain_progress_and_summary_when_not_a_terminal(tmp_path: Path) -> None:
     result = fleet("provision", "--count", "5", "--sim-time-scale", "0.1", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -115,6 +130,8 @@ def test_sources_list_freeze_and_prepare(tmp_path: Path) -> None:
     (["provision", "--count", "3", "--metrics-port", "99999"], "--metrics-port"),
     (["provision", "--count", "3", "--sim-time-scale", "0"], "--sim-time-scale"),
     (["destroy", "--spec", "/no/such/spec.toml", "--yes"], "cannot read the spec"),
+    (["provision", "--count", "3", "--events", "/no/such/dir/events.jsonl"],
+     "--events: cannot write the event log '/no/such/dir/events.jsonl'"),
 ])
 def test_bad_options_are_clear_errors(args: list[str], expected: str) -> None:
     result = fleet(*args)
