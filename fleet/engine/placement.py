@@ -194,7 +194,11 @@ class FilterPlugin(Protocol):
 class ScorePlugin(Protocol):
     name: ClassVar[str]
 
-    def score(self, source: SourceState, view: ClusterView) -> float: ...
+    def scorer(self, view: ClusterView) -> Callable[[SourceState], float]:
+        """The score function for one placement. What every source's score shares (the
+        busiest host, say) is worked out here, once per placement rather than once per
+        source, as Kubernetes' PreScore does."""
+        ...
 
 
 class SourceUsable:
@@ -281,8 +285,11 @@ class PreferFrozen:
 
     name: ClassVar[str] = "prefer-frozen"
 
-    def score(self, source: SourceState, view: ClusterView) -> float:
-        return 0.0 if source.running else 100.0
+    def scorer(self, view: ClusterView) -> Callable[[SourceState], float]:
+        def score(source: SourceState) -> float:
+            return 0.0 if source.running else 100.0
+
+        return score
 
 
 class SpreadHosts:
@@ -290,21 +297,28 @@ class SpreadHosts:
 
     name: ClassVar[str] = "spread-hosts"
 
-    def score(self, source: SourceState, view: ClusterView) -> float:
-        host = view.host_of(source)
-        if host is None:
-            return 0.0
+    def scorer(self, view: ClusterView) -> Callable[[SourceState], float]:
         busiest = max((h.clones + h.in_flight for h in view.hosts.values()), default=0)
-        if busiest == 0:
-            return 100.0
-        return 100.0 * (1.0 - (host.clones + host.in_flight) / busiest)
+
+        def score(source: SourceState) -> float:
+            host = view.host_of(source)
+            if host is None:
+                return 0.0
+            if busiest == 0:
+                return 100.0
+            return 100.0 * (1.0 - (host.clones + host.in_flight) / busiest)
+
+        return score
 
 
 class FewerInFlight:
     name: ClassVar[str] = "fewer-in-flight"
 
-    def score(self, source: SourceState, view: ClusterView) -> float:
-        return 100.0 / (1 + source.in_flight)
+    def scorer(self, view: ClusterView) -> Callable[[SourceState], float]:
+        def score(source: SourceState) -> float:
+            return 100.0 / (1 + source.in_flight)
+
+        return score
 
 
 class ShallowerChain:
@@ -312,8 +326,11 @@ class ShallowerChain:
 
     name: ClassVar[str] = "shallower-chain"
 
-    def score(self, source: SourceState, view: ClusterView) -> float:
-        return max(0.0, 100.0 * (1.0 - source.projected_depth / max(source.budget, 1)))
+    def scorer(self, view: ClusterView) -> Callable[[SourceState], float]:
+        def score(source: SourceState) -> float:
+            return max(0.0, 100.0 * (1.0 - source.projected_depth / max(source.budget, 1)))
+
+        return score
 
 
 FILTERS: tuple[FilterPlugin, ...] = (SourceUsable(), HostUsable(), ChainBudget(),
@@ -349,7 +366,7 @@ def filter_source(source: SourceState, view: ClusterView, capacity: Capacity,
     """The first non-success status of the filter chain, or SUCCESS."""
     for plugin in filters:
         status = plugin.filter(source, view, capacity)
-        if not status.ok:
+        if status is not SUCCESS and status.code is not Code.SUCCESS:
             return status
     return SUCCESS
 
@@ -369,7 +386,7 @@ def place(view: ClusterView, capacity: Capacity, rng: random.Random, *,
     rejected: dict[str, Status] = {}
     for source in candidates:
         status = filter_source(source, view, capacity, filters)
-        if status.ok:
+        if status is SUCCESS or status.code is Code.SUCCESS:
             feasible.append(source)
         else:
             rejected[source.name] = status
@@ -378,17 +395,19 @@ def place(view: ClusterView, capacity: Capacity, rng: random.Random, *,
         raise NoFit(ordered)
     if sample and len(feasible) > sample:
         feasible = rng.sample(feasible, sample)
+    weighted = [(name, scorers[name].scorer(view), weight)
+                for name, weight in view.policy.weights if name in scorers]
     best: tuple[float, float] | None = None
-    decision: Decision | None = None
+    chosen: tuple[SourceState, list[float]] | None = None
     for source in feasible:
-        parts = {name: scorers[name].score(source, view) * weight
-                 for name, weight in view.policy.weights if name in scorers}
-        total = sum(parts.values())
-        key = (total, rng.random())
+        parts = [score(source) * weight for _, score, weight in weighted]
+        key = (sum(parts), rng.random())
         if best is None or key > best:
-            best, decision = key, Decision(source, total, parts)
-    assert decision is not None
-    return decision
+            best, chosen = key, (source, parts)
+    assert best is not None and chosen is not None
+    source, parts = chosen
+    names = [name for name, _, _ in weighted]
+    return Decision(source, best[0], dict(zip(names, parts, strict=True)))
 
 
 def explain(view: ClusterView, capacity: Capacity,

@@ -70,7 +70,6 @@ from fleet.engine.placement import (
     NoFit,
     PlacementPolicy,
     SourceState,
-    make_capacity,
     place,
 )
 from fleet.engine.reconcile import (
@@ -206,6 +205,39 @@ def source_summary(src: SourceState) -> SourceSummary:
                          src.clones_left, src.retired)
 
 
+class _PlacementCapacity:
+    """The limiters as placement's ``FreeSlots`` sees them during one :func:`place`.
+
+    A limiter shared by many sources (overall, a datastore) is asked once per
+    placement, not once per source: asking reads its statistics, which copy the
+    list of its holders, and a burst places thousands of clones over dozens of
+    sources. The answers hold until a token is taken or given back, so
+    :meth:`fresh` forgets them before every placement."""
+
+    def __init__(self, limiters: Limiters,
+                 keys: Callable[[SourceState], tuple[LimitKey, ...]]) -> None:
+        self._limiters = limiters
+        self._keys = keys  # interned: one object per limiter
+        self._known: dict[int, str | None] = {}  # by id(key)
+
+    def fresh(self) -> _PlacementCapacity:
+        self._known.clear()
+        return self
+
+    def blocked(self, source: SourceState) -> str | None:
+        # What Limiters.blocked_by(keys) answers: the first key without a free token.
+        known = self._known
+        for key in self._keys(source):
+            kid = id(key)
+            if kid in known:
+                why = known[kid]
+            else:
+                why = known[kid] = self._limiters.blocked_by((key,))
+            if why is not None:
+                return why
+        return None
+
+
 class Provisioner:
     """One provisioning run. ``await Provisioner(spec, vs).run()`` returns a :class:`Summary`.
 
@@ -245,7 +277,8 @@ class Provisioner:
         self._blocked: dict[int, str] = {}
         self._failure_messages: dict[str, str] = {}  # reason -> the first message given
         self._unsettled: list[Job] = []
-        self._key_cache: dict[tuple[str, Ref | None, Ref | None, bool], tuple[LimitKey, ...]] = {}
+        self._key_cache: dict[str, tuple[VmInfo, tuple[LimitKey, ...]]] = {}
+        self._interned_keys: dict[LimitKey, LimitKey] = {}
 
     # -- public ------------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
@@ -379,19 +412,22 @@ class Provisioner:
             self._retire(src, "chain_budget", f"chain budget {src.budget} reached")
 
     def _keys(self, src: SourceState) -> tuple[LimitKey, ...]:
+        """The limiters a clone of ``src`` needs. Placement asks for every source at every
+        placement, so they are worked out again only when the source's view changes."""
+        cached = self._key_cache.get(src.name)
+        if cached is not None and cached[0] is src.info:
+            return cached[1]
+        assert self.view is not None
         host = src.info.host
         ds = src.datastore
-        running = src.running
-        cache_key = (src.name, host, ds, running)
-        keys = self._key_cache.get(cache_key)
-        if keys is None:
-            # Names, not ids: these keys label gauges and the summary's limits.
-            assert self.view is not None
-            keys = self.limiters.keys_for(
-                host=src.info.host_name or (host.id if host else "?"),
-                datastore=self.view.datastore_names.get(ds, ds.id) if ds else None,
-                running_source=src.name if running else None)
-            self._key_cache[cache_key] = keys
+        # Names, not ids: these keys label gauges and the summary's limits.
+        keys = self.limiters.keys_for(
+            host=src.info.host_name or (host.id if host else "?"),
+            datastore=self.view.datastore_names.get(ds, ds.id) if ds else None,
+            running_source=src.name if src.running else None)
+        # One object per limiter, so _PlacementCapacity can tell them apart by identity.
+        keys = tuple(self._interned_keys.setdefault(k, k) for k in keys)
+        self._key_cache[src.name] = (src.info, keys)
         return keys
 
     def _record(self, job: Job, phase: str, duration_s: float) -> None:
@@ -455,7 +491,7 @@ class Provisioner:
     async def _dispatch(self, tg: TaskGroup) -> None:
         """Place queued jobs while limiters have room; return when every job is done."""
         assert self.view is not None
-        capacity = make_capacity(lambda s: self.limiters.blocked_by(self._keys(s)))
+        capacity = _PlacementCapacity(self.limiters, self._keys)
         while True:
             now = anyio.current_time()
             self.view.prune_phantoms(now)
@@ -474,7 +510,7 @@ class Provisioner:
                                  f"no source could take it for {self.spec.timeouts.queue_s}s")
                     continue
                 try:
-                    decision = place(self.view, capacity, self.rng)
+                    decision = place(self.view, capacity.fresh(), self.rng)
                 except NoFit as exc:
                     if exc.may_fit_later:
                         break
