@@ -85,6 +85,8 @@ class Watch:
         self._done = done
         self._event = anyio.Event()
         self.group: _Group | None = None
+        #: bumped at every change of ``values``, ``gone`` or ``error``
+        self.version = 0
 
     def __repr__(self) -> str:
         return f"<Watch {self.type_name}:{self.moid} {','.join(self.paths)}>"
@@ -93,6 +95,7 @@ class Watch:
         return self.values.get(path, default)
 
     def _notify(self) -> None:
+        self.version += 1
         event, self._event = self._event, anyio.Event()
         event.set()
         if self._done is not None and self.active and self._done(self):
@@ -469,6 +472,7 @@ class VCenterTask:
         self._translate = translate_error
         self._watch = watcher.watch(task, TASK_PATHS, done=_task_done)
         self.submitted = time.monotonic()
+        self._snapshot: tuple[int, TaskSnapshot] | None = None
 
     def __repr__(self) -> str:
         return f"<VCenterTask {self._ref.id} {self.method} {self.snapshot.state}>"
@@ -479,11 +483,19 @@ class VCenterTask:
 
     @property
     def snapshot(self) -> TaskSnapshot:
-        values = self._watch.values
+        # Made again only after an update: the auto limits ask every sibling's state at
+        # every completion, and converting the times is not cheap.
+        w = self._watch
+        cached = self._snapshot
+        if cached is not None and cached[0] == w.version:
+            return cached[1]
+        values = w.values
         state: TaskState = values.get("info.state") or "queued"
-        return TaskSnapshot(self._ref, state, _epoch(values.get("info.queueTime")),
+        snap = TaskSnapshot(self._ref, state, _epoch(values.get("info.queueTime")),
                             _epoch(values.get("info.startTime")),
                             _epoch(values.get("info.completeTime")))
+        self._snapshot = (w.version, snap)
+        return snap
 
     async def wait(self, timeout_s: float | None = None) -> Any:
         """The task's result, or its translated fault; RequestTimeout after ``timeout_s``."""
