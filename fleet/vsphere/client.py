@@ -57,6 +57,7 @@ from fleet.vsphere.model import (
     GuestCredentials,
     GuestProgram,
     HostInfo,
+    NicConnect,
     Ref,
     ServerInfo,
     TaskHandle,
@@ -134,6 +135,7 @@ class VSphereClient:
         self._host_names: dict[str, str] = {}
         self._datacenters: list[tuple[str, Any, Any]] | None = None
         self._nic_cache: dict[str, tuple[float, list[Any]]] = {}
+        self._nic_edits: dict[str, tuple[list[Any], Any, list[Any]]] = {}
         self._process_manager: Any = None
         self._folder_lock = anyio.Lock()
 
@@ -549,13 +551,27 @@ class VSphereClient:
         edits: list[Any] = []
         if request.nic_connect:
             nics = await self._source_nics(source)
-            plan = specs.migrate_plan([n.key for n in nics], request.nic_connect)
-            edits = specs.migrate_connect_edits(nics, plan)
+            edits = self._migrate_edits(source._moId, nics, request.nic_connect)
         return specs.instant_clone_spec(
             request, folder=self.mo(request.folder),
             pool=self.mo(request.pool) if request.pool else None,
             datastore=self.mo(request.datastore) if request.datastore else None,
             nic_edits=edits)
+
+    def _migrate_edits(self, source_id: str, nics: list[Any],
+                       connect: Mapping[int, NicConnect] | NicConnect) -> list[Any]:
+        """The NIC edits of a clone of the source: the same (read-only) objects for every
+        clone while the source's NIC list is cached, as they cost more to build than
+        to send."""
+        cached = self._nic_edits.get(source_id)
+        if cached is not None and cached[0] is nics and cached[1] == connect:
+            edits: list[Any] = cached[2]
+            return edits
+        plan = specs.migrate_plan([n.key for n in nics], connect)
+        edits = specs.migrate_connect_edits(nics, plan)
+        self._nic_edits[source_id] = (nics, connect if isinstance(connect, str)
+                                      else dict(connect), edits)
+        return edits
 
     async def _clone_fault(self, fault: Any, source: Ref, method: str) -> VSphereError:
         """Translate an instant-clone fault, re-reading the source's chain when the fault

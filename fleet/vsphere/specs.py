@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,8 +25,16 @@ DeviceSpec = vim.vm.device.VirtualDeviceSpec
 
 
 def option_values(values: Mapping[str, str]) -> list[Any]:
-    """extraConfig entries; an empty value removes the key (vSphere's rule)."""
-    return [vim.option.OptionValue(key=k, value=v) for k, v in values.items()]
+    """extraConfig entries; an empty value removes the key (vSphere's rule).
+
+    The entries are shared between specs (treat them as read-only): most labels are
+    the same for every clone of a run, and pyVmomi builds a data object slowly."""
+    return [_option_value(k, v) for k, v in values.items()]
+
+
+@functools.lru_cache(maxsize=4096)
+def _option_value(key: str, value: str) -> Any:
+    return vim.option.OptionValue(key=key, value=value)
 
 
 def migrate_plan(nic_keys: Sequence[int],
