@@ -140,14 +140,21 @@ class Task(SimObject):
         self._cancel = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self.chain_id = self.seq
+        self._info: tuple[tuple[Any, ...], Any] | None = None
 
     # -- properties -----------------------------------------------------
     def prop_info(self) -> Any:
+        # Clients read and watch ``info`` far more often than it changes: build the
+        # TaskInfo once per state (the key holds everything that can change).
+        key = (self.state, self.cancelled, self.cancelable, self.progress, self.start_time,
+               self.complete_time, id(self.error), id(self.result))
+        if self._info is not None and self._info[0] == key:
+            return self._info[1]
         try:
             name = VmomiSupport.GetWsdlMethod("urn:vim25", self.method)
         except KeyError:
             name = None
-        return vim.TaskInfo(
+        info = vim.TaskInfo(
             key=self.moid, task=self.ref, name=name, descriptionId=self.description_id,
             entity=self.entity.ref if self.entity is not None else None,
             entityName=self.entity_name, state=self.state, cancelled=self.cancelled,
@@ -156,6 +163,8 @@ class Task(SimObject):
             reason=vim.TaskReasonUser(userName=self.user), queueTime=self.queue_time,
             startTime=self.start_time, completeTime=self.complete_time,
             eventChainId=self.chain_id)
+        self._info = (key, info)  # holds error and result, so their ids stay theirs
+        return info
 
     # -- lifecycle ------------------------------------------------------
     def begin(self) -> None:

@@ -1,0 +1,58 @@
+"""The simulator's running totals and indexes agree with a count from scratch.
+
+Per-clone costs must not grow with the inventory, so tasks build their ``info``
+once per change. These tests check each against the plain computation it
+replaces, in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pyVmomi import vim
+
+from fleet.sim.core import CallContext
+from fleet.sim.simulator import Simulator
+from fleet.sim.tasks import Task
+from fleet.sim.topology import load_topology
+from fleet.sim.vm import VirtualMachine
+
+
+def _sim() -> Simulator:
+    return Simulator(load_topology(None), time_scale=0.0)
+
+
+def _vm(sim: Simulator, name: str) -> VirtualMachine:
+    return next(v for v in sim.inventory.of_type(VirtualMachine) if v.name == name)
+
+
+def test_task_info_is_built_again_only_when_it_changes() -> None:
+    sim = _sim()
+    source = _vm(sim, "frozen-01")
+    session = next(iter(sim.sessions.values()), None) or sim.session_for(None)[0]
+    ctx = CallContext(sim, session, "8.0.3.0")
+
+    async def body(task: Task) -> Any:
+        await asyncio.sleep(0)
+        return None
+
+    async def run() -> None:
+        ref = sim.start_task(ctx, entity=source, method="PowerOnVM_Task",
+                             description_id="VirtualMachine.powerOn", body=body,
+                             resources=())
+        task = sim.inventory.get(ref._moId)
+        assert isinstance(task, Task)
+        first = task.prop_info()
+        assert first is task.prop_info()
+        assert first.state == "running" and first.progress == 0
+        task.set_progress(40)
+        second = task.prop_info()
+        assert second is not first and second.progress == 40
+        await task.done.wait()
+        done = task.prop_info()
+        assert done.state == "success" and done.progress == 100 and done.completeTime
+        assert done is task.prop_info()
+        assert isinstance(done, vim.TaskInfo)
+
+    asyncio.run(run())
