@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +48,18 @@ class ManagedEntity(SimObject):
     def __init__(self, sim: Simulator, name: str, parent: ManagedEntity | None,
                  moid: str | None = None) -> None:
         super().__init__(sim, moid)
-        self.name = name
+        self._name = name
         self.parent = parent
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        old, self._name = self._name, value
+        if old != value and isinstance(self.parent, Folder):
+            self.parent.renamed(self, old)  # keep the folder's name index right
 
     @property
     def display_name(self) -> str:
@@ -107,32 +117,63 @@ class Folder(ManagedEntity):
                  child_types: Iterable[str], moid: str | None = None) -> None:
         super().__init__(sim, name, parent, moid)
         self.child_types = tuple(child_types)
-        self.entities: list[ManagedEntity] = []
+        # Children in the order they came, by id, and by name: a clone's name check and
+        # a destroy must not cost a scan of a folder that holds thousands of VMs.
+        self._children: dict[str, ManagedEntity] = {}
+        self._by_name: dict[str, list[ManagedEntity]] = {}
+
+    @property
+    def entities(self) -> Sequence[ManagedEntity]:
+        """The children, oldest first (change them with add_child, attach and detach)."""
+        return list(self._children.values())
 
     def children(self) -> list[ManagedEntity]:
-        return list(self.entities)
+        return list(self._children.values())
 
     def prop_childEntity(self) -> Any:
-        return vim.ManagedEntity.Array([c.ref for c in self.entities])
+        return vim.ManagedEntity.Array([c.ref for c in self._children.values()])
 
     def prop_childType(self) -> list[str]:
         return list(self.child_types)
 
     def child_named(self, name: str) -> ManagedEntity | None:
-        for child in self.entities:
-            if child.name == name:
-                return child
-        return None
+        """The oldest child called ``name``."""
+        named = self._by_name.get(name)
+        return named[0] if named else None
+
+    def add_child(self, entity: ManagedEntity) -> None:
+        """Put ``entity`` in this folder, with no change event (building the inventory)."""
+        entity.parent = self
+        if entity.moid in self._children:
+            return
+        self._children[entity.moid] = entity
+        self._by_name.setdefault(entity.name, []).append(entity)
 
     def attach(self, entity: ManagedEntity) -> None:
-        entity.parent = self
-        self.entities.append(entity)
+        self.add_child(entity)
         self.touch("childEntity")
 
     def detach(self, entity: ManagedEntity) -> None:
-        if entity in self.entities:
-            self.entities.remove(entity)
+        if self._children.get(entity.moid) is entity:
+            del self._children[entity.moid]
+            self._unindex(entity, entity.name)
             self.touch("childEntity")
+
+    def renamed(self, entity: ManagedEntity, old: str) -> None:
+        if self._children.get(entity.moid) is not entity:
+            return
+        self._unindex(entity, old)
+        named = self._by_name.setdefault(entity.name, [])
+        named.append(entity)
+        if len(named) > 1:  # keep the oldest first, as a scan of the children would
+            named.sort(key=list(self._children.values()).index)
+
+    def _unindex(self, entity: ManagedEntity, name: str) -> None:
+        named = self._by_name.get(name)
+        if named is not None and entity in named:
+            named.remove(entity)
+            if not named:
+                del self._by_name[name]
 
     def CreateFolder(self, ctx: CallContext, name: str) -> Any:
         check_entity_name(name)

@@ -147,11 +147,7 @@ class SearchIndex(SimObject):
         for raw in [p for p in path.strip("/").split("/") if p]:
             name = raw.replace("%2f", "/").replace("%2F", "/").replace("%5c", "\\").replace(
                 "%25", "%")
-            nxt = None
-            for child in node.children():
-                if child.name == name:
-                    nxt = child
-                    break
+            nxt = self._child(node, name)
             if nxt is None:
                 return None
             node = nxt
@@ -164,10 +160,16 @@ class SearchIndex(SimObject):
     def FindChild(self, ctx: CallContext, entity: Any, name: str) -> Any:
         parent = ctx.sim.inventory.resolve(entity)
         if isinstance(parent, ManagedEntity):
-            for child in parent.children():
-                if child.name == name:
-                    return child.ref
+            child = self._child(parent, name)
+            return child.ref if child is not None else None
         return None
+
+    @staticmethod
+    def _child(parent: ManagedEntity, name: str) -> ManagedEntity | None:
+        """The first child called ``name`` (a folder answers from its index)."""
+        if isinstance(parent, Folder):
+            return parent.child_named(name)
+        return next((c for c in parent.children() if c.name == name), None)
 
     def _by_uuid(self, uuid: str, instance: bool) -> list[VirtualMachine]:
         out = []

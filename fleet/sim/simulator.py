@@ -149,11 +149,11 @@ class Simulator:
         self._register(self.root_folder)
         dc = Datacenter(self, topo.datacenter, self.root_folder)
         self.datacenter = dc
-        self.root_folder.entities.append(dc)
+        self.root_folder.add_child(dc)
         for obj in (dc, *dc.folders()):
             self._register(obj)
         cluster = ClusterComputeResource(self, topo.cluster, dc.host_folder)
-        dc.host_folder.entities.append(cluster)
+        dc.host_folder.add_child(cluster)
         self._register(cluster)
         self._register(cluster.pool)
         self.cluster = cluster
@@ -161,7 +161,7 @@ class Simulator:
         networks = []
         for net_cfg in topo.networks:
             net = Network(self, net_cfg.name, dc.network_folder)
-            dc.network_folder.entities.append(net)
+            dc.network_folder.add_child(net)
             self._register(net)
             networks.append(net)
         self.networks = networks
@@ -175,7 +175,7 @@ class Simulator:
                 free = int((ds_cfg.free_gb if ds_cfg.free_gb is not None
                             else ds_cfg.capacity_gb) * GB)
                 ds = Datastore(self, name, dc.datastore_folder, capacity, free)
-                dc.datastore_folder.entities.append(ds)
+                dc.datastore_folder.add_child(ds)
                 self._register(ds)
                 datastores[name] = ds
         self.datastores = datastores
@@ -221,7 +221,7 @@ class Simulator:
             child = folder.child_named(part)
             if child is None:
                 child = Folder(self, part, folder, folder.child_types)
-                folder.entities.append(child)
+                folder.add_child(child)
                 self._register(child)
             if not isinstance(child, Folder):
                 raise ValueError(f"{path!r}: {part!r} is not a folder")
@@ -269,7 +269,7 @@ class Simulator:
                 if nics and nics[0].connected:
                     vm.guest.ip = self.ip_for(nics[0].mac)
             vm.frozen = cfg.state == "frozen"
-        folder.entities.append(vm)
+        folder.add_child(vm)
         vm.pool.vms.append(vm)
         host.vms.append(vm)
         ds.vms.append(vm)

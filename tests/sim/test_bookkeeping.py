@@ -1,8 +1,8 @@
 """The simulator's running totals and indexes agree with a count from scratch.
 
-Per-clone costs must not grow with the inventory, so tasks build their ``info``
-once per change. These tests check each against the plain computation it
-replaces, in-process.
+Per-clone costs must not grow with the inventory, so folders index their
+children by name and tasks build their ``info`` once per change. These tests
+check each against the plain computation it replaces, in-process.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from pyVmomi import vim
 
 from fleet.sim.core import CallContext
+from fleet.sim.entities import Folder
 from fleet.sim.simulator import Simulator
 from fleet.sim.tasks import Task
 from fleet.sim.topology import load_topology
@@ -25,6 +26,35 @@ def _sim() -> Simulator:
 
 def _vm(sim: Simulator, name: str) -> VirtualMachine:
     return next(v for v in sim.inventory.of_type(VirtualMachine) if v.name == name)
+
+
+def _scanned(folder: Folder, name: str) -> Any:
+    return next((c for c in folder.children() if c.name == name), None)
+
+
+def test_folder_name_index_follows_attach_detach_and_rename() -> None:
+    sim = _sim()
+    folder = sim.ensure_folder("index-test")
+    a = Folder(sim, "a", folder, folder.child_types)
+    b = Folder(sim, "b", folder, folder.child_types)
+    folder.attach(a)
+    folder.attach(b)
+    assert folder.child_named("a") is a and folder.child_named("b") is b
+    b.name = "c"
+    assert folder.child_named("b") is None and folder.child_named("c") is b
+    folder.detach(a)
+    assert folder.child_named("a") is None
+    assert [c.name for c in folder.entities] == ["c"]
+    again = Folder(sim, "a", folder, folder.child_types)
+    folder.attach(again)
+    assert folder.child_named("a") is again
+    # A rename onto a taken name (never allowed by the API) still answers the oldest.
+    again.name = "c"
+    assert folder.child_named("c") is b is _scanned(folder, "c")
+    for name in ("a", "b", "c", "frozen-01"):
+        assert folder.child_named(name) is _scanned(folder, name)
+    sources = sim.ensure_folder("sources")
+    assert sources.child_named("frozen-01") is _vm(sim, "frozen-01")
 
 
 def test_task_info_is_built_again_only_when_it_changes() -> None:
