@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -272,18 +273,53 @@ class HostSystem(ManagedEntity):
         self.cpu_cores = cpu_cores
         self.connection_state = connection_state
         self.uuid = str(uuid.uuid4())
-        self.vms: list[VirtualMachine] = []
+        self._vms: dict[str, VirtualMachine] = {}
         self.datastores: list[Datastore] = []
         self.networks: list[Network] = []
         self.boot_time = datetime.now(UTC)
+        # Memory of the VMs here, kept as they come, go and change (VirtualMachine
+        # reports it): a clone's memory check must not sum over every VM on the host.
+        self._full_mb = 0  # powered-on VMs that share nothing
+        self._clones_by_mb: Counter[int] = Counter()  # powered-on clones, by memory size
 
     @property
     def connected(self) -> bool:
         return self.connection_state == "connected"
 
+    @property
+    def vms(self) -> Sequence[VirtualMachine]:
+        """The VMs on this host, oldest first (change them with add_vm and remove_vm)."""
+        return list(self._vms.values())
+
+    def add_vm(self, vm: VirtualMachine) -> None:
+        if vm.moid not in self._vms:
+            self._vms[vm.moid] = vm
+            vm.counted_on = self
+            self.account_memory(vm.memory_share(), 1)
+
+    def remove_vm(self, vm: VirtualMachine) -> None:
+        if self._vms.get(vm.moid) is vm:
+            del self._vms[vm.moid]
+            vm.counted_on = None
+            self.account_memory(vm.memory_share(), -1)
+
+    def account_memory(self, share: tuple[bool, int] | None, sign: int) -> None:
+        """Count (``sign`` 1) or uncount (-1) one VM's ``VirtualMachine.memory_share``."""
+        if share is None:
+            return
+        clone, memory_mb = share
+        if clone:
+            self._clones_by_mb[memory_mb] += sign
+            if not self._clones_by_mb[memory_mb]:
+                del self._clones_by_mb[memory_mb]
+        else:
+            self._full_mb += sign * memory_mb
+
     def memory_used_mb(self) -> int:
         """Host memory in use: powered-on VMs, clones counted by their unshared part."""
-        return sum(vm.host_memory_cost_mb() for vm in self.vms)
+        unshared = 1.0 - self.sim.clone_memory_shared
+        return self._full_mb + sum(count * int(memory_mb * unshared)
+                                   for memory_mb, count in self._clones_by_mb.items())
 
     def memory_limit_mb(self) -> int:
         return int(self.memory_mb * self.overcommit)
@@ -291,7 +327,7 @@ class HostSystem(ManagedEntity):
     def set_connection_state(self, state: str) -> None:
         self.connection_state = state
         self.touch("runtime", "summary")
-        for vm in self.vms:
+        for vm in self._vms.values():
             vm.touch("runtime", "summary")
 
     def prop_runtime(self) -> Any:
@@ -330,7 +366,7 @@ class HostSystem(ManagedEntity):
             cpuPkg=[], memorySize=self.memory_mb * MB, smcPresent=False)
 
     def prop_vm(self) -> Any:
-        return vim.VirtualMachine.Array([v.ref for v in self.vms])
+        return vim.VirtualMachine.Array([v.ref for v in self._vms.values()])
 
     def prop_datastore(self) -> Any:
         return vim.Datastore.Array([d.ref for d in self.datastores])

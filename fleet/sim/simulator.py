@@ -271,7 +271,7 @@ class Simulator:
             vm.frozen = cfg.state == "frozen"
         folder.add_child(vm)
         vm.pool.vms.append(vm)
-        host.vms.append(vm)
+        host.add_vm(vm)
         ds.vms.append(vm)
         for net in vm.networks():
             net.vms.append(vm)

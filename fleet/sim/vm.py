@@ -125,17 +125,20 @@ class VirtualMachine(ManagedEntity):
         self.pool = pool
         self.host = host
         self.datastore = datastore
-        self.memory_mb = memory_mb
+        # What the host's memory accounting depends on (see memory_share): behind
+        # properties that report each change to the host the VM is counted on.
+        self.counted_on: HostSystem | None = None
+        self._memory_mb = memory_mb
+        self._power_state = power_state
+        self._memory_parent: VirtualMachine | None = None  # pages shared with the source
         self.num_cpu = num_cpu
         self.guest = guest
         self.nics = nics
         self.disks = disks
         self.extra_config = dict(extra_config)
-        self.power_state = power_state
         self.frozen = False
         self.uuid = str(uuid.uuid4())
         self.instance_uuid = str(uuid.uuid4())
-        self.memory_parent: VirtualMachine | None = None  # pages shared with the source
         self.clones = 0
         self.conflicted = False
         self.boot_time: datetime | None = None
@@ -144,13 +147,61 @@ class VirtualMachine(ManagedEntity):
         self.modified = self.created
         self.stunned = False
 
+    # -- memory accounting -------------------------------------------------
+    @property
+    def power_state(self) -> str:
+        return self._power_state
+
+    @power_state.setter
+    def power_state(self, value: str) -> None:
+        self._uncount_memory()
+        self._power_state = value
+        self._count_memory()
+
+    @property
+    def memory_mb(self) -> int:
+        return self._memory_mb
+
+    @memory_mb.setter
+    def memory_mb(self, value: int) -> None:
+        self._uncount_memory()
+        self._memory_mb = value
+        self._count_memory()
+
+    @property
+    def memory_parent(self) -> VirtualMachine | None:
+        return self._memory_parent
+
+    @memory_parent.setter
+    def memory_parent(self, value: VirtualMachine | None) -> None:
+        self._uncount_memory()
+        self._memory_parent = value
+        self._count_memory()
+
+    def _uncount_memory(self) -> None:
+        if self.counted_on is not None:
+            self.counted_on.account_memory(self.memory_share(), -1)
+
+    def _count_memory(self) -> None:
+        if self.counted_on is not None:
+            self.counted_on.account_memory(self.memory_share(), 1)
+
+    def memory_share(self) -> tuple[bool, int] | None:
+        """What this VM costs its host: None when off, else (a clone?, memory MB).
+
+        A clone costs only its unshared part (``host_memory_cost_mb``); the host
+        applies the share when asked, so the share may change at any time."""
+        if self._power_state != "poweredOn":
+            return None
+        return self._memory_parent is not None, self._memory_mb
+
     # -- placement bookkeeping -------------------------------------------
     def register(self) -> None:
         """Put the VM into its folder, pool, host, datastore and networks."""
         assert isinstance(self.parent, Folder)
         self.parent.attach(self)
         self.pool.vms.append(self)
-        self.host.vms.append(self)
+        self.host.add_vm(self)
         for ds in self.datastores():
             ds.vms.append(self)
             ds.touch("vm")
@@ -163,9 +214,9 @@ class VirtualMachine(ManagedEntity):
     def unregister(self) -> None:
         if isinstance(self.parent, Folder):
             self.parent.detach(self)
-        for collection in (self.pool.vms, self.host.vms):
-            if self in collection:
-                collection.remove(self)
+        if self in self.pool.vms:
+            self.pool.vms.remove(self)
+        self.host.remove_vm(self)
         for ds in self.datastores():
             if self in ds.vms:
                 ds.vms.remove(self)
@@ -984,8 +1035,8 @@ class VirtualMachine(ManagedEntity):
             task.commit()
             if host is not self.host:
                 old = self.host
-                old.vms.remove(self)
-                host.vms.append(self)
+                old.remove_vm(self)
+                host.add_vm(self)
                 self.host = host
                 old.touch("vm", "summary")
                 host.touch("vm", "summary")

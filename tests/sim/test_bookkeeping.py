@@ -1,8 +1,9 @@
 """The simulator's running totals and indexes agree with a count from scratch.
 
 Per-clone costs must not grow with the inventory, so folders index their
-children by name and tasks build their ``info`` once per change. These tests
-check each against the plain computation it replaces, in-process.
+children by name, hosts keep their memory in use as VMs change, and tasks build
+their ``info`` once per change. These tests check each against the plain
+computation it replaces, in-process.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from pyVmomi import vim
 
 from fleet.sim.core import CallContext
-from fleet.sim.entities import Folder
+from fleet.sim.entities import Folder, HostSystem
 from fleet.sim.simulator import Simulator
 from fleet.sim.tasks import Task
 from fleet.sim.topology import load_topology
@@ -55,6 +56,47 @@ def test_folder_name_index_follows_attach_detach_and_rename() -> None:
         assert folder.child_named(name) is _scanned(folder, name)
     sources = sim.ensure_folder("sources")
     assert sources.child_named("frozen-01") is _vm(sim, "frozen-01")
+
+
+def _summed(host: HostSystem) -> int:
+    return sum(vm.host_memory_cost_mb() for vm in host.vms)
+
+
+def test_host_memory_total_follows_every_change() -> None:
+    sim = _sim()
+    hosts = list(sim.hosts.values())
+    source = _vm(sim, "frozen-01")
+    folder = sim.ensure_folder("memory-test")
+    clone = VirtualMachine(sim, "clone", folder, pool=source.pool, host=source.host,
+                           datastore=source.datastore, memory_mb=2048, num_cpu=1,
+                           guest=source.guest, nics=[], disks=[], extra_config={},
+                           power_state="poweredOn")
+    clone.memory_parent = source
+    clone.register()
+
+    def check() -> None:
+        for host in hosts:
+            assert host.memory_used_mb() == _summed(host), host.name
+
+    check()
+    assert source.host.memory_used_mb() > 0
+    clone.memory_mb = 3000
+    check()
+    sim.clone_memory_shared = 0.4
+    check()
+    clone.power_state = "poweredOff"
+    check()
+    clone.power_state = "poweredOn"
+    clone.memory_parent = None
+    check()
+    source.host.remove_vm(clone)
+    hosts[1].add_vm(clone)
+    clone.host = hosts[1]
+    check()
+    clone.power_state = "poweredOff"
+    clone.unregister()
+    check()
+    assert clone not in hosts[1].vms
 
 
 def test_task_info_is_built_again_only_when_it_changes() -> None:
