@@ -16,9 +16,10 @@ what it chose (:meth:`ClusterView.reserve`) before its next await.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
@@ -125,6 +126,9 @@ class PlacementPolicy:
         ("shallower-chain", 1.0))
 
 
+_UNKNOWN = object()
+
+
 @dataclass
 class ClusterView:
     """Sources and hosts for placement. Changed only by the engine, between awaits."""
@@ -134,8 +138,32 @@ class ClusterView:
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
     datastore_names: dict[Ref, str] = field(default_factory=dict)
 
+    #: each source's host, by id(source), while :func:`place` runs (nothing changes the
+    #: view meanwhile, and several plugins ask for every source)
+    _pinned: dict[int, HostState | None] | None = field(default=None, init=False, repr=False,
+                                                        compare=False)
+
     def host_of(self, source: SourceState) -> HostState | None:
+        pinned = self._pinned
+        if pinned is not None:
+            found = pinned.get(id(source), _UNKNOWN)
+            if found is not _UNKNOWN:
+                return found  # type: ignore[return-value]
         return self.hosts.get(source.info.host) if source.info.host else None
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Look every source's host up once, for the duration of one placement."""
+        if self._pinned is not None:
+            yield
+            return
+        hosts = self.hosts
+        self._pinned = {id(s): hosts.get(s.info.host) if s.info.host else None
+                        for s in self.sources.values()}
+        try:
+            yield
+        finally:
+            self._pinned = None
 
     def reserve(self, source: SourceState) -> None:
         """Count a clone as in flight (call right after :func:`place`, before awaiting)."""
@@ -379,17 +407,26 @@ def place(view: ClusterView, capacity: Capacity, rng: random.Random, *,
 
     ``sample`` > 0 scores only that many random feasible candidates ("power of
     choices", for very large source pools)."""
-    scorers = SCORES if scores is None else scores
+    with view.pinned():
+        return _place(view, capacity, rng, filters, SCORES if scores is None else scores,
+                      sample)
+
+
+def _place(view: ClusterView, capacity: Capacity, rng: random.Random,
+           filters: Sequence[FilterPlugin], scorers: dict[str, ScorePlugin],
+           sample: int) -> Decision:
     candidates = list(view.sources.values())
     rng.shuffle(candidates)  # randomised order: no source is favoured by its position
     feasible: list[SourceState] = []
     rejected: dict[str, Status] = {}
     for source in candidates:
-        status = filter_source(source, view, capacity, filters)
-        if status is SUCCESS or status.code is Code.SUCCESS:
-            feasible.append(source)
+        for plugin in filters:  # filter_source, inlined: this runs for every source
+            status = plugin.filter(source, view, capacity)
+            if status is not SUCCESS and status.code is not Code.SUCCESS:
+                rejected[source.name] = status
+                break
         else:
-            rejected[source.name] = status
+            feasible.append(source)
     if not feasible:
         ordered = {name: rejected[name] for name in view.sources}
         raise NoFit(ordered)

@@ -206,13 +206,14 @@ def source_summary(src: SourceState) -> SourceSummary:
 
 
 class _PlacementCapacity:
-    """The limiters as placement's ``FreeSlots`` sees them during one :func:`place`.
+    """The limiters as placement's ``FreeSlots`` sees them during one dispatch round.
 
-    A limiter shared by many sources (overall, a datastore) is asked once per
-    placement, not once per source: asking reads its statistics, which copy the
-    list of its holders, and a burst places thousands of clones over dozens of
-    sources. The answers hold until a token is taken or given back, so
-    :meth:`fresh` forgets them before every placement."""
+    Each limiter is asked once per round, not once per source and placement: asking
+    reads its statistics, which copy the list of its holders, and a round places
+    dozens of clones (every task the last update finished frees a slot) over dozens
+    of sources. Between awaits only the dispatcher's own leases change the limiters,
+    so :meth:`fresh` forgets every answer at the start of a round and :meth:`took`
+    those of the limiters a lease just took tokens from."""
 
     def __init__(self, limiters: Limiters,
                  keys: Callable[[SourceState], tuple[LimitKey, ...]]) -> None:
@@ -220,9 +221,12 @@ class _PlacementCapacity:
         self._keys = keys  # interned: one object per limiter
         self._known: dict[int, str | None] = {}  # by id(key)
 
-    def fresh(self) -> _PlacementCapacity:
+    def fresh(self) -> None:
         self._known.clear()
-        return self
+
+    def took(self, keys: tuple[LimitKey, ...]) -> None:
+        for key in keys:
+            self._known.pop(id(key), None)
 
     def blocked(self, source: SourceState) -> str | None:
         # What Limiters.blocked_by(keys) answers: the first key without a free token.
@@ -493,6 +497,7 @@ class Provisioner:
         assert self.view is not None
         capacity = _PlacementCapacity(self.limiters, self._keys)
         while True:
+            capacity.fresh()  # tokens came back, limits moved, others took some meanwhile
             now = anyio.current_time()
             self.view.prune_phantoms(now)
             if self._stopping:
@@ -510,7 +515,7 @@ class Provisioner:
                                  f"no source could take it for {self.spec.timeouts.queue_s}s")
                     continue
                 try:
-                    decision = place(self.view, capacity.fresh(), self.rng)
+                    decision = place(self.view, capacity, self.rng)
                 except NoFit as exc:
                     if exc.may_fit_later:
                         break
@@ -518,9 +523,11 @@ class Provisioner:
                     self._finish(job, "failed", "queue", "unschedulable", str(exc))
                     continue
                 src = decision.source
-                lease = self.limiters.try_acquire(self._keys(src), job)
+                keys = self._keys(src)
+                lease = self.limiters.try_acquire(keys, job)
                 if lease is None:  # someone is already waiting for these tokens
                     break
+                capacity.took(keys)
                 self._queue.popleft()
                 job.queue_s += now - job.queued_at
                 self.view.reserve(src)

@@ -21,9 +21,11 @@ from fleet.engine.events import (
     JobRetried,
     SourceRetired,
 )
+from fleet.engine.limits import Limiters, LimitKey
+from fleet.engine.placement import SourceState
 from fleet.engine.reconcile import LABEL_STATE, labels
-from fleet.engine.run import Provisioner
-from fleet.engine.spec import FleetSpec
+from fleet.engine.run import Provisioner, _PlacementCapacity
+from fleet.engine.spec import FleetSpec, LimitsSpec
 from fleet.errors import (
     ChainTooDeep,
     ConfigError,
@@ -35,6 +37,7 @@ from fleet.errors import (
     VSphereFault,
 )
 from fleet.vsphere.fake import FakeLatency, FakeVSphere, FaultRule, make_fake
+from fleet.vsphere.model import Ref, VmInfo
 from tests.engine.conftest import (
     CLONE_ONLY,
     CREDS,
@@ -523,3 +526,29 @@ async def test_refresh_during_a_running_clone_does_not_double_count() -> None:
     assert fake.stats.clones_per_source["golden"] == 5  # depth 1 -> 6, every level used
     assert summary.ready == 5 and summary.failures == {"unschedulable": 3}
     assert fake.vm("golden").chain_depth == 6
+
+
+@pytest.mark.anyio
+async def test_placement_capacity_answers_as_blocked_by_through_a_round() -> None:
+    lims = Limiters(LimitsSpec(in_flight=3, per_host=2, per_datastore=128))
+    interned: dict[LimitKey, LimitKey] = {}
+
+    def src(name: str, host: str) -> SourceState:
+        info = VmInfo(Ref("VirtualMachine", name), name, "poweredOn", True,
+                      Ref("HostSystem", host), host, None, (), 1, 1024, "linux")
+        return SourceState(name, info, 100)
+
+    sources = [src("a", "esx-1"), src("b", "esx-1"), src("c", "esx-2")]
+    keys = {s.name: tuple(interned.setdefault(k, k) for k in
+                          lims.keys_for(host=s.info.host_name or "", datastore="ds",
+                                        running_source=None)) for s in sources}
+    capacity = _PlacementCapacity(lims, lambda s: keys[s.name])
+    capacity.fresh()
+    # One round: take tokens for a, a, c; every answer stays what blocked_by says.
+    for name in ("a", "a", "c"):
+        for s in sources:
+            assert capacity.blocked(s) == lims.blocked_by(keys[s.name])
+        assert lims.try_acquire(keys[name], object()) is not None
+        capacity.took(keys[name])
+    for s in sources:
+        assert capacity.blocked(s) == lims.blocked_by(keys[s.name]) is not None
