@@ -83,7 +83,8 @@ class Watch:
         self.error: VSphereError | None = None
         self.active = True
         self._done = done
-        self._event = anyio.Event()
+        # Made when someone waits: most tasks finish before anyone looks.
+        self._event: anyio.Event | None = None
         self.group: _Group | None = None
         #: bumped at every change of ``values``, ``gone`` or ``error``
         self.version = 0
@@ -96,8 +97,9 @@ class Watch:
 
     def _notify(self) -> None:
         self.version += 1
-        event, self._event = self._event, anyio.Event()
-        event.set()
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
         if self._done is not None and self.active and self._done(self):
             self.watcher.release(self)
 
@@ -118,6 +120,8 @@ class Watch:
                 if self.gone:
                     raise NotFound(f"{self.type_name} {self.moid} no longer exists",
                                    fault="ManagedObjectNotFound", obj=self.moid)
+                if self._event is None:
+                    self._event = anyio.Event()
                 await self._event.wait()
         raise RequestTimeout(f"{self.type_name} {self.moid}: no {what} after {timeout_s} s",
                              obj=self.moid)
