@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import heapq
 import inspect
 import ipaddress
 import logging
@@ -116,6 +118,11 @@ class Simulator:
         self.clone_task_s: list[float] = []  # run time of each successful instant clone task
         self._background: set[asyncio.Task[Any]] = set()
         self._pending_names: dict[str, set[str]] = {}
+        # Finished tasks to forget, (loop time, seq, id), earliest first, and the one
+        # timer that forgets them: not a timer (and a copy of the caller's context)
+        # per task, when tens of thousands are retained.
+        self._expiring: list[tuple[float, int, str]] = []
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self._mac_counter = 0x800000
         self._ips: dict[str, str] = {}
         self._ip_pool = ipaddress.IPv4Network("10.0.0.0/8").hosts()
@@ -393,10 +400,29 @@ class Simulator:
             run_s = ((task.complete_time or task.start_time) - task.start_time).total_seconds()
             self.clone_task_s.append(run_s)
 
-        def forget() -> None:
-            self.inventory.objects.pop(task.moid, None)
+        loop = asyncio.get_running_loop()
+        entry = (loop.time() + max(0.0, retention), task.seq, task.moid)
+        heapq.heappush(self._expiring, entry)
+        if self._expiring[0] is entry:
+            self._arm_expiry(loop)
 
-        self.later(retention, forget)
+    def _arm_expiry(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self._expiring:
+            self._expiry_timer = loop.call_at(self._expiring[0][0], self._forget_tasks,
+                                              context=contextvars.Context())
+
+    def _forget_tasks(self) -> None:
+        """Retention is over for the earliest finished tasks: they leave the inventory."""
+        self._expiry_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._expiring and self._expiring[0][0] <= now:
+            _, _, moid = heapq.heappop(self._expiring)
+            self.inventory.objects.pop(moid, None)
+        self._arm_expiry(loop)
 
     # -- statistics -------------------------------------------------------------
     def clone_made(self, source: VirtualMachine, clone: VirtualMachine) -> None:

@@ -126,7 +126,7 @@ class Task(SimObject):
         self.description_id = description_id
         self.user = user
         self.resources = tuple(resources) or (VC,)
-        self.body = body
+        self.body: TaskBody | None = body
         self.state = "queued"
         self.cancelable = cancelable
         self.cancelled = False
@@ -175,8 +175,10 @@ class Task(SimObject):
         self._runner = self.sim.spawn(self._run())
 
     async def _run(self) -> None:
+        body = self.body
+        assert body is not None, "a task runs once"
         try:
-            result = await self.body(self)
+            result = await body(self)
         except vmodl.MethodFault as fault:
             self._finish(error=fault)
         except asyncio.CancelledError:
@@ -204,6 +206,14 @@ class Task(SimObject):
     def _finish(self, *, result: Any = None, error: Any = None) -> None:
         if self.state in ("success", "error"):
             return
+        # A finished task is kept (task_retention_s) for its info alone: let go of the
+        # work (the body's closure holds the request, its spec and call context) and of
+        # the frames an error's traceback holds, so thousands of retained tasks stay
+        # small for the garbage collector.
+        self.body = None
+        self._runner = None
+        if isinstance(error, BaseException):
+            error.__traceback__ = None
         was_running = self.state == "running"
         self.state = "error" if error is not None else "success"
         self.result = result

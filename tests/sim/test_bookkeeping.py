@@ -1,9 +1,10 @@
 """The simulator's running totals and indexes agree with a count from scratch.
 
 Per-clone costs must not grow with the inventory, so folders index their
-children by name, hosts keep their memory in use as VMs change, and tasks build
-their ``info`` once per change. These tests check each against the plain
-computation it replaces, in-process.
+children by name, hosts keep their memory in use as VMs change, tasks build
+their ``info`` once per change and retained tasks keep only what ``info``
+needs. These tests check each against the plain computation it replaces,
+in-process.
 """
 
 from __future__ import annotations
@@ -126,5 +127,46 @@ def test_task_info_is_built_again_only_when_it_changes() -> None:
         assert done.state == "success" and done.progress == 100 and done.completeTime
         assert done is task.prop_info()
         assert isinstance(done, vim.TaskInfo)
+
+    asyncio.run(run())
+
+
+def test_finished_tasks_let_go_of_their_work_and_leave_after_retention() -> None:
+    topo = load_topology(None)
+    topo = topo.model_copy(update={"vcenter": topo.vcenter.model_copy(
+        update={"task_retention_s": 0.2})})
+    sim = Simulator(topo, time_scale=0.0)
+    source = _vm(sim, "frozen-01")
+    ctx = CallContext(sim, sim.session_for(None)[0], "8.0.3.0")
+
+    def body_after(delay_s: float) -> Any:
+        async def body(task: Task) -> Any:
+            await asyncio.sleep(delay_s)
+            if delay_s > 0.1:
+                raise vim.fault.InvalidState(msg="late")
+            return None
+        return body
+
+    async def run() -> None:
+        tasks = []
+        for delay_s in (0.0, 0.15):
+            ref = sim.start_task(ctx, entity=source, method="PowerOnVM_Task",
+                                 description_id="VirtualMachine.powerOn",
+                                 body=body_after(delay_s), resources=())
+            task = sim.inventory.get(ref._moId)
+            assert isinstance(task, Task)
+            tasks.append(task)
+        await tasks[0].done.wait()
+        assert tasks[0].body is None and tasks[1].body is not None
+        await tasks[1].done.wait()
+        assert tasks[1].body is None
+        assert tasks[1].error.__traceback__ is None
+        assert tasks[1].prop_info().error.msg == "late"
+        assert all(sim.inventory.get(t.moid) is t for t in tasks)
+        await asyncio.sleep(0.1)  # 0.25 s after the first finished, 0.1 s after the second
+        assert sim.inventory.get(tasks[0].moid) is None
+        assert sim.inventory.get(tasks[1].moid) is tasks[1]
+        await asyncio.sleep(0.15)
+        assert sim.inventory.get(tasks[1].moid) is None
 
     asyncio.run(run())
