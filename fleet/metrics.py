@@ -49,7 +49,7 @@ from __future__ import annotations
 import platform
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
@@ -75,6 +75,7 @@ OUTCOMES = ("ready", "failed")
 MEMBER_STATES = ("cloned", "network", "ready")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+_M = TypeVar("_M", PromCounter, Gauge, Histogram)
 
 
 class FleetMetrics:
@@ -155,6 +156,7 @@ class FleetMetrics:
             self.runs.labels(outcome)
         self.queue_length.set(0)
         self._host_of: dict[tuple[str, int], str] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._queued: set[tuple[str, int]] = set()
         self._run_fleet = ""
 
@@ -182,12 +184,13 @@ class FleetMetrics:
             host = getattr(event, "host", "") or "unknown"
             self._leave_host(job)
             self._host_of[job] = host
-            self.in_flight.labels(host).inc()
+            self._labelled(self.in_flight, host).inc()
             self.attempts.inc()
-            self.source_clones.labels(getattr(event, "source", "unknown")).inc()
+            self._labelled(self.source_clones, getattr(event, "source", "unknown")).inc()
         elif kind == "phase_done":
             phase = getattr(event, "phase", "")
-            self.phase_duration.labels(phase).observe(float(getattr(event, "duration_s", 0.0)))
+            self._labelled(self.phase_duration, phase).observe(
+                float(getattr(event, "duration_s", 0.0)))
             if phase == "clone" and job is not None:
                 self._leave_host(job)
         elif kind in ("job_retried", "job_replaced") and job is not None:
@@ -199,12 +202,12 @@ class FleetMetrics:
         elif kind == "job_ready" and job is not None:
             self._dequeue(job)
             self._leave_host(job)
-            self.clones.labels("ready").inc()
+            self._labelled(self.clones, "ready").inc()
             self.clone_duration.observe(float(getattr(event, "duration_s", 0.0)))
         elif kind == "job_failed" and job is not None:
             self._dequeue(job)
             self._leave_host(job)
-            self.clones.labels("failed").inc()
+            self._labelled(self.clones, "failed").inc()
             self.failures.labels(getattr(event, "reason", "unknown")).inc()
         elif kind == "source_retired":
             self.retired.labels(getattr(event, "reason", "unknown")).inc()
@@ -231,6 +234,16 @@ class FleetMetrics:
             for key in [k for k in self._host_of if k[0] == fleet]:
                 self._leave_host(key)
 
+    def _labelled(self, metric: _M, *values: str) -> _M:
+        """``metric.labels(*values)``, kept: events ask for the same few series (hosts,
+        sources, phases) several times per clone, and ``labels()`` validates and locks
+        every time. Only for metrics whose series are never removed."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return cast(_M, child)
+
     def _dequeue(self, job: tuple[str, int]) -> None:
         if job in self._queued:
             self._queued.discard(job)
@@ -239,7 +252,7 @@ class FleetMetrics:
     def _leave_host(self, job: tuple[str, int]) -> None:
         host = self._host_of.pop(job, None)
         if host is not None:
-            self.in_flight.labels(host).dec()
+            self._labelled(self.in_flight, host).dec()
 
     # -- vSphere client hooks -------------------------------------------------
     def observe_request(self, method: str, duration_s: float, fault: str | None = None) -> None:
