@@ -64,7 +64,7 @@ from fleet.vsphere.model import (
     VmInfo,
     VSphere,
 )
-from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session
+from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session, _method_info
 from fleet.vsphere.tls import TlsOptions
 from fleet.vsphere.transport import MIN_VERSION, make_transport
 from fleet.vsphere.watch import PropertyWatcher, VCenterTask, Watch
@@ -136,6 +136,7 @@ class VSphereClient:
         self._datacenters: list[tuple[str, Any, Any]] | None = None
         self._nic_cache: dict[str, tuple[float, list[Any]]] = {}
         self._nic_edits: dict[str, tuple[list[Any], Any, list[Any]]] = {}
+        self._clone_bodies = specs.CloneBodies()
         self._process_manager: Any = None
         self._folder_lock = anyio.Lock()
 
@@ -547,16 +548,19 @@ class VSphereClient:
         self._nic_cache[source._moId] = (now, nics)
         return nics
 
-    async def _clone_spec(self, request: CloneRequest, source: Any) -> Any:
+    async def _clone_where(self, request: CloneRequest, source: Any) -> dict[str, Any]:
+        """Where the clone goes and its NIC edits: ``instant_clone_spec``'s keywords."""
         edits: list[Any] = []
         if request.nic_connect:
             nics = await self._source_nics(source)
             edits = self._migrate_edits(source._moId, nics, request.nic_connect)
-        return specs.instant_clone_spec(
-            request, folder=self.mo(request.folder),
-            pool=self.mo(request.pool) if request.pool else None,
-            datastore=self.mo(request.datastore) if request.datastore else None,
-            nic_edits=edits)
+        return {"folder": self.mo(request.folder),
+                "pool": self.mo(request.pool) if request.pool else None,
+                "datastore": self.mo(request.datastore) if request.datastore else None,
+                "nic_edits": edits}
+
+    async def _clone_spec(self, request: CloneRequest, source: Any) -> Any:
+        return specs.instant_clone_spec(request, **await self._clone_where(request, source))
 
     def _migrate_edits(self, source_id: str, nics: list[Any],
                        connect: Mapping[int, NicConnect] | NicConnect) -> list[Any]:
@@ -585,9 +589,10 @@ class VSphereClient:
             self._unsupported = str(error)
         return error
 
-    async def _clone_call(self, mo: Any, method: str, source: Ref, *args: Any) -> Any:
+    async def _clone_call(self, mo: Any, method: str, source: Ref, *args: Any,
+                          body: bytes | None = None) -> Any:
         try:
-            return await self.session.call(mo, method, *args)
+            return await self.session.call(mo, method, *args, body=body)
         except VSphereError as exc:
             cause = exc.__cause__
             if isinstance(cause, vmodl.MethodFault):
@@ -598,8 +603,15 @@ class VSphereClient:
         """Submit ``InstantClone_Task``; the handle's result is the new VM's Ref."""
         self._check_instant_clone_supported()
         source = self.mo(request.source)
-        spec = await self._clone_spec(request, source)
-        task_mo = await self._clone_call(source, "InstantClone_Task", request.source, spec)
+        where = await self._clone_where(request, source)
+        method = "InstantClone_Task"
+        body = self._clone_bodies.render(self.session.stub, source,
+                                         _method_info(source, method), request, **where)
+        if body is not None:
+            task_mo = await self._clone_call(source, method, request.source, body=body)
+        else:
+            spec = specs.instant_clone_spec(request, **where)
+            task_mo = await self._clone_call(source, method, request.source, spec)
 
         async def translate_error(fault: Any) -> VSphereError:
             return await self._clone_fault(fault, request.source, "InstantClone_Task")

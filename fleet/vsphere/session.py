@@ -279,15 +279,19 @@ class Session:
 
     # -- calls -----------------------------------------------------------------
     async def call(self, mo: Any, method: str, *args: Any, timeout_s: float | None = None,
-                   safe: bool | None = None, session_bound: bool = False) -> Any:
-        """Call ``method`` (pyVmomi's Python name or the WSDL name) on ``mo``."""
+                   safe: bool | None = None, session_bound: bool = False,
+                   body: bytes | None = None) -> Any:
+        """Call ``method`` (pyVmomi's Python name or the WSDL name) on ``mo``.
+
+        ``body``, if given, is the request already serialized (exactly what
+        serializing ``mo``, ``method`` and ``args`` would give)."""
         info = _method_info(mo, method)
         return await self.invoke(mo, info, list(args), timeout_s=timeout_s, safe=safe,
-                                 session_bound=session_bound)
+                                 session_bound=session_bound, body=body)
 
     async def invoke(self, mo: Any, info: Any, args: list[Any], *,
                      timeout_s: float | None = None, safe: bool | None = None,
-                     session_bound: bool = False) -> Any:
+                     session_bound: bool = False, body: bytes | None = None) -> Any:
         """One logical call with the retry rule of the module docstring."""
         method = info.wsdlName
         repeatable = method in SAFE_TO_REPEAT if safe is None else safe
@@ -298,7 +302,7 @@ class Session:
             if self._closed:
                 raise NotAuthenticated(f"{method}: the client is closed", method=method)
             try:
-                value, _ = await self._exchange(mo, info, args, key, deadline)
+                value, _ = await self._exchange(mo, info, args, key, deadline, body)
                 return value
             except NotAuthenticated:
                 if relogins >= self.retry.max_relogins or self._closed:
@@ -318,7 +322,8 @@ class Session:
                 await anyio.sleep(self.retry.pause_s(attempt))
 
     async def _exchange(self, mo: Any, info: Any, args: list[Any], key: str | None,
-                        timeout_s: float | None) -> tuple[Any, str | None]:
+                        timeout_s: float | None, prepared: bytes | None = None
+                        ) -> tuple[Any, str | None]:
         """One request and its reply; returns (value, Set-Cookie session key)."""
         method = info.wsdlName
         obj = getattr(mo, "_moId", None)
@@ -326,8 +331,11 @@ class Session:
         started = time.perf_counter()
         error: VSphereError | None = None
         try:
-            with map_vsphere_faults(method=method, obj=obj):
-                body = self.stub.serialize(mo, info, args)
+            if prepared is not None:
+                body = prepared
+            else:
+                with map_vsphere_faults(method=method, obj=obj):
+                    body = self.stub.serialize(mo, info, args)
             reply = await self.transport.post(body, action=self.stub.versionId, session_key=key,
                                               timeout_s=timeout_s, method=method, obj=obj)
             del body

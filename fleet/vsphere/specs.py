@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-from pyVmomi import vim
+from pyVmomi import VmomiSupport, vim
+from pyVmomi.SoapAdapter import XML_ENCODING, XmlEscape
 
 from fleet.vsphere.model import CloneRequest, GuestProgram, NicConnect
 
@@ -115,3 +117,75 @@ def program_spec(program: GuestProgram) -> Any:
         programPath=program.path, arguments=program.arguments,
         workingDirectory=program.working_directory,
         envVariables=[f"{k}={v}" for k, v in program.env.items()] or None)
+
+
+class CloneBodies:
+    """``InstantClone_Task`` request bodies, from one pyVmomi serialization per shape.
+
+    Building and serializing a clone spec with pyVmomi costs about 250 us, and a
+    burst sends thousands that differ only in the clone's name and its label
+    values. The first request of a shape (stub version, source, folder, pool,
+    datastore, NIC edits, label keys, with or without a BIOS UUID) is serialized
+    by pyVmomi with markers in place of those strings; later ones are that text
+    with each marker replaced by its value escaped with pyVmomi's own
+    ``XmlEscape``: byte for byte what pyVmomi would send (``tests/vsphere``
+    checks). ``render`` returns None when it cannot promise that (a value that is
+    not a string, a pyVmomi request context in use, a marker pyVmomi did not
+    echo once); the caller then serializes as usual.
+    """
+
+    _MAX_SHAPES = 256
+
+    def __init__(self) -> None:
+        self._shapes: dict[tuple[Any, ...], tuple[Any, list[str]]] = {}
+
+    def render(self, stub: Any, source: Any, info: Any, request: CloneRequest, *, folder: Any,
+               pool: Any = None, datastore: Any = None,
+               nic_edits: Sequence[Any] = ()) -> bytes | None:
+        values = [request.name, *request.extra_config.values()]
+        if request.bios_uuid is not None:
+            values.append(request.bios_uuid)
+        if not all(type(v) is str for v in values) or VmomiSupport.GetRequestContext():
+            return None
+        # NIC edits by identity (the client reuses a source's list); none is none.
+        key = (stub.version, type(source), source._moId, source._serverGuid, request.folder,
+               request.pool, request.datastore, id(nic_edits) if nic_edits else 0,
+               tuple(request.extra_config), request.bios_uuid is None)
+        shape = self._shapes.get(key)
+        if shape is None or (nic_edits and shape[0] is not nic_edits):
+            shape = self._shape(stub, source, info, request, folder, pool, datastore, nic_edits,
+                                len(values))
+            if shape is None:
+                return None
+            if len(self._shapes) >= self._MAX_SHAPES:
+                self._shapes.clear()
+            self._shapes[key] = shape
+        pieces = shape[1]
+        out = [pieces[0]]
+        for value, piece in zip(values, pieces[1:], strict=True):
+            out.append(XmlEscape(value))
+            out.append(piece)
+        return "".join(out).encode(XML_ENCODING)
+
+    @staticmethod
+    def _shape(stub: Any, source: Any, info: Any, request: CloneRequest, folder: Any, pool: Any,
+               datastore: Any, nic_edits: Sequence[Any], count: int
+               ) -> tuple[Any, list[str]] | None:
+        markers = [f"\x00{i}\x00" for i in range(count)]
+        marked = replace(request, name=markers[0],
+                         extra_config=dict(zip(request.extra_config, markers[1:], strict=False)),
+                         bios_uuid=markers[-1] if request.bios_uuid is not None else None)
+        spec = instant_clone_spec(marked, folder=folder, pool=pool, datastore=datastore,
+                                  nic_edits=nic_edits)
+        try:
+            text = stub.serialize(source, info, [spec]).decode(XML_ENCODING)
+        except Exception:  # whatever pyVmomi objects to, the usual path reports properly
+            return None
+        pieces: list[str] = []
+        for marker in markers:
+            if text.count(marker) != 1:
+                return None
+            head, text = text.split(marker)
+            pieces.append(head)
+        pieces.append(text)
+        return nic_edits, pieces

@@ -133,6 +133,35 @@ def test_instant_clone_spec() -> None:
         [spec])
 
 
+@pytest.mark.parametrize("version", ["vim.version.v8_0_3_0", "vim.version.version12"])
+def test_clone_bodies_are_what_pyvmomi_serializes(version: str) -> None:
+    stub = VimStub(version)
+    source = vim.VirtualMachine("vm-1", stub)
+    info = _method_info(source, "InstantClone_Task")
+    edits = specs.migrate_connect_edits([_nic(4000), _nic(4001)], {4001: "connect"})
+    bodies = specs.CloneBodies()
+    odd = ["", "a&b<c>d", "quote \" and ' apostrophe", "été ☃", "]]>", "&amp;"]
+    for i in range(12):
+        request = CloneRequest(
+            source=Ref("VirtualMachine", "vm-1"), name=f"web-{i}{odd[i % len(odd)]}",
+            folder=Ref("Folder", "group-v3"),
+            datastore=Ref("Datastore", "datastore-1") if i % 3 else None,
+            extra_config={"guestinfo.fleet.index": str(i), "guestinfo.x": odd[i % len(odd)],
+                          "guestinfo.fleet.name": "web"},
+            bios_uuid=f"4211-{odd[i % len(odd)]}" if i % 4 == 0 else None)
+        where = {"folder": vim.Folder("group-v3", stub),
+                 "datastore": vim.Datastore("datastore-1", stub) if request.datastore else None,
+                 "nic_edits": edits if i % 2 else []}
+        expected = stub.serialize(source, info, [specs.instant_clone_spec(request, **where)])
+        assert bodies.render(stub, source, info, request, **where) == expected
+    # Not a string: no promise, the caller serializes as usual.
+    numeric = CloneRequest(source=Ref("VirtualMachine", "vm-1"), name="web-x",
+                           folder=Ref("Folder", "group-v3"),
+                           extra_config={"guestinfo.n": 3})  # type: ignore[dict-item]
+    assert bodies.render(stub, source, info, numeric, folder=vim.Folder("group-v3", stub)) \
+        is None
+
+
 def test_nic_edits_and_program_spec() -> None:
     edits = specs.nic_edits([_nic(4000, False), _nic(4001, False)], True, [4001])
     assert [e.device.key for e in edits] == [4001]
