@@ -1,0 +1,318 @@
+"""The benchmark report: a short Markdown file quoting every figure against its
+target, and the PNG plots it links (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+PHASE_ORDER = ("queue", "clone", "network", "reconnect", "ready")
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def plot_throughput(results: dict[str, Any], out: Path) -> str:
+    burst, tools = results["burst"], results["tools"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    s = burst["series"]["throughput"]
+    ax.plot(s["t"], s["rate"], label=f"fleet ({burst['fleet']['ready']} clones)")
+    for key, label in (("pool", "pyVmomi, 64 threads"), ("sequential", "pyVmomi, sequential")):
+        run = tools[key]
+        ax.plot(run["throughput"]["t"], run["throughput"]["rate"],
+                label=f"{label} ({run['clones']} clones)")
+    ax.axhline(burst["slot_capacity_per_s"], color="grey", linestyle="--",
+               label="what the host slots allow")
+    ax.set_xlabel("seconds since the first clone was started")
+    ax.set_ylabel("clones finished per second")
+    ax.set_title("Burst on the default topology (8 hosts x 8 slots), "
+                 f"time scale {burst['time_scale']}")
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, out / "throughput.png")
+
+
+def plot_in_flight(results: dict[str, Any], out: Path) -> str:
+    series = results["burst"]["series"]["in_flight"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for host, values in sorted(series["hosts"].items()):
+        ax.step(series["t"], values, where="post", label=host, linewidth=1)
+    slots = sorted(set(series["slots"].values()))
+    for s in slots:
+        ax.axhline(s, color="grey", linestyle="--")
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("fleet's clones at vCenter")
+    ax.set_title("In flight per host during the burst (dashed: the host's slots)")
+    ax.legend(loc="lower center", ncol=4, fontsize=7)
+    return _save(fig, out / "in_flight.png")
+
+
+def plot_latency(phase_values: dict[str, list[float]], out: Path, time_scale: float) -> str:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for phase in PHASE_ORDER:
+        values = sorted(phase_values.get(phase, []))
+        if not values:
+            continue
+        n = len(values)
+        ax.plot([max(v, 1e-4) for v in values], [(i + 1) / n for i in range(n)], label=phase)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"seconds (simulator at time scale {time_scale})")
+    ax.set_ylabel("fraction of clones")
+    ax.set_title("Latency per phase, full network workflow, 64 hosts")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, out / "latency.png")
+
+
+def plot_scale(results: dict[str, Any], out: Path) -> str:
+    sc = results["scale"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("clone_only", "clone phase only"), ("workflow", "full workflow")):
+        s = sc[key]["throughput"]
+        left.plot(s["t"], s["rate"], label=label)
+    left.set_xlabel("seconds since the first clone was started")
+    left.set_ylabel("clones finished per second")
+    left.set_title(f"{sc['clone_only']['ready']} clones, 64 hosts")
+    left.legend(fontsize=8)
+    for i, key in enumerate(("clone_only", "workflow")):
+        rates = sc[key]["tenth_rates"]
+        right.bar([x + 0.4 * i for x in range(len(rates))], rates, width=0.4,
+                  label="clone phase only" if key == "clone_only" else "full workflow")
+    right.set_xlabel("tenth of the clones (by completion)")
+    right.set_ylabel("clones/s")
+    right.set_title("Throughput per tenth")
+    right.legend(fontsize=8)
+    return _save(fig, out / "scale.png")
+
+
+def plot_chains(results: dict[str, Any], out: Path) -> str:
+    ch = results["chains"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("fleet", "fleet"), ("naive", "naive round-robin")):
+        s = ch["series"][key]
+        left.plot(s["t"], s["rate"], label=label)
+    left.set_xlabel("seconds")
+    left.set_ylabel("clones finished per second")
+    left.set_title("1 running + 3 frozen sources")
+    left.legend(fontsize=8)
+    names = list(ch["fleet"]["source_chains"])
+    x = range(len(names))
+    right.bar([i - 0.2 for i in x], [ch["fleet"]["source_chains"][n] for n in names],
+              width=0.4, label="fleet")
+    right.bar([i + 0.2 for i in x], [ch["naive"]["source_chains"][n] for n in names],
+              width=0.4, label="naive")
+    right.axhline(255, color="red", linestyle="--", label="vSphere's limit")
+    right.set_xticks(list(x), names, fontsize=7)
+    right.set_ylabel("source's disk chain at the end")
+    right.legend(fontsize=8)
+    return _save(fig, out / "chains.png")
+
+
+def plot_adaptive(results: dict[str, Any], out: Path) -> str:
+    ad = results["adaptive"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, label in zip(axes, ("wide", "narrow"), strict=True):
+        topo = ad[label]
+        for key, run in topo["runs"].items():
+            name = {"true": f"per_host = {topo['slots']} (true)", "auto": "per_host = auto",
+                    "8": "per_host = 8 (default)"}[key]
+            ax.plot(run["throughput"]["t"], run["throughput"]["rate"], label=name)
+        ax.set_title(f"hosts with {topo['slots']} slots")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("clones finished per second")
+        ax.legend(fontsize=8)
+    return _save(fig, out / "adaptive.png")
+
+
+# -- Markdown -----------------------------------------------------------------------------
+
+
+def _met(target: dict[str, Any]) -> str:
+    return "met" if target["met"] else "**missed**"
+
+
+def _num(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
+    meta = results["meta"]
+    header = [f"# fleet benchmark report, {meta['date']}", "",
+             f"`python -m benchmarks` at commit `{meta['commit']}`, {meta['cpus']} CPUs "
+             f"({meta['machine']}), Python {meta['python']}, {meta['elapsed_s']:.0f} s in all. "
+             "Every figure below was measured in this one run, each tool on a fresh "
+             "simulator in its own process; fleet and the scripts run as processes of "
+             "their own too, and their CPU time and peak RSS are the kernel's (`wait4`).",
+             ""]
+    lines: list[str] = []
+    rows: list[tuple[str, str, str, str]] = []
+    failed = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    results = {k: v for k, v in results.items() if k not in failed}
+    if failed:
+        lines += ["## Scenarios that did not finish", ""]
+        lines += [f"- **{name}**: {why}" for name, why in failed.items()]
+        lines.append("")
+
+    b = results.get("burst")
+    t = results.get("tools")
+    if b:
+        f = b["fleet"]
+        lines += ["## 1. Burst efficiency", "",
+                  f"{f['ready']} clones, clone phase only, default topology ({b['slots']} host "
+                  f"slots) at time scale {b['time_scale']}. The slots allow {b['slots']} / "
+                  f"{_num(b['mean_clone_task_s'], 3)} s (mean clone task, from the "
+                  f"simulator's records of the same run) = "
+                  f"{_num(b['slot_capacity_per_s'], 1)} clones/s; fleet made "
+                  f"{_num(f['clones_per_s'], 1)} clones/s from the first clone started to "
+                  f"the last finished ({_num(f['clone_phase_s'], 1)} s).", "",
+                  f"![throughput]({plots['throughput']})", "",
+                  f"![in flight per host]({plots['in_flight']})", ""]
+        rows.append(("1 burst: fraction of slot capacity", _num(
+            b["fraction_of_capacity"]["value"], 3), ">= 0.95", _met(b["fraction_of_capacity"])))
+    if t:
+        p, s = t["pool"], t["sequential"]
+        lines += ["## 2. Against today's tools", "",
+                  "| | fleet | pyVmomi, 64 threads | pyVmomi, sequential |",
+                  "| --- | ---: | ---: | ---: |",
+                  f"| clones | {b['fleet']['ready'] if b else ''} | {p['clones']} | "
+                  f"{s['clones']} |",
+                  f"| sources | {len(b['sources']) if b else ''} | {p['sources']} | "
+                  f"{s['sources']} |",
+                  f"| clones/s | {_num(t['fleet_clones_per_s'], 1)} | "
+                  f"{_num(p['clones_per_s'], 1)} | {_num(s['clones_per_s'], 2)} |",
+                  f"| client CPU per clone (ms) | {_num(t['fleet_cpu_ms_per_clone'])} | "
+                  f"{_num(p['cpu_ms_per_clone'])} | {_num(s['cpu_ms_per_clone'])} |",
+                  f"| peak RSS (MB) | {_num(b['fleet']['max_rss_mb'], 0) if b else ''} | "
+                  f"{_num(p['max_rss_mb'], 0)} | {_num(s['max_rss_mb'], 0)} |", "",
+                  "The scripts make fewer clones than fleet (they are slow; the sizes are in "
+                  "the JSON); every comparison is of rates. The thread pool cycles over the "
+                  "same nine sources as fleet, the sequential script uses one frozen "
+                  f"source. fleet: {_num(t['speedup_vs_pool']['value'], 1)}x the thread "
+                  f"pool's clones/s at {_num(t['cpu_vs_pool']['value'], 3)}x its CPU per "
+                  f"clone; {_num(t['speedup_vs_sequential'], 0)}x the sequential script's "
+                  f"clones/s at {_num(t['cpu_vs_sequential'], 3)}x its CPU per clone.", ""]
+        rows.append(("2 clones/s vs pyVmomi thread pool",
+                     f"{_num(t['speedup_vs_pool']['value'], 1)}x", ">= 1.5x",
+                     _met(t["speedup_vs_pool"])))
+        rows.append(("2 CPU per clone vs pyVmomi thread pool",
+                     f"{_num(t['cpu_vs_pool']['value'], 3)}x", "<= 0.5x",
+                     _met(t["cpu_vs_pool"])))
+
+    c = results.get("chains")
+    if c:
+        fl, nv = c["fleet"], c["naive"]
+        lines += ["## 3. Chain depth", "",
+                  f"Sources `golden-running` (running, chain 1 at the start) and `frozen-01..03`;"
+                  f" time scale {c['time_scale']} (clone times below are scaled back to "
+                  "vCenter seconds). The naive script cycles over the four sources with 64 "
+                  "clones in flight, through fleet's own client, so only placement differs.",
+                  "", "| | fleet | naive round-robin |", "| --- | ---: | ---: |",
+                  f"| clones made / asked | {fl['ready']} / {fl['ready'] + fl['failed']} | "
+                  f"{nv['clones']} / {nv['clones'] + nv['failed']} |",
+                  f"| chain faults | {fl['chain_faults']} | {nv['chain_faults']} |",
+                  f"| deepest clone chain | {fl['deepest_clone_chain']} | "
+                  f"{nv['deepest_clone_chain']} |",
+                  f"| running source's chain at the end | "
+                  f"{fl['source_chains'].get('golden-running')} | "
+                  f"{nv['source_chains'].get('golden-running')} |",
+                  f"| clones from the running source | "
+                  f"{fl['clones_by_source'].get('golden-running')} | "
+                  f"{nv['clones_by_source'].get('golden-running')} |",
+                  f"| mean clone time as the caller waits (s) | "
+                  f"{_num(fl['mean_clone_wait_s'], 2)} | {_num(nv['mean_clone_wait_s'], 2)} |",
+                  f"| p95 of it (s) | {_num(fl['p95_clone_wait_s'], 2)} | "
+                  f"{_num(nv['p95_clone_wait_s'], 2)} |",
+                  f"| mean clone task run time at vCenter (s) | "
+                  f"{_num(fl['mean_clone_task_s'], 2)} | {_num(nv['mean_clone_task_s'], 2)} |",
+                  f"| wall time (s) | {_num(fl['wall_s'], 1)} | {_num(nv['wall_s'], 1)} |",
+                  "", f"![chains]({plots['chains']})", ""]
+        rows.append(("3 chain faults, fleet", str(fl["chain_faults"]), "0",
+                     _met(c["fleet_chain_faults"])))
+
+    sc = results.get("scale")
+    if sc:
+        co, wf = sc["clone_only"], sc["workflow"]
+        lines += ["## 4. Scale", "",
+                  f"{co['ready']} clones on 64 hosts x 8 slots at time scale "
+                  f"{sc['time_scale']}, once clone phase only and once with the full network "
+                  "workflow (clone disconnected, refresh the NIC in the guest, reconnect, "
+                  "wait for the guest IP).", "",
+                  "| | clone phase only | full workflow |", "| --- | ---: | ---: |",
+                  f"| ready | {co['ready']} | {wf['ready']} |",
+                  f"| wall time (s) | {_num(co['wall_s'], 1)} | {_num(wf['wall_s'], 1)} |",
+                  f"| clones/s (clone phase) | {_num(co['clones_per_s'], 1)} | "
+                  f"{_num(wf['clones_per_s'], 1)} |",
+                  f"| client CPU per clone (ms) | {_num(co['cpu_ms_per_clone'])} | "
+                  f"{_num(wf['cpu_ms_per_clone'])} |",
+                  f"| peak RSS of the fleet process (MB) | {_num(co['max_rss_mb'], 0)} | "
+                  f"{_num(wf['max_rss_mb'], 0)} |",
+                  f"| clones/s, first tenth / last tenth | "
+                  f"{_num(co['tenth_rates'][0], 0)} / {_num(co['tenth_rates'][-1], 0)} | "
+                  f"{_num(wf['tenth_rates'][0], 0)} / {_num(wf['tenth_rates'][-1], 0)} |",
+                  f"| network conflicts | {co['network_conflicts']} | "
+                  f"{wf['network_conflicts']} |", "",
+                  "Clone phase only leaves each clone's NIC connected with its source's MAC, "
+                  "so every clone is a network conflict there: that is what the workflow "
+                  "exists to prevent.", "",
+                  f"![scale]({plots['scale']})", "", f"![latency]({plots['latency']})", ""]
+        rows.append(("4 peak RSS", f"{_num(sc['peak_rss_mb']['value'], 0)} MB", "<= 300 MB",
+                     _met(sc["peak_rss_mb"])))
+        rows.append(("4 client CPU per clone, clone phase only",
+                     f"{_num(sc['cpu_ms_per_clone']['value'])} ms", "<= 3 ms",
+                     _met(sc["cpu_ms_per_clone"])))
+        rows.append(("4 last tenth vs first tenth",
+                     f"{_num(sc['steady_throughput']['ratio'])}", "within 10%",
+                     _met(sc["steady_throughput"])))
+
+    a = results.get("adaptive")
+    if a:
+        lines += ["## 5. Adaptive limits", "",
+                  f"Four hosts whose slots fleet is not told, at time scale {a['time_scale']}: "
+                  "clones/s over the clone phase with `limits.per_host` set to the true slot "
+                  "count, to `auto`, and left at fleet's default of 8.", "",
+                  "| hosts' slots | clones | true | auto | 8 | auto / true |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for label in ("wide", "narrow"):
+            topo = a[label]
+            r = topo["runs"]
+            cell = [(_num(r[k]["clones_per_s"], 1) if k in r else "=true")
+                    for k in ("true", "auto", "8")]
+            lines.append(f"| {topo['slots']} | {topo['count']} | {' | '.join(cell)} | "
+                         f"{_num(topo['auto_vs_true']['value'], 3)} |")
+            rows.append((f"5 auto vs true limits, {topo['slots']}-slot hosts",
+                         _num(topo["auto_vs_true"]["value"], 3), ">= 0.9",
+                         _met(topo["auto_vs_true"])))
+        lines += ["", f"![adaptive]({plots['adaptive']})", ""]
+
+    summary = ["## Targets", "", "| figure | measured | target | |", "| --- | ---: | ---: | --- |"]
+    summary += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
+    return "\n".join(header + summary + [""] + lines) + "\n"
+
+
+def write(results: dict[str, Any], phase_values: dict[str, list[float]] | None,
+          out_dir: Path, stem: str) -> Path:
+    """Plots into ``out_dir/stem/``, the Markdown as ``out_dir/stem.md``."""
+    plot_dir = out_dir / stem
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, str] = {}
+    makers = {"throughput": ("burst", plot_throughput), "in_flight": ("burst", plot_in_flight),
+              "chains": ("chains", plot_chains), "scale": ("scale", plot_scale),
+              "adaptive": ("adaptive", plot_adaptive)}
+    done = {k for k, v in results.items() if not (isinstance(v, dict) and "error" in v)}
+    for name, (needs, maker) in makers.items():
+        if needs in done and (name != "throughput" or "tools" in done):
+            plots[name] = f"{stem}/{maker(results, plot_dir)}"
+    if phase_values:
+        plots["latency"] = f"{stem}/" + plot_latency(
+            phase_values, plot_dir, results["scale"]["time_scale"])
+    path = out_dir / f"{stem}.md"
+    path.write_text(markdown(results, plots))
+    return path

@@ -1,0 +1,282 @@
+"""The five scenarios of ``python -m benchmarks``. Each starts its own simulators,
+runs fleet and its baselines side by side, and returns plain data: figures, the
+targets they are held to, and binned series for the plots.
+
+Sizes and time scales come from :class:`Sizes`; ``Sizes.quick()`` shrinks every
+scenario so the test suite can run the whole command in under a minute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    CLONE_ONLY,
+    FROZEN8,
+    USER,
+    FleetRun,
+    distribution,
+    rate_series,
+    run_fleet,
+    run_script,
+    sim_process,
+    spec_for,
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    burst: int = 2000
+    burst_time_scale: float = 1.0
+    sequential: int = 30
+    pool: int = 400
+    pool_threads: int = 64
+    chain: int = 5000
+    chain_time_scale: float = 0.02
+    scale: int = 10000
+    scale_time_scale: float = 0.05
+    adaptive_wide: int = 960
+    adaptive_narrow: int = 240
+    adaptive_time_scale: float = 1.0
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(burst=120, burst_time_scale=0.1, sequential=4, pool=40, pool_threads=8,
+                   chain=400, chain_time_scale=0.01, scale=300, scale_time_scale=0.02,
+                   adaptive_wide=120, adaptive_narrow=40, adaptive_time_scale=0.1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _target(value: float, op: str, bound: float) -> dict[str, Any]:
+    met = value >= bound if op == ">=" else value <= bound
+    return {"value": value, "op": op, "bound": bound, "met": met}
+
+
+def _fleet_figures(run: FleetRun) -> dict[str, Any]:
+    t = run.timeline
+    phase_s = t.clone_phase_s()
+    return {"ready": run.summary["ready"], "failed": run.summary["failed"],
+            "wall_s": run.process.wall_s, "clone_phase_s": phase_s,
+            "clones_per_s": run.summary["ready"] / phase_s if phase_s else 0.0,
+            "cpu_s": run.process.cpu_s, "cpu_ms_per_clone": run.cpu_ms_per_clone,
+            "max_rss_mb": run.process.max_rss_mb, "retries": t.retries,
+            "retry_reasons": dict(t.reasons), "final_limits": {
+                k: v for k, v in run.summary["limits"].items()
+                if k == "overall" or k.startswith("host:")}}
+
+
+def _series(times: list[float], start: float, bin_s: float) -> dict[str, list[float]]:
+    x, y = rate_series(times, bin_s, start)
+    return {"t": [round(v - start, 3) for v in x], "rate": [round(v, 2) for v in y]}
+
+
+# -- 1 and 2: burst efficiency, and today's tools --------------------------------------
+
+SOURCES_BURST = [*FROZEN8, "golden-running"]
+
+
+def burst(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Scenario 1: a burst on the default topology against what the host slots allow."""
+    with sim_process(time_scale=sizes.burst_time_scale) as sim:
+        run = run_fleet(spec_for(sim, "burst", sizes.burst, SOURCES_BURST, **CLONE_ONLY),
+                        work / "burst")
+        stats = sim.stats()
+    slots = sum(h["slots"] for h in stats["hosts"].values())
+    mean_task = stats["clone_task_s"]["mean"]
+    capacity = slots / mean_task
+    fleet = _fleet_figures(run)
+    t = run.timeline
+    step = max(0.05, t.clone_phase_s() / 200)
+    hosts = sorted(t.host_deltas)
+    end = t.clone_done[-1] if t.clone_done else 0.0
+    in_flight = {h: t.in_flight(h, step, end) for h in hosts}
+    return {
+        "fleet": fleet, "sources": SOURCES_BURST, "slots": slots,
+        "time_scale": sizes.burst_time_scale, "mean_clone_task_s": mean_task,
+        "slot_capacity_per_s": capacity,
+        "fraction_of_capacity": _target(fleet["clones_per_s"] / capacity, ">=", 0.95),
+        "series": {
+            "throughput": _series(t.clone_done, t.first_start, _bin(t.clone_phase_s())),
+            "in_flight": {"t": in_flight[hosts[0]][0] if hosts else [],
+                          "hosts": {h: v[1] for h, v in in_flight.items()},
+                          "slots": {h: s["slots"] for h, s in stats["hosts"].items()}},
+            "clone_latency": distribution(t.phases.get("clone", [])),
+        },
+        "_timeline": t,
+    }
+
+
+def _bin(span_s: float) -> float:
+    """A bin width giving about 60 bins, at least 50 ms."""
+    return max(0.05, round(span_s / 60, 2))
+
+
+def _pyvmomi(sim: Any, sources: list[str], count: int, threads: int, prefix: str
+             ) -> dict[str, Any]:
+    out, proc = run_script(
+        "pyvmomi_clone.py", "--port", str(sim.port), "--cafile", str(sim.cert_path),
+        "--user", USER, "--sources", ",".join(f"dc1/vm/sources/{s}" for s in sources),
+        "--count", str(count), "--threads", str(threads), "--prefix", prefix)
+    wall = out["wall_s"]
+    return {"clones": out["clones"], "failed": out["failed"], "faults": out["faults"],
+            "threads": threads, "sources": len(sources), "wall_s": wall,
+            "clones_per_s": out["clones"] / wall, "cpu_s": proc.cpu_s,
+            "cpu_ms_per_clone": 1000 * proc.cpu_s / max(1, out["clones"]),
+            "max_rss_mb": proc.max_rss_mb,
+            "throughput": _series(out["done_s"], 0.0, _bin(wall))}
+
+
+def tools(sizes: Sizes, work: Path, burst_result: dict[str, Any]) -> dict[str, Any]:
+    """Scenario 2: the same burst by a sequential pyVmomi script and a thread pool.
+
+    The scripts are slow, so each makes fewer clones than fleet's burst (sizes say
+    how many); every figure compared is a rate (clones/s, CPU ms per clone)."""
+    with sim_process(time_scale=sizes.burst_time_scale) as sim:
+        sequential = _pyvmomi(sim, ["frozen-01"], sizes.sequential, 1, "seq")
+    with sim_process(time_scale=sizes.burst_time_scale) as sim:
+        pool = _pyvmomi(sim, SOURCES_BURST, sizes.pool, sizes.pool_threads, "pool")
+    fleet = burst_result["fleet"]
+    return {
+        "sequential": sequential, "pool": pool,
+        "fleet_clones_per_s": fleet["clones_per_s"],
+        "fleet_cpu_ms_per_clone": fleet["cpu_ms_per_clone"],
+        "speedup_vs_pool": _target(fleet["clones_per_s"] / pool["clones_per_s"], ">=", 1.5),
+        "cpu_vs_pool": _target(fleet["cpu_ms_per_clone"] / pool["cpu_ms_per_clone"],
+                               "<=", 0.5),
+        "speedup_vs_sequential": fleet["clones_per_s"] / sequential["clones_per_s"],
+        "cpu_vs_sequential": fleet["cpu_ms_per_clone"] / sequential["cpu_ms_per_clone"],
+    }
+
+
+# -- 3: chain depth ---------------------------------------------------------------------
+
+SOURCES_CHAIN = ["golden-running", "frozen-01", "frozen-02", "frozen-03"]
+
+
+def _chain_stats(stats: dict[str, Any], time_scale: float) -> dict[str, Any]:
+    sources = {n: s for n, s in stats["sources"].items() if n in SOURCES_CHAIN}
+    return {"deepest_clone_chain": stats["max_clone_chain_depth"],
+            "source_chains": {n: s["chain_depth"] for n, s in sources.items()},
+            "clones_by_source": {n: s["clones"] for n, s in sources.items()},
+            # the simulator's task run times, scaled to time scale 1
+            "mean_clone_task_s": stats["clone_task_s"]["mean"] / time_scale}
+
+
+def _waits(values: list[float], time_scale: float) -> dict[str, float]:
+    """Handed to vCenter -> finished (queueing included), scaled to time scale 1."""
+    d = distribution(values)
+    return {"mean_clone_wait_s": d.get("mean", 0.0) / time_scale,
+            "p95_clone_wait_s": d.get("p95", 0.0) / time_scale}
+
+
+def chains(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Scenario 3: 1 running and 3 frozen sources, fleet against naive round-robin."""
+    ts = sizes.chain_time_scale
+    with sim_process(time_scale=ts, topology="chains.toml") as sim:
+        run = run_fleet(spec_for(sim, "chains", sizes.chain, SOURCES_CHAIN, **CLONE_ONLY),
+                        work / "chains")
+        fleet = {**_fleet_figures(run), **_chain_stats(sim.stats(), ts),
+                 **_waits(run.timeline.phases.get("clone", []), ts)}
+    fleet["chain_faults"] = run.timeline.reasons.get("chain_too_deep", 0)
+    with sim_process(time_scale=ts, topology="chains.toml") as sim:
+        out, proc = run_script(
+            "naive_roundrobin.py", "--url", sim.url, "--user", USER, "--thumbprint",
+            str(sim.thumbprint), "--sources", ",".join(SOURCES_CHAIN),
+            "--count", str(sizes.chain), "--in-flight", "64")
+        naive = {"clones": out["clones"], "failed": out["failed"], "faults": out["faults"],
+                 "chain_faults": out["chain_faults"], "wall_s": out["wall_s"],
+                 "cpu_ms_per_clone": 1000 * proc.cpu_s / max(1, out["clones"]),
+                 **_chain_stats(sim.stats(), ts), **_waits(out["clone_wait_s"], ts)}
+    return {"time_scale": ts, "fleet": fleet, "naive": naive,
+            "fleet_chain_faults": _target(fleet["chain_faults"], "<=", 0),
+            "series": {"fleet": _series(run.timeline.clone_done, run.timeline.first_start,
+                                        _bin(run.timeline.clone_phase_s())),
+                       "naive": _series(out["done_s"], 0.0, _bin(out["wall_s"]))}}
+
+
+# -- 4: scale ---------------------------------------------------------------------------
+
+SOURCES_SCALE = [f"frozen-{i:02d}" for i in range(1, 65)]
+
+
+def _scale_run(sizes: Sizes, work: Path, name: str, workflow: bool) -> dict[str, Any]:
+    extra: dict[str, Any] = {} if workflow else dict(CLONE_ONLY)
+    with sim_process(time_scale=sizes.scale_time_scale, topology="scale64.toml") as sim:
+        run = run_fleet(spec_for(sim, name, sizes.scale, SOURCES_SCALE, **extra),
+                        work / name, timeout_s=900)
+        stats = sim.stats()
+    t = run.timeline
+    tenths = t.tenth_rates()
+    figures = _fleet_figures(run)
+    figures.update({
+        "tenth_rates": tenths,
+        "last_vs_first_tenth": tenths[-1] / tenths[0] if tenths else 0.0,
+        "network_conflicts": stats["network_conflicts"],
+        "phases": {p: distribution(v) for p, v in t.phases.items()},
+        "throughput": _series(t.clone_done, t.first_start, _bin(t.clone_phase_s())),
+    })
+    if workflow:
+        figures["ready_throughput"] = _series(t.ready, t.first_start,
+                                              _bin(t.ready[-1] - t.first_start if t.ready
+                                                   else 0.0))
+        figures["ready_per_s"] = figures["ready"] / max(1e-9, (t.ready[-1] - t.first_start)
+                                                        if t.ready else 1.0)
+    figures["_phase_values"] = dict(t.phases)
+    return figures
+
+
+def scale(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Scenario 4: 10,000 clones on 64 hosts, clone phase only and full workflow."""
+    clone_only = _scale_run(sizes, work, "scale", workflow=False)
+    full = _scale_run(sizes, work, "scale-workflow", workflow=True)
+    steady = clone_only["last_vs_first_tenth"]
+    return {
+        "time_scale": sizes.scale_time_scale, "clone_only": clone_only, "workflow": full,
+        "peak_rss_mb": _target(max(clone_only["max_rss_mb"], full["max_rss_mb"]), "<=", 300),
+        "cpu_ms_per_clone": _target(clone_only["cpu_ms_per_clone"], "<=", 3.0),
+        "steady_throughput": {**_target(abs(steady - 1), "<=", 0.10), "ratio": steady},
+    }
+
+
+# -- 5: adaptive limits -----------------------------------------------------------------
+
+ADAPTIVE = {"wide": ("adaptive-wide.toml", 16), "narrow": ("adaptive-narrow.toml", 3)}
+
+
+def adaptive(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Scenario 5: host slots unknown to fleet. ``auto`` per-host limits against the
+    true slot count configured, and against fleet's fixed default of 8."""
+    out: dict[str, Any] = {"time_scale": sizes.adaptive_time_scale}
+    ratios = []
+    for label, (topology, slots) in ADAPTIVE.items():
+        count = sizes.adaptive_wide if label == "wide" else sizes.adaptive_narrow
+        runs: dict[str, Any] = {}
+        for setting in (slots, "auto", 8):
+            key = "true" if setting == slots else str(setting)
+            if key in runs:
+                continue
+            with sim_process(time_scale=sizes.adaptive_time_scale, topology=topology) as sim:
+                run = run_fleet(spec_for(sim, f"adaptive-{label}-{key}", count,
+                                         FROZEN8[:4], limits={"per_host": setting},
+                                         **CLONE_ONLY), work / "adaptive")
+                stats = sim.stats()
+            figures = _fleet_figures(run)
+            figures["setting"] = setting
+            figures["mean_clone_task_s"] = stats["clone_task_s"]["mean"]
+            figures["slot_capacity_per_s"] = 4 * slots / stats["clone_task_s"]["mean"]
+            figures["throughput"] = _series(run.timeline.clone_done,
+                                            run.timeline.first_start,
+                                            _bin(run.timeline.clone_phase_s()))
+            figures["host_limit"] = [(round(t, 3), new) for t, lim, new in run.timeline.limits
+                                     if lim == "host:esx-01"]
+            runs[key] = figures
+        ratio = runs["auto"]["clones_per_s"] / runs["true"]["clones_per_s"]
+        ratios.append(ratio)
+        out[label] = {"slots": slots, "count": count, "runs": runs,
+                      "auto_vs_true": _target(ratio, ">=", 0.9)}
+    out["worst_auto_vs_true"] = _target(min(ratios), ">=", 0.9)
+    return out
