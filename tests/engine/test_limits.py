@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from fleet.engine.limits import AimdController, AutoTuning, Limiters, LimitKey
 from fleet.engine.spec import LimitsSpec
 
-T = AutoTuning(queued_min_s=0.01, queued_fraction=0.0, latency_floor_s=0.05)
+# A small initial host window keeps the arithmetic below short (the default is 8).
+T = AutoTuning(host_initial=2, queued_min_s=0.01, queued_fraction=0.0, latency_floor_s=0.05)
 
 
 def test_keys_are_in_fixed_order() -> None:
@@ -161,6 +162,19 @@ async def test_auto_limiter_feeds_the_narrowest_and_grows_the_rest() -> None:
     lim.release(a)
     assert host.limit == 1 and overall.limit == T.overall_initial
     assert changed == [("host:h", 2, 3), ("host:h", 3, 4), ("host:h", 4, 1)]
+
+
+def test_auto_host_limit_starts_at_vspheres_eight_slots_and_probes_beyond() -> None:
+    tuning = AutoTuning()
+    assert tuning.host_initial == 8 and tuning.host_slow_start_until is None
+    c = AimdController(tuning.host_initial, 1, tuning.host_max, tuning,
+                       tuning.host_slow_start_until)
+    for _ in range(8):  # one round trip of prompt completions on a 16-slot host
+        c.prompt(run_s=1.0, was_limited=True)
+    assert c.limit == 16 and c.slow_start
+    c.prompt(run_s=1.0, was_limited=True)
+    c.congested(capacity=16)  # the 17th queued: the host showed its slots
+    assert c.limit == 16 and not c.slow_start and c.ceiling == 17
 
 
 def test_host_slow_start_stops_at_vspheres_eight_slots() -> None:

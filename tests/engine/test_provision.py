@@ -464,7 +464,9 @@ async def test_auto_limits_find_the_host_slots() -> None:
     assert summary.ready == 500
     host_limits = [s.limit for s in p.limiters.statistics() if s.kind == "host"]
     assert host_limits and all(7 <= lim <= 9 for lim in host_limits), host_limits
-    assert fake.stats.tasks_queued < 500 * 0.05  # rarely handed vCenter more than it runs
+    # Rarely handed vCenter more than it runs: slow start overshoots by at most one
+    # window per host before the first queued task cuts it, then probing is slow.
+    assert fake.stats.tasks_queued < 500 * 0.1
     assert max(fake.stats.max_in_flight_per_host.values()) <= 2 * 8
 
 
