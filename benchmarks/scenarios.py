@@ -30,12 +30,13 @@ from benchmarks.harness import (
 class Sizes:
     burst: int = 2000
     burst_time_scale: float = 1.0
-    sequential: int = 30
-    pool: int = 400
+    sequential: int = 20
+    pool: int = 300
     pool_threads: int = 64
     chain: int = 5000
     chain_time_scale: float = 0.02
     scale: int = 10000
+    scale_workflow: int = 10000
     scale_time_scale: float = 0.05
     adaptive_wide: int = 960
     adaptive_narrow: int = 240
@@ -44,7 +45,8 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(burst=120, burst_time_scale=0.1, sequential=4, pool=40, pool_threads=8,
-                   chain=400, chain_time_scale=0.01, scale=300, scale_time_scale=0.02,
+                   chain=400, chain_time_scale=0.01, scale=300, scale_workflow=200,
+                   scale_time_scale=0.02,
                    adaptive_wide=120, adaptive_narrow=40, adaptive_time_scale=0.1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,8 +207,9 @@ SOURCES_SCALE = [f"frozen-{i:02d}" for i in range(1, 65)]
 
 def _scale_run(sizes: Sizes, work: Path, name: str, workflow: bool) -> dict[str, Any]:
     extra: dict[str, Any] = {} if workflow else dict(CLONE_ONLY)
+    count = sizes.scale_workflow if workflow else sizes.scale
     with sim_process(time_scale=sizes.scale_time_scale, topology="scale64.toml") as sim:
-        run = run_fleet(spec_for(sim, name, sizes.scale, SOURCES_SCALE, **extra),
+        run = run_fleet(spec_for(sim, name, count, SOURCES_SCALE, **extra),
                         work / name, timeout_s=900)
         stats = sim.stats()
     t = run.timeline

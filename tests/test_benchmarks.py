@@ -29,7 +29,7 @@ def test_quick_run_writes_json_report_and_plots(tmp_path: Path) -> None:
     assert data["burst"]["fleet"]["ready"] == data["meta"]["sizes"]["burst"]
     assert data["tools"]["pool"]["clones"] == data["meta"]["sizes"]["pool"]
     assert data["chains"]["fleet"]["ready"] == data["meta"]["sizes"]["chain"]
-    assert data["scale"]["workflow"]["ready"] == data["meta"]["sizes"]["scale"]
+    assert data["scale"]["workflow"]["ready"] == data["meta"]["sizes"]["scale_workflow"]
     assert data["scale"]["workflow"]["network_conflicts"] == 0
     assert data["chains"]["fleet"]["chain_faults"] == 0
     # the runs were measured: CPU and memory come from the kernel
