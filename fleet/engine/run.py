@@ -905,11 +905,12 @@ class Provisioner:
                                                f"{program.path} exited with {code}")
 
                     await self._phase(job, "network", timeout, refresh)
-                if net.disconnect_at_clone and net.reconnect:
-                    await self._phase(job, "reconnect", spec.timeouts.reconnect_s,
-                                      lambda: self.vs.set_nics_connected(vm, True))
-                if net.refresh != "none" or (net.disconnect_at_clone and net.reconnect):
-                    await self._label(job, "network" if wait_ready else "ready")
+                reconnect = net.disconnect_at_clone and net.reconnect
+                if net.refresh != "none" or reconnect:
+                    # With a reconnect, one ReconfigVM_Task connects the NICs and labels
+                    # the member: the label never says more (or less) than was done.
+                    await self._label(job, "network" if wait_ready else "ready",
+                                      reconnect=reconnect)
                     job.phase = "ready" if wait_ready else "done"
                 else:
                     job.phase = "ready"
@@ -929,26 +930,36 @@ class Provisioner:
     def _ready_wait(self, vm: Ref) -> Callable[[], Awaitable[object]]:
         r = self.spec.readiness
         if r.wait_for == "guest_ip":
-            return lambda: self.vs.wait_for_vm(vm, timeout_s=r.timeout_s, guest_ip=True)
-        return lambda: self.vs.wait_for_vm(vm, timeout_s=r.timeout_s,
-                                           extra_config_key=r.guestinfo_key)
+            return lambda: self.vs.wait_for_vm_state(vm, timeout_s=r.timeout_s, guest_ip=True)
+        return lambda: self.vs.wait_for_vm_state(vm, timeout_s=r.timeout_s,
+                                                 extra_config_key=r.guestinfo_key)
 
     async def _vm(self, vm: Ref) -> VmInfo:
         with anyio.fail_after(self.spec.timeouts.call_s):
             return await self.vs.get_vm(vm)
 
-    async def _label(self, job: Job, state: MemberState) -> None:
+    async def _label(self, job: Job, state: MemberState, *, reconnect: bool = False) -> None:
+        """Label the member with the phase it finished. ``reconnect``: connect its NICs in
+        the same reconfiguration (the timed ``reconnect`` phase), so a run that stops at
+        any point leaves NICs connected exactly when the label says the network is done."""
         assert job.vm is not None
         vm = job.vm
+        values = {LABEL_STATE: state}
 
         async def write() -> None:
             lease = await self.limiters.acquire([LimitKey.of("overall")], (job, "label"))
             try:
-                await self.vs.update_extra_config(vm, {LABEL_STATE: state})
+                if reconnect:
+                    await self.vs.set_nics_connected(vm, True, extra_config=values)
+                else:
+                    await self.vs.update_extra_config(vm, values)
             finally:
                 self.limiters.release(lease)
 
-        await self._phase(job, None, self.spec.timeouts.call_s, write)
+        if reconnect:
+            await self._phase(job, "reconnect", self.spec.timeouts.reconnect_s, write)
+        else:
+            await self._phase(job, None, self.spec.timeouts.call_s, write)
         job.labelled = state
 
     async def _phase(self, job: Job, phase: str | None, timeout_s: float,

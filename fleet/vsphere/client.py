@@ -706,7 +706,9 @@ class VSphereClient:
             return
 
     async def set_nics_connected(self, vm: Ref, connected: bool,
-                                 nic_keys: Sequence[int] | None = None) -> None:
+                                 nic_keys: Sequence[int] | None = None, *,
+                                 extra_config: Mapping[str, str] | None = None) -> None:
+        """Connect or disconnect NICs; ``extra_config`` goes in the same ReconfigVM_Task."""
         mo = self.mo(vm)
         contents = await self._retrieve_objects([mo], ["config.hardware.device"])
         if not contents:
@@ -718,9 +720,9 @@ class VSphereClient:
                 raise NotFound(f"{vm} has no NIC with key {', '.join(map(str, sorted(unknown)))}",
                                obj=vm.id)
         edits = specs.nic_edits(nics, connected, nic_keys)
-        if edits:
-            await self._run_task(mo, "ReconfigVM_Task", specs.device_change_spec(edits),
-                                 safe=True)
+        if edits or extra_config:
+            await self._run_task(mo, "ReconfigVM_Task",
+                                 specs.device_change_spec(edits, extra_config), safe=True)
 
     async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None:
         """Set extraConfig keys (an empty value removes the key)."""
@@ -779,6 +781,16 @@ class VSphereClient:
                           extra_config_key: str | None = None, frozen: bool | None = None,
                           tools_running: bool = False) -> VmInfo:
         """Wait (with WaitForUpdatesEx, no polling) until every asked condition holds."""
+        if guest_ip or extra_config_key is not None or frozen is not None or tools_running:
+            await self.wait_for_vm_state(vm, timeout_s=timeout_s, guest_ip=guest_ip,
+                                         extra_config_key=extra_config_key, frozen=frozen,
+                                         tools_running=tools_running)
+        return await self.get_vm(vm)
+
+    async def wait_for_vm_state(self, vm: Ref, *, timeout_s: float, guest_ip: bool = False,
+                                extra_config_key: str | None = None,
+                                frozen: bool | None = None, tools_running: bool = False) -> None:
+        """``wait_for_vm`` without the read of the whole VM afterwards."""
         paths: list[str] = []
         if guest_ip:
             paths.append("guest.ipAddress")
@@ -789,7 +801,8 @@ class VSphereClient:
         if tools_running:
             paths.append("guest.toolsRunningStatus")
         if not paths:
-            return await self.get_vm(vm)
+            await self.get_vm(vm)  # it must exist (NotFound otherwise)
+            return
 
         def ready(w: Watch) -> bool:
             values = w.values
@@ -810,7 +823,6 @@ class VSphereClient:
             await w.wait_for(ready, timeout_s=timeout_s, what=f"wanted {wanted}")
         finally:
             w.release()
-        return await self.get_vm(vm)
 
 
 def inv_type(type_name: str) -> Any:

@@ -909,9 +909,11 @@ class FakeVSphere:
         self._inject("destroy", v.name, lost_reply=True)
 
     async def set_nics_connected(self, vm: Ref, connected: bool,
-                                 nic_keys: Sequence[int] | None = None) -> None:
+                                 nic_keys: Sequence[int] | None = None, *,
+                                 extra_config: Mapping[str, str] | None = None) -> None:
         await self._call("set_nics_connected", vm.id, self.latency.reconfig_s)
         v = self._vm(vm, "set_nics_connected")
+        self._set_extra_config(v, extra_config or {})
         for i, nic in enumerate(v.nics):
             if nic_keys is not None and nic.key not in nic_keys:
                 continue
@@ -927,13 +929,17 @@ class FakeVSphere:
     async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None:
         await self._call("update_extra_config", vm.id, self.latency.reconfig_s)
         v = self._vm(vm, "update_extra_config")
+        self._set_extra_config(v, values)
+        v.touch()
+        self._inject("update_extra_config", v.name, lost_reply=True)
+
+    @staticmethod
+    def _set_extra_config(v: FakeVm, values: Mapping[str, str]) -> None:
         for key, value in values.items():
             if value == "":
                 v.extra_config.pop(key, None)  # vSphere: an empty value removes the key
             else:
                 v.extra_config[key] = value
-        v.touch()
-        self._inject("update_extra_config", v.name, lost_reply=True)
 
     # -- VSphere: guest -------------------------------------------------------------
     async def run_in_guest(self, vm: Ref, credentials: GuestCredentials, program: GuestProgram,
@@ -968,6 +974,13 @@ class FakeVSphere:
             v.touch()
             return 0
         return self.guest_program_handler(self._info(v), program)
+
+    async def wait_for_vm_state(self, vm: Ref, *, timeout_s: float, guest_ip: bool = False,
+                                extra_config_key: str | None = None,
+                                frozen: bool | None = None, tools_running: bool = False) -> None:
+        await self.wait_for_vm(vm, timeout_s=timeout_s, guest_ip=guest_ip,
+                               extra_config_key=extra_config_key, frozen=frozen,
+                               tools_running=tools_running)
 
     async def wait_for_vm(self, vm: Ref, *, timeout_s: float, guest_ip: bool = False,
                           extra_config_key: str | None = None, frozen: bool | None = None,

@@ -223,7 +223,11 @@ class VSphere(Protocol):
         ...
 
     async def set_nics_connected(self, vm: Ref, connected: bool,
-                                 nic_keys: Sequence[int] | None = None) -> None: ...
+                                 nic_keys: Sequence[int] | None = None, *,
+                                 extra_config: Mapping[str, str] | None = None) -> None:
+        """Connect or disconnect NICs (all, or ``nic_keys``); ``extra_config`` is set in
+        the same reconfiguration, so both happen or neither does."""
+        ...
 
     async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None: ...
 
@@ -237,4 +241,10 @@ class VSphere(Protocol):
                           extra_config_key: str | None = None, frozen: bool | None = None,
                           tools_running: bool = False) -> VmInfo:
         """Wait (with WaitForUpdatesEx, no polling) until every asked condition holds."""
+        ...
+
+    async def wait_for_vm_state(self, vm: Ref, *, timeout_s: float, guest_ip: bool = False,
+                                extra_config_key: str | None = None,
+                                frozen: bool | None = None, tools_running: bool = False) -> None:
+        """``wait_for_vm`` for callers that need no :class:`VmInfo` afterwards (no read)."""
         ...

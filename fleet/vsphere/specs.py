@@ -108,8 +108,11 @@ def extra_config_spec(values: Mapping[str, str]) -> Any:
     return vim.vm.ConfigSpec(extraConfig=option_values(values))
 
 
-def device_change_spec(edits: Sequence[Any]) -> Any:
-    return vim.vm.ConfigSpec(deviceChange=list(edits))
+def device_change_spec(edits: Sequence[Any],
+                       extra_config: Mapping[str, str] | None = None) -> Any:
+    """Device edits and, in the same reconfiguration, extraConfig entries."""
+    return vim.vm.ConfigSpec(deviceChange=list(edits) or None,
+                             extraConfig=option_values(extra_config or {}) or None)
 
 
 def program_spec(program: GuestProgram) -> Any:

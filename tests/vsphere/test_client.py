@@ -228,6 +228,13 @@ async def test_nics_and_extra_config(sim: SimProcess) -> None:
         await vs.update_extra_config(vm.ref, {"guestinfo.a": ""})  # removes
         extra = (await vs.get_vm(vm.ref)).extra_config
         assert "guestinfo.a" not in extra and extra["guestinfo.b"] == "2"
+        # NICs and extraConfig in one ReconfigVM_Task
+        before = vs.stats["calls"].get("ReconfigVM_Task", 0)
+        await vs.set_nics_connected(vm.ref, True, extra_config={"guestinfo.b": "3"})
+        after = await vs.get_vm(vm.ref)
+        assert [n.connected for n in after.nics] == [True]
+        assert after.extra_config["guestinfo.b"] == "3"
+        assert vs.stats["calls"]["ReconfigVM_Task"] == before + 1
 
 
 async def test_run_in_guest(sim: SimProcess) -> None:
