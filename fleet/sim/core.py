@@ -57,6 +57,11 @@ class SimObject:
 
     vim_type: ClassVar[Any] = VmomiSupport.ManagedObject
     id_prefix: ClassVar[str] = "mo-"
+    #: Nested paths read without building the whole top-level property: path -> name of
+    #: a method returning exactly what resolving the path through ``prop_<top>`` would.
+    #: Clients watch and read a few small paths of big properties (``guest.ipAddress``,
+    #: ``config.hardware.device``) once or more per clone.
+    path_getters: ClassVar[dict[str, str]] = {}
 
     def __init__(self, sim: Simulator, moid: str | None = None) -> None:
         self.sim = sim
@@ -207,6 +212,9 @@ def property_type(mo_type: Any, path: str) -> Any:
 
 def resolve_path(obj: SimObject, path: str) -> Any:
     """Read a (possibly nested or keyed) property path; ``None`` if any step is unset."""
+    getter = obj.path_getters.get(path)
+    if getter is not None:
+        return getattr(obj, getter)()
     parts = path.split(".")
     value: Any = None
     for i, part in enumerate(parts):

@@ -116,6 +116,8 @@ class Guest:
 class VirtualMachine(ManagedEntity):
     vim_type = vim.VirtualMachine
     id_prefix = "vm-"
+    path_getters = {"config.hardware.device": "_devices",
+                    "guest.ipAddress": "_guest_ip_address"}
 
     def __init__(self, sim: Simulator, name: str, folder: Folder, *, pool: ResourcePool,
                  host: HostSystem, datastore: Datastore, memory_mb: int, num_cpu: int,
@@ -381,6 +383,10 @@ class VirtualMachine(ManagedEntity):
             guestState="running" if active else "notRunning",
             guestOperationsReady=active and not self.frozen,
             interactiveGuestOperationsReady=False)
+
+    def _guest_ip_address(self) -> str | None:
+        # prop_guest().ipAddress
+        return self.guest.ip if self.guest.tools_running else None
 
     def prop_guestHeartbeatStatus(self) -> str:
         return "green" if self.guest.tools_running else "gray"

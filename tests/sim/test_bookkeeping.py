@@ -14,8 +14,9 @@ from typing import Any
 
 from pyVmomi import vim
 
-from fleet.sim.core import CallContext
+from fleet.sim.core import CallContext, resolve_path
 from fleet.sim.entities import Folder, HostSystem
+from fleet.sim.propcollector import same
 from fleet.sim.simulator import Simulator
 from fleet.sim.tasks import Task
 from fleet.sim.topology import load_topology
@@ -170,3 +171,27 @@ def test_finished_tasks_let_go_of_their_work_and_leave_after_retention() -> None
         assert sim.inventory.get(tasks[1].moid) is None
 
     asyncio.run(run())
+
+
+def _generic(vm: VirtualMachine, path: str) -> Any:
+    top, rest = path.split(".", 1)
+    value = vm.get_property(top)
+    for part in rest.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def test_path_getters_answer_what_the_whole_property_does() -> None:
+    sim = _sim()
+    vm = _vm(sim, "frozen-01")
+    assert VirtualMachine.path_getters
+    states = []
+    for tools, ip, power in ((True, "10.0.0.9", "poweredOn"), (False, "10.0.0.9", "poweredOn"),
+                             (True, None, "poweredOn"), (True, "10.0.0.9", "poweredOff")):
+        vm.guest.tools_running, vm.guest.ip = tools, ip
+        vm.power_state = power
+        for path in VirtualMachine.path_getters:
+            fast, slow = resolve_path(vm, path), _generic(vm, path)
+            assert same(fast, slow), (path, tools, ip, power)
+            states.append(fast)
+    assert "10.0.0.9" in states and None in states
