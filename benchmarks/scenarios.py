@@ -102,7 +102,8 @@ def burst(sizes: Sizes, work: Path) -> dict[str, Any]:
         "slot_capacity_per_s": capacity,
         "fraction_of_capacity": _target(fleet["clones_per_s"] / capacity, ">=", 0.95),
         "series": {
-            "throughput": _series(t.clone_done, t.first_start, _bin(t.clone_phase_s())),
+            "throughput": _series(t.clone_done, t.first_start,
+                                  _bin(t.clone_phase_s(), sizes.burst_time_scale)),
             "in_flight": {"t": in_flight[hosts[0]][0] if hosts else [],
                           "hosts": {h: v[1] for h, v in in_flight.items()},
                           "slots": {h: s["slots"] for h, s in stats["hosts"].items()}},
@@ -112,13 +113,15 @@ def burst(sizes: Sizes, work: Path) -> dict[str, Any]:
     }
 
 
-def _bin(span_s: float) -> float:
-    """A bin width giving about 60 bins, at least 50 ms."""
-    return max(0.05, round(span_s / 60, 2))
+def _bin(span_s: float, time_scale: float) -> float:
+    """A bin width giving at most about 60 bins, and at least two clone times (a
+    clone takes about 1 s at time scale 1): narrower bins alias with the waves of
+    clones that start and end together, and the plot shows only the aliasing."""
+    return max(0.05, round(span_s / 60, 2), 2.0 * time_scale)
 
 
-def _pyvmomi(sim: Any, sources: list[str], count: int, threads: int, prefix: str
-             ) -> dict[str, Any]:
+def _pyvmomi(sim: Any, sources: list[str], count: int, threads: int, prefix: str,
+             time_scale: float) -> dict[str, Any]:
     out, proc = run_script(
         "pyvmomi_clone.py", "--port", str(sim.port), "--cafile", str(sim.cert_path),
         "--user", USER, "--sources", ",".join(f"dc1/vm/sources/{s}" for s in sources),
@@ -129,7 +132,7 @@ def _pyvmomi(sim: Any, sources: list[str], count: int, threads: int, prefix: str
             "clones_per_s": out["clones"] / wall, "cpu_s": proc.cpu_s,
             "cpu_ms_per_clone": 1000 * proc.cpu_s / max(1, out["clones"]),
             "max_rss_mb": proc.max_rss_mb,
-            "throughput": _series(out["done_s"], 0.0, _bin(wall))}
+            "throughput": _series(out["done_s"], 0.0, _bin(wall, time_scale))}
 
 
 def tools(sizes: Sizes, work: Path, burst_result: dict[str, Any]) -> dict[str, Any]:
@@ -138,9 +141,11 @@ def tools(sizes: Sizes, work: Path, burst_result: dict[str, Any]) -> dict[str, A
     The scripts are slow, so each makes fewer clones than fleet's burst (sizes say
     how many); every figure compared is a rate (clones/s, CPU ms per clone)."""
     with sim_process(time_scale=sizes.burst_time_scale) as sim:
-        sequential = _pyvmomi(sim, ["frozen-01"], sizes.sequential, 1, "seq")
+        sequential = _pyvmomi(sim, ["frozen-01"], sizes.sequential, 1, "seq",
+                              sizes.burst_time_scale)
     with sim_process(time_scale=sizes.burst_time_scale) as sim:
-        pool = _pyvmomi(sim, SOURCES_BURST, sizes.pool, sizes.pool_threads, "pool")
+        pool = _pyvmomi(sim, SOURCES_BURST, sizes.pool, sizes.pool_threads, "pool",
+                        sizes.burst_time_scale)
     fleet = burst_result["fleet"]
     return {
         "sequential": sequential, "pool": pool,
@@ -196,8 +201,8 @@ def chains(sizes: Sizes, work: Path) -> dict[str, Any]:
     return {"time_scale": ts, "fleet": fleet, "naive": naive,
             "fleet_chain_faults": _target(fleet["chain_faults"], "<=", 0),
             "series": {"fleet": _series(run.timeline.clone_done, run.timeline.first_start,
-                                        _bin(run.timeline.clone_phase_s())),
-                       "naive": _series(out["done_s"], 0.0, _bin(out["wall_s"]))}}
+                                        _bin(run.timeline.clone_phase_s(), ts)),
+                       "naive": _series(out["done_s"], 0.0, _bin(out["wall_s"], ts))}}
 
 
 # -- 4: scale ---------------------------------------------------------------------------
@@ -220,12 +225,13 @@ def _scale_run(sizes: Sizes, work: Path, name: str, workflow: bool) -> dict[str,
         "last_vs_first_tenth": tenths[-1] / tenths[0] if tenths else 0.0,
         "network_conflicts": stats["network_conflicts"],
         "phases": {p: distribution(v) for p, v in t.phases.items()},
-        "throughput": _series(t.clone_done, t.first_start, _bin(t.clone_phase_s())),
+        "throughput": _series(t.clone_done, t.first_start,
+                              _bin(t.clone_phase_s(), sizes.scale_time_scale)),
     })
     if workflow:
-        figures["ready_throughput"] = _series(t.ready, t.first_start,
-                                              _bin(t.ready[-1] - t.first_start if t.ready
-                                                   else 0.0))
+        figures["ready_throughput"] = _series(
+            t.ready, t.first_start,
+            _bin(t.ready[-1] - t.first_start if t.ready else 0.0, sizes.scale_time_scale))
         figures["ready_per_s"] = figures["ready"] / max(1e-9, (t.ready[-1] - t.first_start)
                                                         if t.ready else 1.0)
     figures["_phase_values"] = dict(t.phases)
@@ -271,9 +277,11 @@ def adaptive(sizes: Sizes, work: Path) -> dict[str, Any]:
             figures["setting"] = setting
             figures["mean_clone_task_s"] = stats["clone_task_s"]["mean"]
             figures["slot_capacity_per_s"] = 4 * slots / stats["clone_task_s"]["mean"]
-            figures["throughput"] = _series(run.timeline.clone_done,
-                                            run.timeline.first_start,
-                                            _bin(run.timeline.clone_phase_s()))
+            figures["throughput"] = _series(
+                run.timeline.clone_done, run.timeline.first_start,
+                _bin(run.timeline.clone_phase_s(), sizes.adaptive_time_scale))
+            figures["done_s"] = [round(x - run.timeline.first_start, 3)
+                                 for x in run.timeline.clone_done]
             figures["host_limit"] = [(round(t, 3), new) for t, lim, new in run.timeline.limits
                                      if lim == "host:esx-01"]
             runs[key] = figures
