@@ -60,12 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and fast time scales: checks the machinery only")
     parser.add_argument("--name", help="file stem (default: today's date)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: rewrite <out>/<name>.md from <name>.json and the "
+                             "plots already there")
     args = parser.parse_args(argv)
+    stem = args.name or dt.date.today().isoformat()
+    if args.render_only:
+        public = json.loads((args.out / f"{stem}.json").read_text())
+        public["meta"]["rendered_at"] = _commit()
+        path = report.write(public, None, args.out, stem, plot=False)
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
     chosen = set(args.only or SCENARIOS)
     if "tools" in chosen:
         chosen.add("burst")
     sizes = scenarios.Sizes.quick() if args.quick else scenarios.Sizes()
-    stem = args.name or dt.date.today().isoformat()
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     phase_values: dict[str, list[float]] | None = None

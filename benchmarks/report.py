@@ -147,21 +147,29 @@ def _num(value: float, digits: int = 2) -> str:
 
 
 def _steady_note(tenths: list[float]) -> str:
-    """What the last-tenth/first-tenth ratio says, in words that follow the figures."""
-    if not tenths:
+    """What the last-tenth/first-tenth ratio says, in words chosen by the figures: each
+    end is compared with the median of the tenths between."""
+    if len(tenths) < 10:
         return ""
     ratio = tenths[-1] / tenths[0]
-    if abs(ratio - 1) <= 0.10:
-        return (f"The last tenth ran at {ratio:.2f} of the first: no slowdown as the "
-                "inventory grew.")
-    if ratio > 1:
-        return (f"The last tenth ran at {ratio:.2f}x the first: faster, not slower, so the "
-                "10% band is missed upwards. In the last tenth fleet has no new clones left "
-                "to hand over, only completions to take in, and its process shares the two "
-                "cores with the simulator's. The tenths between move with the stop-and-go of "
-                "dispatch and completion batches on those two cores (see the plot).")
-    return (f"The last tenth ran at {ratio:.2f} of the first: throughput fell as the "
-            "inventory grew.")
+    middle = sorted(tenths[1:9])
+    median = (middle[3] + middle[4]) / 2
+    first, last = tenths[0] / median, tenths[-1] / median
+    words = [f"The last tenth ran at {ratio:.2f}x the first; against the median of tenths "
+             f"2-9 ({median:.0f} clones/s) the first ran at {first:.2f} and the last at "
+             f"{last:.2f}."]
+    if first < 0.9:
+        words.append("The first tenth is the slow one: it holds the start (the first "
+                     "replies, the limits' slow start).")
+    if last > 1.1:
+        words.append("The last tenth is fast: fleet has no new clones left to hand over, "
+                     "only completions to take in, on two cores it shares with the "
+                     "simulator.")
+    if last < 0.9:
+        words.append("The last tenth is slow: throughput fell as the inventory grew.")
+    if abs(ratio - 1) <= 0.10 and 0.9 <= last <= 1.1:
+        words.append("No slowdown as the inventory grew.")
+    return " ".join(words)
 
 
 def _workflow_note(tenths: list[float]) -> str:
@@ -178,7 +186,9 @@ def _workflow_note(tenths: list[float]) -> str:
 def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     meta = results["meta"]
     header = [f"# fleet benchmark report, {meta['date']}", "",
-             f"`python -m benchmarks` at commit `{meta['commit']}`, {meta['cpus']} CPUs "
+             f"`python -m benchmarks` at commit `{meta['commit']}`"
+             + (f" (text re-rendered at `{meta['rendered_at']}`)" if meta.get("rendered_at")
+                else "") + f", {meta['cpus']} CPUs "
              f"({meta['machine']}), Python {meta['python']}, {meta['elapsed_s']:.0f} s in all. "
              "Every figure below was measured in this one run, each tool on a fresh "
              "simulator in its own process; fleet and the scripts run as processes of "
@@ -338,11 +348,17 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
 
 
 def write(results: dict[str, Any], phase_values: dict[str, list[float]] | None,
-          out_dir: Path, stem: str) -> Path:
-    """Plots into ``out_dir/stem/``, the Markdown as ``out_dir/stem.md``."""
+          out_dir: Path, stem: str, *, plot: bool = True) -> Path:
+    """Plots into ``out_dir/stem/``, the Markdown as ``out_dir/stem.md``. Without
+    ``plot`` the PNGs already there are linked (re-rendering the text only)."""
     plot_dir = out_dir / stem
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots: dict[str, str] = {}
+    if not plot:
+        plots = {png.stem: f"{stem}/{png.name}" for png in sorted(plot_dir.glob("*.png"))}
+        path = out_dir / f"{stem}.md"
+        path.write_text(markdown(results, plots))
+        return path
     makers = {"throughput": ("burst", plot_throughput), "in_flight": ("burst", plot_in_flight),
               "chains": ("chains", plot_chains), "scale": ("scale", plot_scale),
               "adaptive": ("adaptive", plot_adaptive)}
