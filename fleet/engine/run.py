@@ -38,7 +38,6 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from fleet.engine import recipes
 from fleet.engine.events import (
     Emitter,
     EventCallback,
@@ -93,6 +92,7 @@ from fleet.errors import (
     RequestTimeout,
     VSphereError,
 )
+from fleet.vsphere import recipes
 from fleet.vsphere.model import CloneRequest, GuestProgram, Ref, TaskHandle, VmInfo, VSphere
 
 Phase = Literal["clone", "network", "ready", "done"]

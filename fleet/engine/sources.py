@@ -2,7 +2,7 @@
 
 - :func:`list_sources`: power state, frozen, host, chain depth, and how many
   clones the chain budget still allows (unlimited for a frozen source).
-- :func:`freeze_sources`: run the freeze command (``fleet.engine.recipes``) in
+- :func:`freeze_sources`: run the freeze command (``fleet.vsphere.recipes``) in
   each running source through guest operations and wait for
   ``runtime.instantCloneFrozen``.
 - :func:`prepare_sources`: from one golden VM, full-clone, power on and freeze
@@ -19,11 +19,11 @@ from typing import Any
 
 import anyio
 
-from fleet.engine import recipes
 from fleet.engine.events import Emitter, EventCallback, SourceFrozen, SourcePrepared
 from fleet.engine.placement import SourceState
 from fleet.engine.spec import FleetSpec
 from fleet.errors import ConfigError, DuplicateName, GuestOperationFailed, NotFound
+from fleet.vsphere import recipes
 from fleet.vsphere.model import GuestCredentials, Ref, VmInfo, VSphere
 
 

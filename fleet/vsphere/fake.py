@@ -16,7 +16,7 @@ tested against the real rules:
   disconnected host -> ``HostUnavailable``;
 - clone latency is configurable (tiny by default) and grows with chain depth;
 - guest network: a clone's guest keeps its source's MACs until a NIC refresh
-  recipe (``fleet.engine.recipes``) runs in it; connecting a NIC while the guest
+  recipe (``fleet.vsphere.recipes``) runs in it; connecting a NIC while the guest
   MAC differs from the vNIC MAC is a *network conflict* and is counted;
 - declarative fault injection (:class:`FaultRule`), including lost replies
   (the work is done, the caller gets a transient error);
@@ -45,7 +45,6 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from fleet.engine import recipes
 from fleet.errors import (
     ChainTooDeep,
     ConnectionFailed,
@@ -62,6 +61,7 @@ from fleet.errors import (
     UnsupportedEndpoint,
     VSphereError,
 )
+from fleet.vsphere import recipes
 from fleet.vsphere.model import (
     CloneRequest,
     DatastoreInfo,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from fleet.engine import recipes
 from fleet.errors import (
     ChainTooDeep,
     ConnectionFailed,
@@ -19,6 +18,7 @@ from fleet.errors import (
     SourceNotPoweredOn,
     TaskCancelled,
 )
+from fleet.vsphere import recipes
 from fleet.vsphere.fake import FakeLatency, FakeVSphere, FaultRule, make_fake
 from fleet.vsphere.model import CloneRequest, GuestCredentials, Ref, TaskHandle, VSphere
 from tests.engine.conftest import CREDS

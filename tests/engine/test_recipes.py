@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from fleet.engine import recipes
+from fleet.vsphere import recipes
 from fleet.vsphere.model import GuestProgram
 
 

@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from fleet import errors
-from fleet.engine import recipes
+from fleet.vsphere import recipes
 from fleet.vsphere.client import VSphereClient
 from fleet.vsphere.model import (
     CloneRequest,

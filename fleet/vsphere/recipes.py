@@ -1,6 +1,8 @@
 """Guest programs fleet runs through VMware Tools: NIC refresh recipes and the freeze command.
 
-These command lines are a contract: the simulator (``fleet.sim``) and the
+They live beside the client (not in the engine) because the in-memory fake
+recognises them as well as the engine choosing them. These command lines are a
+contract: the simulator (``fleet.sim``) and the
 in-memory fake (``fleet.vsphere.fake``) recognise them by their stable markers,
 so change them only together with those recognisers.
 
