@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.simproc import PASSWORD, USER, SimProcess  # noqa: E402
-from tests.specs import to_toml  # noqa: E402
+from tests.simproc import PASSWORD, SimProcess  # noqa: E402
+from tests.specs import spec_data, to_toml  # noqa: E402
 
 TOPOLOGIES = ROOT / "benchmarks" / "topologies"
 FROZEN8 = [f"frozen-{i:02d}" for i in range(1, 9)]
@@ -98,18 +98,11 @@ def run_process(args: list[str], *, env: dict[str, str] | None = None,
 
 def spec_for(sim: SimProcess, name: str, count: int, sources: list[str],
              **extra: Any) -> dict[str, Any]:
-    """A fleet spec against ``sim``; a dict in ``extra`` merges into its table."""
-    data: dict[str, Any] = {
-        "name": name, "count": count, "sources": sources,
-        "vcenter": {"url": sim.url, "user": USER, "password_env": "SIM_PASSWORD",
-                    "thumbprint": sim.thumbprint},
-        "network": {"guest_user": "root", "guest_password_env": "GUEST_PASSWORD"},
-    }
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
+    """A fleet spec against ``sim``; a dict in ``extra`` merges into its table. Unlike
+    the tests' specs it keeps fleet's own retry policy, as a user would run it."""
+    data = spec_data(sim, name, count, sources=sources, **extra)
+    if "retries" not in extra:
+        del data["retries"]
     return data
 
 

@@ -15,7 +15,6 @@ from typing import Any
 from benchmarks.harness import (
     CLONE_ONLY,
     FROZEN8,
-    USER,
     FleetRun,
     distribution,
     rate_series,
@@ -24,6 +23,7 @@ from benchmarks.harness import (
     sim_process,
     spec_for,
 )
+from tests.simproc import USER
 
 
 @dataclass(frozen=True)
