@@ -420,13 +420,11 @@ def _place(view: ClusterView, capacity: Capacity, rng: random.Random,
     feasible: list[SourceState] = []
     rejected: dict[str, Status] = {}
     for source in candidates:
-        for plugin in filters:  # filter_source, inlined: this runs for every source
-            status = plugin.filter(source, view, capacity)
-            if status is not SUCCESS and status.code is not Code.SUCCESS:
-                rejected[source.name] = status
-                break
-        else:
+        status = filter_source(source, view, capacity, filters)
+        if status is SUCCESS:
             feasible.append(source)
+        else:
+            rejected[source.name] = status
     if not feasible:
         ordered = {name: rejected[name] for name in view.sources}
         raise NoFit(ordered)
