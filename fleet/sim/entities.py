@@ -260,6 +260,12 @@ class ResourcePool(ManagedEntity):
             runtime=vim.ResourcePool.RuntimeInfo(memory=usage, cpu=usage, overallStatus=GREEN))
 
 
+def clone_cost_mb(memory_mb: int, shared: float) -> int:
+    """What a powered-on instant clone costs its host: the part of its memory it does
+    not share with its source (``shared`` is the shared fraction)."""
+    return int(memory_mb * (1.0 - shared))
+
+
 class HostSystem(ManagedEntity):
     vim_type = vim.HostSystem
     id_prefix = "host-"
@@ -317,8 +323,8 @@ class HostSystem(ManagedEntity):
 
     def memory_used_mb(self) -> int:
         """Host memory in use: powered-on VMs, clones counted by their unshared part."""
-        unshared = 1.0 - self.sim.clone_memory_shared
-        return self._full_mb + sum(count * int(memory_mb * unshared)
+        shared = self.sim.clone_memory_shared
+        return self._full_mb + sum(count * clone_cost_mb(memory_mb, shared)
                                    for memory_mb, count in self._clones_by_mb.items())
 
     def memory_limit_mb(self) -> int:

@@ -40,6 +40,7 @@ from fleet.sim.entities import (
     Network,
     ResourcePool,
     check_entity_name,
+    clone_cost_mb,
 )
 from fleet.sim.tasks import VC, Task
 
@@ -250,7 +251,7 @@ class VirtualMachine(ManagedEntity):
         if self.power_state != "poweredOn":
             return 0
         if self.memory_parent is not None:
-            return int(self.memory_mb * (1.0 - self.sim.clone_memory_shared))
+            return clone_cost_mb(self.memory_mb, self.sim.clone_memory_shared)
         return self.memory_mb
 
     def config_changed(self) -> None:
@@ -605,7 +606,7 @@ class VirtualMachine(ManagedEntity):
                     msg="The attempted operation cannot be performed in the current state "
                         "(Powered on).", requestedState="poweredOn", existingState="poweredOn")
             self.check_memory(self.host, self.memory_mb if self.memory_parent is None else
-                              int(self.memory_mb * (1 - ctx.sim.clone_memory_shared)))
+                              clone_cost_mb(self.memory_mb, ctx.sim.clone_memory_shared))
             await task.sleep(ctx.sim.topology.latency.power_on_s)
             self.power_state = "poweredOn"
             self.boot_time = datetime.now(UTC)
