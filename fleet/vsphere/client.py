@@ -64,7 +64,7 @@ from fleet.vsphere.model import (
     VmInfo,
     VSphere,
 )
-from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session, _method_info
+from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session, method_info
 from fleet.vsphere.tls import TlsOptions
 from fleet.vsphere.transport import MIN_VERSION, make_transport
 from fleet.vsphere.watch import PropertyWatcher, VCenterTask, Watch
@@ -606,7 +606,7 @@ class VSphereClient:
         where = await self._clone_where(request, source)
         method = "InstantClone_Task"
         body = self._clone_bodies.render(self.session.stub, source,
-                                         _method_info(source, method), request, **where)
+                                         method_info(source, method), request, **where)
         if body is not None:
             task_mo = await self._clone_call(source, method, request.source, body=body)
         else:

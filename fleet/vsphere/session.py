@@ -285,7 +285,7 @@ class Session:
 
         ``body``, if given, is the request already serialized (exactly what
         serializing ``mo``, ``method`` and ``args`` would give)."""
-        info = _method_info(mo, method)
+        info = method_info(mo, method)
         return await self.invoke(mo, info, list(args), timeout_s=timeout_s, safe=safe,
                                  session_bound=session_bound, body=body)
 
@@ -391,7 +391,7 @@ def _mo_type(type_name: str) -> Any:
 _infos: dict[tuple[type, str], Any] = {}
 
 
-def _method_info(mo: Any, method: str) -> Any:
+def method_info(mo: Any, method: str) -> Any:
     """pyVmomi's method info for ``method`` on ``mo``: WSDL name (``DestroyPropertyFilter``,
     ``InstantClone_Task``) or pyVmomi's Python name (``Destroy``, ``InstantClone``)."""
     key = (type(mo), method)

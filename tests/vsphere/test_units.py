@@ -12,7 +12,7 @@ from fleet.vsphere import inventory as inv
 from fleet.vsphere import specs
 from fleet.vsphere.client import endpoint_problem
 from fleet.vsphere.model import CloneRequest, GuestProgram, Ref
-from fleet.vsphere.session import Secret, _method_info
+from fleet.vsphere.session import Secret, method_info
 from fleet.vsphere.tls import TlsOptions, normalize_thumbprint
 from fleet.vsphere.transport import (
     VimStub,
@@ -56,7 +56,7 @@ def test_stub_serializes_exactly_like_pyvmomi() -> None:
     pc = vmodl.query.PropertyCollector("propertyCollector", stub)
     spec = inv.filter_spec([vmodl.query.PropertyCollector.ObjectSpec(obj=ref)],
                            vim.VirtualMachine, ["name"])
-    info = _method_info(pc, "RetrievePropertiesEx")
+    info = method_info(pc, "RetrievePropertiesEx")
     body = stub.serialize(pc, info, [[spec], vmodl.query.PropertyCollector.RetrieveOptions()])
     assert b"<RetrievePropertiesEx xmlns=\"urn:vim25\">" in body
     assert b'<obj type="VirtualMachine">vm-1</obj>' in body
@@ -64,12 +64,12 @@ def test_stub_serializes_exactly_like_pyvmomi() -> None:
 
 def test_method_info_by_wsdl_or_python_name() -> None:
     flt = vmodl.query.PropertyCollector.Filter("f-1")
-    assert _method_info(flt, "DestroyPropertyFilter").wsdlName == "DestroyPropertyFilter"
+    assert method_info(flt, "DestroyPropertyFilter").wsdlName == "DestroyPropertyFilter"
     ref = vim.VirtualMachine("vm-1")
-    assert _method_info(ref, "InstantClone_Task").wsdlName == "InstantClone_Task"
-    assert _method_info(ref, "InstantClone").wsdlName == "InstantClone_Task"
+    assert method_info(ref, "InstantClone_Task").wsdlName == "InstantClone_Task"
+    assert method_info(ref, "InstantClone").wsdlName == "InstantClone_Task"
     with pytest.raises(AttributeError):
-        _method_info(ref, "Frobnicate")
+        method_info(ref, "Frobnicate")
 
 
 @pytest.mark.parametrize(("api_type", "api_version", "negotiated", "problem"), [
@@ -129,7 +129,7 @@ def test_instant_clone_spec() -> None:
     assert not plain.location.deviceChange  # no edits at all
     # Everything serializes (types checked by pyVmomi).
     VimStub("vim.version.v8_0_3_0").serialize(
-        vim.VirtualMachine("vm-1"), _method_info(vim.VirtualMachine("vm-1"), "InstantClone"),
+        vim.VirtualMachine("vm-1"), method_info(vim.VirtualMachine("vm-1"), "InstantClone"),
         [spec])
 
 
@@ -137,7 +137,7 @@ def test_instant_clone_spec() -> None:
 def test_clone_bodies_are_what_pyvmomi_serializes(version: str) -> None:
     stub = VimStub(version)
     source = vim.VirtualMachine("vm-1", stub)
-    info = _method_info(source, "InstantClone_Task")
+    info = method_info(source, "InstantClone_Task")
     edits = specs.migrate_connect_edits([_nic(4000), _nic(4001)], {4001: "connect"})
     bodies = specs.CloneBodies()
     odd = ["", "a&b<c>d", "quote \" and ' apostrophe", "été ☃", "]]>", "&amp;"]
