@@ -246,13 +246,3 @@ def rate_series(times: list[float], bin_s: float, start: float = 0.0
     for t in times:
         counts[max(0, int((t - start) / bin_s))] += 1
     return [start + (i + 0.5) * bin_s for i in range(bins)], [c / bin_s for c in counts]
-
-
-def distribution(values: list[float]) -> dict[str, float]:
-    v = sorted(values)
-    if not v:
-        return {"count": 0}
-    def q(p: float) -> float:
-        return v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]
-    return {"count": len(v), "mean": sum(v) / len(v), "p50": q(0.5), "p95": q(0.95),
-            "p99": q(0.99), "max": v[-1]}

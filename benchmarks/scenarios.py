@@ -16,13 +16,13 @@ from benchmarks.harness import (
     CLONE_ONLY,
     FROZEN8,
     FleetRun,
-    distribution,
     rate_series,
     run_fleet,
     run_script,
     sim_process,
     spec_for,
 )
+from fleet.engine.events import PhaseStats
 from tests.simproc import USER
 
 
@@ -71,6 +71,17 @@ def _fleet_figures(run: FleetRun) -> dict[str, Any]:
                 if k == "overall" or k.startswith("host:")}}
 
 
+def _slot_capacity(stats: dict[str, Any]) -> tuple[int, float, float]:
+    """The simulator's host slots, its mean clone task time, and the clones/s they allow."""
+    slots = sum(h["slots"] for h in stats["hosts"].values())
+    mean_task = stats["clone_task_s"]["mean"]
+    return slots, mean_task, slots / mean_task
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return asdict(PhaseStats.of(values))
+
+
 def _series(times: list[float], start: float, bin_s: float) -> dict[str, list[float]]:
     x, y = rate_series(times, bin_s, start)
     return {"t": [round(v - start, 3) for v in x], "rate": [round(v, 2) for v in y]}
@@ -87,9 +98,7 @@ def burst(sizes: Sizes, work: Path) -> dict[str, Any]:
         run = run_fleet(spec_for(sim, "burst", sizes.burst, SOURCES_BURST, **CLONE_ONLY),
                         work / "burst")
         stats = sim.stats()
-    slots = sum(h["slots"] for h in stats["hosts"].values())
-    mean_task = stats["clone_task_s"]["mean"]
-    capacity = slots / mean_task
+    slots, mean_task, capacity = _slot_capacity(stats)
     fleet = _fleet_figures(run)
     t = run.timeline
     step = max(0.05, t.clone_phase_s() / 200)
@@ -107,9 +116,8 @@ def burst(sizes: Sizes, work: Path) -> dict[str, Any]:
             "in_flight": {"t": in_flight[hosts[0]][0] if hosts else [],
                           "hosts": {h: v[1] for h, v in in_flight.items()},
                           "slots": {h: s["slots"] for h, s in stats["hosts"].items()}},
-            "clone_latency": distribution(t.phases.get("clone", [])),
+            "clone_latency": _stats(t.phases.get("clone", [])),
         },
-        "_timeline": t,
     }
 
 
@@ -175,9 +183,8 @@ def _chain_stats(stats: dict[str, Any], time_scale: float) -> dict[str, Any]:
 
 def _waits(values: list[float], time_scale: float) -> dict[str, float]:
     """Handed to vCenter -> finished (queueing included), scaled to time scale 1."""
-    d = distribution(values)
-    return {"mean_clone_wait_s": d.get("mean", 0.0) / time_scale,
-            "p95_clone_wait_s": d.get("p95", 0.0) / time_scale}
+    d = PhaseStats.of(values)
+    return {"mean_clone_wait_s": d.mean_s / time_scale, "p95_clone_wait_s": d.p95_s / time_scale}
 
 
 def chains(sizes: Sizes, work: Path) -> dict[str, Any]:
@@ -224,16 +231,10 @@ def _scale_run(sizes: Sizes, work: Path, name: str, workflow: bool) -> dict[str,
         "tenth_rates": tenths,
         "last_vs_first_tenth": tenths[-1] / tenths[0] if tenths else 0.0,
         "network_conflicts": stats["network_conflicts"],
-        "phases": {p: distribution(v) for p, v in t.phases.items()},
+        "phases": {p: _stats(v) for p, v in t.phases.items()},
         "throughput": _series(t.clone_done, t.first_start,
                               _bin(t.clone_phase_s(), sizes.scale_time_scale)),
     })
-    if workflow:
-        figures["ready_throughput"] = _series(
-            t.ready, t.first_start,
-            _bin(t.ready[-1] - t.first_start if t.ready else 0.0, sizes.scale_time_scale))
-        figures["ready_per_s"] = figures["ready"] / max(1e-9, (t.ready[-1] - t.first_start)
-                                                        if t.ready else 1.0)
     figures["_phase_values"] = dict(t.phases)
     return figures
 
@@ -275,8 +276,8 @@ def adaptive(sizes: Sizes, work: Path) -> dict[str, Any]:
                 stats = sim.stats()
             figures = _fleet_figures(run)
             figures["setting"] = setting
-            figures["mean_clone_task_s"] = stats["clone_task_s"]["mean"]
-            figures["slot_capacity_per_s"] = 4 * slots / stats["clone_task_s"]["mean"]
+            _, figures["mean_clone_task_s"], figures["slot_capacity_per_s"] = \
+                _slot_capacity(stats)
             figures["throughput"] = _series(
                 run.timeline.clone_done, run.timeline.first_start,
                 _bin(run.timeline.clone_phase_s(), sizes.adaptive_time_scale))
