@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import ssl
 import sys
 import threading
@@ -35,9 +36,6 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prefix", default="script")
     args = parser.parse_args()
-
-    import os
-
     ctx = ssl.create_default_context(cafile=args.cafile)
     si = SmartConnect(host=args.host, port=args.port, user=args.user,
                       pwd=os.environ[args.password_env], sslContext=ctx)
