@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stem = args.name or dt.date.today().isoformat()
     if args.render_only:
-        public = json.loads((args.out / f"{stem}.json").read_text())
+        source = args.out / f"{stem}.json"
+        try:
+            public = json.loads(source.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--render-only: cannot read {source}: {exc}")
         public["meta"]["rendered_at"] = _commit()
         path = report.write(public, None, args.out, stem, plot=False)
         print(f"wrote {path}", file=sys.stderr)

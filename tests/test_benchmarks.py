@@ -71,3 +71,12 @@ def test_timeline_reads_an_event_log(tmp_path: Path) -> None:
     assert t.limits == [(4.0, "overall", 9)]
     x, y = rate_series([0.1, 0.2, 1.1], 1.0)
     assert x == [0.5, 1.5] and y == [2.0, 1.0]
+
+
+def test_render_only_names_a_missing_run(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--render-only", "--out",
+                             str(tmp_path), "--name", "nosuch"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    assert f"--render-only: cannot read {tmp_path / 'nosuch.json'}" in result.stderr
+    assert "Traceback" not in result.stderr
