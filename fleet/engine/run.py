@@ -81,6 +81,7 @@ from fleet.engine.reconcile import (
     reconcile,
 )
 from fleet.engine.shared import SharedLimits
+from fleet.engine.sources import clone_config
 from fleet.engine.spec import FleetSpec
 from fleet.errors import (
     ConfigError,
@@ -582,6 +583,11 @@ class Provisioner:
         extra.update(self.options.labels)
         extra.update(labels(fleet=spec.name, index=job.index, run_id=self.run_id,
                             source=src.name, state=state))
+        # Exactly this fleet's labels: nothing inherited from a source that is a VM of
+        # another fleet (its expiry!), nor a readiness flag its guest did not set.
+        readiness = spec.readiness.guestinfo_key if spec.readiness.wait_for == "guestinfo" \
+            else None
+        extra = clone_config(extra, src.info, readiness_key=readiness)
         connect: Literal["connect", "disconnect"] = \
             "disconnect" if spec.network.disconnect_at_clone else "connect"
         return CloneRequest(source=src.ref, name=job.name, folder=self._folder,

@@ -7,21 +7,34 @@
   ``runtime.instantCloneFrozen``.
 - :func:`prepare_sources`: from one golden VM, full-clone, power on and freeze
   a source on every connected host that has no usable source yet.
+- :func:`resolve_sources`: the spec's sources as vCenter has them, one per VM
+  whatever the spelling (every path that builds a view of the sources uses it).
+- :func:`clone_config`: what an instant clone of a source must be told to carry,
+  so that it has exactly its own fleet's labels (a clone copies its source's
+  extraConfig).
 
 Guest operations log in with the spec's guest credentials (``network.guest_user``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
 
 from fleet.engine.events import Emitter, EventCallback, SourceFrozen, SourcePrepared
+from fleet.engine.lifetime import LABEL_EXPIRES_AT
 from fleet.engine.placement import SourceState
-from fleet.engine.spec import FleetSpec
+from fleet.engine.reconcile import (
+    LABEL_INDEX,
+    LABEL_NAME,
+    LABEL_RUN_ID,
+    LABEL_SOURCE,
+    LABEL_STATE,
+)
+from fleet.engine.spec import LABEL_PREFIX, FleetSpec
 from fleet.errors import ConfigError, DuplicateName, GuestOperationFailed, NotFound
 from fleet.vsphere import recipes
 from fleet.vsphere.model import GuestCredentials, Ref, VmInfo, VSphere
@@ -47,6 +60,41 @@ class SourceStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: Every label fleet writes on a member. A clone clears those it does not set even when
+#: the view of its source does not show them (the view may be older than a relabel).
+FLEET_LABELS = (LABEL_NAME, LABEL_INDEX, LABEL_RUN_ID, LABEL_SOURCE, LABEL_STATE,
+                LABEL_EXPIRES_AT)
+
+
+def clone_config(own: Mapping[str, str], source: VmInfo, *,
+                 readiness_key: str | None = None) -> dict[str, str]:
+    """The extraConfig an instant clone of ``source`` is given: ``own`` (its labels and
+    guestinfo) plus an empty value, which vSphere takes as "remove the key", for every
+    key the clone would otherwise inherit and must not carry.
+
+    An instant clone is born with its source's extraConfig, so a clone of another
+    fleet's member would carry that fleet's labels (its expiry among them, and a fleet
+    made without a TTL would be destroyed with it). Cleared in the clone spec itself,
+    so no moment exists at which the clone carries a foreign label:
+
+    - every ``guestinfo.fleet.*`` key the source shows (labels of any fleet version);
+    - every label fleet writes (:data:`FLEET_LABELS`), whatever the view shows;
+    - ``readiness_key``, the flag the guest sets when it is ready: a clone of a ready
+      VM must not count as ready before its own guest says so.
+
+    ``own`` wins over a clear; keys come in a stable order (own first, then the
+    clears sorted), so the clone bodies of one source keep one shape."""
+    clears = {k for k in source.extra_config
+              if k.startswith(LABEL_PREFIX) or k == LABEL_PREFIX.rstrip(".")}
+    clears.update(FLEET_LABELS)
+    if readiness_key:
+        clears.add(readiness_key)
+    config = dict(own)
+    for key in sorted(clears - config.keys()):
+        config[key] = ""
+    return config
 
 
 async def _find(vs: VSphere, names: Sequence[str], timeout_s: float) -> dict[str, VmInfo]:

@@ -1,0 +1,126 @@
+"""A clone carries exactly its own fleet's labels, whatever its source carries.
+
+An instant clone is born with its source's extraConfig (the fake copies it as
+vCenter does), so a clone of another fleet's member would inherit that fleet's
+labels, its expiry among them, and a clone of a ready VM its readiness flag.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.engine import provision
+from fleet.engine.lifetime import LABEL_EXPIRES_AT, current_expiry
+from fleet.engine.reconcile import LABEL_NAME, LABEL_SOURCE
+from fleet.engine.run import EngineOptions
+from fleet.engine.sources import FLEET_LABELS, clone_config
+from fleet.vsphere.fake import make_fake
+from fleet.vsphere.model import Ref, VmInfo
+from tests.engine.conftest import CLONE_ONLY, CREDS, FROZEN4, make_spec
+from tests.engine.conftest import options as opts
+
+pytestmark = pytest.mark.anyio
+
+PREFIX = "guestinfo.fleet."
+
+
+def fleet_keys(extra: dict[str, str]) -> set[str]:
+    return {k for k in extra if k.startswith(PREFIX)}
+
+
+async def test_a_clone_of_a_ttl_fleets_member_inherits_no_label_of_that_fleet() -> None:
+    fake = make_fake(hosts=2)
+    ttl = make_spec(name="ttla", count=1, sources=FROZEN4[:1], **CLONE_ONLY)
+    plain = make_spec(name="plainb", count=3, sources=["fleet/ttla/ttla-0000"], **CLONE_ONLY)
+    async with fake:
+        made = await provision(ttl, fake, options=opts(labels={LABEL_EXPIRES_AT: "1900000000"}))
+        assert made.complete
+        source = fake.vm("ttla-0000")
+        assert source.extra_config[LABEL_EXPIRES_AT] == "1900000000"
+        # A label of some other fleet version, and a user key that is not fleet's.
+        source.extra_config[PREFIX + "owner"] = "team-a"
+        source.extra_config["guestinfo.app.role"] = "web"
+        summary = await provision(plain, fake, options=opts())
+        assert summary.complete
+        members = fake.folder_vms(plain.folder_path)
+        assert len(members) == 3
+        for vm in members:
+            assert LABEL_EXPIRES_AT not in vm.extra_config
+            assert PREFIX + "owner" not in vm.extra_config
+            assert fleet_keys(vm.extra_config) == set(FLEET_LABELS) - {LABEL_EXPIRES_AT}
+            assert vm.extra_config[LABEL_NAME] == "plainb"
+            assert vm.extra_config[LABEL_SOURCE] == "fleet/ttla/ttla-0000"
+            assert vm.extra_config["guestinfo.app.role"] == "web"  # not fleet's: kept
+        # So the fleet has no lifetime: nothing would ever destroy it for one.
+        assert await current_expiry(plain, fake) is None
+        # The source keeps its own labels (the clear is in the clone's spec only).
+        assert source.extra_config[LABEL_EXPIRES_AT] == "1900000000"
+
+
+async def test_a_fleet_with_its_own_ttl_keeps_it_over_its_sources() -> None:
+    fake = make_fake(hosts=1)
+    first = make_spec(name="one", count=1, sources=FROZEN4[:1], **CLONE_ONLY)
+    second = make_spec(name="two", count=2, sources=["fleet/one/one-0000"], **CLONE_ONLY)
+    async with fake:
+        await provision(first, fake, options=opts(labels={LABEL_EXPIRES_AT: "1900000000"}))
+        await provision(second, fake, options=opts(labels={LABEL_EXPIRES_AT: "1800000000"}))
+        assert {vm.extra_config[LABEL_EXPIRES_AT] for vm in fake.folder_vms("fleet/two")} == \
+            {"1800000000"}
+
+
+async def test_a_clone_of_a_ready_vm_is_ready_only_when_its_own_guest_says_so() -> None:
+    # The source's guest set the readiness flag long ago; the clones' guests never do
+    # (the fake writes no flag): they must time out, not count as ready at birth.
+    fake = make_fake(hosts=1, credentials=CREDS)
+    key = "guestinfo.app.ready"
+    fake.vm("frozen-01").extra_config[key] = "1"
+    spec = make_spec(sources=FROZEN4[:1], count=2,
+                     readiness={"wait_for": "guestinfo", "guestinfo_key": key,
+                                "timeout_s": 0.2})
+    async with fake:
+        summary = await provision(spec, fake, options=opts())
+    assert summary.ready == 0
+    assert summary.failures == {"ready_timeout": 2}
+    assert all(key not in vm.extra_config for vm in fake.folder_vms(spec.folder_path))
+
+    # With a guest that does say so, they are ready, with the flag their guest wrote.
+    fake = make_fake(hosts=1, credentials=CREDS, guest_ready_key=key)
+    fake.vm("frozen-01").extra_config[key] = "1"
+    async with fake:
+        summary = await provision(spec, fake, options=opts())
+    assert summary.ready == 2
+    assert all(vm.extra_config[key] == "1" for vm in fake.folder_vms(spec.folder_path))
+
+
+def _source(extra: dict[str, str]) -> VmInfo:
+    return VmInfo(ref=Ref("VirtualMachine", "vm-1"), name="src", power_state="poweredOn",
+                  frozen=True, host=None, host_name=None, folder=None, datastores=(),
+                  chain_depth=2, memory_mb=1024, guest_family="linux", extra_config=extra)
+
+
+def test_clone_config_clears_what_a_stale_view_of_the_source_does_not_show() -> None:
+    own = {"guestinfo.fleet.name": "b", "guestinfo.hostname": "b-0"}
+    # The view was read before the source was labelled with an expiry: cleared anyway.
+    config = clone_config(own, _source({}))
+    assert config[LABEL_EXPIRES_AT] == ""
+    assert {k for k, v in config.items() if v == ""} == set(FLEET_LABELS) - set(own)
+    assert list(config)[:2] == list(own)  # own first: one body shape per source
+    # Keys only the view shows, and the readiness flag, are cleared too; own ones win.
+    config = clone_config({**own, "guestinfo.ready": "yes"},
+                          _source({"guestinfo.fleet.zone": "z", "guestinfo.fleet": "x",
+                                   "guestinfo.other": "kept"}),
+                          readiness_key="guestinfo.ready")
+    assert config["guestinfo.fleet.zone"] == config["guestinfo.fleet"] == ""
+    assert config["guestinfo.ready"] == "yes" and config["guestinfo.fleet.name"] == "b"
+    assert "guestinfo.other" not in config
+    assert clone_config({}, _source({}), readiness_key="guestinfo.r")["guestinfo.r"] == ""
+
+
+async def test_options_labels_still_reach_every_clone() -> None:
+    fake = make_fake(hosts=1)
+    spec = make_spec(sources=FROZEN4[:1], count=2, **CLONE_ONLY)
+    async with fake:
+        await provision(spec, fake,
+                        options=EngineOptions(labels={LABEL_EXPIRES_AT: "1700000000"}))
+    assert {vm.extra_config[LABEL_EXPIRES_AT] for vm in fake.folder_vms(spec.folder_path)} == \
+        {"1700000000"}
