@@ -437,6 +437,10 @@ class Simulator:
         self.counters["network_conflicts"] += 1
         log.info("network conflict: %s connected while its guest uses another MAC", vm.name)
 
+    def stats_duplicate_mac(self, vm: VirtualMachine, mac: str) -> None:
+        self.counters["duplicate_macs"] += 1
+        log.info("duplicate MAC: %s was given %s, which another VM has", vm.name, mac)
+
     def stats(self) -> dict[str, Any]:
         vms = list(self.inventory.of_type(VirtualMachine))
         by_name = {vm.name: vm for vm in vms}
@@ -454,6 +458,7 @@ class Simulator:
             "sources": sources,
             "max_clone_chain_depth": self.max_clone_chain_depth,
             "network_conflicts": self.counters["network_conflicts"],
+            "duplicate_macs": self.counters["duplicate_macs"],
             "faults_injected": self.faults.total,
             "faults_by_type": dict(self.faults.injected),
             "tasks": {"queued": self.scheduler.queued, "running": self.scheduler.running,

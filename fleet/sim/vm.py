@@ -10,7 +10,10 @@ Instant Clone semantics (DESIGN.md section 3):
 - A chain past 255 fails the clone with GenericVmConfigFault ("Unable to
   prepare migration"), as seen in the field. Deeper chains clone slower.
 - The clone lands on the source's host with new MACs and UUIDs, extraConfig
-  merged (spec wins), and NICs connected or not by ``migrateConnect``.
+  merged (spec wins: a clone inherits every key its spec does not set, and an
+  empty value removes one), and NICs connected or not by ``migrateConnect``. A
+  NIC edit that carries a ``macAddress`` sets it, as vCenter does: a source's
+  MAC copied into the spec gives the clone a duplicate MAC (counted).
 - Memory: a clone shares most pages with its source; the host refuses work
   past its (over-committed) memory with InsufficientResourcesFault.
 
@@ -112,6 +115,15 @@ class Guest:
     processes: dict[int, Process] = field(default_factory=dict)
     next_pid: int = 1000
     generation: int = 0  # bumped on every boot, so stale timers do nothing
+
+
+def _check_nic_type(device: Any, prop: str, index: int) -> None:
+    """An edit names a NIC by key and keeps its adapter type (the simulator's NICs are
+    all VMXNET 3): a change of type is not an edit."""
+    if type(device) is not vim.vm.device.VirtualVmxnet3:
+        raise vim.fault.InvalidDeviceSpec(
+            msg=f"Device {device.key} is a VirtualVmxnet3; an edit cannot make it a "
+                f"{type(device).__name__}.", property=prop, deviceIndex=index)
 
 
 class VirtualMachine(ManagedEntity):
@@ -444,6 +456,18 @@ class VirtualMachine(ManagedEntity):
     def _touch_guest(self) -> None:
         self.touch("guest", "summary", "guestHeartbeatStatus")
 
+    def set_mac(self, nic: Nic, mac: str) -> None:
+        """Give ``nic`` the address a device edit carries. One that another VM's NIC
+        already has is a duplicate MAC, which the simulator counts (vCenter takes the
+        address; the network then has two machines answering to it)."""
+        if mac == nic.mac:
+            return
+        nic.mac = mac
+        if any(other is not self and any(n.mac == mac for n in other.nics)
+               for other in self.sim.inventory.of_type(VirtualMachine)):
+            self.sim.stats_duplicate_mac(self, mac)
+        self.config_changed()
+
     def check_conflict(self) -> None:
         """Count a network conflict: a connected NIC whose guest uses another MAC."""
         if self.conflicted or self.power_state != "poweredOn" or self.frozen:
@@ -709,6 +733,7 @@ class VirtualMachine(ManagedEntity):
                 raise vim.fault.InvalidDeviceSpec(
                     msg=f"No network adapter with key {device.key}.",
                     property="deviceChange.device.key", deviceIndex=i)
+            _check_nic_type(device, "deviceChange.device", i)
         if spec.name is not None:
             check_entity_name(spec.name)
 
@@ -739,6 +764,8 @@ class VirtualMachine(ManagedEntity):
             connected_any = False
             for change in spec.deviceChange or ():
                 nic = self._nic(change.device.key)
+                if nic is not None and change.device.macAddress:
+                    self.set_mac(nic, str(change.device.macAddress))
                 conn = change.device.connectable
                 if nic is None or conn is None:
                     continue
@@ -784,9 +811,11 @@ class VirtualMachine(ManagedEntity):
         assert isinstance(folder, Folder)
         return folder, pool, datastore
 
-    def _nic_connect_plan(self, location: Any) -> dict[int, str]:
-        """NIC key -> migrateConnect from the spec's deviceChange edits."""
+    def _nic_edits(self, location: Any) -> tuple[dict[int, str], dict[int, str]]:
+        """From the spec's deviceChange edits: NIC key -> migrateConnect, and NIC key ->
+        the MAC an edit sets (vCenter takes the address it is given)."""
         plan: dict[int, str] = {}
+        macs: dict[int, str] = {}
         for i, change in enumerate((location.deviceChange if location is not None else None)
                                    or ()):
             device = change.device
@@ -800,10 +829,13 @@ class VirtualMachine(ManagedEntity):
                 raise vim.fault.InvalidDeviceSpec(
                     msg=f"No network adapter with key {device.key} on '{self.name}'.",
                     property="location.deviceChange.device.key", deviceIndex=i)
+            _check_nic_type(device, "location.deviceChange.device", i)
             conn = device.connectable
             if conn is not None and conn.migrateConnect in ("connect", "disconnect"):
                 plan[device.key] = conn.migrateConnect
-        return plan
+            if device.macAddress:
+                macs[device.key] = str(device.macAddress)
+        return plan, macs
 
     def clone_problems(self, ctx: CallContext, name: str, folder: Folder) -> list[Any]:
         """Why an instant clone from this VM would fail now (faults, in check order)."""
@@ -841,7 +873,7 @@ class VirtualMachine(ManagedEntity):
         name = check_entity_name(spec.name)
         location = spec.location
         folder, pool, datastore = self._clone_target(ctx, name, location)
-        plan = self._nic_connect_plan(location)
+        plan, macs = self._nic_edits(location)
         extra = {o.key: "" if o.value is None else str(o.value) for o in spec.config or ()}
         for key in extra:
             if not isinstance(key, str) or not key:
@@ -887,7 +919,7 @@ class VirtualMachine(ManagedEntity):
                     raise problems[0]
                 task.commit()
                 clone = self._make_instant_clone(name, folder, pool, datastore, extra, plan,
-                                                 spec.biosUuid, frozen_now)
+                                                 macs, spec.biosUuid, frozen_now)
             finally:
                 sim.release_name(folder, name)
             return clone.ref
@@ -898,7 +930,8 @@ class VirtualMachine(ManagedEntity):
 
     def _make_instant_clone(self, name: str, folder: Folder, pool: ResourcePool,
                             datastore: Datastore, extra: dict[str, str], plan: dict[int, str],
-                            bios_uuid: str | None, frozen_source: bool) -> VirtualMachine:
+                            macs: dict[int, str], bios_uuid: str | None,
+                            frozen_source: bool) -> VirtualMachine:
         sim = self.sim
         nics = []
         for nic in self.nics:
@@ -934,6 +967,9 @@ class VirtualMachine(ManagedEntity):
         clone.memory_parent = self
         clone.boot_time = datetime.now(UTC)
         clone.register()
+        for nic in clone.nics:  # an edit that carries a MAC sets it (a source's: a duplicate)
+            if nic.key in macs:
+                clone.set_mac(nic, macs[nic.key])
         self.clones += 1
         if not frozen_source:
             self.touch("layoutEx", "summary", "config")

@@ -3,7 +3,8 @@
 - :func:`instant_clone_spec`: ``vim.vm.InstantCloneSpec`` with folder, pool,
   datastore, extraConfig (``config``), biosUuid and per-NIC ``migrateConnect``
   as ``location.deviceChange`` *edits* of the source's VirtualEthernetCard
-  devices (the only device change InstantClone allows).
+  devices (the only device change InstantClone allows). An edit names the NIC
+  (type and key) and carries its ``connectable``, never the source's MAC.
 - :func:`nic_edits`: ``deviceChange`` edits that set NICs' ``connected``.
 - :func:`extra_config_spec`, :func:`clone_spec`, :func:`relocate_spec`,
   :func:`program_spec`.
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -51,8 +51,13 @@ def migrate_plan(nic_keys: Sequence[int],
 
 
 def _edited(device: Any, connectable: Any) -> Any:
-    edited = copy.copy(device)
-    edited.connectable = connectable
+    """An edit of ``device`` that carries only what must change: the device's type and
+    key name the NIC, ``connectable`` says what becomes of it. Unset properties are left
+    as they are. A copy of the device would also send its ``macAddress`` (vCenter sets
+    the address it is given: a clone would take its source's MAC instead of the one
+    vCenter generates for it) and its backing (a distributed switch port key the
+    running source still holds)."""
+    edited = type(device)(key=device.key, connectable=connectable)
     return DeviceSpec(operation=vim.vm.device.VirtualDeviceSpec.Operation.edit, device=edited)
 
 

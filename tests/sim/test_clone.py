@@ -125,6 +125,41 @@ def test_migrate_connect_disconnect_leaves_nic_disconnected(si: Any) -> None:
     assert nic.connectable.migrateConnect is None  # used at clone time, then unset
 
 
+def test_a_nic_edit_that_carries_a_mac_sets_it_and_a_copied_one_is_a_duplicate(
+        si: Any, sim: SimProcess) -> None:
+    source = find_vm(si, "frozen-06")
+    device = nic_of(source)  # the source's own NIC, MAC and all, as a careless tool sends it
+    device.connectable = vim.vm.device.VirtualDevice.ConnectInfo(
+        migrateConnect="disconnect", connected=False, startConnected=True,
+        allowGuestControl=True)
+    spec = clone_spec("ic-copied-mac", vm_folder(si))
+    spec.location.deviceChange = [vim.vm.device.VirtualDeviceSpec(operation="edit",
+                                                                  device=device)]
+    before = sim.stats()["duplicate_macs"]
+    task = source.InstantClone_Task(spec)
+    WaitForTask(task)
+    assert nic_of(task.info.result).macAddress == nic_of(source).macAddress
+    assert sim.stats()["duplicate_macs"] == before + 1
+    # An edit without a MAC: the clone keeps the address vCenter generated for it.
+    task = source.InstantClone_Task(clone_spec("ic-own-mac", vm_folder(si),
+                                               nic=(device.key, "disconnect")))
+    WaitForTask(task)
+    assert nic_of(task.info.result).macAddress != nic_of(source).macAddress
+    assert sim.stats()["duplicate_macs"] == before + 1
+
+
+def test_a_nic_edit_cannot_change_the_adapter_type(si: Any) -> None:
+    source = find_vm(si, "frozen-06")
+    spec = clone_spec("ic-e1000", vm_folder(si))
+    spec.location.deviceChange = [vim.vm.device.VirtualDeviceSpec(
+        operation="edit", device=vim.vm.device.VirtualE1000(
+            key=nic_of(source).key, connectable=vim.vm.device.VirtualDevice.ConnectInfo(
+                migrateConnect="disconnect", connected=False, startConnected=True,
+                allowGuestControl=True)))]
+    with pytest.raises(vim.fault.InvalidDeviceSpec):
+        source.InstantClone_Task(spec)
+
+
 def test_non_nic_device_change_is_refused(si: Any) -> None:
     source = find_vm(si, "frozen-06")
     disk = next(d for d in source.config.hardware.device

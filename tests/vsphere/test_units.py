@@ -123,8 +123,11 @@ def test_instant_clone_spec() -> None:
     assert change.operation == "edit" and change.device.key == 4001
     assert change.device.connectable.migrateConnect == "disconnect"
     assert change.device.connectable.connected is False
-    assert change.device.macAddress == nics[1].macAddress  # the source's device, edited
-    assert nics[1].connectable.migrateConnect is None  # ... a copy of it
+    # Only what must change: the NIC's type and key, and connectable. Never the source's
+    # MAC (the clone would take it) nor its backing; the source's device is untouched.
+    assert type(change.device) is type(nics[1])
+    assert change.device.macAddress is None and change.device.backing is None
+    assert nics[1].connectable.migrateConnect is None
     plain = specs.instant_clone_spec(request, folder=vim.Folder("group-v3"))
     assert not plain.location.deviceChange  # no edits at all
     # Everything serializes (types checked by pyVmomi).
@@ -166,8 +169,41 @@ def test_nic_edits_and_program_spec() -> None:
     edits = specs.nic_edits([_nic(4000, False), _nic(4001, False)], True, [4001])
     assert [e.device.key for e in edits] == [4001]
     assert edits[0].device.connectable.connected is True
+    assert edits[0].device.macAddress is None and edits[0].device.backing is None
     program = specs.program_spec(GuestProgram("/bin/sh", "-c true", env={"A": "1"}))
     assert program.programPath == "/bin/sh" and program.envVariables == ["A=1"]
+
+
+@pytest.mark.parametrize("version", ["vim.version.v8_0_3_0", "vim.version.version12"])
+def test_no_serialized_clone_spec_carries_a_source_mac(version: str) -> None:
+    stub = VimStub(version)
+    source = vim.VirtualMachine("vm-1", stub)
+    info = method_info(source, "InstantClone_Task")
+    nics = [_nic(4000), _nic(4001)]
+    macs = [n.macAddress for n in nics]
+    bodies = specs.CloneBodies()
+    for connect in ("disconnect", "connect"):
+        edits = specs.migrate_connect_edits(nics, specs.migrate_plan([4000, 4001], connect))
+        assert [e.device.key for e in edits] == [4000, 4001]
+        for i in range(3):
+            request = CloneRequest(source=Ref("VirtualMachine", "vm-1"), name=f"web-{i}",
+                                   folder=Ref("Folder", "group-v3"),
+                                   extra_config={"guestinfo.fleet.index": str(i)})
+            where = {"folder": vim.Folder("group-v3", stub), "nic_edits": edits}
+            plain = stub.serialize(source, info, [specs.instant_clone_spec(request, **where)])
+            fast = bodies.render(stub, source, info, request, **where)
+            assert fast == plain  # the fast path is pyVmomi's serialization, byte for byte
+            text = plain.decode()
+            assert f"<migrateConnect>{connect}</migrateConnect>" in text
+            assert not [mac for mac in macs if mac in text]
+            assert "macAddress" not in text and "backing" not in text
+    # The reconfiguration that connects NICs (and labels) carries no MAC either.
+    reconfig = specs.device_change_spec(specs.nic_edits(nics, True), {"guestinfo.a": "1"})
+    text = stub.serialize(vim.VirtualMachine("vm-2", stub),
+                          method_info(vim.VirtualMachine("vm-2", stub), "ReconfigVM_Task"),
+                          [reconfig]).decode()
+    assert "<connected>true</connected>" in text
+    assert not [mac for mac in macs if mac in text] and "macAddress" not in text
 
 
 def test_inventory_conversions() -> None:

@@ -1,5 +1,9 @@
-"""A clone carries exactly its own fleet's labels: the CLI and the expiry sweep against a
-real ``fleet sim``, whose instant clones copy their source's extraConfig as vCenter does."""
+"""What fleet's clone specs carry, against a real ``fleet sim`` (which copies a source's
+extraConfig into its clone, and takes a MAC a NIC edit carries, as vCenter does):
+
+- exactly the clone's own fleet's labels: the CLI and the expiry sweep;
+- no source MAC: every clone keeps the address generated for it.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +26,14 @@ from pyVmomi import vim
 
 from fleet.api.config import config_from_dict
 from fleet.api.service import FleetService
+from fleet.engine.api import provision
 from fleet.engine.lifetime import LABEL_EXPIRES_AT
 from fleet.engine.reconcile import LABEL_NAME, LABEL_RUN_ID, LABEL_SOURCE
 from fleet.engine.sources import FLEET_LABELS
 from fleet.metrics import FleetMetrics
 from fleet.vsphere.client import VSphereClient
 from tests.simproc import PASSWORD, USER, SimProcess
-from tests.specs import ENV, write_spec
+from tests.specs import ENV, make_spec, write_spec
 
 pytestmark = pytest.mark.anyio
 
@@ -53,16 +58,26 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
             await anyio.sleep(0.02)
 
 
-def member_labels(sim: SimProcess, folder: str) -> dict[str, dict[str, str]]:
-    """VM name -> extraConfig of every VM in ``dc1/vm/<folder>``, read with pyVmomi."""
+def read_vms(sim: SimProcess, folder: str, read: Callable[[Any], Any]) -> dict[str, Any]:
+    """VM name -> ``read(vm)`` for every VM in ``dc1/vm/<folder>``, with pyVmomi."""
     ctx = ssl.create_default_context(cafile=str(sim.cert_path))
     si = SmartConnect(host=sim.host, port=sim.port, user=USER, pwd=PASSWORD, sslContext=ctx)
     try:
         found = si.content.searchIndex.FindByInventoryPath(f"dc1/vm/{folder}")
         vms = [e for e in (found.childEntity if found else []) if isinstance(e, vim.VirtualMachine)]
-        return {vm.name: {o.key: o.value for o in vm.config.extraConfig} for vm in vms}
+        return {vm.name: read(vm) for vm in vms}
     finally:
         Disconnect(si)
+
+
+def member_labels(sim: SimProcess, folder: str) -> dict[str, dict[str, str]]:
+    return read_vms(sim, folder, lambda vm: {o.key: o.value for o in vm.config.extraConfig})
+
+
+def nic_macs(sim: SimProcess, folder: str) -> dict[str, list[str]]:
+    return read_vms(sim, folder, lambda vm: [
+        d.macAddress for d in vm.config.hardware.device
+        if isinstance(d, vim.vm.device.VirtualEthernetCard)])
 
 
 async def test_a_fleet_sourcing_a_ttl_members_clone_neither_inherits_nor_dies_of_its_ttl(
@@ -125,3 +140,20 @@ def test_the_simulator_copies_the_source_extra_config_into_a_clone(sim: SimProce
         WaitForTask(clone.Destroy_Task())
     finally:
         Disconnect(si)
+
+
+async def test_every_clone_keeps_the_mac_generated_for_it(sim: SimProcess) -> None:
+    # The whole network workflow (NICs disconnected at clone, refreshed, reconnected)
+    # through fleet's client.
+    before = sim.stats()
+    spec = make_spec(sim, "macs", 8, sources=["frozen-03"])
+    async with VSphereClient(sim.url, USER, PASSWORD, thumbprint=sim.thumbprint) as vs:
+        summary = await provision(spec, vs)
+    assert summary.ready == 8, summary.failures
+    after = sim.stats()
+    assert after["duplicate_macs"] == before["duplicate_macs"]
+    assert after["network_conflicts"] == before["network_conflicts"]
+    clone_macs = [mac for macs in nic_macs(sim, "fleet/macs").values() for mac in macs]
+    source_macs = {mac for macs in nic_macs(sim, "sources").values() for mac in macs}
+    assert len(clone_macs) == 8 and len(set(clone_macs)) == 8
+    assert not set(clone_macs) & source_macs
