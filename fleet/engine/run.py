@@ -81,7 +81,7 @@ from fleet.engine.reconcile import (
     reconcile,
 )
 from fleet.engine.shared import SharedLimits
-from fleet.engine.sources import clone_config
+from fleet.engine.sources import clone_config, resolve_sources
 from fleet.engine.spec import FleetSpec
 from fleet.errors import (
     ConfigError,
@@ -186,12 +186,10 @@ async def load_view(spec: FleetSpec, vs: VSphere, policy: PlacementPolicy | None
                     ) -> ClusterView:
     """Resolve the spec's sources and the hosts into a placement view.
 
-    A source vCenter does not know is a :class:`ConfigError` naming ``sources``."""
+    A source vCenter does not know, or one VM named twice, is a :class:`ConfigError`
+    naming the entries (:func:`~fleet.engine.sources.resolve_sources`)."""
+    infos = await resolve_sources(spec, vs)
     with anyio.fail_after(spec.timeouts.call_s):
-        try:
-            infos = await vs.find_vms([s.name for s in spec.sources])
-        except NotFound as exc:
-            raise ConfigError(str(exc), key="sources", source=spec.origin) from None
         hosts = await vs.list_hosts()
         datastores = await vs.list_datastores()
     sources = {s.name: SourceState(s.name, info, spec.budget_for(s.name))

@@ -18,6 +18,7 @@ Guest operations log in with the spec's guest credentials (``network.guest_user`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from fleet.engine.reconcile import (
     LABEL_SOURCE,
     LABEL_STATE,
 )
-from fleet.engine.spec import LABEL_PREFIX, FleetSpec
+from fleet.engine.spec import LABEL_PREFIX, FleetSpec, SpecError
 from fleet.errors import ConfigError, DuplicateName, GuestOperationFailed, NotFound
 from fleet.vsphere import recipes
 from fleet.vsphere.model import GuestCredentials, Ref, VmInfo, VSphere
@@ -109,13 +110,35 @@ async def _find(vs: VSphere, names: Sequence[str], timeout_s: float) -> dict[str
     return found
 
 
-async def list_sources(spec: FleetSpec, vsphere: VSphere) -> list[SourceStatus]:
-    """Every source of the spec as vCenter has it. A missing one is a ConfigError."""
+async def resolve_sources(spec: FleetSpec, vsphere: VSphere) -> list[VmInfo]:
+    """The spec's sources as vCenter has them, in the spec's order.
+
+    A source is one VM (one managed object id), whatever the spelling: a name and an
+    inventory path of one VM are one source named twice, and counting it twice would
+    let its chain grow past its budget and clone it twice at once. That, and a source
+    vCenter does not know, is a :class:`ConfigError` naming the entries."""
     with anyio.fail_after(spec.timeouts.call_s):
         try:
             infos = await vsphere.find_vms([s.name for s in spec.sources])
         except NotFound as exc:
             raise ConfigError(str(exc), key="sources", source=spec.origin) from None
+    first: dict[Ref, int] = {}
+    problems: list[tuple[str, str]] = []
+    for i, info in enumerate(infos):
+        j = first.setdefault(info.ref, i)
+        if j != i:
+            problems.append((f"sources[{i}]", f"{json.dumps(spec.sources[i].name)} is the same "
+                             f"VM ({info.ref.id}) as sources[{j}] "
+                             f"{json.dumps(spec.sources[j].name)}; name each source once"))
+    if problems:
+        raise SpecError(problems, source=spec.origin)
+    return infos
+
+
+async def list_sources(spec: FleetSpec, vsphere: VSphere) -> list[SourceStatus]:
+    """Every source of the spec as vCenter has it. A missing or repeated one is a
+    ConfigError."""
+    infos = await resolve_sources(spec, vsphere)
     return [SourceStatus.of(s.name, info, spec.budget_for(s.name))
             for s, info in zip(spec.sources, infos, strict=True)]
 
@@ -260,4 +283,5 @@ async def prepare_sources(spec: FleetSpec, vsphere: VSphere, golden: str, *,
     return sorted(made, key=lambda s: s.name)
 
 
-__all__ = ["SourceStatus", "freeze", "freeze_sources", "list_sources", "prepare_sources"]
+__all__ = ["FLEET_LABELS", "SourceStatus", "clone_config", "freeze", "freeze_sources",
+           "list_sources", "prepare_sources", "resolve_sources"]

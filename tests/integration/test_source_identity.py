@@ -1,0 +1,68 @@
+"""A source is one VM whatever its spelling: one VM named twice (a name and an inventory
+path) is refused with exit 2, by ``plan``, ``provision`` and ``sources list``, against a
+real ``fleet sim``, before anything is cloned. Counted twice, its chain would grow past
+its budget and it would be cloned twice at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.simproc import SimProcess
+from tests.specs import ENV, write_spec
+
+TWICE = ["golden-running", "dc1/vm/sources/golden-running"]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimProcess]:
+    with SimProcess(time_scale=0.05) as proc:
+        yield proc
+
+
+def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
+                          text=True, timeout=180, env=dict(os.environ, **ENV))
+
+
+def golden_vm_id(sim: SimProcess, spec: Path) -> str:
+    listed = fleet_cli("sources", "list", "--spec", str(spec), "--json")
+    assert listed.returncode == 0, listed.stderr
+    (golden,) = json.loads(listed.stdout)
+    return str(golden["vm"])
+
+
+@pytest.mark.parametrize("command", [("plan",), ("provision", "--no-progress"),
+                                     ("sources", "list")])
+def test_one_vm_named_twice_is_refused_naming_both_entries(
+        sim: SimProcess, tmp_path: Path, command: tuple[str, ...]) -> None:
+    vm_id = golden_vm_id(sim, write_spec(tmp_path / "one.toml", sim, "dup", 6,
+                                         sources=TWICE[:1]))
+    spec = write_spec(tmp_path / "dup.toml", sim, "dup", 6, sources=TWICE, chain_budget=4)
+    before = sim.stats()
+    result = fleet_cli(*command, "--spec", str(spec))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f'dup.toml: sources[1]: "dc1/vm/sources/golden-running" is the same VM ({vm_id}) ' \
+        f'as sources[0] "golden-running"' in result.stderr
+    assert "Traceback" not in result.stderr
+    after = sim.stats()
+    assert after["clones_total"] == before["clones_total"]  # nothing was cloned
+    assert after["sources"].get("golden-running", {}).get("chain_depth") == \
+        before["sources"].get("golden-running", {}).get("chain_depth")
+
+
+def test_each_spelling_alone_plans_within_the_budget(sim: SimProcess, tmp_path: Path) -> None:
+    # One spelling of the running source, budget 4 from depth 1: 3 clones fit, 3 do not.
+    spec = write_spec(tmp_path / "one.toml", sim, "dupone", 6, sources=TWICE[1:],
+                      chain_budget=4)
+    result = fleet_cli("plan", "--spec", str(spec), "--json")
+    assert result.returncode == 1, result.stderr  # not feasible as it stands
+    plan = json.loads(result.stdout)
+    (row,) = plan["rows"]
+    assert row["planned"] == 3 and row["final_depth"] == 4 and plan["unplaced"] == 3
