@@ -33,19 +33,30 @@ class SimProcess:
         if topology_text is not None:
             topology = Path(self._tmp.name) / "topology.toml"
             topology.write_text(textwrap.dedent(topology_text))
-        args = [sys.executable, "-m", "fleet", "sim", "--listen", "127.0.0.1:0",
-                "--time-scale", str(time_scale), *extra_args]
+        self._args = ["--time-scale", str(time_scale), *extra_args]
         if topology is not None:
-            args += ["--topology", str(topology)]
+            self._args += ["--topology", str(topology)]
         if http:
-            args.append("--http")
+            self._args.append("--http")
         else:
-            args += ["--write-cert", str(self.cert_path)]
+            self._args += ["--write-cert", str(self.cert_path)]
+        self.stderr_lines: list[str] = []
+        self._start("127.0.0.1:0")
+        self.url = self._listening.split("listening on ", 1)[1].strip()
+        self.base_url = self.url.rsplit("/sdk", 1)[0]
+        self.host = "127.0.0.1"
+        self.port = int(self.base_url.rsplit(":", 1)[1])
+        self.http = http
+        self.thumbprint = self._wait_thumbprint() if not http else None
+        self._opener = self._make_opener()
+
+    def _start(self, listen: str) -> None:
+        args = [sys.executable, "-m", "fleet", "sim", "--listen", listen, *self._args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
-        self.stderr_lines: list[str] = []
-        self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, args=(self.proc,),
+                                               daemon=True)
         self._stderr_thread.start()
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -54,17 +65,20 @@ class SimProcess:
             self.proc.wait()
             self._stderr_thread.join(timeout=5)
             raise RuntimeError(f"fleet sim did not start: {line!r} {''.join(self.stderr_lines)}")
-        self.url = line.split("listening on ", 1)[1].strip()
-        self.base_url = self.url.rsplit("/sdk", 1)[0]
-        self.host = "127.0.0.1"
-        self.port = int(self.base_url.rsplit(":", 1)[1])
-        self.http = http
-        self.thumbprint = self._wait_thumbprint() if not http else None
-        self._opener = self._make_opener()
+        self._listening = line
 
-    def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+    def restart(self) -> None:
+        """Stop the simulator and start a fresh one on the same port: vCenter lost its
+        state (sessions, tasks, every object made since it started). Plain http only:
+        a restarted https simulator would serve a new certificate."""
+        if not self.http:
+            raise RuntimeError("restart() needs a simulator started with http=True")
+        self._stop()
+        self._start(f"127.0.0.1:{self.port}")
+
+    def _drain_stderr(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
             self.stderr_lines.append(line)
 
     def _wait_thumbprint(self) -> str:
@@ -112,6 +126,10 @@ class SimProcess:
         return self._call("POST", f"/_sim/vms/{name}", fields)
 
     def close(self) -> None:
+        self._stop()
+        self._tmp.cleanup()
+
+    def _stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -123,7 +141,6 @@ class SimProcess:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
-        self._tmp.cleanup()
 
     def __enter__(self) -> SimProcess:
         return self

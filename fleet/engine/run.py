@@ -282,6 +282,8 @@ class Provisioner:
         self._unsettled: list[Job] = []
         self._key_cache: dict[str, tuple[VmInfo, tuple[LimitKey, ...]]] = {}
         self._interned_keys: dict[LimitKey, LimitKey] = {}
+        self._folder_lock = anyio.Lock()
+        self._lost_folders: set[str] = set()  # ids of the fleet's folder vCenter lost
 
     # -- public ------------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
@@ -713,6 +715,16 @@ class Provisioner:
                                     f"{error} (no VM took the name within "
                                     f"{spec.timeouts.clone_s}s)")
             return
+        if isinstance(error, NotFound) and await self._folder_lost(error):
+            # Not the job's fault: place it again, into the folder found anew.
+            job.replaced += 1
+            job.attempt -= 1
+            if job.replaced > len(self.view.sources) + len(self.view.hosts):
+                self._finish(job, "failed", "clone", error.reason, str(error))
+                return
+            self.emit(JobReplaced, index=job.index, name=job.name, reason="folder_lost")
+            self._requeue(job, 0.0)
+            return
         if isinstance(error, VSphereError) and not error.transient and error.scope != "call":
             if error.scope == "source":
                 self._retire(src, error.reason, str(error))  # before any await: no new job
@@ -734,10 +746,13 @@ class Provisioner:
             self.emit(JobReplaced, index=job.index, name=job.name, reason=error.reason)
             self._requeue(job, 0.0)
             return
-        if isinstance(error, VSphereError) and not error.transient:
+        vanished = isinstance(error, NotFound) and job.task is not None and \
+            error.obj == job.task.ref.id  # vCenter forgot the task: its outcome is unknown
+        if isinstance(error, VSphereError) and not error.transient and not vanished:
             self._finish(job, "failed", "clone", error.reason, str(error))
             return
-        # Transient or a timeout: the clone may exist. Settle that before trying again.
+        # Transient, a timeout or a task vCenter forgot: the clone may exist. Settle that
+        # before trying again.
         reason = error.reason if isinstance(error, VSphereError) else "timeout"
         message = str(error) or f"clone did not finish in {spec.timeouts.clone_s}s"
         with anyio.CancelScope(shield=True):
@@ -746,6 +761,32 @@ class Provisioner:
             self._adopt(job, found)
             return
         await self._retry_clone(job, reason, message)
+
+    async def _folder_lost(self, error: NotFound) -> bool:
+        """Whether the object a clone did not find is the fleet's folder, which the run
+        looked up once at its start: vCenter lost it (it lost its state, or someone
+        removed the folder). If so it is looked up (made) again, once per lost folder
+        whatever the number of clones that failed on it, and True is returned."""
+        lost = error.obj
+        if lost is None or self._folder is None:
+            return False
+        if lost in self._lost_folders:
+            return True  # found anew already; this clone was submitted before
+        if lost != self._folder.id:
+            return False
+        async with self._folder_lock:
+            if lost != self._folder.id:
+                return True
+            try:
+                with anyio.fail_after(self.spec.timeouts.call_s):
+                    fresh = await self.vs.ensure_folder(self.spec.folder_path)
+            except (VSphereError, TimeoutError):
+                return False
+            if fresh == self._folder:
+                return False
+            self._lost_folders.add(lost)
+            self._folder = fresh
+        return True
 
     async def _retry_clone(self, job: Job, reason: str, message: str) -> None:
         """Back to the queue after a backoff, or failed when out of attempts."""
