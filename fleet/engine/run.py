@@ -1001,11 +1001,31 @@ class Provisioner:
             finally:
                 self.limiters.release(lease)
 
-        if reconnect:
-            await self._phase(job, "reconnect", self.spec.timeouts.reconnect_s, write)
-        else:
-            await self._phase(job, None, self.spec.timeouts.call_s, write)
+        t0 = anyio.current_time()
+        try:
+            if reconnect:
+                await self._phase(job, "reconnect", self.spec.timeouts.reconnect_s, write)
+            else:
+                await self._phase(job, None, self.spec.timeouts.call_s, write)
+        except _PhaseFailed as exc:
+            # The write is absolute (these labels, NICs connected): one whose reply was lost
+            # or came too late may have landed all the same. Look before calling it failed.
+            refused = exc.error is not None and not exc.error.transient
+            if refused or not await self._labelled(vm, values, reconnect):
+                raise
+            if reconnect:
+                self._record(job, "reconnect", anyio.current_time() - t0)
         job.labelled = state
+
+    async def _labelled(self, vm: Ref, values: Mapping[str, str], nics_connected: bool) -> bool:
+        """Whether ``vm`` carries ``values`` (and, if asked, has every NIC connected)."""
+        try:
+            info = await self._vm(vm)
+        except (VSphereError, TimeoutError):
+            return False
+        if any(info.extra_config.get(k, "") != v for k, v in values.items()):
+            return False
+        return not nics_connected or all(n.connected for n in info.nics)
 
     async def _phase(self, job: Job, phase: str | None, timeout_s: float,
                      fn: Callable[[], Awaitable[object]], *, retry_timeouts: bool = True) -> None:
