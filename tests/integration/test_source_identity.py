@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyVim.connect import Disconnect, SmartConnect
 
-from tests.simproc import SimProcess
+from tests.simproc import PASSWORD, USER, SimProcess
 from tests.specs import ENV, write_spec
 
 TWICE = ["golden-running", "dc1/vm/sources/golden-running"]
@@ -31,24 +33,26 @@ def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=180, env=dict(os.environ, **ENV))
 
 
-def golden_vm_id(sim: SimProcess, spec: Path) -> str:
-    listed = fleet_cli("sources", "list", "--spec", str(spec), "--json")
-    assert listed.returncode == 0, listed.stderr
-    (golden,) = json.loads(listed.stdout)
-    return str(golden["vm"])
+@pytest.fixture(scope="module")
+def golden_id(sim: SimProcess) -> str:
+    ctx = ssl.create_default_context(cafile=str(sim.cert_path))
+    si = SmartConnect(host=sim.host, port=sim.port, user=USER, pwd=PASSWORD, sslContext=ctx)
+    try:
+        return str(si.content.searchIndex.FindByInventoryPath(
+            "dc1/vm/sources/golden-running")._moId)
+    finally:
+        Disconnect(si)
 
 
 @pytest.mark.parametrize("command", [("plan",), ("provision", "--no-progress"),
                                      ("sources", "list")])
 def test_one_vm_named_twice_is_refused_naming_both_entries(
-        sim: SimProcess, tmp_path: Path, command: tuple[str, ...]) -> None:
-    vm_id = golden_vm_id(sim, write_spec(tmp_path / "one.toml", sim, "dup", 6,
-                                         sources=TWICE[:1]))
+        sim: SimProcess, golden_id: str, tmp_path: Path, command: tuple[str, ...]) -> None:
     spec = write_spec(tmp_path / "dup.toml", sim, "dup", 6, sources=TWICE, chain_budget=4)
     before = sim.stats()
     result = fleet_cli(*command, "--spec", str(spec))
     assert result.returncode == 2, (result.stdout, result.stderr)
-    assert f'dup.toml: sources[1]: "dc1/vm/sources/golden-running" is the same VM ({vm_id}) ' \
+    assert f'dup.toml: sources[1]: "dc1/vm/sources/golden-running" is the same VM ({golden_id}) ' \
         f'as sources[0] "golden-running"' in result.stderr
     assert "Traceback" not in result.stderr
     after = sim.stats()
