@@ -1,8 +1,8 @@
 """``fleet serve``: a fleet sourcing another fleet's member has no lifetime of its own
 unless asked, and outlives the other fleet's expiry (against a real ``fleet sim``).
 
-A service of its own (not the package's): this test expires a fleet, and the shared
-service's expiry counter is asserted on elsewhere.
+A service of its own, with a root folder of its own (not the package's): this test
+expires a fleet, and the shared service's expiry counter is asserted on elsewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from tests.simproc import SimProcess
 @pytest.fixture
 def own_service(sim: SimProcess) -> Iterator[ServeProcess]:
     with tempfile.TemporaryDirectory(prefix="fleet-serve-labels-") as state:
-        proc = ServeProcess(service_config(sim, state, scan_interval_s=0.5))
+        proc = ServeProcess(service_config(sim, state, root_folder="labels",
+                                                scan_interval_s=0.5))
         try:
             yield proc
         finally:
@@ -34,7 +35,7 @@ def test_a_fleet_without_ttl_sourcing_a_ttl_fleets_member_survives_its_expiry(
     assert status == 202, body
     assert service.wait_for("ttlsrc")["expires_at"] is not None
     status, body = service.call("POST", "/v1/fleets", {
-        "name": "gamma", "count": 3, "sources": ["fleet/ttlsrc/ttlsrc-0000"]})
+        "name": "gamma", "count": 3, "sources": ["labels/ttlsrc/ttlsrc-0000"]})
     assert status == 202, body
     gamma = service.wait_for("gamma")
     # Asked for no lifetime, it has none: its members carry no expiry of ttlsrc's.
