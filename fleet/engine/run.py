@@ -11,11 +11,14 @@ NICs disconnected) -> ``network`` (NIC refresh recipe in the guest) ->
 Each phase is timed and has a deadline (``anyio.fail_after``). Transient faults
 are retried with exponential backoff and jitter; permanent ones are reported.
 A fault whose scope is ``source`` or ``host`` takes that source or host out of
-the run and sends the job back to placement. After any clone attempt whose
-outcome is unknown (a timeout, a lost reply) the engine looks the name up and
-adopts the VM if it carries this job's labels, so it never makes a second VM
-for one index and never leaks the first; a ``DuplicateName`` is adopted the
-same way, or reported (never touched) if the holder is not a member.
+the run and sends the job back to placement, as does a clone that did not find
+the fleet's folder (vCenter lost it: the folder is looked up again, once). After
+any clone attempt whose outcome is unknown (a timeout, a lost reply, a task
+vCenter forgot) the engine looks the name up and adopts the VM if it carries
+this job's labels, so it never makes a second VM for one index and never leaks
+the first; a ``DuplicateName`` is adopted the same way, or reported (never
+touched) if the holder is not a member. A label write that failed is checked
+on the VM before the job is called failed: it may have landed without a reply.
 
 Stopping (:meth:`Provisioner.stop`, or cancelling the task running
 :meth:`Provisioner.run`) dispatches nothing more, gives clones already handed
