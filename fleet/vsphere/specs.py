@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -51,13 +52,24 @@ def migrate_plan(nic_keys: Sequence[int],
 
 
 def _edited(device: Any, connectable: Any) -> Any:
-    """An edit of ``device`` that carries only what must change: the device's type and
-    key name the NIC, ``connectable`` says what becomes of it. Unset properties are left
-    as they are. A copy of the device would also send its ``macAddress`` (vCenter sets
-    the address it is given: a clone would take its source's MAC instead of the one
-    vCenter generates for it) and its backing (a distributed switch port key the
-    running source still holds)."""
-    edited = type(device)(key=device.key, connectable=connectable)
+    """An edit of NIC ``device`` that sets ``connectable`` and never sends its MAC.
+
+    The edit is the device as vCenter reported it (type, key, backing: the shape every
+    field-proven instant clone script sends, so a real vCenter never sees a NIC edit
+    without its backing) with two things taken out. ``macAddress``: vCenter sets the
+    address it is given, so a clone would take its source's MAC instead of the one
+    vCenter generates for it (docs/vsphere.md). A distributed switch ``port.portKey``:
+    the running source still holds that port, so the clone must be given a new one (the
+    port group and switch stay)."""
+    edited = copy.copy(device)
+    edited.macAddress = None
+    edited.connectable = connectable
+    port = getattr(device.backing, "port", None)
+    if port is not None and port.portKey is not None:
+        backing = copy.copy(device.backing)
+        backing.port = copy.copy(port)
+        backing.port.portKey = None
+        edited.backing = backing
     return DeviceSpec(operation=vim.vm.device.VirtualDeviceSpec.Operation.edit, device=edited)
 
 

@@ -123,10 +123,12 @@ def test_instant_clone_spec() -> None:
     assert change.operation == "edit" and change.device.key == 4001
     assert change.device.connectable.migrateConnect == "disconnect"
     assert change.device.connectable.connected is False
-    # Only what must change: the NIC's type and key, and connectable. Never the source's
-    # MAC (the clone would take it) nor its backing; the source's device is untouched.
+    # The NIC as the source has it (type, key, backing), never the source's MAC (the clone
+    # would take it); the source's device is untouched.
     assert type(change.device) is type(nics[1])
-    assert change.device.macAddress is None and change.device.backing is None
+    assert change.device.macAddress is None
+    assert change.device.backing.deviceName == nics[1].backing.deviceName
+    assert nics[1].macAddress is not None
     assert nics[1].connectable.migrateConnect is None
     plain = specs.instant_clone_spec(request, folder=vim.Folder("group-v3"))
     assert not plain.location.deviceChange  # no edits at all
@@ -169,7 +171,7 @@ def test_nic_edits_and_program_spec() -> None:
     edits = specs.nic_edits([_nic(4000, False), _nic(4001, False)], True, [4001])
     assert [e.device.key for e in edits] == [4001]
     assert edits[0].device.connectable.connected is True
-    assert edits[0].device.macAddress is None and edits[0].device.backing is None
+    assert edits[0].device.macAddress is None and edits[0].device.backing is not None
     program = specs.program_spec(GuestProgram("/bin/sh", "-c true", env={"A": "1"}))
     assert program.programPath == "/bin/sh" and program.envVariables == ["A=1"]
 
@@ -196,7 +198,7 @@ def test_no_serialized_clone_spec_carries_a_source_mac(version: str) -> None:
             text = plain.decode()
             assert f"<migrateConnect>{connect}</migrateConnect>" in text
             assert not [mac for mac in macs if mac in text]
-            assert "macAddress" not in text and "backing" not in text
+            assert "macAddress" not in text
     # The reconfiguration that connects NICs (and labels) carries no MAC either.
     reconfig = specs.device_change_spec(specs.nic_edits(nics, True), {"guestinfo.a": "1"})
     text = stub.serialize(vim.VirtualMachine("vm-2", stub),
@@ -204,6 +206,21 @@ def test_no_serialized_clone_spec_carries_a_source_mac(version: str) -> None:
                           [reconfig]).decode()
     assert "<connected>true</connected>" in text
     assert not [mac for mac in macs if mac in text] and "macAddress" not in text
+
+
+def test_a_distributed_switch_nic_edit_asks_for_a_new_port() -> None:
+    # The running source holds its port: the clone's NIC keeps the port group and switch
+    # but not the port key, and the source's backing is not changed.
+    dvs = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
+        port=vim.dvs.PortConnection(switchUuid="50 1a", portgroupKey="dvportgroup-7",
+                                    portKey="42"))
+    nic = vim.vm.device.VirtualVmxnet3(
+        key=4000, macAddress="00:50:56:00:00:01", backing=dvs,
+        connectable=vim.vm.device.VirtualDevice.ConnectInfo(connected=True))
+    (edit,) = specs.migrate_connect_edits([nic], {4000: "disconnect"})
+    port = edit.device.backing.port
+    assert (port.switchUuid, port.portgroupKey, port.portKey) == ("50 1a", "dvportgroup-7", None)
+    assert nic.backing.port.portKey == "42" and edit.device.macAddress is None
 
 
 def test_inventory_conversions() -> None:
