@@ -214,7 +214,7 @@ async def _provision(args: argparse.Namespace) -> int:
     import time
     import uuid
 
-    from fleet.engine.api import lost_message
+    from fleet.engine.api import check_spec, lost_message
     from fleet.engine.lifetime import (
         current_expiry,
         expiry_labels,
@@ -248,6 +248,7 @@ async def _provision(args: argparse.Namespace) -> int:
             open_target(spec, observer=metrics, announce=eprint,
                         sim_time_scale=args.sim_time_scale))
         await stack.enter_async_context(_metrics_server(args.metrics_port, metrics))
+        await check_spec(spec, target.client)  # a wrong spec changes nothing, locks nothing
         lock = FleetLock(target.client, spec.name, spec.folder_path, op="provision",
                          run_id=run_id, options=lock_options)
         try:

@@ -59,7 +59,7 @@ from anyio.abc import TaskGroup
 from fleet.api.config import ServiceConfig
 from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.state import SavedFleet, StateStore
-from fleet.engine.api import destroy, lost_message
+from fleet.engine.api import check_spec, destroy, lost_message
 from fleet.engine.events import Event, RemovalSummary, Summary
 from fleet.engine.lifetime import expiry_labels, fleet_expiry, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
@@ -417,6 +417,7 @@ class FleetService:
         lock = FleetLock(self.vs, rec.name, spec.folder_path, op="serve-provision",
                          run_id=run_id, options=self._lock_options(rec))
         try:
+            await check_spec(spec, self.vs)  # a wrong spec fails before anything is made
             rec.lock_wait = anyio.CancelScope()
             try:
                 with rec.lock_wait:
@@ -486,7 +487,8 @@ class FleetService:
             rec.error = ", ".join(f"{n} {reason}" for reason, n in
                                   sorted(summary.failures.items()))
         rec.updated_at = self.clock()
-        await self._save(rec)
+        with anyio.CancelScope(shield=True):  # shown: so recorded, even as the service stops
+            await self._save(rec)
         log.info("fleet %s: run %s ended %s: %d/%d ready in %.1fs", rec.name, summary.run_id,
                  rec.status, summary.ready, summary.requested, summary.duration_s)
         return True
@@ -506,7 +508,8 @@ class FleetService:
             rec.applied = generation  # the same request would fail the same way
         rec.updated_at = self.clock()
         log.warning("fleet %s: %s: %s", rec.name, status, error)
-        await self._save(rec)
+        with anyio.CancelScope(shield=True):
+            await self._save(rec)
         return status == "failed"
 
     def _lock_options(self, rec: FleetRecord, op: str | None = None) -> LockOptions:

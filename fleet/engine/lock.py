@@ -16,10 +16,11 @@ The design, and why, is in docs/locking.md. In short:
 - A holder that has not renewed within three quarters of its lease, or whose
   renewal finds the record gone (taken over), has lost the lock: ``on_lost``
   runs once, and the caller stops dispatching at once.
-- A stale lock (vCenter's now past its expiry, or no record for
-  :data:`RECORDLESS_S`) is destroyed by its managed object id, which vCenter
-  never reuses, and taken anew: of two contenders one gets ``NotFound`` from
-  the destroy or ``DuplicateName`` from the create, never both the lock.
+- A stale lock (vCenter's now past its expiry, no record for
+  :data:`RECORDLESS_S`, or a holder that provably died: it ran in this process
+  space and its pid is gone) is destroyed by its managed object id, which
+  vCenter never reuses, and taken anew: of two contenders one gets ``NotFound``
+  from the destroy or ``DuplicateName`` from the create, never both the lock.
 - Release destroys the lock folder by id, and only if it holds folders only.
 
 :class:`FleetLock` takes (``acquire``), keeps and releases the lock; it is an async
@@ -28,6 +29,8 @@ context manager. :func:`read_lock` is what ``plan`` and ``status`` show.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 import os
@@ -37,6 +40,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -70,7 +74,8 @@ RECORDLESS_S = 60.0
 #: the deadline of one vCenter call the lock makes
 CALL_S = 30.0
 _OP = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
-_HEX = re.compile(r"^[0-9a-f]{1,32}$")
+_RUN = re.compile(r"^[0-9A-Za-z._-]{1,16}$")
+_PID = re.compile(r"^(\d{1,10})(?:@([0-9a-f]{8}))?$")
 _HOST_BAD = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -104,6 +109,34 @@ def this_host() -> str:
     return _HOST_BAD.sub("-", socket.gethostname()) or "unknown"
 
 
+@functools.cache
+def process_space() -> str:
+    """Where a pid means one process: 8 hex digits of the kernel's boot id and this
+    process's pid namespace. Two processes with the same space can tell whether the
+    other is alive; a host name cannot (containers share names, not pid tables).
+    Empty where it cannot be told (no /proc)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot}:{namespace}".encode()).hexdigest()[:8]
+
+
+def _process_gone(holder: Holder) -> bool:
+    """The holder provably died: it ran in this process space and its pid is gone (a
+    pid reused since, or a process of another user, counts as alive: wait for expiry)."""
+    if not holder.space or holder.space != process_space() or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _utc(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
@@ -118,10 +151,12 @@ class Holder:
     host: str
     since: int
     until: int
+    space: str = ""  # process_space() of the holder
 
     def record(self) -> str:
         """The record folder's name: at most 80 characters (the host is cut to fit)."""
-        head = f"{self.op} {self.run_id} {self.pid} {self.since} {self.until} "
+        pid = f"{self.pid}@{self.space}" if self.space else str(self.pid)
+        head = f"{self.op} {self.run_id} {pid} {self.since} {self.until} "
         return head + self.host[:MAX_NAME - len(head)]
 
     @classmethod
@@ -130,10 +165,12 @@ class Holder:
         if len(parts) != 6:
             return None
         op, run_id, pid, since, until, host = parts
-        if not (_OP.match(op) and _HEX.match(run_id) and pid.isdigit() and since.isdigit()
+        m = _PID.match(pid)
+        if not (_OP.match(op) and _RUN.match(run_id) and m and since.isdigit()
                 and until.isdigit() and host):
             return None
-        return cls(op, run_id, int(pid), host, int(since), int(until))
+        return cls(op, run_id, int(m.group(1)), host, int(since), int(until),
+                   m.group(2) or "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "run_id": self.run_id, "pid": self.pid, "host": self.host,
@@ -154,6 +191,11 @@ class LockView:
     def expired(self) -> bool:
         return self.holder is not None and self.now >= self.holder.until
 
+    @property
+    def holder_gone(self) -> bool:
+        """Its holder's process provably died (on this machine): stale before expiry."""
+        return self.holder is not None and _process_gone(self.holder)
+
     def describe(self) -> str:
         h = self.holder
         if h is None:
@@ -162,9 +204,11 @@ class LockView:
         text = (f"{h.op} run {h.run_id} (pid {h.pid} on {h.host}) since {_utc(h.since)} "
                 f"({age} s ago)")
         left = h.until - self.now
-        if left > 0:
-            return text + f", lease until {_utc(h.until)}"
-        return text + f", lease expired {round(-left)} s ago"
+        if left <= 0:
+            return text + f", lease expired {round(-left)} s ago"
+        if self.holder_gone:
+            return text + f", lease until {_utc(h.until)}, but its process is gone"
+        return text + f", lease until {_utc(h.until)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"holder": self.holder.to_dict() if self.holder else None,
@@ -175,16 +219,20 @@ class LockView:
 async def read_lock(vs: VSphere, folder: Ref) -> LockView | None:
     """The lock in the fleet's ``folder``, or None when nobody holds it. vCenter's clock
     is read first, so a record seen expired was expired when it was read."""
-    with anyio.fail_after(CALL_S):
-        now = await vs.server_time()
-        lock = next((ref for name, ref in await vs.list_child_folders(folder)
-                     if name == LOCK_NAME), None)
-        if lock is None:
-            return None
-        try:
-            inside = await vs.list_child_folders(lock)
-        except NotFound:
-            return None  # released (or taken over) just now
+    try:
+        with anyio.fail_after(CALL_S):
+            now = await vs.server_time()
+            lock = next((ref for name, ref in await vs.list_child_folders(folder)
+                         if name == LOCK_NAME), None)
+            if lock is None:
+                return None
+            try:
+                inside = await vs.list_child_folders(lock)
+            except NotFound:
+                return None  # released (or taken over) just now
+    except TimeoutError:
+        raise RequestTimeout(f"vCenter did not answer within {CALL_S:g} s while reading "
+                             f"the lock in {folder.id}") from None
     records = [(h, ref) for h, ref in ((Holder.parse(name), ref) for name, ref in inside)
                if h is not None]
     if len(records) != 1:  # none yet; several cannot be fleet's: no readable holder
@@ -237,8 +285,7 @@ class FleetLock:
         self.fleet = fleet
         self.folder_path = folder_path
         self.op = op
-        self.run_id = run_id[:12].lower() if _HEX.match(run_id[:12].lower()) \
-            else os.urandom(6).hex()
+        self.run_id = _HOST_BAD.sub("-", run_id)[:16] or os.urandom(6).hex()
         self.options = opts
         self.create_folder = create_folder
         self.clock = clock
@@ -376,7 +423,7 @@ class FleetLock:
 
     async def _write_record(self, lock: Ref, now: float, t0: float) -> LockView | None:
         holder = Holder(self.op, self.run_id, os.getpid(), this_host(), math.floor(now),
-                        math.ceil(now + self.options.lease_s))
+                        math.ceil(now + self.options.lease_s), process_space())
         try:
             with anyio.fail_after(max(0.0, t0 + CLAIM_S - self.clock())):
                 record = await self.vs.new_folder(lock, holder.record())
@@ -398,7 +445,7 @@ class FleetLock:
             first = self._recordless.setdefault(view.lock, self.clock())
             if self.clock() - first < RECORDLESS_S:
                 return view
-        elif not view.expired:
+        elif not view.expired and not view.holder_gone:
             return view
         # Stale. Destroy it by its id: of several contenders doing so, one succeeds and
         # the others get NotFound; then each tries to create anew, and one of those wins.

@@ -35,8 +35,6 @@ def service_config(sim: SimProcess, state_dir: str | Path, **over: Any) -> dict[
         "state_dir": str(state_dir),
         "scan_interval_s": 1.0,
         "shutdown_grace_s": 5.0,
-        # A killed service's fleet locks are taken over by the next one once expired.
-        "lock_lease_s": 5.0,
         "vcenter": {"url": sim.url, "user": USER, "password_env": "SIM_PASSWORD",
                     "thumbprint": sim.thumbprint},
         "api": {"token_env": "FLEET_API_TOKEN", "max_body_bytes": 65536},

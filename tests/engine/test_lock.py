@@ -7,7 +7,11 @@ the simulator do) and its clock (``server_time``) can be skewed from the local o
 
 from __future__ import annotations
 
+import math
+import os
 import random
+import subprocess
+import sys
 from typing import Any
 
 import anyio
@@ -23,6 +27,7 @@ from fleet.engine.lock import (
     LockOptions,
     LockView,
     lock_state,
+    process_space,
 )
 from fleet.errors import NotFound, TransientFault
 from fleet.vsphere.fake import FakeLatency, FakeVSphere, FaultRule, make_fake
@@ -59,6 +64,11 @@ def test_the_record_fits_a_folder_name_and_reads_back() -> None:
     back = Holder.parse(name)
     assert back is not None and back.run_id == "4f2a9c1e0b12" and back.until == 1764150063
     assert back.pid == 4194304 and back.host == "h" * (80 - len(name.rsplit(" ", 1)[0]) - 1)
+    assert back.space == ""
+    spaced = Holder("provision", "4f2a9c1e0b12", 4711, "build-01", 1764150003, 1764150063,
+                    "3fa9c2d1")
+    assert spaced.record() == "provision 4f2a9c1e0b12 4711@3fa9c2d1 1764150003 1764150063 build-01"
+    assert Holder.parse(spaced.record()) == spaced
     assert Holder.parse("a folder somebody made") is None
 
 
@@ -296,3 +306,43 @@ async def test_a_folder_holding_a_vm_is_never_destroyed() -> None:
             await fake.destroy_folder(folder)
         with pytest.raises(NotFound):
             await fake.destroy_folder(Ref("Folder", "group-v999999"))
+
+
+def _gone_pid() -> int:
+    """The pid of a process that ended and was reaped: it names no process now."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+async def _plant(fake: FakeVSphere, holder_pid: int, space: str) -> None:
+    """A lock whose record says ``holder_pid`` in process space ``space`` holds it for
+    another hour."""
+    folder = await fake.ensure_folder(FOLDER)
+    lock_ref = await fake.new_folder(folder, LOCK_NAME)
+    now = await fake.server_time()
+    await fake.new_folder(lock_ref, Holder("provision", "deaddeaddead", holder_pid, "elsewhere",
+                                           math.floor(now), math.ceil(now + 3600),
+                                           space).record())
+
+
+@pytest.mark.skipif(not process_space(), reason="needs /proc to tell a process space")
+async def test_a_holder_whose_process_is_gone_from_this_machine_is_taken_over_at_once() -> None:
+    async with make_fake() as fake:
+        await _plant(fake, _gone_pid(), process_space())
+        held = await _acquire(fake, "bbbbbbbbbbbb")
+        assert held.took_over is not None and held.took_over.holder_gone
+        assert "its process is gone" in held.took_over.describe()
+
+
+@pytest.mark.parametrize("alive", [True, False])
+async def test_a_holder_alive_or_on_another_machine_is_waited_for(alive: bool) -> None:
+    async with make_fake() as fake:
+        # Alive here (this test's own parent), or gone but from another process space
+        # (another machine, container or boot): only its lease can free the lock.
+        await _plant(fake, os.getppid() if alive else _gone_pid(),
+                     process_space() if alive else "00000000")
+        with pytest.raises(LockHeld) as refused:
+            await _acquire(fake, "bbbbbbbbbbbb")
+        assert "deaddeaddead" in str(refused.value)
+        assert "process is gone" not in str(refused.value)

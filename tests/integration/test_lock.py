@@ -5,7 +5,8 @@
 - a scale-down to 50 while a big run goes on;
 - three provisions of different counts at once (the issue's 100/150/200, halved);
 - the service building a fleet while the CLI destroys it, and the other way round;
-- a holder killed with SIGKILL, its lock taken over once its lease ran out.
+- a holder killed with SIGKILL: its lock taken over at once on its machine (its
+  process is gone), and once its lease ran out when it ran on another.
 
 Afterwards the fleet holds exactly what the last successful run says, every run's
 counts are true, and every loser either waited or refused naming the holder. A run
@@ -23,10 +24,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pyVim.task import WaitForTask
 
 from fleet.engine.lock import LOCK_NAME, Holder
 from fleet.engine.reconcile import LABEL_NAME, LABEL_STATE
@@ -232,20 +235,41 @@ def test_three_provisions_at_once_run_one_after_another(sim: SimProcess,
     assert len(got) == order[-1] and set(got.values()) == {"ready"}
 
 
-def test_a_holder_killed_with_sigkill_is_taken_over_once_its_lease_expires(
-        sim: SimProcess, tmp_path: Path) -> None:
+def test_a_holder_killed_with_sigkill_is_taken_over(sim: SimProcess, tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "f.toml", sim, "lockkill", 250)
-    doomed = provision(spec, 250, "--lock-lease", "5")
+    # On this machine: its process is provably gone, so the lock is taken over at once
+    # (no --wait-lock needed), and the run says from whom.
+    doomed = provision(spec, 250)
     wait_for_clones(sim, 30, doomed)
     dead = holder_of(sim, "lockkill")
-    assert dead is not None and dead.op == "provision"
+    assert dead is not None and dead.op == "provision" and dead.space
     doomed.kill()  # SIGKILL: no release, no cleanup
-    # The dead holder's record is all vCenter knows: a run that waits takes the lock
-    # over once its lease has run out, and says from whom.
+    again = provision(spec, 60)
+    code, summary = again.result()
+    assert code == 0, again.err
+    assert f"took its stale lock over from provision run {dead.run_id}" in again.err
+    assert "its process is gone" in again.err
+    assert summary["ready"] == 60
+    got = members(sim, "lockkill")
+    assert len(got) == 60 and set(got.values()) == {"ready"}
+
+    # From another machine (its record's process space made foreign, as a holder's on
+    # another host is): only vCenter's clock can say it is stale. A run that waits
+    # takes it over once its lease has expired.
+    doomed = provision(spec, 250, "--lock-lease", "10")
+    wait_for_clones(sim, 30, doomed)
+    dead = holder_of(sim, "lockkill")
+    assert dead is not None
+    doomed.kill()
+    si = pyvmomi(sim)
+    lock = si.content.searchIndex.FindByInventoryPath(f"dc1/vm/fleet/lockkill/{LOCK_NAME}")
+    [record] = lock.childEntity
+    WaitForTask(record.Rename(replace(dead, space="00000000").record()))
     after = provision(spec, 100, "--wait-lock")
     code, summary = after.result()
     assert code == 0, after.err
     assert f"took its stale lock over from provision run {dead.run_id}" in after.err
+    assert "lease expired" in after.err
     assert summary["ready"] == 100
     got = members(sim, "lockkill")
     assert len(got) == 100 and set(got.values()) == {"ready"}
