@@ -278,9 +278,9 @@ def test_a_holder_killed_with_sigkill_is_taken_over(sim: SimProcess, tmp_path: P
 def test_the_service_and_the_cli_exclude_each_other(sim: SimProcess, tmp_path: Path) -> None:
     with ServeProcess(service_config(sim, tmp_path / "state")) as svc:
         # The service builds; the CLI's destroy refuses, naming the service's run.
-        status, _ = svc.call("POST", "/v1/fleets", {"name": "lockcs", "count": 150})
+        status, _ = svc.call("POST", "/v1/fleets", {"name": "lockcs", "count": 100})
         assert status == 202
-        spec = write_spec(tmp_path / "cs.toml", sim, "lockcs", 150)
+        spec = write_spec(tmp_path / "cs.toml", sim, "lockcs", 100)
         deadline = time.monotonic() + 120
         while holder_of(sim, "lockcs") is None or not members(sim, "lockcs"):
             assert time.monotonic() < deadline, "the service never started"
@@ -299,17 +299,17 @@ def test_the_service_and_the_cli_exclude_each_other(sim: SimProcess, tmp_path: P
         code, removal = waiter.result()
         assert code == 0, waiter.err
         built = svc.wait_for("lockcs")  # the service's run had ended ready
-        assert built["run"]["summary"]["ready"] == 150
-        assert removal["removed"] == 150 and members(sim, "lockcs") == {}
+        assert built["run"]["summary"]["ready"] == 100
+        assert removal["removed"] == 100 and members(sim, "lockcs") == {}
 
         # The CLI builds; the service's request waits (pending, naming the CLI's run),
         # then scales what the CLI left to its own count.
-        spec2 = write_spec(tmp_path / "sc.toml", sim, "locksc", 150)
-        cli = provision(spec2, 150)
-        wait_for_clones(sim, 30, cli)
+        spec2 = write_spec(tmp_path / "sc.toml", sim, "locksc", 100)
+        cli = provision(spec2, 100)
+        wait_for_clones(sim, 10, cli)
         cli.pause()
         try:
-            status, _ = svc.call("POST", "/v1/fleets", {"name": "locksc", "count": 50})
+            status, _ = svc.call("POST", "/v1/fleets", {"name": "locksc", "count": 40})
             assert status == 202
             deadline = time.monotonic() + 60
             seen = svc.fleet("locksc")
@@ -320,14 +320,14 @@ def test_the_service_and_the_cli_exclude_each_other(sim: SimProcess, tmp_path: P
         finally:
             cli.resume()
         code, summary = cli.result()
-        assert code == 0 and summary["ready"] == 150
+        assert code == 0 and summary["ready"] == 100
         assert seen["status"] == "pending" and f"provision run {summary['run_id']}" in \
             seen["error"], seen
         done = svc.wait_for("locksc", timeout_s=120)
-        assert done["ready"] == 50
-        assert done["run"]["summary"]["removed"] == 100  # the CLI's 150 were all there
+        assert done["ready"] == 40
+        assert done["run"]["summary"]["removed"] == 60  # the CLI's 100 were all there
         got = members(sim, "locksc")
-        assert len(got) == 50 and set(got.values()) == {"ready"}
+        assert len(got) == 40 and set(got.values()) == {"ready"}
 
 
 def test_status_and_plan_take_no_lock_but_name_its_holder(sim: SimProcess,
