@@ -1,9 +1,12 @@
 """The ``fleet`` command.
 
 Exit status: 0 when the command did what was asked (``provision``: every member
-ready), 1 when it did not (an incomplete fleet, failures), 2 for bad input (a
-wrong spec, option or topology: the message names the culprit), 130 when
-interrupted.
+ready), 1 when it did not (an incomplete fleet, failures, or the run lost the
+fleet's lock), 2 for bad input (a wrong spec, option or topology: the message
+names the culprit), 75 when another run holds the fleet's lock and this one did
+not wait (or gave up waiting: ``--wait-lock``; 75 is sysexits' EX_TEMPFAIL, "try
+again later"), 130 when interrupted. ``provision`` and ``destroy`` hold the
+fleet's lock in vCenter while they run (docs/locking.md).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fleet import __version__
 from fleet.errors import ConfigError, FleetError
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_LOCKED = 75
 
 
 def eprint(message: str) -> None:
@@ -132,6 +136,68 @@ def _event_log(path: str | None) -> Iterator[Callable[[Any], None] | None]:
         stream.close()
 
 
+# -- the fleet lock (docs/locking.md) -----------------------------------------------
+
+def _lock_options_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait-lock", nargs="?", const=math.inf, default=0.0,
+                        type=_wait_seconds, metavar="SECONDS",
+                        help="when another run holds the fleet's lock, wait for it (for ever, "
+                             f"or SECONDS) instead of refusing at once (exit status "
+                             f"{EXIT_LOCKED})")
+    parser.add_argument("--lock-lease", type=float, default=None, metavar="SECONDS",
+                        help="the lease of this run's lock, renewed every quarter of it; if "
+                             "this process dies, others take the lock over once it expires "
+                             "(default 60)")
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 30 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 2592000 seconds")
+    return value
+
+
+def _lock_options(args: argparse.Namespace, fleet: str) -> Any:
+    from fleet.engine.lock import DEFAULT_LEASE_S, MAX_LEASE_S, MIN_LEASE_S, LockOptions
+
+    lease = DEFAULT_LEASE_S if args.lock_lease is None else args.lock_lease
+    if not MIN_LEASE_S <= lease <= MAX_LEASE_S:
+        raise ConfigError(f"{args.lock_lease} is not between {MIN_LEASE_S:g} and "
+                          f"{MAX_LEASE_S:g} seconds", key="--lock-lease")
+    wait = None if math.isinf(args.wait_lock) else float(args.wait_lock)
+    return LockOptions(lease_s=lease, wait_s=wait, on_wait=_lock_waiter(fleet, wait))
+
+
+def _lock_waiter(fleet: str, wait_s: float | None) -> Callable[[Any], None]:
+    """Progress while waiting for the lock: when the holder changes, and every 10 s."""
+    import time
+
+    started = time.monotonic()
+    last: list[Any] = [None, -math.inf]
+
+    def on_wait(view: Any) -> None:
+        now = time.monotonic()
+        who = (view.lock, view.holder.run_id if view.holder else None)
+        if who != last[0] or now - last[1] >= 10.0:
+            last[:] = [who, now]
+            limit = "" if wait_s is None else f" of {wait_s:g}"
+            eprint(f"waiting for the lock of fleet {fleet} ({now - started:.0f} s{limit} so "
+                   f"far): held by {view.describe()}")
+
+    return on_wait
+
+
+def _refused(exc: Any, args: argparse.Namespace) -> int:
+    hint = "" if args.wait_lock else "; pass --wait-lock[=SECONDS] to wait for it"
+    eprint(f"{exc}{hint}")
+    if args.json:
+        print(json.dumps({"error": "locked", "message": str(exc), "lock": exc.view.to_dict()}))
+    return EXIT_LOCKED
+
+
 def _fanout(*consumers: Callable[[Any], None] | None) -> Callable[[Any], None]:
     active = [c for c in consumers if c is not None]
 
@@ -146,13 +212,16 @@ def _fanout(*consumers: Callable[[Any], None] | None) -> Callable[[Any], None]:
 
 async def _provision(args: argparse.Namespace) -> int:
     import time
+    import uuid
 
+    from fleet.engine.api import check_spec, lost_message
     from fleet.engine.lifetime import (
         current_expiry,
         expiry_labels,
         parse_duration,
         stamp_expiry,
     )
+    from fleet.engine.lock import FleetLock, LockHeld
     from fleet.engine.run import EngineOptions, Provisioner
     from fleet.metrics import FleetMetrics
     from fleet.report import LiveProgress, print_summary
@@ -167,6 +236,8 @@ async def _provision(args: argparse.Namespace) -> int:
                           "`fleet destroy` for that (it asks first)",
                           key="--count" if args.count is not None else "count",
                           source=None if args.count is not None else spec.origin)
+    lock_options = _lock_options(args, spec.name)
+    run_id = uuid.uuid4().hex[:12]
     metrics = FleetMetrics()
     show_progress = not args.json and not args.no_progress
     progress = LiveProgress() if show_progress else None
@@ -177,6 +248,13 @@ async def _provision(args: argparse.Namespace) -> int:
             open_target(spec, observer=metrics, announce=eprint,
                         sim_time_scale=args.sim_time_scale))
         await stack.enter_async_context(_metrics_server(args.metrics_port, metrics))
+        await check_spec(spec, target.client)  # a wrong spec changes nothing, locks nothing
+        lock = FleetLock(target.client, spec.name, spec.folder_path, op="provision",
+                         run_id=run_id, options=lock_options)
+        try:
+            await stack.enter_async_context(lock)  # released when the stack closes
+        except LockHeld as exc:
+            return _refused(exc, args)
         expires_at: float | None
         if ttl_s is not None:
             expires_at = time.time() + ttl_s
@@ -188,8 +266,11 @@ async def _provision(args: argparse.Namespace) -> int:
         provisioner = Provisioner(spec, target.client,
                                   on_event=_fanout(metrics.on_event, event_log,
                                                    progress.on_event if progress else None),
+                                  run_id=run_id,
                                   options=EngineOptions(seed=args.seed,
                                                         labels=expiry_labels(expires_at)))
+        # Lost: dispatch nothing more, at once (in-flight clones finish or are cleaned up).
+        lock.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
         with progress if progress is not None else contextlib.nullcontext():
             async with anyio.create_task_group() as tg:
                 async def watch_signals() -> None:
@@ -214,15 +295,22 @@ async def _provision(args: argparse.Namespace) -> int:
     if summary is None:
         eprint("aborted before a summary could be made")
         return EXIT_INTERRUPTED
+    if lock.lost_reason is not None:
+        # What it did is reported, but not as the fleet's state: another run may have
+        # changed the fleet since this one stopped.
+        eprint(lost_message(spec.name, lock.lost_reason))
     if args.json:
         out = summary.to_dict()
         out["target"] = "simulator" if target.simulated else "vcenter"
         out["expires_at"] = None if expires_at is None else math.ceil(expires_at)
+        out["lock_lost"] = lock.lost_reason
         print(json.dumps(out))
     else:
         print_summary(summary)
     if interrupted:
         return EXIT_INTERRUPTED
+    if lock.lost_reason is not None:
+        return EXIT_INCOMPLETE
     return EXIT_OK if summary.complete else EXIT_INCOMPLETE
 
 
@@ -255,6 +343,8 @@ async def _plan(args: argparse.Namespace) -> int:
                 print(f"  {source}: {', '.join(reasons)}")
         for index, why in result.blocked.items():
             print(f"  index {index} blocked: {why}")
+        if result.lock is not None:
+            print(f"the fleet's lock is held by {result.lock['description']}")
         print("feasible" if result.feasible else "NOT feasible as it stands")
     return EXIT_OK if result.feasible else EXIT_INCOMPLETE
 
@@ -273,15 +363,19 @@ async def _status(args: argparse.Namespace) -> int:
         print(f"fleet {result.fleet} in {result.folder}: {result.ready}/{result.requested} "
               f"ready ({states}); missing {len(result.missing)}, extra {len(result.extra)}, "
               f"not members {result.foreign}")
+        if result.lock is not None:
+            print(f"locked by {result.lock['description']}")
     return EXIT_OK if result.complete else EXIT_INCOMPLETE
 
 
 async def _destroy(args: argparse.Namespace) -> int:
     from fleet.engine.api import destroy, status
+    from fleet.engine.lock import LockHeld, LockLost
     from fleet.report import print_removal
     from fleet.target import open_target
 
     spec = _load_spec(args)
+    lock_options = _lock_options(args, spec.name)
     async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
         if not args.yes:
             current = await status(spec, target.client)
@@ -297,12 +391,25 @@ async def _destroy(args: argparse.Namespace) -> int:
             if answer.strip() != spec.name:
                 eprint("not confirmed; nothing destroyed")
                 return EXIT_INCOMPLETE
-        result = await destroy(spec, target.client)
+        try:
+            # The fleet's own folder (fleet/<name>) goes too once empty; a folder the
+            # spec names is the user's, and stays.
+            result = await destroy(spec, target.client, lock=lock_options,
+                                   remove_folder=spec.folder is None)
+        except LockHeld as exc:
+            return _refused(exc, args)
+        except LockLost as exc:
+            eprint(str(exc))
+            result, lost = exc.result, True
+        else:
+            lost = False
     if args.json:
-        print(json.dumps(result.to_dict()))
+        out = result.to_dict()
+        out["lock_lost"] = lost
+        print(json.dumps(out))
     else:
         print_removal(result)
-    return EXIT_OK if result.failed == 0 else EXIT_INCOMPLETE
+    return EXIT_OK if result.failed == 0 and not lost else EXIT_INCOMPLETE
 
 
 async def _sources(args: argparse.Namespace) -> int:
@@ -363,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every engine event to FILE as JSON lines (one object per "
                         "event, with its elapsed seconds), for analysis after the run")
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    _lock_options_args(p)
     p.set_defaults(afunc=_provision)
 
     p = sub.add_parser("plan", help="dry run: placement table and preflight checks, no changes")
@@ -376,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("destroy", help="power off and destroy every member of a fleet")
     _spec_options(p, count=False)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _lock_options_args(p)
     p.set_defaults(afunc=_destroy)
 
     p = sub.add_parser("sources", help="inspect, freeze or prepare instant-clone sources")

@@ -22,6 +22,7 @@ decides what to do by type, never by message text::
             ├── InsufficientResources host memory or slots exhausted             (scope: host)
             ├── DuplicateName        the name is taken in the folder
             ├── NotFound             the managed object no longer exists
+            ├── NotEmpty             a folder to destroy holds more than folders
             ├── PermissionDenied     names the missing privilege and the object
             ├── InvalidLogin         wrong vCenter user or password
             ├── InvalidGuestLogin    wrong guest credentials
@@ -162,6 +163,13 @@ class DuplicateName(PermanentVSphereError):
 
 class NotFound(PermanentVSphereError):
     reason = "not_found"
+
+
+class NotEmpty(PermanentVSphereError):
+    """A folder fleet was to destroy holds something other than folders (a VM):
+    nothing was destroyed."""
+
+    reason = "not_empty"
 
 
 class PermissionDenied(PermanentVSphereError):

@@ -81,6 +81,8 @@ class ServiceConfig(_Model):
     max_fleets: int = Field(default=100, ge=1, le=10_000)
     max_count: int = Field(default=10_000, ge=1, le=MAX_COUNT)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
+    #: lease of the fleet locks the service holds (docs/locking.md)
+    lock_lease_s: float = Field(default=60.0, ge=2, le=3600)
     vcenter: VCenterSpec | None = None
     simulator: SimulatorSection = Field(default_factory=SimulatorSection)
     api: ApiSection = Field(default_factory=ApiSection)

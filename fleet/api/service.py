@@ -19,7 +19,16 @@ Fleets and where their truth lives:
 
 A fleet's worker runs one provisioning run at a time. A newer request stops
 the current run (in-flight clones finish or are cleaned up) and starts another
-with the new spec; a delete stops it and destroys the members. All runs draw
+with the new spec; a delete stops it, destroys the members and removes the
+fleet's folder. Every run and delete holds the fleet's lock in vCenter
+(``fleet.engine.lock``, docs/locking.md), so the service and ``fleet
+provision``/``destroy`` on any machine never work on one fleet at once; a run
+whose fleet is locked waits (status ``pending``, ``error`` naming the holder).
+
+A scan that read the root folder before a delete finished must not bring the
+fleet back: a delete leaves a tombstone stamped with the number of scans started
+by then, and a scan never registers a fleet whose tombstone is at least its own
+number (docs/locking.md). All runs draw
 from one :class:`~fleet.engine.shared.SharedLimits`, which wakes the run with
 the fewest clones at vCenter first, so bursts share capacity fairly. Every run
 feeds the one :class:`~fleet.metrics.FleetMetrics` (``events_for``) and the
@@ -36,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,14 +59,15 @@ from anyio.abc import TaskGroup
 from fleet.api.config import ServiceConfig
 from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.state import SavedFleet, StateStore
-from fleet.engine.api import destroy
+from fleet.engine.api import check_spec, destroy, lost_message
 from fleet.engine.events import Event, RemovalSummary, Summary
 from fleet.engine.lifetime import expiry_labels, fleet_expiry, stamp_expiry
+from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
 from fleet.engine.reconcile import Member, as_member
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.shared import SharedLimits
 from fleet.engine.spec import FleetSpec, spec_from_dict
-from fleet.errors import ConfigError, FleetError, TransientVSphereError
+from fleet.errors import ConfigError, FleetError, NotFound, TransientVSphereError
 from fleet.metrics import FleetMetrics
 from fleet.vsphere.model import VmInfo, VSphere
 
@@ -117,6 +128,9 @@ class FleetRecord:
     destroy_reason: str = ""
     wake: anyio.Event = field(default_factory=anyio.Event)
     worker: bool = False
+    #: set while a run waits for the fleet's lock: a newer request or a delete cancels it
+    lock_wait: anyio.CancelScope | None = None
+    lock_holder: str | None = None  # who held the lock when we last looked (logged once)
 
     @property
     def requested(self) -> int | None:
@@ -155,6 +169,9 @@ class FleetService:
         self._stopping = False
         self._scan_wake = anyio.Event()
         self._runs_done = anyio.Event()
+        self._scans_started = 0
+        #: fleet name -> scans started when its delete finished (see the module docstring)
+        self._tombstones: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> FleetService:
@@ -325,6 +342,8 @@ class FleetService:
             rec.stamp_pending = True
         if rec.provisioner is not None:
             rec.provisioner.stop(f"superseded by request {rec.generation}")
+        if rec.lock_wait is not None:
+            rec.lock_wait.cancel()  # wait for the lock again, for the new request
 
     async def remove(self, name: str) -> FleetRecord:
         """Destroy a fleet (in the background); idempotent while it is going."""
@@ -343,6 +362,8 @@ class FleetService:
         rec.updated_at = self.clock()
         if rec.provisioner is not None:
             rec.provisioner.stop(f"fleet {reason}")
+        if rec.lock_wait is not None:
+            rec.lock_wait.cancel()
         self._ensure_worker(rec)
         rec.poke()
         log.info("fleet %s: %s; destroying its members", rec.name, reason)
@@ -392,22 +413,45 @@ class FleetService:
             self._member_event(rec, event)
 
         rec.run_started_at = self.clock()
+        run_id = uuid.uuid4().hex[:12]
+        lock = FleetLock(self.vs, rec.name, spec.folder_path, op="serve-provision",
+                         run_id=run_id, options=self._lock_options(rec))
         try:
-            if rec.stamp_pending and rec.expires_at is not None:
-                n = await stamp_expiry(spec, self.vs, rec.expires_at)
-                rec.stamp_pending = False
-                if n:
-                    log.info("fleet %s: %d members relabelled to expire at %.0f", rec.name, n,
-                             rec.expires_at)
-            if rec.generation != generation or rec.want_destroy or self._stopping:
-                return True
-            options = EngineOptions(shared_limits=self.shared,
-                                    labels=expiry_labels(rec.expires_at))
-            rec.provisioner = Provisioner(spec, self.vs, on_event=on_event, options=options)
+            await check_spec(spec, self.vs)  # a wrong spec fails before anything is made
+            rec.lock_wait = anyio.CancelScope()
             try:
-                summary = await rec.provisioner.run()
+                with rec.lock_wait:
+                    await lock.acquire()
             finally:
-                self._run_ended(rec)
+                rec.lock_wait = None
+            if not lock.acquired:
+                return True  # a newer request, a delete or a stop came while it waited
+            async with lock:
+                rec.lock_holder = None
+                if rec.status == "pending":
+                    rec.status, rec.error = "provisioning", None
+                if rec.stamp_pending and rec.expires_at is not None:
+                    n = await stamp_expiry(spec, self.vs, rec.expires_at)
+                    rec.stamp_pending = False
+                    if n:
+                        log.info("fleet %s: %d members relabelled to expire at %.0f", rec.name,
+                                 n, rec.expires_at)
+                if rec.generation != generation or rec.want_destroy or self._stopping:
+                    return True
+                options = EngineOptions(shared_limits=self.shared,
+                                        labels=expiry_labels(rec.expires_at))
+                provisioner = rec.provisioner = Provisioner(spec, self.vs, on_event=on_event,
+                                                            run_id=run_id, options=options)
+                lock.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
+                try:
+                    summary = await provisioner.run()
+                finally:
+                    self._run_ended(rec)
+            if lock.lost_reason is not None:
+                rec.summary = summary
+                await self._run_failed(rec, generation, "retrying",
+                                       lost_message(rec.name, lock.lost_reason))
+                return False
         except ConfigError as exc:
             rec.provisioner = None
             return await self._run_failed(rec, generation, "failed", str(exc))
@@ -443,7 +487,8 @@ class FleetService:
             rec.error = ", ".join(f"{n} {reason}" for reason, n in
                                   sorted(summary.failures.items()))
         rec.updated_at = self.clock()
-        await self._save(rec)
+        with anyio.CancelScope(shield=True):  # shown: so recorded, even as the service stops
+            await self._save(rec)
         log.info("fleet %s: run %s ended %s: %d/%d ready in %.1fs", rec.name, summary.run_id,
                  rec.status, summary.ready, summary.requested, summary.duration_s)
         return True
@@ -463,16 +508,33 @@ class FleetService:
             rec.applied = generation  # the same request would fail the same way
         rec.updated_at = self.clock()
         log.warning("fleet %s: %s: %s", rec.name, status, error)
-        await self._save(rec)
+        with anyio.CancelScope(shield=True):
+            await self._save(rec)
         return status == "failed"
 
+    def _lock_options(self, rec: FleetRecord, op: str | None = None) -> LockOptions:
+        def on_wait(view: LockView) -> None:
+            holder = view.describe()
+            rec.error = f"waiting for the fleet's lock, held by {holder}"
+            if rec.status == "provisioning":
+                rec.status = "pending"
+            if view.holder is None or rec.lock_holder != view.holder.run_id:
+                rec.lock_holder = view.holder.run_id if view.holder else None
+                log.info("fleet %s: waiting for its lock, held by %s", rec.name, holder)
+
+        return LockOptions(lease_s=self.config.lock_lease_s, wait_s=None, on_wait=on_wait,
+                           op=op)
+
     async def _destroy(self, rec: FleetRecord) -> bool:
-        """Destroy every member. True when the fleet is gone."""
+        """Destroy every member, then the fleet's folder. True when the fleet is gone."""
         rec.status = "destroying"
         spec = rec.spec or _bare_spec(rec.name, rec.folder)
         try:
-            result = await destroy(spec, self.vs)
+            result = await destroy(spec, self.vs, remove_folder=True,
+                                   lock=self._lock_options(rec, op="serve-destroy"))
         except (FleetError, TimeoutError) as exc:
+            if isinstance(exc, LockLost) and exc.result is not None:
+                rec.removal = exc.result
             rec.error = f"destroy failed: {exc}"
             log.warning("fleet %s: %s", rec.name, rec.error)
             return False
@@ -484,6 +546,8 @@ class FleetService:
             return False
         log.info("fleet %s: destroyed (%s): %d members removed in %.1fs", rec.name,
                  rec.destroy_reason, result.removed, result.duration_s)
+        # A scan under way read the root folder before this: it must not bring it back.
+        self._tombstones[rec.name] = self._scans_started
         if self.fleets.get(rec.name) is rec:
             del self.fleets[rec.name]
         await self.store.delete(rec.name)
@@ -568,6 +632,10 @@ class FleetService:
     # -- scanning: discovery, drift, lifetimes -------------------------------------
     async def scan(self) -> None:
         """Read the root folder: find fleets, refresh idle ones, enforce lifetimes."""
+        self._scans_started += 1
+        number = self._scans_started
+        # Scans run one at a time: a tombstone older than this scan guards nothing now.
+        self._tombstones = {n: t for n, t in self._tombstones.items() if t >= number}
         root = await self.vs.find_folder(self.config.root_folder)
         found: dict[str, list[Member]] = {}
         if root is not None:
@@ -579,13 +647,16 @@ class FleetService:
                     continue  # its run keeps the view current
                 if rec is not None and rec.folder != self.config.fleet_folder(name):
                     continue
-                vms = await self.vs.list_folder_vms(ref)
+                try:
+                    vms = await self.vs.list_folder_vms(ref)
+                except NotFound:
+                    continue  # removed since the root was read (a delete finished)
                 found[name] = [m for m in (as_member(vm, name) for vm in vms) if m is not None]
         for name, members in found.items():
             rec = self.fleets.get(name)
             if rec is None:
-                if not members:
-                    continue
+                if not members or self._tombstones.get(name, -1) >= number:
+                    continue  # none, or read before its delete finished: not a fleet now
                 rec = FleetRecord(name, self.config.fleet_folder(name),
                                   created_at=self.clock(), updated_at=self.clock())
                 self.fleets[name] = rec

@@ -5,6 +5,10 @@
 - :func:`plan` is a dry run: reconciliation, a placement table, preflight checks.
 - :func:`status` reports the members and the sources as vCenter has them.
 
+``provision`` and ``destroy`` hold the fleet's lock while they run, so runs on one
+fleet (from any machine, or the service) exclude each other; ``plan`` and
+``status`` take no lock but say who holds it (docs/locking.md).
+
 Everything takes a validated :class:`~fleet.engine.spec.FleetSpec` and any
 :class:`~fleet.vsphere.model.VSphere` (the real client, or the in-memory fake).
 Results are dataclasses with ``to_dict()`` for ``--json``.
@@ -12,7 +16,9 @@ Results are dataclasses with ``to_dict()`` for ``--json``.
 
 from __future__ import annotations
 
+import logging
 import random
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +26,7 @@ from typing import Any
 import anyio
 
 from fleet.engine.events import Emitter, EventCallback, RemovalSummary, Summary
+from fleet.engine.lock import FleetLock, LockLost, LockOptions, read_lock
 from fleet.engine.placement import (
     ClusterView,
     Code,
@@ -33,33 +40,133 @@ from fleet.engine.placement import (
 from fleet.engine.reconcile import as_member, reconcile
 from fleet.engine.run import EngineOptions, Provisioner, load_view, remove_members
 from fleet.engine.spec import FleetSpec
+from fleet.errors import NotEmpty, NotFound
 from fleet.vsphere.model import CloneRequest, Ref, VSphere
+
+log = logging.getLogger("fleet.engine")
+
+#: take the fleet's lock, refuse at once if another run holds it
+LOCK = LockOptions()
 
 
 async def provision(spec: FleetSpec, vsphere: VSphere, *, on_event: EventCallback | None = None,
-                    run_id: str | None = None, options: EngineOptions | None = None) -> Summary:
+                    run_id: str | None = None, options: EngineOptions | None = None,
+                    lock: LockOptions | None = LOCK) -> Summary:
     """Bring the fleet to ``spec.count`` ready members; returns the run's summary.
+
+    The run holds the fleet's lock (``lock``; None: the caller holds it). LockHeld
+    if another run holds it past ``lock.wait_s``; LockLost, carrying the summary,
+    if the run lost it (it stopped dispatching at once: the fleet may have changed
+    since, so the summary is not the fleet's state).
 
     To stop it gracefully from elsewhere (Ctrl-C), build a :class:`Provisioner`
     and call its ``stop()``; cancelling this call also stops it cleanly (in-flight
     clones finish within ``timeouts.cancel_grace_s`` or are destroyed) and leaves
     the summary on ``Provisioner.summary`` before the cancellation propagates."""
-    return await Provisioner(spec, vsphere, on_event=on_event, run_id=run_id,
-                             options=options).run()
+    provisioner = Provisioner(spec, vsphere, on_event=on_event, run_id=run_id, options=options)
+    if lock is None:
+        return await provisioner.run()
+    await check_spec(spec, vsphere, options)
+    held = FleetLock(vsphere, spec.name, spec.folder_path, op="provision",
+                     run_id=provisioner.run_id, options=lock)
+    async with held:
+        held.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
+        summary = await provisioner.run()
+    if held.lost_reason is not None:
+        raise LockLost(lost_message(spec.name, held.lost_reason), summary)
+    return summary
+
+
+async def check_spec(spec: FleetSpec, vsphere: VSphere,
+                     options: EngineOptions | None = None) -> None:
+    """What a run checks before it changes anything (the endpoint can instant-clone,
+    every source exists), so a wrong spec fails before the fleet's lock is taken and
+    its folder made. The run checks again (the sources may change meanwhile)."""
+    with anyio.fail_after(spec.timeouts.call_s):
+        await vsphere.server_info()
+    await load_view(spec, vsphere, (options or EngineOptions()).policy)
+
+
+def lost_message(fleet: str, reason: str) -> str:
+    return (f"fleet {fleet}: this run lost the fleet's lock ({reason}); it stopped at once, "
+            "and another run may have changed the fleet since")
 
 
 async def destroy(spec: FleetSpec, vsphere: VSphere, *, on_event: EventCallback | None = None,
-                  concurrency: int = 16) -> RemovalSummary:
+                  concurrency: int = 16, lock: LockOptions | FleetLock | None = LOCK,
+                  remove_folder: bool = False) -> RemovalSummary:
     """Power off and destroy every member of the fleet. VMs without the fleet's
-    labels, in its folder or anywhere else, are never touched."""
+    labels, in its folder or anywhere else, are never touched.
+
+    The run holds the fleet's lock: ``lock`` says how to take it, or is the lock
+    the caller holds (None: no lock). With ``remove_folder`` the fleet's folder goes
+    too when nothing but the lock is left in it (docs/locking.md). LockHeld and
+    LockLost as for :func:`provision`."""
     emit = Emitter(on_event, anyio.current_time)
+    if not isinstance(lock, LockOptions):
+        return await _destroy(spec, vsphere, emit, concurrency, lock, remove_folder)
+    held = FleetLock(vsphere, spec.name, spec.folder_path, op="destroy",
+                     run_id=uuid.uuid4().hex[:12], options=lock, create_folder=False)
+    try:
+        await held.acquire()
+    except NotFound:
+        if held.folder is None:  # no folder, so no member: nothing to lock or destroy
+            return RemovalSummary(spec.name, 0, 0, 0.0)
+        raise
+    async with held:
+        return await _destroy(spec, vsphere, emit, concurrency, held, remove_folder)
+
+
+async def _destroy(spec: FleetSpec, vsphere: VSphere, emit: Emitter, concurrency: int,
+                   held: FleetLock | None, remove_folder: bool) -> RemovalSummary:
     with anyio.fail_after(spec.timeouts.call_s):
-        folder = await vsphere.find_folder(spec.folder_path)
+        folder = held.folder if held is not None else await vsphere.find_folder(spec.folder_path)
         vms = await vsphere.list_folder_vms(folder) if folder is not None else []
     members = [m for m in (as_member(vm, spec.name) for vm in vms) if m is not None]
-    summary = await remove_members(spec, vsphere, members, emit, concurrency=concurrency)
+    summary = await remove_members(
+        spec, vsphere, members, emit, concurrency=concurrency,
+        stopped=None if held is None else (lambda: held.lost_reason is not None))
     summary.untouched = len(vms) - len(members)
+    if held is not None and held.lost_reason is not None:
+        raise LockLost(lost_message(spec.name, held.lost_reason), summary)
+    if remove_folder and folder is not None and not summary.failed and not summary.untouched:
+        await remove_fleet_folder(spec, vsphere, folder, held)
     return summary
+
+
+async def remove_fleet_folder(spec: FleetSpec, vsphere: VSphere, folder: Ref,
+                              held: FleetLock | None) -> bool:
+    """Destroy the fleet's (emptied) folder if it holds nothing but the lock ``held``.
+
+    vCenter's Destroy_Task on a folder destroys what is inside, so: the folder's
+    child folders are checked here (only our lock), and the client reads the whole
+    subtree again right before the Destroy_Task (NotEmpty if a VM is there). What
+    is left is one round trip in which a VM could arrive from outside the lock;
+    docs/locking.md says why that VM is not lost. True when the folder is gone."""
+    with anyio.fail_after(spec.timeouts.call_s):
+        children = await vsphere.list_child_folders(folder)
+    ours = held.lock_ref if held is not None else None
+    others = [name for name, ref in children if ref != ours]
+    if others:
+        log.info("fleet %s: folder %s kept: it holds %s", spec.name, spec.folder_path,
+                 ", ".join(others[:5]))
+        return False
+    if held is not None:
+        held.stop_keeping()  # the lock goes with the folder; a renewal would find it gone
+        if not held.valid:
+            return False
+    try:
+        with anyio.fail_after(spec.timeouts.call_s):
+            await vsphere.destroy_folder(folder)
+    except NotEmpty as exc:
+        log.info("fleet %s: folder %s kept: %s", spec.name, spec.folder_path, exc)
+        return False
+    except NotFound:
+        pass
+    if held is not None:
+        held.forget()
+    log.info("fleet %s: folder %s removed", spec.name, spec.folder_path)
+    return True
 
 
 @dataclass
@@ -94,6 +201,7 @@ class Plan:
     unplaced: int  # clones no source could take (budgets spent, hosts down...)
     unplaced_reasons: dict[str, list[str]]
     rows: list[PlanRow]
+    lock: dict[str, Any] | None = None  # who holds the fleet's lock now (LockView.to_dict)
 
     @property
     def feasible(self) -> bool:
@@ -145,8 +253,10 @@ async def plan(spec: FleetSpec, vsphere: VSphere, *,
             with anyio.fail_after(spec.timeouts.call_s):
                 row.preflight = await vsphere.check_instant_clone(request)
         rows.append(row)
+    held = await read_lock(vsphere, folder) if folder is not None else None
     return Plan(spec.name, spec.count, len(rec.create), len(rec.resume), len(rec.remove),
-                len(rec.ready), dict(rec.blocked), len(rec.foreign), unplaced, reasons, rows)
+                len(rec.ready), dict(rec.blocked), len(rec.foreign), unplaced, reasons, rows,
+                lock=held.to_dict() if held is not None else None)
 
 
 def _simulate(spec: FleetSpec, view: ClusterView, indexes: list[int], planned: Counter[str],
@@ -201,6 +311,7 @@ class FleetStatus:
     extra: list[int]  # member indexes at or above count (a scale-down would remove them)
     foreign: int  # VMs in the folder that are not members
     blocked: dict[int, str]
+    lock: dict[str, Any] | None = None  # who holds the fleet's lock now (LockView.to_dict)
 
     @property
     def ready(self) -> int:
@@ -223,10 +334,12 @@ async def status(spec: FleetSpec, vsphere: VSphere) -> FleetStatus:
         folder = await vsphere.find_folder(spec.folder_path)
         vms = await vsphere.list_folder_vms(folder) if folder is not None else []
     rec = reconcile(spec, vms)
+    held = await read_lock(vsphere, folder) if folder is not None else None
     by_state: Counter[str] = Counter(m.state for m in rec.ready + rec.resume)
     return FleetStatus(
         fleet=spec.name, folder=spec.folder_path, requested=spec.count,
         members=rec.members, by_state=dict(by_state),
         missing=sorted(list(rec.create) + list(rec.blocked)),
         extra=sorted({m.index for m in rec.remove if m.index >= spec.count}),
-        foreign=len(rec.foreign), blocked=dict(rec.blocked))
+        foreign=len(rec.foreign), blocked=dict(rec.blocked),
+        lock=held.to_dict() if held is not None else None)

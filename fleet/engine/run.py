@@ -333,7 +333,8 @@ class Provisioner:
         try:
             if rec.remove:
                 removal = await remove_members(spec, self.vs, rec.remove, emit,
-                                               concurrency=self.options.removal_concurrency)
+                                               concurrency=self.options.removal_concurrency,
+                                               stopped=lambda: self._stopping)
                 self._removed = removal.removed
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._refresher)
@@ -1150,8 +1151,10 @@ class Provisioner:
 
 
 async def remove_members(spec: FleetSpec, vs: VSphere, members: list[Member] | tuple[Member, ...],
-                         emit: Emitter, *, concurrency: int = 16) -> RemovalSummary:
-    """Destroy members (never anything else), highest index first, a few at a time."""
+                         emit: Emitter, *, concurrency: int = 16,
+                         stopped: Callable[[], bool] | None = None) -> RemovalSummary:
+    """Destroy members (never anything else), highest index first, a few at a time.
+    Once ``stopped()`` is true (the run lost its fleet's lock) no more are started."""
     t0 = anyio.current_time()
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     failures: Counter[str] = Counter()
@@ -1160,6 +1163,9 @@ async def remove_members(spec: FleetSpec, vs: VSphere, members: list[Member] | t
     async def one(member: Member) -> None:
         nonlocal removed
         async with limiter:
+            if stopped is not None and stopped():
+                failures["stopped"] += 1
+                return
             try:
                 with anyio.fail_after(spec.timeouts.cleanup_s):
                     await vs.destroy(member.vm.ref)

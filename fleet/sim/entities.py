@@ -176,18 +176,102 @@ class Folder(ManagedEntity):
             if not named:
                 del self._by_name[name]
 
-    def CreateFolder(self, ctx: CallContext, name: str) -> Any:
+    def _check_free(self, ctx: CallContext, name: str) -> None:
+        """DuplicateName if ``name`` is taken here, or is being taken by a call or task
+        still in progress (vCenter holds a name from the start of a create or rename)."""
+        existing = self.child_named(name)
+        if existing is not None or ctx.sim.name_pending(self, name):
+            raise vim.fault.DuplicateName(
+                msg=f"The name '{name}' already exists.", name=name,
+                object=(existing or self).ref)
+
+    async def CreateFolder(self, ctx: CallContext, name: str) -> Any:
+        """Synchronous in vCenter, but not instant: the name is held while the folder is
+        made, so a concurrent CreateFolder (or clone, or rename) of that name in this
+        folder gets DuplicateName, never a second object. Fleet's lock relies on it
+        (docs/locking.md)."""
         check_entity_name(name)
         if "Folder" not in self.child_types:
             raise vmodl.fault.NotSupported(msg=f"Folder '{self.name}' cannot hold folders.")
-        if self.child_named(name) is not None:
-            raise vim.fault.DuplicateName(
-                msg=f"The name '{name}' already exists.", name=name,
-                object=self.child_named(name).ref)  # type: ignore[union-attr]
-        folder = Folder(ctx.sim, name, self, self.child_types)
-        self.attach(folder)
-        ctx.sim.inventory.add(folder)
+        self._check_free(ctx, name)
+        ctx.sim.reserve_name(self, name)
+        try:
+            await ctx.sim.sleep(ctx.sim.topology.latency.folder_s)
+            if ctx.sim.inventory.get(self.moid) is not self:
+                raise vmodl.fault.ManagedObjectNotFound(
+                    msg=f"The object '{self.ref}' has already been deleted", obj=self.ref)
+            folder = Folder(ctx.sim, name, self, self.child_types)
+            self.attach(folder)
+            ctx.sim.inventory.add(folder)
+        finally:
+            ctx.sim.release_name(self, name)
         return folder.ref
+
+    def _undeletable(self) -> bool:
+        """The root folder and a datacenter's own folders (vm, host...) cannot go."""
+        return self.parent is None or not isinstance(self.parent, Folder)
+
+    def Rename_Task(self, ctx: CallContext, newName: str) -> Any:
+        """``ManagedEntity.Rename_Task`` for a folder: DuplicateName if a sibling has (or
+        is being given) the name; the new name is held while the task runs."""
+        check_entity_name(newName)
+        if self._undeletable():
+            raise vmodl.fault.NotSupported(msg=f"The folder '{self.name}' cannot be renamed.")
+        parent = self.parent
+        assert isinstance(parent, Folder)
+        held = newName != self.name
+        if held:
+            parent._check_free(ctx, newName)
+            ctx.sim.reserve_name(parent, newName)
+
+        async def body(task: Any) -> None:
+            try:
+                await task.sleep(ctx.sim.topology.latency.folder_s)
+                if ctx.sim.inventory.get(self.moid) is not self:
+                    raise vmodl.fault.ManagedObjectNotFound(
+                        msg=f"The object '{self.ref}' has already been deleted", obj=self.ref)
+                self.name = newName
+                self.touch("name")
+            finally:
+                if held:
+                    ctx.sim.release_name(parent, newName)
+
+        return ctx.sim.start_task(ctx, entity=self, method="Rename_Task",
+                                  description_id="Folder.rename", body=body, resources=())
+
+    def Destroy_Task(self, ctx: CallContext) -> Any:
+        """Destroy this folder and, as vCenter does, everything in it: each descendant is
+        destroyed in turn and the first that cannot be (a powered-on VM:
+        InvalidPowerState) ends the task with its fault, leaving the rest in place."""
+        if self._undeletable():
+            raise vmodl.fault.NotSupported(msg=f"The folder '{self.name}' cannot be destroyed.")
+
+        async def body(task: Any) -> None:
+            await task.sleep(ctx.sim.topology.latency.folder_s)
+            if ctx.sim.inventory.get(self.moid) is not self:
+                # Another Destroy_Task of it ran first: this one fails, as in vCenter.
+                raise vmodl.fault.ManagedObjectNotFound(
+                    msg=f"The object '{self.ref}' has already been deleted", obj=self.ref)
+            self.destroy_tree(ctx)
+
+        return ctx.sim.start_task(ctx, entity=self, method="Destroy_Task",
+                                  description_id="Folder.destroy", body=body, resources=())
+
+    def destroy_tree(self, ctx: CallContext) -> None:
+        if ctx.sim.inventory.get(self.moid) is not self:
+            return  # already gone: destroying it again changes nothing
+        for child in self.children():
+            if isinstance(child, Folder):
+                child.destroy_tree(ctx)
+            elif hasattr(child, "destroy_now"):
+                child.destroy_now(ctx)
+            else:
+                raise vmodl.fault.NotSupported(
+                    msg=f"'{child.name}' in folder '{self.name}' cannot be destroyed.")
+        parent = self.parent
+        if isinstance(parent, Folder):
+            parent.detach(self)
+        ctx.sim.inventory.remove(self)
 
 
 class Datacenter(ManagedEntity):

@@ -68,6 +68,11 @@ PRIVILEGES = {
     "TerminateProcessInGuest": "VirtualMachine.GuestOperations.Execute",
     "CheckInstantClone_Task": "VirtualMachine.Provisioning.Clone",
 }
+#: Methods of ManagedEntity whose privilege depends on the entity's type.
+TYPE_PRIVILEGES = {
+    ("Folder", "Destroy_Task"): "Folder.Delete",
+    ("Folder", "Rename_Task"): "Folder.Rename",
+}
 FREE_PRIVILEGES = ("System.Anonymous", "System.View", "System.Read")
 
 
@@ -576,7 +581,10 @@ class Simulator:
                     "InstantClone_Task", "CheckInstantClone_Task"):
                 raise vmodl.fault.NotSupported(
                     msg="Instant clone needs vCenter; this is a standalone ESXi host.")
-            self.check_privilege(session, PRIVILEGES.get(call.method, info.privId), obj)
+            privilege = TYPE_PRIVILEGES.get((obj.vim_type.__name__.rsplit(".", 1)[-1],
+                                             call.method)) or \
+                PRIVILEGES.get(call.method, info.privId)
+            self.check_privilege(session, privilege, obj)
             if injection is not None and injection.phase == "call":
                 await self.sleep(injection.rule.delay_s)
                 if injection.rule.fault != "slow":

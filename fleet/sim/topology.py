@@ -72,6 +72,8 @@ class LatencyConfig(_Model):
     destroy_s: Annotated[float, Field(ge=0)] = 0.5
     reconfigure_s: Annotated[float, Field(ge=0)] = 0.2
     check_s: Annotated[float, Field(ge=0)] = 0.2
+    # CreateFolder, and a folder's Rename_Task and Destroy_Task.
+    folder_s: Annotated[float, Field(ge=0)] = 0.05
     guest_program_s: Annotated[float, Field(ge=0)] = 0.5
     freeze_s: Annotated[float, Field(ge=0)] = 1.0
     # Time after power-on/resume until VMware Tools runs and the guest has an IP.

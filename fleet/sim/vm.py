@@ -689,22 +689,31 @@ class VirtualMachine(ManagedEntity):
     # -- destroy -----------------------------------------------------------
     def Destroy_Task(self, ctx: CallContext) -> Any:
         async def body(task: Task) -> None:
-            self.check_host()
-            if self.power_state != "poweredOff":
-                raise vim.fault.InvalidPowerState(
-                    msg="The attempted operation cannot be performed in the current state "
-                        "(Powered on).", requestedState="poweredOff",
-                    existingState=self.power_state)
+            self._check_destroyable()
             await task.sleep(ctx.sim.topology.latency.destroy_s)
-            if self.sim.inventory.get(self.moid) is None:
-                return
-            for disk in self.disks:
-                disk.datastore.release(DELTA_BYTES if len(disk.chain) > 1
-                                       else disk.capacity_kb * 1024)
-            self.unregister()
-            ctx.sim.vm_destroyed(self)
+            self.destroy_now(ctx)
 
         return self._task(ctx, "Destroy_Task", "VirtualMachine.destroy", body)
+
+    def _check_destroyable(self) -> None:
+        self.check_host()
+        if self.power_state != "poweredOff":
+            raise vim.fault.InvalidPowerState(
+                msg="The attempted operation cannot be performed in the current state "
+                    "(Powered on).", requestedState="poweredOff",
+                existingState=self.power_state)
+
+    def destroy_now(self, ctx: CallContext) -> None:
+        """The VM goes, disks and all (also when its folder is destroyed); a powered-on
+        VM cannot (InvalidPowerState)."""
+        if self.sim.inventory.get(self.moid) is None:
+            return
+        self._check_destroyable()
+        for disk in self.disks:
+            disk.datastore.release(DELTA_BYTES if len(disk.chain) > 1
+                                   else disk.capacity_kb * 1024)
+        self.unregister()
+        ctx.sim.vm_destroyed(self)
 
     def UnregisterVM(self, ctx: CallContext) -> None:
         if self.power_state != "poweredOff":

@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from fleet.errors import (
     ConfigError,
     GuestOperationFailed,
     NotAuthenticated,
+    NotEmpty,
     NotFound,
     RequestTimeout,
     UnsupportedEndpoint,
@@ -534,6 +536,46 @@ class VSphereClient:
             if ref.type == "Folder":
                 found.append((str(inv.props(content).get("name", "")), ref))
         return sorted(found)
+
+    # -- folders as records: the fleet lock (docs/locking.md) ---------------------------
+    async def server_time(self) -> float:
+        """vCenter's clock (``ServiceInstance.CurrentTime``), epoch seconds."""
+        value = await self.session.call(self.session.mo("ServiceInstance", "ServiceInstance"),
+                                        "CurrentTime")
+        if value.tzinfo is None:  # xsd:dateTime without a zone is UTC in vim25
+            value = value.replace(tzinfo=UTC)
+        return float(value.timestamp())
+
+    async def new_folder(self, parent: Ref, name: str) -> Ref:
+        """One new folder (``CreateFolder``); DuplicateName if the name is taken. Not
+        repeated after a lost reply (the session never repeats CreateFolder)."""
+        return inv.ref_of(await self.session.call(self.mo(parent), "CreateFolder", name))
+
+    async def rename_folder(self, folder: Ref, name: str) -> None:
+        """``Rename_Task``; DuplicateName if a sibling has the name, NotFound if gone.
+        Repeating it after a lost reply converges (the same name again)."""
+        await self._run_task(self.mo(folder), "Rename_Task", name, safe=True)
+
+    async def destroy_folder(self, folder: Ref) -> None:
+        """Destroy a folder holding folders only. vCenter's Destroy_Task destroys a
+        folder's whole subtree, VMs included, so the subtree is read first and anything
+        but a folder in it refuses the call (NotEmpty)."""
+        mo = self.mo(folder)
+        tree = PC.TraversalSpec(name="tree", type=vim.Folder, path="childEntity", skip=False,
+                                selectSet=[PC.SelectionSpec(name="tree")])
+        spec = inv.filter_spec([PC.ObjectSpec(obj=mo, skip=False, selectSet=[tree])],
+                               vim.ManagedEntity, ["name"])
+        contents = await self.retrieve([spec])
+        if not any(c.obj._moId == mo._moId for c in contents):
+            raise NotFound(f"{folder} does not exist", obj=folder.id, method="Destroy_Task")
+        others = [f"{c.obj._wsdlName} {inv.props(c).get('name', c.obj._moId)!r}"
+                  for c in contents if c.obj._wsdlName != "Folder"]
+        if others:
+            raise NotEmpty(f"folder {folder.id} holds {', '.join(sorted(others)[:5])}"
+                           + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+                           + "; not destroyed", obj=folder.id, method="Destroy_Task")
+        await self._run_task(mo, "Destroy_Task", safe=True)
+        log.info("destroyed folder %s", folder.id)
 
     # -- instant clones -----------------------------------------------------------------
     async def _source_nics(self, source: Any, fresh: bool = False) -> list[Any]:

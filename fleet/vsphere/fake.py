@@ -53,6 +53,7 @@ from fleet.errors import (
     HostUnavailable,
     InsufficientResources,
     InvalidGuestLogin,
+    NotEmpty,
     NotFound,
     RequestTimeout,
     SourceNotPoweredOn,
@@ -134,6 +135,7 @@ class FakeLatency:
     power_s: float = 0.0
     destroy_s: float = 0.0
     dhcp_s: float = 0.0  # NIC up with the right MAC -> guest IP
+    folder_s: float = 0.0  # new_folder holds its name this long before the folder exists
 
 
 @dataclass
@@ -328,6 +330,10 @@ class FakeVSphere:
         self._tg: TaskGroup | None = None
         self._idle: anyio.Event | None = None
         self._root = self._add_folder("")
+        #: vCenter's clock is the local clock plus this (tests skew it: the lock must not
+        #: care, docs/locking.md)
+        self.clock_offset_s = 0.0
+        self._pending_names: set[tuple[Ref, str]] = set()
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> FakeVSphere:
@@ -613,6 +619,79 @@ class FakeVSphere:
             raise NotFound(f"{folder} does not exist", method="list_child_folders")
         return sorted((path.rpartition("/")[2], child.ref) for path, child in self._folders.items()
                       if path and path.rpartition("/")[0] == f.path)
+
+    # -- VSphere: folders as records (the fleet lock) ------------------------------
+    async def server_time(self) -> float:
+        await self._call("server_time")
+        return time.time() + self.clock_offset_s
+
+    def _folder(self, ref: Ref, method: str) -> _Folder:
+        f = self._folders_by_ref.get(ref)
+        if f is None or self._folders.get(f.path) is not f:
+            raise NotFound(f"{ref} does not exist", method=method, obj=ref.id)
+        return f
+
+    def _name_taken(self, parent: _Folder, name: str) -> Ref | None:
+        path = f"{parent.path}/{name}" if parent.path else name
+        child = self._folders.get(path)
+        if child is not None:
+            return child.ref
+        if name in parent.vms:
+            return parent.vms[name].ref
+        return parent.ref if (parent.ref, name) in self._pending_names else None
+
+    async def new_folder(self, parent: Ref, name: str) -> Ref:
+        """CreateFolder: the name is held from the start, so a concurrent create of the
+        same name gets DuplicateName (as vCenter and the simulator do)."""
+        await self._call("new_folder", name)
+        f = self._folder(parent, "new_folder")
+        existing = self._name_taken(f, name)
+        if existing is not None:
+            raise DuplicateName(f"the name {name!r} already exists", name=name,
+                                existing=existing.id, method="new_folder")
+        self._pending_names.add((f.ref, name))
+        try:
+            await anyio.sleep(self.latency.folder_s)
+            self._folder(parent, "new_folder")
+            made = self._add_folder(f"{f.path}/{name}" if f.path else name)
+        finally:
+            self._pending_names.discard((f.ref, name))
+        self._inject("new_folder", name, lost_reply=True)
+        return made.ref
+
+    async def rename_folder(self, folder: Ref, name: str) -> None:
+        await self._call("rename_folder", name)
+        f = self._folder(folder, "rename_folder")
+        parent_path, _, old = f.path.rpartition("/")
+        if not f.path:
+            raise VSphereError("the root folder cannot be renamed", method="rename_folder")
+        if name != old:
+            parent = self._folders[parent_path]
+            existing = self._name_taken(parent, name)
+            if existing is not None:
+                raise DuplicateName(f"the name {name!r} already exists", name=name,
+                                    existing=existing.id, method="rename_folder")
+            new_path = f"{parent_path}/{name}" if parent_path else name
+            for path in [p for p in self._folders if p == f.path or
+                         p.startswith(f.path + "/")]:
+                moved = self._folders.pop(path)
+                moved.path = new_path + path[len(f.path):]
+                self._folders[moved.path] = moved
+        self._inject("rename_folder", name, lost_reply=True)
+
+    async def destroy_folder(self, folder: Ref) -> None:
+        await self._call("destroy_folder", folder.id)
+        f = self._folder(folder, "destroy_folder")
+        if not f.path:
+            raise VSphereError("the root folder cannot be destroyed", method="destroy_folder")
+        subtree = [p for p in self._folders if p == f.path or p.startswith(f.path + "/")]
+        vms = [vm.name for p in subtree for vm in self._folders[p].vms.values()]
+        if vms:
+            raise NotEmpty(f"folder {folder.id} holds VMs {', '.join(sorted(vms)[:5])}; "
+                           "not destroyed", method="destroy_folder", obj=folder.id)
+        for path in subtree:
+            del self._folders_by_ref[self._folders.pop(path).ref]
+        self._inject("destroy_folder", folder.id, lost_reply=True)
 
     # -- VSphere: clones ---------------------------------------------------------
     async def start_instant_clone(self, request: CloneRequest) -> FakeTask:

@@ -197,6 +197,29 @@ class VSphere(Protocol):
         """(name, ref) of every folder directly in ``folder``, sorted by name."""
         ...
 
+    # -- folders as records: the fleet lock (docs/locking.md) -------------
+    async def server_time(self) -> float:
+        """vCenter's clock (``ServiceInstance.CurrentTime``), epoch seconds: the one clock
+        every holder and contender of a lock compares expiries with."""
+        ...
+
+    async def new_folder(self, parent: Ref, name: str) -> Ref:
+        """Make one new folder ``name`` in ``parent`` (``CreateFolder``). DuplicateName
+        if the name is taken there (also by an object being made at this moment); a
+        lost reply is not repeated: the caller looks to see what happened."""
+        ...
+
+    async def rename_folder(self, folder: Ref, name: str) -> None:
+        """``Rename_Task``: DuplicateName if a sibling has the name, NotFound if the
+        folder is gone."""
+        ...
+
+    async def destroy_folder(self, folder: Ref) -> None:
+        """Destroy a folder that holds nothing but folders (``Destroy_Task``, which in
+        vCenter destroys everything inside). Its subtree is read right before: anything
+        else in it (a VM) raises NotEmpty and nothing is destroyed. NotFound if gone."""
+        ...
+
     # -- clones and power ------------------------------------------------
     async def start_instant_clone(self, request: CloneRequest) -> TaskHandle:
         """Submit ``InstantClone_Task``; the handle's result is the new VM's Ref."""

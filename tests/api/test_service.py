@@ -235,7 +235,9 @@ async def test_a_delete_of_a_discovered_fleet_survives_a_restart(tmp_path: Path)
         async with running(config, fake, clock) as service:
             assert service.fleets["found"].status == "discovered"
             await service.remove("found")
-            await until(lambda: rule.fired >= 3)  # vCenter refuses every destroy
+            # vCenter refuses every destroy; the delete says so once it has let go of
+            # the fleet's lock
+            await until(lambda: rule.fired >= 3 and service.fleets["found"].error is not None)
             assert service.fleets["found"].error is not None
         assert '"destroying"' in (tmp_path / "found.json").read_text()
         fake.faults.clear()

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.anyio
 
 MUTATING = ("start_instant_clone", "full_clone", "destroy", "power_on", "power_off",
             "update_extra_config", "set_nics_connected", "run_in_guest", "ensure_folder",
-            "relocate", "reset")
+            "relocate", "reset", "new_folder", "rename_folder", "destroy_folder")
 
 
 def assert_untouched(fake: FakeVSphere) -> None:

@@ -1,0 +1,560 @@
+"""The fleet lock: runs on one fleet exclude each other through a lease kept in vCenter.
+
+The design, and why, is in docs/locking.md. In short:
+
+- The lock of a fleet is a folder named :data:`LOCK_NAME` in the fleet's folder.
+  Taking it is ``CreateFolder``: vCenter makes at most one object of a name in a
+  folder, so of two runs creating it one gets ``DuplicateName``.
+- The one folder inside it is the *record*: its name says who holds the lock
+  and until when (:class:`Holder`), e.g.
+  ``provision 4f2a9c1e0b12 4711 1764150003 1764150063 build-01``. The holder
+  renews by renaming it (``Rename_Task``) every quarter of its lease.
+- Expiries are in vCenter's clock (``ServiceInstance.CurrentTime``): every
+  holder writes and every contender reads the same clock, so machines' clocks
+  need not agree. A holder measures its own lease with its monotonic clock,
+  from the moment it *sent* the clock read of its last renewal.
+- A holder that has not renewed within three quarters of its lease, or whose
+  renewal finds the record gone (taken over), has lost the lock: ``on_lost``
+  runs once, and the caller stops dispatching at once.
+- A stale lock (vCenter's now past its expiry, no record for
+  :data:`RECORDLESS_S`, or a holder that provably died: it ran in this process
+  space and its pid is gone) is destroyed by its managed object id, which
+  vCenter never reuses, and taken anew: of two contenders one gets ``NotFound``
+  from the destroy or ``DuplicateName`` from the create, never both the lock.
+- Release destroys the lock folder by id, and only if it holds folders only.
+
+:class:`FleetLock` takes (``acquire``), keeps and releases the lock; it is an async
+context manager. :func:`read_lock` is what ``plan`` and ``status`` show.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from fleet.errors import (
+    DuplicateName,
+    FleetError,
+    NotEmpty,
+    NotFound,
+    RequestTimeout,
+    TransientVSphereError,
+    VSphereError,
+)
+from fleet.vsphere.model import Ref, VSphere
+
+log = logging.getLogger("fleet.lock")
+
+#: the lock folder's name in the fleet's folder
+LOCK_NAME = "fleet-lock"
+#: vCenter's limit on an entity name
+MAX_NAME = 80
+DEFAULT_LEASE_S = 60.0
+MIN_LEASE_S = 2.0
+MAX_LEASE_S = 3600.0
+#: a taker writes its record within this long of creating the lock folder, or gives up
+CLAIM_S = 20.0
+#: a lock folder seen without a record for this long is stale (its taker died in between)
+RECORDLESS_S = 60.0
+#: the deadline of one vCenter call the lock makes
+CALL_S = 30.0
+_OP = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
+_RUN = re.compile(r"^[0-9A-Za-z._-]{1,16}$")
+_PID = re.compile(r"^(\d{1,10})(?:@([0-9a-f]{8}))?$")
+_HOST_BAD = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class LockHeld(FleetError):
+    """Another run holds the fleet's lock (and we did not, or could no longer, wait)."""
+
+    reason = "locked"
+
+    def __init__(self, message: str, view: LockView) -> None:
+        super().__init__(message)
+        self.view = view
+
+
+class LockLost(FleetError):
+    """The run lost the fleet's lock while it ran (it stopped dispatching then).
+    ``result`` is what the run had done by then: the fleet may have changed since."""
+
+    reason = "lock_lost"
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _invisible() -> LockView:
+    return LockView(Ref("Folder", "?"), None, None, 0.0)
+
+
+def this_host() -> str:
+    """The host name as a record can carry it (vSphere escapes ``/ \\ %``: none here)."""
+    return _HOST_BAD.sub("-", socket.gethostname()) or "unknown"
+
+
+@functools.cache
+def process_space() -> str:
+    """Where a pid means one process: 8 hex digits of the kernel's boot id and this
+    process's pid namespace. Two processes with the same space can tell whether the
+    other is alive; a host name cannot (containers share names, not pid tables).
+    Empty where it cannot be told (no /proc)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot}:{namespace}".encode()).hexdigest()[:8]
+
+
+def _process_gone(holder: Holder) -> bool:
+    """The holder provably died: it ran in this process space and its pid is gone (a
+    pid reused since, or a process of another user, counts as alive: wait for expiry)."""
+    if not holder.space or holder.space != process_space() or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock, since and until when (epoch seconds of vCenter's clock)."""
+
+    op: str  # what it is doing: provision, destroy, serve-provision, serve-destroy
+    run_id: str
+    pid: int
+    host: str
+    since: int
+    until: int
+    space: str = ""  # process_space() of the holder
+
+    def record(self) -> str:
+        """The record folder's name: at most 80 characters (the host is cut to fit)."""
+        pid = f"{self.pid}@{self.space}" if self.space else str(self.pid)
+        head = f"{self.op} {self.run_id} {pid} {self.since} {self.until} "
+        return head + self.host[:MAX_NAME - len(head)]
+
+    @classmethod
+    def parse(cls, name: str) -> Holder | None:
+        parts = name.split(" ", 5)
+        if len(parts) != 6:
+            return None
+        op, run_id, pid, since, until, host = parts
+        m = _PID.match(pid)
+        if not (_OP.match(op) and _RUN.match(run_id) and m and since.isdigit()
+                and until.isdigit() and host):
+            return None
+        return cls(op, run_id, int(m.group(1)), host, int(since), int(until),
+                   m.group(2) or "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "run_id": self.run_id, "pid": self.pid, "host": self.host,
+                "since": self.since, "until": self.until}
+
+
+@dataclass(frozen=True)
+class LockView:
+    """A lock as read from vCenter. ``holder`` is None while the lock folder has no
+    record (being taken right now, or its taker died in between)."""
+
+    lock: Ref
+    record: Ref | None
+    holder: Holder | None
+    now: float  # vCenter's clock, read before the lock was
+
+    @property
+    def expired(self) -> bool:
+        return self.holder is not None and self.now >= self.holder.until
+
+    @property
+    def holder_gone(self) -> bool:
+        """Its holder's process provably died (on this machine): stale before expiry."""
+        return self.holder is not None and _process_gone(self.holder)
+
+    def describe(self) -> str:
+        h = self.holder
+        if h is None:
+            return f"a run that is taking it right now (lock folder {self.lock.id}, no record yet)"
+        age = max(0, round(self.now - h.since))
+        text = (f"{h.op} run {h.run_id} (pid {h.pid} on {h.host}) since {_utc(h.since)} "
+                f"({age} s ago)")
+        left = h.until - self.now
+        if left <= 0:
+            return text + f", lease expired {round(-left)} s ago"
+        if self.holder_gone:
+            return text + f", lease until {_utc(h.until)}, but its process is gone"
+        return text + f", lease until {_utc(h.until)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"holder": self.holder.to_dict() if self.holder else None,
+                "expired": self.expired, "lock_folder": self.lock.id,
+                "description": self.describe()}
+
+
+async def read_lock(vs: VSphere, folder: Ref) -> LockView | None:
+    """The lock in the fleet's ``folder``, or None when nobody holds it. vCenter's clock
+    is read first, so a record seen expired was expired when it was read."""
+    try:
+        with anyio.fail_after(CALL_S):
+            now = await vs.server_time()
+            lock = next((ref for name, ref in await vs.list_child_folders(folder)
+                         if name == LOCK_NAME), None)
+            if lock is None:
+                return None
+            try:
+                inside = await vs.list_child_folders(lock)
+            except NotFound:
+                return None  # released (or taken over) just now
+    except TimeoutError:
+        raise RequestTimeout(f"vCenter did not answer within {CALL_S:g} s while reading "
+                             f"the lock in {folder.id}") from None
+    records = [(h, ref) for h, ref in ((Holder.parse(name), ref) for name, ref in inside)
+               if h is not None]
+    if len(records) != 1:  # none yet; several cannot be fleet's: no readable holder
+        return LockView(lock, None, None, now)
+    return LockView(lock, records[0][1], records[0][0], now)
+
+
+async def lock_state(vs: VSphere, folder_path: str) -> LockView | None:
+    """The lock of the fleet at ``folder_path`` (None: free, or no folder)."""
+    with anyio.fail_after(CALL_S):
+        folder = await vs.find_folder(folder_path)
+    return await read_lock(vs, folder) if folder is not None else None
+
+
+@dataclass(frozen=True)
+class LockOptions:
+    """How a run takes its fleet's lock. ``wait_s``: 0 refuses at once when another run
+    holds it, None waits as long as it takes; ``on_wait`` is called after every look
+    at the holder while waiting."""
+
+    lease_s: float = DEFAULT_LEASE_S
+    wait_s: float | None = 0.0
+    on_wait: Callable[[LockView], None] | None = None
+    poll_s: float = 1.0
+    op: str | None = None  # what the record says the run does, instead of the caller's
+
+
+#: what ``_attempt`` returns when the lock's name is taken but no lock folder shows
+_INVISIBLE = _invisible()
+
+
+class FleetLock:
+    """One run's hold on its fleet's lock; see the module docstring.
+
+    ``async with FleetLock(...)`` takes the lock (as ``options`` say: refuse or
+    wait), renews it in the background, and releases it on the way out.
+    ``acquire`` may be called first on its own (it is cancellable). Callbacks
+    given to :meth:`on_lost` run once, as soon as the lock is lost."""
+
+    def __init__(self, vs: VSphere, fleet: str, folder_path: str, *, op: str, run_id: str,
+                 options: LockOptions | None = None, create_folder: bool = True,
+                 clock: Callable[[], float] = anyio.current_time) -> None:
+        opts = options or LockOptions()
+        op = opts.op or op
+        if not _OP.match(op):
+            raise ValueError(f"lock op {op!r}")
+        if not MIN_LEASE_S <= opts.lease_s <= MAX_LEASE_S:
+            raise ValueError(f"lease {opts.lease_s} s")
+        self.vs = vs
+        self.fleet = fleet
+        self.folder_path = folder_path
+        self.op = op
+        self.run_id = _HOST_BAD.sub("-", run_id)[:16] or os.urandom(6).hex()
+        self.options = opts
+        self.create_folder = create_folder
+        self.clock = clock
+        self.folder: Ref | None = None
+        self.holder: Holder | None = None
+        self.lost_reason: str | None = None
+        self.took_over: LockView | None = None  # the stale lock this run replaced
+        self._lock: Ref | None = None
+        self._record: Ref | None = None
+        self._valid_until = -math.inf  # local monotonic time
+        self._lost_callbacks: list[Callable[[str], None]] = []
+        self._recordless: dict[Ref, float] = {}
+        self._tg: TaskGroup | None = None
+        self._keeper: anyio.CancelScope | None = None
+        self._keeping = False
+        self._released = False
+
+    # -- state -------------------------------------------------------------------
+    @property
+    def acquired(self) -> bool:
+        return self._record is not None
+
+    @property
+    def lock_ref(self) -> Ref | None:
+        """The lock folder this run made (its id is never reused)."""
+        return self._lock
+
+    @property
+    def valid(self) -> bool:
+        """Held, and within three quarters of the last lease written."""
+        return self.acquired and self.lost_reason is None and self.clock() < self._valid_until
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` when the lock is lost (at once if it already is)."""
+        if self.lost_reason is not None:
+            callback(self.lost_reason)
+        else:
+            self._lost_callbacks.append(callback)
+
+    def _lose(self, reason: str) -> None:
+        if self.lost_reason is not None:
+            return
+        self.lost_reason = reason
+        log.warning("fleet %s: lost the lock: %s", self.fleet, reason)
+        for callback in self._lost_callbacks:
+            try:
+                callback(reason)
+            except Exception:  # a callback must not keep the others from running
+                log.exception("fleet lock %s: on_lost callback failed", self.folder_path)
+
+    # -- taking it ---------------------------------------------------------------
+    async def _resolve_folder(self) -> Ref:
+        with anyio.fail_after(CALL_S):
+            if self.create_folder:
+                self.folder = await self.vs.ensure_folder(self.folder_path)
+            else:
+                found = await self.vs.find_folder(self.folder_path)
+                if found is None:
+                    raise NotFound(f"folder {self.folder_path} does not exist",
+                                   method="find_folder")
+                self.folder = found
+        return self.folder
+
+    async def acquire(self, wait_s: float | None = None,
+                      on_wait: Callable[[LockView], None] | None = None) -> None:
+        """Take the lock, waiting up to ``wait_s`` (None: the options' wait; inf: for
+        ever). LockHeld names the holder if it is still held then."""
+        if self.acquired:
+            return
+        wait = self.options.wait_s if wait_s is None else wait_s
+        notify = on_wait or self.options.on_wait
+        deadline = math.inf if wait is None else self.clock() + wait
+        invisible_since: float | None = None
+        while True:
+            try:
+                view = await self._attempt()
+            except TimeoutError:
+                raise RequestTimeout(f"vCenter did not answer within {CALL_S:g} s while "
+                                     f"taking the lock of fleet {self.fleet}") from None
+            if view is None:
+                if self.acquired:
+                    return
+                continue  # a stale lock was cleared (by us or a rival): try again at once
+            if view is _INVISIBLE:
+                # The name is taken but no lock folder is there: one is being created
+                # right now, or just went; or something else has the name.
+                invisible_since = invisible_since or self.clock()
+                if self.clock() - invisible_since > CLAIM_S:
+                    raise FleetError(f"the name {LOCK_NAME!r} in folder {self.folder_path} "
+                                     f"(fleet {self.fleet}) is taken by something that is "
+                                     "not fleet's lock; rename or remove it")
+                await anyio.sleep(random.uniform(0.01, 0.1))
+                continue
+            invisible_since = None
+            if self.clock() >= deadline:
+                raise LockHeld(self._held_message(view, waited=wait not in (None, 0)), view)
+            if notify is not None:
+                notify(view)
+            pause = self.options.poll_s * random.uniform(0.5, 1.0)
+            if view.holder is not None and not view.expired:
+                pause = min(pause, max(0.05, view.holder.until - view.now))
+            await anyio.sleep(max(0.0, min(pause, deadline - self.clock())))
+
+    def _held_message(self, view: LockView, *, waited: bool) -> str:
+        gave_up = "; gave up waiting" if waited else ""
+        return f"fleet {self.fleet} is locked by {view.describe()}{gave_up}"
+
+    async def _attempt(self) -> LockView | None:
+        """One try. None: taken (``acquired``), or nothing to wait for (try again at
+        once); otherwise the lock as it stands, held by another run."""
+        folder = self.folder or await self._resolve_folder()
+        t0 = self.clock()
+        made: Ref | None = None
+        try:
+            with anyio.fail_after(CALL_S):
+                now = await self.vs.server_time()
+                try:
+                    made = await self.vs.new_folder(folder, LOCK_NAME)
+                except NotFound:
+                    self.folder = None  # the fleet's folder went away: find it again
+                    await self._resolve_folder()
+                    return None
+            return await self._write_record(made, now, t0)
+        except DuplicateName:
+            return await self._contend(folder)
+        except TransientVSphereError:
+            # A lost reply: the folder may or may not have been made, and if it was we
+            # cannot tell it from a rival's without a record. Look, as a contender does;
+            # one of ours without a record goes stale like anybody's.
+            return await self._contend(folder)
+        except BaseException:
+            if made is not None and not self.acquired:
+                await self._destroy_quietly(made)
+            raise
+
+    async def _write_record(self, lock: Ref, now: float, t0: float) -> LockView | None:
+        holder = Holder(self.op, self.run_id, os.getpid(), this_host(), math.floor(now),
+                        math.ceil(now + self.options.lease_s), process_space())
+        try:
+            with anyio.fail_after(max(0.0, t0 + CLAIM_S - self.clock())):
+                record = await self.vs.new_folder(lock, holder.record())
+        except NotFound:
+            return None  # judged stale and destroyed meanwhile: try again
+        except (VSphereError, TimeoutError):
+            await self._destroy_quietly(lock)
+            raise
+        self._lock, self._record, self.holder = lock, record, holder
+        self._valid_until = t0 + 0.75 * self.options.lease_s
+        log.info("fleet %s: lock taken: %s", self.fleet, holder.record())
+        return None
+
+    async def _contend(self, folder: Ref) -> LockView | None:
+        view = await read_lock(self.vs, folder)
+        if view is None:
+            return _INVISIBLE
+        if view.holder is None:
+            first = self._recordless.setdefault(view.lock, self.clock())
+            if self.clock() - first < RECORDLESS_S:
+                return view
+        elif not view.expired and not view.holder_gone:
+            return view
+        # Stale. Destroy it by its id: of several contenders doing so, one succeeds and
+        # the others get NotFound; then each tries to create anew, and one of those wins.
+        try:
+            with anyio.fail_after(CALL_S):
+                await self.vs.destroy_folder(view.lock)
+        except NotFound:
+            return None
+        except NotEmpty as exc:
+            raise FleetError(f"the stale lock of {self.folder_path} holds more than a "
+                             f"record ({exc}); remove it by hand") from exc
+        self.took_over = view
+        log.warning("fleet %s: took its stale lock over from %s", self.fleet, view.describe())
+        return None
+
+    async def _destroy_quietly(self, ref: Ref) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CALL_S):
+            try:
+                await self.vs.destroy_folder(ref)
+            except VSphereError as exc:
+                if not isinstance(exc, NotFound):
+                    log.warning("fleet lock %s: could not remove %s: %s (its lease will "
+                                "expire)", self.folder_path, ref.id, exc)
+
+    # -- keeping it --------------------------------------------------------------
+    async def _keep(self) -> None:
+        with anyio.CancelScope() as self._keeper:
+            if self._keeping:
+                await self._renew_loop()
+
+    async def _renew_loop(self) -> None:
+        """Renew every quarter lease; lose the lock when a renewal finds it gone, or
+        none succeeds within three quarters of the last lease."""
+        lease = self.options.lease_s
+        next_at = self._valid_until - 0.5 * lease  # a quarter lease after the last send
+        while self.lost_reason is None:
+            await anyio.sleep(max(0.0, next_at - self.clock()))
+            t0 = self.clock()
+            assert self.holder is not None and self._record is not None
+            try:
+                with anyio.fail_after(max(0.0, self._valid_until - t0)):
+                    now = await self.vs.server_time()
+                    renewed = replace(self.holder, until=math.ceil(now + lease))
+                    try:
+                        await self.vs.rename_folder(self._record, renewed.record())
+                    except DuplicateName:
+                        # A repeat after a lost reply finds its own name: check it is ours.
+                        names = [n for n, r in await self.vs.list_child_folders(self._lock)
+                                 if r == self._record] if self._lock else []
+                        if names != [renewed.record()]:
+                            raise
+            except NotFound:
+                self._lose("its record is gone: another run took the lock over (this run "
+                           "was too late renewing it), or someone removed it")
+                return
+            except TimeoutError:
+                self._lose(f"no renewal succeeded within {0.75 * lease:g} s (three "
+                           f"quarters of the {lease:g} s lease)")
+                return
+            except VSphereError as exc:
+                if self.clock() >= self._valid_until:
+                    self._lose(f"could not renew it within {0.75 * lease:g} s: {exc}")
+                    return
+                log.info("fleet lock %s: renewal failed (%s); trying again", self.folder_path,
+                         exc)
+                next_at = self.clock() + min(1.0, lease / 8)
+                continue
+            self.holder = renewed
+            self._valid_until = t0 + 0.75 * lease
+            next_at = t0 + 0.25 * lease
+
+    def stop_keeping(self) -> None:
+        """Stop renewing (before the caller destroys the fleet's folder, lock and all).
+        The lock stays ``valid`` for what is left of three quarters of its lease."""
+        self._keeping = False
+        if self._keeper is not None:
+            self._keeper.cancel()
+
+    # -- releasing it ------------------------------------------------------------
+    async def release(self) -> None:
+        """Destroy the lock folder this run made (by id: never another run's)."""
+        if self._released or self._lock is None:
+            return
+        self._released = True
+        await self._destroy_quietly(self._lock)
+        log.info("fleet %s: lock released", self.fleet)
+
+    def forget(self) -> None:
+        """The lock folder went with the fleet's folder: nothing is left to release."""
+        self._released = True
+
+    async def __aenter__(self) -> FleetLock:
+        await self.acquire()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._keeping = True
+        tg.start_soon(self._keep)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        tg, self._tg = self._tg, None
+        try:
+            self.stop_keeping()
+            if tg is not None:
+                # Exited where it was entered, as anyio requires; the body's error (if
+                # any) is not the task group's to report.
+                await tg.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.release()

@@ -1,0 +1,116 @@
+"""A deleted fleet stays deleted (issue 11, item 6): its folder goes with it, and a
+scan that read vCenter before the delete finished does not bring it back.
+
+The first test plays the interleaving in-process against the fake, holding the
+scan between its read of a fleet's members and its registration of what it read.
+The second is the reported repro, scaled down: ``fleet serve`` against the
+simulator, fleets created and deleted in cycles under a short scan interval.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from pyVmomi import vim
+
+from fleet.metrics import FleetMetrics
+from fleet.vsphere.model import Ref, VmInfo
+from tests.api.serveproc import ServeProcess, service_config
+from tests.api.test_service import Clock, apply, folder_fake, make_config, running, until
+from tests.integration.test_provision import pyvmomi
+from tests.simproc import SimProcess
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_scan_that_read_a_fleet_before_its_delete_does_not_bring_it_back(
+        tmp_path: Path) -> None:
+    fake = folder_fake()
+    metrics = FleetMetrics()
+    # Scans only when asked (the start-up scan aside).
+    config = make_config(tmp_path, scan_interval_s=3600.0)
+    async with fake, running(config, fake, Clock(), metrics) as service:
+        rec = await apply(service, {"name": "ghost", "count": 3})
+        await until(lambda: rec.status == "ready")
+        folder = await fake.find_folder("fleet/ghost")
+        assert folder is not None
+
+        # The next read of the fleet's folder is the scan's: it gets the members as
+        # they are now, then is held until the delete has finished.
+        read = anyio.Event()
+        release = anyio.Event()
+        plain = fake.list_folder_vms
+        armed = [True]
+
+        async def held_read(ref: Ref) -> list[VmInfo]:
+            vms = await plain(ref)
+            if ref == folder and armed[0]:
+                armed[0] = False
+                read.set()
+                await release.wait()
+            return vms
+
+        fake.list_folder_vms = held_read  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(service.scan)
+            with anyio.fail_after(10):
+                await read.wait()
+            await service.remove("ghost")
+            await until(lambda: "ghost" not in service.fleets)
+            release.set()
+        # The scan ended after the delete, with three members read before it.
+        assert "ghost" not in service.fleets
+        await service.scan()  # and a later scan finds nothing either
+        assert "ghost" not in service.fleets and service.ready
+        service.update_gauges()
+        assert 'fleet="ghost"' not in metrics.exposition().decode()
+        assert await fake.find_folder("fleet/ghost") is None
+
+
+def _fleet_folders(sim: SimProcess) -> list[str]:
+    si = pyvmomi(sim)
+    root = si.content.searchIndex.FindByInventoryPath("dc1/vm/fleet")
+    if root is None:
+        return []
+    return [e.name for e in root.childEntity if isinstance(e, vim.Folder)]
+
+
+def test_create_and_delete_in_cycles_leaves_no_ghost_and_no_folder(tmp_path: Path) -> None:
+    names = [f"cyc{i}" for i in range(4)]
+    with SimProcess(time_scale=0.02) as sim, \
+            ServeProcess(service_config(sim, tmp_path / "state", scan_interval_s=0.1)) as svc:
+        for _cycle in range(3):
+            for name in names:
+                status, body = svc.call("POST", "/v1/fleets", {"name": name, "count": 10})
+                assert status == 202, body
+            for name in names:
+                svc.wait_for(name, timeout_s=120)
+            for name in names:
+                status, body = svc.call("DELETE", f"/v1/fleets/{name}")
+                assert status == 202, body
+            for name in names:
+                svc.wait_for(name, ("gone",), timeout_s=120)
+        # Several scans after the last delete: none brings a fleet back.
+        status, ready = svc.call("GET", "/readyz", token=None)
+        scans = ready["scans"]
+        deadline = time.monotonic() + 60
+        while ready["scans"] < scans + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status, ready = svc.call("GET", "/readyz", token=None)
+        assert status == 200 and ready["scans"] >= scans + 3, ready
+        assert ready["fleets"] == 0, ready
+        status, listed = svc.call("GET", "/v1/fleets")
+        assert status == 200 and _names(listed) == [], listed
+        status, text = svc.call("GET", "/metrics", token=None)
+        assert status == 200 and not [n for n in names if f'fleet="{n}"' in text]
+        assert _fleet_folders(sim) == []
+        assert sim.stats()["vms"] == 9  # the sources, nothing else
+
+
+def _names(listed: Any) -> list[str]:
+    fleets = listed["fleets"] if isinstance(listed, dict) else listed
+    return [f["name"] for f in fleets]
