@@ -15,24 +15,27 @@ the service from answering ``/healthz`` and ``/v1``:
   every connection is inside a handler is the new one refused with a 503.
   Serving newcomers first is what keeps ``/healthz`` answering while an
   attacker holds the limit: it costs the attacker a connection per request
-  the service answers.
+  the service answers. The kernel's accept queue is made long
+  (:data:`LISTEN_QUEUE`) while asyncio's accept batch stays short, so a
+  connection flood delays a health check rather than dropping its SYN.
 - **Time.** A connection that has not sent complete request headers within
   ``api.idle_timeout_s`` of connecting is closed (aiohttp has no header
-  timeout; its ``keepalive_timeout`` covers a connection that never sent a
-  request only since 3.14), as is one that leaves a response unread for that
-  long (aiohttp waits for the socket to drain forever). Between requests,
+  timeout; only its newest releases start ``keepalive_timeout`` on connecting,
+  and ``pyproject.toml`` allows 3.9), as is one that leaves a response unread
+  that long (aiohttp waits for the socket to drain forever). Between requests,
   aiohttp's own ``keepalive_timeout`` (the same value) closes idle and
   half-sent keep-alive connections. Request bodies have ``api.body_timeout_s``
   (:mod:`fleet.api.app`).
 - **Header bytes.** aiohttp bounds each header line (``max_field_size``) and
   their number (``max_headers``), not their sum: 128 headers of 8 KiB kept
   ~1.9 MB per half-open connection. :data:`MAX_HEADERS` keeps a connection's
-  worst case near 0.5 MB.
+  worst case near 0.5 MB (so 0.5 GB at 1,024 connections, for an attacker who
+  sends 256 MB of headers and holds them).
 - **Logs.** A malformed request is answered 400 (431 when a line is too long)
   in the API's JSON error shape and logged in one line that echoes none of its
-  bytes; repeated events (malformed requests, connections closed at the limit,
-  ``accept()`` failing for lack of fds) are logged at most once a minute with
-  a count.
+  bytes; repeated events (malformed requests, connections closed at the limit
+  or timed out, ``accept()`` failing for lack of fds) are logged once, or a
+  few times, a minute, with a count of the rest.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import resource
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -65,10 +70,17 @@ BASE_FDS = 32
 VCENTER_CONNECTIONS = 256
 #: the least that is worth serving with, for the API and for the vCenter client each
 MIN_CONNECTIONS = 16
-#: listen backlog when fds are plentiful; asyncio also accepts up to this many sockets
-#: per wake-up before the guard sees any, so twice this is kept free for them
+#: the least open-file limit fleet serve starts with: 40 API connections, 5 batches deep
+MIN_NOFILE = 128
+#: asyncio accepts up to this many sockets per wake-up before the guard sees any, so
+#: twice this is kept free for them. At most 1/16 of the fds, so that the connection
+#: limit stays several batches deep: a new connection needs a few loop turns to start
+#: its request, while each newer one closes the longest-idle (see ConnectionGuard).
 MAX_BACKLOG = 128
-MIN_BACKLOG = 16
+MIN_BACKLOG = 8
+#: the kernel's accept queue (capped by net.core.somaxconn): queued connections cost
+#: no fd, and one dropped for want of room waits a second for its SYN's retransmit
+LISTEN_QUEUE = 4096
 #: aiohttp's default is 128; an API client sends a dozen (see the module docstring)
 MAX_HEADERS = 32
 #: how often a repeated event is logged
@@ -94,10 +106,6 @@ class FdBudget:
                 f"{self.vcenter_connections} to vCenter (open-file limit {self.nofile}{raised})")
 
 
-def min_nofile() -> int:
-    return BASE_FDS + 2 * MIN_BACKLOG + 2 * MIN_CONNECTIONS
-
-
 def fd_budget(max_connections: int, *, raise_limit: bool = True) -> FdBudget:
     """Raise the soft fd limit as far as needed (and allowed), then share it out."""
     wanted = BASE_FDS + 2 * MAX_BACKLOG + VCENTER_CONNECTIONS + max_connections
@@ -117,10 +125,10 @@ def fd_budget(max_connections: int, *, raise_limit: bool = True) -> FdBudget:
 def share_fds(nofile: int, max_connections: int, *, raised_from: int | None = None
               ) -> FdBudget:
     limit = nofile if nofile != resource.RLIM_INFINITY else 1 << 20
-    if limit < min_nofile():
+    if limit < MIN_NOFILE:
         raise FleetError(f"the open-file limit (RLIMIT_NOFILE, `ulimit -n`) is {limit}; "
-                         f"fleet serve needs at least {min_nofile()}")
-    backlog = max(MIN_BACKLOG, min(MAX_BACKLOG, limit // 8))
+                         f"fleet serve needs at least {MIN_NOFILE}")
+    backlog = max(MIN_BACKLOG, min(MAX_BACKLOG, limit // 16))
     spare = limit - BASE_FDS - 2 * backlog
     vcenter = min(VCENTER_CONNECTIONS, spare // 2)
     api = min(max_connections, spare - vcenter)
@@ -415,6 +423,15 @@ class _Site(web.BaseSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, self._host, self._port,
                                                 backlog=self._backlog)
+        # asyncio uses one number for the kernel's accept queue and for how many sockets
+        # it accepts per wake-up. The batch must stay small (it costs fds, and a batch
+        # larger than the limit would evict its own members), but a short queue
+        # overflowing under a connection flood drops SYNs: a health check then waits for
+        # the 1 s retransmit. listen() again, on a duplicate of the same socket,
+        # lengthens the queue alone.
+        for listener in self._server.sockets:
+            with socket.socket(fileno=os.dup(listener.fileno())) as same:
+                same.listen(LISTEN_QUEUE)
 
 
 @contextlib.asynccontextmanager
