@@ -87,7 +87,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = {"WWW-Authenticate": 'Bearer realm="fleet"'} if exc.status == 401 else None
         response = _json(exc.to_dict(), exc.status, headers)
         if exc.status == 408:
-            response.force_close()  # the rest of the body is not worth waiting for
+            # Answer, then hang up: aiohttp would read and drop the rest of the body
+            # for another 10 s (its lingering_time) first.
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
     except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, too large
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow",)}
         message = exc.reason

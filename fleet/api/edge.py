@@ -50,7 +50,7 @@ import resource
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -62,6 +62,7 @@ from fleet.api.config import ApiSection
 from fleet.errors import ConfigError, FleetError
 
 log = logging.getLogger("fleet.api.http")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: fds the process needs besides connections: stdio, the epoll fd and self-pipe, the
 #: listener, state and certificate files, a built-in simulator's pipes (9 seen idle)
@@ -165,7 +166,7 @@ class Throttled:
 
 
 @contextlib.contextmanager
-def quiet_accept_errors(loop: asyncio.AbstractEventLoop, nofile: int) -> Any:
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, nofile: int) -> Iterator[None]:
     """asyncio logs every failed ``accept()``, up to ``backlog`` times per wake-up: with
     no fd left that was 1.8M lines in 75 s. Log it once a minute instead."""
     previous = loop.get_exception_handler()
@@ -343,18 +344,17 @@ class ConnectionGuard:
         self._timeouts("closed a connection that %s within %g s", what, self.idle_timeout_s)
 
     @web.middleware
-    async def middleware(self, request: web.Request,
-                         handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Outermost: a connection inside a handler is busy, neither idle nor evictable."""
         transport = request.transport
         conn = transport.get_protocol() if transport is not None else None
         if not isinstance(conn, _Conn):
-            return await handler(request)  # type: ignore[no-any-return]
+            return await handler(request)
         conn.requests += 1
         conn.busy = True
         self._idle.pop(conn, None)
         try:
-            return await handler(request)  # type: ignore[no-any-return]
+            return await handler(request)
         finally:
             conn.busy = False
             if conn in self._open:
