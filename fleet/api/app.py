@@ -19,8 +19,10 @@ Everything under ``/v1`` needs ``Authorization: Bearer <token>``, compared with
 :func:`hmac.compare_digest` on SHA-256 digests (equal lengths: not even the
 token's length shows in the timing). Every refusal is JSON, ``{"error": {"status",
 "message", "problems"?}}``, with a 4xx status: 400 (not JSON, bad query), 401,
-404, 405, 409, 413 (body over ``api.max_body_bytes``), 415 (not
-``application/json``), 422 (not a valid spec: ``problems`` name each field).
+404, 405, 408 (body slower than ``api.body_timeout_s``), 409, 413 (body over
+``api.max_body_bytes``), 415 (not ``application/json``), 422 (not a valid spec:
+``problems`` name each field). Connections themselves are bounded and timed out
+by :mod:`fleet.api.edge`.
 An unexpected exception is logged and answered 500 without detail; the tests'
 fuzzing makes sure none happens.
 """
@@ -35,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from aiohttp import web
 
 from fleet.api.config import ServiceConfig
@@ -83,6 +86,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApiError as exc:
         headers = {"WWW-Authenticate": 'Bearer realm="fleet"'} if exc.status == 401 else None
         response = _json(exc.to_dict(), exc.status, headers)
+        if exc.status == 408:
+            # Answer, then hang up: aiohttp would read and drop the rest of the body
+            # for another 10 s (its lingering_time) first.
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
     except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, too large
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow",)}
         message = exc.reason
@@ -126,9 +135,15 @@ async def _body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"the body is {request.content_length} bytes; the limit is {limit}")
     try:
-        raw = await request.read()
+        # A client that sends its body slowly or not at all holds a connection (and a
+        # place under the connection limit) only this long.
+        with anyio.fail_after(config.api.body_timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"the body is larger than {limit} bytes") from None
+    except TimeoutError:
+        raise ApiError(408, f"the body did not arrive within {config.api.body_timeout_s:g} s "
+                            "(api.body_timeout_s)") from None
     if not raw:
         raise ApiError(400, "the body is empty; send a JSON object")
     return parse_json(raw)

@@ -48,7 +48,8 @@ def _eprint(message: str) -> None:
 
 @contextlib.asynccontextmanager
 async def connect(config: ServiceConfig, metrics: FleetMetrics,
-                  announce: Callable[[str], Any] = _eprint) -> AsyncIterator[VSphere]:
+                  announce: Callable[[str], Any] = _eprint, *,
+                  max_connections: int | None = None) -> AsyncIterator[VSphere]:
     """The service's one vCenter client (or a built-in simulator's)."""
     from fleet.target import SIM_USER, builtin_simulator
     from fleet.vsphere.client import VSphereClient
@@ -57,6 +58,8 @@ async def connect(config: ServiceConfig, metrics: FleetMetrics,
     # Small pages: the API shares the event loop with inventory reads, and decoding a
     # 1,000-VM page blocks it for ~0.8 s; 100 VMs a page keeps each pause near 0.15 s.
     options: dict[str, Any] = {"observer": metrics, "page_size": PAGE_SIZE}
+    if max_connections is not None:
+        options["max_connections"] = max_connections
     if vc is not None:
         client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
                                ca_file=config.ca_file, thumbprint=vc.thumbprint,
@@ -78,11 +81,12 @@ async def serve(config: ServiceConfig, host: str, port: int, *,
                 on_listening: Callable[[str], Any] | None = None,
                 stop: anyio.Event | None = None) -> None:
     """Run the service until SIGINT/SIGTERM (or ``stop`` is set)."""
-    from aiohttp import web
-
     from fleet.api.app import make_app
+    from fleet.api.edge import fd_budget, serve_http
     from fleet.api.service import FleetService
 
+    # Before connecting: the fd limit sizes the vCenter client's pool too.
+    budget = fd_budget(config.api.max_connections)
     metrics = FleetMetrics()
     with contextlib.ExitStack() as stack:
         state_path = None
@@ -90,20 +94,10 @@ async def serve(config: ServiceConfig, host: str, port: int, *,
             # A built-in simulator starts empty: requests from an earlier one mean nothing.
             state_path = Path(stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="fleet-serve-")))
-        async with connect(config, metrics) as vs, \
+        async with connect(config, metrics, max_connections=budget.vcenter_connections) as vs, \
                 FleetService(config, vs, metrics, state_path=state_path) as service:
-            runner = web.AppRunner(make_app(service, config, metrics), access_log=None,
-                                   handle_signals=False)
-            await runner.setup()
-            try:
-                site = web.TCPSite(runner, host, port)
-                try:
-                    await site.start()
-                except OSError as exc:
-                    raise ConfigError(f"cannot listen on {host}:{port}: "
-                                      f"{exc.strerror or exc}", key="listen") from None
-                bound = runner.addresses[0]
-                url = f"http://{host}:{bound[1]}"
+            app = make_app(service, config, metrics)
+            async with serve_http(app, config.api, budget, host, port) as url:
                 if on_listening is not None:
                     on_listening(url)
                 async with anyio.create_task_group() as tg:
@@ -121,9 +115,6 @@ async def serve(config: ServiceConfig, host: str, port: int, *,
 
                     tg.start_soon(signals)
                     tg.start_soon(stopped)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await runner.cleanup()
 
 
 def _names_vcenter(path: str) -> bool:

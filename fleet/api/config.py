@@ -59,6 +59,10 @@ class ApiSection(_Model):
     token_env: str | None = None
     token_file: str | None = None
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # The HTTP edge (fleet.api.edge): what a client may hold without making progress.
+    max_connections: int = Field(default=1024, ge=16, le=100_000)
+    idle_timeout_s: float = Field(default=15.0, gt=0, le=3600, allow_inf_nan=False)
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600, allow_inf_nan=False)
     _token: SecretStr = PrivateAttr(default=SecretStr(""))
 
     @property

@@ -13,6 +13,7 @@ from typing import Any
 
 from fleet import __version__
 from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig
+from fleet.api.requests import MAX_DEPTH
 from fleet.engine.lifetime import MAX_TTL_S
 from fleet.engine.spec import FleetSpec
 
@@ -71,11 +72,27 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
             "properties": {
                 "status": {"type": "integer"},
                 "message": {"type": "string"},
-                "problems": {"type": "array", "items": {
-                    "type": "object", "required": ["key", "message"],
-                    "properties": {"key": {"type": "string",
-                                           "description": "dotted key, e.g. sources[1].name"},
-                                   "message": {"type": "string"}}}}}}}}
+                "problems": {
+                    "type": "array",
+                    "description": "with 422: every problem with the body, not just the "
+                                   "first",
+                    "items": {
+                        "type": "object", "required": ["key", "message"],
+                        "properties": {
+                            "key": {"type": "string",
+                                    "description": "dotted key, e.g. sources[1].name; empty "
+                                                   "for the body as a whole"},
+                            "path": {"type": "string",
+                                     "description": "the same place as a JSON Pointer "
+                                                    "(RFC 6901) into the body, e.g. "
+                                                    "/sources/1/name"},
+                            "message": {"type": "string"},
+                            "value": {"type": ["string", "number", "integer", "boolean",
+                                               "null"],
+                                      "description": "the value the body holds there; "
+                                                     "absent for secrets (keys naming a "
+                                                     "password, token, secret or key), "
+                                                     "tables, lists and long strings"}}}}}}}}
     schemas["FleetSummary"] = {
         "type": "object",
         "required": ["name", "url", "status", "generation", "requested", "members", "ready",
@@ -145,12 +162,14 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                   "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}}
     auth: list[dict[str, list[str]]] = [{"bearer": []}]
     bad_body = {
-        "400": _error("the body is not JSON"),
+        "400": _error(f"the body is not JSON, or nests deeper than {MAX_DEPTH} levels"),
         "401": _error("no or wrong bearer token"),
         "409": _error("the fleet is being destroyed, or too many fleets"),
+        "408": _error(f"the body took longer than {config.api.body_timeout_s:g} s to arrive"),
         "413": _error(f"the body is larger than {config.api.max_body_bytes} bytes"),
         "415": _error("the body is not application/json"),
-        "422": _error("the body is not a valid fleet spec; problems name each field"),
+        "422": _error("the body is not a valid fleet spec: problems lists every problem, each "
+                      "with its key, JSON Pointer, message and (unless secret) value"),
     }
     accepted = {"description": "accepted; progress shows in the fleet's status",
                 "headers": {"Location": {"schema": {"type": "string"}}},
@@ -159,7 +178,10 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "fleet serve", "version": __version__,
                  "description": "Request bursts of vSphere Instant Clones. Fleets share the "
-                                "service's vCenter session and limits."},
+                                "service's vCenter session and limits. Any request may also "
+                                "be refused before routing, in the Error shape: 400 (not "
+                                "HTTP/1.1), 431 (a line longer than 8190 bytes, or more "
+                                "than 32 headers), 503 (every connection busy)."},
         "servers": [{"url": "/"}],
         "security": auth,
         "paths": {

@@ -1,8 +1,9 @@
 """Request bodies to fleet specs: parsing, the service's rules, and the errors callers see.
 
 Every problem with a request is an :class:`ApiError` with a 4xx status, a
-message and, for bodies, the list of (dotted key, message) the spec validator
-produced, so a caller learns which field is wrong. Nothing here touches
+message and, for bodies, every :class:`Problem` at once (its dotted key, JSON
+Pointer, message, and the value sent unless it is a secret), so a caller learns
+which fields are wrong in one round trip. Nothing here touches
 vCenter: a bad request never costs a vSphere call.
 
 The body of a create or scale request is a fleet spec in JSON, with the TOML
@@ -23,12 +24,46 @@ from typing import Any
 
 from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig, merge
 from fleet.engine.lifetime import MAX_TTL_S
-from fleet.engine.spec import FleetSpec, SpecError, _show, is_fleet_name, spec_from_dict
+from fleet.engine.spec import (
+    _SECRETISH,
+    FleetSpec,
+    SpecError,
+    _show,
+    is_fleet_name,
+    spec_from_dict,
+)
 
 #: longest template (name_template, guestinfo values) accepted, and the widest field:
 #: a format spec like {index:0100000000d} would make the validator render gigabytes
 MAX_FORMAT_NUMBER = 256
 SCALE_KEYS = ("count", "ttl_s")
+
+
+#: the deepest JSON a body may be (a fleet spec is 4 deep); deeper nests would reach
+#: Python's recursion limit in the code that reads them
+MAX_DEPTH = 32
+#: longest string a problem repeats back to the caller
+MAX_SHOWN_CHARS = 200
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a request body."""
+
+    key: str        # dotted, as the spec and config errors name keys: sources[1].name
+    message: str
+    path: str | None = None   # the same place as a JSON Pointer (RFC 6901): /sources/1/name
+    value: Any = _MISSING     # the scalar the body holds there, unless secret or long
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "message": self.message}
+        if self.path is not None:
+            out["path"] = self.path
+        if self.value is not _MISSING:
+            out["value"] = self.value
+        return out
 
 
 @dataclass
@@ -37,7 +72,7 @@ class ApiError(Exception):
 
     status: int
     message: str
-    problems: tuple[tuple[str, str], ...] = ()
+    problems: tuple[Problem, ...] = ()
 
     def __str__(self) -> str:
         return self.message
@@ -45,29 +80,124 @@ class ApiError(Exception):
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status, "message": self.message}
         if self.problems:
-            out["problems"] = [{"key": k, "message": m} for k, m in self.problems]
+            out["problems"] = [p.to_dict() for p in self.problems]
         return {"error": out}
 
 
-def invalid(problems: list[tuple[str, str]]) -> ApiError:
+def key_parts(key: str) -> list[str | int] | None:
+    """A dotted key (``sources[1].name``, ``guestinfo."guestinfo.x"``) as its parts."""
+    parts: list[str | int] = []
+    i = 0
+    decoder = json.JSONDecoder()
+    while i < len(key):
+        if key[i] == "[":
+            end = key.find("]", i)
+            if end < 0 or not key[i + 1:end].isdigit():
+                return None
+            parts.append(int(key[i + 1:end]))
+            i = end + 1
+            continue
+        if parts:
+            if key[i] != ".":
+                return None
+            i += 1
+        if key.startswith('"', i):
+            try:
+                part, i = decoder.raw_decode(key, i)
+            except ValueError:
+                return None
+            if not isinstance(part, str):
+                return None
+            parts.append(part)
+            continue
+        m = _PLAIN.match(key, i)
+        if m is None:
+            return None
+        parts.append(m.group())
+        i = m.end()
+    return parts
+
+
+def _pointer(parts: list[str | int]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _secret(parts: list[str | int]) -> bool:
+    names = [p for p in parts if isinstance(p, str)]
+    return any(_SECRETISH.search(n) for n in names) and not (
+        names and names[-1].endswith(("_env", "_file")))
+
+
+def _value_at(body: Any, parts: list[str | int]) -> Any:
+    for part in parts:
+        if isinstance(body, list) and isinstance(part, int):
+            found = part < len(body)
+        else:
+            found = isinstance(body, dict) and part in body
+        if not found:
+            return _MISSING
+        body = body[part]
+    return body
+
+
+def problem(key: str, message: str, body: Any = _MISSING) -> Problem:
+    """A problem at ``key``, with the value ``body`` holds there when it may be shown."""
+    parts = key_parts(key)
+    if parts is None:
+        return Problem(key, message)
+    value = _MISSING if body is _MISSING or _secret(parts) else _value_at(body, parts)
+    # Scalars only: a table or list could hold a secret under a key of its own.
+    if not isinstance(value, str | int | float | bool | None) or (
+            isinstance(value, str) and len(value) > MAX_SHOWN_CHARS):
+        value = _MISSING
+    return Problem(key, message, _pointer(parts), value)
+
+
+def invalid(problems: list[tuple[str, str]], body: Any = _MISSING) -> ApiError:
+    """422 listing every problem; values are looked up in ``body`` (as the caller sent it)."""
     first = "; ".join(f"{k}: {m}" if k else m for k, m in problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    return ApiError(422, f"invalid request body: {first}{more}", tuple(problems))
+    return ApiError(422, f"invalid request body: {first}{more}",
+                    tuple(problem(k, m, body) for k, m in problems))
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:  # not recursive: the point is to refuse what recursion cannot take
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON (no NaN/Infinity, UTF-8); 400 otherwise."""
+    """Strict JSON (no NaN/Infinity, UTF-8, at most MAX_DEPTH deep); 400 otherwise."""
     try:
         text = raw.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise ApiError(400, "the body is not UTF-8") from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        data = None
+        too_deep = True
+    except ValueError as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    else:
+        too_deep = _too_deep(data)
+    if too_deep:
+        raise ApiError(400, f"the body nests arrays and objects deeper than {MAX_DEPTH} levels")
+    return data
 
 
 def valid_name(name: str) -> bool:
@@ -121,18 +251,27 @@ def _service_key_problems(body: Mapping[str, Any], config: ServiceConfig
     return problems
 
 
-def parse_ttl(value: object, key: str = "ttl_s") -> float | None:
+def ttl_problems(value: object, key: str = "ttl_s"
+                 ) -> tuple[float | None, list[tuple[str, str]]]:
     """``ttl_s`` from a body: None (absent or null) or seconds in (0, MAX_TTL_S]."""
     if value is None:
-        return None
+        return None, []
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid([(key, f"{_show(value)} must be a number of seconds")])
+        return None, [(key, f"{_show(value)} must be a number of seconds")]
     seconds = float(value)
     if not math.isfinite(seconds) or seconds <= 0:
-        raise invalid([(key, f"{_show(value)} must be above 0")])
+        return None, [(key, f"{_show(value)} must be above 0")]
     if seconds > MAX_TTL_S:
-        raise invalid([(key, f"{_show(value)} is above {MAX_TTL_S:g} (366 days); leave ttl_s "
-                             "out for a fleet that lives until it is destroyed")])
+        return None, [(key, f"{_show(value)} is above {MAX_TTL_S:g} (366 days); leave ttl_s "
+                            "out for a fleet that lives until it is destroyed")]
+    return seconds, []
+
+
+def parse_ttl(value: object, key: str = "ttl_s") -> float | None:
+    """As :func:`ttl_problems`, raising 422 for a bad value."""
+    seconds, problems = ttl_problems(value, key)
+    if problems:
+        raise invalid(problems, {key: value})
     return seconds
 
 
@@ -147,25 +286,29 @@ class FleetRequest:
 
 def fleet_request(body: Any, config: ServiceConfig, *, name: str | None = None
                   ) -> FleetRequest:
-    """Validate a create/scale body. ``name`` is the fleet named in the URL, if any."""
+    """Validate a create/scale body. ``name`` is the fleet named in the URL, if any.
+
+    Every problem is reported at once (422), each at its key."""
     if not isinstance(body, dict):
         raise invalid([("", "the body must be a JSON object (a fleet spec)")])
+    sent = body
     body = dict(body)
-    ttl_s = parse_ttl(body.pop("ttl_s", None))
+    ttl_s, problems = ttl_problems(body.pop("ttl_s", None))
     if name is not None:
         if "name" in body and body["name"] != name:
-            raise invalid([("name", f"{_show(body['name'])} differs from the fleet in the URL "
-                                    f"({_show(name)})")])
+            problems.append(("name", f"{_show(body['name'])} differs from the fleet in the URL "
+                                     f"({_show(name)})"))
         body["name"] = name
-    problems = _service_key_problems(body, config)
-    if problems:
+    refused = _service_key_problems(body, config)
+    problems.extend(refused)
+    if refused:
         # Report the rest of the body's problems too, judged without the refused keys.
         body = {k: v for k, v in body.items() if k not in SERVICE_KEYS}
         if isinstance(body.get("network"), Mapping):
             body["network"] = {k: v for k, v in body["network"].items()
                                if k not in SECRET_KEYS}
         for key in ("name_template", "guestinfo"):
-            if any(k == key or k.startswith(f"{key}.") for k, _ in problems):
+            if any(k == key or k.startswith(f"{key}.") for k, _ in refused):
                 body.pop(key, None)
     fleet = body.get("name")
     data = merge(config.defaults, body)
@@ -182,32 +325,37 @@ def fleet_request(body: Any, config: ServiceConfig, *, name: str | None = None
     except SpecError as exc:
         problems.extend(exc.problems)
     if problems:
-        raise invalid(problems)
+        raise invalid(problems, sent)
     return FleetRequest(spec, data, ttl_s)
 
 
 def scale_request(body: Any, current: Mapping[str, Any], config: ServiceConfig
                   ) -> FleetRequest:
-    """A PATCH body: ``count`` and/or ``ttl_s`` applied to the fleet's current spec."""
+    """A PATCH body: ``count`` and/or ``ttl_s`` applied to the fleet's current spec.
+
+    Every problem is reported at once (422), each at its key."""
     if not isinstance(body, dict):
         raise invalid([("", "the body must be a JSON object like {\"count\": 10}")])
-    unknown = sorted(set(body) - set(SCALE_KEYS))
-    if unknown:
-        raise invalid([(k, "unknown key (a scale request takes count and ttl_s; PUT the "
-                           "whole spec to change more)") for k in unknown])
     if not body:
         raise invalid([("", "give count, ttl_s or both")])
-    ttl_s = parse_ttl(body.get("ttl_s"))
+    problems = [(k, "unknown key (a scale request takes count and ttl_s; PUT the whole spec "
+                    "to change more)") for k in sorted(set(body) - set(SCALE_KEYS))]
+    ttl_s, ttl_bad = ttl_problems(body.get("ttl_s"))
+    problems.extend(ttl_bad)
     data = dict(current)
     if "count" in body:
         count = body["count"]
         if isinstance(count, int) and not isinstance(count, bool) and count > config.max_count:
-            raise invalid([("count", f"{count} is above this service's max_count of "
-                                     f"{config.max_count}")])
+            problems.append(("count", f"{count} is above this service's max_count of "
+                                      f"{config.max_count}"))
+            count = 0
         data["count"] = count
     try:
         spec = spec_from_dict(data, source="request body", env=config.env,
                               base_dir=config.base_dir)
     except SpecError as exc:
-        raise invalid(list(exc.problems)) from None
+        # The current spec was valid: what is wrong now came from this body.
+        problems.extend(exc.problems)
+    if problems:
+        raise invalid(problems, body)
     return FleetRequest(spec, data, ttl_s)

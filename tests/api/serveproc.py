@@ -26,6 +26,9 @@ from tests.specs import FROZEN, GUEST_PASSWORD, to_toml
 __all__ = ["FROZEN", "GUEST_PASSWORD", "TOKEN", "ServeProcess", "service_config", "to_toml"]
 
 TOKEN = "test-token-0123456789abcdef"
+_WITH_NOFILE = ("import os, resource, sys; n = int(sys.argv[1]); "
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+                "os.execv(sys.argv[2], sys.argv[2:])")
 
 
 def service_config(sim: SimProcess, state_dir: str | Path, **over: Any) -> dict[str, Any]:
@@ -56,7 +59,8 @@ def service_config(sim: SimProcess, state_dir: str | Path, **over: Any) -> dict[
 
 class ServeProcess:
     def __init__(self, config: dict[str, Any], *, token: str = TOKEN,
-                 env: dict[str, str] | None = None, start_timeout_s: float = 30.0) -> None:
+                 env: dict[str, str] | None = None, start_timeout_s: float = 30.0,
+                 nofile: int | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="fleet-serve-test-")
         self.config_path = Path(self._tmp.name) / "serve.toml"
         self.config_path.write_text(to_toml(config))
@@ -65,6 +69,10 @@ class ServeProcess:
                         SIM_PASSWORD=PASSWORD, GUEST_PASSWORD=GUEST_PASSWORD, **(env or {}))
         args = [sys.executable, "-m", "fleet", "serve", "--config", str(self.config_path),
                 "--listen", "127.0.0.1:0"]
+        if nofile is not None:
+            # Soft and hard: the service cannot raise it. Set in the child before exec
+            # (not by preexec_fn, which is unsafe in a process with threads).
+            args = [sys.executable, "-c", _WITH_NOFILE, str(nofile), *args]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=full_env)
         self.stderr_lines: list[str] = []

@@ -192,7 +192,16 @@ def test_a_bad_source_fails_the_fleet_with_the_reason(service: ServeProcess) -> 
 
 # -- lifetimes -------------------------------------------------------------------------
 
+def expired_total(service: ServeProcess) -> float:
+    status, text = service.call("GET", "/metrics", token=None)
+    assert status == 200
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("fleet_fleets_expired_total ")))
+
+
 def test_a_fleet_is_destroyed_when_its_ttl_ends(service: ServeProcess, sim: Any) -> None:
+    # Counted from here: the shared service has also seen the fuzz tests' fleets expire.
+    expired_before = expired_total(service)
     status, body = service.call("POST", "/v1/fleets", {"name": "short", "count": 3,
                                                        "ttl_s": 2.5})
     assert status == 202, body
@@ -201,8 +210,8 @@ def test_a_fleet_is_destroyed_when_its_ttl_ends(service: ServeProcess, sim: Any)
     t0 = time.monotonic()
     service.wait_for("short", ("gone",), timeout_s=15)
     assert time.monotonic() - t0 < 10
+    assert expired_total(service) == expired_before + 1
     status, text = service.call("GET", "/metrics", token=None)
-    assert "fleet_fleets_expired_total 1.0" in text or "fleet_fleets_expired_total 2.0" in text
     assert 'fleet_fleet_members{fleet="short"' not in text
 
 
@@ -268,6 +277,67 @@ def test_every_problem_is_reported_at_once(service: ServeProcess) -> None:
     assert status == 422
     keys = {p["key"] for p in error_of(resp)["problems"]}
     assert keys == {"vcenter", "count", "bogus"}
+
+
+def test_a_422_lists_every_problem_with_its_path_and_value(service: ServeProcess) -> None:
+    document = doc(service)
+    body = {"name": "bad", "count": -1, "ttl_s": 0, "sources": ["frozen-01", {"name": 7}],
+            "api_token": "s3cret-in-the-body"}
+    for method, path in (("POST", "/v1/fleets"), ("PUT", "/v1/fleets/bad")):
+        status, resp = service.call(method, path, body)
+        assert status == 422, resp
+        conforms(document, "Error", resp)
+        problems = {p["key"]: p for p in error_of(resp)["problems"]}
+        assert set(problems) == {"count", "ttl_s", "sources[1].name", "api_token"}, problems
+        assert problems["count"]["path"] == "/count" and problems["count"]["value"] == -1
+        assert problems["ttl_s"]["path"] == "/ttl_s" and problems["ttl_s"]["value"] == 0
+        assert problems["sources[1].name"]["path"] == "/sources/1/name"
+        assert problems["sources[1].name"]["value"] == 7
+        assert problems["api_token"]["path"] == "/api_token"
+        assert "value" not in problems["api_token"]
+        assert "s3cret-in-the-body" not in json.dumps(resp)
+        assert all(p["message"] for p in problems.values())
+        assert "(and 1 more)" in error_of(resp)["message"]
+    assert service.call("GET", "/v1/fleets/bad")[0] == 404
+
+    status, _ = service.call("POST", "/v1/fleets", {"name": "threeprobs", "count": 1})
+    assert status == 202
+    status, resp = service.call("PATCH", "/v1/fleets/threeprobs",
+                                {"count": -2, "ttl_s": "1h", "sources": ["x"]})
+    assert status == 422, resp
+    problems = {p["key"]: p for p in error_of(resp)["problems"]}
+    assert set(problems) == {"count", "ttl_s", "sources"}, problems
+    assert problems["count"]["value"] == -2 and problems["ttl_s"]["value"] == "1h"
+    name = "a-very-long-name-" * 20
+    status, resp = service.call("PUT", "/v1/fleets/threeprobs",
+                                {"name": name, "count": 10**6, "ttl_s": -1})
+    assert status == 422, resp
+    problems = {p["key"]: p for p in error_of(resp)["problems"]}
+    assert set(problems) == {"name", "count", "ttl_s"}, problems
+    assert "value" not in problems["name"]  # too long to repeat
+    assert service.call("DELETE", "/v1/fleets/threeprobs")[0] == 202
+    service.wait_for("threeprobs", ("gone",))
+
+
+def deep(kind: str, depth: int) -> str:
+    return "[" * depth + "]" * depth if kind == "list" else '{"a":' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+@pytest.mark.parametrize("depth", [40, 900, 5000])
+@pytest.mark.parametrize("where", ["body", "count", "bogus", "network", "guestinfo",
+                                   "sources"])
+def test_deeply_nested_bodies_are_400(service: ServeProcess, kind: str, depth: int,
+                                      where: str) -> None:
+    nested = deep(kind, depth)
+    raw = nested if where == "body" else \
+        f'{{"name": "deep", "count": 1, "{where}": {nested}}}'
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    for method, path in (("POST", "/v1/fleets"), ("PUT", "/v1/fleets/deep")):
+        status, _, body = service.raw(method, path, raw.encode(), headers)
+        assert status == 400, (method, status, body[:300])
+        assert "deeper than" in error_of(json.loads(body))["message"]
+    assert service.call("GET", "/v1/fleets/deep")[0] == 404
 
 
 @pytest.mark.parametrize(("content_type", "raw", "status"), [
