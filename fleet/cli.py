@@ -24,6 +24,8 @@ from fleet import __version__
 from fleet.errors import ConfigError, FleetError
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: the slowest time scale of the built-in simulator: 100 makes a 1 s clone take 100 s
+MAX_SIM_TIME_SCALE = 100.0
 
 
 def eprint(message: str) -> None:
@@ -54,9 +56,9 @@ def _load_spec(args: argparse.Namespace) -> Any:
     count = getattr(args, "count", None)
     if count is not None and count < 0:
         raise ConfigError(f"{count} is negative; give 0 or more", key="--count")
-    if not args.sim_time_scale > 0:
-        raise ConfigError(f"{args.sim_time_scale} must be greater than 0",
-                          key="--sim-time-scale")
+    if not 0 < args.sim_time_scale <= MAX_SIM_TIME_SCALE:  # NaN fails both
+        raise ConfigError(f"{args.sim_time_scale} must be above 0 and at most "
+                          f"{MAX_SIM_TIME_SCALE:g}", key="--sim-time-scale")
     if args.spec is None:
         return demo_spec(count if count is not None else 10, args.name or "demo")
     from pathlib import Path

@@ -80,7 +80,10 @@ def test_tokens_must_be_long_and_come_from_env_or_file(tmp_path: Path) -> None:
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    from fleet.sim.tls import generate
+
+    # A real certificate: the CA file is parsed at load time now.
+    (tmp_path / "ca.pem").write_bytes(generate().cert_pem)
     config = config_from_dict({"api": {"token_env": "TOKEN"}, "state_dir": "state",
                                "vcenter": {"url": "https://vc/sdk", "user": "u",
                                            "password_env": "VC_PW", "ca_file": "ca.pem"}},
