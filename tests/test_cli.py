@@ -195,3 +195,19 @@ def test_metrics_port_serves_prometheus_text(tmp_path: Path) -> None:
 
 def _summary(result: Any) -> dict[str, Any]:
     return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_an_event_log_that_cannot_be_written_loses_no_summary(tmp_path: Path) -> None:
+    """All members were made, then closing the log failed: exit 1 with a traceback and
+    no ``--json`` summary. Now the summary prints, stderr says what was lost, and the
+    exit status is 1 (the log that was asked for is not there)."""
+    run = fleet("provision", "--count", "4", "--json", "--sim-time-scale", "0.05",
+                "--events", "/dev/full", timeout=120)
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert summary["ready"] == summary["requested"] == 4 and summary["failed"] == 0
+    assert "error: the event log '/dev/full' could not be written (No space left on device)" \
+        in run.stderr
+    assert "it holds at most 0 of " in run.stderr
+    assert run.returncode == 1
+
