@@ -110,3 +110,6 @@ def test_toml_syntax_and_size_errors() -> None:
     with pytest.raises(FileProblem) as info:
         parse_toml(("[t]\n" + "".join(f"k{i} = 1\n" for i in range(1001))).encode())
     assert (info.value.key, str(info.value)) == ("t", "a table of 1001 keys; the limit is 1000")
+    many = "".join(f"[t{i}]\n" + "".join(f"k{j} = 1\n" for j in range(100)) for i in range(501))
+    with pytest.raises(FileProblem, match="more than 50000 keys and array items in all"):
+        parse_toml(many.encode())

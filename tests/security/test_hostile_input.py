@@ -331,6 +331,10 @@ def test_hundreds_of_problems_are_counted_not_listed(tmp_path: Path) -> None:
     ("[guestinfo]\n" + "".join(f'"guestinfo.k{i}" = "x"\n' for i in range(1001)),
      "fleet.toml: guestinfo: a table of 1001 keys; the limit is 1000"),
     ("a = [" + "0, " * 10_001 + "]\n", "fleet.toml: a: an array of 10001 items; the limit"),
+    # 5,000 sources of 40 unknown keys each (1.2 MB) made 205,000 problems: 4.7 s, 290 MB
+    ("sources = [" + ", ".join("{" + ", ".join(f"k{i} = 1" for i in range(40)) + "}"
+                               for _ in range(5000)) + "]\n",
+     "fleet.toml: it holds more than 50000 keys and array items in all"),
 ])
 def test_huge_tables_and_arrays_are_refused_before_validation(tmp_path: Path, text: str,
                                                               fragment: str) -> None:
