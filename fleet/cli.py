@@ -1,8 +1,9 @@
 """The ``fleet`` command.
 
 Exit status: 0 when the command did what was asked (``provision``: every member
-ready), 1 when it did not (an incomplete fleet, failures, or the run lost the
-fleet's lock), 2 for bad input (a wrong spec, option or topology: the message
+ready), 1 when it did not (an incomplete fleet, failures, the run lost the
+fleet's lock, or an ``--events`` log that could not be written: see
+:class:`EventLog`), 2 for bad input (a wrong spec, option or topology: the message
 names the culprit), 75 when another run holds the fleet's lock and this one did
 not wait (or gave up waiting: ``--wait-lock``; 75 is sysexits' EX_TEMPFAIL, "try
 again later"), 130 when interrupted. ``provision`` and ``destroy`` hold the
@@ -18,7 +19,7 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -28,6 +29,8 @@ from fleet.errors import ConfigError, FleetError
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_LOCKED = 75
+#: the slowest time scale of the built-in simulator: 100 makes a 1 s clone take 100 s
+MAX_SIM_TIME_SCALE = 100.0
 
 
 def eprint(message: str) -> None:
@@ -58,9 +61,9 @@ def _load_spec(args: argparse.Namespace) -> Any:
     count = getattr(args, "count", None)
     if count is not None and count < 0:
         raise ConfigError(f"{count} is negative; give 0 or more", key="--count")
-    if not args.sim_time_scale > 0:
-        raise ConfigError(f"{args.sim_time_scale} must be greater than 0",
-                          key="--sim-time-scale")
+    if not 0 < args.sim_time_scale <= MAX_SIM_TIME_SCALE:  # NaN fails both
+        raise ConfigError(f"{args.sim_time_scale} must be above 0 and at most "
+                          f"{MAX_SIM_TIME_SCALE:g}", key="--sim-time-scale")
     if args.spec is None:
         return demo_spec(count if count is not None else 10, args.name or "demo")
     from pathlib import Path
@@ -113,27 +116,69 @@ async def _metrics_server(port: int | None, metrics: Any) -> AsyncIterator[None]
         await runner.cleanup()
 
 
-@contextlib.contextmanager
-def _event_log(path: str | None) -> Iterator[Callable[[Any], None] | None]:
-    """``--events FILE``: every event as one JSON line, buffered, flushed at the end."""
-    if path is None:
-        yield None
-        return
-    try:
-        stream = open(path, "w", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 (closed below)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the event log {path!r}: {exc.strerror}",
-                          key="--events") from exc
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
+class EventLog:
+    """``--events FILE``: every event as one JSON line, written 64 KiB at a time.
 
-    def write(event: Any) -> None:
-        stream.write(dumps(event.to_dict()))
-        stream.write("\n")
+    A write that fails (disk full, ``/dev/full``) must not end the run that makes the
+    events, nor lose its summary: the log stops at the first failure and keeps
+    count. Afterwards the command says on stderr how many events are missing and
+    exits 1 even if every member is ready: the user asked for the log, a CI job
+    that archives or analyses it must not go on with a truncated file as if it were
+    whole, and re-running ``provision`` is harmless (it converges). docs/limits.md."""
 
-    try:
-        yield write
-    finally:
-        stream.close()
+    FLUSH_BYTES = 1 << 16
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        except OSError as exc:
+            raise ConfigError(f"cannot write the event log {path!r}: {exc.strerror}",
+                              key="--events") from None
+        self._encode = json.JSONEncoder(separators=(",", ":")).encode
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self.events = 0  # given to the log
+        self.saved = 0  # known to be written
+        self.error: OSError | None = None
+
+    def write(self, event: Any) -> None:
+        self.events += 1
+        if self.error is not None:
+            return
+        line = (self._encode(event.to_dict()) + "\n").encode()
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        if self._pending_bytes >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self._file.write(b"".join(self._pending))
+            self._file.flush()
+        except OSError as exc:
+            self.error = exc
+        else:
+            self.saved += len(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def close(self) -> None:
+        if self.error is None and self._pending:
+            self._flush()
+        try:
+            self._file.close()
+        except OSError as exc:  # what a failed flush left in the file's buffer
+            self.error = self.error or exc
+
+    def report(self) -> bool:
+        """Say on stderr what was lost; True if anything was."""
+        if self.error is None:
+            return False
+        eprint(f"error: the event log {self.path!r} could not be written "
+               f"({self.error.strerror or self.error}): it holds at most {self.saved} of "
+               f"{self.events} events; the run itself is unaffected (see the summary)")
+        return True
 
 
 # -- the fleet lock (docs/locking.md) -----------------------------------------------
@@ -242,8 +287,10 @@ async def _provision(args: argparse.Namespace) -> int:
     show_progress = not args.json and not args.no_progress
     progress = LiveProgress() if show_progress else None
     interrupted = False
+    event_log = EventLog(args.events) if args.events is not None else None
     async with contextlib.AsyncExitStack() as stack:
-        event_log = stack.enter_context(_event_log(args.events))
+        if event_log is not None:
+            stack.callback(event_log.close)
         target = await stack.enter_async_context(
             open_target(spec, observer=metrics, announce=eprint,
                         sim_time_scale=args.sim_time_scale))
@@ -264,7 +311,8 @@ async def _provision(args: argparse.Namespace) -> int:
         else:
             expires_at = await current_expiry(spec, target.client)
         provisioner = Provisioner(spec, target.client,
-                                  on_event=_fanout(metrics.on_event, event_log,
+                                  on_event=_fanout(metrics.on_event,
+                                                   event_log.write if event_log else None,
                                                    progress.on_event if progress else None),
                                   run_id=run_id,
                                   options=EngineOptions(seed=args.seed,
@@ -307,11 +355,12 @@ async def _provision(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print_summary(summary)
+    lost_events = event_log is not None and event_log.report()
     if interrupted:
         return EXIT_INTERRUPTED
     if lock.lost_reason is not None:
         return EXIT_INCOMPLETE
-    return EXIT_OK if summary.complete else EXIT_INCOMPLETE
+    return EXIT_OK if summary.complete and not lost_events else EXIT_INCOMPLETE
 
 
 async def _plan(args: argparse.Namespace) -> int:

@@ -45,6 +45,13 @@ from typing import ClassVar, Literal
 Scope = Literal["call", "source", "host"]
 
 
+def some_of(names: Sequence[str], shown: int = 10) -> str:
+    """``a, b, c``: the first ``shown`` names, then how many more. A message listing
+    what is missing stays short however long the list it came from."""
+    text = ", ".join(names[:shown])
+    return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
+
+
 class FleetError(Exception):
     """Base of every error fleet raises on purpose."""
 

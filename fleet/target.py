@@ -30,7 +30,8 @@ from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
 from fleet.engine.spec import FleetSpec, spec_from_dict
-from fleet.errors import ConfigError, ConnectionFailed
+from fleet.errors import ConnectionFailed
+from fleet.urls import redact_url
 from fleet.vsphere.client import VSphereClient
 from fleet.vsphere.session import CallObserver
 
@@ -45,7 +46,7 @@ SIM_START_TIMEOUT_S = 30.0
 class Target:
     client: VSphereClient
     simulated: bool
-    url: str
+    url: str  # redacted (fleet.urls): for messages
 
 
 def demo_spec(count: int, name: str = "demo") -> FleetSpec:
@@ -136,25 +137,18 @@ async def open_target(spec: FleetSpec, *, observer: CallObserver | None = None,
     vc = spec.vcenter
     if vc is not None:
         client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
-                               ca_file=vc.ca_file, thumbprint=vc.thumbprint,
+                               ca_file=vc.ca_path, thumbprint=vc.thumbprint,
                                insecure=vc.insecure, observer=observer, **client_options)
         async with client:
-            yield Target(client, False, vc.url)
+            yield Target(client, False, redact_url(vc.url))
         return
     async with builtin_simulator(time_scale=sim_time_scale, topology=sim_topology) as (
             url, password, thumbprint):
         if announce is not None:
             scale = "" if sim_time_scale == 1 else f", time scale {sim_time_scale:g}"
-            announce(f"no vCenter configured: using the built-in simulator at {url} "
+            announce(f"no vCenter configured: using the built-in simulator at {redact_url(url)} "
                      f"({sim_topology or 'default topology'}{scale})")
         client = VSphereClient(url, SIM_USER, password, thumbprint=thumbprint,
                                observer=observer, **client_options)
         async with client:
             yield Target(client, True, url)
-
-
-def check_readable(path: str, key: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path!r} is not a readable file", key=key)
-    return p

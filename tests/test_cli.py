@@ -195,3 +195,113 @@ def test_metrics_port_serves_prometheus_text(tmp_path: Path) -> None:
 
 def _summary(result: Any) -> dict[str, Any]:
     return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_an_event_log_that_cannot_be_written_loses_no_summary(tmp_path: Path) -> None:
+    """All members were made, then closing the log failed: exit 1 with a traceback and
+    no ``--json`` summary. Now the summary prints, stderr says what was lost, and the
+    exit status is 1 (the log that was asked for is not there)."""
+    run = fleet("provision", "--count", "4", "--json", "--sim-time-scale", "0.05",
+                "--events", "/dev/full", timeout=120)
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert summary["ready"] == summary["requested"] == 4 and summary["failed"] == 0
+    assert "error: the event log '/dev/full' could not be written (No space left on device)" \
+        in run.stderr
+    assert "it holds at most 0 of " in run.stderr
+    assert run.returncode == 1
+
+
+def test_sigterm_never_lingers_past_grace_and_cleanup(tmp_path: Path) -> None:
+    """Issue 11, item 9: with hour-long backoffs and day-long timeouts configured, and
+    clones slowed, failing and losing replies at SIGTERM, ``fleet provision`` exits
+    within ``cancel_grace_s`` + ``cleanup_s`` (plus a generous margin for a loaded
+    machine), with its summary. The bound is the guarantee, not a speed: what the
+    configured waits would cost is hours."""
+    import signal
+    import time
+
+    grace_s, cleanup_s, margin_s = 2.0, 10.0, 60.0
+    with SimProcess(time_scale=0.05) as sim:
+        sim.add_faults(
+            # In flight at SIGTERM: 3600 s at time scale 0.05 is three minutes a clone.
+            {"method": "InstantClone_Task", "fault": "slow", "delay_s": 3600,
+             "probability": 0.5},
+            # Retried with an hour's backoff: in the clone queue and in the NIC phases.
+            {"method": "InstantClone_Task", "fault": "TaskInProgress", "probability": 0.2},
+            {"method": "InstantClone_Task", "fault": "http:lost_reply", "probability": 0.1},
+            {"method": "ReconfigVM_Task", "fault": "TaskInProgress", "probability": 0.5},
+            {"method": "StartProgramInGuest", "fault": "http:503", "probability": 0.3})
+        spec = write_spec(
+            tmp_path / "fleet.toml", sim, "linger", 60,
+            retries={"attempts": 100, "backoff_base_s": 3600, "backoff_max_s": 3600,
+                     "jitter": 0},
+            timeouts={"queue_s": 86_400, "clone_s": 86_400, "network_s": 86_400,
+                      "reconnect_s": 86_400, "call_s": 3600, "cleanup_s": cleanup_s,
+                      "cancel_grace_s": grace_s},
+            readiness={"timeout_s": 86_400})
+        proc = subprocess.Popen([sys.executable, "-m", "fleet", "provision", "--spec",
+                                 str(spec), "--json"], env=dict(os.environ, **ENV),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                calls = sim.stats()["calls_by_method"]
+                if calls.get("InstantClone_Task", 0) >= 20 and \
+                        calls.get("ReconfigVM_Task", 0) >= 5:
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=grace_s + cleanup_s + margin_s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["cancelled"] is True
+    assert summary["ready"] < 60
+
+
+def test_sigterm_during_a_scale_down_never_lingers(tmp_path: Path) -> None:
+    """Issue 11, item 9: removing extras (a scale-down) happens before any clone, and a
+    stop did not reach it: with slow destroys, 16 at a time, each given ``cleanup_s``,
+    a SIGTERM waited for every round (here about ten rounds of 20 s). The run must end
+    within ``cancel_grace_s`` + ``cleanup_s`` (plus a generous margin) of the signal."""
+    import signal
+
+    grace_s, cleanup_s, margin_s = 2.0, 20.0, 60.0
+    quick = {"network": {"refresh": "none", "disconnect_at_clone": False},
+             "readiness": {"wait_for": "none"}}
+    with SimProcess(time_scale=0.05) as sim:
+        spec = write_spec(tmp_path / "fleet.toml", sim, "shrink", 160, **quick,
+                          timeouts={"cleanup_s": cleanup_s, "cancel_grace_s": grace_s,
+                                    "call_s": 3600})
+        made = fleet("provision", "--spec", str(spec), "--json", env=ENV)
+        assert made.returncode == 0, made.stderr[-3000:]
+        # Each destroy now takes three minutes (3600 s at time scale 0.05).
+        sim.add_faults({"method": "Destroy_Task", "fault": "slow", "delay_s": 3600})
+        proc = subprocess.Popen([sys.executable, "-m", "fleet", "provision", "--spec",
+                                 str(spec), "--count", "1", "--json"],
+                                env=dict(os.environ, **ENV), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            import time
+
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None and \
+                    sim.stats()["calls_by_method"].get("Destroy_Task", 0) < 16:
+                time.sleep(0.1)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=grace_s + cleanup_s + margin_s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["cancelled"] is True

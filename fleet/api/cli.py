@@ -18,16 +18,17 @@ import os
 import signal
 import sys
 import tempfile
-import tomllib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from fleet.api.config import ServiceConfig, load_config, parse_listen
+from fleet.api.config import ServiceConfig, config_from_dict, parse_listen
+from fleet.engine.spec import read_toml
 from fleet.errors import ConfigError, FleetError
 from fleet.metrics import FleetMetrics
+from fleet.urls import redact_url
 from fleet.vsphere.model import VSphere
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -65,13 +66,14 @@ async def connect(config: ServiceConfig, metrics: FleetMetrics,
                                ca_file=config.ca_file, thumbprint=vc.thumbprint,
                                insecure=vc.insecure, **options)
         async with client:
-            announce(f"connected to {vc.url}")
+            announce(f"connected to {redact_url(vc.url)}")
             yield client
         return
     sim = config.simulator
     async with builtin_simulator(time_scale=sim.time_scale, topology=sim.topology) as (
             url, password, thumbprint):
-        announce(f"no [vcenter] configured: using the built-in simulator at {url}")
+        announce(f"no [vcenter] configured: using the built-in simulator at "
+                 f"{redact_url(url)}")
         async with VSphereClient(url, SIM_USER, password, thumbprint=thumbprint,
                                  **options) as client:
             yield client
@@ -117,13 +119,6 @@ async def serve(config: ServiceConfig, host: str, port: int, *,
                     tg.start_soon(stopped)
 
 
-def _names_vcenter(path: str) -> bool:
-    try:
-        return "vcenter" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return True  # load_config reports it properly
-
-
 def main(args: argparse.Namespace) -> int:
     from fleet.target import SIM_GUEST_ENV, SIM_GUEST_PASSWORD
 
@@ -134,11 +129,15 @@ def main(args: argparse.Namespace) -> int:
     if api_log.getEffectiveLevel() > logging.INFO:
         api_log.setLevel(logging.INFO)
     env = dict(os.environ)
-    if not _names_vcenter(args.config):
-        # The built-in simulator's guest password is no secret; defaults may name it.
-        env.setdefault(SIM_GUEST_ENV, SIM_GUEST_PASSWORD)
     try:
-        config = load_config(args.config, env=env)
+        # Read once (fleet.files: a regular file, capped), then judged.
+        path = Path(args.config)
+        data = read_toml(path, "config")
+        if "vcenter" not in data:
+            # The built-in simulator's guest password is no secret; defaults may name it.
+            env.setdefault(SIM_GUEST_ENV, SIM_GUEST_PASSWORD)
+        config = config_from_dict(data, source=path.name, env=env,
+                                  base_dir=path.resolve().parent)
         host, port = parse_listen(args.listen, "--listen") if args.listen \
             else config.listen_address
     except ConfigError as exc:
@@ -146,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     def listening(url: str) -> None:
-        print(f"listening on {url}", flush=True)
+        print(f"listening on {redact_url(url)}", flush=True)
 
     try:
         anyio.run(lambda: serve(config, host, port, on_listening=listening))

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, Valid
 
 from fleet.engine.spec import (
     MAX_COUNT,
+    MAX_STEP_S,
     LimitsSpec,
     SpecError,
     VCenterSpec,
@@ -38,11 +39,17 @@ from fleet.engine.spec import (
     _read_secret,
     _show,
     _vcenter_problems,
+    folder_problem,
     read_toml,
+    resolve_vcenter,
     spec_from_dict,
 )
+from fleet.errors import ConfigError
+from fleet.urls import redact_url
 
 MIN_TOKEN_CHARS = 16
+#: the built-in simulator's slowest time scale: 100 makes a 1 s clone take 100 s
+MAX_TIME_SCALE = 100.0
 #: spec keys the service owns: a request body may not set them
 SERVICE_KEYS = ("vcenter", "limits", "folder")
 SECRET_KEYS = ("guest_password_env", "guest_password_file")
@@ -50,7 +57,8 @@ _LISTEN = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # No inf/nan: every wait has a finite deadline.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class ApiSection(_Model):
@@ -73,7 +81,7 @@ class ApiSection(_Model):
 class SimulatorSection(_Model):
     """The built-in simulator, used when there is no ``[vcenter]``."""
 
-    time_scale: float = Field(default=1.0, gt=0)
+    time_scale: float = Field(default=1.0, gt=0, le=MAX_TIME_SCALE)
     topology: str | None = None
 
 
@@ -84,7 +92,7 @@ class ServiceConfig(_Model):
     scan_interval_s: float = Field(default=30.0, gt=0, le=86400)
     max_fleets: int = Field(default=100, ge=1, le=10_000)
     max_count: int = Field(default=10_000, ge=1, le=MAX_COUNT)
-    shutdown_grace_s: float = Field(default=60.0, ge=0)
+    shutdown_grace_s: float = Field(default=60.0, ge=0, le=MAX_STEP_S)
     #: lease of the fleet locks the service holds (docs/locking.md)
     lock_lease_s: float = Field(default=60.0, ge=2, le=3600)
     vcenter: VCenterSpec | None = None
@@ -113,10 +121,7 @@ class ServiceConfig(_Model):
     @property
     def ca_file(self) -> str | None:
         """``vcenter.ca_file``, relative to the config file's directory."""
-        if self.vcenter is None or self.vcenter.ca_file is None:
-            return None
-        p = Path(self.vcenter.ca_file).expanduser()
-        return str(p if p.is_absolute() else self._base_dir / p)
+        return None if self.vcenter is None else self.vcenter.ca_path
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -140,7 +145,8 @@ class ServiceConfig(_Model):
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     m = _LISTEN.match(value)
     if m is None or not 0 <= int(m.group("port")) <= 65535:
-        raise SpecError([(key, f"{_show(value)} is not HOST:PORT (like 127.0.0.1:8080)")],
+        raise SpecError([(key, f"{_show(redact_url(value))} is not HOST:PORT "
+                               "(like 127.0.0.1:8080)")],
                         source="--listen" if key == "--listen" else "<config>")
     return m.group("host").strip("[]"), int(m.group("port"))
 
@@ -179,11 +185,11 @@ def _problems(config: ServiceConfig) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     m = _LISTEN.match(config.listen)
     if m is None or int(m.group("port")) > 65535:
-        problems.append(("listen", f"{_show(config.listen)} is not HOST:PORT "
+        problems.append(("listen", f"{_show(redact_url(config.listen))} is not HOST:PORT "
                                    "(like 127.0.0.1:8080)"))
-    root = config.root_folder
-    if not root.strip("/") or "//" in root or root != root.strip():
-        problems.append(("root_folder", f"{_show(root)} is not a folder path like \"fleet\""))
+    root_problem = folder_problem(config.root_folder, "fleet")
+    if root_problem:
+        problems.append(("root_folder", root_problem))
     problems.extend(_vcenter_problems(config.vcenter))
     api = config.api
     if (api.token_env is None) == (api.token_file is None):
@@ -205,18 +211,17 @@ def _problems(config: ServiceConfig) -> list[tuple[str, str]]:
 def _resolve(config: ServiceConfig, env: Mapping[str, str],
              base: Path) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    vc = config.vcenter
-    if vc is not None:
-        which = "password_env" if vc.password_env is not None else "password_file"
-        secret, problem = _read_secret(which, vc.password_env, vc.password_file, env, base)
-        if problem:
-            problems.append((f"vcenter.{which}", problem))
-        elif secret is not None:
-            vc._password = secret
-        if vc.ca_file is not None:
-            ca = Path(vc.ca_file).expanduser()
-            if not (ca if ca.is_absolute() else base / ca).is_file():
-                problems.append(("vcenter.ca_file", f"{_show(vc.ca_file)} is not a readable file"))
+    if config.vcenter is not None:
+        problems.extend(resolve_vcenter(config.vcenter, env, base))
+    if config.simulator.topology is not None:
+        # Judged now, as the simulator will read it: a bad one is a config error naming
+        # the key, not a simulator that "did not start".
+        from fleet.sim.topology import load_topology
+
+        try:
+            load_topology(config.simulator.topology)
+        except ConfigError as exc:
+            problems.append(("simulator.topology", str(exc)))
     api = config.api
     which = "token_env" if api.token_env is not None else "token_file"
     secret, problem = _read_secret(which, api.token_env, api.token_file, env, base)

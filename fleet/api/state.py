@@ -21,10 +21,13 @@ from typing import Any
 import anyio
 
 from fleet.engine.spec import is_fleet_name
+from fleet.files import FileProblem, read_user_file
 
 log = logging.getLogger("fleet.api.state")
 
 FORMAT = 1
+#: a saved request is at most a request body (api.max_body_bytes <= 64 MiB), re-indented
+STATE_MAX_BYTES = 128 * 1024 * 1024
 
 
 @dataclass
@@ -68,11 +71,13 @@ class StateStore:
             return out
         for p in sorted(self.path.glob("*.json")):
             try:
-                data = json.loads(p.read_text(encoding="utf-8"))
+                # Read as any file a user could have put there (fleet.files): a FIFO
+                # or a device among the state files must not hang or sink the start.
+                data = json.loads(read_user_file(p, STATE_MAX_BYTES))
                 saved = SavedFleet(**data)
                 if saved.format != FORMAT or self._file(saved.name) != p:
                     raise ValueError("unexpected format or name")
-            except (OSError, ValueError, TypeError) as exc:
+            except (OSError, ValueError, TypeError, RecursionError, FileProblem) as exc:
                 log.warning("ignoring state file %s: %s", p, exc)
                 continue
             out.append(saved)

@@ -23,7 +23,12 @@ on the VM before the job is called failed: it may have landed without a reply.
 Stopping (:meth:`Provisioner.stop`, or cancelling the task running
 :meth:`Provisioner.run`) dispatches nothing more, gives clones already handed
 to vCenter ``timeouts.cancel_grace_s`` to finish their pipeline in a shielded
-scope, and destroys whatever did not finish, so no half-made VM is left.
+scope, and destroys whatever did not finish, so no half-made VM is left. Work
+before the first clone (reading the inventory, removing extras) gets the grace
+period too. However much is in flight and however long the configured waits, a
+stopped run ends within ``cancel_grace_s`` + ``cleanup_s`` of the stop: every
+shielded cleanup scope is registered and clamped to that moment
+(:meth:`Provisioner._bounded`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import math
 import random
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -272,6 +277,9 @@ class Provisioner:
         self._jobs: list[Job] = []
         self._active = 0
         self._shields: set[anyio.CancelScope] = set()
+        self._cleanups: set[anyio.CancelScope] = set()  # clamped to _end_by on stop
+        self._setup: anyio.CancelScope | None = None  # before dispatch: gets the grace
+        self._end_by = math.inf  # a stopped run is over by then (grace + cleanup)
         self._stopping = False
         self._stop_reason = ""
         self._phase_s: dict[str, list[float]] = {p: [] for p in
@@ -295,6 +303,8 @@ class Provisioner:
         if not self._stopping:
             self._stopping = True
             self._stop_reason = reason
+            t = self.spec.timeouts
+            self._end_by = anyio.current_time() + t.cancel_grace_s + t.cleanup_s
             self._arm_grace()
             self._wake.set()
 
@@ -302,18 +312,21 @@ class Provisioner:
         self._emit = emit = Emitter(self._on_event, anyio.current_time)
         t0 = anyio.current_time()
         spec = self.spec
-        with anyio.fail_after(spec.timeouts.call_s):
-            await self.vs.server_info()
-        self.view = view = await load_view(spec, self.vs, self.options.policy)
-        self._check_recipes(view)
-        for src in view.sources.values():
-            if src.clones_left == 0:
-                self._retire(src, "chain_budget",
-                             f"chain depth {src.info.chain_depth} is at budget {src.budget}")
-            self._source_state(src)
-        with anyio.fail_after(spec.timeouts.call_s):
-            self._folder = await self.vs.ensure_folder(spec.folder_path)
-            vms = await self.vs.list_folder_vms(self._folder)
+        with self._stoppable() as setup:
+            with anyio.fail_after(spec.timeouts.call_s):
+                await self.vs.server_info()
+            self.view = view = await load_view(spec, self.vs, self.options.policy)
+            self._check_recipes(view)
+            for src in view.sources.values():
+                if src.clones_left == 0:
+                    self._retire(src, "chain_budget",
+                                 f"chain depth {src.info.chain_depth} is at budget {src.budget}")
+                self._source_state(src)
+            with anyio.fail_after(spec.timeouts.call_s):
+                self._folder = await self.vs.ensure_folder(spec.folder_path)
+                vms = await self.vs.list_folder_vms(self._folder)
+        if setup.cancelled_caught:  # stopped while reading the inventory
+            return self._finish_run(t0)
         rec = reconcile(spec, vms)
         self._already_ready = len(rec.ready)
         self._blocked = dict(rec.blocked)
@@ -332,10 +345,14 @@ class Provisioner:
                  reason="name_taken", message=why)
         try:
             if rec.remove:
-                removal = await remove_members(spec, self.vs, rec.remove, emit,
-                                               concurrency=self.options.removal_concurrency,
-                                               stopped=lambda: self._stopping)
-                self._removed = removal.removed
+                with self._stoppable() as removing:
+                    await remove_members(spec, self.vs, rec.remove, emit,
+                                         concurrency=self.options.removal_concurrency,
+                                         on_removed=self._count_removed,
+                                         stopped=lambda: self._stopping)
+                if removing.cancelled_caught:  # stopped while removing extras
+                    self._cancel_unstarted()
+                    return self._finish_run(t0)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._refresher)
                 for job in self._jobs:
@@ -357,10 +374,51 @@ class Provisioner:
             raise
         self._drop_queued()
         await self._cleanup_unsettled()
+        return self._finish_run(t0)
+
+    def _cancel_unstarted(self) -> None:
+        for job in self._jobs:
+            self._finish(job, "cancelled", job.phase, "cancelled",
+                         f"not started: {self._stop_reason or 'run ended'}")
+
+    def _finish_run(self, t0: float) -> Summary:
         self.summary = self._summarise(t0)
-        emit(RunFinished, fleet=spec.name, run_id=self.run_id, ready=self.summary.ready,
-             failed=self.summary.failed, cancelled=self.summary.cancelled)
+        self.emit(RunFinished, fleet=self.spec.name, run_id=self.run_id,
+                  ready=self.summary.ready, failed=self.summary.failed,
+                  cancelled=self.summary.cancelled)
         return self.summary
+
+    def _count_removed(self) -> None:
+        self._removed += 1
+
+    @contextlib.contextmanager
+    def _stoppable(self) -> Iterator[anyio.CancelScope]:
+        """A scope for work before dispatch: a stop gives it the grace period, then
+        cancels it (``cancelled_caught``: the run ends there)."""
+        scope = anyio.CancelScope()
+        if self._stopping:
+            scope.cancel()
+        self._setup = scope
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._setup = None
+
+    @contextlib.contextmanager
+    def _bounded(self, timeout_s: float, *, shield: bool = False
+                 ) -> Iterator[anyio.CancelScope]:
+        """A scope for cleanup (``shield``: not cancelled with its caller): at most
+        ``timeout_s``, and never past the end of a stopped run (stop time +
+        ``cancel_grace_s`` + ``cleanup_s``), whenever the stop comes."""
+        scope = anyio.CancelScope(shield=shield,
+                                  deadline=min(anyio.current_time() + timeout_s, self._end_by))
+        self._cleanups.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._cleanups.discard(scope)
 
     # -- helpers ---------------------------------------------------------------------
     @property
@@ -396,6 +454,10 @@ class Provisioner:
         deadline = anyio.current_time() + self.spec.timeouts.cancel_grace_s
         for scope in self._shields:
             scope.deadline = min(scope.deadline, deadline)
+        if self._setup is not None:
+            self._setup.deadline = min(self._setup.deadline, deadline)
+        for scope in self._cleanups:
+            scope.deadline = min(scope.deadline, self._end_by)
 
     def _retire(self, src: SourceState, reason: str, message: str) -> None:
         assert self.view is not None
@@ -475,15 +537,14 @@ class Provisioner:
         jobs, self._unsettled = self._unsettled, []
         if not jobs:
             return
-        with anyio.CancelScope(shield=True):
+        with self._bounded(math.inf, shield=True):
             async with anyio.create_task_group() as tg:
                 for job in jobs:
                     tg.start_soon(self._destroy_found, job)
 
     async def _destroy_found(self, job: Job) -> None:
-        with anyio.move_on_after(self.spec.timeouts.cleanup_s):
-            with contextlib.suppress(VSphereError):
-                await self._reap(job)
+        with self._bounded(self.spec.timeouts.cleanup_s), contextlib.suppress(VSphereError):
+            await self._reap(job)
 
     def _requeue(self, job: Job, delay_s: float) -> None:
         job.phase = "clone"
@@ -635,7 +696,7 @@ class Provisioner:
                                              and not exc.transient):
                 # The task may still be running in vCenter: keep its tokens until it ends,
                 # or fleet would hand vCenter more than the limits allow.
-                with anyio.CancelScope(shield=True):
+                with self._bounded(math.inf, shield=True):
                     await self._settle_task(job.task)
         finally:
             self._feed_limiters(job, lease, made is not None)
@@ -648,7 +709,7 @@ class Provisioner:
                 # counts, so the read sees no other clone of the source (one at a time)
                 # and none can slip past the budget meanwhile. Shielded: the depth must
                 # be right even if this job is being cancelled.
-                with anyio.CancelScope(shield=True):
+                with self._bounded(math.inf, shield=True):
                     info = await self._read_source(src)
                 if job.lost_submit_at is not None or (
                         job.task is not None and job.task.snapshot.state != "error"):
@@ -734,7 +795,8 @@ class Provisioner:
                 self._retire(src, error.reason, str(error))  # before any await: no new job
                 # Re-read it (its chain, its power): the summary and the gauges then show
                 # the source as vCenter has it, not as fleet believed it was.
-                with anyio.CancelScope(shield=True):
+                info = None
+                with self._bounded(math.inf, shield=True):
                     info = await self._read_source(src)
                 if info is not None:
                     self._update_source(src, info)
@@ -759,7 +821,8 @@ class Provisioner:
         # before trying again.
         reason = error.reason if isinstance(error, VSphereError) else "timeout"
         message = str(error) or f"clone did not finish in {spec.timeouts.clone_s}s"
-        with anyio.CancelScope(shield=True):
+        found = None
+        with self._bounded(math.inf, shield=True):
             found = await self._settle(job)
         if found is not None:
             self._adopt(job, found)
@@ -855,7 +918,7 @@ class Provisioner:
     async def _settle(self, job: Job) -> VmInfo | None:
         """After an attempt with an unknown outcome: let its task end (cancelling it if
         vCenter will), then return the VM it made if it carries this job's labels."""
-        with anyio.move_on_after(self.spec.timeouts.cleanup_s):
+        with self._bounded(self.spec.timeouts.cleanup_s):
             if job.task is not None:
                 await self._settle_task(job.task)
             try:
@@ -902,7 +965,7 @@ class Provisioner:
         if task.snapshot.state in ("success", "error"):
             return
         cleanup_s = self.spec.timeouts.cleanup_s
-        with anyio.move_on_after(cleanup_s):
+        with self._bounded(cleanup_s):
             with contextlib.suppress(VSphereError):
                 await task.cancel()
             with contextlib.suppress(VSphereError, TimeoutError):
@@ -1079,7 +1142,7 @@ class Provisioner:
             return
         if job.submit_started is not None:  # cut off mid-submit: it may have gone through
             job.lost_submit_at, job.submit_started = job.submit_started, None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.spec.timeouts.cleanup_s):
+        with self._bounded(self.spec.timeouts.cleanup_s, shield=True):
             try:
                 await self._reap(job)
             except VSphereError as exc:
@@ -1152,9 +1215,11 @@ class Provisioner:
 
 async def remove_members(spec: FleetSpec, vs: VSphere, members: list[Member] | tuple[Member, ...],
                          emit: Emitter, *, concurrency: int = 16,
+                         on_removed: Callable[[], None] | None = None,
                          stopped: Callable[[], bool] | None = None) -> RemovalSummary:
     """Destroy members (never anything else), highest index first, a few at a time.
-    Once ``stopped()`` is true (the run lost its fleet's lock) no more are started."""
+    ``on_removed`` counts them as they go (the caller may cancel the rest); once
+    ``stopped()`` is true (the run lost its fleet's lock) no more are started."""
     t0 = anyio.current_time()
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     failures: Counter[str] = Counter()
@@ -1174,6 +1239,8 @@ async def remove_members(spec: FleetSpec, vs: VSphere, members: list[Member] | t
                 failures[reason] += 1
                 return
             removed += 1
+            if on_removed is not None:
+                on_removed()
             emit(MemberRemoved, index=member.index, name=member.name, vm=member.vm.ref.id)
 
     async with anyio.create_task_group() as tg:

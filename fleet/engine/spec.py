@@ -11,7 +11,8 @@ file named in the spec, never from the spec itself or argv; they are resolved at
 load time into :class:`pydantic.SecretStr` private attributes, so they appear in
 no repr, dump, error or log line.
 
-No ``[vcenter]`` table means the built-in simulator is the target.
+No ``[vcenter]`` table means the built-in simulator is the target. Every
+bound on sizes, durations, files and URLs is listed in docs/limits.md.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import string
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,6 +38,16 @@ from pydantic import (
 )
 
 from fleet.errors import ConfigError
+from fleet.files import (
+    CONFIG_MAX_BYTES,
+    PEM_MAX_BYTES,
+    FileProblem,
+    decode_utf8,
+    parse_toml,
+    read_secret_file,
+    read_user_file,
+)
+from fleet.urls import redact_url, url_problem
 from fleet.vsphere.model import GuestCredentials
 
 #: vSphere fails a clone past 255 delta-disk levels; a clone at the budget must still fit.
@@ -45,11 +56,23 @@ VSPHERE_CHAIN_LIMIT = 254
 VCENTER_MAX_OPERATIONS = 640
 MAX_VM_NAME = 80
 MAX_COUNT = 100_000
+#: twice vCenter's 2,500-host maximum: a frozen source on every host, and more
+MAX_SOURCES = 5_000
+#: the longest wait for one phase, for readiness or in the queue (a day)
+MAX_WAIT_S = 86_400.0
+#: the longest call, retry backoff, cancel grace or cleanup (an hour). These bound how
+#: long one retry sleeps and how long a stopped run lingers (cancel_grace_s + cleanup_s).
+MAX_STEP_S = 3_600.0
+#: a file's path is shown whole (up to this): it is how the user finds the culprit
+PATH_SHOWN = 1024
+#: problems shown in one error; the rest are counted
+MAX_PROBLEMS_SHOWN = 20
 #: fleet's caps on guestinfo: vSphere keeps extraConfig in the VMX file, which
 #: has to stay small; these keep well inside what hosts accept.
 GUESTINFO_KEY_MAX = 128
 GUESTINFO_VALUE_MAX_BYTES = 64 * 1024
 GUESTINFO_TOTAL_MAX_BYTES = 1024 * 1024
+GUESTINFO_MAX_KEYS = 256
 #: labels fleet writes on every member; users may not set keys under it.
 LABEL_PREFIX = "guestinfo.fleet."
 
@@ -73,8 +96,12 @@ class SpecError(ConfigError):
         first_key, first_message = problems[0]
         super().__init__(first_message, key=first_key, source=source)
         self.problems = list(problems)
-        self.args = ("\n".join(f"{source}: {k}: {m}" if k else f"{source}: {m}"
-                               for k, m in self.problems),)
+        lines = [f"{source}: {k}: {m}" if k else f"{source}: {m}"
+                 for k, m in self.problems[:MAX_PROBLEMS_SHOWN]]
+        if len(self.problems) > MAX_PROBLEMS_SHOWN:
+            lines.append(f"{source}: ... and {len(self.problems) - MAX_PROBLEMS_SHOWN} "
+                         "more problems")
+        self.args = ("\n".join(lines),)
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -109,16 +136,23 @@ class VCenterSpec(_Model):
     thumbprint: str | None = None
     insecure: bool = False
     _password: SecretStr = PrivateAttr(default=SecretStr(""))
+    _ca_path: str | None = PrivateAttr(default=None)
 
     @property
     def password(self) -> SecretStr:
         return self._password
 
+    @property
+    def ca_path(self) -> str | None:
+        """``ca_file`` resolved against the directory of the file that named it."""
+        return self._ca_path
+
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v) or any(c.isspace() for c in v):
-            raise ValueError(f"{_show(v)} is not an http(s) URL")
+        problem = url_problem(v)
+        if problem:
+            raise ValueError(f"{_show(v)} {problem}")
         return v
 
 
@@ -155,8 +189,8 @@ class RetriesSpec(_Model):
     """Retries of transient faults: exponential backoff, capped, with jitter."""
 
     attempts: int = Field(default=5, ge=1, le=100)
-    backoff_base_s: float = Field(default=0.5, gt=0)
-    backoff_max_s: float = Field(default=30.0, gt=0)
+    backoff_base_s: float = Field(default=0.5, gt=0, le=MAX_STEP_S)
+    backoff_max_s: float = Field(default=30.0, gt=0, le=MAX_STEP_S)
     jitter: float = Field(default=1.0, ge=0, le=1)
 
 
@@ -186,19 +220,19 @@ class ReadinessSpec(_Model):
 
     wait_for: Literal["guest_ip", "guestinfo", "none"] = "guest_ip"
     guestinfo_key: str = "guestinfo.ready"
-    timeout_s: float = Field(default=600.0, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0, le=MAX_WAIT_S)
 
 
 class TimeoutsSpec(_Model):
     """Deadlines per phase and for housekeeping (the ready phase uses ``readiness.timeout_s``)."""
 
-    queue_s: float = Field(default=3600.0, gt=0)
-    clone_s: float = Field(default=600.0, gt=0)
-    network_s: float = Field(default=300.0, gt=0)
-    reconnect_s: float = Field(default=120.0, gt=0)
-    call_s: float = Field(default=60.0, gt=0)
-    cleanup_s: float = Field(default=120.0, gt=0)
-    cancel_grace_s: float = Field(default=60.0, ge=0)
+    queue_s: float = Field(default=3600.0, gt=0, le=MAX_WAIT_S)
+    clone_s: float = Field(default=600.0, gt=0, le=MAX_WAIT_S)
+    network_s: float = Field(default=300.0, gt=0, le=MAX_WAIT_S)
+    reconnect_s: float = Field(default=120.0, gt=0, le=MAX_WAIT_S)
+    call_s: float = Field(default=60.0, gt=0, le=MAX_STEP_S)
+    cleanup_s: float = Field(default=120.0, gt=0, le=MAX_STEP_S)
+    cancel_grace_s: float = Field(default=60.0, ge=0, le=MAX_STEP_S)
 
 
 class FleetSpec(_Model):
@@ -233,10 +267,20 @@ class FleetSpec(_Model):
     def _budget(cls, v: int) -> int:
         return _check_budget(v)
 
+    @field_validator("guestinfo", mode="before")
+    @classmethod
+    def _guestinfo_keys(cls, v: object) -> object:
+        if isinstance(v, dict) and len(v) > GUESTINFO_MAX_KEYS:
+            raise ValueError(f"{len(v)} keys; the limit is {GUESTINFO_MAX_KEYS}")
+        return v
+
     @field_validator("sources", mode="before")
     @classmethod
     def _sources(cls, v: object) -> object:
         # A source is a bare name/path or a table; tables keep their own validation.
+        if isinstance(v, list) and len(v) > MAX_SOURCES:
+            # Checked before the entries are: each costs a lookup in vCenter.
+            raise ValueError(f"{len(v)} sources; the limit is {MAX_SOURCES}")
         if isinstance(v, list):
             return [{"name": s} if isinstance(s, str) else s for s in v]
         return v
@@ -287,17 +331,19 @@ def is_fleet_name(name: str) -> bool:
 
 
 def read_toml(path: str | os.PathLike[str], what: str = "spec") -> dict[str, Any]:
-    """A TOML file's data; a :class:`SpecError` naming the file if it cannot be had."""
+    """A TOML file's data; a :class:`SpecError` naming the file (and the key, when the
+    trouble is inside it) if it cannot be had. Read as :mod:`fleet.files` reads every
+    user's file: a regular file of at most a few MiB, nesting bounded."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise SpecError([("", f"cannot read the {what}: {exc.strerror or exc}")],
+        raw = read_user_file(p, CONFIG_MAX_BYTES)
+    except FileProblem as exc:
+        raise SpecError([("", f"cannot read the {what}: {exc.reason}")],
                         source=str(p)) from None
     try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError([("", f"not valid TOML: {exc}")], source=p.name) from None
+        return parse_toml(raw)
+    except FileProblem as exc:
+        raise SpecError([(exc.key or "", exc.reason)], source=p.name) from None
 
 
 def load_spec(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> FleetSpec:
@@ -331,7 +377,8 @@ def _show(value: object, limit: int = 60) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
-        text = json.dumps(value)
+        # A URL's user info may be a password (https://user:SECRET@vc/sdk): never shown.
+        text = json.dumps(redact_url(value) if "://" in value else value)
     elif isinstance(value, int | float):
         text = repr(value)
     elif isinstance(value, dict):
@@ -393,7 +440,12 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
         elif kind == "value_error":
             message = err["msg"].removeprefix("Value error, ")
         elif kind in _PHRASES:
-            message = f"{shown} " + _PHRASES[kind].format(**err.get("ctx", {}))
+            ctx = {k: f"{v:g}" if isinstance(v, float) else v
+                   for k, v in err.get("ctx", {}).items()}
+            message = f"{shown} " + _PHRASES[kind].format(**ctx)
+            if kind in ("less_than_equal", "greater_than", "greater_than_equal") and \
+                    key.endswith("_s"):
+                message += " seconds"
         else:
             message = f"{shown}: {err['msg']}"
         problems.append((key, message))
@@ -426,6 +478,20 @@ def _fields(template: str, max_width: int) -> list[str]:
     return names
 
 
+def folder_problem(path: str, example: str) -> str | None:
+    """Why ``path`` is not a VM folder path (``a/b/c`` under the datacenter's VM folder),
+    or None. vSphere takes every segment as a folder's name, so "." and ".." would
+    be folders called that, not steps up or across."""
+    if not path.strip("/") or "//" in path:
+        return f"{_show(path)} is not a folder path like {_show(example)}"
+    for part in path.strip("/").split("/"):
+        problem = "is not a folder name (a folder path has no \".\" or \"..\" steps)" \
+            if part in (".", "..") else _name_problem(part)
+        if problem:
+            return f"{_show(path)}: the folder name {_show(part)} {problem}"
+    return None
+
+
 def _name_problem(name: str) -> str | None:
     if not name or name != name.strip():
         return "is empty or has leading/trailing spaces"
@@ -442,23 +508,21 @@ def _name_problem(name: str) -> str | None:
 def _semantic_problems(spec: FleetSpec) -> Iterable[tuple[str, str]]:
     yield from _template_problems(spec)
     yield from _guestinfo_problems(spec)
-    names = [s.name for s in spec.sources]
-    for i, name in enumerate(names):
-        if name in names[:i]:
+    first: dict[str, int] = {}
+    for i, source in enumerate(spec.sources):
+        name = source.name
+        if name in first:
             yield f"sources[{i}]", f"{_show(name)} is listed twice"
         elif any(ord(c) < 32 or ord(c) == 127 for c in name):
             yield f"sources[{i}]", f"{_show(name)} contains control characters"
+        first.setdefault(name, i)
     if spec.retries.backoff_max_s < spec.retries.backoff_base_s:
         yield ("retries.backoff_max_s", f"{spec.retries.backoff_max_s} is below "
                f"retries.backoff_base_s ({spec.retries.backoff_base_s})")
-    if spec.folder is not None and (not spec.folder.strip("/") or "//" in spec.folder):
-        yield "folder", f"{_show(spec.folder)} is not a folder path like \"fleet/loadtest\""
-    elif spec.folder is not None:
-        for part in spec.folder.strip("/").split("/"):
-            problem = _name_problem(part)
-            if problem:
-                yield "folder", f"{_show(spec.folder)}: the folder name {_show(part)} {problem}"
-                break
+    if spec.folder is not None:
+        problem = folder_problem(spec.folder, "fleet/loadtest")
+        if problem:
+            yield "folder", problem
     yield from _vcenter_problems(spec.vcenter)
     yield from _network_problems(spec)
     r = spec.readiness
@@ -587,6 +651,12 @@ def _network_problems(spec: FleetSpec) -> Iterable[tuple[str, str]]:
                                      "clone time and network.reconnect is false")
 
 
+def resolve_path(name: str, base: Path) -> Path:
+    """A path from a spec or config: ``~`` expanded, relative to ``base`` (its directory)."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else base / path
+
+
 def _read_secret(key: str, env_name: str | None, file_name: str | None,
                  env: Mapping[str, str], base: Path) -> tuple[SecretStr | None, str | None]:
     """(secret, problem). Messages name the variable or file, never the secret."""
@@ -598,33 +668,50 @@ def _read_secret(key: str, env_name: str | None, file_name: str | None,
             return None, f"environment variable {env_name} is empty"
         return SecretStr(value), None
     if file_name is not None:
-        path = Path(file_name).expanduser()
-        if not path.is_absolute():
-            path = base / path
+        path = resolve_path(file_name, base)
         try:
-            value = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            return None, f"cannot read {_show(str(path))}: {exc.strerror or type(exc).__name__}"
-        if not value:
-            return None, f"{_show(str(path))} is empty"
-        return SecretStr(value), None
+            return SecretStr(read_secret_file(path)), None
+        except FileProblem as exc:
+            return None, f"cannot read {_show(str(path), PATH_SHOWN)}: {exc.reason}"
     return None, None
+
+
+def check_ca_file(name: str, base: Path) -> tuple[str | None, str | None]:
+    """(resolved path, problem) for a ``ca_file``: a PEM file of certificates, read as
+    every user's file is (regular, capped), and parsed once now so a bad one is a
+    config error naming the key rather than a failure at connect time."""
+    path = resolve_path(name, base)
+    try:
+        text = decode_utf8(read_user_file(path, PEM_MAX_BYTES))
+        loaded = ssl.create_default_context(cadata=text).cert_store_stats()["x509"]
+    except FileProblem as exc:
+        return None, f"cannot read {_show(str(path), PATH_SHOWN)}: {exc.reason}"
+    except (ssl.SSLError, ValueError):
+        loaded = 0
+    if not loaded:
+        return None, f"{_show(str(path), PATH_SHOWN)} holds no PEM certificate"
+    return str(path), None
+
+
+def resolve_vcenter(vc: VCenterSpec, env: Mapping[str, str], base: Path
+                    ) -> Iterable[tuple[str, str]]:
+    """Read the ``[vcenter]`` password and check its CA file; the problems, if any."""
+    which = "password_env" if vc.password_env is not None else "password_file"
+    secret, problem = _read_secret(which, vc.password_env, vc.password_file, env, base)
+    if problem:
+        yield f"vcenter.{which}", problem
+    elif secret is not None:
+        vc._password = secret
+    if vc.ca_file is not None:
+        vc._ca_path, problem = check_ca_file(vc.ca_file, base)
+        if problem:
+            yield "vcenter.ca_file", problem
 
 
 def _resolve_secrets(spec: FleetSpec, env: Mapping[str, str],
                      base: Path) -> Iterable[tuple[str, str]]:
-    vc = spec.vcenter
-    if vc is not None:
-        which = "password_env" if vc.password_env is not None else "password_file"
-        secret, problem = _read_secret(which, vc.password_env, vc.password_file, env, base)
-        if problem:
-            yield f"vcenter.{which}", problem
-        elif secret is not None:
-            vc._password = secret
-        if vc.ca_file is not None:
-            ca = Path(vc.ca_file).expanduser()
-            if not (ca if ca.is_absolute() else base / ca).is_file():
-                yield "vcenter.ca_file", f"{_show(vc.ca_file)} is not a readable file"
+    if spec.vcenter is not None:
+        yield from resolve_vcenter(spec.vcenter, env, base)
     net = spec.network
     if net.refresh != "none" and net.guest_user:
         which = "guest_password_env" if net.guest_password_env is not None \

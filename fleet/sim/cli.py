@@ -14,6 +14,11 @@ import sys
 from pathlib import Path
 
 from fleet.errors import ConfigError
+from fleet.files import FileProblem
+from fleet.urls import redact_url
+
+#: the slowest time scale: 100 makes a 1 s clone take 100 s
+MAX_TIME_SCALE = 100.0
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -62,8 +67,9 @@ async def _run(args: argparse.Namespace) -> int:
     from fleet.sim.topology import load_topology
 
     host, port = parse_listen(args.listen)
-    if not args.time_scale > 0:
-        raise ConfigError(f"{args.time_scale} must be greater than 0", key="--time-scale")
+    if not 0 < args.time_scale <= MAX_TIME_SCALE:  # NaN fails both
+        raise ConfigError(f"{args.time_scale} must be above 0 and at most {MAX_TIME_SCALE:g}",
+                          key="--time-scale")
     if bool(args.cert_file) != bool(args.key_file):
         raise ConfigError("give both --cert-file and --key-file, or neither", key="--cert-file")
     topology = load_topology(args.topology)
@@ -76,7 +82,7 @@ async def _run(args: argparse.Namespace) -> int:
             cert = (simtls.load(args.cert_file, args.key_file) if args.cert_file
                     else simtls.generate())
             context = cert.server_context()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, FileProblem) as exc:
             raise ConfigError(f"cannot use the certificate: {exc}", key="--cert-file") from None
         if args.write_cert:
             try:
@@ -90,7 +96,7 @@ async def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}",
                           key="--listen") from None
-    print(f"listening on {running.url}", flush=True)
+    print(f"listening on {redact_url(running.url)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fleet.files import PEM_MAX_BYTES, read_user_file
+
 
 @dataclass(frozen=True)
 class Certificate:
@@ -88,4 +90,7 @@ def generate(common_name: str = "fleet-sim vCenter", hosts: tuple[str, ...] = (
 
 
 def load(cert_file: str | Path, key_file: str | Path) -> Certificate:
-    return Certificate(Path(cert_file).read_bytes(), Path(key_file).read_bytes())
+    """PEM files a user named: read as fleet.files reads them (regular, capped);
+    :class:`~fleet.files.FileProblem` otherwise."""
+    return Certificate(read_user_file(cert_file, PEM_MAX_BYTES),
+                       read_user_file(key_file, PEM_MAX_BYTES))

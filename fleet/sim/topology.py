@@ -10,12 +10,13 @@ them), folders and fault-injection rules. Entries with ``count`` expand a
     count = 8
 
 Every error is a :class:`fleet.errors.ConfigError` naming the file, the dotted
-key and the bad value.
+key and the bad value. The file is read as every file a user names is
+(:mod:`fleet.files`: regular, capped, nesting bounded); durations have upper
+bounds (a latency of ``1e308`` would be a task that never ends) and counts a cap.
 """
 
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,12 +24,23 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fleet.errors import ConfigError
+from fleet.files import CONFIG_MAX_BYTES, FileProblem, parse_toml, read_user_file
 
 MAX_CHAIN_DEPTH = 255
+#: the longest simulated duration (latency, delay, readiness; at time scale 1)
+MAX_LATENCY_S = 3600.0
+#: the longest session idle timeout or task retention (a day, like the service's scans)
+MAX_RETENTION_S = 86_400.0
+#: entries one ``count`` may expand to (the 10,000-VM inventory benchmark fits ten times)
+MAX_ENTRY_COUNT = 100_000
+
+Latency = Annotated[float, Field(ge=0, le=MAX_LATENCY_S)]
+Count = Annotated[int, Field(ge=1, le=MAX_ENTRY_COUNT)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/nan: a simulated task must end.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class VCenterConfig(_Model):
@@ -38,14 +50,14 @@ class VCenterConfig(_Model):
     name: str = "fleet-sim vCenter"
     # Operations vCenter runs at once before queueing the rest (task state "queued").
     max_concurrent_operations: Annotated[int, Field(ge=1)] = 640
-    session_idle_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    session_idle_timeout_s: Annotated[float, Field(gt=0, le=MAX_RETENTION_S)] = 1800.0
     user: str = "administrator@vsphere.local"
     password: str = "fleet-sim"
     # A running source already being cloned: "wait" queues the next clone behind
     # it, "fault" fails it with TaskInProgress.
     running_source_busy: Literal["wait", "fault"] = "wait"
     # How long finished tasks stay readable (real seconds).
-    task_retention_s: Annotated[float, Field(gt=0)] = 900.0
+    task_retention_s: Annotated[float, Field(gt=0, le=MAX_RETENTION_S)] = 900.0
 
     @field_validator("api_version")
     @classmethod
@@ -60,31 +72,31 @@ class VCenterConfig(_Model):
 class LatencyConfig(_Model):
     """Task durations at time scale 1 (seconds). Real vCenter: ~1 s per instant clone."""
 
-    instant_clone_s: Annotated[float, Field(ge=0)] = 1.0
+    instant_clone_s: Latency = 1.0
     # A running source is stunned (paused) while its delta disk is added.
-    stun_s: Annotated[float, Field(ge=0)] = 0.4
-    per_chain_level_s: Annotated[float, Field(ge=0)] = 0.003
-    full_clone_s: Annotated[float, Field(ge=0)] = 20.0
-    relocate_s: Annotated[float, Field(ge=0)] = 10.0
-    power_on_s: Annotated[float, Field(ge=0)] = 1.5
-    power_off_s: Annotated[float, Field(ge=0)] = 0.5
-    reset_s: Annotated[float, Field(ge=0)] = 1.0
-    destroy_s: Annotated[float, Field(ge=0)] = 0.5
-    reconfigure_s: Annotated[float, Field(ge=0)] = 0.2
-    check_s: Annotated[float, Field(ge=0)] = 0.2
+    stun_s: Latency = 0.4
+    per_chain_level_s: Latency = 0.003
+    full_clone_s: Latency = 20.0
+    relocate_s: Latency = 10.0
+    power_on_s: Latency = 1.5
+    power_off_s: Latency = 0.5
+    reset_s: Latency = 1.0
+    destroy_s: Latency = 0.5
+    reconfigure_s: Latency = 0.2
+    check_s: Latency = 0.2
     # CreateFolder, and a folder's Rename_Task and Destroy_Task.
-    folder_s: Annotated[float, Field(ge=0)] = 0.05
-    guest_program_s: Annotated[float, Field(ge=0)] = 0.5
-    freeze_s: Annotated[float, Field(ge=0)] = 1.0
+    folder_s: Latency = 0.05
+    guest_program_s: Latency = 0.5
+    freeze_s: Latency = 1.0
     # Time after power-on/resume until VMware Tools runs and the guest has an IP.
-    guest_boot_s: Annotated[float, Field(ge=0)] = 0.5
+    guest_boot_s: Latency = 0.5
     # Relative jitter: each duration is multiplied by a factor in [1-j, 1+j].
     jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
 
 class HostConfig(_Model):
     name: str
-    count: Annotated[int, Field(ge=1)] | None = None
+    count: Count | None = None
     # Provisioning operations the host runs at once; more are queued.
     slots: Annotated[int, Field(ge=1)] = 8
     memory_gb: Annotated[float, Field(gt=0)] = 512.0
@@ -98,7 +110,7 @@ class HostConfig(_Model):
 
 class DatastoreConfig(_Model):
     name: str
-    count: Annotated[int, Field(ge=1)] | None = None
+    count: Count | None = None
     capacity_gb: Annotated[float, Field(gt=0)] = 4096.0
     free_gb: Annotated[float, Field(ge=0)] | None = None
 
@@ -115,7 +127,7 @@ class GuestConfig(_Model):
     # A guest agent that sets this guestinfo key to "1" once the guest is networked
     # (its own MAC, NIC connected, an IP), ``ready_after_s`` later.
     ready_key: str | None = None
-    ready_after_s: Annotated[float, Field(ge=0)] = 1.0
+    ready_after_s: Latency = 1.0
 
     @field_validator("ready_key")
     @classmethod
@@ -129,7 +141,7 @@ class VmConfig(_Model):
     """A VM in the inventory. Sources are VMs listed under ``[[sources]]``."""
 
     name: str
-    count: Annotated[int, Field(ge=1)] | None = None
+    count: Count | None = None
     host: str | None = None  # default: spread over hosts
     datastore: str | None = None  # default: spread over datastores
     folder: str | None = None  # path under the datacenter's vm folder
@@ -143,6 +155,11 @@ class VmConfig(_Model):
     nic_connected: bool = True
     guest: GuestConfig = GuestConfig()
     extra_config: dict[str, str] = {}
+
+    @field_validator("folder")
+    @classmethod
+    def _folder(cls, value: str | None) -> str | None:
+        return value if value is None else _check_folder(value)
 
 
 class FaultRule(_Model):
@@ -160,7 +177,7 @@ class FaultRule(_Model):
     object: str = "*"  # glob over the object's moref id and its name
     fault: str
     probability: Annotated[float, Field(ge=0, le=1)] = 1.0
-    delay_s: Annotated[float, Field(ge=0)] = 0.0  # at time scale 1, like latencies
+    delay_s: Latency = 0.0  # at time scale 1, like latencies
     max_count: Annotated[int, Field(ge=0)] | None = None
     phase: Literal["call", "task"] | None = None  # default: task for *_Task methods
     message: str | None = None
@@ -209,8 +226,20 @@ class Topology(_Model):
     clone_memory_shared: Annotated[float, Field(ge=0, le=1)] = 0.75
     seed: int | None = None
 
+    @field_validator("folders")
+    @classmethod
+    def _folders(cls, value: list[str]) -> list[str]:
+        return [_check_folder(v) for v in value]
+
     @model_validator(mode="after")
     def _references(self) -> Topology:
+        counted: list[HostConfig | DatastoreConfig | VmConfig] = [
+            *self.hosts, *self.datastores, *self.sources, *self.vms]
+        total = sum(e.count or 1 for e in counted)
+        if total > MAX_ENTRY_COUNT:
+            # Checked before any name is expanded: each becomes an object in memory.
+            raise ValueError(f"hosts, datastores, sources and vms expand to {total} entries; "
+                             f"the limit is {MAX_ENTRY_COUNT}")
         hosts = {h for h in expand_names(self.hosts)}
         datastores = set(expand_names(self.datastores))
         seen: dict[str, str] = {}
@@ -244,6 +273,14 @@ class Topology(_Model):
         if not datastores:
             raise ValueError("datastores: at least one datastore is needed")
         return self
+
+
+def _check_folder(path: str) -> str:
+    # Every segment is a folder's name: "." and ".." would be folders called that.
+    if any(part in ("", ".", "..") for part in path.strip("/").split("/")):
+        raise ValueError(f"{path!r} is not a folder path like \"sources/linux\" (no empty, "
+                         "\".\" or \"..\" segments)")
+    return path
 
 
 def _expand(template: str, count: int | None) -> list[str]:
@@ -338,16 +375,17 @@ def parse_topology(raw: dict[str, Any], source: str = "<topology>") -> Topology:
 def load_topology(path: str | Path | None = None) -> Topology:
     """Load a topology file, or the built-in default (``config/sim.toml``) when ``None``."""
     if path is None:
-        text = resources.files("fleet").joinpath("data/sim.toml").read_text(encoding="utf-8")
+        raw = resources.files("fleet").joinpath("data/sim.toml").read_bytes()
         source = "default topology (fleet/data/sim.toml)"
     else:
         source = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read topology file: {exc.strerror}", source=source) from None
+            raw = read_user_file(path, CONFIG_MAX_BYTES)
+        except FileProblem as exc:
+            raise ConfigError(f"cannot read topology file: {exc.reason}",
+                              source=source) from None
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"not valid TOML: {exc}", source=source) from None
-    return parse_topology(raw, source)
+        data = parse_toml(raw)
+    except FileProblem as exc:
+        raise ConfigError(exc.reason, key=exc.key, source=source) from None
+    return parse_topology(data, source)

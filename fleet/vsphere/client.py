@@ -49,7 +49,9 @@ from fleet.errors import (
     RequestTimeout,
     UnsupportedEndpoint,
     VSphereError,
+    some_of,
 )
+from fleet.urls import redact_url
 from fleet.vsphere import inventory as inv
 from fleet.vsphere import specs
 from fleet.vsphere.faults import translate
@@ -143,7 +145,7 @@ class VSphereClient:
         self._folder_lock = anyio.Lock()
 
     def __repr__(self) -> str:
-        return f"VSphereClient({self.transport.url!r})"
+        return f"VSphereClient({redact_url(self.transport.url)!r})"
 
     @property
     def url(self) -> str:
@@ -183,7 +185,7 @@ class VSphereClient:
         self._unsupported = endpoint_problem(self._server.api_type, self._server.api_version,
                                              self.session.stub.version)
         if self._unsupported:
-            log.warning("%s: %s", self.url, self._unsupported)
+            log.warning("%s: %s", redact_url(self.url), self._unsupported)
 
     async def close(self) -> None:
         """Stop the update loop, log out and close connections."""
@@ -217,7 +219,7 @@ class VSphereClient:
         if self._stack is None:
             raise RuntimeError("use VSphereClient as `async with VSphereClient(...) as vs`")
         if self._unsupported:
-            raise UnsupportedEndpoint(f"{self.url}: {self._unsupported}")
+            raise UnsupportedEndpoint(f"{redact_url(self.url)}: {self._unsupported}")
 
     def task(self, task_mo: Any, method: str, *,
              convert: Callable[[Any], Any] | None = None,
@@ -317,7 +319,7 @@ class VSphereClient:
         if self._server is None:
             raise RuntimeError("the client is not open")
         if self._unsupported:
-            raise UnsupportedEndpoint(f"{self.url}: {self._unsupported}")
+            raise UnsupportedEndpoint(f"{redact_url(self.url)}: {self._unsupported}")
         return self._server
 
     async def datacenters(self) -> list[tuple[str, Ref, Ref]]:
@@ -407,7 +409,7 @@ class VSphereClient:
             else:
                 found[item] = hits[0]
         if missing:
-            raise NotFound(f"no VM called {', '.join(missing)}", method="find_vms")
+            raise NotFound(f"no VM called {some_of(missing)}", method="find_vms")
         infos = {i.ref.id: i for i in await self._vm_infos(
             await self._retrieve_objects(list({m._moId: m for m in found.values()}.values()),
                                          inv.VM_PATHS))}

@@ -61,6 +61,7 @@ from fleet.errors import (
     TransientFault,
     UnsupportedEndpoint,
     VSphereError,
+    some_of,
 )
 from fleet.vsphere import recipes
 from fleet.vsphere.model import (
@@ -569,7 +570,7 @@ class FakeVSphere:
             else:
                 found.append(self._info(vm))
         if missing:
-            raise NotFound(f"no VM called {', '.join(missing)}", method="find_vms")
+            raise NotFound(f"no VM called {some_of(missing)}", method="find_vms")
         return found
 
     def _lookup(self, name_or_path: str) -> FakeVm | None:

@@ -63,6 +63,7 @@ from fleet.errors import (
     VSphereError,
     VSphereFault,
 )
+from fleet.urls import redact_url
 from fleet.vsphere.faults import map_vsphere_faults, translate
 from fleet.vsphere.transport import MIN_VERSION, SoapTransport, VimStub, version_name
 
@@ -166,7 +167,7 @@ class Session:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"login {self.generation}"
-        return f"Session({self.transport.url!r}, {state})"
+        return f"Session({redact_url(self.transport.url)!r}, {state})"
 
     # -- references ------------------------------------------------------------
     def mo(self, type_name: str, moid: str) -> Any:
@@ -212,7 +213,7 @@ class Session:
         if self._key is None:
             raise VSphereFault("Login: the server set no session cookie", method="Login")
         self.stats.logins += 1
-        log.info("logged in to %s (API %s) in %.2f s", self.transport.url,
+        log.info("logged in to %s (API %s) in %.2f s", redact_url(self.transport.url),
                  self.stub.versionId.strip('"').rsplit("/", 1)[-1], time.monotonic() - started)
 
     async def _login_retrying(self) -> None:
@@ -231,8 +232,8 @@ class Session:
                     raise
                 attempt += 1
                 self.stats.retries["Login"] += 1
-                log.info("login to %s failed (%s); retry %d", self.transport.url, exc.reason,
-                         attempt)
+                log.info("login to %s failed (%s); retry %d", redact_url(self.transport.url),
+                         exc.reason, attempt)
                 await anyio.sleep(self.retry.pause_s(attempt))
 
     async def relogin(self, seen_generation: int) -> None:
@@ -269,10 +270,10 @@ class Session:
                     manager = self.content.sessionManager
                     await self._exchange(manager, manager._GetMethodInfo("Logout"), [],
                                          self._key, 5.0)
-                    log.info("logged out of %s", self.transport.url)
+                    log.info("logged out of %s", redact_url(self.transport.url))
         except VSphereError as exc:
             log.info("logout from %s failed (%s); the session will time out",
-                     self.transport.url, exc.reason)
+                     redact_url(self.transport.url), exc.reason)
         finally:
             self._key = None
             await self.transport.close()

@@ -18,6 +18,8 @@ from pathlib import Path
 import aiohttp
 
 from fleet.errors import ConfigError
+from fleet.files import PEM_MAX_BYTES, FileProblem, decode_utf8, read_user_file
+from fleet.urls import redact_url
 
 log = logging.getLogger("fleet.vsphere")
 
@@ -64,16 +66,20 @@ def client_context(options: TlsOptions, url: str) -> tuple[ssl.SSLContext | None
         return None, None  # plain http: nothing to verify (only ever a simulator)
     if options.insecure:
         log.warning("TLS certificate verification is OFF for %s (insecure=True): anyone on "
-                    "the path can read and change this session, credentials included", url)
+                    "the path can read and change this session, credentials included",
+                    redact_url(url))
         return _unverified(), None
     if options.thumbprint is not None:
         return _unverified(), normalize_thumbprint(options.thumbprint)
     if options.ca_file is not None:
         path = Path(options.ca_file)
-        if not path.is_file():
-            raise ConfigError(f"{str(path)!r} does not exist", key="tls.ca_file")
         try:
-            return ssl.create_default_context(cafile=str(path)), None
+            # Read as every user's file is (fleet.files): regular, capped, no FIFO wait.
+            pem = decode_utf8(read_user_file(path, PEM_MAX_BYTES))
+        except FileProblem as exc:
+            raise ConfigError(f"{str(path)!r}: {exc.reason}", key="tls.ca_file") from None
+        try:
+            return ssl.create_default_context(cadata=pem), None
         except ssl.SSLError as exc:
             raise ConfigError(f"{str(path)!r} is not a PEM certificate file ({exc})",
                               key="tls.ca_file") from exc

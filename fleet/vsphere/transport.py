@@ -43,6 +43,7 @@ from yarl import URL
 
 from fleet import vmomi
 from fleet.errors import ConfigError
+from fleet.urls import redact_url, url_problem
 from fleet.vsphere.faults import BadReply, HttpStatusError, map_vsphere_faults, translate
 from fleet.vsphere.http import HttpPool
 from fleet.vsphere.tls import TlsOptions, client_context, ssl_for
@@ -154,13 +155,16 @@ class SoapTransport:
     def __init__(self, url: str, *, tls: TlsOptions | None = None, max_connections: int = 256,
                  keepalive_s: float = 15.0, connect_timeout_s: float = 10.0,
                  compress: bool = False) -> None:
+        # The same check as a spec's vcenter.url (user info refused: it would be a
+        # password in every message that shows the URL); shown redacted.
+        problem = url_problem(url)
+        if problem:
+            raise ConfigError(f"{redact_url(url)!r} {problem}", key="url")
         if not url.rstrip("/").endswith("/sdk"):
             url = url.rstrip("/") + "/sdk"
         self.url = url
         parsed = urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(f"{url!r} is not an http(s) URL", key="url")
-        self.host = parsed.hostname
+        self.host = parsed.hostname or ""  # never empty: url_problem checked it
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.path = parsed.path or "/sdk"
         self.tls = tls or TlsOptions()
@@ -170,7 +174,7 @@ class SoapTransport:
         self.compress = compress
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
+        return f"{type(self).__name__}({redact_url(self.url)!r})"
 
     async def open(self) -> None:
         raise NotImplementedError

@@ -80,7 +80,10 @@ def test_tokens_must_be_long_and_come_from_env_or_file(tmp_path: Path) -> None:
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    from fleet.sim.tls import generate
+
+    # A real certificate: the CA file is parsed at load time now.
+    (tmp_path / "ca.pem").write_bytes(generate().cert_pem)
     config = config_from_dict({"api": {"token_env": "TOKEN"}, "state_dir": "state",
                                "vcenter": {"url": "https://vc/sdk", "user": "u",
                                            "password_env": "VC_PW", "ca_file": "ca.pem"}},
@@ -120,3 +123,29 @@ def test_names_the_service_refuses(tmp_path: Path, name: str) -> None:
     assert not valid_name(name)
     with pytest.raises(ValueError):
         StateStore(tmp_path)._file(name)
+
+
+def test_state_files_a_user_could_break_do_not_hang_or_sink_the_start(tmp_path: Path) -> None:
+    """The service reads its state directory at start: a FIFO there hung it, a link to
+    /dev/zero read without end, JSON nested 100,000 deep raised RecursionError. Each is
+    now ignored (and logged); a good file next to them still loads."""
+    import os
+    import threading
+
+    from fleet.api.state import SavedFleet, StateStore
+
+    store = StateStore(tmp_path)
+    store._save(SavedFleet(name="good", spec={"count": 1}, generation=1, status="ready"))
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    loaded: list[list[SavedFleet]] = []
+    reader = threading.Thread(target=lambda: loaded.append(store._load_all()), daemon=True)
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():
+        with open(tmp_path / "fifo.json", "wb"):
+            pass  # release the reader stuck in open()
+        reader.join(60)
+        pytest.fail("loading the state directory blocked on a FIFO")
+    assert [s.name for s in loaded[0]] == ["good"]
