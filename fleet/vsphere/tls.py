@@ -6,6 +6,10 @@ signed it, host name checked) or a pinned SHA-256 thumbprint of the server
 certificate (``AA:BB:...`` or plain hex; only that certificate is accepted,
 whatever its name). ``insecure=True`` turns checking off and says so loudly
 in the log on every connect.
+
+Users set these as ``vcenter.ca_file``, ``vcenter.thumbprint`` and
+``vcenter.insecure`` (the fleet spec and ``fleet serve``'s config use the same
+names), so every error here names those keys.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from fleet.errors import ConfigError
 
 log = logging.getLogger("fleet.vsphere")
 
+#: The config keys (fleet spec and ``fleet serve`` config) behind each option.
+KEYS = {"ca_file": "vcenter.ca_file", "thumbprint": "vcenter.thumbprint",
+        "insecure": "vcenter.insecure"}
+
 
 @dataclass(frozen=True)
 class TlsOptions:
@@ -29,11 +37,12 @@ class TlsOptions:
     insecure: bool = False
 
     def __post_init__(self) -> None:
-        chosen = [n for n, v in (("ca_file", self.ca_file), ("thumbprint", self.thumbprint),
-                                 ("insecure", self.insecure)) if v]
+        chosen = [KEYS[n] for n, v in (("ca_file", self.ca_file),
+                                       ("thumbprint", self.thumbprint),
+                                       ("insecure", self.insecure)) if v]
         if len(chosen) > 1:
             raise ConfigError(f"choose one way to trust the server, not {' and '.join(chosen)}",
-                              key="tls")
+                              key=chosen[1])
         if self.thumbprint is not None:
             normalize_thumbprint(self.thumbprint)
 
@@ -43,14 +52,14 @@ def normalize_thumbprint(thumbprint: str) -> bytes:
     text = thumbprint.replace(":", "").replace(" ", "").strip().lower()
     if len(text) == 40:
         raise ConfigError(f"{thumbprint!r} looks like a SHA-1 thumbprint; pin the SHA-256 one",
-                          key="tls.thumbprint")
+                          key=KEYS["thumbprint"])
     try:
         digest = bytes.fromhex(text)
     except ValueError:
         digest = b""
     if len(digest) != 32:
         raise ConfigError(f"{thumbprint!r} is not a SHA-256 thumbprint (64 hex digits)",
-                          key="tls.thumbprint")
+                          key=KEYS["thumbprint"])
     return digest
 
 
@@ -63,7 +72,7 @@ def client_context(options: TlsOptions, url: str) -> tuple[ssl.SSLContext | None
     if not url.lower().startswith("https:"):
         return None, None  # plain http: nothing to verify (only ever a simulator)
     if options.insecure:
-        log.warning("TLS certificate verification is OFF for %s (insecure=True): anyone on "
+        log.warning("TLS certificate verification is OFF for %s (vcenter.insecure): anyone on "
                     "the path can read and change this session, credentials included", url)
         return _unverified(), None
     if options.thumbprint is not None:
@@ -71,12 +80,12 @@ def client_context(options: TlsOptions, url: str) -> tuple[ssl.SSLContext | None
     if options.ca_file is not None:
         path = Path(options.ca_file)
         if not path.is_file():
-            raise ConfigError(f"{str(path)!r} does not exist", key="tls.ca_file")
+            raise ConfigError(f"{str(path)!r} does not exist", key=KEYS["ca_file"])
         try:
             return ssl.create_default_context(cafile=str(path)), None
         except ssl.SSLError as exc:
             raise ConfigError(f"{str(path)!r} is not a PEM certificate file ({exc})",
-                              key="tls.ca_file") from exc
+                              key=KEYS["ca_file"]) from exc
     return ssl.create_default_context(), None
 
 

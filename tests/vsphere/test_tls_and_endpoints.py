@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fleet import errors
 from fleet.vsphere.model import CloneRequest
+from fleet.vsphere.tls import TlsOptions, client_context
+from tests import specs
 from tests.simproc import SimProcess
 from tests.vsphere.conftest import client_for, unique
 
@@ -25,7 +31,10 @@ async def test_self_signed_certificate_refused_by_default(sim: SimProcess,
     with pytest.raises(errors.TlsVerificationFailed) as info:
         async with client_for(sim, ca_file=None, transport=transport):
             pass
-    assert "ca_file" in str(info.value) and "thumbprint" in str(info.value)
+    # The remedy names the keys users write in a spec or a serve config.
+    text = str(info.value)
+    assert "vcenter.ca_file" in text and "vcenter.thumbprint" in text
+    assert "tls " not in text and "tls." not in text
 
 
 async def test_ca_file_trusts_it(sim: SimProcess, transport: str) -> None:
@@ -45,7 +54,7 @@ async def test_pinned_thumbprint_trusts_it(sim: SimProcess, transport: str) -> N
 
 async def test_wrong_thumbprint_refused(sim: SimProcess, transport: str) -> None:
     wrong = "AB:" * 31 + "CD"
-    with pytest.raises(errors.TlsVerificationFailed, match="thumbprint"):
+    with pytest.raises(errors.TlsVerificationFailed, match=r"vcenter\.thumbprint"):
         async with client_for(sim, ca_file=None, thumbprint=wrong, transport=transport):
             pass
 
@@ -55,8 +64,64 @@ async def test_insecure_works_and_warns(sim: SimProcess, transport: str,
     with caplog.at_level(logging.WARNING, logger="fleet.vsphere"):
         async with client_for(sim, ca_file=None, insecure=True, transport=transport) as vs:
             await vs.server_info()
-    assert any("verification is OFF" in r.getMessage() and r.levelno == logging.WARNING
-               for r in caplog.records)
+    assert any("verification is OFF" in r.getMessage() and "vcenter.insecure" in r.getMessage()
+               and r.levelno == logging.WARNING for r in caplog.records)
+
+
+# -- every TLS error names the key a user sets: vcenter.ca_file / thumbprint / insecure --
+
+URL = "https://127.0.0.1:1/sdk"
+
+
+def test_missing_ca_file_names_vcenter_ca_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.pem"
+    with pytest.raises(errors.ConfigError) as info:
+        client_context(TlsOptions(ca_file=missing), URL)
+    assert info.value.key == "vcenter.ca_file"
+    assert str(info.value).startswith("vcenter.ca_file: ") and str(missing) in str(info.value)
+
+
+def test_ca_file_that_is_not_pem_names_vcenter_ca_file(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(errors.ConfigError) as info:
+        client_context(TlsOptions(ca_file=junk), URL)
+    assert info.value.key == "vcenter.ca_file"
+    assert "not a PEM certificate" in str(info.value)
+
+
+@pytest.mark.parametrize("thumbprint, why", [("AB:" * 19 + "CD", "SHA-1"),
+                                             ("not hex at all", "64 hex digits")])
+def test_bad_thumbprint_names_vcenter_thumbprint(thumbprint: str, why: str) -> None:
+    with pytest.raises(errors.ConfigError) as info:
+        TlsOptions(thumbprint=thumbprint)
+    assert info.value.key == "vcenter.thumbprint"
+    assert str(info.value).startswith("vcenter.thumbprint: ") and why in str(info.value)
+
+
+def test_two_ways_of_trust_name_both_keys(tmp_path: Path) -> None:
+    with pytest.raises(errors.ConfigError) as info:
+        TlsOptions(ca_file=tmp_path / "ca.pem", insecure=True)
+    assert info.value.key == "vcenter.insecure"
+    assert "vcenter.ca_file and vcenter.insecure" in str(info.value)
+
+
+def test_cli_names_vcenter_ca_file_for_a_file_that_is_not_pem(sim: SimProcess,
+                                                             tmp_path: Path) -> None:
+    """End to end: the spec passes validation (the file is readable); connecting finds it
+    is no certificate, and the user reads the key to fix with the usage-error code."""
+    junk = tmp_path / "ca.pem"
+    junk.write_text("-----BEGIN NOTHING-----\n")
+    data = specs.spec_data(sim, "tlskeys", 1)
+    del data["vcenter"]["thumbprint"]
+    data["vcenter"]["ca_file"] = str(junk)
+    spec = tmp_path / "fleet.toml"
+    spec.write_text(specs.to_toml(data))
+    result = subprocess.run([sys.executable, "-m", "fleet", "plan", "--spec", str(spec)],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, **specs.ENV))
+    assert result.returncode == 2, result.stderr
+    assert "vcenter.ca_file" in result.stderr and "tls." not in result.stderr
 
 
 # -- endpoints that cannot instant-clone ------------------------------------------------
