@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from fleet import errors
+from fleet.vsphere.client import RetryPolicy, VSphereClient
 from fleet.vsphere.model import CloneRequest
 from fleet.vsphere.tls import TlsOptions, client_context
 from tests import specs
-from tests.simproc import SimProcess
+from tests.simproc import PASSWORD, USER, SimProcess
 from tests.vsphere.conftest import client_for, unique
 
 pytestmark = pytest.mark.anyio
@@ -188,3 +190,64 @@ async def test_method_not_found_for_instant_clone(sim: SimProcess) -> None:
             assert vs.stats["calls"]["InstantClone_Task"] == 1
     finally:
         sim.clear_faults()
+
+
+# -- a URL with the wrong scheme says so (both transports, the same words) ------------------
+
+@pytest.fixture(scope="module")
+def http_sim() -> Iterator[SimProcess]:
+    with SimProcess(time_scale=0.02, http=True) as process:
+        yield process
+
+
+async def _config_error(url: str, transport: str, **kw: object) -> errors.ConfigError:
+    with pytest.raises(errors.ConfigError) as info:
+        async with VSphereClient(url, USER, PASSWORD, transport=transport,
+                                 **kw):  # type: ignore[arg-type]
+            pass
+    return info.value
+
+
+async def test_http_url_against_an_https_server_says_it_speaks_tls(sim: SimProcess) -> None:
+    url = sim.url.replace("https://", "http://")
+    found = {t: await _config_error(url, t, insecure=True) for t in ("protocol", "aiohttp")}
+    for error in found.values():
+        assert error.key == "vcenter.url"
+        assert "speaks TLS" in str(error) and "looks like an https server" in str(error)
+        assert f"use {sim.url}" in str(error)
+    assert str(found["protocol"]) == str(found["aiohttp"])
+
+
+async def test_https_url_against_a_plain_http_server_says_it_is_plain_http(
+        http_sim: SimProcess, sim: SimProcess) -> None:
+    url = http_sim.url.replace("http://", "https://")
+    found = {t: await _config_error(url, t, insecure=True) for t in ("protocol", "aiohttp")}
+    for error in found.values():
+        assert error.key == "vcenter.url"
+        assert "TLS handshake failed" in str(error)
+        assert "looks like a plain http server" in str(error)
+        assert f"use {http_sim.url}" in str(error)
+    assert str(found["protocol"]) == str(found["aiohttp"])
+    # Also when the URL's trust is a CA file rather than insecure.
+    assert "plain http" in str(await _config_error(url, "protocol", ca_file=sim.cert_path))
+
+
+@pytest.mark.parametrize("transport", ["protocol", "aiohttp"])
+async def test_a_plain_server_that_just_hangs_up_is_not_taken_for_tls(transport: str) -> None:
+    """The probe must find TLS before it is named: a server that closes every connection
+    leaves the ordinary connection error."""
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(errors.ConnectionFailed) as info:
+            async with VSphereClient(f"http://127.0.0.1:{port}/sdk", USER, PASSWORD,
+                                     transport=transport, insecure=True,
+                                     retry=RetryPolicy(max_retries=0)):
+                pass
+        assert "TLS" not in str(info.value)
+    finally:
+        server.close()
+        await server.wait_closed()
