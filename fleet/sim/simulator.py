@@ -38,7 +38,7 @@ from fleet.sim.entities import (
     Network,
 )
 from fleet.sim.faults import FaultInjector, Injection
-from fleet.sim.propcollector import PropertyCollector, ViewManager
+from fleet.sim.propcollector import PropertyCollector, UpdateFaults, ViewManager
 from fleet.sim.service import (
     GuestOperationsManager,
     GuestProcessManager,
@@ -101,6 +101,8 @@ class Simulator:
         self.faults = FaultInjector(self.rng)
         for rule in topology.faults:
             self.faults.add(rule)
+        self.update_faults = UpdateFaults(topology.updates.withhold_initial,
+                                          topology.updates.drop_fraction)
         self.counters: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self.clone_memory_shared = topology.clone_memory_shared
@@ -456,6 +458,7 @@ class Simulator:
             "network_conflicts": self.counters["network_conflicts"],
             "faults_injected": self.faults.total,
             "faults_by_type": dict(self.faults.injected),
+            "updates": self.update_faults.as_dict(),
             "tasks": {"queued": self.scheduler.queued, "running": self.scheduler.running,
                       "total": self.counters["tasks"]},
             "hosts": {h.name: {"connection_state": h.connection_state,

@@ -143,6 +143,16 @@ class VmConfig(_Model):
     extra_config: dict[str, str] = {}
 
 
+class UpdatesConfig(_Model):
+    """Ways the property collector's update stream fails a client (docs/watching.md)."""
+
+    # A filter created while a WaitForUpdatesEx of its collector is pending: its objects'
+    # initial state (their ``enter`` update) is never reported, only later changes.
+    withhold_initial: bool = False
+    # Each change of a watched object is lost (never reported) with this probability.
+    drop_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
 class FaultRule(_Model):
     """Inject a fault where ``method`` and ``object`` globs match.
 
@@ -202,6 +212,7 @@ class Topology(_Model):
     sources: list[VmConfig] = []
     vms: list[VmConfig] = []
     faults: list[FaultRule] = []
+    updates: UpdatesConfig = UpdatesConfig()
     users: list[UserConfig] = []
     # Fraction of an instant clone's memory shared with its source (page sharing).
     clone_memory_shared: Annotated[float, Field(ge=0, le=1)] = 0.75
