@@ -49,6 +49,8 @@ PC = vmodl.query.PropertyCollector
 
 # vCenter caps one WaitForUpdatesEx reply; clients continue with the version.
 DEFAULT_MAX_OBJECT_UPDATES = 10_000
+# Pages of a RetrievePropertiesEx a session never continued: the oldest are dropped.
+MAX_RETRIEVE_TOKENS = 100
 _token_ids = itertools.count(1)
 
 
@@ -333,6 +335,13 @@ class PropertyFilter(SimObject):
         out.sort(key=lambda item: item[0])
         return out
 
+    def acknowledged(self, version: int) -> None:
+        """The client asked from ``version``: it has every change up to it, so objects
+        that left before it need not be remembered (a retry asks from the same one)."""
+        if self.left:
+            for moid in [m for m, (_, v) in self.left.items() if v <= version]:
+                del self.left[moid]
+
     def _changes(self, tracked: _Tracked, paths: Iterable[str], modify: bool = False) -> list[Any]:
         changes = []
         for path in paths:
@@ -445,7 +454,10 @@ class PropertyCollector(SimObject):
         if limit is None or len(contents) <= limit:
             return PC.RetrieveResult(objects=contents)
         token = f"{next(_token_ids)}"
-        ctx.session.retrieve_tokens[token] = (contents[limit:], limit)
+        tokens = ctx.session.retrieve_tokens
+        tokens[token] = (contents[limit:], limit)
+        while len(tokens) > MAX_RETRIEVE_TOKENS:
+            del tokens[next(iter(tokens))]
         return PC.RetrieveResult(objects=contents[:limit], token=token)
 
     def ContinueRetrievePropertiesEx(self, ctx: CallContext, token: str) -> Any:
@@ -514,6 +526,8 @@ class PropertyCollector(SimObject):
         if state.last_request == key and state.last_reply is not None:
             return state.last_reply
         base, snap, cursor = _parse_version(version, state)
+        for flt in state.filters.values():
+            flt.acknowledged(base)
         state.waiting += 1
         try:
             return await self._wait_from(ctx, state, key, base, snap, cursor, max_wait,

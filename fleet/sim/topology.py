@@ -44,8 +44,12 @@ class VCenterConfig(_Model):
     # A running source already being cloned: "wait" queues the next clone behind
     # it, "fault" fails it with TaskInProgress.
     running_source_busy: Literal["wait", "fault"] = "wait"
-    # How long finished tasks stay readable (real seconds).
-    task_retention_s: Annotated[float, Field(gt=0)] = 900.0
+    # How long finished tasks stay readable (real seconds): vCenter documents 10 minutes
+    # for TaskManager.recentTask. Then a read of the task is ManagedObjectNotFound.
+    task_retention_s: Annotated[float, Field(gt=0)] = 600.0
+    # And at most this many finished tasks are kept (the oldest go first), so the
+    # simulator's memory is bounded whatever the clone rate.
+    max_finished_tasks: Annotated[int, Field(ge=1)] = 10_000
 
     @field_validator("api_version")
     @classmethod
