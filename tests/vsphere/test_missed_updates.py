@@ -103,8 +103,9 @@ async def test_every_change_lost_still_ends_every_task(updates: SimProcess) -> N
 
 
 async def test_no_direct_read_while_updates_arrive(updates: SimProcess) -> None:
-    """The fallback costs no call when vCenter reports everything."""
-    async with _client(updates) as vs:
+    """The fallback costs no call when vCenter reports everything (default grace, so a
+    loaded machine's slow reply is not taken for a missed one)."""
+    async with client_for(updates) as vs:
         made = await _clone_all(vs, 40, "healthy")
         stats = vs.stats
     assert len(made) == 40
@@ -121,8 +122,7 @@ async def test_a_provision_completes_with_withheld_initial_updates(updates: SimP
         summary = await provision(spec, vs)
         stats = vs.stats
     assert summary.ready == 12 and summary.failed == 0
-    assert stats["missed_updates"] > 0
-    assert stats["direct_reads"] <= stats["filters_created"]
+    assert stats["missed_updates"] > 0 and stats["direct_reads"] > 0
 
 
 async def test_update_switches_validate_their_input(lossy: SimProcess) -> None:
