@@ -116,6 +116,8 @@ class Watch:
         self.checks = 0  # direct reads in a row that found nothing new
         self.last_check = 0.0
         self.due_at: float | None = None  # its entry in the watcher's heap, if any
+        #: filters whose ``enter`` came before the CreateFilter reply named its filter
+        self.early: list[str] | None = None
 
     def __repr__(self) -> str:
         return f"<Watch {self.type_name}:{self.moid} {','.join(self.paths)}>"
@@ -409,9 +411,15 @@ class PropertyWatcher:
                                 values.pop(name, None)
                             else:
                                 values[name] = change.val
-                    if kind == "enter" and w.group is not None and \
-                            w.group.filter._moId == filter_id:
-                        w.initialized = True
+                    if kind == "enter":
+                        group = w.group
+                        if group is None:
+                            # The poll's reply can overtake CreateFilter's: keep the id.
+                            if w.early is None:
+                                w.early = []
+                            w.early.append(filter_id)
+                        elif group.filter._moId == filter_id:
+                            w.initialized = True
                     touched[id(w)] = w
         if touched:
             now = time.monotonic()
@@ -439,6 +447,7 @@ class PropertyWatcher:
                     w.group = None
             for w in live:
                 w.initialized = False  # the new filters report everything again
+                w.early = None
             self._groups.clear()
             self._retired.clear()
             self._pending = live
@@ -534,6 +543,9 @@ class PropertyWatcher:
             for w in group.watches:
                 w.group = group
                 w.filter_at = now
+                if w.early is not None:
+                    w.initialized = w.initialized or flt._moId in w.early
+                    w.early = None
                 self._schedule(w, now + self.quiet_s)
             if group.watches and generation == self.session.generation:
                 self._groups.add(group)
