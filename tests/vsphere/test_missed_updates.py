@@ -116,12 +116,15 @@ async def test_no_direct_read_while_updates_arrive(updates: SimProcess) -> None:
 async def test_a_provision_completes_with_withheld_initial_updates(updates: SimProcess) -> None:
     """The whole engine, whose VM waits and tasks both start with a withheld state."""
     updates.set_updates(withhold_initial=True)
-    updates.add_faults(SLOW_FILTERS)
-    spec = make_spec(updates, unique("withheld-fleet"), 12)
+    updates.add_faults({**SLOW_FILTERS, "max_count": 2})  # the first clones end unseen
+    # Without the fallback the first clones end unseen: each would wait out clone_s and
+    # then be adopted.
+    spec = make_spec(updates, unique("withheld-fleet"), 12, timeouts={"clone_s": 60})
     async with _client(updates) as vs:
         summary = await provision(spec, vs)
+        assert summary.ready == 12 and summary.failed == 0
+        assert summary.created == 12 and summary.adopted == 0
         stats = vs.stats
-    assert summary.ready == 12 and summary.failed == 0
     assert stats["missed_updates"] > 0 and stats["direct_reads"] > 0
 
 
