@@ -125,6 +125,10 @@ class SimProcess:
     def set_vm(self, name: str, **fields: Any) -> Any:
         return self._call("POST", f"/_sim/vms/{name}", fields)
 
+    def set_updates(self, **fields: Any) -> Any:
+        """How the update stream fails: ``withhold_initial``, ``drop_fraction``."""
+        return self._call("POST", "/_sim/updates", fields)
+
     def close(self) -> None:
         self._stop()
         self._tmp.cleanup()

@@ -112,10 +112,10 @@ async def _run(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # A simulator holds a large, long-lived heap (VMs, tasks retained for 900 s) and makes
-    # much short-lived garbage per call. With the default first threshold (700) that
-    # garbage reaches the old generation, and full collections (~1 s at 10k clones)
-    # came ever more often as a scale run went on. Collect the young generation less
-    # often so call garbage dies there.
+    # A simulator holds a large, long-lived heap (VMs, up to 10,000 finished tasks kept
+    # for 600 s) and makes much short-lived garbage per call. With the default first
+    # threshold (700) that garbage reaches the old generation, and full collections
+    # (~1 s at 10k clones) came ever more often as a scale run went on. Collect the
+    # young generation less often so call garbage dies there.
     gc.set_threshold(10_000, 10, 10)
     return asyncio.run(_run(args))

@@ -121,6 +121,14 @@ class Inventory:
             watcher.on_structure_change()
         self.structure_changed()
 
+    def forget(self, obj: SimObject) -> None:
+        """``obj`` is gone without being an inventory entity (a finished task): filters
+        watching it see it leave; no structure event (no folder changed)."""
+        if self.objects.get(obj.moid) is obj:
+            del self.objects[obj.moid]
+        for watcher in list(self._watchers.pop(obj.moid, ())):
+            watcher.on_structure_change()
+
     def get(self, moid: str) -> SimObject | None:
         return self.objects.get(moid)
 

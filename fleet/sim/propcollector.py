@@ -13,6 +13,13 @@ touched paths with the collector's next version number and wakes waiters.
 per version, a client repeating a call with an older version (a lost reply)
 gets the changes again instead of losing them. Collector state is per session,
 as in vCenter: a new session gets ``InvalidCollectorVersion`` for old versions.
+
+:class:`UpdateFaults` makes the update stream fail the way clients must survive
+(topology ``[updates]``, ``POST /_sim/updates``; docs/watching.md): a filter
+created while a ``WaitForUpdatesEx`` of its collector is pending can have its
+objects' initial state withheld (never reported; later changes are), as an
+independent vCenter simulator does, and any change can be dropped with a given
+probability.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ PC = vmodl.query.PropertyCollector
 
 # vCenter caps one WaitForUpdatesEx reply; clients continue with the version.
 DEFAULT_MAX_OBJECT_UPDATES = 10_000
+# Pages of a RetrievePropertiesEx a session never continued: the oldest are dropped.
+MAX_RETRIEVE_TOKENS = 100
 _token_ids = itertools.count(1)
 
 
@@ -156,6 +165,20 @@ def retrieve(sim: Simulator, spec_set: Iterable[Any]) -> list[Any]:
 # -- filters and update tracking ---------------------------------------------
 
 @dataclass
+class UpdateFaults:
+    """Switches that make the update stream lose what a client waits for."""
+
+    withhold_initial: bool = False
+    drop_fraction: float = 0.0
+    withheld: int = 0  # objects whose initial state was never reported
+    dropped: int = 0  # object changes never reported
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"withhold_initial": self.withhold_initial, "drop_fraction": self.drop_fraction,
+                "withheld": self.withheld, "dropped": self.dropped}
+
+
+@dataclass
 class _Tracked:
     obj: SimObject
     paths: tuple[str, ...]
@@ -193,7 +216,8 @@ class PropertyFilter(SimObject):
     vim_type = PC.Filter
     id_prefix = "session"
 
-    def __init__(self, sim: Simulator, state: CollectorState, spec: Any, partial: bool) -> None:
+    def __init__(self, sim: Simulator, state: CollectorState, spec: Any, partial: bool,
+                 withhold_initial: bool = False) -> None:
         super().__init__(sim, f"session[{state.session.key[:8]}]{next(_token_ids):x}")
         self.state = state
         self.spec = spec
@@ -203,7 +227,10 @@ class PropertyFilter(SimObject):
         self.dynamic = any(os.selectSet for os in spec.objectSet or ())
         self.needs_resolve = False
         self.created = state.bump()
-        self._resolve(self.created)
+        # Withheld: stamped before any version, so no wait ever reports them as entered.
+        self._resolve(self.created, entered=-1 if withhold_initial else None)
+        if withhold_initial:
+            sim.update_faults.withheld += len(self.tracked)
         if self.dynamic:
             sim.inventory.listen_structure(self)
 
@@ -213,7 +240,7 @@ class PropertyFilter(SimObject):
     def prop_partialUpdates(self) -> bool:
         return self.partial
 
-    def _resolve(self, version: int) -> None:
+    def _resolve(self, version: int, entered: int | None = None) -> None:
         try:
             objects = collect_objects(self.sim, self.spec.objectSet)
         except vmodl.fault.ManagedObjectNotFound:
@@ -234,7 +261,8 @@ class PropertyFilter(SimObject):
             if paths is None:
                 continue
             tops = frozenset(p.split(".", 1)[0].split("[", 1)[0] for p in paths)
-            self.tracked[moid] = _Tracked(obj, paths, tops, version,
+            self.tracked[moid] = _Tracked(obj, paths, tops,
+                                          version if entered is None else entered,
                                           values={p: resolve_path(obj, p) for p in paths})
             self.left.pop(moid, None)
             self.sim.inventory.watch(moid, self)
@@ -254,6 +282,13 @@ class PropertyFilter(SimObject):
                 continue
             really.append((path, value))
         if not really:
+            return
+        faults = self.sim.update_faults
+        if faults.drop_fraction and self.sim.rng.random() < faults.drop_fraction:
+            # Lost: the filter moves on to the new values without ever reporting them.
+            for path, value in really:
+                tracked.values[path] = value
+            faults.dropped += 1
             return
         version = self.state.bump()
         for path, value in really:
@@ -300,6 +335,13 @@ class PropertyFilter(SimObject):
         out.sort(key=lambda item: item[0])
         return out
 
+    def acknowledged(self, version: int) -> None:
+        """The client asked from ``version``: it has every change up to it, so objects
+        that left before it need not be remembered (a retry asks from the same one)."""
+        if self.left:
+            for moid in [m for m, (_, v) in self.left.items() if v <= version]:
+                del self.left[moid]
+
     def _changes(self, tracked: _Tracked, paths: Iterable[str], modify: bool = False) -> list[Any]:
         changes = []
         for path in paths:
@@ -331,6 +373,7 @@ class CollectorState:
         self.session = session
         self.version = 0
         self.filters: dict[str, PropertyFilter] = {}
+        self.waiting = 0  # WaitForUpdates calls pending on this collector
         self._event = asyncio.Event()
         self.cancelled = 0
         # last reply, so that a retried call after a lost reply gets the same answer
@@ -411,7 +454,10 @@ class PropertyCollector(SimObject):
         if limit is None or len(contents) <= limit:
             return PC.RetrieveResult(objects=contents)
         token = f"{next(_token_ids)}"
-        ctx.session.retrieve_tokens[token] = (contents[limit:], limit)
+        tokens = ctx.session.retrieve_tokens
+        tokens[token] = (contents[limit:], limit)
+        while len(tokens) > MAX_RETRIEVE_TOKENS:
+            del tokens[next(iter(tokens))]
         return PC.RetrieveResult(objects=contents[:limit], token=token)
 
     def ContinueRetrievePropertiesEx(self, ctx: CallContext, token: str) -> Any:
@@ -434,7 +480,8 @@ class PropertyCollector(SimObject):
         for os in spec.objectSet or ():
             ctx.sim.inventory.resolve(os.obj)
         state = self.state(ctx)
-        flt = PropertyFilter(ctx.sim, state, spec, partialUpdates)
+        withhold = ctx.sim.update_faults.withhold_initial and state.waiting > 0
+        flt = PropertyFilter(ctx.sim, state, spec, partialUpdates, withhold)
         ctx.sim.inventory.objects[flt.moid] = flt  # not an inventory entity: no structure event
         state.filters[flt.moid] = flt
         state.wake()
@@ -479,6 +526,18 @@ class PropertyCollector(SimObject):
         if state.last_request == key and state.last_reply is not None:
             return state.last_reply
         base, snap, cursor = _parse_version(version, state)
+        for flt in state.filters.values():
+            flt.acknowledged(base)
+        state.waiting += 1
+        try:
+            return await self._wait_from(ctx, state, key, base, snap, cursor, max_wait,
+                                         max_objects)
+        finally:
+            state.waiting -= 1
+
+    async def _wait_from(self, ctx: CallContext, state: CollectorState, key: str, base: int,
+                         snap: int | None, cursor: str, max_wait: int | None,
+                         max_objects: int | None) -> Any:
         cancelled = state.cancelled
         loop = asyncio.get_running_loop()
         deadline = None if max_wait is None else loop.time() + max_wait

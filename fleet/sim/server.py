@@ -11,6 +11,9 @@ Endpoints:
 - ``POST /_sim/hosts/{name}``: ``{"connection_state": "disconnected"}`` and back.
 - ``POST /_sim/vms/{name}``: ``{"chain_depth": N}`` and/or ``{"frozen": bool}``, to play
   another tool having changed a source behind fleet's back.
+- ``GET|POST /_sim/updates``: how the property collector's update stream fails
+  (``{"withhold_initial": bool, "drop_fraction": 0..1}``, the topology's ``[updates]``
+  at start) and how often it did (``withheld``, ``dropped``); docs/watching.md.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from fleet.sim.soap import (
     encode_response,
     version_from_soap_action,
 )
-from fleet.sim.topology import FaultRule
+from fleet.sim.topology import FaultRule, UpdatesConfig
 from fleet.sim.vm import DISK_KEY_BASE, VirtualMachine
 
 log = logging.getLogger("fleet.sim.server")
@@ -103,6 +106,8 @@ class SimApp:
         app.router.add_post("/_sim/sessions/expire", self.expire_sessions)
         app.router.add_post("/_sim/hosts/{name}", self.set_host)
         app.router.add_post("/_sim/vms/{name}", self.set_vm)
+        app.router.add_get("/_sim/updates", self.get_updates)
+        app.router.add_post("/_sim/updates", self.set_updates)
         app.cleanup_ctx.append(self._reaper)
         return app
 
@@ -244,6 +249,27 @@ class SimApp:
                 status=400)
         host.set_connection_state(state)
         return web.json_response({"host": name, "connection_state": state})
+
+    async def get_updates(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sim.update_faults.as_dict())
+
+    async def set_updates(self, request: web.Request) -> web.Response:
+        raw = await self._json(request)
+        unknown = sorted(set(raw) - {"withhold_initial", "drop_fraction"})
+        if unknown:
+            return web.json_response({"error": f"unknown key {unknown[0]!r} (withhold_initial, "
+                                               "drop_fraction)"}, status=400)
+        try:
+            merged = {"withhold_initial": self.sim.update_faults.withhold_initial,
+                      "drop_fraction": self.sim.update_faults.drop_fraction, **raw}
+            valid = UpdatesConfig.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            return web.json_response({"error": f"{loc}: {err['msg']}"}, status=400)
+        self.sim.update_faults.withhold_initial = valid.withhold_initial
+        self.sim.update_faults.drop_fraction = valid.drop_fraction
+        return web.json_response(self.sim.update_faults.as_dict())
 
     async def set_vm(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import heapq
 import inspect
 import ipaddress
 import logging
 import random
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +36,7 @@ from fleet.sim.entities import (
     Network,
 )
 from fleet.sim.faults import FaultInjector, Injection
-from fleet.sim.propcollector import PropertyCollector, ViewManager
+from fleet.sim.propcollector import PropertyCollector, UpdateFaults, ViewManager
 from fleet.sim.service import (
     GuestOperationsManager,
     GuestProcessManager,
@@ -76,14 +74,29 @@ TYPE_PRIVILEGES = {
 FREE_PRIVILEGES = ("System.Anonymous", "System.View", "System.Read")
 
 
-def _distribution(values: list[float]) -> dict[str, float]:
-    """count/mean/p50/p95/max of task run times (seconds)."""
-    if not values:
-        return {"count": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
-    ordered = sorted(values)
-    n = len(ordered)
-    return {"count": n, "mean": sum(ordered) / n, "p50": ordered[n // 2],
-            "p95": ordered[min(n - 1, int(n * 0.95))], "max": ordered[-1]}
+class RunTimes:
+    """count/mean/max of every sample and p50/p95 of the latest ``keep``: a summary that
+    does not grow with the number of clones."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+        self.recent: deque[float] = deque(maxlen=keep)
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        self.max = max(self.max, value)
+        self.recent.append(value)
+
+    def summary(self) -> dict[str, float]:
+        if not self.count:
+            return {"count": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
+        ordered = sorted(self.recent)
+        n = len(ordered)
+        return {"count": self.count, "mean": self.total / self.count, "p50": ordered[n // 2],
+                "p95": ordered[min(n - 1, int(n * 0.95))], "max": self.max}
 
 
 def _product_version(api_version: str) -> str:
@@ -106,6 +119,8 @@ class Simulator:
         self.faults = FaultInjector(self.rng)
         for rule in topology.faults:
             self.faults.add(rule)
+        self.update_faults = UpdateFaults(topology.updates.withhold_initial,
+                                          topology.updates.drop_fraction)
         self.counters: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self.clone_memory_shared = topology.clone_memory_shared
@@ -120,16 +135,12 @@ class Simulator:
             self.users[extra.name] = (extra.password, frozenset(extra.denied))
         self.source_names: set[str] = set()
         self.max_clone_chain_depth = 0
-        self.clone_task_s: list[float] = []  # run time of each successful instant clone task
+        self.clone_task_s = RunTimes()  # run times of successful instant clone tasks
         self._background: set[asyncio.Task[Any]] = set()
         self._pending_names: dict[str, set[str]] = {}
-        # Finished tasks to forget, (loop time, seq, id), earliest first, and the one
-        # timer that forgets them: not a timer (and a copy of the caller's context)
-        # per task, when tens of thousands are retained.
-        self._expiring: list[tuple[float, int, str]] = []
-        self._expiry_timer: asyncio.TimerHandle | None = None
         self._mac_counter = 0x800000
-        self._ips: dict[str, str] = {}
+        self._ips: dict[str, str] = {}  # MAC -> IP, for the NICs of VMs that exist
+        self._free_ips: list[str] = []  # IPs of destroyed VMs, handed out again first
         self._ip_pool = ipaddress.IPv4Network("10.0.0.0/8").hosts()
         next(self._ip_pool)
         self.started = datetime.now(UTC)
@@ -321,7 +332,8 @@ class Simulator:
     def ip_for(self, mac: str) -> str:
         ip = self._ips.get(mac)
         if ip is None:
-            ip = self._ips[mac] = str(next(self._ip_pool))
+            ip = self._free_ips.pop() if self._free_ips else str(next(self._ip_pool))
+            self._ips[mac] = ip
         return ip
 
     def name_pending(self, folder: Folder, name: str) -> bool:
@@ -381,7 +393,7 @@ class Simulator:
                     user=ctx.session.user or "", resources=resources, body=body,
                     cancelable=cancelable)
         self._register(task)
-        self.task_manager.recent.append(task)
+        self.task_manager.started(task)
         self.counters["tasks"] += 1
         self.scheduler.submit(task)
         return task.ref
@@ -400,34 +412,10 @@ class Simulator:
         return injected
 
     def tasks_finished(self, task: Task) -> None:
-        retention = self.topology.vcenter.task_retention_s
         if task.method == "InstantClone_Task" and task.state == "success" and task.start_time:
             run_s = ((task.complete_time or task.start_time) - task.start_time).total_seconds()
-            self.clone_task_s.append(run_s)
-
-        loop = asyncio.get_running_loop()
-        entry = (loop.time() + max(0.0, retention), task.seq, task.moid)
-        heapq.heappush(self._expiring, entry)
-        if self._expiring[0] is entry:
-            self._arm_expiry(loop)
-
-    def _arm_expiry(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
-        if self._expiring:
-            self._expiry_timer = loop.call_at(self._expiring[0][0], self._forget_tasks,
-                                              context=contextvars.Context())
-
-    def _forget_tasks(self) -> None:
-        """Retention is over for the earliest finished tasks: they leave the inventory."""
-        self._expiry_timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self._expiring and self._expiring[0][0] <= now:
-            _, _, moid = heapq.heappop(self._expiring)
-            self.inventory.objects.pop(moid, None)
-        self._arm_expiry(loop)
+            self.clone_task_s.add(run_s)
+        self.task_manager.completed(task)
 
     # -- statistics -------------------------------------------------------------
     def clone_made(self, source: VirtualMachine, clone: VirtualMachine) -> None:
@@ -436,7 +424,16 @@ class Simulator:
         self.max_clone_chain_depth = max(self.max_clone_chain_depth, clone.chain_depth())
 
     def vm_destroyed(self, vm: VirtualMachine) -> None:
+        """Let go of what the simulator kept per VM: its IPs and its slot as a source."""
         self.counters["vms_destroyed"] += 1
+        for nic in vm.nics:
+            ip = self._ips.pop(nic.mac, None)
+            if ip is not None:
+                self._free_ips.append(ip)
+        key = f"source:{vm.moid}"
+        if not self.scheduler.in_use.get(key):
+            self.scheduler.capacity.pop(key, None)
+            self.scheduler.in_use.pop(key, None)
 
     def stats_network_conflict(self, vm: VirtualMachine) -> None:
         self.counters["network_conflicts"] += 1
@@ -466,6 +463,7 @@ class Simulator:
             "duplicate_macs": self.counters["duplicate_macs"],
             "faults_injected": self.faults.total,
             "faults_by_type": dict(self.faults.injected),
+            "updates": self.update_faults.as_dict(),
             "tasks": {"queued": self.scheduler.queued, "running": self.scheduler.running,
                       "total": self.counters["tasks"]},
             "hosts": {h.name: {"connection_state": h.connection_state,
@@ -476,7 +474,7 @@ class Simulator:
             "sessions_open": len(self.sessions),  # logged in or not
             "logins": self.counters["logins"],
             "guest_programs": self.counters["guest_programs"],
-            "clone_task_s": _distribution(self.clone_task_s),
+            "clone_task_s": self.clone_task_s.summary(),
             "calls": sum(self.calls.values()),
             "calls_by_method": dict(self.calls),
         }
@@ -603,6 +601,7 @@ class Simulator:
         return moid
 
     async def close(self) -> None:
+        self.task_manager.close()
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):

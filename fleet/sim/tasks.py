@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -120,7 +121,8 @@ class Task(SimObject):
                  cancelable: bool = True) -> None:
         super().__init__(sim)
         self.seq = next(_seq)
-        self.entity = entity
+        self.entity = entity  # let go of when the task ends (a destroyed VM must not linger)
+        self.entity_ref = entity.ref if entity is not None else None
         self.entity_name = getattr(entity, "name", None)
         self.method = method
         self.description_id = description_id
@@ -156,7 +158,7 @@ class Task(SimObject):
             name = None
         info = vim.TaskInfo(
             key=self.moid, task=self.ref, name=name, descriptionId=self.description_id,
-            entity=self.entity.ref if self.entity is not None else None,
+            entity=self.entity_ref,
             entityName=self.entity_name, state=self.state, cancelled=self.cancelled,
             cancelable=self.cancelable and self.state in ("queued", "running"),
             error=self.error, result=self.result, progress=self.progress,
@@ -207,11 +209,12 @@ class Task(SimObject):
         if self.state in ("success", "error"):
             return
         # A finished task is kept (task_retention_s) for its info alone: let go of the
-        # work (the body's closure holds the request, its spec and call context) and of
-        # the frames an error's traceback holds, so thousands of retained tasks stay
-        # small for the garbage collector.
+        # work (the body's closure holds the request, its spec and call context), of its
+        # entity (a destroyed VM) and of the frames an error's traceback holds, so
+        # thousands of retained tasks stay small for the garbage collector.
         self.body = None
         self._runner = None
+        self.entity = None
         if isinstance(error, BaseException):
             error.__traceback__ = None
         was_running = self.state == "running"
@@ -263,14 +266,67 @@ class Task(SimObject):
 
 
 class TaskManager(SimObject):
+    """Tasks in flight, and finished ones until they are forgotten as vCenter forgets them.
+
+    vCenter documents (``TaskManager.recentTask``) that the list holds the queued and
+    running tasks and the completed ones of the past 10 minutes, at most the last 200;
+    a task that has gone reads as ``ManagedObjectNotFound``. The simulator keeps a
+    finished task readable for ``vcenter.task_retention_s`` (600 s by default) and at
+    most ``vcenter.max_finished_tasks`` of them (the oldest go first), so its memory
+    stays bounded at any clone rate; ``recentTask`` lists the last 200 of those.
+    Forgotten tasks leave the filters that watch them, as deleted objects do.
+    """
+
     vim_type = vim.TaskManager
+    RECENT_COMPLETED = 200
 
     def __init__(self, sim: Simulator, moid: str) -> None:
         super().__init__(sim, moid)
-        self.recent: deque[Task] = deque(maxlen=200)
+        self.active: dict[str, Task] = {}
+        #: finished tasks still readable, oldest first: moid -> (loop time finished, task)
+        self.finished: OrderedDict[str, tuple[float, Task]] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def started(self, task: Task) -> None:
+        self.active[task.moid] = task
+
+    def completed(self, task: Task) -> None:
+        self.active.pop(task.moid, None)
+        loop = asyncio.get_running_loop()
+        self.finished[task.moid] = (loop.time(), task)
+        self._forget_old(loop)
+
+    def _forget_old(self, loop: asyncio.AbstractEventLoop) -> None:
+        vc = self.sim.topology.vcenter
+        finished = self.finished
+        while len(finished) > vc.max_finished_tasks:
+            self.sim.inventory.forget(finished.popitem(last=False)[1][1])
+        now = loop.time()
+        while finished:
+            ended, task = next(iter(finished.values()))
+            if ended + vc.task_retention_s > now:
+                break
+            del finished[task.moid]
+            self.sim.inventory.forget(task)
+        if finished and self._timer is None:
+            # One timer, for the oldest: the others finished later, so expire later.
+            ended = next(iter(finished.values()))[0]
+            self._timer = loop.call_at(ended + vc.task_retention_s, self._expire,
+                                       context=contextvars.Context())
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._forget_old(asyncio.get_running_loop())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def prop_recentTask(self) -> Any:
-        return vim.Task.Array([t.ref for t in self.recent if t.moid in self.sim.inventory.objects])
+        recent = list(self.finished)[-self.RECENT_COMPLETED:]
+        return vim.Task.Array([t.ref for t in self.active.values()] +
+                              [self.finished[moid][1].ref for moid in recent])
 
     def prop_maxCollector(self) -> int:
         return 32

@@ -56,8 +56,12 @@ class VCenterConfig(_Model):
     # A running source already being cloned: "wait" queues the next clone behind
     # it, "fault" fails it with TaskInProgress.
     running_source_busy: Literal["wait", "fault"] = "wait"
-    # How long finished tasks stay readable (real seconds).
-    task_retention_s: Annotated[float, Field(gt=0, le=MAX_RETENTION_S)] = 900.0
+    # How long finished tasks stay readable (real seconds): vCenter documents 10 minutes
+    # for TaskManager.recentTask. Then a read of the task is ManagedObjectNotFound.
+    task_retention_s: Annotated[float, Field(gt=0, le=MAX_RETENTION_S)] = 600.0
+    # And at most this many finished tasks are kept (the oldest go first), so the
+    # simulator's memory is bounded whatever the clone rate.
+    max_finished_tasks: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
 
     @field_validator("api_version")
     @classmethod
@@ -162,6 +166,16 @@ class VmConfig(_Model):
         return value if value is None else _check_folder(value)
 
 
+class UpdatesConfig(_Model):
+    """Ways the property collector's update stream fails a client (docs/watching.md)."""
+
+    # A filter created while a WaitForUpdatesEx of its collector is pending: its objects'
+    # initial state (their ``enter`` update) is never reported, only later changes.
+    withhold_initial: bool = False
+    # Each change of a watched object is lost (never reported) with this probability.
+    drop_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
 class FaultRule(_Model):
     """Inject a fault where ``method`` and ``object`` globs match.
 
@@ -221,6 +235,7 @@ class Topology(_Model):
     sources: list[VmConfig] = []
     vms: list[VmConfig] = []
     faults: list[FaultRule] = []
+    updates: UpdatesConfig = UpdatesConfig()
     users: list[UserConfig] = []
     # Fraction of an instant clone's memory shared with its source (page sharing).
     clone_memory_shared: Annotated[float, Field(ge=0, le=1)] = 0.75

@@ -209,7 +209,9 @@ class VSphereClient:
                 "faults": dict(s.faults), "logins": s.logins, "relogins": s.relogins,
                 "wait_calls": w.wait_calls, "updates": w.updates, "truncated": w.truncated,
                 "filters_created": w.filters_created, "rebuilds": w.rebuilds,
-                "watches": w.watches, "live_watches": self.watcher.live}
+                "watches": w.watches, "live_watches": self.watcher.live,
+                "direct_reads": w.direct_reads, "direct_read_objects": w.direct_read_objects,
+                "missed_updates": w.missed_updates}
 
     async def call(self, mo: Any, method: str, *args: Any, **kw: Any) -> Any:
         """Any vim25 method, with the session's re-login and retry rule."""

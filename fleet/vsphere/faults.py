@@ -216,14 +216,14 @@ def translate(exc: BaseException, *, method: str | None = None, obj: str | None 
     kw: dict[str, Any] = {"method": method, "obj": obj}
     if isinstance(exc, aiohttp.ServerFingerprintMismatch | PinnedCertificateMismatch):
         return TlsVerificationFailed(
-            f"{where}the server certificate's SHA-256 thumbprint does not match the pinned "
-            "thumbprint", **kw)
+            f"{where}the server certificate's SHA-256 thumbprint does not match the one pinned "
+            "in vcenter.thumbprint", **kw)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
         cert_error = getattr(exc, "certificate_error", exc)
         detail = getattr(cert_error, "verify_message", None) or type(cert_error).__name__
         return TlsVerificationFailed(
-            f"{where}the server certificate is not trusted ({detail}); pass a CA file "
-            "(tls ca_file) or pin its SHA-256 thumbprint (tls thumbprint)", **kw)
+            f"{where}the server certificate is not trusted ({detail}); give its CA file "
+            "(vcenter.ca_file) or pin its SHA-256 thumbprint (vcenter.thumbprint)", **kw)
     if isinstance(exc, HttpStatusError):
         if exc.status == 503:
             return NotDelivered(f"{where}HTTP 503 {exc.reason}".rstrip(), **kw)

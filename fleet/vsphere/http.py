@@ -16,7 +16,11 @@ of a request is written.
 Failures are classified for the retry rule: :class:`ConnectFailed` (the
 request was never written: connection refused, TLS handshake or verification
 failed, no free connection in time) versus anything after the request was
-written (the server may have acted on it).
+written (the server may have acted on it). Two of them can mean the URL has
+the wrong scheme, which :func:`speaks_tls` and :func:`answers_plain_http` can
+then tell: :class:`TlsHandshakeFailed` (an https URL, a server that may speak
+plain http) and :class:`ClosedBeforeReply` (an http URL, a server that may
+speak TLS and drops the plaintext request).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import time
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["ConnectFailed", "HttpPool", "HttpResponse", "PinnedCertificateMismatch",
-           "ProtocolError"]
+__all__ = ["ClosedBeforeReply", "ConnectFailed", "HttpPool", "HttpResponse",
+           "PinnedCertificateMismatch", "ProtocolError", "TlsHandshakeFailed",
+           "answers_plain_http", "speaks_tls"]
 
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -39,12 +44,20 @@ class ConnectFailed(ConnectionError):
     """No connection could be made; the request was not sent."""
 
 
+class TlsHandshakeFailed(ConnectFailed):
+    """The TLS handshake failed for another reason than the certificate (not sent)."""
+
+
 class PinnedCertificateMismatch(ssl.SSLError):
     """The server's certificate is not the pinned one (the request was not sent)."""
 
 
 class ProtocolError(ConnectionError):
     """The server's reply is not HTTP/1.1 we understand, or it closed mid-reply."""
+
+
+class ClosedBeforeReply(ProtocolError):
+    """The server closed the connection before a complete status line and headers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +98,8 @@ class _Connection(asyncio.Protocol):
             if self._head is not None and self._length is None and not self._chunked:
                 self._finish(bytes(self._buffer))  # a body delimited by the close
             else:
-                waiter.set_exception(ProtocolError(
+                kind = ClosedBeforeReply if self._head is None else ProtocolError
+                waiter.set_exception(kind(
                     "the server closed the connection before a complete reply"
                     + (f" ({exc})" if exc else "")))
 
@@ -356,6 +370,9 @@ class HttpPool:
                                 f"{timeout:.1f} s") from None
         except ssl.SSLCertVerificationError:
             raise
+        except ssl.SSLError as exc:
+            raise TlsHandshakeFailed(f"cannot connect to {self.host}:{self.port}: TLS handshake "
+                                     f"failed ({exc.reason or exc})") from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         self._all.add(conn)
@@ -409,3 +426,41 @@ class HttpPool:
                     conn.transport.abort()
             if pending:
                 await asyncio.wait(pending, timeout=timeout_s)
+
+
+# -- what does a server speak? (asked only after a failure that suggests the wrong scheme) --
+
+def _unverified_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def speaks_tls(host: str, port: int, timeout_s: float) -> bool:
+    """True if a TLS handshake with ``host:port`` completes (the certificate unchecked:
+    this only asks which protocol the server speaks, and nothing is sent over it)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            transport, _ = await loop.create_connection(
+                asyncio.Protocol, host, port, ssl=_unverified_context(), server_hostname=host)
+    except (OSError, TimeoutError):
+        return False
+    transport.abort()
+    return True
+
+
+async def answers_plain_http(host: str, port: int, timeout_s: float) -> bool:
+    """True if ``host:port`` answers a plaintext ``HEAD /`` with an HTTP status line."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode("latin-1"))
+            return (await reader.readexactly(5)) == b"HTTP/"
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        if writer is not None:
+            writer.transport.abort()

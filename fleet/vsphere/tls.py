@@ -6,6 +6,10 @@ signed it, host name checked) or a pinned SHA-256 thumbprint of the server
 certificate (``AA:BB:...`` or plain hex; only that certificate is accepted,
 whatever its name). ``insecure=True`` turns checking off and says so loudly
 in the log on every connect.
+
+Users set these as ``vcenter.ca_file``, ``vcenter.thumbprint`` and
+``vcenter.insecure`` (the fleet spec and ``fleet serve``'s config use the same
+names), so every error here names those keys.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from fleet.urls import redact_url
 
 log = logging.getLogger("fleet.vsphere")
 
+#: The config keys (fleet spec and ``fleet serve`` config) behind each option.
+KEYS = {"ca_file": "vcenter.ca_file", "thumbprint": "vcenter.thumbprint",
+        "insecure": "vcenter.insecure"}
+
 
 @dataclass(frozen=True)
 class TlsOptions:
@@ -31,11 +39,12 @@ class TlsOptions:
     insecure: bool = False
 
     def __post_init__(self) -> None:
-        chosen = [n for n, v in (("ca_file", self.ca_file), ("thumbprint", self.thumbprint),
-                                 ("insecure", self.insecure)) if v]
+        chosen = [KEYS[n] for n, v in (("ca_file", self.ca_file),
+                                       ("thumbprint", self.thumbprint),
+                                       ("insecure", self.insecure)) if v]
         if len(chosen) > 1:
             raise ConfigError(f"choose one way to trust the server, not {' and '.join(chosen)}",
-                              key="tls")
+                              key=chosen[1])
         if self.thumbprint is not None:
             normalize_thumbprint(self.thumbprint)
 
@@ -45,14 +54,14 @@ def normalize_thumbprint(thumbprint: str) -> bytes:
     text = thumbprint.replace(":", "").replace(" ", "").strip().lower()
     if len(text) == 40:
         raise ConfigError(f"{thumbprint!r} looks like a SHA-1 thumbprint; pin the SHA-256 one",
-                          key="tls.thumbprint")
+                          key=KEYS["thumbprint"])
     try:
         digest = bytes.fromhex(text)
     except ValueError:
         digest = b""
     if len(digest) != 32:
         raise ConfigError(f"{thumbprint!r} is not a SHA-256 thumbprint (64 hex digits)",
-                          key="tls.thumbprint")
+                          key=KEYS["thumbprint"])
     return digest
 
 
@@ -65,7 +74,7 @@ def client_context(options: TlsOptions, url: str) -> tuple[ssl.SSLContext | None
     if not url.lower().startswith("https:"):
         return None, None  # plain http: nothing to verify (only ever a simulator)
     if options.insecure:
-        log.warning("TLS certificate verification is OFF for %s (insecure=True): anyone on "
+        log.warning("TLS certificate verification is OFF for %s (vcenter.insecure): anyone on "
                     "the path can read and change this session, credentials included",
                     redact_url(url))
         return _unverified(), None
@@ -77,12 +86,12 @@ def client_context(options: TlsOptions, url: str) -> tuple[ssl.SSLContext | None
             # Read as every user's file is (fleet.files): regular, capped, no FIFO wait.
             pem = decode_utf8(read_user_file(path, PEM_MAX_BYTES))
         except FileProblem as exc:
-            raise ConfigError(f"{str(path)!r}: {exc.reason}", key="tls.ca_file") from None
+            raise ConfigError(f"{str(path)!r}: {exc.reason}", key=KEYS["ca_file"]) from None
         try:
             return ssl.create_default_context(cadata=pem), None
         except ssl.SSLError as exc:
             raise ConfigError(f"{str(path)!r} is not a PEM certificate file ({exc})",
-                              key="tls.ca_file") from exc
+                              key=KEYS["ca_file"]) from exc
     return ssl.create_default_context(), None
 
 

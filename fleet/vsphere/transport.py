@@ -17,6 +17,13 @@ Two implementations behave the same and pass the same tests:
   ``benchmarks/bench_client.py``.
 - :class:`AiohttpTransport`: ``aiohttp.ClientSession`` with ``DummyCookieJar``.
 
+A URL with the wrong scheme fails in ways that do not say so: an http URL
+against an https server gets its connection closed without a reply, an https
+URL against a plain http server fails its TLS handshake. Until the first reply
+arrives, such a failure is followed by one probe of the other protocol, and if
+the server speaks it the error is a :class:`ConfigError` on ``vcenter.url``
+saying which scheme to use (the same words from both transports).
+
 :class:`VimStub` is what pyVmomi calls a stub: managed object references
 deserialized from replies carry it. It serializes requests with
 ``SoapStubAdapterBase.SerializeRequest`` (SOAPAction = the quoted version id
@@ -45,7 +52,13 @@ from fleet import vmomi
 from fleet.errors import ConfigError
 from fleet.urls import redact_url, url_problem
 from fleet.vsphere.faults import BadReply, HttpStatusError, map_vsphere_faults, translate
-from fleet.vsphere.http import HttpPool
+from fleet.vsphere.http import (
+    ClosedBeforeReply,
+    HttpPool,
+    TlsHandshakeFailed,
+    answers_plain_http,
+    speaks_tls,
+)
 from fleet.vsphere.tls import TlsOptions, client_context, ssl_for
 
 log = logging.getLogger("fleet.vsphere")
@@ -58,6 +71,23 @@ MIN_VERSION = "vim.version.version12"
 _USER_AGENT = "fleet/0.1 (pyVmomi SOAP over aiohttp)"
 
 Invoker = Callable[[Any, Any, list[Any]], Awaitable[Any]]
+#: The config key of the endpoint (fleet spec and ``fleet serve`` config alike).
+URL_KEY = "vcenter.url"
+
+
+def _handshake_failed(exc: BaseException) -> bool:
+    """A TLS handshake that failed for another reason than the certificate."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return False
+    return isinstance(exc, TlsHandshakeFailed | aiohttp.ClientConnectorSSLError)
+
+
+def _closed_before_reply(exc: BaseException) -> bool:
+    """The connection was made, the request sent, and no HTTP reply came back."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    return isinstance(exc, ClosedBeforeReply | aiohttp.ServerDisconnectedError
+                      | aiohttp.ClientResponseError | aiohttp.ClientOSError)
 
 
 class VimStub(SoapStubAdapterBase):  # type: ignore[misc]
@@ -159,11 +189,12 @@ class SoapTransport:
         # password in every message that shows the URL); shown redacted.
         problem = url_problem(url)
         if problem:
-            raise ConfigError(f"{redact_url(url)!r} {problem}", key="url")
+            raise ConfigError(f"{redact_url(url)!r} {problem}", key=URL_KEY)
         if not url.rstrip("/").endswith("/sdk"):
             url = url.rstrip("/") + "/sdk"
         self.url = url
         parsed = urlsplit(url)
+        self.scheme = parsed.scheme
         self.host = parsed.hostname or ""  # never empty: url_problem checked it
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.path = parsed.path or "/sdk"
@@ -172,9 +203,39 @@ class SoapTransport:
         self.keepalive_s = keepalive_s
         self.connect_timeout_s = connect_timeout_s
         self.compress = compress
+        #: set once a reply came back (or a probe found the scheme right): no more probes
+        self.scheme_checked = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact_url(self.url)!r})"
+
+    def _shown(self, scheme: str) -> str:
+        """The endpoint with ``scheme``, built from its parts (never any userinfo)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}{self.path}"
+
+    async def wrong_scheme(self, exc: BaseException) -> ConfigError | None:
+        """After a failure before any reply: a ConfigError if the server speaks the other
+        scheme than the URL's, else None (one probe, then never again)."""
+        if self.scheme_checked:
+            return None
+        https = self.scheme == "https"
+        if not (_handshake_failed(exc) if https else _closed_before_reply(exc)):
+            return None
+        self.scheme_checked = True
+        timeout_s = min(self.connect_timeout_s, 5.0)
+        where = f"{self._shown(self.scheme)}"
+        if https:
+            if await answers_plain_http(self.host, self.port, timeout_s):
+                return ConfigError(
+                    f"{where}: the TLS handshake failed and the server answers plain HTTP: it "
+                    f"looks like a plain http server, not https; use {self._shown('http')}",
+                    key=URL_KEY)
+        elif await speaks_tls(self.host, self.port, timeout_s):
+            return ConfigError(
+                f"{where}: the server closed the connection without a reply and speaks TLS: it "
+                f"looks like an https server; use {self._shown('https')}", key=URL_KEY)
+        return None
 
     async def open(self) -> None:
         raise NotImplementedError
@@ -255,7 +316,14 @@ class ProtocolTransport(SoapTransport):
     async def get(self, path: str, timeout_s: float | None) -> tuple[int, bytes]:
         request = (f"GET {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
                    f"User-Agent: {_USER_AGENT}\r\nAccept-Encoding: identity\r\n\r\n")
-        response = await self.pool.request(request.encode("latin-1"), timeout_s)
+        try:
+            response = await self.pool.request(request.encode("latin-1"), timeout_s)
+        except Exception as exc:
+            wrong = await self.wrong_scheme(exc)
+            if wrong is not None:
+                raise wrong from exc
+            raise
+        self.scheme_checked = True
         return response.status, response.body
 
     async def post(self, body: bytes, *, action: str, session_key: str | None,
@@ -267,7 +335,10 @@ class ProtocolTransport(SoapTransport):
         try:
             response = await self.pool.request(data, timeout_s)
         except Exception as exc:
-            raise translate(exc, method=method, obj=obj) from exc
+            wrong = await self.wrong_scheme(exc)
+            raise (wrong or translate(exc, method=method, obj=obj)) from exc
+        if not self.scheme_checked:
+            self.scheme_checked = True
         status = response.status
         if status != 200 and status != 500:
             raise translate(HttpStatusError(status, response.reason), method=method, obj=obj)
@@ -324,9 +395,17 @@ class AiohttpTransport(SoapTransport):
         return timeout
 
     async def get(self, path: str, timeout_s: float | None) -> tuple[int, bytes]:
-        async with self.http.get(self._url.with_path(path),
-                                 timeout=self._timeout(timeout_s)) as resp:
-            return resp.status, await resp.read()
+        try:
+            async with self.http.get(self._url.with_path(path),
+                                     timeout=self._timeout(timeout_s)) as resp:
+                body = await resp.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            wrong = await self.wrong_scheme(exc)
+            if wrong is not None:
+                raise wrong from exc
+            raise
+        self.scheme_checked = True
+        return resp.status, body
 
     async def post(self, body: bytes, *, action: str, session_key: str | None,
                    timeout_s: float | None, method: str, obj: str | None = None) -> Reply:
@@ -334,15 +413,23 @@ class AiohttpTransport(SoapTransport):
         if session_key is not None:
             headers["Cookie"] = f'{COOKIE_NAME}="{session_key}"'
         with map_vsphere_faults(method=method, obj=obj):
-            async with self.http.post(self._url, data=body, headers=headers,
-                                      timeout=self._timeout(timeout_s)) as resp:
-                data = await resp.read()
-                status = resp.status
-                if status not in (200, 500):
-                    raise HttpStatusError(status, resp.reason)
-                cookie = resp.headers.get("Set-Cookie")
-                if status == 500 and not data.lstrip().startswith(b"<"):
-                    raise BadReply(f"HTTP 500 without a SOAP body ({len(data)} bytes)")
+            try:
+                async with self.http.post(self._url, data=body, headers=headers,
+                                          timeout=self._timeout(timeout_s)) as resp:
+                    data = await resp.read()
+            except (aiohttp.ClientError, OSError) as exc:
+                wrong = await self.wrong_scheme(exc)
+                if wrong is not None:
+                    raise wrong from exc
+                raise
+            if not self.scheme_checked:
+                self.scheme_checked = True
+            status = resp.status
+            if status not in (200, 500):
+                raise HttpStatusError(status, resp.reason)
+            cookie = resp.headers.get("Set-Cookie")
+            if status == 500 and not data.lstrip().startswith(b"<"):
+                raise BadReply(f"HTTP 500 without a SOAP body ({len(data)} bytes)")
         return Reply(status, data, _session_key(cookie))
 
 

@@ -28,12 +28,29 @@ Failure handling:
   current state (a task that finished meanwhile is seen finished);
 - an object that disappears (``leave``, or ``ManagedObjectNotFound`` when its
   filter is created) marks its watches gone.
+
+Updates that never come (docs/watching.md): that a filter created while a long
+poll is pending shows up in that poll is vCenter's behaviour, not its contract,
+and an independent simulator does not do it; an update can also simply be
+lost. So every watch has a time by which its next update is due, and a watch
+still quiet ``quiet_s`` past it is read directly. A watch is due its first
+update (``enter``) right after its filter is made. A task is next due when
+tasks of its kind usually end: the watcher keeps a smoothed mean and deviation
+of how long each kind took, as TCP does for its retransmission timeout, and
+expects mean + 4 deviations after submission. Everything overdue at one moment
+is read with one ``RetrievePropertiesEx``; a read that finds nothing new backs
+that watch off (doubling, up to 16 x ``quiet_s``). The due times live in one
+heap and a single sleeper wakes at the earliest, so while updates arrive the
+fallback costs a heap push and pop per watch and no call at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -72,7 +89,7 @@ class Watch:
     """The latest values of some properties of one object, kept current by the watcher."""
 
     def __init__(self, watcher: PropertyWatcher, obj: Any, paths: tuple[str, ...],
-                 done: Callable[[Watch], bool] | None = None) -> None:
+                 done: Callable[[Watch], bool] | None = None, kind: str | None = None) -> None:
         self.watcher = watcher
         self.obj = obj
         self.moid: str = obj._moId
@@ -88,6 +105,19 @@ class Watch:
         self.group: _Group | None = None
         #: bumped at every change of ``values``, ``gone`` or ``error``
         self.version = 0
+        # -- for the direct-read fallback (see the module docstring) --
+        #: how long watches of this kind take is learned; None: only the first update is due
+        self.kind = kind
+        self.started = time.monotonic()
+        #: the full state arrived (an ``enter`` from its own filter, or a direct read)
+        self.initialized = False
+        self.filter_at = 0.0  # when its current filter was made
+        self.last_seen = 0.0  # when values last changed
+        self.checks = 0  # direct reads in a row that found nothing new
+        self.last_check = 0.0
+        self.due_at: float | None = None  # its entry in the watcher's heap, if any
+        #: filters whose ``enter`` came before the CreateFilter reply named its filter
+        self.early: list[str] | None = None
 
     def __repr__(self) -> str:
         return f"<Watch {self.type_name}:{self.moid} {','.join(self.paths)}>"
@@ -101,7 +131,7 @@ class Watch:
         if event is not None:
             event.set()
         if self._done is not None and self.active and self._done(self):
-            self.watcher.release(self)
+            self.watcher.finished(self)
 
     def fail(self, error: VSphereError) -> None:
         if self.error is None:
@@ -148,6 +178,30 @@ class WatcherStats:
     filters_destroyed: int = 0
     rebuilds: int = 0
     watches: int = 0
+    direct_reads: int = 0  # RetrievePropertiesEx calls for watches whose update was overdue
+    direct_read_objects: int = 0  # objects those calls read
+    missed_updates: int = 0  # watches such a read found changed: updates the loop never got
+
+
+class _Durations:
+    """How long watches of one kind take to finish, smoothed as RFC 6298 smooths round
+    trips: the expected time is the mean plus four mean deviations."""
+
+    __slots__ = ("dev", "mean")
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+        self.dev = 0.0
+
+    def add(self, sample_s: float) -> None:
+        if self.mean is None:
+            self.mean, self.dev = sample_s, sample_s / 2
+        else:
+            self.dev = 0.75 * self.dev + 0.25 * abs(self.mean - sample_s)
+            self.mean = 0.875 * self.mean + 0.125 * sample_s
+
+    def expected_s(self) -> float:
+        return 0.0 if self.mean is None else self.mean + 4 * self.dev
 
 
 class PropertyWatcher:
@@ -155,8 +209,10 @@ class PropertyWatcher:
 
     def __init__(self, session: Session, *, max_wait_s: int = 30,
                  max_object_updates: int | None = None,
-                 max_filter_objects: int = 1000) -> None:
+                 max_filter_objects: int = 1000, quiet_s: float = 5.0) -> None:
         self.session = session
+        #: how long past its due time a watch may stay without update before it is read
+        self.quiet_s = quiet_s
         self.max_wait_s = max_wait_s
         self.max_object_updates = max_object_updates
         self.max_filter_objects = max_filter_objects
@@ -172,15 +228,25 @@ class PropertyWatcher:
         self._flush_needed = anyio.Event()
         self._tg: TaskGroup | None = None
         self._stopped: VSphereError | None = None
+        self._durations: dict[str, _Durations] = {}
+        self._due: list[tuple[float, int, Watch]] = []
+        self._due_seq = itertools.count()
+        self._sweep_at = math.inf  # when the sweeper wakes; -inf while it is reading
+        self._sweep_wake = anyio.Event()
+        self._reading = False
 
     # -- registration ---------------------------------------------------------
     def watch(self, obj: Any, paths: Sequence[str],
-              done: Callable[[Watch], bool] | None = None) -> Watch:
-        """Start watching ``paths`` of ``obj``. ``done(watch)`` true releases it."""
+              done: Callable[[Watch], bool] | None = None, kind: str | None = None) -> Watch:
+        """Start watching ``paths`` of ``obj``. ``done(watch)`` true releases it.
+
+        ``kind`` (a task's method) groups watches whose time to ``done`` is learned, so
+        one that stays quiet past it is read directly; without it only the first
+        update is checked for."""
         if self._tg is None:
             raise RuntimeError("the watcher is not running (use the client as an async "
                                "context manager)")
-        w = Watch(self, obj, tuple(paths), done)
+        w = Watch(self, obj, tuple(paths), done, kind)
         if self._stopped is not None:
             w.fail(self._stopped)
             return w
@@ -190,6 +256,21 @@ class PropertyWatcher:
         self._flush_needed.set()
         self._wake.set()
         return w
+
+    def finished(self, w: Watch) -> None:
+        """``w`` reached its done state: learn how long its kind takes, and release it."""
+        if w.kind is not None and not self._reading:
+            # Only ends the update loop reported: one found by a direct read came late.
+            durations = self._durations.get(w.kind)
+            if durations is None:
+                durations = self._durations[w.kind] = _Durations()
+            durations.add(time.monotonic() - w.started)
+        self.release(w)
+
+    def expected_s(self, kind: str) -> float:
+        """How long watches of ``kind`` are expected to take (0 before any ended)."""
+        durations = self._durations.get(kind)
+        return 0.0 if durations is None else durations.expected_s()
 
     def release(self, w: Watch) -> None:
         if not w.active:
@@ -223,6 +304,7 @@ class PropertyWatcher:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._flusher)
+                tg.start_soon(self._sweeper)
                 task_status.started()
                 await self._loop()
         except BaseException:
@@ -306,12 +388,14 @@ class PropertyWatcher:
     def _dispatch(self, update: Any) -> None:
         touched: dict[int, Watch] = {}
         for filter_update in update.filterSet or ():
+            filter_id = filter_update.filter._moId
             for object_update in filter_update.objectSet or ():
                 self.stats.updates += 1
                 watches = self._watches.get(object_update.obj._moId)
                 if not watches:
                     continue
-                if object_update.kind == "leave":
+                kind = object_update.kind
+                if kind == "leave":
                     for w in watches:
                         w.gone = True
                         touched[id(w)] = w
@@ -327,9 +411,22 @@ class PropertyWatcher:
                                 values.pop(name, None)
                             else:
                                 values[name] = change.val
+                    if kind == "enter":
+                        group = w.group
+                        if group is None:
+                            # The poll's reply can overtake CreateFilter's: keep the id.
+                            if w.early is None:
+                                w.early = []
+                            w.early.append(filter_id)
+                        elif group.filter._moId == filter_id:
+                            w.initialized = True
                     touched[id(w)] = w
-        for w in touched.values():
-            w._notify()
+        if touched:
+            now = time.monotonic()
+            for w in touched.values():
+                w.last_seen = now
+                w.checks = 0
+                w._notify()
 
     # -- collector and filters ----------------------------------------------------
     async def _rebuild(self) -> None:
@@ -348,6 +445,9 @@ class PropertyWatcher:
             for group in self._groups:
                 for w in group.watches:
                     w.group = None
+            for w in live:
+                w.initialized = False  # the new filters report everything again
+                w.early = None
             self._groups.clear()
             self._retired.clear()
             self._pending = live
@@ -439,14 +539,161 @@ class PropertyWatcher:
                 return
             self.stats.filters_created += 1
             group = _Group(flt, {w for w in watches if w.active}, generation)
+            now = time.monotonic()
             for w in group.watches:
                 w.group = group
+                w.filter_at = now
+                if w.early is not None:
+                    w.initialized = w.initialized or flt._moId in w.early
+                    w.early = None
+                self._schedule(w, now + self.quiet_s)
             if group.watches and generation == self.session.generation:
                 self._groups.add(group)
             elif generation == self.session.generation:
                 self._retired.append(flt)
                 self._flush_needed.set()
             return
+
+
+    # -- the direct-read fallback ---------------------------------------------------
+    def _schedule(self, w: Watch, at: float) -> None:
+        if w.due_at is not None and w.due_at <= at:
+            return  # an earlier entry is there; it is looked at again when it comes up
+        w.due_at = at
+        heapq.heappush(self._due, (at, next(self._due_seq), w))
+        if at < self._sweep_at:
+            self._sweep_wake.set()
+
+    def _due_time(self, w: Watch) -> float | None:
+        """When ``w`` is overdue; None once nothing more is expected of it."""
+        quiet = self.quiet_s
+        if not w.initialized:
+            at = w.filter_at + quiet
+        elif w.kind is None:
+            return None
+        else:
+            at = max(w.last_seen, w.started + self.expected_s(w.kind)) + quiet
+        if w.checks:
+            at = max(at, w.last_check + quiet * 2 ** min(w.checks, 4))
+        return at
+
+    def _overdue(self, now: float) -> list[Watch]:
+        # Read together what falls due within a quarter of quiet_s: one call, not many.
+        horizon = now + self.quiet_s / 4
+        out = []
+        due = self._due
+        while due and due[0][0] <= horizon:
+            at, _, w = heapq.heappop(due)
+            if w.due_at != at:
+                continue  # superseded by an earlier entry
+            w.due_at = None
+            if not w.active or w.group is None:
+                continue  # released, or waiting for its (new) filter, which schedules it
+            actual = self._due_time(w)
+            if actual is None:
+                continue
+            if actual > horizon:
+                self._schedule(w, actual)
+            else:
+                out.append(w)
+        return out
+
+    async def _sweeper(self) -> None:
+        while True:
+            now = time.monotonic()
+            if not self._due or self._due[0][0] > now:
+                self._sweep_at = self._due[0][0] if self._due else math.inf
+                self._sweep_wake = anyio.Event()
+                with anyio.move_on_after(self._sweep_at - now if self._due else None):
+                    await self._sweep_wake.wait()
+                continue
+            self._sweep_at = -math.inf
+            overdue = self._overdue(now)
+            if overdue:
+                await self._read_back(overdue)
+
+    async def _read_back(self, watches: list[Watch]) -> None:
+        """Read every overdue watch's paths in one ``RetrievePropertiesEx``."""
+        sent = [(w, w.version) for w in watches]
+        specs: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+        for w in watches:
+            specs.setdefault((w.type_name, w.paths), {}).setdefault(w.moid, w.obj)
+        try:
+            found = await self._retrieve(specs)
+        except VSphereError as exc:
+            log.info("reading %d objects whose updates are overdue failed (%s); trying "
+                     "again later", len(watches), exc)
+            found = None
+        now = time.monotonic()
+        missed = 0
+        self._reading = True
+        try:
+            for w, version in sent:
+                if not w.active:
+                    continue
+                if found is None:
+                    w.checks += 1
+                    w.last_check = now
+                elif w.version == version:  # (else an update came meanwhile: it is newer)
+                    got = found.get(w.moid, {})
+                    values = {p: got[p] for p in w.paths if p in got}
+                    if not w.initialized or values != w.values:
+                        missed += 1
+                        w.values.clear()
+                        w.values.update(values)
+                        w.initialized = True
+                        w.last_seen = now
+                        w.checks = 0
+                        w._notify()
+                    else:
+                        w.checks += 1
+                        w.last_check = now
+                if w.active:
+                    at = self._due_time(w)
+                    if at is not None:
+                        self._schedule(w, at)
+        finally:
+            self._reading = False
+        if missed:
+            self.stats.missed_updates += missed
+            log.info("%d of %d watched objects had changed without an update from vCenter; "
+                     "read directly", missed, len(watches))
+
+    async def _retrieve(self, specs: dict[tuple[str, tuple[str, ...]], dict[str, Any]]
+                        ) -> dict[str, dict[str, Any]]:
+        """moid -> {path: value} for the objects of ``specs``; objects gone are marked gone."""
+        pc = self.session.content.propertyCollector
+        while True:
+            spec_set = [PC.FilterSpec(objectSet=[PC.ObjectSpec(obj=o, skip=False)
+                                                 for o in objects.values()],
+                                      propSet=[PC.PropertySpec(type=type(next(iter(
+                                          objects.values()))), all=False, pathSet=list(paths))])
+                        for (_, paths), objects in specs.items() if objects]
+            if not spec_set:
+                return {}
+            self.stats.direct_reads += 1
+            self.stats.direct_read_objects += sum(len(o) for o in specs.values())
+            try:
+                result = await self.session.call(pc, "RetrievePropertiesEx", spec_set,
+                                                 PC.RetrieveOptions(), safe=True)
+                contents: list[Any] = []
+                while result is not None:
+                    contents.extend(result.objects or ())
+                    if not result.token:
+                        break
+                    result = await self.session.call(pc, "ContinueRetrievePropertiesEx",
+                                                     result.token, safe=True)
+            except NotFound as exc:
+                if not any(exc.obj in objects for objects in specs.values()):
+                    raise
+                for objects in specs.values():
+                    objects.pop(exc.obj or "", None)
+                for w in list(self._watches.get(exc.obj or "", ())):
+                    w.gone = True
+                    w._notify()
+                    self.release(w)
+                continue
+            return {c.obj._moId: {p.name: p.val for p in c.propSet or ()} for c in contents}
 
 
 # -- tasks ------------------------------------------------------------------------
@@ -474,7 +721,7 @@ class VCenterTask:
         self.method = method
         self._convert = convert
         self._translate = translate_error
-        self._watch = watcher.watch(task, TASK_PATHS, done=_task_done)
+        self._watch = watcher.watch(task, TASK_PATHS, done=_task_done, kind=method)
         self.submitted = time.monotonic()
         self._snapshot: tuple[int, TaskSnapshot] | None = None
 
