@@ -176,7 +176,14 @@ def test_put_creates_with_the_name_from_the_url(service: ServeProcess) -> None:
 def test_a_newer_request_supersedes_a_run_in_progress(service: ServeProcess) -> None:
     status, _ = service.call("POST", "/v1/fleets", {"name": "supersede", "count": 60})
     assert status == 202
-    time.sleep(0.3)
+    # Wait until the run is making members (rather than guessing that 0.3 s is enough).
+    deadline = time.monotonic() + 30
+    while True:
+        fleet = service.fleet("supersede")
+        if any(n for state, n in fleet["by_state"].items() if state != "queued"):
+            break
+        assert time.monotonic() < deadline, fleet
+        time.sleep(0.02)
     status, _ = service.call("PATCH", "/v1/fleets/supersede", {"count": 5})
     assert status == 202
     fleet = service.wait_for("supersede")
