@@ -1171,11 +1171,15 @@ class Provisioner:
                     for src in view.sources.values():
                         if src.retired is not None:
                             continue
+                        busy, made = bool(src.in_flight or src.phantoms), src.clones
                         vm_info = await self.vs.get_vm(src.ref)
-                        if src.running and (src.in_flight or src.phantoms):
+                        if src.running and (busy or src.in_flight or src.phantoms
+                                            or src.clones != made):
                             # vCenter counts an in-flight clone in the chain from its stun
                             # on, and placement adds it too: keep our own count of the
                             # depth until the source is idle; take power and freeze state.
+                            # Idle for the whole read: a clone that started and landed
+                            # while the reply was on its way is missing from it.
                             vm_info = replace(vm_info, chain_depth=src.info.chain_depth)
                         self._update_source(src, vm_info)
             except (VSphereError, TimeoutError):

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,35 @@ class ServeProcess:
             time.sleep(0.05)
         raise AssertionError(f"fleet {name} not {statuses} after {timeout_s}s: {last}\n"
                              + "".join(self.stderr_lines[-20:]))
+
+    def progress(self, names: tuple[str, ...], done: Callable[[dict[str, Any]], bool], *,
+                 stall_s: float) -> dict[str, dict[str, Any]]:
+        """Poll fleets ``names`` until ``done({name: body})`` holds; fail only if their ready
+        members stop increasing (and nothing is done) for ``stall_s``.
+
+        A build on a loaded machine takes what the machine gives it; what it must never
+        do is stop. The wait is bounded all the same: the ready count only grows, up to
+        the fleets' sizes, so it ends within (members + 1) * ``stall_s``."""
+        best = -1
+        since = time.monotonic()
+        last: dict[str, Any] = {}
+        while True:
+            bodies: dict[str, Any] = {}
+            for name in names:
+                status, body = self.call("GET", f"/v1/fleets/{name}?limit=100000")
+                bodies[name] = body if status == 200 else {"status": "gone", "http": status}
+            if done(bodies):
+                return bodies
+            ready = sum(b.get("by_state", {}).get("ready", 0) for b in bodies.values())
+            if ready > best:
+                best, since = ready, time.monotonic()
+            last = {n: {k: b.get(k) for k in ("status", "by_state", "error")}
+                    for n, b in bodies.items()}
+            if time.monotonic() - since > stall_s:
+                raise AssertionError(f"fleets {names}: no member became ready for {stall_s}s "
+                                     f"and not done: {last}\n"
+                                     + "".join(self.stderr_lines[-20:]))
+            time.sleep(0.05)
 
     # -- lifecycle -----------------------------------------------------------------
     def stop(self, timeout_s: float = 30.0) -> int:

@@ -6,8 +6,6 @@ simulator.
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import pytest
 
@@ -28,14 +26,15 @@ async def test_a_submit_that_never_reached_vcenter_is_not_waited_for() -> None:
     clone that cannot land."""
     fake = make_fake(hosts=2)
     rule = fake.add_fault(FaultRule("start_instant_clone", NotDelivered, match="lt-0001"))
+    # Waiting out the clone timeout once would take an hour; the run takes milliseconds,
+    # so a bound of a minute tells the two apart on any machine.
     spec = make_spec(sources=FROZEN4[:2], count=4, retries={"attempts": 3},
-                     timeouts={"clone_s": 30.0}, **CLONE_ONLY)
-    started = time.monotonic()
+                     timeouts={"clone_s": 3600.0}, **CLONE_ONLY)
     async with fake:
-        summary = await provision(spec, fake, options=opts())
+        with anyio.fail_after(60):
+            summary = await provision(spec, fake, options=opts())
     assert rule.fired == 3
     assert summary.failures == {"connection": 1} and summary.ready == 3
-    assert time.monotonic() - started < 5.0
 
 
 async def test_login_survives_resets_503s_and_a_lost_reply() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 import pytest
 
-from fleet.engine.events import Event, JobCleanedUp, JobReady
+from fleet.engine.events import Event, JobCleanedUp, JobReady, JobRetried, PhaseDone
 from fleet.engine.reconcile import LABEL_NAME, LABEL_STATE
 from fleet.engine.run import Provisioner
 from fleet.errors import ConnectionFailed
@@ -18,6 +20,42 @@ pytestmark = pytest.mark.anyio
 SLOW = FakeLatency(clone_s=0.03, guest_op_s=0.01, reconfig_s=0.005)
 
 
+class CancelAt:
+    """Cancel the run's scope the moment its events show a given point of progress (not
+    after a wall-clock delay, which on a loaded machine can come before the run has
+    started anything, or after it has finished what the test means to interrupt).
+
+    ``scope`` is the ``move_on_after`` scope around ``run()``: its deadline is set to
+    now, so the run is cancelled exactly as by a deadline that expires."""
+
+    def __init__(self, when: Callable[[Event], bool]) -> None:
+        self.when = when
+        self.scope: anyio.CancelScope | None = None
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if self.scope is not None and self.when(event):
+            self.scope.deadline = anyio.current_time()
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def nth(kind: type[Event], n: int, **fields: object) -> Callable[[Event], bool]:
+    """True at the ``n``-th event of ``kind`` whose fields match."""
+    seen = 0
+
+    def check(event: Event) -> bool:
+        nonlocal seen
+        if isinstance(event, kind) and all(getattr(event, k) == v for k, v in fields.items()):
+            seen += 1
+            return seen == n
+        return False
+
+    return check
+
+
 def folder_states(fake: FakeVSphere, path: str) -> list[str]:
     """The state label of every VM in the folder ("" for one without our labels)."""
     return [vm.extra_config.get(LABEL_STATE, "") if vm.extra_config.get(LABEL_NAME) == "lt"
@@ -27,16 +65,18 @@ def folder_states(fake: FakeVSphere, path: str) -> list[str]:
 async def test_deadline_with_no_grace_destroys_everything_unfinished() -> None:
     fake = make_fake(hosts=4, credentials=CREDS, latency=SLOW)
     spec = make_spec(count=200, timeouts={"cancel_grace_s": 0.0})
-    cleaned: list[Event] = []
+    # The deadline comes with 20 members ready: the other 180 are queued, cloning (up to
+    # 32 at once) or in their guest phases.
+    cancel = CancelAt(nth(JobReady, 20))
     async with fake:
-        p = Provisioner(spec, fake, on_event=lambda e: cleaned.append(e)
-                        if isinstance(e, JobCleanedUp) else None, options=opts())
-        with anyio.move_on_after(0.1) as scope:
+        p = Provisioner(spec, fake, on_event=cancel, options=opts())
+        with anyio.move_on_after(60) as scope:
+            cancel.scope = scope
             await p.run()
         assert scope.cancelled_caught
         await fake.wait_idle()
-        await anyio.sleep(0.05)  # any clone still landing would show up now
         states = folder_states(fake, spec.folder_path)
+    cleaned = cancel.of(JobCleanedUp)
     assert set(states) <= {"ready"}, states
     assert p.summary is not None and p.summary.cancelled
     assert p.summary.ready == len(states) < 200
@@ -49,17 +89,20 @@ async def test_deadline_with_no_grace_destroys_everything_unfinished() -> None:
 async def test_deadline_with_grace_lets_in_flight_clones_finish() -> None:
     fake = make_fake(hosts=4, credentials=CREDS, latency=SLOW)
     spec = make_spec(count=200, timeouts={"cancel_grace_s": 5.0})
+    cancel = CancelAt(nth(JobReady, 20))
     async with fake:
-        p = Provisioner(spec, fake, options=opts())
-        with anyio.move_on_after(0.1):
+        p = Provisioner(spec, fake, on_event=cancel, options=opts())
+        with anyio.move_on_after(60) as scope:
+            cancel.scope = scope
             await p.run()
+        assert scope.cancelled_caught
         await fake.wait_idle()
         states = folder_states(fake, spec.folder_path)
     assert set(states) == {"ready"}
     assert p.summary is not None and p.summary.cancelled
     assert fake.stats.destroyed == 0  # everything in flight finished
     assert fake.stats.clones_made == len(states) == p.summary.ready
-    assert 0 < p.summary.ready < 200
+    assert 20 <= p.summary.ready < 200
 
 
 async def test_stop_returns_a_summary() -> None:
@@ -96,10 +139,15 @@ async def test_cancel_while_lost_replies_are_pending_leaks_nothing() -> None:
                      retries={"attempts": 5, "backoff_base_s": 0.2, "backoff_max_s": 0.2,
                               "jitter": 0.0},
                      timeouts={"cancel_grace_s": 0.0, "clone_s": 0.5})
+    # Cancelled as soon as a submit's reply is lost: that job waits out its backoff
+    # (0.2 s) with a clone it may have made, while others are in flight.
+    cancel = CancelAt(nth(JobRetried, 1))
     async with fake:
-        p = Provisioner(spec, fake, options=opts())
-        with anyio.move_on_after(0.05):
+        p = Provisioner(spec, fake, on_event=cancel, options=opts())
+        with anyio.move_on_after(60) as scope:
+            cancel.scope = scope
             await p.run()
+        assert scope.cancelled_caught
         await fake.wait_idle()
         names = sorted(vm.name for vm in fake.folder_vms(spec.folder_path))
     assert fake.stats.faults_injected["start_instant_clone"] > 0
@@ -113,10 +161,15 @@ async def test_cancel_during_guest_phases_cleans_up_resumed_members_too() -> Non
     fake = make_fake(hosts=2, credentials=CREDS,
                      latency=FakeLatency(clone_s=0.001, guest_op_s=0.2))
     spec = make_spec(count=10, sources=FROZEN4[:2], timeouts={"cancel_grace_s": 0.01})
+    # Cancelled when the tenth clone has landed: every member is in its guest phase
+    # (0.2 s per guest operation, clones 1 ms).
+    cancel = CancelAt(nth(PhaseDone, 10, phase="clone"))
     async with fake:
-        p = Provisioner(spec, fake, options=opts())
-        with anyio.move_on_after(0.05):
+        p = Provisioner(spec, fake, on_event=cancel, options=opts())
+        with anyio.move_on_after(60) as scope:
+            cancel.scope = scope
             await p.run()
+        assert scope.cancelled_caught
         await fake.wait_idle()
         assert fake.folder_vms(spec.folder_path) == []  # all were in the slow guest phase
         assert fake.stats.destroyed == 10

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 import anyio
 import pytest
 
@@ -72,21 +75,41 @@ async def test_vcenter_cap_queues_across_hosts() -> None:
 async def test_running_source_serialised_and_deepens() -> None:
     fake = make_fake(hosts=1, frozen_per_host=1, running=1, running_depth=5,
                      latency=FakeLatency(clone_s=0.01))
+    # How many clones of each source are being made at once, seen from inside the fake.
+    # A frozen source's clones wait at a barrier until all four are in: they only get
+    # through if the fake lets them run together (no clock involved).
+    inside: Counter[str] = Counter()
+    peak: Counter[str] = Counter()
+    all_frozen_in = anyio.Event()
+    do_clone = fake._do_clone
+
+    async def counting(task: Any, request: Any, source: Any, host: Any, ds: Any) -> None:
+        inside[source.name] += 1
+        peak[source.name] = max(peak[source.name], inside[source.name])
+        try:
+            if source.frozen:
+                if inside[source.name] == 4:
+                    all_frozen_in.set()
+                with anyio.fail_after(5):
+                    await all_frozen_in.wait()
+            await do_clone(task, request, source, host, ds)
+        finally:
+            inside[source.name] -= 1
+
+    fake._do_clone = counting  # type: ignore[method-assign]
     async with fake:
         folder = await fake.ensure_folder("f")
-        t0 = anyio.current_time()
         async with anyio.create_task_group() as tg:
             for i in range(4):
                 tg.start_soon(_clone, fake, "running-01", f"r{i}", folder)
-        assert anyio.current_time() - t0 >= 0.04  # one at a time
+        assert peak["running-01"] == 1  # one at a time
         assert fake.vm("running-01").chain_depth == 9
         assert sorted(fake.vm(f"r{i}").chain_depth for i in range(4)) == [6, 7, 8, 9]
         # a frozen source clones concurrently and does not deepen
-        t0 = anyio.current_time()
         async with anyio.create_task_group() as tg:
             for i in range(4):
                 tg.start_soon(_clone, fake, "frozen-01", f"f{i}", folder)
-        assert anyio.current_time() - t0 < 0.035
+        assert peak["frozen-01"] == 4
         assert fake.vm("frozen-01").chain_depth == 2
         assert {fake.vm(f"f{i}").chain_depth for i in range(4)} == {3}
 

@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from typing import Any
 
+import anyio
 import pytest
 
 from fleet.engine import provision
@@ -19,6 +20,7 @@ from fleet.engine.events import (
     JobReady,
     JobReplaced,
     JobRetried,
+    PhaseDone,
     SourceRetired,
 )
 from fleet.engine.limits import Limiters, LimitKey
@@ -316,6 +318,63 @@ async def test_running_source_stops_at_its_budget() -> None:
     assert fake.stats.max_in_flight_per_source["golden"] == 1
     assert [e.source for e in rec.of(SourceRetired)] == ["golden"]
     assert summary.sources["golden"].clones_left == 0
+
+
+class LateSourceRead(FakeVSphere):
+    """A vCenter under load: the run's first read of ``source`` is answered as the source
+    was before the run (vCenter served it then) and arrives only once ``release`` is set;
+    later reads of it never come back (the run ends first)."""
+
+    def __init__(self, source: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.source = source
+        self.before: VmInfo | None = None
+        self.release = anyio.Event()
+        self.reads = 0
+        self.late = False  # the late answer came back
+
+    async def get_vm(self, ref: Ref) -> VmInfo:
+        if ref != self.vm(self.source).ref:
+            return await super().get_vm(ref)
+        self.reads += 1
+        if self.reads > 1:
+            await anyio.sleep_forever()
+        assert self.before is not None
+        with anyio.fail_after(10):
+            await self.release.wait()
+        self.late = True
+        return self.before
+
+
+async def test_a_late_refresh_never_lowers_a_running_source_chain() -> None:
+    # A refresh of a running source whose reply comes back after clones of the source
+    # landed must not take the depth the reply shows: the clones' stuns came after the
+    # read was served. Taking it would let the source pass its budget, and the summary
+    # would show a chain shallower than vCenter has.
+    fake = LateSourceRead("golden", latency=FakeLatency(guest_op_s=0.05))
+    fake.add_host("esx-01")
+    fake.add_vm("golden", host="esx-01", state="running", chain_depth=1, credentials=CREDS)
+    fake.before = fake._info(fake.vm("golden"))
+    spec = make_spec(count=2, sources=[{"name": "golden", "chain_budget": 10}])
+    p: Provisioner
+
+    def on_event(event: Event) -> None:
+        # The reply arrives once both clones landed and the run counted them (nothing of
+        # the source in flight), while their guest network phases go on.
+        if isinstance(event, PhaseDone) and event.phase == "clone":
+            assert p.view is not None
+            src = p.view.sources["golden"]
+            if src.clones == 2 and src.in_flight == 0:
+                fake.release.set()
+
+    async with fake:
+        p = Provisioner(spec, fake, on_event=on_event, options=opts(refresh_interval_s=0.001))
+        summary = await p.run()
+    assert summary.ready == 2
+    assert fake.late  # the late answer came back while the run went on
+    assert fake.vm("golden").chain_depth == 3
+    assert summary.sources["golden"].chain_depth == 3
+    assert summary.sources["golden"].clones_left == 7
 
 
 async def test_only_a_running_source_fails_the_rest_as_unschedulable() -> None:

@@ -96,14 +96,29 @@ async def _thousand_clones(sim: SimProcess, budget: int) -> None:
                      limits={"in_flight": 200})
     async with client(sim) as vs:
         summary = await provision(spec, vs)
-    assert summary.ready == 1000, summary.failures
-    assert summary.failed == 0
-    assert "chain_too_deep" not in summary.failures
-    running = summary.sources["golden-running"]
-    assert running.chain_depth <= budget
-    assert running.clones == budget - 1  # used to the last clone, and no further
+        assert summary.ready == 1000, summary.failures
+        assert summary.failed == 0
+        assert "chain_too_deep" not in summary.failures
+        running = summary.sources["golden-running"]
+        # Frozen sources are preferred: the running one takes a clone only while every
+        # frozen host is full, so how many it took depends on how long the queue lasted
+        # against how long each of its (one at a time) clones took. It took at least
+        # one (the first dispatch round fills the 64 frozen slots, then reaches it),
+        # never more than its budget, and each deepened its chain by exactly one.
+        assert 1 <= running.clones <= budget - 1, running
+        assert running.chain_depth == 1 + running.clones, running
+        assert sim.stats()["sources"]["golden-running"]["chain_depth"] == 1 + running.clones
+        # Used to the last clone, and no further: a fleet that needs more clones than the
+        # budget has left, with only this source, gets exactly what is left.
+        left = budget - 1 - running.clones
+        assert running.clones_left == left, running
+        topup = await provision(make_spec(sim, "topup", left + 2, sources=[
+            {"name": "golden-running", "chain_budget": budget}]), vs)
+        assert topup.ready == left and topup.failures == {"unschedulable": 2}, topup.failures
+        assert topup.sources["golden-running"].clones == left
+        assert topup.sources["golden-running"].chain_depth == budget
     stats = sim.stats()
-    assert stats["sources"]["golden-running"]["chain_depth"] <= budget
+    assert stats["sources"]["golden-running"]["chain_depth"] == budget
     assert stats["network_conflicts"] == 0
     for name in FROZEN:
         assert stats["sources"][name]["chain_depth"] == 2  # frozen: unchanged

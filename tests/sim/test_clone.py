@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -369,15 +368,20 @@ def test_per_host_queueing_is_visible_in_task_state() -> None:
         si = connect(proc)
         folder = vm_folder(si)
         source = find_vm(si, "src")
+        # The first two clones hold both slots until cancelled (not for 0.5 s, which a
+        # loaded machine can spend between two calls): the next three are queued for sure.
+        proc.add_faults({"method": "InstantClone_Task", "fault": "slow", "delay_s": 3600,
+                         "max_count": 2})
         tasks = [source.InstantClone_Task(clone_spec(f"q-{i}", folder)) for i in range(5)]
         states = [t.info.state for t in tasks]
-        assert states.count("running") == 2
-        assert states.count("queued") == 3
+        assert states == ["running", "running", "queued", "queued", "queued"]
         assert proc.stats()["tasks"] == {"queued": 3, "running": 2, "total": 5}
-        WaitForTasks(tasks)
+        for blocker in tasks[:2]:
+            blocker.CancelTask()
+        WaitForTasks(tasks[2:])
         infos = [t.info for t in tasks]
-        assert all(i.state == "success" for i in infos)
-        # at no instant more than two ran
+        assert [i.state for i in infos] == ["error"] * 2 + ["success"] * 3
+        # the queued ones started only as slots freed: at no instant more than two ran
         events = sorted([(i.startTime, 1) for i in infos] + [(i.completeTime, -1) for i in infos])
         running = peak = 0
         for _, delta in events:
@@ -405,11 +409,25 @@ def test_vcenter_wide_cap_queues_across_hosts() -> None:
     with SimProcess(topology_text=topology, time_scale=1.0) as proc:
         si = connect(proc)
         folder = vm_folder(si)
-        tasks = [find_vm(si, f"src-{i % 4 + 1}").InstantClone_Task(clone_spec(f"cap-{i}", folder))
-                 for i in range(8)]
-        time.sleep(0.05)
-        assert proc.stats()["tasks"]["running"] == 3
-        WaitForTasks(tasks)
+        # The first three clones (three hosts) hold vCenter's three operations until
+        # cancelled: the other five, on hosts with free slots, are queued for sure.
+        proc.add_faults({"method": "InstantClone_Task", "fault": "slow", "delay_s": 3600,
+                         "max_count": 3})
+        sources = [find_vm(si, f"src-{i % 4 + 1}") for i in range(8)]
+        tasks = [src.InstantClone_Task(clone_spec(f"cap-{i}", folder))
+                 for i, src in enumerate(sources)]
+        assert proc.stats()["tasks"] == {"queued": 5, "running": 3, "total": 8}
+        assert [t.info.state for t in tasks] == ["running"] * 3 + ["queued"] * 5
+        for blocker in tasks[:3]:
+            blocker.CancelTask()
+        WaitForTasks(tasks[3:])
+        infos = [t.info for t in tasks]
+        events = sorted([(i.startTime, 1) for i in infos] + [(i.completeTime, -1) for i in infos])
+        running = peak = 0
+        for _, delta in events:
+            running += delta
+            peak = max(peak, running)
+        assert peak == 3
 
 
 def test_thousand_clones_from_frozen_sources_leave_them_unchanged() -> None:
