@@ -402,12 +402,17 @@ class FleetLock:
         try:
             with anyio.fail_after(CALL_S):
                 now = await self.vs.server_time()
-                try:
+            try:
+                # Shielded: once sent, the create lands whether or not this run waits for
+                # its reply, and a lock without a record holds every contender off for
+                # RECORDLESS_S. So a cancel waits for the reply (bounded by CALL_S) and
+                # takes effect at the next await, where the handler below removes it.
+                with anyio.CancelScope(shield=True), anyio.fail_after(CALL_S):
                     made = await self.vs.new_folder(folder, LOCK_NAME)
-                except NotFound:
-                    self.folder = None  # the fleet's folder went away: find it again
-                    await self._resolve_folder()
-                    return None
+            except NotFound:
+                self.folder = None  # the fleet's folder went away: find it again
+                await self._resolve_folder()
+                return None
             return await self._write_record(made, now, t0)
         except DuplicateName:
             return await self._contend(folder)

@@ -346,3 +346,33 @@ async def test_a_holder_alive_or_on_another_machine_is_waited_for(alive: bool) -
             await _acquire(fake, "bbbbbbbbbbbb")
         assert "deaddeaddead" in str(refused.value)
         assert "process is gone" not in str(refused.value)
+
+
+@pytest.mark.parametrize("step", ["lock", "record"])
+async def test_a_run_cancelled_while_its_lock_is_being_made_leaves_no_lock(step: str) -> None:
+    """A run cancelled (superseded, deleted, Ctrl-C) while its create of the lock folder,
+    or of its record, is on the wire: the create lands in vCenter all the same. The run
+    must remove what it made, or every later run waits for a lock nobody holds (a lock
+    without a record is judged stale only after 60 s)."""
+    async with make_fake() as fake:
+        await fake.ensure_folder(FOLDER)
+        landed = anyio.Event()
+        create = fake.new_folder
+
+        async def reply_in_transit(parent: Ref, name: str) -> Ref:
+            made = await create(parent, name)
+            if (name == LOCK_NAME) == (step == "lock") and not landed.is_set():
+                landed.set()
+                await anyio.sleep(0.2)  # landed; the reply is on its way back
+            return made
+
+        fake.new_folder = reply_in_transit  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lock(fake, "aaaaaaaaaaaa").acquire)
+            with anyio.fail_after(10):
+                await landed.wait()
+            tg.cancel_scope.cancel()
+        assert await locks_in(fake) == []
+        # The next run takes the lock at once.
+        held = await _acquire(fake, "bbbbbbbbbbbb")
+        assert held.acquired and held.took_over is None
