@@ -413,6 +413,7 @@ class FleetLock:
                 self.folder = None  # the fleet's folder went away: find it again
                 await self._resolve_folder()
                 return None
+            assert made is not None  # neither scope swallows: fail_after raises
             return await self._write_record(made, now, t0)
         except DuplicateName:
             return await self._contend(folder)
