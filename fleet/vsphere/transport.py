@@ -348,6 +348,7 @@ class SoapTransport:
         self._encoding = "gzip, deflate" if compress else "identity"
         self._endpoint = f"[{self.host}]:{self.port}" if ":" in self.host else \
             f"{self.host}:{self.port}"
+        self._proxy_headers: CIMultiDict[str] | None = None
         self._get_headers = CIMultiDict((("User-Agent", USER_AGENT),
                                          ("Accept-Encoding", self._encoding)))
 
@@ -366,15 +367,17 @@ class SoapTransport:
         # Loading the system's CA bundle (and the environment's proxy) reads files:
         # not on the event loop.
         ssl_param = await anyio.to_thread.run_sync(ssl_for, self.tls, self.url)
-        proxy_auth = None
         if self.use_env_proxy:
             self.proxy = await anyio.to_thread.run_sync(env_proxy, self.url)
             if self.proxy is not None:
                 log.info("reaching %s through the proxy %s (vcenter.use_env_proxy)",
                          redact_url(self.url), redact_url(str(self.proxy)))
+                # The CONNECT says who is asking too (not aiohttp's default agent).
+                self._proxy_headers = CIMultiDict({"User-Agent": USER_AGENT})
                 if self.proxy.user is not None:
-                    # Credentials in HTTPS_PROXY go to the proxy, as Proxy-Authorization.
-                    proxy_auth = aiohttp.BasicAuth(self.proxy.user, self.proxy.password or "")
+                    # Credentials in HTTPS_PROXY go to the proxy only, as Proxy-Authorization.
+                    self._proxy_headers["Proxy-Authorization"] = aiohttp.encode_basic_auth(
+                        self.proxy.user, self.proxy.password or "")
                     self.proxy = self.proxy.with_user(None)
         # Abort TLS transports aiohttp closed itself (a thumbprint mismatch) when the
         # connector closes, on the Python versions that would otherwise leak them.
@@ -386,7 +389,6 @@ class SoapTransport:
         # ~/.netrc for vCenter credentials on every request; the proxy is found once above.
         self._http = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), proxy=self.proxy,
-            proxy_auth=proxy_auth,
             skip_auto_headers=("Accept", "Content-Type"), auto_decompress=self.compress)
 
     async def close(self) -> None:
@@ -469,7 +471,7 @@ class SoapTransport:
         resp, body = await self._exchange(
             path.rsplit("/", 1)[-1], None,
             self.http.get(self._url.with_path(path), timeout=self._timeout(timeout_s),
-                          headers=self._get_headers))
+                          headers=self._get_headers, proxy_headers=self._proxy_headers))
         return resp.status, body
 
     async def post(self, body: bytes, *, action: str, session_key: str | None,
@@ -477,7 +479,8 @@ class SoapTransport:
         resp, data = await self._exchange(
             method, obj, self.http.post(self._url, data=body,
                                         headers=self._post_headers(action, session_key),
-                                        timeout=self._timeout(timeout_s)))
+                                        timeout=self._timeout(timeout_s),
+                                        proxy_headers=self._proxy_headers))
         status = resp.status
         if status != 200 and status != 500:
             raise transport_error(HttpStatusError(status, resp.reason), method=method, obj=obj)

@@ -5,8 +5,10 @@ translation of transport failures into fleet errors."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
+import logging
 import socket
 import ssl
 import tracemalloc
@@ -19,7 +21,10 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from fleet import __version__, errors
+from fleet.api.cli import connect
+from fleet.api.config import config_from_dict
 from fleet.engine.spec import SpecError
+from fleet.metrics import FleetMetrics
 from fleet.target import open_target
 from fleet.vsphere.session import RetryPolicy
 from fleet.vsphere.transport import (
@@ -344,6 +349,7 @@ class ConnectProxy:
     def __init__(self, refuse: str | None = None) -> None:
         self.refuse = refuse
         self.targets: list[str] = []
+        self.heads: list[str] = []
         self.server: asyncio.Server | None = None
         self.handlers: set[asyncio.Task[Any]] = set()
 
@@ -365,6 +371,7 @@ class ConnectProxy:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             verb, target, _ = head.split("\r\n", 1)[0].split(" ", 2)
             self.targets.append(f"{verb} {target}")
+            self.heads.append(head)
             if verb != "CONNECT" or self.refuse:
                 writer.write(f"HTTP/1.1 {self.refuse or '405 Method Not Allowed'}\r\n"
                              "Content-Length: 0\r\n\r\n".encode())
@@ -454,6 +461,33 @@ async def test_spec_key_reaches_the_client(sim: SimProcess,
         async with open_target(spec) as target:
             await target.client.server_info()
     assert proxy.targets == [f"CONNECT 127.0.0.1:{sim.port}"]
+
+
+async def test_serve_config_key_reaches_the_client(sim: SimProcess,
+                                                   clean_proxy_env: pytest.MonkeyPatch) -> None:
+    data = {"vcenter": {**specs.spec_data(sim, "serve", 1)["vcenter"], "use_env_proxy": True},
+            "api": {"token_env": "API_TOKEN"}}
+    config = config_from_dict(data, env={**specs.ENV, "API_TOKEN": "t" * 32})
+    async with ConnectProxy() as proxy:
+        clean_proxy_env.setenv("HTTPS_PROXY", proxy.url)
+        async with connect(config, FleetMetrics(), lambda _: None) as vs:
+            await vs.server_info()
+    assert proxy.targets == [f"CONNECT 127.0.0.1:{sim.port}"]
+
+
+async def test_proxy_credentials_go_to_the_proxy_only(sim: SimProcess,
+                                                      clean_proxy_env: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    async with ConnectProxy() as proxy:
+        clean_proxy_env.setenv("HTTPS_PROXY", proxy.url.replace("://", "://squid:pr0xy-pw@"))
+        with caplog.at_level(logging.DEBUG, logger="fleet"):
+            async with client_for(sim, use_env_proxy=True) as vs:
+                await vs.server_info()
+    expected = "Proxy-Authorization: Basic " + base64.b64encode(b"squid:pr0xy-pw").decode()
+    assert proxy.heads and all(expected in h for h in proxy.heads)
+    assert all(f"User-Agent: {USER_AGENT}\r\n" in h for h in proxy.heads)
+    assert "pr0xy-pw" not in caplog.text and "squid" not in caplog.text
+    assert any("through the proxy" in r.getMessage() for r in caplog.records)
 
 
 def test_spec_key_is_validated(sim: SimProcess) -> None:
