@@ -227,7 +227,7 @@ class ProvisioningChecker(SimObject):
                 if isinstance(target, Folder):
                     folder = target
             assert isinstance(folder, Folder)
-            errors = source.clone_problems(ctx, spec.name, folder)
+            errors = source.clone_problems(spec.name, folder)
             warnings = []
             if source.chain_depth() + 1 > 100:
                 warnings.append(vim.fault.GenericVmConfigFault(

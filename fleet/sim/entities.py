@@ -177,7 +177,7 @@ class Folder(ManagedEntity):
             if not named:
                 del self._by_name[name]
 
-    def _check_free(self, ctx: CallContext, name: str) -> None:
+    def _check_free(self, name: str) -> None:
         """DuplicateName if ``name`` is taken here, or is being taken by a call or task
         still in progress (vCenter holds a name from the start of a create or rename)."""
         existing = self.child_named(name)
@@ -194,7 +194,7 @@ class Folder(ManagedEntity):
         check_entity_name(name)
         if "Folder" not in self.child_types:
             raise vmodl.fault.NotSupported(msg=f"Folder '{self.name}' cannot hold folders.")
-        self._check_free(ctx, name)
+        self._check_free(name)
         rt = self.runtime
         rt.names.hold(self.moid, name)
         try:
@@ -223,7 +223,7 @@ class Folder(ManagedEntity):
         assert isinstance(parent, Folder)
         held = newName != self.name
         if held:
-            parent._check_free(ctx, newName)
+            parent._check_free(newName)
             self.runtime.names.hold(parent.moid, newName)
 
         async def body(task: Any) -> None:
@@ -254,19 +254,19 @@ class Folder(ManagedEntity):
                 # Another Destroy_Task of it ran first: this one fails, as in vCenter.
                 raise vmodl.fault.ManagedObjectNotFound(
                     msg=f"The object '{self.ref}' has already been deleted", obj=self.ref)
-            self.destroy_tree(ctx)
+            self.destroy_tree()
 
         return self.runtime.tasks.start(ctx, entity=self, method="Destroy_Task",
                                         description_id="Folder.destroy", body=body, resources=())
 
-    def destroy_tree(self, ctx: CallContext) -> None:
+    def destroy_tree(self) -> None:
         if self.inventory.get(self.moid) is not self:
             return  # already gone: destroying it again changes nothing
         for child in self.children():
             if isinstance(child, Folder):
-                child.destroy_tree(ctx)
+                child.destroy_tree()
             elif hasattr(child, "destroy_now"):
-                child.destroy_now(ctx)
+                child.destroy_now()
             else:
                 raise vmodl.fault.NotSupported(
                     msg=f"'{child.name}' in folder '{self.name}' cannot be destroyed.")

@@ -1,4 +1,4 @@
-"""PropertyCollector, PropertyFilter, ViewManager and ContainerView.
+"""PropertyCollector and PropertyFilter (views are ``fleet.sim.views``).
 
 Retrieval walks ``ObjectSpec``/``TraversalSpec``/``SelectionSpec`` trees exactly
 as vCenter does (``skip``, named selection specs, type-matched traversal of
@@ -37,7 +37,6 @@ from fleet.sim.calls import CallContext, Session
 from fleet.sim.core import (
     Inventory,
     SimObject,
-    contained,
     property_type,
     resolve_path,
     typed_value,
@@ -586,51 +585,3 @@ class PropertyCollector(SimObject):
             return PC.UpdateSet(version=f"{base}:{upto}:{truncated_at}",
                                 filterSet=filter_updates, truncated=True)
         return PC.UpdateSet(version=str(upto), filterSet=filter_updates, truncated=False)
-
-
-class ContainerView(SimObject):
-    vim_type = vim.view.ContainerView
-    id_prefix = "session-view-"
-
-    def __init__(self, inventory: Inventory, container: SimObject, types: list[Any],
-                 recursive: bool, owner: Session) -> None:
-        super().__init__(inventory)
-        self.container = container
-        self.types = tuple(types or ())
-        self.recursive = recursive
-        self.owner = owner
-
-    def prop_container(self) -> Any:
-        return self.container.ref
-
-    def prop_type(self) -> Any:
-        return [t for t in self.types] or None
-
-    def prop_recursive(self) -> bool:
-        return self.recursive
-
-    def prop_view(self) -> Any:
-        found = contained(self.container, self.recursive)
-        if self.types:
-            found = [o for o in found if isinstance(o.ref, self.types)]
-        return VmomiSupport.ManagedObject.Array([o.ref for o in found])
-
-    def DestroyView(self, ctx: CallContext) -> None:
-        ctx.session.views.discard(self.moid)
-        self.inventory.objects.pop(self.moid, None)
-
-
-class ViewManager(SimObject):
-    vim_type = vim.view.ViewManager
-
-    def prop_viewList(self) -> Any:
-        return None
-
-    def CreateContainerView(self, ctx: CallContext, container: Any, type: Any = None,
-                            recursive: bool = False) -> Any:
-        target = self.inventory.resolve(container)
-        view = ContainerView(self.inventory, target, list(type or ()), bool(recursive),
-                             ctx.session)
-        self.inventory.objects[view.moid] = view
-        ctx.session.views.add(view.moid)
-        return view.ref

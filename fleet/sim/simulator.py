@@ -44,12 +44,13 @@ from fleet.sim.entities import (
 )
 from fleet.sim.faults import FaultInjector, Injection, UpdateFaults
 from fleet.sim.names import Addresses, NameHolds
-from fleet.sim.propcollector import PropertyCollector, ViewManager
+from fleet.sim.propcollector import PropertyCollector
 from fleet.sim.runtime import Runtime, about_info
 from fleet.sim.soap import FETCH_INFO, SoapRequest
 from fleet.sim.stats import Stats
 from fleet.sim.tasks import Scheduler, TaskManager
 from fleet.sim.topology import Topology, VmConfig
+from fleet.sim.views import ViewManager
 from fleet.sim.vm import DISK_KEY_BASE, NIC_KEY_BASE, Disk, Guest, Nic, VirtualMachine
 
 log = logging.getLogger("fleet.sim")

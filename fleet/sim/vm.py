@@ -149,7 +149,7 @@ class VirtualMachine(Machine):
         async def body(task: Task) -> None:
             self._check_destroyable()
             await task.sleep(self.runtime.latency.destroy_s)
-            self.destroy_now(ctx)
+            self.destroy_now()
 
         return self._task(ctx, "Destroy_Task", "VirtualMachine.destroy", body)
 
@@ -161,7 +161,7 @@ class VirtualMachine(Machine):
                     "(Powered on).", requestedState="poweredOff",
                 existingState=self.power_state)
 
-    def destroy_now(self, ctx: CallContext) -> None:
+    def destroy_now(self) -> None:
         """The VM goes, disks and all (also when its folder is destroyed); a powered-on
         VM cannot (InvalidPowerState)."""
         if self.inventory.get(self.moid) is None:
@@ -252,7 +252,7 @@ class VirtualMachine(Machine):
         return self._task(ctx, "ReconfigVM_Task", "VirtualMachine.reconfigure", body)
 
     # -- instant clone -------------------------------------------------------
-    def _clone_target(self, ctx: CallContext, name: str, location: Any) -> tuple[
+    def _clone_target(self, location: Any) -> tuple[
             Folder, ResourcePool, Datastore]:
         folder = self.parent
         if location is not None and location.folder is not None:
@@ -304,7 +304,7 @@ class VirtualMachine(Machine):
                 macs[device.key] = str(device.macAddress)
         return plan, macs
 
-    def clone_problems(self, ctx: CallContext, name: str, folder: Folder) -> list[Any]:
+    def clone_problems(self, name: str, folder: Folder) -> list[Any]:
         """Why an instant clone from this VM would fail now (faults, in check order)."""
         problems: list[Any] = []
         if not self.host.connected:
@@ -339,7 +339,7 @@ class VirtualMachine(Machine):
     def InstantClone_Task(self, ctx: CallContext, spec: Any) -> Any:
         name = check_entity_name(spec.name)
         location = spec.location
-        folder, pool, datastore = self._clone_target(ctx, name, location)
+        folder, pool, datastore = self._clone_target(location)
         plan, macs = self._nic_edits(location)
         extra = {o.key: "" if o.value is None else str(o.value) for o in spec.config or ()}
         for key in extra:
@@ -359,7 +359,7 @@ class VirtualMachine(Machine):
             resources = (*resources, key)
 
         async def body(task: Task) -> Any:
-            problems = self.clone_problems(ctx, name, folder)
+            problems = self.clone_problems(name, folder)
             if problems:
                 raise problems[0]
             frozen_now = self.frozen
@@ -380,7 +380,7 @@ class VirtualMachine(Machine):
                 task.set_progress(50)
                 await task.sleep(duration)
                 # The source may have changed while we worked.
-                problems = [p for p in self.clone_problems(ctx, name, folder)
+                problems = [p for p in self.clone_problems(name, folder)
                             if not isinstance(p, vim.fault.DuplicateName)]
                 if problems:
                     raise problems[0]
@@ -461,7 +461,7 @@ class VirtualMachine(Machine):
             raise vmodl.fault.InvalidArgument(msg="folder is not a VM folder",
                                               invalidProperty="folder")
         location = spec.location
-        _, pool, datastore = self._clone_target(ctx, name, location)
+        _, pool, datastore = self._clone_target(location)
         host = self.host
         if location is not None and location.host is not None:
             target = self.inventory.resolve(location.host)
