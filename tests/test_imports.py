@@ -174,3 +174,15 @@ def test_layer_rules(package: str, forbidden: tuple[str, ...]) -> None:
 def test_the_layer_check_sees_a_break() -> None:
     """The rule check can fail: fleet/sim does import pyVmomi, so forbidding it shows up."""
     assert _breaks("fleet.sim", ("pyVmomi",))
+
+
+#: The simulator's top: the composition root and what serves it. Everything else in
+#: fleet/sim is given narrow services (fleet.sim.runtime) and never sees these.
+SIM_TOP = ("fleet.sim.simulator", "fleet.sim.server", "fleet.sim.cli")
+
+
+def test_sim_objects_never_reach_the_simulator() -> None:
+    reaching = [f"{mod} line {line} imports {full}" for mod, full, line in _imports_of("fleet.sim")
+                if mod not in SIM_TOP and any(full == t or full.startswith(t + ".")
+                                              for t in SIM_TOP)]
+    assert not reaching
