@@ -71,7 +71,7 @@ from fleet.vsphere.model import (
 )
 from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session, method_info
 from fleet.vsphere.tls import TlsOptions
-from fleet.vsphere.transport import MAX_REPLY_BYTES, MIN_VERSION, SoapTransport
+from fleet.vsphere.transport import MAX_REPLY_BYTES, MIN_VERSION, SoapTransport, Transport
 from fleet.vsphere.watch import PropertyWatcher, VCenterTask, Watch
 
 log = logging.getLogger("fleet.vsphere")
@@ -119,14 +119,17 @@ class VSphereClient:
                  observer: CallObserver | None = None,
                  guest_poll_s: tuple[float, float] = (0.1, 2.0),
                  compress: bool = False, use_env_proxy: bool = False,
-                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+                 max_reply_bytes: int = MAX_REPLY_BYTES,
+                 transport: Transport | None = None) -> None:
         if tls is None:
             tls = TlsOptions(ca_file=ca_file, thumbprint=thumbprint, insecure=insecure)
         elif ca_file or thumbprint or insecure:
             raise ConfigError("give either tls= or ca_file/thumbprint/insecure", key="tls")
-        self.transport = SoapTransport(url, tls=tls, max_connections=max_connections,
-                                       compress=compress, use_env_proxy=use_env_proxy,
-                                       max_reply_bytes=max_reply_bytes)
+        # ``transport`` replaces the HTTP one (a simulator in the same process,
+        # fleet.testing); ``url`` and the HTTP options are then unused.
+        self.transport: Transport = transport if transport is not None else SoapTransport(
+            url, tls=tls, max_connections=max_connections, compress=compress,
+            use_env_proxy=use_env_proxy, max_reply_bytes=max_reply_bytes)
         self.session = Session(self.transport, user, password, call_timeout_s=call_timeout_s,
                                retry=retry, observer=observer)
         self.watcher = PropertyWatcher(self.session, max_wait_s=wait_max_s,
