@@ -30,7 +30,7 @@ from typing import Literal
 import anyio
 
 from fleet.engine.spec import LimitsSpec
-from fleet.vsphere.model import TaskHandle
+from fleet.vsphere.model import TaskHandle, TaskSnapshot
 
 LimitKind = Literal["overall", "host", "datastore", "source"]
 _ORDER: dict[str, int] = {"overall": 0, "host": 1, "datastore": 2, "source": 3}
@@ -255,6 +255,13 @@ class Lease:
         self.submitted_at = now
 
 
+def _seen_queued(snapshot: TaskSnapshot) -> bool:
+    """vCenter said the task is queued. A task it has not reported yet (the client's
+    first update of it is still to come: no queue time) only looks queued, and under
+    client load that lag alone would read as push-back."""
+    return snapshot.state == "queued" and snapshot.queue_time is not None
+
+
 class Limiters:
     """Every limiter of a run, created on first use, plus the ``changed`` callback the
     dispatcher uses to wake up when capacity frees or a limit moves."""
@@ -392,7 +399,7 @@ class Limiters:
             threshold = first.queued_threshold_s()
             stuck = sum(1 for other in narrow.holders.values()
                         if other is not lease and other.task is not None
-                        and other.task.snapshot.state == "queued"
+                        and _seen_queued(other.task.snapshot)
                         and now - other.submitted_at > threshold)
             if stuck:
                 verdict = "queued"

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fleet.engine.limits import AimdController, AutoTuning, Limiters, LimitKey
 from fleet.engine.spec import LimitsSpec
+from fleet.vsphere.model import Ref, TaskSnapshot
 
 # A small initial host window keeps the arithmetic below short (the default is 8).
 T = AutoTuning(host_initial=2, queued_min_s=0.01, queued_fraction=0.0, latency_floor_s=0.05)
@@ -185,3 +186,38 @@ def test_host_slow_start_stops_at_vspheres_eight_slots() -> None:
     for _ in range(8):  # congestion avoidance: one window of completions for one step
         c.prompt(run_s=1.0, was_limited=True)
     assert c.limit == 9
+
+
+class _Task:
+    """A task handle as the client holds one: its snapshot is what vCenter last said."""
+
+    def __init__(self, snapshot: TaskSnapshot) -> None:
+        self.ref = snapshot.ref
+        self.snapshot = snapshot
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        raise NotImplementedError
+
+    async def cancel(self) -> None:
+        raise NotImplementedError
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("reported", "cut"), [(False, False), (True, True)])
+async def test_a_sibling_vcenter_has_said_nothing_of_is_not_push_back(reported: bool,
+                                                                       cut: bool) -> None:
+    """A sibling long submitted whose task vCenter has not reported yet (the client's
+    first update of it is still to come: its snapshot says "queued", with no queue
+    time) is no evidence that vCenter queued it, and must not cut the host limit
+    below what it runs; one vCenter reported queued is."""
+    lim = Limiters(LimitsSpec(in_flight=64, per_host="auto"), tuning=T)
+    keys = lim.keys_for(host="h", datastore=None, running_source=None)
+    host = lim.get(LimitKey.of("host", "h"))
+    a = lim.try_acquire(keys, "a")
+    b = lim.try_acquire(keys, "b")
+    assert a is not None and b is not None and host.limit == 2
+    ref = Ref("Task", "task-2")
+    a.submitted(_Task(TaskSnapshot(Ref("Task", "task-1"), "running", 100.0, 100.0)), 0.0)
+    b.submitted(_Task(TaskSnapshot(ref, "queued", 100.0 if reported else None)), 0.0)
+    lim.completed(a, queue_s=0.0, run_s=0.1, now=1.0)
+    assert (host.limit < 2) is cut, host.limit
