@@ -30,6 +30,7 @@ from typing import Literal
 import anyio
 
 from fleet.engine.spec import LimitsSpec
+from fleet.vcenter import DATASTORE_COST_UNITS, HOST_PROVISIONING_SLOTS, MAX_CONCURRENT_OPERATIONS
 from fleet.vsphere.model import TaskHandle, TaskSnapshot
 
 LimitKind = Literal["overall", "host", "datastore", "source"]
@@ -61,7 +62,7 @@ class AutoTuning:
     # task cuts the limit to the slots it revealed; starting at 2 cost three round
     # trips of slow start on every host (0.88 of the true limit's throughput over a
     # 1,000-clone burst on 16-slot hosts, benchmark scenario 5).
-    host_initial: int = 8
+    host_initial: int = HOST_PROVISIONING_SLOTS
     host_max: int = 64
     # Where a host's slow start ends without push-back (TCP's ssthresh); None: at the
     # first push-back only. Stopping at vSphere's documented 8 slots made a host with
@@ -71,9 +72,10 @@ class AutoTuning:
     # queue keeps its slots busy, and the cut goes straight to the revealed count.
     host_slow_start_until: int | None = None
     datastore_initial: int = 8
-    datastore_max: int = 128
-    overall_initial: int = 64  # a tenth of the 640 operations vCenter runs at once
-    overall_max: int = 640
+    datastore_max: int = DATASTORE_COST_UNITS
+    # a tenth of the operations vCenter runs at once
+    overall_initial: int = MAX_CONCURRENT_OPERATIONS // 10
+    overall_max: int = MAX_CONCURRENT_OPERATIONS
     decrease: float = 0.7  # multiplicative cut on a latency spike (CUBIC's beta)
     # A task counts as queued when it waited longer than this before vCenter started
     # it, and longer than queued_fraction of the usual run time.

@@ -707,12 +707,6 @@ class VSphereClient:
                                            name, spec)
         return result
 
-    async def relocate(self, vm: Ref, *, host: Ref | None = None,
-                       datastore: Ref | None = None) -> None:
-        spec = specs.relocate_spec(host=self.mo(host) if host else None,
-                                   datastore=self.mo(datastore) if datastore else None)
-        await self._run_task(self.mo(vm), "RelocateVM_Task", spec, None, safe=True)
-
     async def _power(self, vm: Ref, method: str, wanted: str) -> None:
         try:
             await self._run_task(self.mo(vm), method, safe=True)
@@ -736,9 +730,6 @@ class VSphereClient:
     async def power_off(self, vm: Ref) -> None:
         """Power off (hard); a VM already off is fine."""
         await self._power(vm, "PowerOffVM_Task", "poweredOff")
-
-    async def reset(self, vm: Ref) -> None:
-        await self._run_task(self.mo(vm), "ResetVM_Task")
 
     async def destroy(self, vm: Ref) -> None:
         """Power off if needed, then destroy. A VM already gone is not an error."""
