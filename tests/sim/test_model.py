@@ -62,7 +62,7 @@ async def test_frozen_clones_run_together_running_ones_one_at_a_time() -> None:
 
 async def test_a_running_source_deepens_at_the_stun_and_keeps_the_level() -> None:
     topo = small_topology(hosts=1, frozen_per_host=0, running=1,
-                          latency={"instant_clone_s": 5.0})
+                          latency={"instant_clone_s": 1.0})
     async with sim_vsphere(topo) as (vs, vc):
         folder = await vs.ensure_folder("t")
         task = await clone(vs, "running-01", "r0", folder)
@@ -78,8 +78,8 @@ async def test_a_running_source_deepens_at_the_stun_and_keeps_the_level() -> Non
 
 
 async def test_clones_beyond_the_slots_queue_and_are_counted() -> None:
-    # a clone takes half a second: all six are handed over long before the first ends
-    topo = small_topology(hosts=1, slots=2, latency={"instant_clone_s": 0.5})
+    # a clone takes 0.3 s: all six are handed over long before the first ends
+    topo = small_topology(hosts=1, slots=2, latency={"instant_clone_s": 0.3})
     async with sim_vsphere(topo) as (vs, vc):
         folder = await vs.ensure_folder("t")
         tasks = [await clone(vs, "frozen-01", f"q{i}", folder) for i in range(6)]
