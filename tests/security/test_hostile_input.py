@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests.simproc import USER, SimProcess
-from tests.specs import ENV, to_toml
+from tests.specs import ENV, run_fleet, to_toml
 
 SECRET = "Hunter2-url-secret-8c1f0e"
 TOKEN = "a-good-long-token-0123456789"
@@ -40,9 +39,7 @@ DEEP = "a = " + "[" * 5000 + "]" * 5000 + "\n"
 
 def fleet(*args: str, env: dict[str, str] | None = None, timeout: float = 60
           ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})),
-                          stdin=subprocess.DEVNULL)
+    return run_fleet(*args, env=env or {}, timeout=timeout)
 
 
 def assert_usage_error(run: subprocess.CompletedProcess[str], *fragments: str) -> None:
