@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -131,10 +133,16 @@ class EventLog:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+            # Not blocking on open: a FIFO nobody reads would hold the run before it
+            # began, for ever (ENXIO instead). Writes block again, as for any file.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666)
         except OSError as exc:
-            raise ConfigError(f"cannot write the event log {path!r}: {exc.strerror}",
+            why = ("nobody is reading that FIFO" if exc.errno == errno.ENXIO
+                   else exc.strerror)
+            raise ConfigError(f"cannot write the event log {path!r}: {why}",
                               key="--events") from None
+        os.set_blocking(fd, True)
+        self._file = os.fdopen(fd, "wb")
         self._encode = json.JSONEncoder(separators=(",", ":")).encode
         self._pending: list[bytes] = []
         self._pending_bytes = 0

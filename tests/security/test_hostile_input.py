@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,37 @@ def test_a_certificate_for_the_simulator_that_is_a_fifo(fifo: Path) -> None:
     assert_usage_error(fleet("sim", "--cert-file", str(fifo), "--key-file", str(fifo),
                              "--listen", "127.0.0.1:0"),
                        "--cert-file: cannot use the certificate: it is a FIFO")
+
+
+def test_an_event_log_fifo_without_a_reader_is_refused_not_waited_for(fifo: Path) -> None:
+    """Opening a FIFO for writing waits for a reader: ``--events FIFO`` with nobody
+    reading it hung before the run began, for ever."""
+    assert_usage_error(fleet("provision", "--count", "1", "--sim-time-scale", "0.05",
+                             "--events", str(fifo), timeout=60),
+                       "--events", f"{str(fifo)!r}", "nobody is reading that FIFO")
+
+
+def test_an_event_log_fifo_with_a_reader_gets_every_event(fifo: Path) -> None:
+    """A FIFO someone reads (``--events >(jq ...)``, a log shipper) is a fine event log."""
+    lines: list[bytes] = []
+
+    def read() -> None:
+        with fifo.open("rb") as log:  # returns once fleet opens it for writing
+            lines.extend(log)
+
+    # A reader is there before fleet starts: this end, opened without waiting.
+    present = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
+        run = fleet("provision", "--count", "2", "--sim-time-scale", "0.05", "--json",
+                    "--events", str(fifo), timeout=120)
+        reading.join(30)
+    finally:
+        os.close(present)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kinds = [json.loads(line)["event"] for line in lines]
+    assert kinds.count("job_ready") == 2, kinds
 
 
 def test_a_ten_megabyte_spec_is_refused_before_parsing(tmp_path: Path) -> None:
