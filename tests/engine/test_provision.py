@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -38,8 +39,8 @@ from fleet.errors import (
     UnsupportedEndpoint,
     VSphereFault,
 )
-from fleet.vsphere.fake import FakeLatency, FakeVSphere, FaultRule, make_fake
-from fleet.vsphere.model import Ref, VmInfo
+from fleet.vsphere.fake import FakeLatency, FakeTask, FakeVm, FakeVSphere, FaultRule, make_fake
+from fleet.vsphere.model import CloneRequest, Ref, VmInfo
 from tests.engine.conftest import (
     CLONE_ONLY,
     CREDS,
@@ -243,18 +244,39 @@ async def test_clone_timeout_then_adopt() -> None:
     assert len(fake.folder_vms(spec.folder_path)) == 8
 
 
+def before_each_clone(fake: FakeVSphere, hook: Callable[[FakeVm], None]) -> None:
+    """Call ``hook(source)`` as each clone is handed to the fake, before it is.
+
+    "Mid-burst" is a point in what was handed to vCenter: the run's own count of
+    finished members can lag every clone on a loaded machine (all were made, only
+    their labels were still to write), and an event then comes after the burst."""
+    submit = fake.start_instant_clone
+
+    async def start(request: CloneRequest) -> FakeTask:
+        hook(next(vm for vm in fake.all_vms() if vm.ref == request.source))
+        return await submit(request)
+
+    fake.start_instant_clone = start  # type: ignore[method-assign]
+
+
 async def test_host_lost_mid_burst_jobs_are_replaced() -> None:
     fake = make_fake(hosts=4, latency=FakeLatency(clone_s=0.004))
     spec = make_spec(count=240, **CLONE_ONLY)
     rec = Recorder()
 
-    def on_event(event: Event) -> None:
-        rec(event)
-        if len(rec.of(JobReady)) == 60:  # a quarter in: the host goes away
+    def lose_host(source: FakeVm) -> None:
+        # A quarter in, with members made on esx-02 and this clone going there: the
+        # host goes away under it.
+        assert source.host is not None
+        if source.host.connected and source.host.name == "esx-02" and \
+                fake.stats.clones_submitted >= 60 and any(
+                    vm.host is source.host for vm in fake.folder_vms(spec.folder_path)):
             fake.set_host_state("esx-02", "notResponding")
 
+    before_each_clone(fake, lose_host)
     async with fake:
-        summary = await provision(spec, fake, on_event=on_event, options=opts())
+        summary = await provision(spec, fake, on_event=rec, options=opts())
+    assert not fake.hosts["esx-02"].connected
     assert summary.ready == 240, summary.failures
     assert_complete(fake, spec)
     assert [e.host for e in rec.of(HostExcluded)] == ["esx-02"]
@@ -270,13 +292,16 @@ async def test_source_powered_off_mid_burst_is_retired() -> None:
     spec = make_spec(count=200, **CLONE_ONLY)
     rec = Recorder()
 
-    def on_event(event: Event) -> None:
-        rec(event)
-        if len(rec.of(JobReady)) == 40:
+    def power_off(source: FakeVm) -> None:
+        # A fifth in, as a clone of frozen-03 is handed over: pulled from under it.
+        if source.name == "frozen-03" and source.powered_on and \
+                fake.stats.clones_submitted >= 40:
             fake.power_off_now("frozen-03")
 
+    before_each_clone(fake, power_off)
     async with fake:
-        summary = await provision(spec, fake, on_event=on_event, options=opts())
+        summary = await provision(spec, fake, on_event=rec, options=opts())
+    assert not fake.vm("frozen-03").powered_on
     assert summary.ready == 200
     assert_complete(fake, spec)
     retired = rec.of(SourceRetired)
