@@ -325,7 +325,12 @@ def test_the_service_and_the_cli_exclude_each_other(sim: SimProcess, tmp_path: P
             seen["error"], seen
         done = svc.wait_for("locksc", timeout_s=120)
         assert done["ready"] == 40
-        assert done["run"]["summary"]["removed"] == 60  # the CLI's 100 were all there
+        # The CLI's 100 were all there: the service's run removed 60. A run the service
+        # had to start again (a transient fault: under load, a call past its deadline)
+        # reports what its last attempt removed, the rest having gone in earlier ones.
+        retried = [line for line in svc.stderr_lines if "fleet locksc: retrying: " in line]
+        removed = done["run"]["summary"]["removed"]
+        assert removed == 60 or (retried and 0 < removed < 60), (removed, retried)
         got = members(sim, "locksc")
         assert len(got) == 40 and set(got.values()) == {"ready"}
 
