@@ -44,10 +44,12 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(burst=120, burst_time_scale=0.1, sequential=4, pool=40, pool_threads=8,
-                   chain=400, chain_time_scale=0.01, scale=300, scale_workflow=200,
+        # Just enough for every series to have points (ten tenths, several clone
+        # waves): a quick run checks the machinery, and the test suite runs it.
+        return cls(burst=80, burst_time_scale=0.1, sequential=4, pool=24, pool_threads=8,
+                   chain=200, chain_time_scale=0.01, scale=150, scale_workflow=100,
                    scale_time_scale=0.02,
-                   adaptive_wide=120, adaptive_narrow=40, adaptive_time_scale=0.1)
+                   adaptive_wide=96, adaptive_narrow=24, adaptive_time_scale=0.1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
