@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
@@ -591,6 +592,19 @@ def _report(errors: list[BaseException]) -> int:
     for exc in errors:
         eprint(f"error: {exc}")
     return EXIT_USAGE if any(isinstance(e, ConfigError) for e in errors) else EXIT_INCOMPLETE
+
+
+def entry() -> NoReturn:
+    """The ``fleet`` command (and ``python -m fleet``): run it, then leave without a last
+    collection. By the time a command returns, the heap holds pyVmomi's type tables,
+    pydantic's schemas and whatever the command built (a simulator: every VM and task),
+    all living as long as the process; the interpreter would collect them all once
+    more at exit, which took longer than a short command itself (about 1 s per
+    ``fleet sim`` on a loaded 2-core machine, 0.2 s frozen). Frozen, they are
+    skipped, and the operating system frees the memory."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,6 +53,10 @@ def test_python_m_fleet_leaves_its_heap_out_of_the_last_collection() -> None:
     rc, frozen = out.stdout.split()
     assert rc == "2", out.stderr
     assert int(frozen) > 10_000, out.stdout
+    # The ``fleet`` command users run goes the same way.
+    from importlib.metadata import entry_points
+    (script,) = entry_points(group="console_scripts", name="fleet")
+    assert script.value == "fleet.cli:entry"
 
 
 def test_main_command_uses_the_builtin_simulator_from_any_directory(tmp_path: Path) -> None:
