@@ -339,6 +339,10 @@ async def _provision(args: argparse.Namespace) -> int:
                                 eprint(f"{signal.Signals(signum).name}: stopping; in-flight "
                                        "clones finish or are cleaned up (again to abort)")
                                 provisioner.stop(f"interrupted ({signal.Signals(signum).name})")
+                                # The whole stop, lock release included, within its bound.
+                                lock.release_by(anyio.current_time()
+                                                + spec.timeouts.cancel_grace_s
+                                                + spec.timeouts.cleanup_s)
                             else:
                                 tg.cancel_scope.cancel()
 

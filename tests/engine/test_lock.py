@@ -19,6 +19,7 @@ import pytest
 
 from fleet.engine.api import destroy, provision, status
 from fleet.engine.lock import (
+    CALL_S,
     LOCK_NAME,
     FleetLock,
     Holder,
@@ -376,3 +377,26 @@ async def test_a_run_cancelled_while_its_lock_is_being_made_leaves_no_lock(step:
         # The next run takes the lock at once.
         held = await _acquire(fake, "bbbbbbbbbbbb")
         assert held.acquired and held.took_over is None
+
+
+async def test_a_release_gives_up_at_the_stopping_deadline() -> None:
+    """A run stopped by a signal ends within ``cancel_grace_s`` + ``cleanup_s``; its lock
+    release, when vCenter is slow to destroy folders, waited up to CALL_S (30 s) more.
+    With ``release_by`` it gives up at the deadline and the lock lapses with its lease."""
+    async with make_fake() as fake:
+        destroy = fake.destroy_folder
+
+        async def slow_destroy(ref: Ref) -> None:
+            await anyio.sleep(3600)
+            await destroy(ref)
+
+        with anyio.fail_after(CALL_S / 2):  # a release that waited CALL_S fails here
+            async with lock(fake, "aaaaaaaaaaaa", lease_s=2.0) as held:
+                fake.destroy_folder = slow_destroy  # type: ignore[method-assign]
+                held.release_by(anyio.current_time() + 0.1)
+        assert len(await locks_in(fake)) == 1  # left to lapse
+        fake.destroy_folder = destroy  # type: ignore[method-assign]
+        # Without a deadline the release is made (bounded by CALL_S, as before).
+        async with lock(fake, "bbbbbbbbbbbb", wait_s=None, poll_s=0.05, lease_s=2.0):
+            pass
+        assert await locks_in(fake) == []
