@@ -18,19 +18,31 @@ queued (that is the slot count it revealed), and
 the limit then creeps toward that ceiling slowly instead of probing it every
 window. A task that queued is the signal; fleet never keeps more than one
 window's worth of probing outstanding.
+
+What vCenter revealed is read on vCenter's own clock, from the times its tasks
+report (queued, started, completed), never from when this process got round to
+noticing: a loaded client (a starved event loop, a GC pause) hears of finished
+tasks late and of started ones later still, and counting its own leases then
+sees tasks vCenter already finished as still running, and tasks it already
+started as still queued. So the slot count a queued task revealed is how many of
+ours vCenter was running just before that task started (each lease's task times,
+kept a while after it is released), and a sibling counts as stuck only if vCenter
+itself said it was queued, for longer than the threshold as of this task's
+completion time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
 
 from fleet.engine.spec import LimitsSpec
-from fleet.vsphere.model import TaskHandle
+from fleet.vsphere.model import TaskHandle, TaskSnapshot
 
 LimitKind = Literal["overall", "host", "datastore", "source"]
 _ORDER: dict[str, int] = {"overall": 0, "host": 1, "datastore": 2, "source": 3}
@@ -212,6 +224,22 @@ class Limiter:
             controller.limit if controller else _tokens(limit))
         self.peak = 0
         self.holders: dict[int, Lease] = {}  # by id(lease): who holds tokens now
+        # (start, complete) on vCenter's clock of tasks whose leases were released: what
+        # vCenter ran a moment ago, which a queued task's completion still needs to count.
+        self.finished: deque[tuple[float, float]] = deque(maxlen=_FINISHED_KEPT)
+
+    def running_before(self, t: float) -> int:
+        """How many tasks of this limiter's leases vCenter was running just before ``t``
+        (its clock): started before ``t`` and not completed before it."""
+        return sum(1 for start, end in self._intervals() if start < t <= end)
+
+    def _intervals(self) -> Iterator[tuple[float, float]]:
+        yield from self.finished
+        for lease in self.holders.values():
+            snap = _times(lease)
+            if snap is not None and snap.start_time is not None:
+                yield snap.start_time, (math.inf if snap.complete_time is None
+                                        else snap.complete_time)
 
     @property
     def limit(self) -> float:
@@ -231,6 +259,16 @@ class Limiter:
         return LimiterStats(str(self.key), self.key.kind, s.total_tokens, s.borrowed_tokens,
                             s.tasks_waiting, c is not None, self.peak,
                             c.increases if c else 0, c.decreases if c else 0)
+
+
+#: Released tasks' times kept per limiter: more than any limit runs at once (host_max,
+#: and the overall limit's 640 is never the narrowest when it matters).
+_FINISHED_KEPT = 1024
+
+
+def _times(lease: Lease) -> TaskSnapshot | None:
+    """The snapshot of the lease's task, or None before it was submitted."""
+    return lease.task.snapshot if lease.task is not None else None
 
 
 def _tokens(limit: float) -> float:
@@ -365,8 +403,13 @@ class Limiters:
         if lease.released:
             return
         lease.released = True
+        snap = _times(lease)
+        ran = None if snap is None or snap.start_time is None or snap.complete_time is None \
+            else (snap.start_time, snap.complete_time)
         for lim in reversed(lease.limiters):
             lim.holders.pop(id(lease), None)
+            if ran is not None and lim.controller is not None:
+                lim.finished.append(ran)
             lim.capacity.release_on_behalf_of(lease.owner)
         self._on_change()
 
@@ -377,8 +420,11 @@ class Limiters:
         (host, else datastore, else overall); a prompt task lets each of them grow.
 
         Besides this task's own queue time, any sibling holding the same limiter
-        whose task has sat ``queued`` past the threshold (as of ``now``) counts as
-        push-back: waiting for those to finish would let a slow start overshoot."""
+        whose task vCenter reported ``queued`` for longer than the threshold as of this
+        task's completion counts as push-back: waiting for those to finish would let a
+        slow start overshoot. When the task reports vCenter's times, the slot count
+        revealed and the stuck siblings are read on vCenter's clock (module docstring);
+        ``now`` (this process's clock) is used only for a task without times."""
         autos = [lim for kind in ("host", "datastore", "overall") for lim in lease.limiters
                  if lim.key.kind == kind and lim.controller is not None]
         if not autos:
@@ -388,7 +434,25 @@ class Limiters:
         assert first is not None
         verdict = first.classify(queue_s=queue_s, run_s=run_s)
         capacity = lease.in_flight_before.get(narrow.key, 0)
-        if verdict == "ok" and now is not None:
+        snap = _times(lease)
+        started = snap.start_time if snap is not None else None
+        ended = snap.complete_time if snap is not None else None
+        if verdict == "queued" and started is not None:
+            # It started the moment one of the tasks ahead of it ended: just before, vCenter
+            # ran its full slot count (what we had in flight when we handed it over also
+            # counts tasks vCenter had finished and we had not yet heard of).
+            capacity = max(1, narrow.running_before(started))
+        if verdict == "ok" and ended is not None:
+            threshold = first.queued_threshold_s()
+            stuck = sum(1 for other in narrow.holders.values()
+                        if other is not lease and (o := _times(other)) is not None
+                        and o.state == "queued" and o.queue_time is not None
+                        and ended - o.queue_time > threshold)
+            if stuck:
+                verdict = "queued"
+                # vCenter's slots were full until this one ended (someone was waiting).
+                capacity = max(1, narrow.running_before(ended))
+        elif verdict == "ok" and now is not None:
             threshold = first.queued_threshold_s()
             stuck = sum(1 for other in narrow.holders.values()
                         if other is not lease and other.task is not None

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.engine.limits import AimdController, AutoTuning, Limiters, LimitKey
+from fleet.engine.limits import AimdController, AutoTuning, Lease, Limiters, LimitKey
 from fleet.engine.spec import LimitsSpec
+from fleet.vsphere.model import Ref, TaskSnapshot, TaskState
 
 # A small initial host window keeps the arithmetic below short (the default is 8).
 T = AutoTuning(host_initial=2, queued_min_s=0.01, queued_fraction=0.0, latency_floor_s=0.05)
@@ -185,3 +188,72 @@ def test_host_slow_start_stops_at_vspheres_eight_slots() -> None:
     for _ in range(8):  # congestion avoidance: one window of completions for one step
         c.prompt(run_s=1.0, was_limited=True)
     assert c.limit == 9
+
+
+class _Task:
+    """A vCenter task as the client last saw it: a state and vCenter's own times."""
+
+    def __init__(self, state: TaskState, queued: float | None = None,
+                 started: float | None = None, ended: float | None = None):
+        self.ref = Ref("Task", f"task-{id(self)}")
+        self.snapshot = TaskSnapshot(self.ref, state, queued, started, ended)
+
+    async def wait(self, timeout_s: float | None = None) -> Any:
+        raise NotImplementedError
+
+    async def cancel(self) -> None:
+        raise NotImplementedError
+
+
+def _hold(lim: Limiters, n: int, name: str) -> list[Lease]:
+    keys = lim.keys_for(host="h", datastore=None, running_source=None)
+    leases = [lim.try_acquire(keys, f"{name}{i}") for i in range(n)]
+    assert all(lease is not None for lease in leases)
+    return [lease for lease in leases if lease is not None]
+
+
+@pytest.mark.anyio
+async def test_queued_task_reveals_the_slots_vcenter_ran_not_our_lagging_count() -> None:
+    """A loaded client hears of finished tasks late: when it handed a task over, its
+    leases still counted three that vCenter had finished. vCenter queued the task behind
+    its 8 slots; the cut goes to 8 (what vCenter ran just before starting it, on
+    vCenter's clock), not to the 11 leases we held."""
+    lim = Limiters(LimitsSpec(per_host="auto"), tuning=AutoTuning(host_initial=15))
+    host = lim.get(LimitKey.of("host", "h"))
+    done = _hold(lim, 3, "done")  # finished at 99.9, not yet heard of
+    running = _hold(lim, 8, "run")  # vCenter's 8 slots from 100.0; 4 free at 101.0
+    queued = _hold(lim, 4, "q")  # arrived at 100.1, waited for those slots
+    for lease in done:
+        lease.submitted(_Task("success", 99.0, 99.0, 99.9), 0.0)
+    for i, lease in enumerate(running):
+        lease.submitted(_Task("success", 100.0, 100.0, 101.0) if i < 4
+                        else _Task("running", 100.0, 100.0), 0.0)
+    for lease in queued:
+        lease.submitted(_Task("success", 100.1, 101.0, 102.0), 0.0)
+    first = queued[0]
+    assert first.in_flight_before[host.key] == 11
+    lim.completed(first, queue_s=0.9, run_s=1.0, now=10.0)
+    assert host.limit == 8
+
+
+@pytest.mark.anyio
+async def test_a_sibling_is_stuck_only_if_vcenter_said_queued_long_enough() -> None:
+    """A completion counts a sibling as push-back only on vCenter's word and clock: not
+    a task the client has had no update for yet (it shows ``queued`` by default), nor
+    one vCenter queued a moment before this one ended, however long this process took
+    to get round to it (a stalled event loop: ``now`` is seconds after submission)."""
+    def run(sibling: _Task) -> int:
+        lim = Limiters(LimitsSpec(per_host="auto"), tuning=T)
+        host = lim.get(LimitKey.of("host", "h"))
+        me, other = _hold(lim, 2, "x")
+        me.submitted(_Task("success", 100.0, 100.0, 100.1), 0.0)
+        other.submitted(sibling, 0.0)
+        lim.completed(me, queue_s=0.0, run_s=0.1, now=5.0)
+        return int(host.limit)
+
+    assert T.host_initial == 2
+    assert run(_Task("queued")) == 3  # never heard of: prompt, slow start grows
+    assert run(_Task("queued", queued=100.095)) == 3  # queued 5 ms before 100.1
+    # Queued 100 ms (threshold 10 ms) when this one ended: the slot count is what
+    # vCenter ran just before 100.1, this task alone.
+    assert run(_Task("queued", queued=100.0)) == 1
