@@ -245,8 +245,13 @@ async def test_a_sibling_is_stuck_only_if_vcenter_said_queued_long_enough() -> N
     def run(sibling: _Task) -> int:
         lim = Limiters(LimitsSpec(per_host="auto"), tuning=T)
         host = lim.get(LimitKey.of("host", "h"))
-        me, other = _hold(lim, 2, "x")
+        # vCenter ran a peer beside this task: a window of 2, which slow start may
+        # double. We heard of the peer's end and handed the sibling over in its place.
+        peer, me = _hold(lim, 2, "x")
+        peer.submitted(_Task("success", 100.0, 100.0, 100.05), 0.0)
         me.submitted(_Task("success", 100.0, 100.0, 100.1), 0.0)
+        lim.release(peer)
+        other, = _hold(lim, 1, "o")
         other.submitted(sibling, 0.0)
         lim.completed(me, queue_s=0.0, run_s=0.1, now=5.0)
         return int(host.limit)
@@ -254,6 +259,64 @@ async def test_a_sibling_is_stuck_only_if_vcenter_said_queued_long_enough() -> N
     assert T.host_initial == 2
     assert run(_Task("queued")) == 3  # never heard of: prompt, slow start grows
     assert run(_Task("queued", queued=100.095)) == 3  # queued 5 ms before 100.1
-    # Queued 100 ms (threshold 10 ms) when this one ended: the slot count is what
+    # Queued 40 ms (threshold 10 ms) when this one ended: the slot count is what
     # vCenter ran just before 100.1, this task alone.
-    assert run(_Task("queued", queued=100.0)) == 1
+    assert run(_Task("queued", queued=100.06)) == 1
+
+
+def _rounds(lim: Limiters, *, slots: int, gap_s: float, rounds: int, t0: float = 100.0
+            ) -> list[int]:
+    """The host limit after each of ``rounds`` rounds on a host with ``slots``, where
+    10 ms clones start first come first served. Each round fills the limit; a loaded
+    client hands the tasks over ``gap_s`` apart on vCenter's clock, and hears of all
+    their ends afterwards in one backlog (its leases counted them all in flight)."""
+    host = lim.get(LimitKey.of("host", "h"))
+    limits = []
+    for r in range(rounds):
+        leases = _hold(lim, int(host.limit), f"{t0}-{r}-")
+        starts: list[float] = []
+        for i, lease in enumerate(leases):
+            arrived = t0 + r + i * gap_s
+            start = arrived if i < slots else max(arrived, starts[i - slots] + 0.01)
+            starts.append(start)
+            lease.submitted(_Task("success", arrived, start, start + 0.01), 0.0)
+        for lease, start in zip(leases, starts, strict=True):
+            snap = lease.task.snapshot if lease.task is not None else None
+            assert snap is not None and snap.queue_time is not None
+            lim.completed(lease, queue_s=start - snap.queue_time, run_s=0.01, now=1e4)
+            lim.release(lease)
+        limits.append(int(host.limit))
+    return limits
+
+
+def _auto_host() -> Limiters:
+    return Limiters(LimitsSpec(per_host="auto"), tuning=AutoTuning(queued_min_s=0.005))
+
+
+@pytest.mark.anyio
+async def test_slow_start_doubles_at_most_the_window_vcenter_ran() -> None:
+    """A prompt completion is evidence only for the window vCenter ran of ours when it
+    started the task. A loaded client hands tasks over slower than 8 slots run them
+    (2.5 ms apart: vCenter runs 4 at once), or a little faster (1 ms apart: each waits
+    a few ms, under the 5 ms threshold): our leases count the whole limit in flight,
+    but slow start must not take the limit past twice what vCenter ran, round after
+    round. It went 13, 20, 31, 47, 64 at 2.5 ms, and 13, 20, 31 at 1 ms before a task
+    at last waited past the threshold. Shown a whole window at once, it grows on."""
+    for gap_s in (0.0025, 0.001):
+        limits = _rounds(_auto_host(), slots=8, gap_s=gap_s, rounds=6)
+        assert max(limits) <= 2 * 8, (gap_s, limits)
+    limits = _rounds(_auto_host(), slots=64, gap_s=0.0001, rounds=3)
+    assert limits[-1] > 2 * 8, limits
+
+
+@pytest.mark.anyio
+async def test_a_ceiling_is_passed_only_once_vcenter_ran_that_many() -> None:
+    """After a cut to the 8 slots a queued task revealed, the limit probes 9 (its
+    ceiling). A loaded client's 9th task arrives as a slot frees and waits a moment, under
+    the threshold: a prompt completion, but vCenter still ran only 8, so the ceiling
+    stands. Before, the limit passed it on our own count and grew on (10, 11, ...)."""
+    lim = _auto_host()
+    # All at once: slow start past 8, then the tasks past 8 wait 10 ms: cut to 8.
+    assert _rounds(lim, slots=8, gap_s=0.0, rounds=2)[-1] == 8
+    limits = _rounds(lim, slots=8, gap_s=0.001, rounds=40, t0=200.0)
+    assert 9 in limits and max(limits) == 9, limits
