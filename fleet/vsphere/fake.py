@@ -15,6 +15,11 @@ tested against the real rules:
   ``DuplicateName`` (with the holder's id); host memory -> ``InsufficientResources``;
   disconnected host -> ``HostUnavailable``;
 - clone latency is configurable (tiny by default) and grows with chain depth;
+- a clone task's queue, start and complete times are vCenter's: the receipt of the
+  request, the moment a slot freed, and the start plus the clone's modelled
+  duration. They never include time the caller's own process lost (a loaded event
+  loop, a GC pause between two statements), which vCenter could not see either; a
+  slot is free again once its clone's modelled end has passed, on the same timeline;
 - guest network: a clone's guest keeps its source's MACs until a NIC refresh
   recipe (``fleet.vsphere.recipes``) runs in it; connecting a NIC while the guest
   MAC differs from the vNIC MAC is a *network conflict* and is counted;
@@ -179,6 +184,26 @@ class FakeHost:
     used_mb: int = 0  # by powered-on VMs on the host
     running: int = 0
     in_flight: int = 0
+    # Admitted clone tasks not yet ended here; one whose ``ends_at`` has passed holds
+    # no slot any more on vCenter's timeline, even if this process has not run it out.
+    occupants: set[FakeTask] = field(default_factory=set)
+
+    def busy_slots(self, at: float) -> int:
+        return sum(1 for t in self.occupants if t.ends_at is None or t.ends_at > at)
+
+    def take_slot(self, task: FakeTask, at: float) -> float:
+        """Give ``task`` a slot (one is free as of ``at``); returns when it freed: ``at``
+        for a slot nobody held, else when the clone holding it ended (that clone's
+        task is still winding down in this process; it leaves the slot to ``task``)."""
+        free_at = at
+        if len(self.occupants) >= self.slots:
+            ended = min((t for t in self.occupants if t.ends_at is not None and t.ends_at <= at),
+                        key=lambda t: t.ends_at or 0.0)
+            self.occupants.discard(ended)
+            assert ended.ends_at is not None
+            free_at = ended.ends_at
+        self.occupants.add(task)
+        return free_at
 
     @property
     def connected(self) -> bool:
@@ -227,6 +252,7 @@ class FakeVm:
     source: FakeVm | None = None  # for clones
     in_flight_clones: int = 0
     busy: anyio.Lock | None = None  # serialises clones of a running source
+    stunned_until: float = 0.0  # when the running source's last clone ends (task timeline)
     changed: anyio.Event | None = None  # set (and dropped) on every change
 
     def touch(self) -> None:
@@ -257,6 +283,8 @@ class FakeTask:
         self.queue_time = time.time()
         self.start_time: float | None = None
         self.complete_time: float | None = None
+        # When the clone ends on vCenter's timeline (start + modelled duration), once it runs.
+        self.ends_at: float | None = None
         self.result: Ref | None = None
         self.error: VSphereError | None = None
         self.cancel_requested = False
@@ -719,30 +747,34 @@ class FakeVSphere:
                                                       source.in_flight_clones)
         self._task_host[task] = host
         self._pending.append(task)
-        self._pump()
+        self._pump(at=task.queue_time)
         if task.state == "queued":
             s.tasks_queued += 1
         self._tg.start_soon(self._clone_work, task, request, source, host, ds)
         self._inject("start_instant_clone", request.name, lost_reply=True)
         return task
 
-    def _pump(self) -> None:
-        """Admit queued tasks, first come first served, while slots and the cap allow."""
+    def _pump(self, *, at: float) -> None:
+        """Admit queued tasks, first come first served, while slots and the cap allow.
+        ``at``: when the slot freed (or the request arrived) on vCenter's timeline: a
+        task admitted now started then, not whenever this process got round to it."""
         if not self._pending:
             return
         waiting: deque[FakeTask] = deque()
         for task in self._pending:
             host = self._task_host[task]
+            busy = host.busy_slots(at)
             if self.stats.running_total < self.max_concurrent_operations and \
-                    host.running < host.slots:
+                    busy < host.slots:
                 host.running += 1
+                freed = host.take_slot(task, at)
                 s = self.stats
                 s.running_total += 1
                 s.max_running_total = max(s.max_running_total, s.running_total)
                 s.max_running_per_host[host.name] = max(s.max_running_per_host[host.name],
-                                                        host.running)
+                                                        busy + 1)
                 task.state = "running"
-                task.start_time = time.time()
+                task.start_time = max(task.queue_time, freed)
                 task.admitted.set()
             else:
                 waiting.append(task)
@@ -758,7 +790,7 @@ class FakeVSphere:
             return
         task.state = "error" if error is not None else "success"
         task.result, task.error = result, error
-        task.complete_time = time.time()
+        task.complete_time = task.ends_at if task.ends_at is not None else time.time()
         task.done.set()
 
     def _clone_problem(self, request: CloneRequest, source: FakeVm, host: FakeHost, *,
@@ -811,8 +843,9 @@ class FakeVSphere:
                     await self._do_clone(task, request, source, host, ds)
             finally:
                 host.running -= 1
+                host.occupants.discard(task)
                 self.stats.running_total -= 1
-                self._pump()
+                self._pump(at=task.ends_at if task.ends_at is not None else time.time())
         except VSphereError as exc:
             self.stats.clones_failed += 1
             self.stats.task_errors[exc.reason] += 1
@@ -840,7 +873,13 @@ class FakeVSphere:
             # and keeps it even if the clone then fails.
             source.chain_depth = depth
             source.touch()
-        await anyio.sleep(lat.clone_s + lat.clone_per_depth_s * start_depth)
+        duration = lat.clone_s + lat.clone_per_depth_s * start_depth
+        assert task.start_time is not None
+        begin = task.start_time if source.frozen else max(task.start_time, source.stunned_until)
+        task.ends_at = begin + duration
+        if not source.frozen:
+            source.stunned_until = task.ends_at
+        await anyio.sleep(duration)
         # The world may have changed while the clone ran.
         problem = self._clone_problem(request, source, host, growing=not source.frozen)
         if problem is not None:

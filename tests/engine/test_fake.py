@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -39,6 +40,33 @@ async def _clone(fake: FakeVSphere, source: str, name: str, folder: Ref, **kw: o
     assert isinstance(task, TaskHandle)
     result: Ref = await task.wait(timeout_s=5)
     return result
+
+
+async def test_task_times_are_vcenters_not_the_callers_lost_time() -> None:
+    """vCenter's task times do not stretch when the caller's process stalls: a clone runs
+    its modelled duration, the next in line starts when it ends, and a slot whose clone
+    has ended by then is free to a new request (the auto limits read these times)."""
+    fake = make_fake(hosts=1, slots=1,
+                     latency=FakeLatency(clone_s=0.01, clone_per_depth_s=0.0))
+    async with fake:
+        folder = await fake.ensure_folder("f")
+        src = fake.vm("frozen-01").ref
+        a = await fake.start_instant_clone(CloneRequest(src, "a", folder))
+        b = await fake.start_instant_clone(CloneRequest(src, "b", folder))
+        time.sleep(0.1)  # noqa: ASYNC251 - the caller stalls; vCenter's clock runs on
+        c = await fake.start_instant_clone(CloneRequest(src, "c", folder))
+        for t in (a, b, c):
+            await t.wait(timeout_s=5)
+        sa, sb, sc = a.snapshot, b.snapshot, c.snapshot
+        assert sa.queue_time is not None and sb.queue_time is not None
+        assert sc.queue_time is not None and sa.complete_time is not None
+        assert sa.start_time == sa.queue_time  # a free slot: started on arrival
+        assert sa.complete_time - sa.start_time == pytest.approx(0.01)
+        assert sb.start_time == max(sb.queue_time, sa.complete_time)  # a's slot
+        assert sb.complete_time is not None and sb.start_time is not None
+        assert sb.complete_time - sb.start_time == pytest.approx(0.01)
+        # b had ended 0.08 s before c came (0.1 s of stall): c found the slot free.
+        assert sc.start_time == sc.queue_time
 
 
 async def test_slots_queue_tasks_beyond_them() -> None:
