@@ -357,6 +357,16 @@ def test_host_memory_overcommit_gives_insufficient_resources() -> None:
         assert host.summary.quickStats.overallMemoryUsage == 4096 + 3 * 2048
 
 
+def peak_running(infos: list[Any]) -> int:
+    """The most of these tasks that ran at one instant (from their start/complete times)."""
+    events = sorted([(i.startTime, 1) for i in infos] + [(i.completeTime, -1) for i in infos])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
 def test_per_host_queueing_is_visible_in_task_state() -> None:
     topology = """
     [latency]
@@ -387,12 +397,7 @@ def test_per_host_queueing_is_visible_in_task_state() -> None:
         infos = [t.info for t in tasks]
         assert [i.state for i in infos] == ["error"] * 2 + ["success"] * 3
         # the queued ones started only as slots freed: at no instant more than two ran
-        events = sorted([(i.startTime, 1) for i in infos] + [(i.completeTime, -1) for i in infos])
-        running = peak = 0
-        for _, delta in events:
-            running += delta
-            peak = max(peak, running)
-        assert peak == 2
+        assert peak_running(infos) == 2
 
 
 def test_vcenter_wide_cap_queues_across_hosts() -> None:
@@ -426,13 +431,7 @@ def test_vcenter_wide_cap_queues_across_hosts() -> None:
         for blocker in tasks[:3]:
             blocker.CancelTask()
         WaitForTasks(tasks[3:])
-        infos = [t.info for t in tasks]
-        events = sorted([(i.startTime, 1) for i in infos] + [(i.completeTime, -1) for i in infos])
-        running = peak = 0
-        for _, delta in events:
-            running += delta
-            peak = max(peak, running)
-        assert peak == 3
+        assert peak_running([t.info for t in tasks]) == 3
 
 
 def test_thousand_clones_from_frozen_sources_leave_them_unchanged() -> None:
