@@ -138,7 +138,8 @@ async def open_target(spec: FleetSpec, *, observer: CallObserver | None = None,
     if vc is not None:
         client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
                                ca_file=vc.ca_path, thumbprint=vc.thumbprint,
-                               insecure=vc.insecure, observer=observer, **client_options)
+                               insecure=vc.insecure, use_env_proxy=vc.use_env_proxy,
+                               observer=observer, **client_options)
         async with client:
             yield Target(client, False, redact_url(vc.url))
         return

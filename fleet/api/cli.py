@@ -64,7 +64,8 @@ async def connect(config: ServiceConfig, metrics: FleetMetrics,
     if vc is not None:
         client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
                                ca_file=config.ca_file, thumbprint=vc.thumbprint,
-                               insecure=vc.insecure, **options)
+                               insecure=vc.insecure, use_env_proxy=vc.use_env_proxy,
+                               **options)
         async with client:
             announce(f"connected to {redact_url(vc.url)}")
             yield client

@@ -135,6 +135,10 @@ class VCenterSpec(_Model):
     ca_file: str | None = None
     thumbprint: str | None = None
     insecure: bool = False
+    #: reach vCenter through HTTPS_PROXY/HTTP_PROXY unless NO_PROXY exempts it
+    #: (docs/transport.md); off by default, so an environment meant for other tools
+    #: never reroutes fleet's session.
+    use_env_proxy: bool = False
     _password: SecretStr = PrivateAttr(default=SecretStr(""))
     _ca_path: str | None = PrivateAttr(default=None)
 

@@ -5,9 +5,9 @@ the client modules are the only place (besides ``fleet.sim``) that use pyVmomi.
 - ``client``: :class:`~fleet.vsphere.client.VSphereClient`, the real implementation.
 - ``session``: login, keep-alive, re-login, the rule for repeating calls.
 - ``watch``: one property collector and one ``WaitForUpdatesEx`` loop for all waits.
-- ``transport`` / ``http``: SOAP over HTTP (fleet's own HTTP/1.1 client or aiohttp).
+- ``transport``: SOAP over aiohttp, and the translation of transport failures.
 - ``tls``: how the server certificate is trusted (CA file, pinned thumbprint).
-- ``faults``: the one translation of vSphere faults into ``fleet.errors``.
+- ``faults``: the one translation of vim faults into ``fleet.errors``.
 - ``inventory`` / ``specs``: property paths, conversions and spec builders.
 - ``fake``: an in-memory ``VSphere`` for engine tests.
 """

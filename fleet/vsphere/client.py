@@ -3,12 +3,13 @@
 Layers, bottom up (each its own module):
 
 - ``transport``: SOAP over aiohttp with pyVmomi's serializer/deserializer, TLS,
-  pool, deadlines, version negotiation;
+  proxy, pool, deadlines, reply caps, version negotiation, and the translation of
+  transport failures (docs/transport.md);
 - ``session``: login, keep-alive, single-flight re-login, the retry rule;
 - ``watch``: one property collector and one ``WaitForUpdatesEx`` loop for all
   tasks in flight and all VM waits;
 - ``inventory`` / ``specs``: property paths, conversions, spec builders;
-- ``faults``: the one translation into ``fleet.errors``.
+- ``faults``: the one translation of vim faults into ``fleet.errors``.
 
 Use it as an async context manager (entered and left in the same task)::
 
@@ -70,7 +71,7 @@ from fleet.vsphere.model import (
 )
 from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session, method_info
 from fleet.vsphere.tls import TlsOptions
-from fleet.vsphere.transport import MIN_VERSION, make_transport
+from fleet.vsphere.transport import MAX_REPLY_BYTES, MIN_VERSION, SoapTransport
 from fleet.vsphere.watch import PropertyWatcher, VCenterTask, Watch
 
 log = logging.getLogger("fleet.vsphere")
@@ -117,13 +118,15 @@ class VSphereClient:
                  page_size: int = 1000, retry: RetryPolicy | None = None,
                  observer: CallObserver | None = None,
                  guest_poll_s: tuple[float, float] = (0.1, 2.0),
-                 transport: str = "protocol", compress: bool = False) -> None:
+                 compress: bool = False, use_env_proxy: bool = False,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         if tls is None:
             tls = TlsOptions(ca_file=ca_file, thumbprint=thumbprint, insecure=insecure)
         elif ca_file or thumbprint or insecure:
             raise ConfigError("give either tls= or ca_file/thumbprint/insecure", key="tls")
-        self.transport = make_transport(url, transport, tls=tls, max_connections=max_connections,
-                                        compress=compress)
+        self.transport = SoapTransport(url, tls=tls, max_connections=max_connections,
+                                       compress=compress, use_env_proxy=use_env_proxy,
+                                       max_reply_bytes=max_reply_bytes)
         self.session = Session(self.transport, user, password, call_timeout_s=call_timeout_s,
                                retry=retry, observer=observer)
         self.watcher = PropertyWatcher(self.session, max_wait_s=wait_max_s,

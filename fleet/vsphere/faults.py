@@ -1,9 +1,13 @@
-"""The one place where vSphere faults and transport failures become ``fleet.errors``.
+"""The one place where vSphere faults become ``fleet.errors``.
 
-Everything below the client (pyVmomi faults, aiohttp/TLS/socket errors, HTTP
-statuses, timeouts) goes through :func:`translate`; :func:`map_vsphere_faults`
-is the context-manager form. Decisions are made on types and fault fields,
-never on message text:
+pyVmomi faults (raised by a call, or the ``error`` of a task) and replies that
+are not readable SOAP go through :func:`translate`; :func:`map_vsphere_faults`
+is the context-manager form. Failures of the HTTP exchange itself (aiohttp,
+TLS, sockets, HTTP statuses, deadlines) never get here untranslated: the
+transport turns them into fleet errors where they happen
+(``fleet.vsphere.transport.transport_error``; docs/transport.md), and
+:func:`translate` passes fleet errors through. Decisions are made on types and
+fault fields, never on message text:
 
 =============================================  ==========================================
 vSphere says                                   fleet raises
@@ -28,16 +32,14 @@ SystemError                                    TransientFault
 RequestCanceled                                TaskCancelled
 ManagedObjectNotFound, NotFound                NotFound
 anything else                                  VSphereFault
-connect failure, HTTP 503                      NotDelivered (a ConnectionFailed)
-reset / disconnect / bad reply / other 5xx     ConnectionFailed
-deadline passed                                RequestTimeout
-certificate not trusted / thumbprint mismatch  TlsVerificationFailed
+a reply that is not readable SOAP              ConnectionFailed
 =============================================  ==========================================
 
-:class:`NotDelivered` marks failures that prove vCenter never ran the call (the
-TCP connection was never made, or a proxy answered 503): the session may repeat
-*any* call after one of those; after other transport failures only calls that
-are safe to repeat are retried (see ``fleet.vsphere.session``).
+:class:`NotDelivered` (from the transport) marks failures that prove vCenter
+never ran the call (the TCP connection was never made, or a proxy answered
+503): the session may repeat *any* call after one of those; after other
+transport failures only calls that are safe to repeat are retried (see
+``fleet.vsphere.session``).
 
 Messages name the method and the object and carry vCenter's own message; they
 never contain credentials (no request bodies, headers or cookies are ever
@@ -46,13 +48,11 @@ quoted).
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 from xml.parsers.expat import ExpatError
 
-import aiohttp
 from pyVmomi import vim, vmodl
 
 from fleet.errors import (
@@ -65,20 +65,17 @@ from fleet.errors import (
     InvalidGuestLogin,
     InvalidLogin,
     NotAuthenticated,
-    NotDelivered,
     NotFound,
     PermissionDenied,
     RequestTimeout,
     ResourceBusy,
     SourceNotPoweredOn,
     TaskCancelled,
-    TlsVerificationFailed,
     TransientFault,
     UnsupportedEndpoint,
     VSphereError,
     VSphereFault,
 )
-from fleet.vsphere.http import ConnectFailed, PinnedCertificateMismatch, ProtocolError
 
 #: A disk chain may be this deep; a clone adds one level (DESIGN.md section 3).
 MAX_CHAIN_DEPTH = 255
@@ -88,19 +85,6 @@ INSTANT_CLONE_METHODS = frozenset({"InstantClone_Task", "CheckInstantClone_Task"
 #: Guest operations: a file fault there is the guest program's, not the datastore's.
 GUEST_METHODS = frozenset({"StartProgramInGuest", "ListProcessesInGuest",
                            "TerminateProcessInGuest"})
-
-
-class HttpStatusError(Exception):
-    """An HTTP reply that is neither a SOAP result (200) nor a SOAP fault (500)."""
-
-    def __init__(self, status: int, reason: str | None = None) -> None:
-        self.status = status
-        self.reason = reason or ""
-        super().__init__(f"HTTP {status} {self.reason}".strip())
-
-
-class BadReply(Exception):
-    """A 200/500 reply whose body is not a vim25 SOAP message we can read."""
 
 
 def fault_name(fault: Any) -> str:
@@ -206,44 +190,17 @@ def translate_fault(fault: Any, *, method: str | None = None, obj: str | None = 
 
 def translate(exc: BaseException, *, method: str | None = None, obj: str | None = None,
               source_chain_depth: int | None = None) -> VSphereError:
-    """The fleet error for anything a vSphere call can raise."""
+    """The fleet error for a vim fault or an unreadable reply; fleet errors (the
+    transport's among them) pass through."""
     if isinstance(exc, VSphereError):
         return exc
     if isinstance(exc, vmodl.MethodFault):
         return translate_fault(exc, method=method, obj=obj,
                                source_chain_depth=source_chain_depth)
     where = _where(method, obj)
-    kw: dict[str, Any] = {"method": method, "obj": obj}
-    if isinstance(exc, aiohttp.ServerFingerprintMismatch | PinnedCertificateMismatch):
-        return TlsVerificationFailed(
-            f"{where}the server certificate's SHA-256 thumbprint does not match the one pinned "
-            "in vcenter.thumbprint", **kw)
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
-        cert_error = getattr(exc, "certificate_error", exc)
-        detail = getattr(cert_error, "verify_message", None) or type(cert_error).__name__
-        return TlsVerificationFailed(
-            f"{where}the server certificate is not trusted ({detail}); give its CA file "
-            "(vcenter.ca_file) or pin its SHA-256 thumbprint (vcenter.thumbprint)", **kw)
-    if isinstance(exc, HttpStatusError):
-        if exc.status == 503:
-            return NotDelivered(f"{where}HTTP 503 {exc.reason}".rstrip(), **kw)
-        return ConnectionFailed(f"{where}HTTP {exc.status} {exc.reason}".rstrip(), **kw)
-    if isinstance(exc, ConnectFailed):
-        return NotDelivered(f"{where}{exc}", **kw)
-    if isinstance(exc, ProtocolError):
-        return ConnectionFailed(f"{where}{exc}", **kw)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return NotDelivered(f"{where}cannot connect: {exc.os_error or type(exc).__name__}", **kw)
-    if isinstance(exc, TimeoutError):
-        return RequestTimeout(f"{where}no reply before the deadline", **kw)
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return ConnectionFailed(f"{where}the server closed the connection without a reply",
-                                **kw)
-    if isinstance(exc, BadReply | ExpatError):
-        return ConnectionFailed(f"{where}unreadable reply ({exc})", **kw)
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return ConnectionFailed(f"{where}{type(exc).__name__}: {exc}", **kw)
-    return VSphereFault(f"{where}{type(exc).__name__}: {exc}", **kw)
+    if isinstance(exc, ExpatError):
+        return ConnectionFailed(f"{where}unreadable reply ({exc})", method=method, obj=obj)
+    return VSphereFault(f"{where}{type(exc).__name__}: {exc}", method=method, obj=obj)
 
 
 @contextmanager
@@ -254,7 +211,6 @@ def map_vsphere_faults(*, method: str | None = None, obj: str | None = None,
         yield
     except VSphereError:
         raise
-    except (vmodl.MethodFault, aiohttp.ClientError, OSError, TimeoutError, HttpStatusError,
-            BadReply, ExpatError) as exc:
+    except (vmodl.MethodFault, ExpatError) as exc:
         raise translate(exc, method=method, obj=obj,
                         source_chain_depth=source_chain_depth) from exc

@@ -4,8 +4,12 @@ Verified by default against the system's CAs. A self-signed vCenter is trusted
 explicitly, one of two ways: a CA file (PEM; the certificate or the CA that
 signed it, host name checked) or a pinned SHA-256 thumbprint of the server
 certificate (``AA:BB:...`` or plain hex; only that certificate is accepted,
-whatever its name). ``insecure=True`` turns checking off and says so loudly
-in the log on every connect.
+whatever its name; aiohttp's ``Fingerprint`` checks it after the handshake,
+before a byte of the request is sent). ``insecure=True`` turns checking off and
+says so loudly in the log on every connect.
+
+SHA-1 thumbprints (what older vCenter screens show) are refused with a clear
+error: aiohttp's ``Fingerprint`` accepts SHA-256 only, and so does fleet.
 
 Users set these as ``vcenter.ca_file``, ``vcenter.thumbprint`` and
 ``vcenter.insecure`` (the fleet spec and ``fleet serve``'s config use the same
@@ -65,21 +69,21 @@ def normalize_thumbprint(thumbprint: str) -> bytes:
     return digest
 
 
-def client_context(options: TlsOptions, url: str) -> tuple[ssl.SSLContext | None, bytes | None]:
-    """(SSL context, pinned SHA-256 digest) for ``url``; (None, None) for plain http.
+def ssl_for(options: TlsOptions, url: str) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
+    """What aiohttp's connector takes as ``ssl=`` for ``url`` under ``options``.
 
-    With a pinned thumbprint the context does not verify (a self-signed vCenter
-    has no chain to check); the digest must then be compared after the handshake,
-    before anything is sent."""
+    A verifying context (system CAs, or the CA file), a ``Fingerprint`` for a pinned
+    thumbprint, or False: no verification (``insecure``, or plain http, which is
+    only ever a simulator). Reads files: call it off the event loop."""
     if not url.lower().startswith("https:"):
-        return None, None  # plain http: nothing to verify (only ever a simulator)
+        return False
     if options.insecure:
         log.warning("TLS certificate verification is OFF for %s (vcenter.insecure): anyone on "
                     "the path can read and change this session, credentials included",
                     redact_url(url))
-        return _unverified(), None
+        return False
     if options.thumbprint is not None:
-        return _unverified(), normalize_thumbprint(options.thumbprint)
+        return aiohttp.Fingerprint(normalize_thumbprint(options.thumbprint))
     if options.ca_file is not None:
         path = Path(options.ca_file)
         try:
@@ -88,27 +92,17 @@ def client_context(options: TlsOptions, url: str) -> tuple[ssl.SSLContext | None
         except FileProblem as exc:
             raise ConfigError(f"{str(path)!r}: {exc.reason}", key=KEYS["ca_file"]) from None
         try:
-            return ssl.create_default_context(cadata=pem), None
+            return ssl.create_default_context(cadata=pem)
         except ssl.SSLError as exc:
             raise ConfigError(f"{str(path)!r} is not a PEM certificate file ({exc})",
                               key=KEYS["ca_file"]) from exc
-    return ssl.create_default_context(), None
+    return ssl.create_default_context()
 
 
-def _unverified() -> ssl.SSLContext:
+def unverified_context() -> ssl.SSLContext:
+    """A client context that checks nothing: only for asking whether a server speaks
+    TLS at all (``fleet.vsphere.transport.speaks_tls``), never for a request."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-def ssl_for(options: TlsOptions, url: str) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
-    """The same policy as aiohttp's connector ``ssl=`` argument."""
-    context, pinned = client_context(options, url)
-    if context is None:
-        return False
-    if pinned is not None:
-        return aiohttp.Fingerprint(pinned)
-    if options.insecure:
-        return False
-    return context

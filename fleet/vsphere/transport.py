@@ -1,28 +1,34 @@
-"""vim25 SOAP over HTTP, with pyVmomi's own serializer and deserializer.
+"""vim25 SOAP over aiohttp, with pyVmomi's own serializer and deserializer.
 
-A :class:`SoapTransport` owns the HTTP side of one endpoint: a bounded
-keep-alive pool (``max_connections``, 256 by default: aiohttp's default of 100
-is too few for hundreds of calls in flight), the TLS policy of
-``fleet.vsphere.tls``, per-call deadlines and API version negotiation from
-``/sdk/vimServiceVersions.xml``. It never stores cookies: the session cookie
-``vmware_soap_session`` is sent by hand and the session layer decides which
-``Set-Cookie`` to believe (aiohttp's jar would drop it for IP hosts and for
-``Secure`` cookies over http, hence ``DummyCookieJar`` there).
+A :class:`SoapTransport` owns the HTTP side of one endpoint, on one
+``aiohttp.ClientSession`` kept for the transport's life (docs/transport.md):
 
-Two implementations behave the same and pass the same tests:
+- a bounded keep-alive pool (``max_connections``, 256 by default: aiohttp's
+  default of 100 is too few for hundreds of calls in flight);
+- the TLS policy of ``fleet.vsphere.tls`` (a pinned SHA-256 thumbprint is
+  aiohttp's own ``Fingerprint``);
+- the proxy from ``HTTPS_PROXY``/``HTTP_PROXY`` and ``NO_PROXY``, only when the
+  spec says ``vcenter.use_env_proxy = true``; looked up once, at ``open``;
+- per-call deadlines, and a cap on every reply body *after* decompression
+  (``max_reply_bytes``), so a broken or hostile server cannot make the client
+  allocate without bound;
+- API version negotiation from ``/sdk/vimServiceVersions.xml``;
+- the translation of every transport failure into ``fleet.errors``
+  (:func:`transport_error`): nothing aiohttp, ssl or socket raises leaves this
+  module untranslated. vim faults are translated in ``fleet.vsphere.faults``.
 
-- :class:`ProtocolTransport` (default): fleet's own small HTTP/1.1 client on
-  asyncio protocols (``fleet.vsphere.http``). It costs less than half the client
-  CPU per exchange of aiohttp's general-purpose client; see
-  ``benchmarks/bench_client.py``.
-- :class:`AiohttpTransport`: ``aiohttp.ClientSession`` with ``DummyCookieJar``.
+It never stores cookies: the session cookie ``vmware_soap_session`` is sent by
+hand and the session layer decides which ``Set-Cookie`` to believe (aiohttp's
+jar would drop it for IP hosts and for ``Secure`` cookies over http, hence
+``DummyCookieJar``). Request headers are built once per (SOAPAction, cookie),
+not per call.
 
 A URL with the wrong scheme fails in ways that do not say so: an http URL
 against an https server gets its connection closed without a reply, an https
 URL against a plain http server fails its TLS handshake. Until the first reply
 arrives, such a failure is followed by one probe of the other protocol, and if
 the server speaks it the error is a :class:`ConfigError` on ``vcenter.url``
-saying which scheme to use (the same words from both transports).
+saying which scheme to use.
 
 :class:`VimStub` is what pyVmomi calls a stub: managed object references
 deserialized from replies carry it. It serializes requests with
@@ -35,8 +41,11 @@ session; nothing here ever blocks the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import ssl
+import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
@@ -44,22 +53,22 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
+from multidict import CIMultiDict
 from pyVmomi import VmomiSupport
 from pyVmomi.SoapAdapter import SoapResponseDeserializer, SoapStubAdapterBase
 from yarl import URL
 
-from fleet import vmomi
-from fleet.errors import ConfigError
-from fleet.urls import redact_url, url_problem
-from fleet.vsphere.faults import BadReply, HttpStatusError, map_vsphere_faults, translate
-from fleet.vsphere.http import (
-    ClosedBeforeReply,
-    HttpPool,
-    TlsHandshakeFailed,
-    answers_plain_http,
-    speaks_tls,
+from fleet import __version__, vmomi
+from fleet.errors import (
+    ConfigError,
+    ConnectionFailed,
+    NotDelivered,
+    RequestTimeout,
+    TlsVerificationFailed,
+    VSphereError,
 )
-from fleet.vsphere.tls import TlsOptions, client_context, ssl_for
+from fleet.urls import redact_url, url_problem
+from fleet.vsphere.tls import TlsOptions, ssl_for, unverified_context
 
 log = logging.getLogger("fleet.vsphere")
 vmomi.install()
@@ -68,26 +77,134 @@ COOKIE_NAME = "vmware_soap_session"
 _SET_COOKIE = re.compile(COOKIE_NAME + r'="?([^";,\s]+)"?')
 #: Oldest API fleet speaks: InstantClone_Task arrived with vim25/6.7 (version12).
 MIN_VERSION = "vim.version.version12"
-_USER_AGENT = "fleet/0.1 (pyVmomi SOAP over aiohttp)"
+USER_AGENT = f"fleet/{__version__}"
+#: The largest reply body fleet reads, after decompression (docs/transport.md).
+MAX_REPLY_BYTES = 128 * 1024 * 1024
 
 Invoker = Callable[[Any, Any, list[Any]], Awaitable[Any]]
-#: The config key of the endpoint (fleet spec and ``fleet serve`` config alike).
+#: The config keys of the endpoint (fleet spec and ``fleet serve`` config alike).
 URL_KEY = "vcenter.url"
+PROXY_KEY = "vcenter.use_env_proxy"
+
+
+class HttpStatusError(Exception):
+    """An HTTP reply that is neither a SOAP result (200) nor a SOAP fault (500)."""
+
+    def __init__(self, status: int, reason: str | None = None) -> None:
+        self.status = status
+        self.reason = reason or ""
+        super().__init__(f"HTTP {status} {self.reason}".strip())
+
+
+class BadReply(Exception):
+    """A reply whose body is not a vim25 SOAP message we can read."""
+
+
+def _where(method: str | None, obj: str | None) -> str:
+    if method and obj:
+        return f"{method} on {obj}: "
+    if method:
+        return f"{method}: "
+    if obj:
+        return f"{obj}: "
+    return ""
+
+
+def transport_error(exc: BaseException, *, method: str | None = None, obj: str | None = None,
+                    endpoint: str | None = None) -> VSphereError:
+    """The fleet error for a failure of the HTTP exchange itself (the one place).
+
+    :class:`NotDelivered` only where vCenter cannot have run the call: no
+    connection was made (refused, TLS, proxy, no free connection in time) or
+    HTTP 503. Everything after the request may have been sent is a
+    :class:`ConnectionFailed` or :class:`RequestTimeout` (see the retry rule in
+    ``fleet.vsphere.session``). ``endpoint`` (``host:port``) is named where the
+    failure is about reaching it. No request body, header or cookie is quoted."""
+    if isinstance(exc, VSphereError):
+        return exc
+    where = _where(method, obj)
+    kw: dict[str, Any] = {"method": method, "obj": obj}
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        return TlsVerificationFailed(
+            f"{where}the server certificate's SHA-256 thumbprint does not match the one pinned "
+            "in vcenter.thumbprint", **kw)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+        cert_error = getattr(exc, "certificate_error", exc)
+        detail = getattr(cert_error, "verify_message", None) or type(cert_error).__name__
+        return TlsVerificationFailed(
+            f"{where}the server certificate is not trusted ({detail}); give its CA file "
+            "(vcenter.ca_file) or pin its SHA-256 thumbprint (vcenter.thumbprint)", **kw)
+    if isinstance(exc, HttpStatusError):
+        if exc.status == 503:
+            return NotDelivered(f"{where}HTTP 503 {exc.reason}".rstrip(), **kw)
+        return ConnectionFailed(f"{where}HTTP {exc.status} {exc.reason}".rstrip(), **kw)
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # The proxy refused the tunnel: nothing reached vCenter.
+        return NotDelivered(f"{where}the proxy refused the connection (HTTP {exc.status} "
+                            f"{exc.message})".rstrip(), **kw)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        # host and port of the connection that failed (the proxy's, for a proxy)
+        host = f"[{exc.host}]" if ":" in exc.host else exc.host
+        what = "the proxy " if isinstance(exc, aiohttp.ClientProxyConnectionError) else ""
+        return NotDelivered(f"{where}cannot connect to {what}{host}:{exc.port}: "
+                            f"{exc.os_error or type(exc).__name__}", **kw)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        to = f" to {endpoint}" if endpoint else ""
+        return NotDelivered(f"{where}no connection{to} before the deadline", **kw)
+    if isinstance(exc, TimeoutError):
+        return RequestTimeout(f"{where}no reply before the deadline", **kw)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ConnectionFailed(f"{where}the server closed the connection without a reply",
+                                **kw)
+    if isinstance(exc, BadReply):
+        return ConnectionFailed(f"{where}unreadable reply ({exc})", **kw)
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return ConnectionFailed(f"{where}{type(exc).__name__}: {exc}", **kw)
+    return ConnectionFailed(f"{where}{type(exc).__name__}: {exc}", **kw)
 
 
 def _handshake_failed(exc: BaseException) -> bool:
     """A TLS handshake that failed for another reason than the certificate."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return False
-    return isinstance(exc, TlsHandshakeFailed | aiohttp.ClientConnectorSSLError)
+    return isinstance(exc, aiohttp.ClientConnectorSSLError)
 
 
 def _closed_before_reply(exc: BaseException) -> bool:
     """The connection was made, the request sent, and no HTTP reply came back."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         return False
-    return isinstance(exc, ClosedBeforeReply | aiohttp.ServerDisconnectedError
-                      | aiohttp.ClientResponseError | aiohttp.ClientOSError)
+    return isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientResponseError
+                      | aiohttp.ClientOSError)
+
+
+async def speaks_tls(host: str, port: int, timeout_s: float) -> bool:
+    """True if a TLS handshake with ``host:port`` completes (the certificate unchecked:
+    this only asks which protocol the server speaks, and nothing is sent over it)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            transport, _ = await loop.create_connection(
+                asyncio.Protocol, host, port, ssl=unverified_context(), server_hostname=host)
+    except (OSError, TimeoutError):
+        return False
+    transport.abort()
+    return True
+
+
+async def answers_plain_http(host: str, port: int, timeout_s: float) -> bool:
+    """True if ``host:port`` answers a plaintext ``HEAD /`` with an HTTP status line."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode("latin-1"))
+            return (await reader.readexactly(5)) == b"HTTP/"
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        if writer is not None:
+            writer.transport.abort()
 
 
 class VimStub(SoapStubAdapterBase):  # type: ignore[misc]
@@ -172,19 +289,34 @@ def _session_key(set_cookie: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+def env_proxy(url: str) -> URL | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY`` for https,
+    ``HTTP_PROXY`` for http, either case), or None if there is none or ``NO_PROXY``
+    exempts the host. Only plain-http proxies: the tunnel to vCenter is TLS anyway."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    try:
+        found = URL(proxy if "://" in proxy else "http://" + proxy)
+    except ValueError:
+        found = None
+    if found is None or found.scheme != "http" or not found.host:
+        raise ConfigError(f"the environment's {parts.scheme} proxy {redact_url(proxy)!r} is not "
+                          "an http://host:port URL (fleet tunnels to vCenter through an http "
+                          "proxy only)", key=PROXY_KEY)
+    return found
+
+
 class SoapTransport:
-    """HTTP for one vCenter endpoint: pool, TLS, deadlines, negotiation.
-
-    Two implementations with the same behaviour: :class:`ProtocolTransport` (the
-    default: fleet's own HTTP/1.1 client, ``fleet.vsphere.http``) and
-    :class:`AiohttpTransport` (``aiohttp.ClientSession``). ``post`` returns a 200
-    or 500 reply and raises fleet errors for everything else."""
-
-    kind = "base"
+    """HTTP for one vCenter endpoint on one ``aiohttp.ClientSession``; see the module
+    docstring. ``post`` returns a 200 or 500 reply and raises fleet errors for
+    everything else."""
 
     def __init__(self, url: str, *, tls: TlsOptions | None = None, max_connections: int = 256,
                  keepalive_s: float = 15.0, connect_timeout_s: float = 10.0,
-                 compress: bool = False) -> None:
+                 compress: bool = False, use_env_proxy: bool = False,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         # The same check as a spec's vcenter.url (user info refused: it would be a
         # password in every message that shows the URL); shown redacted.
         problem = url_problem(url)
@@ -203,8 +335,22 @@ class SoapTransport:
         self.keepalive_s = keepalive_s
         self.connect_timeout_s = connect_timeout_s
         self.compress = compress
+        self.use_env_proxy = use_env_proxy
+        self.max_reply_bytes = max_reply_bytes
+        #: the proxy in use (from the environment, at ``open``), if any
+        self.proxy: URL | None = None
         #: set once a reply came back (or a probe found the scheme right): no more probes
         self.scheme_checked = False
+        self._http: aiohttp.ClientSession | None = None
+        self._url = URL(self.url)
+        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+        self._headers: dict[tuple[str, str | None], CIMultiDict[str]] = {}
+        self._encoding = "gzip, deflate" if compress else "identity"
+        self._endpoint = f"[{self.host}]:{self.port}" if ":" in self.host else \
+            f"{self.host}:{self.port}"
+        self._proxy_headers: CIMultiDict[str] | None = None
+        self._get_headers = CIMultiDict((("User-Agent", USER_AGENT),
+                                         ("Accept-Encoding", self._encoding)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact_url(self.url)!r})"
@@ -214,6 +360,136 @@ class SoapTransport:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}{self.path}"
 
+    # -- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._http is not None:
+            return
+        # Loading the system's CA bundle (and the environment's proxy) reads files:
+        # not on the event loop.
+        ssl_param = await anyio.to_thread.run_sync(ssl_for, self.tls, self.url)
+        if self.use_env_proxy:
+            self.proxy = await anyio.to_thread.run_sync(env_proxy, self.url)
+            if self.proxy is not None:
+                log.info("reaching %s through the proxy %s (vcenter.use_env_proxy)",
+                         redact_url(self.url), redact_url(str(self.proxy)))
+                # The CONNECT says who is asking too (not aiohttp's default agent).
+                self._proxy_headers = CIMultiDict({"User-Agent": USER_AGENT})
+                if self.proxy.user is not None:
+                    # Credentials in HTTPS_PROXY go to the proxy only, as Proxy-Authorization.
+                    self._proxy_headers["Proxy-Authorization"] = aiohttp.encode_basic_auth(
+                        self.proxy.user, self.proxy.password or "")
+                    self.proxy = self.proxy.with_user(None)
+        # Abort TLS transports aiohttp closed itself (a thumbprint mismatch) when the
+        # connector closes, on the Python versions that would otherwise leak them.
+        cleanup = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
+        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
+                                         keepalive_timeout=self.keepalive_s, ssl=ssl_param,
+                                         enable_cleanup_closed=cleanup)
+        # trust_env stays off: it would look the proxy up (in a thread) and read
+        # ~/.netrc for vCenter credentials on every request; the proxy is found once above.
+        self._http = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), proxy=self.proxy,
+            skip_auto_headers=("Accept", "Content-Type"), auto_decompress=self.compress)
+
+    async def close(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("the transport is not open")
+        return self._http
+
+    # -- exchanges -------------------------------------------------------------------
+    def _timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(
+                total=timeout_s, sock_connect=self.connect_timeout_s)
+        return timeout
+
+    def _post_headers(self, action: str, session_key: str | None) -> CIMultiDict[str]:
+        key = (action, session_key)
+        headers = self._headers.get(key)
+        if headers is None:
+            if len(self._headers) > 16:
+                self._headers.clear()  # old session keys
+            headers = self._headers[key] = CIMultiDict(
+                (("User-Agent", USER_AGENT), ("Accept-Encoding", self._encoding),
+                 ("Content-Type", "text/xml; charset=utf-8"), ("SOAPAction", action)))
+            if session_key is not None:
+                headers["Cookie"] = f'{COOKIE_NAME}="{session_key}"'
+        return headers
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body, never more than ``max_reply_bytes`` of it (after decompression)."""
+        cap = self.max_reply_bytes
+        length = resp.content_length
+        if length is not None and length > cap:
+            raise BadReply(self._too_large(f"announces {length} bytes"))
+        if not self.compress:
+            encoding = resp.headers.get("Content-Encoding", "identity").lower()
+            if encoding != "identity":
+                raise BadReply(f"{encoding}-encoded, though fleet asked for identity")
+            if length is not None:
+                return await resp.read()  # aiohttp reads exactly Content-Length bytes
+        # Chunked, close-delimited or compressed: count as it arrives.
+        chunks = []
+        total = 0
+        async for chunk in resp.content.iter_any():
+            total += len(chunk)
+            if total > cap:
+                raise BadReply(self._too_large(f"has more than {cap} bytes"))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, what: str) -> str:
+        return (f"the reply from {self._shown(self.scheme)} {what}; the cap is "
+                f"{self.max_reply_bytes} bytes (max_reply_bytes)")
+
+    async def _exchange(self, method: str, obj: str | None, request: Any) -> tuple[
+            aiohttp.ClientResponse, bytes]:
+        """Run ``request`` (an aiohttp request context) and read its reply; every failure
+        becomes its fleet error here, or a ConfigError on ``vcenter.url``."""
+        try:
+            async with request as resp:
+                try:
+                    body = await self._read(resp)
+                except BadReply:
+                    resp.close()  # drop the connection: the rest of the body is unread
+                    raise
+        except (aiohttp.ClientError, OSError, TimeoutError, BadReply) as exc:
+            wrong = await self.wrong_scheme(exc)
+            raise (wrong or transport_error(exc, method=method, obj=obj,
+                                            endpoint=self._endpoint)) from exc
+        self.scheme_checked = True
+        return resp, body
+
+    async def get(self, path: str, timeout_s: float | None) -> tuple[int, bytes]:
+        resp, body = await self._exchange(
+            path.rsplit("/", 1)[-1], None,
+            self.http.get(self._url.with_path(path), timeout=self._timeout(timeout_s),
+                          headers=self._get_headers, proxy_headers=self._proxy_headers))
+        return resp.status, body
+
+    async def post(self, body: bytes, *, action: str, session_key: str | None,
+                   timeout_s: float | None, method: str, obj: str | None = None) -> Reply:
+        resp, data = await self._exchange(
+            method, obj, self.http.post(self._url, data=body,
+                                        headers=self._post_headers(action, session_key),
+                                        timeout=self._timeout(timeout_s),
+                                        proxy_headers=self._proxy_headers))
+        status = resp.status
+        if status != 200 and status != 500:
+            raise transport_error(HttpStatusError(status, resp.reason), method=method, obj=obj)
+        if status == 500 and not data.lstrip().startswith(b"<"):
+            raise transport_error(BadReply(f"HTTP 500 without a SOAP body ({len(data)} bytes)"),
+                                  method=method, obj=obj)
+        return Reply(status, data, _session_key(resp.headers.get("Set-Cookie")))
+
+    # -- the wrong scheme, and the API version -----------------------------------------
     async def wrong_scheme(self, exc: BaseException) -> ConfigError | None:
         """After a failure before any reply: a ConfigError if the server speaks the other
         scheme than the URL's, else None (one probe, then never again)."""
@@ -237,211 +513,18 @@ class SoapTransport:
                 f"looks like an https server; use {self._shown('https')}", key=URL_KEY)
         return None
 
-    async def open(self) -> None:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-    async def get(self, path: str, timeout_s: float | None) -> tuple[int, bytes]:
-        raise NotImplementedError
-
-    async def post(self, body: bytes, *, action: str, session_key: str | None,
-                   timeout_s: float | None, method: str, obj: str | None = None) -> Reply:
-        raise NotImplementedError
-
     async def negotiate(self, timeout_s: float = 30.0) -> str | None:
         """The pyVmomi version name to speak, from ``/sdk/vimServiceVersions.xml``.
 
         None when the file is missing or lists nothing pyVmomi knows (the caller
         then falls back to ``about.apiVersion``)."""
-        with map_vsphere_faults(method="vimServiceVersions.xml"):
-            status, body = await self.get(self.path + "/vimServiceVersions.xml", timeout_s)
-            if status == 404:
-                return None
-            if status != 200:
-                raise HttpStatusError(status)
+        status, body = await self.get(self.path + "/vimServiceVersions.xml", timeout_s)
+        if status == 404:
+            return None
+        if status != 200:
+            raise transport_error(HttpStatusError(status), method="vimServiceVersions.xml")
         try:
             advertised = parse_versions_xml(body.decode("utf-8", "replace"))
         except ET.ParseError:
             return None
         return pick_version(advertised)
-
-
-class ProtocolTransport(SoapTransport):
-    """SOAP over fleet's own HTTP/1.1 client (``fleet.vsphere.http``)."""
-
-    kind = "protocol"
-
-    def __init__(self, url: str, **kw: Any) -> None:
-        super().__init__(url, **kw)
-        self._pool: HttpPool | None = None
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = (self.url.startswith("https:") and self.port == 443) or \
-            (self.url.startswith("http:") and self.port == 80)
-        self._host_header = host if default else f"{host}:{self.port}"
-        self._heads: dict[str, bytes] = {}
-
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
-        # Loading the system's CA bundle reads files: not on the event loop.
-        context, pinned = await anyio.to_thread.run_sync(client_context, self.tls, self.url)
-        self._pool = HttpPool(self.host, self.port, ssl_context=context, pinned_sha256=pinned,
-                              limit=self.max_connections, keepalive_s=self.keepalive_s,
-                              connect_timeout_s=self.connect_timeout_s)
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
-
-    @property
-    def pool(self) -> HttpPool:
-        if self._pool is None:
-            raise RuntimeError("the transport is not open")
-        return self._pool
-
-    def _head(self, action: str) -> bytes:
-        head = self._heads.get(action)
-        if head is None:
-            encoding = "gzip, deflate" if self.compress else "identity"
-            head = self._heads[action] = (
-                f"POST {self.path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
-                f"User-Agent: {_USER_AGENT}\r\nAccept-Encoding: {encoding}\r\n"
-                f"Content-Type: text/xml; charset=utf-8\r\nSOAPAction: {action}\r\n"
-            ).encode("latin-1")
-        return head
-
-    async def get(self, path: str, timeout_s: float | None) -> tuple[int, bytes]:
-        request = (f"GET {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
-                   f"User-Agent: {_USER_AGENT}\r\nAccept-Encoding: identity\r\n\r\n")
-        try:
-            response = await self.pool.request(request.encode("latin-1"), timeout_s)
-        except Exception as exc:
-            wrong = await self.wrong_scheme(exc)
-            if wrong is not None:
-                raise wrong from exc
-            raise
-        self.scheme_checked = True
-        return response.status, response.body
-
-    async def post(self, body: bytes, *, action: str, session_key: str | None,
-                   timeout_s: float | None, method: str, obj: str | None = None) -> Reply:
-        cookie = f'Cookie: {COOKIE_NAME}="{session_key}"\r\n' if session_key else ""
-        data = b"".join((self._head(action),
-                         f"{cookie}Content-Length: {len(body)}\r\n\r\n".encode("latin-1"),
-                         body))
-        try:
-            response = await self.pool.request(data, timeout_s)
-        except Exception as exc:
-            wrong = await self.wrong_scheme(exc)
-            raise (wrong or translate(exc, method=method, obj=obj)) from exc
-        if not self.scheme_checked:
-            self.scheme_checked = True
-        status = response.status
-        if status != 200 and status != 500:
-            raise translate(HttpStatusError(status, response.reason), method=method, obj=obj)
-        payload = response.body
-        if status == 500 and not payload.lstrip().startswith(b"<"):
-            raise translate(BadReply(f"HTTP 500 without a SOAP body ({len(payload)} bytes)"),
-                            method=method, obj=obj)
-        return Reply(status, payload, _session_key(response.headers.get("set-cookie")))
-
-
-class AiohttpTransport(SoapTransport):
-    """SOAP over ``aiohttp.ClientSession`` (cookies sent by hand, ``DummyCookieJar``)."""
-
-    kind = "aiohttp"
-
-    def __init__(self, url: str, **kw: Any) -> None:
-        super().__init__(url, **kw)
-        self._http: aiohttp.ClientSession | None = None
-        self._url = URL(self.url)
-        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
-
-    async def open(self) -> None:
-        if self._http is not None:
-            return
-        ssl_param = await anyio.to_thread.run_sync(ssl_for, self.tls, self.url)
-        # Abort TLS transports aiohttp closed itself (a thumbprint mismatch) when the
-        # connector closes, on the Python versions that would otherwise leak them.
-        cleanup = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
-        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
-                                         keepalive_timeout=self.keepalive_s, ssl=ssl_param,
-                                         enable_cleanup_closed=cleanup)
-        headers = {"User-Agent": _USER_AGENT,
-                   "Accept-Encoding": "gzip, deflate" if self.compress else "identity"}
-        self._http = aiohttp.ClientSession(connector=connector,
-                                           cookie_jar=aiohttp.DummyCookieJar(),
-                                           headers=headers, skip_auto_headers=("Content-Type",))
-
-    async def close(self) -> None:
-        http, self._http = self._http, None
-        if http is not None:
-            await http.close()
-
-    @property
-    def http(self) -> aiohttp.ClientSession:
-        if self._http is None:
-            raise RuntimeError("the transport is not open")
-        return self._http
-
-    def _timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(timeout_s)
-        if timeout is None:
-            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(
-                total=timeout_s, sock_connect=self.connect_timeout_s)
-        return timeout
-
-    async def get(self, path: str, timeout_s: float | None) -> tuple[int, bytes]:
-        try:
-            async with self.http.get(self._url.with_path(path),
-                                     timeout=self._timeout(timeout_s)) as resp:
-                body = await resp.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            wrong = await self.wrong_scheme(exc)
-            if wrong is not None:
-                raise wrong from exc
-            raise
-        self.scheme_checked = True
-        return resp.status, body
-
-    async def post(self, body: bytes, *, action: str, session_key: str | None,
-                   timeout_s: float | None, method: str, obj: str | None = None) -> Reply:
-        headers = {"SOAPAction": action, "Content-Type": "text/xml; charset=utf-8"}
-        if session_key is not None:
-            headers["Cookie"] = f'{COOKIE_NAME}="{session_key}"'
-        with map_vsphere_faults(method=method, obj=obj):
-            try:
-                async with self.http.post(self._url, data=body, headers=headers,
-                                          timeout=self._timeout(timeout_s)) as resp:
-                    data = await resp.read()
-            except (aiohttp.ClientError, OSError) as exc:
-                wrong = await self.wrong_scheme(exc)
-                if wrong is not None:
-                    raise wrong from exc
-                raise
-            if not self.scheme_checked:
-                self.scheme_checked = True
-            status = resp.status
-            if status not in (200, 500):
-                raise HttpStatusError(status, resp.reason)
-            cookie = resp.headers.get("Set-Cookie")
-            if status == 500 and not data.lstrip().startswith(b"<"):
-                raise BadReply(f"HTTP 500 without a SOAP body ({len(data)} bytes)")
-        return Reply(status, data, _session_key(cookie))
-
-
-TRANSPORTS: dict[str, type[SoapTransport]] = {"protocol": ProtocolTransport,
-                                              "aiohttp": AiohttpTransport}
-
-
-def make_transport(url: str, kind: str = "protocol", **kw: Any) -> SoapTransport:
-    """A transport by name: ``protocol`` (default) or ``aiohttp``."""
-    try:
-        cls = TRANSPORTS[kind]
-    except KeyError:
-        raise ConfigError(f"{kind!r} is not a transport (protocol, aiohttp)",
-                          key="transport") from None
-    return cls(url, **kw)

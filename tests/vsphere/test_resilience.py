@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from fleet import errors
+from fleet.errors import NotDelivered
 from fleet.vsphere.client import VSphereClient
-from fleet.vsphere.faults import NotDelivered
 from fleet.vsphere.model import CloneRequest, Ref
 from tests.simproc import SimProcess
 from tests.vsphere.conftest import client_for, unique
@@ -80,11 +80,6 @@ denied = ["VirtualMachine.Provisioning.Clone"]
 def fsim() -> Iterator[SimProcess]:
     with SimProcess(topology_text=TOPOLOGY, time_scale=0.05) as process:
         yield process
-
-
-@pytest.fixture(params=["protocol", "aiohttp"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -166,8 +161,8 @@ async def test_injected_not_authenticated_relogs_in(fsim: SimProcess) -> None:
 
 
 @pytest.mark.parametrize("fault", ["http:reset", "http:lost_reply", "http:503"])
-async def test_reads_survive_http_faults(fsim: SimProcess, transport: str, fault: str) -> None:
-    async with client_for(fsim, transport=transport) as vs:
+async def test_reads_survive_http_faults(fsim: SimProcess, fault: str) -> None:
+    async with client_for(fsim) as vs:
         (vm,) = await vs.find_vms(["f-02"])
         await faults(fsim, {"method": "RetrievePropertiesEx", "fault": fault, "max_count": 2},
                      {"method": "FindByInventoryPath", "fault": fault, "max_count": 1})
@@ -177,8 +172,8 @@ async def test_reads_survive_http_faults(fsim: SimProcess, transport: str, fault
         assert vs.stats["retries"]["FindByInventoryPath"] == 1
 
 
-async def test_503_before_a_clone_is_retried(fsim: SimProcess, transport: str) -> None:
-    async with client_for(fsim, transport=transport) as vs:
+async def test_503_before_a_clone_is_retried(fsim: SimProcess) -> None:
+    async with client_for(fsim) as vs:
         await faults(fsim, {"method": "InstantClone_Task", "object": "f-03", "fault": "http:503",
                             "max_count": 2})
         task = await start(vs, "f-03")
@@ -186,8 +181,8 @@ async def test_503_before_a_clone_is_retried(fsim: SimProcess, transport: str) -
         assert vs.stats["retries"]["InstantClone_Task"] == 2
 
 
-async def test_lost_reply_of_a_clone_is_not_repeated(fsim: SimProcess, transport: str) -> None:
-    async with client_for(fsim, transport=transport) as vs:
+async def test_lost_reply_of_a_clone_is_not_repeated(fsim: SimProcess) -> None:
+    async with client_for(fsim) as vs:
         name = unique("lost")
         await faults(fsim, {"method": "InstantClone_Task", "object": "f-04",
                             "fault": "http:lost_reply", "max_count": 1})
@@ -209,8 +204,8 @@ async def test_lost_reply_of_a_clone_is_not_repeated(fsim: SimProcess, transport
         assert dup.value.existing == made.ref.id and dup.value.name == name
 
 
-async def test_reset_of_a_clone_call_raises(fsim: SimProcess, transport: str) -> None:
-    async with client_for(fsim, transport=transport) as vs:
+async def test_reset_of_a_clone_call_raises(fsim: SimProcess) -> None:
+    async with client_for(fsim) as vs:
         name = unique("reset")
         await faults(fsim, {"method": "InstantClone_Task", "object": "f-01",
                             "fault": "http:reset", "max_count": 1})
@@ -221,9 +216,8 @@ async def test_reset_of_a_clone_call_raises(fsim: SimProcess, transport: str) ->
             await vs.find_vms([f"r/clones/{name}"])
 
 
-async def test_wait_loop_survives_lost_replies_and_resets(fsim: SimProcess,
-                                                          transport: str) -> None:
-    async with client_for(fsim, transport=transport) as vs:
+async def test_wait_loop_survives_lost_replies_and_resets(fsim: SimProcess) -> None:
+    async with client_for(fsim) as vs:
         await faults(fsim, {"method": "WaitForUpdatesEx", "fault": "http:lost_reply",
                             "max_count": 3},
                      {"method": "CreateFilter", "fault": "http:reset", "max_count": 1},

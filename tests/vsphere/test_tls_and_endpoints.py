@@ -15,7 +15,7 @@ import pytest
 from fleet import errors
 from fleet.vsphere.client import RetryPolicy, VSphereClient
 from fleet.vsphere.model import CloneRequest
-from fleet.vsphere.tls import TlsOptions, client_context
+from fleet.vsphere.tls import TlsOptions, ssl_for
 from tests import specs
 from tests.simproc import PASSWORD, USER, SimProcess
 from tests.vsphere.conftest import client_for, unique
@@ -23,15 +23,9 @@ from tests.vsphere.conftest import client_for, unique
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["protocol", "aiohttp"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-async def test_self_signed_certificate_refused_by_default(sim: SimProcess,
-                                                          transport: str) -> None:
+async def test_self_signed_certificate_refused_by_default(sim: SimProcess) -> None:
     with pytest.raises(errors.TlsVerificationFailed) as info:
-        async with client_for(sim, ca_file=None, transport=transport):
+        async with client_for(sim, ca_file=None):
             pass
     # The remedy names the keys users write in a spec or a serve config.
     text = str(info.value)
@@ -39,32 +33,31 @@ async def test_self_signed_certificate_refused_by_default(sim: SimProcess,
     assert "tls " not in text and "tls." not in text
 
 
-async def test_ca_file_trusts_it(sim: SimProcess, transport: str) -> None:
-    async with client_for(sim, ca_file=sim.cert_path, transport=transport) as vs:
+async def test_ca_file_trusts_it(sim: SimProcess) -> None:
+    async with client_for(sim, ca_file=sim.cert_path) as vs:
         assert (await vs.server_info()).api_type == "VirtualCenter"
 
 
-async def test_pinned_thumbprint_trusts_it(sim: SimProcess, transport: str) -> None:
+async def test_pinned_thumbprint_trusts_it(sim: SimProcess) -> None:
     assert sim.thumbprint is not None
-    async with client_for(sim, ca_file=None, thumbprint=sim.thumbprint,
-                          transport=transport) as vs:
+    async with client_for(sim, ca_file=None, thumbprint=sim.thumbprint) as vs:
         assert (await vs.find_vms(["frozen-01"]))[0].name == "frozen-01"
-    async with client_for(sim, ca_file=None, thumbprint=sim.thumbprint.replace(":", "").lower(),
-                          transport=transport) as vs:
+    async with client_for(sim, ca_file=None,
+                          thumbprint=sim.thumbprint.replace(":", "").lower()) as vs:
         await vs.server_info()
 
 
-async def test_wrong_thumbprint_refused(sim: SimProcess, transport: str) -> None:
+async def test_wrong_thumbprint_refused(sim: SimProcess) -> None:
     wrong = "AB:" * 31 + "CD"
     with pytest.raises(errors.TlsVerificationFailed, match=r"vcenter\.thumbprint"):
-        async with client_for(sim, ca_file=None, thumbprint=wrong, transport=transport):
+        async with client_for(sim, ca_file=None, thumbprint=wrong):
             pass
 
 
-async def test_insecure_works_and_warns(sim: SimProcess, transport: str,
+async def test_insecure_works_and_warns(sim: SimProcess,
                                         caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="fleet.vsphere"):
-        async with client_for(sim, ca_file=None, insecure=True, transport=transport) as vs:
+        async with client_for(sim, ca_file=None, insecure=True) as vs:
             await vs.server_info()
     assert any("verification is OFF" in r.getMessage() and "vcenter.insecure" in r.getMessage()
                and r.levelno == logging.WARNING for r in caplog.records)
@@ -78,7 +71,7 @@ URL = "https://127.0.0.1:1/sdk"
 def test_missing_ca_file_names_vcenter_ca_file(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.pem"
     with pytest.raises(errors.ConfigError) as info:
-        client_context(TlsOptions(ca_file=missing), URL)
+        ssl_for(TlsOptions(ca_file=missing), URL)
     assert info.value.key == "vcenter.ca_file"
     assert str(info.value).startswith("vcenter.ca_file: ") and str(missing) in str(info.value)
 
@@ -87,7 +80,7 @@ def test_ca_file_that_is_not_pem_names_vcenter_ca_file(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
     with pytest.raises(errors.ConfigError) as info:
-        client_context(TlsOptions(ca_file=junk), URL)
+        ssl_for(TlsOptions(ca_file=junk), URL)
     assert info.value.key == "vcenter.ca_file"
     assert "not a PEM certificate" in str(info.value)
 
@@ -192,7 +185,7 @@ async def test_method_not_found_for_instant_clone(sim: SimProcess) -> None:
         sim.clear_faults()
 
 
-# -- a URL with the wrong scheme says so (both transports, the same words) ------------------
+# -- a URL with the wrong scheme says so ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def http_sim() -> Iterator[SimProcess]:
@@ -200,40 +193,34 @@ def http_sim() -> Iterator[SimProcess]:
         yield process
 
 
-async def _config_error(url: str, transport: str, **kw: object) -> errors.ConfigError:
+async def _config_error(url: str, **kw: object) -> errors.ConfigError:
     with pytest.raises(errors.ConfigError) as info:
-        async with VSphereClient(url, USER, PASSWORD, transport=transport,
-                                 **kw):  # type: ignore[arg-type]
+        async with VSphereClient(url, USER, PASSWORD, **kw):  # type: ignore[arg-type]
             pass
     return info.value
 
 
 async def test_http_url_against_an_https_server_says_it_speaks_tls(sim: SimProcess) -> None:
     url = sim.url.replace("https://", "http://")
-    found = {t: await _config_error(url, t, insecure=True) for t in ("protocol", "aiohttp")}
-    for error in found.values():
-        assert error.key == "vcenter.url"
-        assert "speaks TLS" in str(error) and "looks like an https server" in str(error)
-        assert f"use {sim.url}" in str(error)
-    assert str(found["protocol"]) == str(found["aiohttp"])
+    error = await _config_error(url, insecure=True)
+    assert error.key == "vcenter.url"
+    assert "speaks TLS" in str(error) and "looks like an https server" in str(error)
+    assert f"use {sim.url}" in str(error)
 
 
 async def test_https_url_against_a_plain_http_server_says_it_is_plain_http(
         http_sim: SimProcess, sim: SimProcess) -> None:
     url = http_sim.url.replace("http://", "https://")
-    found = {t: await _config_error(url, t, insecure=True) for t in ("protocol", "aiohttp")}
-    for error in found.values():
-        assert error.key == "vcenter.url"
-        assert "TLS handshake failed" in str(error)
-        assert "looks like a plain http server" in str(error)
-        assert f"use {http_sim.url}" in str(error)
-    assert str(found["protocol"]) == str(found["aiohttp"])
+    error = await _config_error(url, insecure=True)
+    assert error.key == "vcenter.url"
+    assert "TLS handshake failed" in str(error)
+    assert "looks like a plain http server" in str(error)
+    assert f"use {http_sim.url}" in str(error)
     # Also when the URL's trust is a CA file rather than insecure.
-    assert "plain http" in str(await _config_error(url, "protocol", ca_file=sim.cert_path))
+    assert "plain http" in str(await _config_error(url, ca_file=sim.cert_path))
 
 
-@pytest.mark.parametrize("transport", ["protocol", "aiohttp"])
-async def test_a_plain_server_that_just_hangs_up_is_not_taken_for_tls(transport: str) -> None:
+async def test_a_plain_server_that_just_hangs_up_is_not_taken_for_tls() -> None:
     """The probe must find TLS before it is named: a server that closes every connection
     leaves the ordinary connection error."""
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -244,7 +231,7 @@ async def test_a_plain_server_that_just_hangs_up_is_not_taken_for_tls(transport:
     try:
         with pytest.raises(errors.ConnectionFailed) as info:
             async with VSphereClient(f"http://127.0.0.1:{port}/sdk", USER, PASSWORD,
-                                     transport=transport, insecure=True,
+                                     insecure=True,
                                      retry=RetryPolicy(max_retries=0)):
                 pass
         assert "TLS" not in str(info.value)
