@@ -11,22 +11,20 @@ Mutations call :meth:`SimObject.touch` with the top-level properties that
 changed; the :class:`Inventory` forwards that to the property filters watching
 the object (``fleet.sim.propcollector``), which is how ``WaitForUpdatesEx``
 learns about changes without polling.
+
+This module is the bottom of the simulator: a managed object is given the
+registry (and, by its subclass, the narrow services of ``fleet.sim.runtime``),
+never the whole ``Simulator``, so no object module imports the one above it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from pyVmomi import VmomiSupport, vim, vmodl
-
-if TYPE_CHECKING:
-    from fleet.sim.service import Session
-    from fleet.sim.simulator import Simulator
 
 
 class ChangeListener(Protocol):
@@ -35,21 +33,6 @@ class ChangeListener(Protocol):
     def on_touch(self, obj: SimObject, props: tuple[str, ...]) -> None: ...
 
     def on_structure_change(self) -> None: ...
-
-
-@dataclass
-class CallContext:
-    """Who is calling, and with which API version."""
-
-    sim: Simulator
-    session: Session
-    version: str
-    injection: Any = None  # a fault-injection rule that fired for this call
-
-
-#: The call being served, for the few properties whose value depends on the caller
-#: (``SessionManager.currentSession``).
-current_call: ContextVar[CallContext] = ContextVar("current_call")
 
 
 class SimObject:
@@ -63,9 +46,9 @@ class SimObject:
     #: ``config.hardware.device``) once or more per clone.
     path_getters: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, sim: Simulator, moid: str | None = None) -> None:
-        self.sim = sim
-        self.moid = moid if moid is not None else sim.inventory.next_id(self.id_prefix)
+    def __init__(self, inventory: Inventory, moid: str | None = None) -> None:
+        self.inventory = inventory
+        self.moid = moid if moid is not None else inventory.next_id(self.id_prefix)
         self.ref: Any = self.vim_type(self.moid)
 
     def __repr__(self) -> str:
@@ -87,11 +70,16 @@ class SimObject:
 
     def touch(self, *props: str) -> None:
         """Record that top-level ``props`` changed, for WaitForUpdates."""
-        self.sim.inventory.touched(self, props)
+        self.inventory.touched(self, props)
 
     @property
     def display_name(self) -> str:
         return self.moid
+
+    def children(self) -> Sequence[SimObject]:
+        """What a ContainerView over this object shows one level down (entities
+        override it)."""
+        return []
 
 
 class Inventory:
@@ -173,10 +161,19 @@ class Inventory:
             listener.on_structure_change()
 
 
-if TYPE_CHECKING:
-    from typing import TypeVar
+SimObjectT = TypeVar("SimObjectT", bound=SimObject)
 
-    SimObjectT = TypeVar("SimObjectT", bound=SimObject)
+
+def contained(container: SimObject, recursive: bool) -> list[SimObject]:
+    """What a ContainerView over ``container`` shows (children, or all descendants)."""
+    out: list[SimObject] = []
+    stack = list(reversed(container.children()))
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        if recursive:
+            stack.extend(reversed(node.children()))
+    return out
 
 
 # -- property paths ----------------------------------------------------------
@@ -257,9 +254,9 @@ def fault(cls: Any, message: str, **fields: Any) -> Any:
 
 
 __all__ = [
-    "CallContext",
     "Inventory",
     "SimObject",
+    "contained",
     "fault",
     "property_type",
     "refs",

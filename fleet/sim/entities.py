@@ -4,7 +4,11 @@ hosts, datastores and networks.
 Hosts own the two resources instant clones compete for: provisioning slots
 (see ``fleet.sim.tasks``) and memory, accounted with page sharing: an instant
 clone initially shares most of its memory with its source, so it costs the host
-only its unshared part (``Simulator.clone_memory_share``).
+only its unshared part (``Runtime.clone_memory_shared``).
+
+Entities are given the simulator's narrow services (``fleet.sim.runtime``); they
+see VMs only through :class:`PlacedVm`, what a host, pool, datastore or network
+needs of one, so this module does not depend on ``fleet.sim.vm``.
 """
 
 from __future__ import annotations
@@ -14,15 +18,13 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pyVmomi import vim, vmodl
 
-from fleet.sim.core import CallContext, SimObject
-
-if TYPE_CHECKING:
-    from fleet.sim.simulator import Simulator
-    from fleet.sim.vm import VirtualMachine
+from fleet.sim.calls import CallContext
+from fleet.sim.core import SimObject
+from fleet.sim.runtime import Runtime
 
 GREEN = "green"
 MB = 1024 * 1024
@@ -43,12 +45,25 @@ def check_entity_name(name: str | None, what: str = "name") -> str:
     return name
 
 
+class PlacedVm(Protocol):
+    """What the entities a VM is placed on (host, pool, datastore, network) use of it."""
+
+    moid: str
+    ref: Any
+    counted_on: HostSystem | None
+
+    def memory_share(self) -> tuple[bool, int] | None: ...
+
+    def touch(self, *props: str) -> None: ...
+
+
 class ManagedEntity(SimObject):
     vim_type = vim.ManagedEntity
 
-    def __init__(self, sim: Simulator, name: str, parent: ManagedEntity | None,
+    def __init__(self, runtime: Runtime, name: str, parent: ManagedEntity | None,
                  moid: str | None = None) -> None:
-        super().__init__(sim, moid)
+        super().__init__(runtime.inventory, moid)
+        self.runtime = runtime
         self._name = name
         self.parent = parent
 
@@ -96,27 +111,13 @@ class ManagedEntity(SimObject):
         return "/".join(reversed(parts))
 
 
-def contained(container: SimObject, recursive: bool) -> list[SimObject]:
-    """What a ContainerView over ``container`` shows (children, or all descendants)."""
-    out: list[SimObject] = []
-    if not isinstance(container, ManagedEntity):
-        return out
-    stack = list(reversed(container.children()))
-    while stack:
-        node = stack.pop()
-        out.append(node)
-        if recursive:
-            stack.extend(reversed(node.children()))
-    return out
-
-
 class Folder(ManagedEntity):
     vim_type = vim.Folder
     id_prefix = "group-v"
 
-    def __init__(self, sim: Simulator, name: str, parent: ManagedEntity | None,
+    def __init__(self, runtime: Runtime, name: str, parent: ManagedEntity | None,
                  child_types: Iterable[str], moid: str | None = None) -> None:
-        super().__init__(sim, name, parent, moid)
+        super().__init__(runtime, name, parent, moid)
         self.child_types = tuple(child_types)
         # Children in the order they came, by id, and by name: a clone's name check and
         # a destroy must not cost a scan of a folder that holds thousands of VMs.
@@ -176,11 +177,11 @@ class Folder(ManagedEntity):
             if not named:
                 del self._by_name[name]
 
-    def _check_free(self, ctx: CallContext, name: str) -> None:
+    def _check_free(self, name: str) -> None:
         """DuplicateName if ``name`` is taken here, or is being taken by a call or task
         still in progress (vCenter holds a name from the start of a create or rename)."""
         existing = self.child_named(name)
-        if existing is not None or ctx.sim.name_pending(self, name):
+        if existing is not None or self.runtime.names.pending(self.moid, name):
             raise vim.fault.DuplicateName(
                 msg=f"The name '{name}' already exists.", name=name,
                 object=(existing or self).ref)
@@ -193,18 +194,19 @@ class Folder(ManagedEntity):
         check_entity_name(name)
         if "Folder" not in self.child_types:
             raise vmodl.fault.NotSupported(msg=f"Folder '{self.name}' cannot hold folders.")
-        self._check_free(ctx, name)
-        ctx.sim.reserve_name(self, name)
+        self._check_free(name)
+        rt = self.runtime
+        rt.names.hold(self.moid, name)
         try:
-            await ctx.sim.sleep(ctx.sim.topology.latency.folder_s)
-            if ctx.sim.inventory.get(self.moid) is not self:
+            await rt.clock.sleep(rt.latency.folder_s)
+            if self.inventory.get(self.moid) is not self:
                 raise vmodl.fault.ManagedObjectNotFound(
                     msg=f"The object '{self.ref}' has already been deleted", obj=self.ref)
-            folder = Folder(ctx.sim, name, self, self.child_types)
+            folder = Folder(rt, name, self, self.child_types)
             self.attach(folder)
-            ctx.sim.inventory.add(folder)
+            self.inventory.add(folder)
         finally:
-            ctx.sim.release_name(self, name)
+            rt.names.release(self.moid, name)
         return folder.ref
 
     def _undeletable(self) -> bool:
@@ -221,23 +223,23 @@ class Folder(ManagedEntity):
         assert isinstance(parent, Folder)
         held = newName != self.name
         if held:
-            parent._check_free(ctx, newName)
-            ctx.sim.reserve_name(parent, newName)
+            parent._check_free(newName)
+            self.runtime.names.hold(parent.moid, newName)
 
         async def body(task: Any) -> None:
             try:
-                await task.sleep(ctx.sim.topology.latency.folder_s)
-                if ctx.sim.inventory.get(self.moid) is not self:
+                await task.sleep(self.runtime.latency.folder_s)
+                if self.inventory.get(self.moid) is not self:
                     raise vmodl.fault.ManagedObjectNotFound(
                         msg=f"The object '{self.ref}' has already been deleted", obj=self.ref)
                 self.name = newName
                 self.touch("name")
             finally:
                 if held:
-                    ctx.sim.release_name(parent, newName)
+                    self.runtime.names.release(parent.moid, newName)
 
-        return ctx.sim.start_task(ctx, entity=self, method="Rename_Task",
-                                  description_id="Folder.rename", body=body, resources=())
+        return self.runtime.tasks.start(ctx, entity=self, method="Rename_Task",
+                                        description_id="Folder.rename", body=body, resources=())
 
     def Destroy_Task(self, ctx: CallContext) -> Any:
         """Destroy this folder and, as vCenter does, everything in it: each descendant is
@@ -247,46 +249,47 @@ class Folder(ManagedEntity):
             raise vmodl.fault.NotSupported(msg=f"The folder '{self.name}' cannot be destroyed.")
 
         async def body(task: Any) -> None:
-            await task.sleep(ctx.sim.topology.latency.folder_s)
-            if ctx.sim.inventory.get(self.moid) is not self:
+            await task.sleep(self.runtime.latency.folder_s)
+            if self.inventory.get(self.moid) is not self:
                 # Another Destroy_Task of it ran first: this one fails, as in vCenter.
                 raise vmodl.fault.ManagedObjectNotFound(
                     msg=f"The object '{self.ref}' has already been deleted", obj=self.ref)
-            self.destroy_tree(ctx)
+            self.destroy_tree()
 
-        return ctx.sim.start_task(ctx, entity=self, method="Destroy_Task",
-                                  description_id="Folder.destroy", body=body, resources=())
+        return self.runtime.tasks.start(ctx, entity=self, method="Destroy_Task",
+                                        description_id="Folder.destroy", body=body, resources=())
 
-    def destroy_tree(self, ctx: CallContext) -> None:
-        if ctx.sim.inventory.get(self.moid) is not self:
+    def destroy_tree(self) -> None:
+        if self.inventory.get(self.moid) is not self:
             return  # already gone: destroying it again changes nothing
         for child in self.children():
             if isinstance(child, Folder):
-                child.destroy_tree(ctx)
+                child.destroy_tree()
             elif hasattr(child, "destroy_now"):
-                child.destroy_now(ctx)
+                child.destroy_now()
             else:
                 raise vmodl.fault.NotSupported(
                     msg=f"'{child.name}' in folder '{self.name}' cannot be destroyed.")
         parent = self.parent
         if isinstance(parent, Folder):
             parent.detach(self)
-        ctx.sim.inventory.remove(self)
+        self.inventory.remove(self)
 
 
 class Datacenter(ManagedEntity):
     vim_type = vim.Datacenter
     id_prefix = "datacenter-"
 
-    def __init__(self, sim: Simulator, name: str, parent: Folder) -> None:
-        super().__init__(sim, name, parent)
-        self.vm_folder = Folder(sim, "vm", self, ["Folder", "VirtualMachine", "VirtualApp"])
-        self.host_folder = Folder(sim, "host", self, ["Folder", "ComputeResource"],
-                                  moid=sim.inventory.next_id("group-h"))
-        self.datastore_folder = Folder(sim, "datastore", self, ["Folder", "Datastore"],
-                                       moid=sim.inventory.next_id("group-s"))
-        self.network_folder = Folder(sim, "network", self, ["Folder", "Network"],
-                                     moid=sim.inventory.next_id("group-n"))
+    def __init__(self, runtime: Runtime, name: str, parent: Folder) -> None:
+        super().__init__(runtime, name, parent)
+        ids = runtime.inventory
+        self.vm_folder = Folder(runtime, "vm", self, ["Folder", "VirtualMachine", "VirtualApp"])
+        self.host_folder = Folder(runtime, "host", self, ["Folder", "ComputeResource"],
+                                  moid=ids.next_id("group-h"))
+        self.datastore_folder = Folder(runtime, "datastore", self, ["Folder", "Datastore"],
+                                       moid=ids.next_id("group-s"))
+        self.network_folder = Folder(runtime, "network", self, ["Folder", "Network"],
+                                     moid=ids.next_id("group-n"))
 
     def folders(self) -> list[Folder]:
         return [self.vm_folder, self.host_folder, self.datastore_folder, self.network_folder]
@@ -317,11 +320,11 @@ class ResourcePool(ManagedEntity):
     vim_type = vim.ResourcePool
     id_prefix = "resgroup-"
 
-    def __init__(self, sim: Simulator, name: str, parent: ManagedEntity,
+    def __init__(self, runtime: Runtime, name: str, parent: ManagedEntity,
                  owner: ClusterComputeResource) -> None:
-        super().__init__(sim, name, parent)
+        super().__init__(runtime, name, parent)
         self.owner = owner
-        self.vms: list[VirtualMachine] = []
+        self.vms: list[PlacedVm] = []
 
     def prop_owner(self) -> Any:
         return self.owner.ref
@@ -354,16 +357,16 @@ class HostSystem(ManagedEntity):
     vim_type = vim.HostSystem
     id_prefix = "host-"
 
-    def __init__(self, sim: Simulator, name: str, parent: ManagedEntity, *, slots: int,
+    def __init__(self, runtime: Runtime, name: str, parent: ManagedEntity, *, slots: int,
                  memory_mb: int, overcommit: float, cpu_cores: int, connection_state: str) -> None:
-        super().__init__(sim, name, parent)
+        super().__init__(runtime, name, parent)
         self.slots = slots
         self.memory_mb = memory_mb
         self.overcommit = overcommit
         self.cpu_cores = cpu_cores
         self.connection_state = connection_state
         self.uuid = str(uuid.uuid4())
-        self._vms: dict[str, VirtualMachine] = {}
+        self._vms: dict[str, PlacedVm] = {}
         self.datastores: list[Datastore] = []
         self.networks: list[Network] = []
         self.boot_time = datetime.now(UTC)
@@ -377,17 +380,17 @@ class HostSystem(ManagedEntity):
         return self.connection_state == "connected"
 
     @property
-    def vms(self) -> Sequence[VirtualMachine]:
+    def vms(self) -> Sequence[PlacedVm]:
         """The VMs on this host, oldest first (change them with add_vm and remove_vm)."""
         return list(self._vms.values())
 
-    def add_vm(self, vm: VirtualMachine) -> None:
+    def add_vm(self, vm: PlacedVm) -> None:
         if vm.moid not in self._vms:
             self._vms[vm.moid] = vm
             vm.counted_on = self
             self.account_memory(vm.memory_share(), 1)
 
-    def remove_vm(self, vm: VirtualMachine) -> None:
+    def remove_vm(self, vm: PlacedVm) -> None:
         if self._vms.get(vm.moid) is vm:
             del self._vms[vm.moid]
             vm.counted_on = None
@@ -407,7 +410,7 @@ class HostSystem(ManagedEntity):
 
     def memory_used_mb(self) -> int:
         """Host memory in use: powered-on VMs, clones counted by their unshared part."""
-        shared = self.sim.clone_memory_shared
+        shared = self.runtime.clone_memory_shared
         return self._full_mb + sum(count * clone_cost_mb(memory_mb, shared)
                                    for memory_mb, count in self._clones_by_mb.items())
 
@@ -440,7 +443,7 @@ class HostSystem(ManagedEntity):
             config=vim.host.Summary.ConfigSummary(name=self.name, port=443,
                                                   vmotionEnabled=True,
                                                   faultToleranceEnabled=False,
-                                                  product=self.sim.about(esxi=True)),
+                                                  product=self.runtime.about(esxi=True)),
             quickStats=vim.host.Summary.QuickStats(overallMemoryUsage=self.memory_used_mb(),
                                                    overallCpuUsage=0, uptime=0),
             overallStatus=GREEN if self.connected else "gray",
@@ -469,10 +472,10 @@ class ClusterComputeResource(ManagedEntity):
     vim_type = vim.ClusterComputeResource
     id_prefix = "domain-c"
 
-    def __init__(self, sim: Simulator, name: str, parent: Folder) -> None:
-        super().__init__(sim, name, parent)
+    def __init__(self, runtime: Runtime, name: str, parent: Folder) -> None:
+        super().__init__(runtime, name, parent)
         self.hosts: list[HostSystem] = []
-        self.pool = ResourcePool(sim, "Resources", self, self)
+        self.pool = ResourcePool(runtime, "Resources", self, self)
 
     def children(self) -> list[ManagedEntity]:
         return [*self.hosts, self.pool]
@@ -512,13 +515,13 @@ class Datastore(ManagedEntity):
     vim_type = vim.Datastore
     id_prefix = "datastore-"
 
-    def __init__(self, sim: Simulator, name: str, parent: Folder, capacity_bytes: int,
+    def __init__(self, runtime: Runtime, name: str, parent: Folder, capacity_bytes: int,
                  free_bytes: int) -> None:
-        super().__init__(sim, name, parent)
+        super().__init__(runtime, name, parent)
         self.capacity = capacity_bytes
         self.used = capacity_bytes - free_bytes
         self.url = f"ds:///vmfs/volumes/{uuid.uuid4().hex[:8]}-{name}/"
-        self.vms: list[VirtualMachine] = []
+        self.vms: list[PlacedVm] = []
         self.hosts: list[HostSystem] = []
 
     @property
@@ -556,9 +559,9 @@ class Network(ManagedEntity):
     vim_type = vim.Network
     id_prefix = "network-"
 
-    def __init__(self, sim: Simulator, name: str, parent: Folder) -> None:
-        super().__init__(sim, name, parent)
-        self.vms: list[VirtualMachine] = []
+    def __init__(self, runtime: Runtime, name: str, parent: Folder) -> None:
+        super().__init__(runtime, name, parent)
+        self.vms: list[PlacedVm] = []
         self.hosts: list[HostSystem] = []
 
     def prop_summary(self) -> Any:

@@ -5,6 +5,9 @@ and its name), fires with a probability, at most ``max_count`` times, after an
 optional delay. It injects a vim fault (into the call or into the task the call
 starts), an HTTP-level failure (``http:reset``, ``http:503``, ``http:lost_reply``)
 or just slowness (``slow``: the task takes ``delay_s`` longer).
+
+:class:`UpdateFaults` are the update stream's own switches (withhold a new
+filter's initial state, drop changes), read by ``fleet.sim.propcollector``.
 """
 
 from __future__ import annotations
@@ -122,3 +125,22 @@ class FaultInjector:
     @property
     def total(self) -> int:
         return sum(self.injected.values())
+
+
+@dataclass
+class UpdateFaults:
+    """Switches that make the update stream lose what a client waits for."""
+
+    rng: random.Random
+    withhold_initial: bool = False
+    drop_fraction: float = 0.0
+    withheld: int = 0  # objects whose initial state was never reported
+    dropped: int = 0  # object changes never reported
+
+    def drop_now(self) -> bool:
+        """Whether the change being reported is lost (``drop_fraction`` of them)."""
+        return bool(self.drop_fraction) and self.rng.random() < self.drop_fraction
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"withhold_initial": self.withhold_initial, "drop_fraction": self.drop_fraction,
+                "withheld": self.withheld, "dropped": self.dropped}

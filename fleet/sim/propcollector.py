@@ -1,4 +1,4 @@
-"""PropertyCollector, PropertyFilter, ViewManager and ContainerView.
+"""PropertyCollector and PropertyFilter (views are ``fleet.sim.views``).
 
 Retrieval walks ``ObjectSpec``/``TraversalSpec``/``SelectionSpec`` trees exactly
 as vCenter does (``skip``, named selection specs, type-matched traversal of
@@ -14,7 +14,7 @@ per version, a client repeating a call with an older version (a lost reply)
 gets the changes again instead of losing them. Collector state is per session,
 as in vCenter: a new session gets ``InvalidCollectorVersion`` for old versions.
 
-:class:`UpdateFaults` makes the update stream fail the way clients must survive
+:class:`~fleet.sim.faults.UpdateFaults` makes the update stream fail the way clients must survive
 (topology ``[updates]``, ``POST /_sim/updates``; docs/watching.md): a filter
 created while a ``WaitForUpdatesEx`` of its collector is pending can have its
 objects' initial state withheld (never reported; later changes are), as an
@@ -29,21 +29,19 @@ import contextlib
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 from pyVmomi import VmomiSupport, vim, vmodl
 
+from fleet.sim.calls import CallContext, Session
 from fleet.sim.core import (
-    CallContext,
+    Inventory,
     SimObject,
     property_type,
     resolve_path,
     typed_value,
 )
-
-if TYPE_CHECKING:
-    from fleet.sim.service import Session
-    from fleet.sim.simulator import Simulator
+from fleet.sim.faults import UpdateFaults
 
 PC = vmodl.query.PropertyCollector
 
@@ -66,7 +64,7 @@ def _named_specs(select_set: Iterable[Any], out: dict[str, Any]) -> None:
                 _named_specs(sel.selectSet, out)
 
 
-def _children(sim: Simulator, obj: SimObject, path: str) -> list[SimObject]:
+def _children(inventory: Inventory, obj: SimObject, path: str) -> list[SimObject]:
     value = resolve_path(obj, path)
     if value is None:
         return []
@@ -74,17 +72,17 @@ def _children(sim: Simulator, obj: SimObject, path: str) -> list[SimObject]:
     out = []
     for item in items:
         if isinstance(item, VmomiSupport.ManagedObject):
-            child = sim.inventory.get(item._moId)
+            child = inventory.get(item._moId)
             if child is not None:
                 out.append(child)
     return out
 
 
-def collect_objects(sim: Simulator, object_set: Iterable[Any]) -> dict[str, SimObject]:
+def collect_objects(inventory: Inventory, object_set: Iterable[Any]) -> dict[str, SimObject]:
     """The objects an ``objectSet`` selects, in traversal order (ids -> objects)."""
     result: dict[str, SimObject] = {}
     for spec in object_set or ():
-        root = sim.inventory.resolve(spec.obj)
+        root = inventory.resolve(spec.obj)
         named: dict[str, Any] = {}
         _named_specs(spec.selectSet, named)
         visited: set[tuple[str, int]] = set()
@@ -105,7 +103,7 @@ def collect_objects(sim: Simulator, object_set: Iterable[Any]) -> dict[str, SimO
                     continue
                 visited.add(mark)
                 property_type(ts.type, ts.path)  # validate the traversal path
-                for child in _children(sim, obj, ts.path):
+                for child in _children(inventory, obj, ts.path):
                     visit(child, ts.selectSet, bool(ts.skip))
 
         visit(root, spec.selectSet, bool(spec.skip))
@@ -149,12 +147,12 @@ def read_props(obj: SimObject, paths: Iterable[str]) -> list[Any]:
     return out
 
 
-def retrieve(sim: Simulator, spec_set: Iterable[Any]) -> list[Any]:
+def retrieve(inventory: Inventory, spec_set: Iterable[Any]) -> list[Any]:
     """ObjectContent for every object every FilterSpec selects."""
     contents: list[Any] = []
     for spec in spec_set:
         validate_prop_set(spec.propSet)
-        for obj in collect_objects(sim, spec.objectSet).values():
+        for obj in collect_objects(inventory, spec.objectSet).values():
             paths = paths_for(obj, spec.propSet)
             if paths is None:
                 continue
@@ -163,20 +161,6 @@ def retrieve(sim: Simulator, spec_set: Iterable[Any]) -> list[Any]:
 
 
 # -- filters and update tracking ---------------------------------------------
-
-@dataclass
-class UpdateFaults:
-    """Switches that make the update stream lose what a client waits for."""
-
-    withhold_initial: bool = False
-    drop_fraction: float = 0.0
-    withheld: int = 0  # objects whose initial state was never reported
-    dropped: int = 0  # object changes never reported
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"withhold_initial": self.withhold_initial, "drop_fraction": self.drop_fraction,
-                "withheld": self.withheld, "dropped": self.dropped}
-
 
 @dataclass
 class _Tracked:
@@ -216,9 +200,10 @@ class PropertyFilter(SimObject):
     vim_type = PC.Filter
     id_prefix = "session"
 
-    def __init__(self, sim: Simulator, state: CollectorState, spec: Any, partial: bool,
-                 withhold_initial: bool = False) -> None:
-        super().__init__(sim, f"session[{state.session.key[:8]}]{next(_token_ids):x}")
+    def __init__(self, inventory: Inventory, updates: UpdateFaults, state: CollectorState,
+                 spec: Any, partial: bool, withhold_initial: bool = False) -> None:
+        super().__init__(inventory, f"session[{state.session_key[:8]}]{next(_token_ids):x}")
+        self.updates = updates
         self.state = state
         self.spec = spec
         self.partial = partial
@@ -230,9 +215,9 @@ class PropertyFilter(SimObject):
         # Withheld: stamped before any version, so no wait ever reports them as entered.
         self._resolve(self.created, entered=-1 if withhold_initial else None)
         if withhold_initial:
-            sim.update_faults.withheld += len(self.tracked)
+            updates.withheld += len(self.tracked)
         if self.dynamic:
-            sim.inventory.listen_structure(self)
+            inventory.listen_structure(self)
 
     def prop_spec(self) -> Any:
         return self.spec
@@ -242,17 +227,17 @@ class PropertyFilter(SimObject):
 
     def _resolve(self, version: int, entered: int | None = None) -> None:
         try:
-            objects = collect_objects(self.sim, self.spec.objectSet)
+            objects = collect_objects(self.inventory, self.spec.objectSet)
         except vmodl.fault.ManagedObjectNotFound:
             objects = {}
             for os in self.spec.objectSet or ():
-                obj = self.sim.inventory.get(os.obj._moId)
+                obj = self.inventory.get(os.obj._moId)
                 if obj is not None and not os.skip:
                     objects[obj.moid] = obj
         for moid in list(self.tracked):
             if moid not in objects:
                 tracked = self.tracked.pop(moid)
-                self.sim.inventory.unwatch(moid, self)
+                self.inventory.unwatch(moid, self)
                 self.left[moid] = (tracked.obj.ref, version)
         for moid, obj in objects.items():
             if moid in self.tracked:
@@ -265,7 +250,7 @@ class PropertyFilter(SimObject):
                                           version if entered is None else entered,
                                           values={p: resolve_path(obj, p) for p in paths})
             self.left.pop(moid, None)
-            self.sim.inventory.watch(moid, self)
+            self.inventory.watch(moid, self)
 
     def on_touch(self, obj: SimObject, props: tuple[str, ...]) -> None:
         tracked = self.tracked.get(obj.moid)
@@ -283,8 +268,8 @@ class PropertyFilter(SimObject):
             really.append((path, value))
         if not really:
             return
-        faults = self.sim.update_faults
-        if faults.drop_fraction and self.sim.rng.random() < faults.drop_fraction:
+        faults = self.updates
+        if faults.drop_now():
             # Lost: the filter moves on to the new values without ever reporting them.
             for path, value in really:
                 tracked.values[path] = value
@@ -302,7 +287,7 @@ class PropertyFilter(SimObject):
         else:
             # One of our static objects disappeared: it leaves.
             version = self.state.bump()
-            for moid in [m for m in self.tracked if self.sim.inventory.get(m) is None]:
+            for moid in [m for m in self.tracked if self.inventory.get(m) is None]:
                 tracked = self.tracked.pop(moid)
                 self.left[moid] = (tracked.obj.ref, version)
         self.state.wake()
@@ -356,10 +341,10 @@ class PropertyFilter(SimObject):
 
     def destroy(self) -> None:
         for moid in list(self.tracked):
-            self.sim.inventory.unwatch(moid, self)
+            self.inventory.unwatch(moid, self)
         self.tracked.clear()
-        self.sim.inventory.unlisten_structure(self)
-        self.sim.inventory.objects.pop(self.moid, None)
+        self.inventory.unlisten_structure(self)
+        self.inventory.objects.pop(self.moid, None)
         self.state.filters.pop(self.moid, None)
 
     def DestroyPropertyFilter(self, ctx: CallContext) -> None:
@@ -369,8 +354,8 @@ class PropertyFilter(SimObject):
 class CollectorState:
     """One session's view of one property collector: its filters and version counter."""
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    def __init__(self, session_key: str) -> None:
+        self.session_key = session_key
         self.version = 0
         self.filters: dict[str, PropertyFilter] = {}
         self.waiting = 0  # WaitForUpdates calls pending on this collector
@@ -423,28 +408,34 @@ class PropertyCollector(SimObject):
     vim_type = PC
     id_prefix = "session"
 
-    def __init__(self, sim: Simulator, moid: str | None = None,
+    def __init__(self, inventory: Inventory, updates: UpdateFaults, moid: str | None = None,
                  owner: Session | None = None) -> None:
-        super().__init__(sim, moid)
+        super().__init__(inventory, moid)
+        self.updates = updates
         self.owner = owner  # None for the shared, per-session 'propertyCollector'
         self._retrieve_pages: dict[str, list[Any]] = {}
 
     def state(self, ctx: CallContext) -> CollectorState:
-        return ctx.session.collector_state(self.moid)
+        """The calling session's state of this collector (made on first use)."""
+        states = ctx.session.collectors
+        state = states.get(self.moid)
+        if state is None:
+            state = states[self.moid] = CollectorState(ctx.session.key)
+        return cast(CollectorState, state)  # only collectors put their state there
 
     def prop_filter(self) -> Any:
         return None
 
     # -- retrieval ------------------------------------------------------
     def RetrieveContents(self, ctx: CallContext, specSet: list[Any]) -> Any:
-        return PC.ObjectContent.Array(retrieve(ctx.sim, specSet))
+        return PC.ObjectContent.Array(retrieve(self.inventory, specSet))
 
     def RetrieveProperties(self, ctx: CallContext, specSet: list[Any]) -> Any:
-        return PC.ObjectContent.Array(retrieve(ctx.sim, specSet))
+        return PC.ObjectContent.Array(retrieve(self.inventory, specSet))
 
     def RetrievePropertiesEx(self, ctx: CallContext, specSet: list[Any],
                              options: Any = None) -> Any:
-        contents = retrieve(ctx.sim, specSet)
+        contents = retrieve(self.inventory, specSet)
         limit = options.maxObjects if options is not None and options.maxObjects else None
         return self._page(ctx, contents, limit)
 
@@ -478,11 +469,11 @@ class PropertyCollector(SimObject):
     def CreateFilter(self, ctx: CallContext, spec: Any, partialUpdates: bool) -> Any:
         validate_prop_set(spec.propSet)
         for os in spec.objectSet or ():
-            ctx.sim.inventory.resolve(os.obj)
+            self.inventory.resolve(os.obj)
         state = self.state(ctx)
-        withhold = ctx.sim.update_faults.withhold_initial and state.waiting > 0
-        flt = PropertyFilter(ctx.sim, state, spec, partialUpdates, withhold)
-        ctx.sim.inventory.objects[flt.moid] = flt  # not an inventory entity: no structure event
+        withhold = self.updates.withhold_initial and state.waiting > 0
+        flt = PropertyFilter(self.inventory, self.updates, state, spec, partialUpdates, withhold)
+        self.inventory.objects[flt.moid] = flt  # not an inventory entity: no structure event
         state.filters[flt.moid] = flt
         state.wake()
         return flt.ref
@@ -491,11 +482,11 @@ class PropertyCollector(SimObject):
         if self.owner is None:
             raise vmodl.fault.NotSupported(msg="the default property collector cannot be destroyed")
         ctx.session.drop_collector(self.moid)
-        ctx.sim.inventory.objects.pop(self.moid, None)
+        self.inventory.objects.pop(self.moid, None)
 
     def CreatePropertyCollector(self, ctx: CallContext) -> Any:
-        collector = PropertyCollector(ctx.sim, owner=ctx.session)
-        ctx.sim.inventory.objects[collector.moid] = collector
+        collector = PropertyCollector(self.inventory, self.updates, owner=ctx.session)
+        self.inventory.objects[collector.moid] = collector
         ctx.session.owned_collectors.add(collector.moid)
         return collector.ref
 
@@ -594,52 +585,3 @@ class PropertyCollector(SimObject):
             return PC.UpdateSet(version=f"{base}:{upto}:{truncated_at}",
                                 filterSet=filter_updates, truncated=True)
         return PC.UpdateSet(version=str(upto), filterSet=filter_updates, truncated=False)
-
-
-class ContainerView(SimObject):
-    vim_type = vim.view.ContainerView
-    id_prefix = "session-view-"
-
-    def __init__(self, sim: Simulator, container: SimObject, types: list[Any],
-                 recursive: bool, owner: Session) -> None:
-        super().__init__(sim)
-        self.container = container
-        self.types = tuple(types or ())
-        self.recursive = recursive
-        self.owner = owner
-
-    def prop_container(self) -> Any:
-        return self.container.ref
-
-    def prop_type(self) -> Any:
-        return [t for t in self.types] or None
-
-    def prop_recursive(self) -> bool:
-        return self.recursive
-
-    def prop_view(self) -> Any:
-        from fleet.sim.entities import contained
-
-        found = contained(self.container, self.recursive)
-        if self.types:
-            found = [o for o in found if isinstance(o.ref, self.types)]
-        return VmomiSupport.ManagedObject.Array([o.ref for o in found])
-
-    def DestroyView(self, ctx: CallContext) -> None:
-        ctx.session.views.discard(self.moid)
-        self.sim.inventory.objects.pop(self.moid, None)
-
-
-class ViewManager(SimObject):
-    vim_type = vim.view.ViewManager
-
-    def prop_viewList(self) -> Any:
-        return None
-
-    def CreateContainerView(self, ctx: CallContext, container: Any, type: Any = None,
-                            recursive: bool = False) -> Any:
-        target = ctx.sim.inventory.resolve(container)
-        view = ContainerView(ctx.sim, target, list(type or ()), bool(recursive), ctx.session)
-        ctx.sim.inventory.objects[view.moid] = view
-        ctx.session.views.add(view.moid)
-        return view.ref

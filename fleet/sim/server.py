@@ -145,7 +145,7 @@ class SimApp:
         name = self.sim.object_name(moid)
         http = self.sim.faults.match(call.method, moid, name, http=True)
         if http is not None:
-            await self.sim.sleep(http.rule.delay_s)
+            await self.sim.clock.sleep(http.rule.delay_s)
             if http.kind == "http:reset":
                 _drop(request)
                 raise _ConnectionDropped

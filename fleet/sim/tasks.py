@@ -10,6 +10,10 @@ a running source is cloned by one task at a time. Work over a limit waits in a
 queue (state ``queued``); it is never refused. Queues are kept per most
 specific resource (host or source) so a freed slot only wakes work that can
 use it; the oldest waiting task goes first.
+
+The :class:`TaskManager` is the task service objects are given: ``start`` makes
+a task (injecting a fault into it when a rule fired for the call), queues it on
+the scheduler and keeps finished ones readable as vCenter does.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ import asyncio
 import contextlib
 import contextvars
 import itertools
+import logging
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyVmomi import VmomiSupport, vim, vmodl
 
-from fleet.sim.core import CallContext, SimObject
+from fleet.sim.calls import CallContext
+from fleet.sim.clock import Clock
+from fleet.sim.core import Inventory, SimObject
+from fleet.sim.faults import Injection
+from fleet.sim.stats import Stats
 
-if TYPE_CHECKING:
-    from fleet.sim.simulator import Simulator
+log = logging.getLogger("fleet.sim")
 
 VC = "vc"
 _seq = itertools.count()
@@ -80,6 +88,12 @@ class Scheduler:
         self.running -= 1
         self._drain(task.resources)
 
+    def forget(self, key: str) -> None:
+        """``key`` (a destroyed source) will not be used again, unless work holds it."""
+        if not self.in_use.get(key):
+            self.capacity.pop(key, None)
+            self.in_use.pop(key, None)
+
     def withdraw(self, task: Task) -> bool:
         """Take a queued task out of its queue (it was cancelled before starting)."""
         queue = self._queues.get(task.resources[-1])
@@ -116,10 +130,11 @@ class Task(SimObject):
     vim_type = vim.Task
     id_prefix = "task-"
 
-    def __init__(self, sim: Simulator, *, entity: SimObject | None, method: str,
+    def __init__(self, manager: TaskManager, *, entity: SimObject | None, method: str,
                  description_id: str, user: str, resources: Sequence[str], body: TaskBody,
                  cancelable: bool = True) -> None:
-        super().__init__(sim)
+        super().__init__(manager.inventory)
+        self.manager = manager
         self.seq = next(_seq)
         self.entity = entity  # let go of when the task ends (a destroyed VM must not linger)
         self.entity_ref = entity.ref if entity is not None else None
@@ -174,7 +189,7 @@ class Task(SimObject):
         self.start_time = datetime.now(UTC)
         self.progress = 0
         self.touch("info")
-        self._runner = self.sim.spawn(self._run())
+        self._runner = self.manager.clock.spawn(self._run())
 
     async def _run(self) -> None:
         body = self.body
@@ -187,7 +202,7 @@ class Task(SimObject):
             self._finish(error=vmodl.fault.RequestCanceled(msg="The task was canceled."))
             raise
         except Exception as exc:  # a simulator bug must not hang the client
-            self.sim.log.exception("task %s (%s) crashed", self.moid, self.method)
+            log.exception("task %s (%s) crashed", self.moid, self.method)
             self._finish(error=vmodl.fault.SystemError(msg=f"simulator error: {exc!r}",
                                                        reason=repr(exc)))
         else:
@@ -226,12 +241,12 @@ class Task(SimObject):
         self.touch("info")
         self.done.set()
         if was_running:
-            self.sim.scheduler.release(self)
-        self.sim.tasks_finished(self)
+            self.manager.scheduler.release(self)
+        self.manager.completed(self)
 
     async def sleep(self, seconds: float) -> None:
         """Simulated work: a (scaled, jittered) pause that ends early on CancelTask."""
-        delay = self.sim.latency(seconds)
+        delay = self.manager.clock.latency(seconds)
         if delay > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._cancel.wait(), delay)
@@ -254,7 +269,7 @@ class Task(SimObject):
         if not self.cancelable:
             raise vmodl.fault.NotSupported(msg="The task cannot be cancelled at this stage.")
         self.cancelled = True
-        if self.state == "queued" and self.sim.scheduler.withdraw(self):
+        if self.state == "queued" and self.manager.scheduler.withdraw(self):
             self._finish(error=vmodl.fault.RequestCanceled(msg="The task was canceled by a user."))
             return
         self._cancel.set()
@@ -280,38 +295,59 @@ class TaskManager(SimObject):
     vim_type = vim.TaskManager
     RECENT_COMPLETED = 200
 
-    def __init__(self, sim: Simulator, moid: str) -> None:
-        super().__init__(sim, moid)
+    def __init__(self, inventory: Inventory, moid: str, *, clock: Clock, scheduler: Scheduler,
+                 stats: Stats, retention_s: float, max_finished: int) -> None:
+        super().__init__(inventory, moid)
+        self.clock = clock
+        self.scheduler = scheduler
+        self.stats = stats
+        self.retention_s = retention_s
+        self.max_finished = max_finished
         self.active: dict[str, Task] = {}
         #: finished tasks still readable, oldest first: moid -> (loop time finished, task)
         self.finished: OrderedDict[str, tuple[float, Task]] = OrderedDict()
         self._timer: asyncio.TimerHandle | None = None
 
-    def started(self, task: Task) -> None:
+    def start(self, ctx: CallContext, *, entity: SimObject | None, method: str,
+              description_id: str, body: TaskBody, resources: tuple[str, ...],
+              cancelable: bool = False) -> Any:
+        """Start a ``*_Task`` method's work in the background; its reference at once."""
+        injection = ctx.injection
+        if injection is not None and injection.phase == "task":
+            body = _inject_into_task(injection, method, entity, body)
+        task = Task(self, entity=entity, method=method, description_id=description_id,
+                    user=ctx.session.user or "", resources=resources, body=body,
+                    cancelable=cancelable)
+        self.inventory.objects[task.moid] = task
         self.active[task.moid] = task
+        self.stats.counters["tasks"] += 1
+        self.scheduler.submit(task)
+        return task.ref
 
     def completed(self, task: Task) -> None:
+        if task.method == "InstantClone_Task" and task.state == "success" and task.start_time:
+            run_s = ((task.complete_time or task.start_time) - task.start_time).total_seconds()
+            self.stats.clone_task_s.add(run_s)
         self.active.pop(task.moid, None)
         loop = asyncio.get_running_loop()
         self.finished[task.moid] = (loop.time(), task)
         self._forget_old(loop)
 
     def _forget_old(self, loop: asyncio.AbstractEventLoop) -> None:
-        vc = self.sim.topology.vcenter
         finished = self.finished
-        while len(finished) > vc.max_finished_tasks:
-            self.sim.inventory.forget(finished.popitem(last=False)[1][1])
+        while len(finished) > self.max_finished:
+            self.inventory.forget(finished.popitem(last=False)[1][1])
         now = loop.time()
         while finished:
             ended, task = next(iter(finished.values()))
-            if ended + vc.task_retention_s > now:
+            if ended + self.retention_s > now:
                 break
             del finished[task.moid]
-            self.sim.inventory.forget(task)
+            self.inventory.forget(task)
         if finished and self._timer is None:
             # One timer, for the oldest: the others finished later, so expire later.
             ended = next(iter(finished.values()))[0]
-            self._timer = loop.call_at(ended + vc.task_retention_s, self._expire,
+            self._timer = loop.call_at(ended + self.retention_s, self._expire,
                                        context=contextvars.Context())
 
     def _expire(self) -> None:
@@ -333,3 +369,19 @@ class TaskManager(SimObject):
 
     def prop_description(self) -> Any:
         return None
+
+
+def _inject_into_task(injection: Injection, method: str, entity: SimObject | None,
+                      body: TaskBody) -> TaskBody:
+    """The task's work as a fired fault-injection rule changes it: a delay, then the
+    real work (``slow``) or the injected fault instead."""
+    rule = injection.rule
+    name = entity.display_name if entity is not None else ""
+
+    async def injected(task: Task) -> Any:
+        await task.sleep(rule.delay_s)
+        if rule.fault == "slow":
+            return await body(task)
+        raise injection.make_fault(method, name, entity.ref if entity is not None else None)
+
+    return injected

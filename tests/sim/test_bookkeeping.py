@@ -15,7 +15,8 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from fleet.sim.core import CallContext, resolve_path
+from fleet.sim.calls import CallContext
+from fleet.sim.core import resolve_path
 from fleet.sim.entities import Folder, HostSystem
 from fleet.sim.propcollector import PropertyCollector, PropertyFilter, same
 from fleet.sim.simulator import Simulator
@@ -41,8 +42,8 @@ def _scanned(folder: Folder, name: str) -> Any:
 def test_folder_name_index_follows_attach_detach_and_rename() -> None:
     sim = _sim()
     folder = sim.ensure_folder("index-test")
-    a = Folder(sim, "a", folder, folder.child_types)
-    b = Folder(sim, "b", folder, folder.child_types)
+    a = Folder(sim.runtime, "a", folder, folder.child_types)
+    b = Folder(sim.runtime, "b", folder, folder.child_types)
     folder.attach(a)
     folder.attach(b)
     assert folder.child_named("a") is a and folder.child_named("b") is b
@@ -51,7 +52,7 @@ def test_folder_name_index_follows_attach_detach_and_rename() -> None:
     folder.detach(a)
     assert folder.child_named("a") is None
     assert [c.name for c in folder.entities] == ["c"]
-    again = Folder(sim, "a", folder, folder.child_types)
+    again = Folder(sim.runtime, "a", folder, folder.child_types)
     folder.attach(again)
     assert folder.child_named("a") is again
     # A rename onto a taken name (never allowed by the API) still answers the oldest.
@@ -72,7 +73,7 @@ def test_host_memory_total_follows_every_change() -> None:
     hosts = list(sim.hosts.values())
     source = _vm(sim, "frozen-01")
     folder = sim.ensure_folder("memory-test")
-    clone = VirtualMachine(sim, "clone", folder, pool=source.pool, host=source.host,
+    clone = VirtualMachine(sim.runtime, "clone", folder, pool=source.pool, host=source.host,
                            datastore=source.datastore, memory_mb=2048, num_cpu=1,
                            guest=source.guest, nics=[], disks=[], extra_config={},
                            power_state="poweredOn")
@@ -87,7 +88,7 @@ def test_host_memory_total_follows_every_change() -> None:
     assert source.host.memory_used_mb() > 0
     clone.memory_mb = 3000
     check()
-    sim.clone_memory_shared = 0.4
+    sim.runtime.clone_memory_shared = 0.4
     check()
     clone.power_state = "poweredOff"
     check()
@@ -108,14 +109,14 @@ def test_task_info_is_built_again_only_when_it_changes() -> None:
     sim = _sim()
     source = _vm(sim, "frozen-01")
     session = next(iter(sim.sessions.values()), None) or sim.session_for(None)[0]
-    ctx = CallContext(sim, session, "8.0.3.0")
+    ctx = CallContext(session, "8.0.3.0")
 
     async def body(task: Task) -> Any:
         await asyncio.sleep(0)
         return None
 
     async def run() -> None:
-        ref = sim.start_task(ctx, entity=source, method="PowerOnVM_Task",
+        ref = sim.task_manager.start(ctx, entity=source, method="PowerOnVM_Task",
                              description_id="VirtualMachine.powerOn", body=body,
                              resources=())
         task = sim.inventory.get(ref._moId)
@@ -141,7 +142,7 @@ def test_finished_tasks_let_go_of_their_work_and_leave_after_retention() -> None
         update={"task_retention_s": 0.2})})
     sim = Simulator(topo, time_scale=0.0)
     source = _vm(sim, "frozen-01")
-    ctx = CallContext(sim, sim.session_for(None)[0], "8.0.3.0")
+    ctx = CallContext(sim.session_for(None)[0], "8.0.3.0")
 
     def body_after(delay_s: float) -> Any:
         async def body(task: Task) -> Any:
@@ -154,7 +155,7 @@ def test_finished_tasks_let_go_of_their_work_and_leave_after_retention() -> None
     async def run() -> None:
         tasks = []
         for delay_s in (0.0, 0.15):
-            ref = sim.start_task(ctx, entity=source, method="PowerOnVM_Task",
+            ref = sim.task_manager.start(ctx, entity=source, method="PowerOnVM_Task",
                                  description_id="VirtualMachine.powerOn",
                                  body=body_after(delay_s), resources=())
             task = sim.inventory.get(ref._moId)
@@ -213,7 +214,7 @@ def test_clone_destroy_cycles_keep_every_registry_bounded() -> None:
     sim = Simulator(topo, time_scale=0.0)
     session = sim.session_for(None)[0]
     session.authenticated, session.user = True, topo.vcenter.user
-    ctx = CallContext(sim, session, "8.0.3.0")
+    ctx = CallContext(session, "8.0.3.0")
     source = _vm(sim, "frozen-01")
     folder = sim.ensure_folder("churn")
     pc = sim.inventory.get("propertyCollector")
@@ -252,9 +253,9 @@ def test_clone_destroy_cycles_keep_every_registry_bounded() -> None:
         objects = list(sim.inventory.objects.values())
         return {"objects": len(objects),
                 "tasks": sum(isinstance(o, Task) for o in objects),
-                "vm objects alive": sum(isinstance(o, VirtualMachine) and o.sim is sim
+                "vm objects alive": sum(isinstance(o, VirtualMachine) and o.runtime is sim.runtime
                                         for o in gc.get_objects()),
-                "ips": len(sim._ips),
+                "ips": len(sim.runtime.addresses.ips),
                 "left": len(flt.left), "tracked": len(flt.tracked),
                 "finished": sum(isinstance(o, Task) and o.state in ("success", "error")
                                 for o in objects)}

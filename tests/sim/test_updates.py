@@ -13,7 +13,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from fleet.sim.core import CallContext
+from fleet.sim.calls import CallContext
 from fleet.sim.propcollector import PropertyCollector
 from fleet.sim.simulator import Simulator
 from fleet.sim.topology import load_topology
@@ -31,7 +31,7 @@ def _setup(**updates: Any) -> tuple[Simulator, CallContext, PropertyCollector, V
     pc = sim.inventory.get("propertyCollector")
     assert isinstance(pc, PropertyCollector)
     vm = next(v for v in sim.inventory.of_type(VirtualMachine) if v.name == "frozen-01")
-    return sim, CallContext(sim, session, "8.0.3.0"), pc, vm
+    return sim, CallContext(session, "8.0.3.0"), pc, vm
 
 
 def _spec(vm: VirtualMachine) -> Any:
@@ -55,7 +55,7 @@ def test_a_filter_made_during_a_pending_wait_never_reports_its_initial_state() -
         waiting = asyncio.ensure_future(pc.WaitForUpdatesEx(ctx, first.version,
                                                             PC.WaitOptions(maxWaitSeconds=30)))
         await asyncio.sleep(0)  # the wait is pending now
-        assert ctx.session.collector_state(pc.moid).waiting == 1
+        assert pc.state(ctx).waiting == 1
         pc.CreateFilter(ctx, _spec(vm), False)
         await asyncio.sleep(0)
         assert not waiting.done()  # the new filter's initial state did not wake it

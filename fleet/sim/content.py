@@ -1,96 +1,36 @@
-"""Service-level managed objects: ServiceInstance, sessions, search, guest operations,
-provisioning checks.
+"""The service-level managed objects ``ServiceContent`` points to: ServiceInstance,
+SessionManager, SearchIndex, guest operations and the provisioning checker.
 
-Sessions follow vCenter: the first request gets a ``vmware_soap_session``
-cookie; ``Login`` authenticates it; a session idle for longer than the
-topology's ``session_idle_timeout_s`` expires and every call on it then fails
-with ``NotAuthenticated`` until the client logs in again. Property-collector
-state (filters, versions) and views belong to the session and die with it.
+Each is given what it uses (the session table, the root folder, the task
+manager...), not the simulator. Sessions themselves are ``fleet.sim.calls``.
 """
 
 from __future__ import annotations
 
-import secrets
-import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyVmomi import vim, vmodl
 
 from fleet.sim import guest as guestcmd
-from fleet.sim.core import CallContext, SimObject, current_call
+from fleet.sim.calls import CallContext, Sessions, current_call
+from fleet.sim.core import Inventory, SimObject
 from fleet.sim.entities import Folder, ManagedEntity
-from fleet.sim.propcollector import CollectorState
-from fleet.sim.tasks import VC, Task
+from fleet.sim.stats import Stats
+from fleet.sim.tasks import VC, Task, TaskManager
+from fleet.sim.topology import LatencyConfig
 from fleet.sim.vm import VirtualMachine
-
-if TYPE_CHECKING:
-    from fleet.sim.simulator import Simulator
-
-
-class Session:
-    """One client session (one cookie)."""
-
-    def __init__(self, sim: Simulator, ip: str = "127.0.0.1", user_agent: str = "") -> None:
-        self.sim = sim
-        self.key = secrets.token_hex(20)
-        self.user: str | None = None
-        self.authenticated = False
-        self.alive = True
-        self.login_time: datetime | None = None
-        self.last_active = time.monotonic()
-        self.last_active_wall = datetime.now(UTC)
-        self.ip = ip
-        self.user_agent = user_agent
-        self.call_count = 0
-        self._collectors: dict[str, CollectorState] = {}
-        self.retrieve_tokens: dict[str, Any] = {}
-        self.views: set[str] = set()
-        self.owned_collectors: set[str] = set()
-
-    def collector_state(self, moid: str) -> CollectorState:
-        state = self._collectors.get(moid)
-        if state is None:
-            state = self._collectors[moid] = CollectorState(self)
-        return state
-
-    def drop_collector(self, moid: str) -> None:
-        state = self._collectors.pop(moid, None)
-        if state is not None:
-            state.close()
-        self.owned_collectors.discard(moid)
-
-    def touch(self) -> None:
-        self.last_active = time.monotonic()
-        self.last_active_wall = datetime.now(UTC)
-        self.call_count += 1
-
-    def idle_s(self) -> float:
-        return time.monotonic() - self.last_active
-
-    def close(self) -> None:
-        """Logout or expiry: the session's filters, views and collectors go away."""
-        self.alive = False
-        self.authenticated = False
-        for moid in list(self._collectors):
-            self._collectors.pop(moid).close()
-        for moid in self.views | self.owned_collectors:
-            self.sim.inventory.objects.pop(moid, None)
-        self.views.clear()
-        self.owned_collectors.clear()
-        self.retrieve_tokens.clear()
-
-    def user_session(self) -> Any:
-        return vim.UserSession(
-            key=self.key, userName=self.user or "", fullName=self.user or "",
-            loginTime=self.login_time or datetime.now(UTC),
-            lastActiveTime=self.last_active_wall, locale="en", messageLocale="en",
-            extensionSession=False, ipAddress=self.ip, userAgent=self.user_agent,
-            callCount=self.call_count)
 
 
 class SessionManager(SimObject):
     vim_type = vim.SessionManager
+
+    def __init__(self, inventory: Inventory, moid: str, *, sessions: Sessions,
+                 stats: Stats) -> None:
+        super().__init__(inventory, moid)
+        self.sessions = sessions
+        self.stats = stats
 
     def prop_currentSession(self) -> Any:
         ctx = current_call.get(None)
@@ -99,7 +39,7 @@ class SessionManager(SimObject):
         return ctx.session.user_session()
 
     def prop_sessionList(self) -> Any:
-        return [s.user_session() for s in self.sim.sessions.values() if s.authenticated]
+        return [s.user_session() for s in self.sessions.by_key.values() if s.authenticated]
 
     def prop_defaultLocale(self) -> str:
         return "en"
@@ -109,7 +49,7 @@ class SessionManager(SimObject):
 
     def Login(self, ctx: CallContext, userName: str, password: str,
               locale: str | None = None) -> Any:
-        user = self.sim.authenticate(userName, password)
+        user = self.sessions.authenticate(userName, password)
         if user is None:
             raise vim.fault.InvalidLogin(msg="Cannot complete login due to an incorrect user "
                                              "name or password.")
@@ -117,20 +57,20 @@ class SessionManager(SimObject):
         session.user = userName
         session.authenticated = True
         session.login_time = datetime.now(UTC)
-        self.sim.counters["logins"] += 1
+        self.stats.counters["logins"] += 1
         return session.user_session()
 
     def Logout(self, ctx: CallContext) -> None:
         ctx.session.close()
-        self.sim.sessions.pop(ctx.session.key, None)
+        self.sessions.by_key.pop(ctx.session.key, None)
 
     def SessionIsActive(self, ctx: CallContext, sessionID: str, userName: str) -> bool:
-        session = self.sim.sessions.get(sessionID)
+        session = self.sessions.by_key.get(sessionID)
         return bool(session and session.authenticated and session.user == userName)
 
     def TerminateSession(self, ctx: CallContext, sessionId: list[str]) -> None:
         for key in sessionId or ():
-            session = self.sim.sessions.pop(key, None)
+            session = self.sessions.by_key.pop(key, None)
             if session is None:
                 raise vim.fault.NotFound(msg=f"No session {key!r}.")
             session.close()
@@ -142,8 +82,12 @@ class SessionManager(SimObject):
 class SearchIndex(SimObject):
     vim_type = vim.SearchIndex
 
+    def __init__(self, inventory: Inventory, moid: str, *, root: Folder) -> None:
+        super().__init__(inventory, moid)
+        self.root = root
+
     def _walk(self, path: str) -> ManagedEntity | None:
-        node: ManagedEntity = self.sim.root_folder
+        node: ManagedEntity = self.root
         for raw in [p for p in path.strip("/").split("/") if p]:
             name = raw.replace("%2f", "/").replace("%2F", "/").replace("%5c", "\\").replace(
                 "%25", "%")
@@ -155,10 +99,10 @@ class SearchIndex(SimObject):
 
     def FindByInventoryPath(self, ctx: CallContext, inventoryPath: str) -> Any:
         found = self._walk(inventoryPath)
-        return found.ref if found is not None and found is not self.sim.root_folder else None
+        return found.ref if found is not None and found is not self.root else None
 
     def FindChild(self, ctx: CallContext, entity: Any, name: str) -> Any:
-        parent = ctx.sim.inventory.resolve(entity)
+        parent = self.inventory.resolve(entity)
         if isinstance(parent, ManagedEntity):
             child = self._child(parent, name)
             return child.ref if child is not None else None
@@ -173,7 +117,7 @@ class SearchIndex(SimObject):
 
     def _by_uuid(self, uuid: str, instance: bool) -> list[VirtualMachine]:
         out = []
-        for vm in self.sim.inventory.of_type(VirtualMachine):
+        for vm in self.inventory.of_type(VirtualMachine):
             if (vm.instance_uuid if instance else vm.uuid) == uuid:
                 out.append(vm)
         return out
@@ -195,8 +139,12 @@ class SearchIndex(SimObject):
 class GuestProcessManager(SimObject):
     vim_type = vim.vm.guest.ProcessManager
 
+    def __init__(self, inventory: Inventory, moid: str, *, stats: Stats) -> None:
+        super().__init__(inventory, moid)
+        self.stats = stats
+
     def _vm(self, ctx: CallContext, vm: Any, auth: Any) -> VirtualMachine:
-        target = ctx.sim.inventory.resolve(vm)
+        target = self.inventory.resolve(vm)
         if not isinstance(target, VirtualMachine):
             raise vmodl.fault.InvalidArgument(msg="vm is not a virtual machine",
                                               invalidProperty="vm")
@@ -215,7 +163,7 @@ class GuestProcessManager(SimObject):
         program = guestcmd.parse(path, spec.arguments or "", target.guest.family)
         cmd_line = f'"{path}" {spec.arguments or ""}'.strip()
         proc = target.start_process(program, cmd_line, auth.username)
-        ctx.sim.counters["guest_programs"] += 1
+        self.stats.counters["guest_programs"] += 1
         return proc.pid
 
     def ListProcessesInGuest(self, ctx: CallContext, vm: Any, auth: Any,
@@ -245,8 +193,9 @@ class GuestProcessManager(SimObject):
 class GuestOperationsManager(SimObject):
     vim_type = vim.vm.guest.GuestOperationsManager
 
-    def __init__(self, sim: Simulator, moid: str, process_manager: GuestProcessManager) -> None:
-        super().__init__(sim, moid)
+    def __init__(self, inventory: Inventory, moid: str,
+                 process_manager: GuestProcessManager) -> None:
+        super().__init__(inventory, moid)
         self.process_manager = process_manager
 
     def prop_processManager(self) -> Any:
@@ -256,23 +205,29 @@ class GuestOperationsManager(SimObject):
 class ProvisioningChecker(SimObject):
     vim_type = vim.vm.check.ProvisioningChecker
 
+    def __init__(self, inventory: Inventory, moid: str, *, tasks: TaskManager,
+                 latency: LatencyConfig) -> None:
+        super().__init__(inventory, moid)
+        self.tasks = tasks
+        self.latency = latency
+
     def CheckInstantClone_Task(self, ctx: CallContext, vm: Any, spec: Any,
                                testType: list[str] | None = None) -> Any:
-        source = ctx.sim.inventory.resolve(vm)
+        source = self.inventory.resolve(vm)
         if not isinstance(source, VirtualMachine):
             raise vmodl.fault.InvalidArgument(msg="vm is not a virtual machine",
                                               invalidProperty="vm")
 
         async def body(task: Task) -> Any:
-            await task.sleep(ctx.sim.topology.latency.check_s)
+            await task.sleep(self.latency.check_s)
             folder = source.parent
             location = spec.location
             if location is not None and location.folder is not None:
-                target = ctx.sim.inventory.get(location.folder._moId)
+                target = self.inventory.get(location.folder._moId)
                 if isinstance(target, Folder):
                     folder = target
             assert isinstance(folder, Folder)
-            errors = source.clone_problems(ctx, spec.name, folder)
+            errors = source.clone_problems(spec.name, folder)
             warnings = []
             if source.chain_depth() + 1 > 100:
                 warnings.append(vim.fault.GenericVmConfigFault(
@@ -281,17 +236,22 @@ class ProvisioningChecker(SimObject):
             return [vim.vm.check.Result(vm=source.ref, host=source.host.ref, error=errors,
                                         warning=warnings)]
 
-        return ctx.sim.start_task(ctx, entity=source, method="CheckInstantClone_Task",
-                                  description_id="VirtualMachineProvisioningChecker."
-                                                 "checkInstantClone",
-                                  body=body, resources=(VC,))
+        return self.tasks.start(ctx, entity=source, method="CheckInstantClone_Task",
+                                description_id="VirtualMachineProvisioningChecker."
+                                               "checkInstantClone",
+                                body=body, resources=(VC,))
 
 
 class ServiceInstance(SimObject):
     vim_type = vim.ServiceInstance
 
+    def __init__(self, inventory: Inventory, moid: str, *,
+                 content: Callable[[], Any]) -> None:
+        super().__init__(inventory, moid)
+        self.content = content  # builds ServiceInstanceContent
+
     def prop_content(self) -> Any:
-        return self.sim.service_content()
+        return self.content()
 
     def prop_serverClock(self) -> Any:
         return datetime.now(UTC)
@@ -301,7 +261,7 @@ class ServiceInstance(SimObject):
                               userShellAccessSupported=False)
 
     def RetrieveServiceContent(self, ctx: CallContext) -> Any:
-        return self.sim.service_content()
+        return self.content()
 
     def CurrentTime(self, ctx: CallContext) -> Any:
         return datetime.now(UTC)
