@@ -34,7 +34,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from pyVmomi import VmomiSupport, vmodl
 
-from fleet.sim.faults import Injection
+from fleet.sim.injection import Injection
 from fleet.sim.simulator import Simulator
 from fleet.sim.soap import (
     SoapDecodeError,

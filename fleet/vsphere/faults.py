@@ -77,7 +77,7 @@ from fleet.errors import (
     VSphereFault,
 )
 
-#: A disk chain may be this deep; a clone adds one level (DESIGN.md section 3).
+#: A disk chain may be this deep; a clone adds one level (docs/vsphere.md).
 MAX_CHAIN_DEPTH = 255
 
 #: Methods whose faults describe the *source* of an instant clone.

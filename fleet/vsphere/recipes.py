@@ -6,7 +6,7 @@ contract: the simulator (``fleet.sim``) and the
 in-memory fake (``fleet.vsphere.fake``) recognise them by their stable markers,
 so change them only together with those recognisers.
 
-NIC refresh (DESIGN.md section 3: after an instant clone the guest still uses
+NIC refresh (docs/vsphere.md: after an instant clone the guest still uses
 its source's MAC; refreshing the NIC makes it pick up the new one):
 
 - Linux: ``/bin/sh -c '<script>'``. For every interface under

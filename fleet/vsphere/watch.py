@@ -70,6 +70,7 @@ from fleet.errors import (
     TransientVSphereError,
     VSphereError,
 )
+from fleet.vsphere.inventory import ref_of
 from fleet.vsphere.model import Ref, TaskSnapshot, TaskState
 from fleet.vsphere.session import Session
 
@@ -79,10 +80,6 @@ PC = vmodl.query.PropertyCollector
 #: What the watcher reads of a task: enough for ``TaskSnapshot`` and the outcome.
 TASK_PATHS = ("info.state", "info.error", "info.result", "info.queueTime", "info.startTime",
               "info.completeTime")
-
-
-def ref_of(mo: Any) -> Ref:
-    return Ref(str(mo._wsdlName), str(mo._moId))
 
 
 class Watch:

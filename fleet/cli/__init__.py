@@ -1,25 +1,24 @@
-"""The ``fleet`` command.
+"""The ``fleet`` command; its subcommands ``serve`` and ``sim`` are in this package
+(``fleet.cli.serve``, ``fleet.cli.sim``), loaded only when run.
 
 Exit status: 0 when the command did what was asked (``provision``: every member
-ready), 1 when it did not (an incomplete fleet, failures, the run lost the
-fleet's lock, or an ``--events`` log that could not be written: see
-:class:`EventLog`), 2 for bad input (a wrong spec, option or topology: the message
-names the culprit), 75 when another run holds the fleet's lock and this one did
-not wait (or gave up waiting: ``--wait-lock``; 75 is sysexits' EX_TEMPFAIL, "try
-again later"), 130 when interrupted. ``provision`` and ``destroy`` hold the
-fleet's lock in vCenter while they run (docs/locking.md).
+ready), 1 when it did not (an incomplete fleet, failures, the run lost the fleet's
+lock, or an ``--events`` log that could not be written: see
+:class:`fleet.cli.eventlog.EventLog`), 2 for bad input (a wrong spec, option or
+topology: the message names the culprit), 75 when another run holds the fleet's
+lock and this one did not wait (or gave up waiting: ``--wait-lock``; 75 is sysexits'
+EX_TEMPFAIL, "try again later"), 130 when interrupted. ``provision`` and ``destroy``
+hold the fleet's lock in vCenter while they run (docs/locking.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import gc
 import json
 import logging
 import math
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,6 +27,7 @@ from typing import Any, NoReturn
 import anyio
 
 from fleet import __version__
+from fleet.cli.eventlog import EventLog
 from fleet.errors import ConfigError, FleetError
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -117,77 +117,6 @@ async def _metrics_server(port: int | None, metrics: Any) -> AsyncIterator[None]
         yield
     finally:
         await runner.cleanup()
-
-
-class EventLog:
-    """``--events FILE``: every event as one JSON line, written 64 KiB at a time.
-
-    A write that fails (disk full, ``/dev/full``) must not end the run that makes the
-    events, nor lose its summary: the log stops at the first failure and keeps
-    count. Afterwards the command says on stderr how many events are missing and
-    exits 1 even if every member is ready: the user asked for the log, a CI job
-    that archives or analyses it must not go on with a truncated file as if it were
-    whole, and re-running ``provision`` is harmless (it converges). docs/limits.md."""
-
-    FLUSH_BYTES = 1 << 16
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            # Not blocking on open: a FIFO nobody reads would hold the run before it
-            # began, for ever (ENXIO instead). Writes block again, as for any file.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666)
-        except OSError as exc:
-            why = ("nobody is reading that FIFO" if exc.errno == errno.ENXIO
-                   else exc.strerror)
-            raise ConfigError(f"cannot write the event log {path!r}: {why}",
-                              key="--events") from None
-        os.set_blocking(fd, True)
-        self._file = os.fdopen(fd, "wb")
-        self._encode = json.JSONEncoder(separators=(",", ":")).encode
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self.events = 0  # given to the log
-        self.saved = 0  # known to be written
-        self.error: OSError | None = None
-
-    def write(self, event: Any) -> None:
-        self.events += 1
-        if self.error is not None:
-            return
-        line = (self._encode(event.to_dict()) + "\n").encode()
-        self._pending.append(line)
-        self._pending_bytes += len(line)
-        if self._pending_bytes >= self.FLUSH_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        try:
-            self._file.write(b"".join(self._pending))
-            self._file.flush()
-        except OSError as exc:
-            self.error = exc
-        else:
-            self.saved += len(self._pending)
-        self._pending.clear()
-        self._pending_bytes = 0
-
-    def close(self) -> None:
-        if self.error is None and self._pending:
-            self._flush()
-        try:
-            self._file.close()
-        except OSError as exc:  # what a failed flush left in the file's buffer
-            self.error = self.error or exc
-
-    def report(self) -> bool:
-        """Say on stderr what was lost; True if anything was."""
-        if self.error is None:
-            return False
-        eprint(f"error: the event log {self.path!r} could not be written "
-               f"({self.error.strerror or self.error}): it holds at most {self.saved} of "
-               f"{self.events} events; the run itself is unaffected (see the summary)")
-        return True
 
 
 # -- the fleet lock (docs/locking.md) -----------------------------------------------
@@ -368,7 +297,10 @@ async def _provision(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print_summary(summary)
-    lost_events = event_log is not None and event_log.report()
+    loss = event_log.loss() if event_log is not None else None
+    if loss is not None:
+        eprint(loss)
+    lost_events = loss is not None
     if interrupted:
         return EXIT_INTERRUPTED
     if lock.lost_reason is not None:
@@ -563,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--golden", required=True, metavar="VM", help="the VM to clone them from")
     p.set_defaults(afunc=_sources)
 
-    from fleet.api import cli as serve_cli
+    from fleet.cli import serve as serve_cli
 
     p = sub.add_parser("serve", help="serve the REST API for fleets (many callers, one vCenter)",
                        description="A long-running service that owns the vCenter session and "
@@ -572,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_arguments(p)
     p.set_defaults(func=serve_cli.main)
 
-    from fleet.sim import cli as sim_cli
+    from fleet.cli import sim as sim_cli
 
     p = sub.add_parser("sim", help="serve a simulated vCenter (vim25 SOAP)",
                        description="Serve a simulated vCenter that unmodified pyVmomi and fleet "
