@@ -70,9 +70,10 @@ from fleet.vsphere.model import (
     VSphere,
 )
 from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session, method_info
+from fleet.vsphere.tasks import VCenterTask
 from fleet.vsphere.tls import TlsOptions
 from fleet.vsphere.transport import MAX_REPLY_BYTES, MIN_VERSION, SoapTransport
-from fleet.vsphere.watch import PropertyWatcher, VCenterTask, Watch
+from fleet.vsphere.watch import PropertyWatcher, Watch
 
 log = logging.getLogger("fleet.vsphere")
 PC = vmodl.query.PropertyCollector
