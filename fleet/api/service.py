@@ -43,12 +43,10 @@ will try again) ; ``destroying`` (deleted or expired) ; ``discovered``.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -57,10 +55,18 @@ import anyio
 from anyio.abc import TaskGroup
 
 from fleet.api.config import ServiceConfig
+from fleet.api.records import (
+    STATUSES,
+    FleetRecord,
+    MemberView,
+    detail_of,
+    restore,
+    summary_of,
+)
 from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.state import SavedFleet, StateStore
 from fleet.engine.api import check_spec, destroy, lost_message
-from fleet.engine.events import Event, RemovalSummary, Summary
+from fleet.engine.events import Event
 from fleet.engine.lifetime import expiry_labels, fleet_expiry, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
 from fleet.engine.reconcile import Member, as_member
@@ -71,81 +77,13 @@ from fleet.errors import ConfigError, FleetError, NotFound, TransientVSphereErro
 from fleet.metrics import FleetMetrics
 from fleet.vsphere.model import VmInfo, VSphere
 
+__all__ = ["FleetRecord", "FleetService", "MemberView"]
+
 log = logging.getLogger("fleet.api")
 
-STATUSES = ("pending", "provisioning", "retrying", "ready", "incomplete", "failed",
-            "destroying", "discovered")
-#: statuses after which a restarted service runs the fleet's request again
-UNFINISHED = ("pending", "provisioning", "retrying")
-MEMBER_STATES = ("queued", "cloning", "cloned", "network", "ready", "failed")
 RETRY_MAX_S = 60.0
 #: deadline of one vCenter call the service makes itself (a scan gets four)
 CALL_TIMEOUT_S = 60.0
-
-
-@dataclass
-class MemberView:
-    """One member (or would-be member) as the service last saw it."""
-
-    index: int
-    name: str
-    state: str  # queued | cloning | cloned | network | ready | failed
-    vm: str | None = None
-    source: str | None = None
-    host: str | None = None
-    attempt: int = 0
-    phases_s: dict[str, float] = field(default_factory=dict)
-    reason: str | None = None
-    message: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "state": self.state, "vm": self.vm,
-                "source": self.source, "host": self.host, "attempt": self.attempt,
-                "phases_s": dict(self.phases_s), "reason": self.reason,
-                "message": self.message}
-
-
-@dataclass(eq=False)
-class FleetRecord:
-    name: str
-    folder: str
-    spec: FleetSpec | None = None
-    spec_data: dict[str, Any] | None = None
-    status: str = "discovered"
-    generation: int = 0
-    applied: int = 0  # generation of the last run that ended (not superseded)
-    expires_at: float | None = None
-    stamp_pending: bool = False  # members must be relabelled with expires_at
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    members: dict[int, MemberView] = field(default_factory=dict)
-    provisioner: Provisioner | None = None
-    run_started_at: float | None = None
-    summary: Summary | None = None
-    removal: RemovalSummary | None = None
-    error: str | None = None
-    want_destroy: bool = False
-    destroy_reason: str = ""
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    worker: bool = False
-    #: set while a run waits for the fleet's lock: a newer request or a delete cancels it
-    lock_wait: anyio.CancelScope | None = None
-    lock_holder: str | None = None  # who held the lock when we last looked (logged once)
-
-    @property
-    def requested(self) -> int | None:
-        return self.spec.count if self.spec is not None else None
-
-    def poke(self) -> None:
-        self.wake.set()
-
-    def by_state(self) -> dict[str, int]:
-        return dict(Counter(m.state for m in self.members.values()))
-
-    def in_vcenter(self) -> dict[str, int]:
-        """Members that exist as VMs, by their label state."""
-        return dict(Counter(m.state for m in self.members.values()
-                            if m.state in ("cloned", "network", "ready")))
 
 
 class FleetService:
@@ -220,32 +158,9 @@ class FleetService:
         self.metrics.limit.labels(str(key)).set(new)
 
     def _restore(self, saved: SavedFleet) -> None:
-        if saved.spec is None:
-            # A fleet found in vCenter, not requested here, that a caller asked to destroy.
-            if saved.status == "destroying":
-                self.fleets[saved.name] = FleetRecord(
-                    saved.name, self.config.fleet_folder(saved.name), status="destroying",
-                    want_destroy=True, destroy_reason=saved.extra.get("destroy_reason", ""),
-                    created_at=saved.created_at, updated_at=saved.updated_at)
-            return
-        try:
-            spec = spec_from_dict(saved.spec, source=f"state of fleet {saved.name}",
-                                  env=self.config.env, base_dir=self.config.base_dir)
-        except ConfigError as exc:
-            log.warning("fleet %s: its saved request no longer validates (%s); it is kept "
-                        "as discovered", saved.name, exc)
-            return
-        rec = FleetRecord(saved.name, spec.folder_path, spec, saved.spec,
-                          status=saved.status, generation=saved.generation,
-                          applied=saved.generation, expires_at=saved.expires_at,
-                          created_at=saved.created_at, updated_at=saved.updated_at)
-        if saved.status in UNFINISHED:
-            rec.applied = saved.generation - 1
-            rec.stamp_pending = rec.expires_at is not None
-        if saved.status == "destroying":
-            rec.want_destroy = True
-            rec.destroy_reason = saved.extra.get("destroy_reason", "deleted")
-        self.fleets[saved.name] = rec
+        rec = restore(saved, self.config)
+        if rec is not None:
+            self.fleets[rec.name] = rec
 
     def _ensure_worker(self, rec: FleetRecord) -> None:
         if rec.worker or self._tg is None:
@@ -256,14 +171,11 @@ class FleetService:
     async def _save(self, rec: FleetRecord, *, must: bool = False) -> None:
         """Record the fleet's request. ``must``: a request is being accepted, and is not
         unless it is on disk (503); otherwise a failure is logged and retried later."""
-        if rec.spec_data is None and not rec.want_destroy:
+        saved = rec.saved()
+        if saved is None:
             return  # nothing vCenter does not already say
         try:
-            await self.store.save(SavedFleet(
-                name=rec.name, spec=rec.spec_data, generation=rec.generation,
-                status=rec.status, expires_at=rec.expires_at, created_at=rec.created_at,
-                updated_at=rec.updated_at,
-                extra={"destroy_reason": rec.destroy_reason} if rec.want_destroy else {}))
+            await self.store.save(saved)
         except OSError as exc:
             log.error("fleet %s: cannot record its request in %s: %s", rec.name,
                       self.store.path, exc.strerror or exc)
@@ -340,10 +252,8 @@ class FleetService:
         if request.ttl_s is not None:
             rec.expires_at = self.clock() + request.ttl_s
             rec.stamp_pending = True
-        if rec.provisioner is not None:
-            rec.provisioner.stop(f"superseded by request {rec.generation}")
-        if rec.lock_wait is not None:
-            rec.lock_wait.cancel()  # wait for the lock again, for the new request
+        # Wait for the lock again, or run again, for the new request.
+        rec.interrupt(f"superseded by request {rec.generation}")
 
     async def remove(self, name: str) -> FleetRecord:
         """Destroy a fleet (in the background); idempotent while it is going."""
@@ -360,10 +270,7 @@ class FleetService:
         rec.destroy_reason = reason
         rec.status = "destroying"
         rec.updated_at = self.clock()
-        if rec.provisioner is not None:
-            rec.provisioner.stop(f"fleet {reason}")
-        if rec.lock_wait is not None:
-            rec.lock_wait.cancel()
+        rec.interrupt(f"fleet {reason}")
         self._ensure_worker(rec)
         rec.poke()
         log.info("fleet %s: %s; destroying its members", rec.name, reason)
@@ -410,7 +317,7 @@ class FleetService:
 
         def on_event(event: Event) -> None:
             metrics_events(event)
-            self._member_event(rec, event)
+            rec.on_event(event)
 
         rec.run_started_at = self.clock()
         run_id = uuid.uuid4().hex[:12]
@@ -555,78 +462,13 @@ class FleetService:
         return True
 
     # -- the member view -----------------------------------------------------------
-    def _member_event(self, rec: FleetRecord, event: Event) -> None:
-        index = getattr(event, "index", None)
-        if index is None:
-            return
-        kind = event.kind
-        if kind == "member_removed":
-            rec.members.pop(index, None)
-            return
-        m = rec.members.get(index)
-        if m is None:
-            m = rec.members[index] = MemberView(index, getattr(event, "name", ""), "queued")
-        if kind == "job_queued":
-            if getattr(event, "phase", "clone") == "clone":
-                m.state, m.vm, m.phases_s = "queued", None, {}
-        elif kind == "job_started":
-            m.state = "cloning"
-            m.source = getattr(event, "source", None)
-            m.host = getattr(event, "host", None)
-            m.attempt = int(getattr(event, "attempt", 0))
-        elif kind == "phase_done":
-            phase = str(getattr(event, "phase", ""))
-            m.phases_s[phase] = float(getattr(event, "duration_s", 0.0))
-            if phase == "clone":
-                m.state = "cloned"
-            elif phase == "reconnect":
-                m.state = "network"
-        elif kind == "job_replaced":
-            m.state = "queued"
-        elif kind == "job_adopted":
-            m.vm = getattr(event, "vm", None)
-            m.state = str(getattr(event, "state", "cloned"))
-        elif kind == "job_ready":
-            m.state = "ready"
-            m.source = getattr(event, "source", None) or m.source
-        elif kind == "job_failed":
-            m.reason = getattr(event, "reason", None)
-            m.message = getattr(event, "message", None)
-            if m.vm is None and m.state in ("queued", "cloning"):
-                m.state = "failed"
-        elif kind == "job_cleaned_up":
-            m.vm = None
-            m.state = "failed"
-        elif kind == "job_retried":
-            m.reason = getattr(event, "reason", None)
-            m.message = getattr(event, "message", None)
-
-    def _view_from_vms(self, rec: FleetRecord, members: list[Member]) -> None:
-        old = rec.members
-        new: dict[int, MemberView] = {}
-        for member in sorted(members, key=lambda m: (m.index, m.name != m.vm.name)):
-            prev = old.get(member.index)
-            view = MemberView(member.index, member.name, member.state, member.vm.ref.id,
-                              member.source or None, member.vm.host_name)
-            if prev is not None:
-                view.phases_s = prev.phases_s
-                view.attempt = prev.attempt
-                view.reason, view.message = prev.reason, prev.message
-            new.setdefault(member.index, view)
-        requested = rec.requested
-        for index, prev in old.items():
-            if index not in new and prev.state == "failed" and \
-                    (requested is None or index < requested):
-                new[index] = prev  # a failure of the last run: nothing in vCenter shows it
-        rec.members = dict(sorted(new.items()))
-
     async def _refresh(self, rec: FleetRecord) -> list[Member]:
         with anyio.fail_after(CALL_TIMEOUT_S):
             folder = await self.vs.find_folder(rec.folder)
             vms: list[VmInfo] = await self.vs.list_folder_vms(folder) if folder else []
         members = [m for m in (as_member(vm, rec.name) for vm in vms) if m is not None]
-        if rec.provisioner is None:
-            self._view_from_vms(rec, members)
+        if not rec.running:
+            rec.show_members(members)
         return members
 
     # -- scanning: discovery, drift, lifetimes -------------------------------------
@@ -643,7 +485,7 @@ class FleetService:
                 if not valid_name(name):
                     continue
                 rec = self.fleets.get(name)
-                if rec is not None and rec.provisioner is not None:
+                if rec is not None and rec.running:
                     continue  # its run keeps the view current
                 if rec is not None and rec.folder != self.config.fleet_folder(name):
                     continue
@@ -663,20 +505,20 @@ class FleetService:
                 log.info("fleet %s: discovered in vCenter with %d members", name,
                          len(members))
                 self._ensure_worker(rec)
-            if rec.provisioner is not None:
+            if rec.running:
                 continue
-            self._view_from_vms(rec, members)
+            rec.show_members(members)
             if members and not rec.stamp_pending:
                 rec.expires_at = fleet_expiry(members)
         for name, rec in list(self.fleets.items()):
-            if name in found or rec.provisioner is not None or rec.want_destroy:
+            if name in found or rec.running or rec.want_destroy:
                 continue
             if rec.spec is None:
                 del self.fleets[name]  # destroyed behind our back (fleet destroy)
                 self.metrics.forget_fleet(name)
                 log.info("fleet %s: no longer in vCenter", name)
             elif root is None or rec.folder == self.config.fleet_folder(name):
-                self._view_from_vms(rec, [])
+                rec.show_members([])
         self._enforce_lifetimes()
         self.scans += 1
         self.last_scan_at = self.clock()
@@ -727,45 +569,11 @@ class FleetService:
         self.metrics.set_limits(self.shared.limiters.statistics())
 
     def summary(self, rec: FleetRecord) -> dict[str, Any]:
-        now = self.clock()
-        by_state = rec.by_state()
-        return {
-            "name": rec.name,
-            "url": f"/v1/fleets/{rec.name}",
-            "status": rec.status,
-            "generation": rec.generation,
-            "requested": rec.requested,
-            "members": sum(by_state.get(s, 0) for s in ("cloned", "network", "ready")),
-            "ready": by_state.get("ready", 0),
-            "by_state": by_state,
-            "folder": rec.folder,
-            "expires_at": None if rec.expires_at is None else math.ceil(rec.expires_at),
-            "ttl_left_s": None if rec.expires_at is None else
-            round(max(0.0, rec.expires_at - now), 3),
-            "created_at": rec.created_at or None,
-            "updated_at": rec.updated_at or None,
-            "error": rec.error,
-            "destroy_reason": rec.destroy_reason or None,
-        }
+        return summary_of(rec, self.clock())
 
     def detail(self, rec: FleetRecord, *, offset: int = 0, limit: int = 1000
                ) -> dict[str, Any]:
-        out = self.summary(rec)
-        members = list(rec.members.values())
-        out["member_list"] = [m.to_dict() for m in members[offset:offset + limit]]
-        out["member_list_offset"] = offset
-        out["member_list_total"] = len(members)
-        out["spec"] = rec.spec_data
-        run: dict[str, Any] | None = None
-        if rec.provisioner is not None:
-            run = {"run_id": rec.provisioner.run_id, "active": True,
-                   "started_at": rec.run_started_at}
-        elif rec.summary is not None:
-            run = {"run_id": rec.summary.run_id, "active": False,
-                   "started_at": rec.run_started_at, "summary": rec.summary.to_dict()}
-        out["run"] = run
-        out["removal"] = rec.removal.to_dict() if rec.removal is not None else None
-        return out
+        return detail_of(rec, self.clock(), offset=offset, limit=limit)
 
 
 def _bare_spec(name: str, folder: str) -> FleetSpec:
