@@ -64,26 +64,24 @@ from fleet.api.records import (
     summary_of,
 )
 from fleet.api.requests import ApiError, FleetRequest, valid_name
+from fleet.api.scanner import CALL_TIMEOUT_S, Scanner, refresh
 from fleet.api.state import SavedFleet, StateStore
 from fleet.engine.api import check_spec, destroy, lost_message
 from fleet.engine.events import Event
-from fleet.engine.lifetime import expiry_labels, fleet_expiry, stamp_expiry
+from fleet.engine.lifetime import expiry_labels, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
-from fleet.engine.reconcile import Member, as_member
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.shared import SharedLimits
 from fleet.engine.spec import FleetSpec, spec_from_dict
-from fleet.errors import ConfigError, FleetError, NotFound, TransientVSphereError
+from fleet.errors import ConfigError, FleetError, TransientVSphereError
 from fleet.metrics import FleetMetrics
-from fleet.vsphere.model import VmInfo, VSphere
+from fleet.vsphere.model import VSphere
 
 __all__ = ["FleetRecord", "FleetService", "MemberView"]
 
 log = logging.getLogger("fleet.api")
 
 RETRY_MAX_S = 60.0
-#: deadline of one vCenter call the service makes itself (a scan gets four)
-CALL_TIMEOUT_S = 60.0
 
 
 class FleetService:
@@ -100,16 +98,11 @@ class FleetService:
         self.store = StateStore(state_path or config.state_path)
         self.fleets: dict[str, FleetRecord] = {}
         self.started_at = clock()
-        self.scans = 0
-        self.scan_error: str | None = None
-        self.last_scan_at: float | None = None
+        self.scanner = Scanner(config, vs, self.fleets, metrics, clock=clock,
+                               start_worker=self._ensure_worker, doom=self._doom)
         self._tg: TaskGroup | None = None
         self._stopping = False
-        self._scan_wake = anyio.Event()
         self._runs_done = anyio.Event()
-        self._scans_started = 0
-        #: fleet name -> scans started when its delete finished (see the module docstring)
-        self._tombstones: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> FleetService:
@@ -121,7 +114,7 @@ class FleetService:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        tg.start_soon(self._scanner)
+        tg.start_soon(self.scanner.run)
         for rec in self.fleets.values():
             self._ensure_worker(rec)
         log.info("service started: %d fleets (%d on record), root folder %s",
@@ -153,6 +146,26 @@ class FleetService:
     @property
     def ready(self) -> bool:
         return self._tg is not None and self.scan_error is None and not self._stopping
+
+    # -- what the scanner knows ------------------------------------------------------
+    @property
+    def scans(self) -> int:
+        return self.scanner.scans
+
+    @property
+    def scan_error(self) -> str | None:
+        return self.scanner.error
+
+    @property
+    def last_scan_at(self) -> float | None:
+        return self.scanner.last_at
+
+    async def scan(self) -> None:
+        """Read the root folder: find fleets, refresh idle ones, enforce lifetimes."""
+        await self.scanner.scan()
+
+    def next_expiry(self) -> float | None:
+        return self.scanner.next_expiry()
 
     def _limit_changed(self, key: Any, old: float, new: float) -> None:
         self.metrics.limit.labels(str(key)).set(new)
@@ -216,7 +229,7 @@ class FleetService:
             await self._save(rec, must=True)
         self._ensure_worker(rec)
         rec.poke()
-        self._scan_wake.set()  # a new expiry may be sooner than the next scan
+        self.scanner.wake()  # a new expiry may be sooner than the next scan
         log.info("fleet %s: accepted request %d (count %d%s)", rec.name, rec.generation,
                  spec.count, "" if rec.expires_at is None else
                  f", expires at {rec.expires_at:.0f}")
@@ -236,7 +249,7 @@ class FleetService:
         with anyio.CancelScope(shield=True):
             await self._save(rec, must=True)
         rec.poke()
-        self._scan_wake.set()
+        self.scanner.wake()
         log.info("fleet %s: accepted scale request %d (count %d)", name, rec.generation,
                  request.spec.count)
         return rec
@@ -383,7 +396,7 @@ class FleetService:
         try:
             # Read the members back first (VM ids, labels), so that a caller who sees the
             # new status sees the members that go with it.
-            await self._refresh(rec)
+            await refresh(self.vs, rec)
         except (FleetError, TimeoutError) as exc:
             log.warning("fleet %s: could not re-read members: %s", rec.name, exc)
         if rec.generation != generation or rec.want_destroy or self._stopping:
@@ -454,110 +467,12 @@ class FleetService:
         log.info("fleet %s: destroyed (%s): %d members removed in %.1fs", rec.name,
                  rec.destroy_reason, result.removed, result.duration_s)
         # A scan under way read the root folder before this: it must not bring it back.
-        self._tombstones[rec.name] = self._scans_started
+        self.scanner.bury(rec.name)
         if self.fleets.get(rec.name) is rec:
             del self.fleets[rec.name]
         await self.store.delete(rec.name)
         self.metrics.forget_fleet(rec.name)
         return True
-
-    # -- the member view -----------------------------------------------------------
-    async def _refresh(self, rec: FleetRecord) -> list[Member]:
-        with anyio.fail_after(CALL_TIMEOUT_S):
-            folder = await self.vs.find_folder(rec.folder)
-            vms: list[VmInfo] = await self.vs.list_folder_vms(folder) if folder else []
-        members = [m for m in (as_member(vm, rec.name) for vm in vms) if m is not None]
-        if not rec.running:
-            rec.show_members(members)
-        return members
-
-    # -- scanning: discovery, drift, lifetimes -------------------------------------
-    async def scan(self) -> None:
-        """Read the root folder: find fleets, refresh idle ones, enforce lifetimes."""
-        self._scans_started += 1
-        number = self._scans_started
-        # Scans run one at a time: a tombstone older than this scan guards nothing now.
-        self._tombstones = {n: t for n, t in self._tombstones.items() if t >= number}
-        root = await self.vs.find_folder(self.config.root_folder)
-        found: dict[str, list[Member]] = {}
-        if root is not None:
-            for name, ref in await self.vs.list_child_folders(root):
-                if not valid_name(name):
-                    continue
-                rec = self.fleets.get(name)
-                if rec is not None and rec.running:
-                    continue  # its run keeps the view current
-                if rec is not None and rec.folder != self.config.fleet_folder(name):
-                    continue
-                try:
-                    vms = await self.vs.list_folder_vms(ref)
-                except NotFound:
-                    continue  # removed since the root was read (a delete finished)
-                found[name] = [m for m in (as_member(vm, name) for vm in vms) if m is not None]
-        for name, members in found.items():
-            rec = self.fleets.get(name)
-            if rec is None:
-                if not members or self._tombstones.get(name, -1) >= number:
-                    continue  # none, or read before its delete finished: not a fleet now
-                rec = FleetRecord(name, self.config.fleet_folder(name),
-                                  created_at=self.clock(), updated_at=self.clock())
-                self.fleets[name] = rec
-                log.info("fleet %s: discovered in vCenter with %d members", name,
-                         len(members))
-                self._ensure_worker(rec)
-            if rec.running:
-                continue
-            rec.show_members(members)
-            if members and not rec.stamp_pending:
-                rec.expires_at = fleet_expiry(members)
-        for name, rec in list(self.fleets.items()):
-            if name in found or rec.running or rec.want_destroy:
-                continue
-            if rec.spec is None:
-                del self.fleets[name]  # destroyed behind our back (fleet destroy)
-                self.metrics.forget_fleet(name)
-                log.info("fleet %s: no longer in vCenter", name)
-            elif root is None or rec.folder == self.config.fleet_folder(name):
-                rec.show_members([])
-        self._enforce_lifetimes()
-        self.scans += 1
-        self.last_scan_at = self.clock()
-        self.scan_error = None
-
-    def _enforce_lifetimes(self) -> None:
-        now = self.clock()
-        for rec in list(self.fleets.values()):
-            if rec.expires_at is not None and rec.expires_at <= now and not rec.want_destroy:
-                self.metrics.expired.inc()
-                self._doom(rec, f"expired at {rec.expires_at:.0f}")
-
-    def next_expiry(self) -> float | None:
-        times = [r.expires_at for r in self.fleets.values()
-                 if r.expires_at is not None and not r.want_destroy]
-        return min(times) if times else None
-
-    async def _scanner(self) -> None:
-        interval = self.config.scan_interval_s
-        next_scan = anyio.current_time() + interval
-        while True:
-            expiry = self.next_expiry()
-            wait = next_scan - anyio.current_time()
-            if expiry is not None:
-                wait = min(wait, expiry - self.clock())
-            with anyio.move_on_after(max(0.0, wait)):
-                await self._scan_wake.wait()
-            self._scan_wake = anyio.Event()
-            if anyio.current_time() >= next_scan:
-                next_scan = anyio.current_time() + interval
-                try:
-                    with anyio.fail_after(CALL_TIMEOUT_S * 4):
-                        await self.scan()
-                except (FleetError, TimeoutError) as exc:
-                    self.scan_error = str(exc) or "the scan timed out"
-                    log.warning("scan failed: %s", self.scan_error)
-            self._enforce_lifetimes()
-            for rec in self.fleets.values():
-                self._ensure_worker(rec)
 
     # -- snapshots for the API and metrics -----------------------------------------
     def update_gauges(self) -> None:
