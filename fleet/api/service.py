@@ -1,9 +1,24 @@
 """The fleet service: many fleets, one vCenter session, one set of limits.
 
-:class:`FleetService` owns every fleet the service knows, a worker task per
-fleet, and a scanner. It is an async context manager; the HTTP layer
-(``fleet.api.app``) only calls its synchronous accessors and its ``apply``,
-``scale`` and ``remove`` coroutines, which validate, record and return at once.
+:class:`FleetService` is the service's composition root and its front desk. It
+holds the table of fleets (name -> :class:`~fleet.api.records.FleetRecord`),
+accepts requests and answers for them; the work is done by its parts:
+
+- ``fleet.api.records``: what is known of each fleet, its member view, and the
+  shapes callers see;
+- ``fleet.api.worker``: a worker task per fleet that runs provisioning and
+  destroys, with retries and the fleet's lock;
+- ``fleet.api.scanner``: reads vCenter into the records (discovery, drift) and
+  enforces lifetimes;
+- ``fleet.api.state``: the requests on disk, so a build interrupted by a restart
+  is resumed.
+
+It is an async context manager; the HTTP layer (``fleet.api.app``) only calls
+its synchronous accessors and its ``apply``, ``scale`` and ``remove`` coroutines,
+which validate, record and return at once: a newer request stops the fleet's
+current run (in-flight clones finish or are cleaned up) and its worker starts
+another with the new spec; a delete stops it and the worker destroys the members
+and the fleet's folder.
 
 Fleets and where their truth lives:
 
@@ -13,26 +28,15 @@ Fleets and where their truth lives:
   provision``, are found again (status ``discovered`` when no request for them
   is on record).
 - Requests (the spec, its generation) are kept in the state directory
-  (``fleet.api.state``) so a build interrupted by a restart is resumed.
+  (``fleet.api.state``); a request is accepted only once it is on disk.
 - Lifetimes are labels on the members (``fleet.engine.lifetime``); the record
   keeps the expiry while a fleet has no member yet.
 
-A fleet's worker runs one provisioning run at a time. A newer request stops
-the current run (in-flight clones finish or are cleaned up) and starts another
-with the new spec; a delete stops it, destroys the members and removes the
-fleet's folder. Every run and delete holds the fleet's lock in vCenter
-(``fleet.engine.lock``, docs/locking.md), so the service and ``fleet
-provision``/``destroy`` on any machine never work on one fleet at once; a run
-whose fleet is locked waits (status ``pending``, ``error`` naming the holder).
-
-A scan that read the root folder before a delete finished must not bring the
-fleet back: a delete leaves a tombstone stamped with the number of scans started
-by then, and a scan never registers a fleet whose tombstone is at least its own
-number (docs/locking.md). All runs draw
-from one :class:`~fleet.engine.shared.SharedLimits`, which wakes the run with
-the fewest clones at vCenter first, so bursts share capacity fairly. Every run
-feeds the one :class:`~fleet.metrics.FleetMetrics` (``events_for``) and the
-fleet's member view, which answers ``GET`` without a vCenter call.
+All runs draw from one :class:`~fleet.engine.shared.SharedLimits`, which wakes
+the run with the fewest clones at vCenter first, so bursts share capacity
+fairly. Every run feeds the one :class:`~fleet.metrics.FleetMetrics`
+(``events_for``) and the fleet's member view, which answers ``GET`` without a
+vCenter call.
 
 States: ``pending`` (accepted, run not started) -> ``provisioning`` ->
 ``ready`` | ``incomplete`` (the run ended with failures) | ``failed`` (the run
@@ -44,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -55,33 +58,19 @@ import anyio
 from anyio.abc import TaskGroup
 
 from fleet.api.config import ServiceConfig
-from fleet.api.records import (
-    STATUSES,
-    FleetRecord,
-    MemberView,
-    detail_of,
-    restore,
-    summary_of,
-)
+from fleet.api.records import STATUSES, FleetRecord, MemberView, detail_of, restore, summary_of
 from fleet.api.requests import ApiError, FleetRequest, valid_name
-from fleet.api.scanner import CALL_TIMEOUT_S, Scanner, refresh
-from fleet.api.state import SavedFleet, StateStore
-from fleet.engine.api import check_spec, destroy, lost_message
-from fleet.engine.events import Event
-from fleet.engine.lifetime import expiry_labels, stamp_expiry
-from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
-from fleet.engine.run import EngineOptions, Provisioner
+from fleet.api.scanner import CALL_TIMEOUT_S, Scanner
+from fleet.api.state import StateStore
+from fleet.api.worker import Workers
 from fleet.engine.shared import SharedLimits
-from fleet.engine.spec import FleetSpec, spec_from_dict
-from fleet.errors import ConfigError, FleetError, TransientVSphereError
+from fleet.engine.spec import FleetSpec
 from fleet.metrics import FleetMetrics
 from fleet.vsphere.model import VSphere
 
 __all__ = ["FleetRecord", "FleetService", "MemberView"]
 
 log = logging.getLogger("fleet.api")
-
-RETRY_MAX_S = 60.0
 
 
 class FleetService:
@@ -98,25 +87,27 @@ class FleetService:
         self.store = StateStore(state_path or config.state_path)
         self.fleets: dict[str, FleetRecord] = {}
         self.started_at = clock()
+        self.workers = Workers(config, vs, self.fleets, metrics, self.shared, clock=clock,
+                               save=self._save, gone=self._gone)
         self.scanner = Scanner(config, vs, self.fleets, metrics, clock=clock,
-                               start_worker=self._ensure_worker, doom=self._doom)
+                               start_worker=self.workers.ensure, doom=self._doom)
         self._tg: TaskGroup | None = None
         self._stopping = False
-        self._runs_done = anyio.Event()
 
     # -- lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> FleetService:
         await self.store.prepare()
         for saved in await self.store.load_all():
-            self._restore(saved)
+            rec = restore(saved, self.config)
+            if rec is not None:
+                self.fleets[rec.name] = rec
         with anyio.fail_after(CALL_TIMEOUT_S * 4):
             await self.scan()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
         tg.start_soon(self.scanner.run)
-        for rec in self.fleets.values():
-            self._ensure_worker(rec)
+        self.workers.start(tg)
         log.info("service started: %d fleets (%d on record), root folder %s",
                  len(self.fleets), sum(1 for r in self.fleets.values() if r.spec),
                  self.config.root_folder)
@@ -130,14 +121,7 @@ class FleetService:
         tg, self._tg = self._tg, None
         if tg is None:
             return
-        running = [r for r in self.fleets.values() if r.provisioner is not None]
-        for rec in running:
-            assert rec.provisioner is not None
-            rec.provisioner.stop("service stopping")
-        if running:
-            with anyio.CancelScope(shield=True), \
-                    anyio.move_on_after(self.config.shutdown_grace_s + CALL_TIMEOUT_S):
-                await self._runs_done.wait()
+        await self.workers.stop(self.config.shutdown_grace_s + CALL_TIMEOUT_S)
         tg.cancel_scope.cancel()
         # Exited where it was entered (not inside another scope), as anyio requires.
         await tg.__aexit__(None, None, None)
@@ -170,17 +154,6 @@ class FleetService:
     def _limit_changed(self, key: Any, old: float, new: float) -> None:
         self.metrics.limit.labels(str(key)).set(new)
 
-    def _restore(self, saved: SavedFleet) -> None:
-        rec = restore(saved, self.config)
-        if rec is not None:
-            self.fleets[rec.name] = rec
-
-    def _ensure_worker(self, rec: FleetRecord) -> None:
-        if rec.worker or self._tg is None:
-            return
-        rec.worker = True
-        self._tg.start_soon(self._worker, rec)
-
     async def _save(self, rec: FleetRecord, *, must: bool = False) -> None:
         """Record the fleet's request. ``must``: a request is being accepted, and is not
         unless it is on disk (503); otherwise a failure is logged and retried later."""
@@ -195,6 +168,15 @@ class FleetService:
             if must:
                 raise ApiError(503, "the service cannot record requests now (state "
                                     "directory unwritable); try again later") from None
+
+    async def _gone(self, rec: FleetRecord) -> None:
+        """The fleet's destroy finished: forget it everywhere."""
+        # A scan under way read the root folder before this: it must not bring it back.
+        self.scanner.bury(rec.name)
+        if self.fleets.get(rec.name) is rec:
+            del self.fleets[rec.name]
+        await self.store.delete(rec.name)
+        self.metrics.forget_fleet(rec.name)
 
     # -- requests (called by the HTTP layer) ---------------------------------------
     def get(self, name: str) -> FleetRecord:
@@ -227,7 +209,7 @@ class FleetService:
         self._accept(rec, request, spec, request.data)
         with anyio.CancelScope(shield=True):  # accepted: a caller hanging up changes nothing
             await self._save(rec, must=True)
-        self._ensure_worker(rec)
+        self.workers.ensure(rec)
         rec.poke()
         self.scanner.wake()  # a new expiry may be sooner than the next scan
         log.info("fleet %s: accepted request %d (count %d%s)", rec.name, rec.generation,
@@ -279,200 +261,15 @@ class FleetService:
         return rec
 
     def _doom(self, rec: FleetRecord, reason: str) -> None:
+        """The fleet is to go (a delete, or its lifetime ended): its worker destroys it."""
         rec.want_destroy = True
         rec.destroy_reason = reason
         rec.status = "destroying"
         rec.updated_at = self.clock()
         rec.interrupt(f"fleet {reason}")
-        self._ensure_worker(rec)
+        self.workers.ensure(rec)
         rec.poke()
         log.info("fleet %s: %s; destroying its members", rec.name, reason)
-
-    # -- workers -------------------------------------------------------------------
-    async def _worker(self, rec: FleetRecord) -> None:
-        failures = 0
-        try:
-            while not self._stopping and self.fleets.get(rec.name) is rec:
-                try:
-                    if rec.want_destroy:
-                        if await self._destroy(rec):
-                            return
-                        failures += 1
-                    elif rec.spec is not None and rec.applied < rec.generation:
-                        if await self._run(rec):
-                            failures = 0
-                            continue
-                        failures += 1
-                    else:
-                        failures = 0
-                except Exception as exc:  # a bug in one fleet must not stop the others
-                    log.exception("fleet %s: worker error", rec.name)
-                    rec.error = f"internal error: {type(exc).__name__}"
-                    failures += 1
-                delay = self.config.scan_interval_s if failures == 0 else \
-                    min(RETRY_MAX_S, 0.5 * 2.0 ** min(failures, 10))
-                with anyio.move_on_after(delay):
-                    await rec.wake.wait()
-                rec.wake = anyio.Event()
-        finally:
-            rec.worker = False
-
-    async def _run(self, rec: FleetRecord) -> bool:
-        """One provisioning run of the fleet's current request. False: retry later."""
-        assert rec.spec is not None
-        spec, generation = rec.spec, rec.generation
-        rec.status = "provisioning"
-        rec.error = None
-        await self._save(rec)
-        for member in rec.members.values():
-            member.reason = member.message = None
-        metrics_events = self.metrics.events_for(rec.name)
-
-        def on_event(event: Event) -> None:
-            metrics_events(event)
-            rec.on_event(event)
-
-        rec.run_started_at = self.clock()
-        run_id = uuid.uuid4().hex[:12]
-        lock = FleetLock(self.vs, rec.name, spec.folder_path, op="serve-provision",
-                         run_id=run_id, options=self._lock_options(rec))
-        try:
-            await check_spec(spec, self.vs)  # a wrong spec fails before anything is made
-            rec.lock_wait = anyio.CancelScope()
-            try:
-                with rec.lock_wait:
-                    await lock.acquire()
-            finally:
-                rec.lock_wait = None
-            if not lock.acquired:
-                return True  # a newer request, a delete or a stop came while it waited
-            async with lock:
-                rec.lock_holder = None
-                if rec.status == "pending":
-                    rec.status, rec.error = "provisioning", None
-                if rec.stamp_pending and rec.expires_at is not None:
-                    n = await stamp_expiry(spec, self.vs, rec.expires_at)
-                    rec.stamp_pending = False
-                    if n:
-                        log.info("fleet %s: %d members relabelled to expire at %.0f", rec.name,
-                                 n, rec.expires_at)
-                if rec.generation != generation or rec.want_destroy or self._stopping:
-                    return True
-                options = EngineOptions(shared_limits=self.shared,
-                                        labels=expiry_labels(rec.expires_at))
-                provisioner = rec.provisioner = Provisioner(spec, self.vs, on_event=on_event,
-                                                            run_id=run_id, options=options)
-                lock.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
-                try:
-                    summary = await provisioner.run()
-                finally:
-                    self._run_ended(rec)
-            if lock.lost_reason is not None:
-                rec.summary = summary
-                await self._run_failed(rec, generation, "retrying",
-                                       lost_message(rec.name, lock.lost_reason))
-                return False
-        except ConfigError as exc:
-            rec.provisioner = None
-            return await self._run_failed(rec, generation, "failed", str(exc))
-        except (TransientVSphereError, TimeoutError) as exc:
-            rec.provisioner = None
-            await self._run_failed(rec, generation, "retrying",
-                                   str(exc) or "vCenter did not answer in time")
-            return False
-        except FleetError as exc:
-            rec.provisioner = None
-            return await self._run_failed(rec, generation, "failed", str(exc))
-        except Exception as exc:  # a bug must not take the service (or other fleets) down
-            log.exception("fleet %s: the run failed unexpectedly", rec.name)
-            rec.provisioner = None
-            return await self._run_failed(rec, generation, "failed",
-                                          f"internal error: {type(exc).__name__}")
-        rec.provisioner = None
-        rec.summary = summary
-        superseded = rec.generation != generation or rec.want_destroy
-        if self._stopping or superseded:
-            return True  # the newer request (or the destroy, or the next start) takes over
-        try:
-            # Read the members back first (VM ids, labels), so that a caller who sees the
-            # new status sees the members that go with it.
-            await refresh(self.vs, rec)
-        except (FleetError, TimeoutError) as exc:
-            log.warning("fleet %s: could not re-read members: %s", rec.name, exc)
-        if rec.generation != generation or rec.want_destroy or self._stopping:
-            return True
-        rec.applied = generation
-        rec.status = "ready" if summary.complete else "incomplete"
-        if summary.failures:
-            rec.error = ", ".join(f"{n} {reason}" for reason, n in
-                                  sorted(summary.failures.items()))
-        rec.updated_at = self.clock()
-        with anyio.CancelScope(shield=True):  # shown: so recorded, even as the service stops
-            await self._save(rec)
-        log.info("fleet %s: run %s ended %s: %d/%d ready in %.1fs", rec.name, summary.run_id,
-                 rec.status, summary.ready, summary.requested, summary.duration_s)
-        return True
-
-    def _run_ended(self, rec: FleetRecord) -> None:
-        rec.provisioner = None
-        if self._stopping and all(r.provisioner is None for r in self.fleets.values()):
-            self._runs_done.set()
-
-    async def _run_failed(self, rec: FleetRecord, generation: int, status: str,
-                          error: str) -> bool:
-        if rec.generation != generation or rec.want_destroy or self._stopping:
-            return True
-        rec.status = status
-        rec.error = error
-        if status == "failed":
-            rec.applied = generation  # the same request would fail the same way
-        rec.updated_at = self.clock()
-        log.warning("fleet %s: %s: %s", rec.name, status, error)
-        with anyio.CancelScope(shield=True):
-            await self._save(rec)
-        return status == "failed"
-
-    def _lock_options(self, rec: FleetRecord, op: str | None = None) -> LockOptions:
-        def on_wait(view: LockView) -> None:
-            holder = view.describe()
-            rec.error = f"waiting for the fleet's lock, held by {holder}"
-            if rec.status == "provisioning":
-                rec.status = "pending"
-            if view.holder is None or rec.lock_holder != view.holder.run_id:
-                rec.lock_holder = view.holder.run_id if view.holder else None
-                log.info("fleet %s: waiting for its lock, held by %s", rec.name, holder)
-
-        return LockOptions(lease_s=self.config.lock_lease_s, wait_s=None, on_wait=on_wait,
-                           op=op)
-
-    async def _destroy(self, rec: FleetRecord) -> bool:
-        """Destroy every member, then the fleet's folder. True when the fleet is gone."""
-        rec.status = "destroying"
-        spec = rec.spec or _bare_spec(rec.name, rec.folder)
-        try:
-            result = await destroy(spec, self.vs, remove_folder=True,
-                                   lock=self._lock_options(rec, op="serve-destroy"))
-        except (FleetError, TimeoutError) as exc:
-            if isinstance(exc, LockLost) and exc.result is not None:
-                rec.removal = exc.result
-            rec.error = f"destroy failed: {exc}"
-            log.warning("fleet %s: %s", rec.name, rec.error)
-            return False
-        rec.removal = result
-        if result.failed:
-            rec.error = f"{result.failed} members could not be destroyed: " + \
-                ", ".join(f"{n} {r}" for r, n in sorted(result.failures.items()))
-            log.warning("fleet %s: %s", rec.name, rec.error)
-            return False
-        log.info("fleet %s: destroyed (%s): %d members removed in %.1fs", rec.name,
-                 rec.destroy_reason, result.removed, result.duration_s)
-        # A scan under way read the root folder before this: it must not bring it back.
-        self.scanner.bury(rec.name)
-        if self.fleets.get(rec.name) is rec:
-            del self.fleets[rec.name]
-        await self.store.delete(rec.name)
-        self.metrics.forget_fleet(rec.name)
-        return True
 
     # -- snapshots for the API and metrics -----------------------------------------
     def update_gauges(self) -> None:
@@ -489,10 +286,3 @@ class FleetService:
     def detail(self, rec: FleetRecord, *, offset: int = 0, limit: int = 1000
                ) -> dict[str, Any]:
         return detail_of(rec, self.clock(), offset=offset, limit=limit)
-
-
-def _bare_spec(name: str, folder: str) -> FleetSpec:
-    """Enough of a spec to destroy a fleet known only from vCenter."""
-    return spec_from_dict({"name": name, "count": 0, "sources": ["-"], "folder": folder,
-                           "network": {"refresh": "none"}},
-                          source=f"discovered fleet {name}")
