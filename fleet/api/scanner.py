@@ -28,13 +28,12 @@ from collections.abc import Callable
 
 import anyio
 
-from fleet.api.config import ServiceConfig
+from fleet.api.context import ServiceContext
 from fleet.api.records import FleetRecord
 from fleet.api.requests import valid_name
 from fleet.engine.lifetime import fleet_expiry
 from fleet.engine.reconcile import Member, as_member
 from fleet.errors import FleetError, NotFound
-from fleet.metrics import FleetMetrics
 from fleet.vsphere.model import VmInfo, VSphere
 
 log = logging.getLogger("fleet.api")
@@ -58,17 +57,11 @@ async def refresh(vs: VSphere, rec: FleetRecord) -> None:
 
 
 class Scanner:
-    """See the module docstring. ``fleets`` is the service's own table, shared."""
+    """See the module docstring."""
 
-    def __init__(self, config: ServiceConfig, vs: VSphere, fleets: dict[str, FleetRecord],
-                 metrics: FleetMetrics, *, clock: Callable[[], float],
-                 start_worker: Callable[[FleetRecord], None],
+    def __init__(self, ctx: ServiceContext, *, start_worker: Callable[[FleetRecord], None],
                  doom: Callable[[FleetRecord, str], None]) -> None:
-        self.config = config
-        self.vs = vs
-        self.fleets = fleets
-        self.metrics = metrics
-        self.clock = clock
+        self.ctx = ctx
         self._start_worker = start_worker
         self._doom = doom
         self.scans = 0  # scans that ended well
@@ -90,34 +83,35 @@ class Scanner:
 
     async def scan(self) -> None:
         """Read the root folder: find fleets, refresh idle ones, enforce lifetimes."""
+        ctx = self.ctx
         self._started += 1
         number = self._started
         # Scans run one at a time: a tombstone older than this scan guards nothing now.
         self._tombstones = {n: t for n, t in self._tombstones.items() if t >= number}
-        root = await self.vs.find_folder(self.config.root_folder)
+        root = await ctx.vs.find_folder(ctx.config.root_folder)
         found: dict[str, list[Member]] = {}
         if root is not None:
-            for name, ref in await self.vs.list_child_folders(root):
+            for name, ref in await ctx.vs.list_child_folders(root):
                 if not valid_name(name):
                     continue
-                rec = self.fleets.get(name)
+                rec = ctx.fleets.get(name)
                 if rec is not None and rec.running:
                     continue  # its run keeps the view current
-                if rec is not None and rec.folder != self.config.fleet_folder(name):
+                if rec is not None and rec.folder != ctx.config.fleet_folder(name):
                     continue
                 try:
-                    vms = await self.vs.list_folder_vms(ref)
+                    vms = await ctx.vs.list_folder_vms(ref)
                 except NotFound:
                     continue  # removed since the root was read (a delete finished)
                 found[name] = _members(vms, name)
         for name, members in found.items():
-            rec = self.fleets.get(name)
+            rec = ctx.fleets.get(name)
             if rec is None:
                 if not members or self._tombstones.get(name, -1) >= number:
                     continue  # none, or read before its delete finished: not a fleet now
-                rec = FleetRecord(name, self.config.fleet_folder(name),
-                                  created_at=self.clock(), updated_at=self.clock())
-                self.fleets[name] = rec
+                rec = FleetRecord(name, ctx.config.fleet_folder(name),
+                                  created_at=ctx.clock(), updated_at=ctx.clock())
+                ctx.fleets[name] = rec
                 log.info("fleet %s: discovered in vCenter with %d members", name,
                          len(members))
                 self._start_worker(rec)
@@ -126,42 +120,42 @@ class Scanner:
             rec.show_members(members)
             if members and not rec.stamp_pending:
                 rec.expires_at = fleet_expiry(members)
-        for name, rec in list(self.fleets.items()):
+        for name, rec in list(ctx.fleets.items()):
             if name in found or rec.running or rec.want_destroy:
                 continue
             if rec.spec is None:
-                del self.fleets[name]  # destroyed behind our back (fleet destroy)
-                self.metrics.forget_fleet(name)
+                del ctx.fleets[name]  # destroyed behind our back (fleet destroy)
+                ctx.metrics.forget_fleet(name)
                 log.info("fleet %s: no longer in vCenter", name)
-            elif root is None or rec.folder == self.config.fleet_folder(name):
+            elif root is None or rec.folder == ctx.config.fleet_folder(name):
                 rec.show_members([])
         self.enforce_lifetimes()
         self.scans += 1
-        self.last_at = self.clock()
+        self.last_at = ctx.clock()
         self.error = None
 
     def enforce_lifetimes(self) -> None:
-        now = self.clock()
-        for rec in list(self.fleets.values()):
+        now = self.ctx.clock()
+        for rec in list(self.ctx.fleets.values()):
             if rec.expires_at is not None and rec.expires_at <= now and not rec.want_destroy:
-                self.metrics.expired.inc()
+                self.ctx.metrics.expired.inc()
                 self._doom(rec, f"expired at {rec.expires_at:.0f}")
 
     def next_expiry(self) -> float | None:
-        times = [r.expires_at for r in self.fleets.values()
+        times = [r.expires_at for r in self.ctx.fleets.values()
                  if r.expires_at is not None and not r.want_destroy]
         return min(times) if times else None
 
     async def run(self) -> None:
         """Scan every ``scan_interval_s``, enforce lifetimes as they end, and see that
         every fleet has its worker. Runs until cancelled."""
-        interval = self.config.scan_interval_s
+        interval = self.ctx.config.scan_interval_s
         next_scan = anyio.current_time() + interval
         while True:
             expiry = self.next_expiry()
             wait = next_scan - anyio.current_time()
             if expiry is not None:
-                wait = min(wait, expiry - self.clock())
+                wait = min(wait, expiry - self.ctx.clock())
             with anyio.move_on_after(max(0.0, wait)):
                 await self._wake.wait()
             self._wake = anyio.Event()
@@ -174,5 +168,5 @@ class Scanner:
                     self.error = str(exc) or "the scan timed out"
                     log.warning("scan failed: %s", self.error)
             self.enforce_lifetimes()
-            for rec in self.fleets.values():
+            for rec in self.ctx.fleets.values():
                 self._start_worker(rec)

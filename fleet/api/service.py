@@ -13,6 +13,11 @@ accepts requests and answers for them; the work is done by its parts:
 - ``fleet.api.state``: the requests on disk, so a build interrupted by a restart
   is resumed.
 
+The parts share one :class:`~fleet.api.context.ServiceContext` (the table of
+fleets, vCenter, metrics, clock, limits) and reach the service only through the
+callbacks it hands them (start a fleet's worker, doom a fleet, save a record, a
+fleet is gone).
+
 It is an async context manager; the HTTP layer (``fleet.api.app``) only calls
 its synchronous accessors and its ``apply``, ``scale`` and ``remove`` coroutines,
 which validate, record and return at once: a newer request stops the fleet's
@@ -58,6 +63,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from fleet.api.config import ServiceConfig
+from fleet.api.context import ServiceContext
 from fleet.api.records import STATUSES, FleetRecord, MemberView, detail_of, restore, summary_of
 from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.scanner import CALL_TIMEOUT_S, Scanner
@@ -87,10 +93,9 @@ class FleetService:
         self.store = StateStore(state_path or config.state_path)
         self.fleets: dict[str, FleetRecord] = {}
         self.started_at = clock()
-        self.workers = Workers(config, vs, self.fleets, metrics, self.shared, clock=clock,
-                               save=self._save, gone=self._gone)
-        self.scanner = Scanner(config, vs, self.fleets, metrics, clock=clock,
-                               start_worker=self.workers.ensure, doom=self._doom)
+        ctx = ServiceContext(config, vs, metrics, clock, self.fleets, self.shared)
+        self.workers = Workers(ctx, save=self._save, gone=self._gone)
+        self.scanner = Scanner(ctx, start_worker=self.workers.ensure, doom=self._doom)
         self._tg: TaskGroup | None = None
         self._stopping = False
 

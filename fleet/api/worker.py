@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 from anyio.abc import TaskGroup
 
-from fleet.api.config import ServiceConfig
+from fleet.api.context import ServiceContext
 from fleet.api.records import FleetRecord
 from fleet.api.scanner import refresh
 from fleet.engine.api import check_spec, destroy, lost_message
@@ -46,11 +46,8 @@ from fleet.engine.events import Event
 from fleet.engine.lifetime import expiry_labels, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
 from fleet.engine.run import EngineOptions, Provisioner
-from fleet.engine.shared import SharedLimits
 from fleet.engine.spec import FleetSpec, spec_from_dict
 from fleet.errors import ConfigError, FleetError, TransientVSphereError
-from fleet.metrics import FleetMetrics
-from fleet.vsphere.model import VSphere
 
 log = logging.getLogger("fleet.api")
 
@@ -58,20 +55,13 @@ RETRY_MAX_S = 60.0
 
 
 class Workers:
-    """See the module docstring. ``fleets`` is the service's own table, shared: a
-    worker ends when its record is no longer the one under its name."""
+    """See the module docstring. A worker ends when its record is no longer the one
+    under its name in the service's table (the fleet is gone, or was replaced)."""
 
-    def __init__(self, config: ServiceConfig, vs: VSphere, fleets: dict[str, FleetRecord],
-                 metrics: FleetMetrics, shared: SharedLimits, *,
-                 clock: Callable[[], float],
+    def __init__(self, ctx: ServiceContext, *,
                  save: Callable[[FleetRecord], Awaitable[None]],
                  gone: Callable[[FleetRecord], Awaitable[None]]) -> None:
-        self.config = config
-        self.vs = vs
-        self.fleets = fleets
-        self.metrics = metrics
-        self.shared = shared
-        self.clock = clock
+        self.ctx = ctx
         self._save = save
         self._gone = gone
         self.stopping = False
@@ -81,7 +71,7 @@ class Workers:
     def start(self, tg: TaskGroup) -> None:
         """From now on, workers run in ``tg``; start one for every fleet."""
         self._tg = tg
-        for rec in self.fleets.values():
+        for rec in self.ctx.fleets.values():
             self.ensure(rec)
 
     def ensure(self, rec: FleetRecord) -> None:
@@ -97,7 +87,7 @@ class Workers:
         for the runs to end; the caller then cancels the workers' task group."""
         self.stopping = True
         self._tg = None
-        running = [r for r in self.fleets.values() if r.provisioner is not None]
+        running = [r for r in self.ctx.fleets.values() if r.provisioner is not None]
         for rec in running:
             assert rec.provisioner is not None
             rec.provisioner.stop("service stopping")
@@ -108,7 +98,7 @@ class Workers:
     async def _worker(self, rec: FleetRecord) -> None:
         failures = 0
         try:
-            while not self.stopping and self.fleets.get(rec.name) is rec:
+            while not self.stopping and self.ctx.fleets.get(rec.name) is rec:
                 try:
                     if rec.want_destroy:
                         if await self._destroy(rec):
@@ -125,7 +115,7 @@ class Workers:
                     log.exception("fleet %s: worker error", rec.name)
                     rec.error = f"internal error: {type(exc).__name__}"
                     failures += 1
-                delay = self.config.scan_interval_s if failures == 0 else \
+                delay = self.ctx.config.scan_interval_s if failures == 0 else \
                     min(RETRY_MAX_S, 0.5 * 2.0 ** min(failures, 10))
                 with anyio.move_on_after(delay):
                     await rec.wake.wait()
@@ -142,18 +132,18 @@ class Workers:
         await self._save(rec)
         for member in rec.members.values():
             member.reason = member.message = None
-        metrics_events = self.metrics.events_for(rec.name)
+        metrics_events = self.ctx.metrics.events_for(rec.name)
 
         def on_event(event: Event) -> None:
             metrics_events(event)
             rec.on_event(event)
 
-        rec.run_started_at = self.clock()
+        rec.run_started_at = self.ctx.clock()
         run_id = uuid.uuid4().hex[:12]
-        lock = FleetLock(self.vs, rec.name, spec.folder_path, op="serve-provision",
+        lock = FleetLock(self.ctx.vs, rec.name, spec.folder_path, op="serve-provision",
                          run_id=run_id, options=self._lock_options(rec))
         try:
-            await check_spec(spec, self.vs)  # a wrong spec fails before anything is made
+            await check_spec(spec, self.ctx.vs)  # a wrong spec fails before anything is made
             rec.lock_wait = anyio.CancelScope()
             try:
                 with rec.lock_wait:
@@ -167,16 +157,16 @@ class Workers:
                 if rec.status == "pending":
                     rec.status, rec.error = "provisioning", None
                 if rec.stamp_pending and rec.expires_at is not None:
-                    n = await stamp_expiry(spec, self.vs, rec.expires_at)
+                    n = await stamp_expiry(spec, self.ctx.vs, rec.expires_at)
                     rec.stamp_pending = False
                     if n:
                         log.info("fleet %s: %d members relabelled to expire at %.0f", rec.name,
                                  n, rec.expires_at)
                 if rec.generation != generation or rec.want_destroy or self.stopping:
                     return True
-                options = EngineOptions(shared_limits=self.shared,
+                options = EngineOptions(shared_limits=self.ctx.shared,
                                         labels=expiry_labels(rec.expires_at))
-                provisioner = rec.provisioner = Provisioner(spec, self.vs, on_event=on_event,
+                provisioner = rec.provisioner = Provisioner(spec, self.ctx.vs, on_event=on_event,
                                                             run_id=run_id, options=options)
                 lock.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
                 try:
@@ -212,7 +202,7 @@ class Workers:
         try:
             # Read the members back first (VM ids, labels), so that a caller who sees the
             # new status sees the members that go with it.
-            await refresh(self.vs, rec)
+            await refresh(self.ctx.vs, rec)
         except (FleetError, TimeoutError) as exc:
             log.warning("fleet %s: could not re-read members: %s", rec.name, exc)
         if rec.generation != generation or rec.want_destroy or self.stopping:
@@ -222,7 +212,7 @@ class Workers:
         if summary.failures:
             rec.error = ", ".join(f"{n} {reason}" for reason, n in
                                   sorted(summary.failures.items()))
-        rec.updated_at = self.clock()
+        rec.updated_at = self.ctx.clock()
         with anyio.CancelScope(shield=True):  # shown: so recorded, even as the service stops
             await self._save(rec)
         log.info("fleet %s: run %s ended %s: %d/%d ready in %.1fs", rec.name, summary.run_id,
@@ -231,7 +221,7 @@ class Workers:
 
     def _run_ended(self, rec: FleetRecord) -> None:
         rec.provisioner = None
-        if self.stopping and all(r.provisioner is None for r in self.fleets.values()):
+        if self.stopping and all(r.provisioner is None for r in self.ctx.fleets.values()):
             self._runs_done.set()
 
     async def _run_failed(self, rec: FleetRecord, generation: int, status: str,
@@ -242,7 +232,7 @@ class Workers:
         rec.error = error
         if status == "failed":
             rec.applied = generation  # the same request would fail the same way
-        rec.updated_at = self.clock()
+        rec.updated_at = self.ctx.clock()
         log.warning("fleet %s: %s: %s", rec.name, status, error)
         with anyio.CancelScope(shield=True):
             await self._save(rec)
@@ -258,7 +248,7 @@ class Workers:
                 rec.lock_holder = view.holder.run_id if view.holder else None
                 log.info("fleet %s: waiting for its lock, held by %s", rec.name, holder)
 
-        return LockOptions(lease_s=self.config.lock_lease_s, wait_s=None, on_wait=on_wait,
+        return LockOptions(lease_s=self.ctx.config.lock_lease_s, wait_s=None, on_wait=on_wait,
                            op=op)
 
     async def _destroy(self, rec: FleetRecord) -> bool:
@@ -266,7 +256,7 @@ class Workers:
         rec.status = "destroying"
         spec = rec.spec or _bare_spec(rec.name, rec.folder)
         try:
-            result = await destroy(spec, self.vs, remove_folder=True,
+            result = await destroy(spec, self.ctx.vs, remove_folder=True,
                                    lock=self._lock_options(rec, op="serve-destroy"))
         except (FleetError, TimeoutError) as exc:
             if isinstance(exc, LockLost) and exc.result is not None:
