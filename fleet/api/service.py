@@ -59,10 +59,10 @@ from anyio.abc import TaskGroup
 from fleet.api.config import ServiceConfig
 from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.state import SavedFleet, StateStore
-from fleet.engine.api import check_spec, destroy, lost_message
 from fleet.engine.events import Event, RemovalSummary, Summary
 from fleet.engine.lifetime import expiry_labels, fleet_expiry, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
+from fleet.engine.operations import check_spec, destroy, lost_message
 from fleet.engine.reconcile import Member, as_member
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.shared import SharedLimits

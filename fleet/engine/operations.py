@@ -1,4 +1,4 @@
-"""The engine's front door: what the CLI and the REST service call.
+"""The engine's front door: the operations on a fleet that the CLI and the REST service call.
 
 - :func:`provision` brings the fleet to the spec (create, resume, adopt, scale down).
 - :func:`destroy` removes every member (and nothing else).
