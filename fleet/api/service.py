@@ -59,7 +59,7 @@ from anyio.abc import TaskGroup
 from fleet.api.config import ServiceConfig
 from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.state import SavedFleet, StateStore
-from fleet.engine.events import Event, RemovalSummary, Summary
+from fleet.engine.events import Event
 from fleet.engine.lifetime import expiry_labels, fleet_expiry, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
 from fleet.engine.operations import check_spec, destroy, lost_message
@@ -67,6 +67,7 @@ from fleet.engine.reconcile import Member, as_member
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.shared import SharedLimits
 from fleet.engine.spec import FleetSpec, spec_from_dict
+from fleet.engine.summary import RemovalSummary, Summary
 from fleet.errors import ConfigError, FleetError, NotFound, TransientVSphereError
 from fleet.metrics import FleetMetrics
 from fleet.vsphere.model import VmInfo, VSphere

@@ -18,11 +18,12 @@ summary with ``cancelled`` set after in-flight clones finished (within
 same and leaves the summary on ``p.summary``.
 """
 
-from fleet.engine.events import Event, EventCallback, PhaseStats, RemovalSummary, Summary
+from fleet.engine.events import Event, EventCallback
 from fleet.engine.operations import FleetStatus, Plan, PlanRow, destroy, plan, provision, status
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.sources import SourceStatus, freeze_sources, list_sources, prepare_sources
 from fleet.engine.spec import FleetSpec, SpecError, load_spec, spec_from_dict
+from fleet.engine.summary import PhaseStats, RemovalSummary, Summary
 
 __all__ = [
     "EngineOptions",

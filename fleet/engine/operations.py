@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from fleet.engine.events import Emitter, EventCallback, RemovalSummary, Summary
+from fleet.engine.events import Emitter, EventCallback
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, read_lock
 from fleet.engine.placement import (
     ClusterView,
@@ -40,6 +40,7 @@ from fleet.engine.placement import (
 from fleet.engine.reconcile import as_member, reconcile
 from fleet.engine.run import EngineOptions, Provisioner, load_view, remove_members
 from fleet.engine.spec import FleetSpec
+from fleet.engine.summary import RemovalSummary, Summary
 from fleet.errors import NotEmpty, NotFound
 from fleet.vsphere.model import CloneRequest, Ref, VSphere
 

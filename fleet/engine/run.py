@@ -61,14 +61,10 @@ from fleet.engine.events import (
     LimitChanged,
     MemberRemoved,
     PhaseDone,
-    PhaseStats,
-    RemovalSummary,
     RunFinished,
     RunStarted,
     SourceRetired,
     SourceStateChanged,
-    SourceSummary,
-    Summary,
 )
 from fleet.engine.limits import AutoTuning, Lease, Limiters, LimitKey
 from fleet.engine.placement import (
@@ -91,6 +87,7 @@ from fleet.engine.reconcile import (
 from fleet.engine.shared import SharedLimits
 from fleet.engine.sources import clone_config, resolve_sources
 from fleet.engine.spec import FleetSpec
+from fleet.engine.summary import PHASES, PhaseStats, RemovalSummary, Summary, source_summary
 from fleet.errors import (
     ConfigError,
     DuplicateName,
@@ -207,11 +204,6 @@ async def load_view(spec: FleetSpec, vs: VSphere, policy: PlacementPolicy | None
                        datastore_names={d.ref: d.name for d in datastores})
 
 
-def source_summary(src: SourceState) -> SourceSummary:
-    return SourceSummary(src.clones, src.info.chain_depth, src.info.frozen, src.info.host_name,
-                         src.clones_left, src.retired)
-
-
 class _PlacementCapacity:
     """The limiters as placement's ``FreeSlots`` sees them during one dispatch round.
 
@@ -282,9 +274,7 @@ class Provisioner:
         self._end_by = math.inf  # a stopped run is over by then (grace + cleanup)
         self._stopping = False
         self._stop_reason = ""
-        self._phase_s: dict[str, list[float]] = {p: [] for p in
-                                                 ("queue", "clone", "network", "reconnect",
-                                                  "ready")}
+        self._phase_s: dict[str, list[float]] = {p: [] for p in PHASES}
         self._created = 0
         self._removed = 0
         self._already_ready = 0
