@@ -38,7 +38,8 @@ from fleet.engine.placement import (
     place,
 )
 from fleet.engine.reconcile import as_member, reconcile
-from fleet.engine.run import EngineOptions, Provisioner, load_view, remove_members
+from fleet.engine.refresher import load_view
+from fleet.engine.run import EngineOptions, Provisioner, remove_members
 from fleet.engine.spec import FleetSpec
 from fleet.engine.summary import RemovalSummary, Summary
 from fleet.errors import NotEmpty, NotFound

@@ -1,19 +1,25 @@
-"""How a run went: the closing :class:`Summary` and its percentiles.
+"""How a run went: the closing :class:`Summary`, its percentiles, and the tally behind it.
 
-:class:`Summary` is a provisioning run's result; ``to_dict()`` is what
-``--json`` prints. :class:`RemovalSummary` is the same for ``destroy`` and a
-scale-down.
+A run's parts count as they go into one :class:`Tally` (phase durations, clones
+made, members removed, the first message given for each failure reason); when
+the run ends, :meth:`Tally.summary` turns that, the jobs' outcomes and the
+sources as the run last saw them into a :class:`Summary`, whose ``to_dict()``
+is what ``--json`` prints. :class:`RemovalSummary` is the same for ``destroy``
+and a scale-down.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from fleet.engine.limits import Limiters
 from fleet.engine.placement import SourceState
+from fleet.engine.spec import FleetSpec
 
 #: the timed phases of a clone, in pipeline order (the summary's ``phases`` keys)
 PHASES = ("queue", "clone", "network", "reconnect", "ready")
@@ -109,3 +115,59 @@ class RemovalSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Finished(Protocol):
+    """What the summary reads of a job (:class:`fleet.engine.runstate.Job`)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def outcome(self) -> str | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def adopted(self) -> bool: ...
+
+
+class Tally:
+    """A run's numbers, counted by its parts as they happen."""
+
+    def __init__(self) -> None:
+        self.phase_s: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.created = 0
+        self.removed = 0
+        self.already_ready = 0  # members that were ready before the run
+        self.blocked: dict[int, str] = {}  # index -> why its name cannot be used
+        self.failure_messages: dict[str, str] = {}  # reason -> the first message given
+
+    def failed(self, reason: str, message: str) -> None:
+        self.failure_messages.setdefault(reason, message)
+
+    def summary(self, spec: FleetSpec, run_id: str, jobs: Sequence[Finished],
+                sources: Mapping[str, SourceState], limiters: Limiters, *,
+                duration_s: float, cancelled: bool) -> Summary:
+        duration = max(duration_s, 1e-9)
+        ready = self.already_ready + sum(1 for j in jobs if j.outcome == "ready")
+        failures: Counter[str] = Counter()
+        failed_indexes: list[int] = []
+        for job in jobs:
+            if job.outcome != "ready":
+                failures[job.reason or "unfinished"] += 1
+                failed_indexes.append(job.index)
+        for index, why in self.blocked.items():
+            failures["name_taken"] += 1
+            failed_indexes.append(index)
+            self.failed("name_taken", why)
+        return Summary(
+            fleet=spec.name, run_id=run_id, requested=spec.count, ready=ready,
+            failed=spec.count - ready, created=self.created,
+            adopted=sum(1 for j in jobs if j.adopted), removed=self.removed,
+            duration_s=round(duration, 6),
+            clones_per_s=round(self.created / duration, 3),
+            phases={p: PhaseStats.of(v) for p, v in self.phase_s.items()},
+            sources={name: source_summary(s) for name, s in sources.items()},
+            failures=dict(failures), failed_indexes=sorted(failed_indexes),
+            failure_messages={r: self.failure_messages.get(r, "") for r in failures},
+            cancelled=cancelled,
+            limits={s.key: s.limit for s in limiters.statistics() if not math.isinf(s.limit)})
