@@ -22,7 +22,7 @@ from benchmarks.harness import (
     sim_process,
     spec_for,
 )
-from fleet.engine.events import PhaseStats
+from fleet.engine.summary import PhaseStats
 from tests.simproc import USER
 
 

@@ -30,10 +30,11 @@ import anyio
 
 from fleet.api.config import ServiceConfig
 from fleet.api.state import SavedFleet
-from fleet.engine.events import Event, RemovalSummary, Summary
+from fleet.engine.events import Event
 from fleet.engine.reconcile import Member
 from fleet.engine.run import Provisioner
 from fleet.engine.spec import FleetSpec, spec_from_dict
+from fleet.engine.summary import RemovalSummary, Summary
 from fleet.errors import ConfigError
 
 log = logging.getLogger("fleet.api")

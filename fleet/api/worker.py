@@ -41,10 +41,10 @@ from anyio.abc import TaskGroup
 from fleet.api.context import ServiceContext
 from fleet.api.records import FleetRecord
 from fleet.api.scanner import refresh
-from fleet.engine.api import check_spec, destroy, lost_message
 from fleet.engine.events import Event
 from fleet.engine.lifetime import expiry_labels, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
+from fleet.engine.operations import check_spec, destroy, lost_message
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.spec import FleetSpec, spec_from_dict
 from fleet.errors import ConfigError, FleetError, TransientVSphereError

@@ -197,7 +197,6 @@ async def _provision(args: argparse.Namespace) -> int:
     import time
     import uuid
 
-    from fleet.engine.api import check_spec, lost_message
     from fleet.engine.lifetime import (
         current_expiry,
         expiry_labels,
@@ -205,6 +204,7 @@ async def _provision(args: argparse.Namespace) -> int:
         stamp_expiry,
     )
     from fleet.engine.lock import FleetLock, LockHeld
+    from fleet.engine.operations import check_spec, lost_message
     from fleet.engine.run import EngineOptions, Provisioner
     from fleet.metrics import FleetMetrics
     from fleet.report import LiveProgress, print_summary
@@ -309,7 +309,7 @@ async def _provision(args: argparse.Namespace) -> int:
 
 
 async def _plan(args: argparse.Namespace) -> int:
-    from fleet.engine.api import plan
+    from fleet.engine.operations import plan
     from fleet.report import print_table
     from fleet.target import open_target
 
@@ -344,7 +344,7 @@ async def _plan(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from fleet.engine.api import status
+    from fleet.engine.operations import status
     from fleet.target import open_target
 
     spec = _load_spec(args)
@@ -363,8 +363,8 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _destroy(args: argparse.Namespace) -> int:
-    from fleet.engine.api import destroy, status
     from fleet.engine.lock import LockHeld, LockLost
+    from fleet.engine.operations import destroy, status
     from fleet.report import print_removal
     from fleet.target import open_target
 

@@ -52,7 +52,8 @@ from fleet.vsphere.model import GuestCredentials
 
 #: vSphere fails a clone past 255 delta-disk levels; a clone at the budget must still fit.
 VSPHERE_CHAIN_LIMIT = 254
-#: vCenter runs about this many operations at once and queues the rest (DESIGN.md 3).
+#: vCenter runs about this many operations at once and queues the rest
+#: (docs/architecture.md, "vSphere facts").
 VCENTER_MAX_OPERATIONS = 640
 MAX_VM_NAME = 80
 MAX_COUNT = 100_000

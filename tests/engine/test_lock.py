@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 import pytest
 
-from fleet.engine.api import destroy, provision, status
 from fleet.engine.lock import (
     CALL_S,
     LOCK_NAME,
@@ -30,6 +29,7 @@ from fleet.engine.lock import (
     lock_state,
     process_space,
 )
+from fleet.engine.operations import destroy, provision, status
 from fleet.errors import NotFound, TransientFault
 from fleet.vsphere.fake import FakeLatency, FakeVSphere, FaultRule, make_fake
 from fleet.vsphere.model import Ref

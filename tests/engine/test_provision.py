@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from fleet.engine import provision
+from fleet.engine.dispatch import _PlacementCapacity
 from fleet.engine.events import (
     Event,
     HostExcluded,
@@ -27,7 +28,7 @@ from fleet.engine.events import (
 from fleet.engine.limits import Limiters, LimitKey
 from fleet.engine.placement import SourceState
 from fleet.engine.reconcile import LABEL_STATE, labels
-from fleet.engine.run import Provisioner, _PlacementCapacity
+from fleet.engine.run import Provisioner
 from fleet.engine.spec import FleetSpec, LimitsSpec
 from fleet.errors import (
     ChainTooDeep,

@@ -23,8 +23,8 @@ from pyVmomi import vim
 
 from fleet.api.config import config_from_dict
 from fleet.api.service import FleetService
-from fleet.engine.api import provision
 from fleet.engine.lifetime import LABEL_EXPIRES_AT
+from fleet.engine.operations import provision
 from fleet.engine.reconcile import LABEL_NAME, LABEL_RUN_ID, LABEL_SOURCE
 from fleet.engine.sources import FLEET_LABELS
 from fleet.metrics import FleetMetrics

@@ -25,7 +25,7 @@ from pyVim.connect import SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from fleet.engine.api import destroy, provision, status
+from fleet.engine.operations import destroy, provision, status
 from fleet.engine.reconcile import LABEL_INDEX, LABEL_NAME, LABEL_STATE
 from fleet.vsphere.client import VSphereClient
 from tests.simproc import PASSWORD, USER, SimProcess
