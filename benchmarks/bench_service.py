@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fleet.engine.events import percentile  # noqa: E402
+from fleet.engine.summary import percentile  # noqa: E402
 from tests.api.serveproc import ServeProcess, service_config  # noqa: E402
 from tests.simproc import SimProcess  # noqa: E402
 

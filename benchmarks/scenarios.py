@@ -22,7 +22,7 @@ from benchmarks.harness import (
     sim_process,
     spec_for,
 )
-from fleet.engine.events import PhaseStats
+from fleet.engine.summary import PhaseStats
 from tests.simproc import USER
 
 
@@ -44,10 +44,12 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(burst=120, burst_time_scale=0.1, sequential=4, pool=40, pool_threads=8,
-                   chain=400, chain_time_scale=0.01, scale=300, scale_workflow=200,
+        # Just enough for every series to have points (ten tenths, several clone
+        # waves): a quick run checks the machinery, and the test suite runs it.
+        return cls(burst=80, burst_time_scale=0.1, sequential=4, pool=24, pool_threads=8,
+                   chain=200, chain_time_scale=0.01, scale=150, scale_workflow=100,
                    scale_time_scale=0.02,
-                   adaptive_wide=120, adaptive_narrow=40, adaptive_time_scale=0.1)
+                   adaptive_wide=96, adaptive_narrow=24, adaptive_time_scale=0.1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,7 +249,9 @@ def scale(sizes: Sizes, work: Path) -> dict[str, Any]:
     return {
         "time_scale": sizes.scale_time_scale, "clone_only": clone_only, "workflow": full,
         "peak_rss_mb": _target(max(clone_only["max_rss_mb"], full["max_rss_mb"]), "<=", 300),
-        "cpu_ms_per_clone": _target(clone_only["cpu_ms_per_clone"], "<=", 3.0),
+        # Issue 12's bounds for the one (aiohttp) transport: docs/transport.md.
+        "cpu_ms_per_clone": _target(clone_only["cpu_ms_per_clone"], "<=", 2.0),
+        "workflow_cpu_ms_per_clone": _target(full["cpu_ms_per_clone"], "<=", 4.5),
         "steady_throughput": {**_target(abs(steady - 1), "<=", 0.10), "ratio": steady},
     }
 

@@ -1,5 +1,5 @@
-import sys
+"""``python -m fleet``: the ``fleet`` command (see :func:`fleet.cli.entry`)."""
 
-from fleet.cli import main
+from fleet.cli import entry
 
-sys.exit(main())
+entry()

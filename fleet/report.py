@@ -24,7 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from fleet.engine.events import Event, RemovalSummary, Summary
+from fleet.engine.events import Event
+from fleet.engine.summary import RemovalSummary, Summary
 
 
 class LiveProgress:

@@ -29,7 +29,7 @@ import anyio
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
-from fleet.engine.spec import FleetSpec, spec_from_dict
+from fleet.engine.spec import FleetSpec, VCenterSpec, spec_from_dict
 from fleet.errors import ConnectionFailed
 from fleet.urls import redact_url
 from fleet.vsphere.client import VSphereClient
@@ -129,12 +129,12 @@ async def builtin_simulator(*, time_scale: float = 1.0, topology: str | None = N
 
 
 @contextlib.asynccontextmanager
-async def open_target(spec: FleetSpec, *, observer: CallObserver | None = None,
-                      announce: Callable[[str], Any] | None = None, sim_time_scale: float = 1.0,
-                      sim_topology: str | None = None, **client_options: Any
-                      ) -> AsyncIterator[Target]:
-    """A connected client for the spec's vCenter, or for a fresh built-in simulator."""
-    vc = spec.vcenter
+async def open_vcenter(vc: VCenterSpec | None, *, observer: CallObserver | None = None,
+                       announce: Callable[[str], Any] | None = None,
+                       sim_time_scale: float = 1.0, sim_topology: str | None = None,
+                       **client_options: Any) -> AsyncIterator[Target]:
+    """A connected client for ``vc`` (a spec's or the service's ``[vcenter]``), or for
+    a fresh built-in simulator when there is none. ``announce`` hears which simulator."""
     if vc is not None:
         client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
                                ca_file=vc.ca_path, thumbprint=vc.thumbprint,
@@ -153,3 +153,10 @@ async def open_target(spec: FleetSpec, *, observer: CallObserver | None = None,
                                observer=observer, **client_options)
         async with client:
             yield Target(client, True, url)
+
+
+@contextlib.asynccontextmanager
+async def open_target(spec: FleetSpec, **options: Any) -> AsyncIterator[Target]:
+    """:func:`open_vcenter` for a fleet spec's ``[vcenter]``."""
+    async with open_vcenter(spec.vcenter, **options) as target:
+        yield target

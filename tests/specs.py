@@ -10,6 +10,9 @@ same name.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,15 @@ from tests.simproc import PASSWORD, USER, SimProcess
 GUEST_PASSWORD = "fleet-guest"  # the default topology's guest password
 ENV = {"SIM_PASSWORD": PASSWORD, "GUEST_PASSWORD": GUEST_PASSWORD}
 FROZEN = [f"frozen-{i:02d}" for i in range(1, 9)]
+
+
+def run_fleet(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
+              cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m fleet ARGS`` as a user runs it: ``env`` added to this environment
+    (the simulator's passwords by default), no stdin, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL,
+                          env=dict(os.environ, **(ENV if env is None else env)))
 
 
 def spec_data(sim: SimProcess, name: str, count: int, **extra: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ when ``m`` is a submodule, else to the package ``fleet.p`` (its ``__init__``). P
 packages are not added implicitly: a package ``__init__`` that re-exports its modules
 would otherwise close a cycle with each of them.
 
-Layer rules (docs/architecture.md once it exists; issue 12): fleet/engine decides and
+Layer rules (docs/architecture.md): fleet/engine decides and
 never reaches pyVmomi or the wire (``fleet.vsphere.client``/``session``/``transport``);
 fleet/sim is vCenter and never imports the client side (``fleet.vsphere``) or the engine.
 """
@@ -178,7 +178,7 @@ def test_the_layer_check_sees_a_break() -> None:
 
 #: The simulator's top: the composition root and what serves it. Everything else in
 #: fleet/sim is given narrow services (fleet.sim.runtime) and never sees these.
-SIM_TOP = ("fleet.sim.simulator", "fleet.sim.dispatch", "fleet.sim.server", "fleet.sim.cli")
+SIM_TOP = ("fleet.sim.simulator", "fleet.sim.dispatch", "fleet.sim.server")
 
 
 def test_sim_objects_never_reach_the_simulator() -> None:

@@ -23,7 +23,7 @@ import anyio
 
 from fleet.engine.reconcile import Member, as_member
 from fleet.engine.spec import FleetSpec
-from fleet.errors import ConfigError, FleetError
+from fleet.errors import ConfigError, FleetError, VSphereError
 from fleet.vsphere.model import VmInfo, VSphere
 
 LABEL_EXPIRES_AT = "guestinfo.fleet.expires_at"
@@ -114,7 +114,19 @@ async def stamp_expiry(spec: FleetSpec, vs: VSphere, expires_at: float, *,
                 with anyio.fail_after(spec.timeouts.call_s):
                     await vs.update_extra_config(member.vm.ref, value)
             except (FleetError, TimeoutError) as exc:
-                errors.append(exc)
+                # The write is absolute: one whose reply was lost, or came too late, may
+                # have landed all the same. Look before calling it failed.
+                refused = isinstance(exc, VSphereError) and not exc.transient
+                if refused or not await _carries(member, value):
+                    errors.append(exc)
+
+    async def _carries(member: Member, labels: Mapping[str, str]) -> bool:
+        try:
+            with anyio.fail_after(spec.timeouts.call_s):
+                info = await vs.get_vm(member.vm.ref)
+        except (FleetError, TimeoutError):
+            return False
+        return all(info.extra_config.get(k) == v for k, v in labels.items())
 
     async with anyio.create_task_group() as tg:
         for member in todo:

@@ -18,13 +18,42 @@ queued (that is the slot count it revealed), and
 the limit then creeps toward that ceiling slowly instead of probing it every
 window. A task that queued is the signal; fleet never keeps more than one
 window's worth of probing outstanding.
+
+What vCenter revealed is read on vCenter's own clock, from the times its tasks
+report (queued, started, completed), never from when this process got round to
+noticing: a loaded client (a starved event loop, a GC pause) hears of finished
+tasks late and of started ones later still, and counting its own leases then
+sees tasks vCenter already finished as still running, and tasks it already
+started as still queued. So the slot count a queued task revealed is how many of
+ours vCenter was running just before that task started (each lease's task times,
+kept a while after it is released), and a sibling counts as stuck only if vCenter
+itself said it was queued, for longer than the threshold as of this task's
+completion time.
+
+Slow start grows by at most one window per round trip, as TCP's does: a prompt
+completion is evidence only for the window vCenter was running when it started
+that task, so it may take the limit to at most twice what vCenter then ran of
+ours (on vCenter's clock; our own count at hand-over where the task has no
+times). Counting our leases instead let a loaded client overshoot by several
+windows: it hands tasks over late and hears of their ends late, so vCenter ran 8
+of ours at once, each batch ending before the next arrived, while our leases
+said 15 and were all "limit used"; a backlog of those prompt completions then
+grew the limit far past anything vCenter had been shown, and the first task that
+queued long enough to count came after we had handed it that many. A task that
+queued a moment (under the threshold) counts as prompt, but only for the slots
+vCenter ran when it started it, not for the queue it waited in. For the same
+reason the ceiling a queued task revealed is passed (and forgotten) only once
+vCenter ran that many of ours at once: a lagging client's extra task arriving as
+a slot freed proves nothing about one slot more.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Literal
 
 import anyio
@@ -139,27 +168,40 @@ class AimdController:
             return self.congested(capacity=None)
         return self.prompt(run_s=run_s, was_limited=was_limited)
 
-    def prompt(self, *, run_s: float, was_limited: bool) -> int:
-        """A task that started at once and ran as usual: grow (if the limit binds)."""
+    @property
+    def needs_shown(self) -> bool:
+        """Whether :meth:`prompt` would use ``shown`` now (counting it costs a scan)."""
+        return self.slow_start or (self.ceiling is not None and self.limit >= self.ceiling)
+
+    def prompt(self, *, run_s: float, was_limited: bool, shown: int | None = None) -> int:
+        """A task that started at once and ran as usual: grow (if the limit binds).
+
+        ``shown``: how many of ours vCenter was running when it started this task (its
+        clock), when known. Slow start grows only below twice that, and a known ceiling
+        is passed only once vCenter ran that many (module docstring)."""
         # Track the usual run time from unremarkable tasks only.
         self.baseline_s = run_s if self.baseline_s is None else \
             0.8 * self.baseline_s + 0.2 * run_s
         if self._hold > 0:
             self._hold -= 1
         elif was_limited:
-            self._grow()
+            self._grow(shown)
         return self.limit
 
-    def _grow(self) -> None:
+    def _grow(self, shown: int | None) -> None:
         if self.limit >= self.maximum:
             return
         if self.slow_start:
+            if shown is not None and self.limit >= 2 * shown:
+                return  # evidence for a window of ``shown`` only: it has doubled already
             self.limit += 1
             self.increases += 1
             if self.limit >= self.slow_start_until:
                 self.slow_start = False
             return
         if self.ceiling is not None and self.limit >= self.ceiling:
+            if shown is not None and shown < self.ceiling:
+                return  # vCenter never ran that many: the ceiling is not passed yet
             self.ceiling = None  # we passed the old ceiling without push-back: it moved
         step = 1.0 / self.limit
         if self.ceiling is not None and self.limit + 1 >= self.ceiling:
@@ -214,6 +256,37 @@ class Limiter:
             controller.limit if controller else _tokens(limit))
         self.peak = 0
         self.holders: dict[int, Lease] = {}  # by id(lease): who holds tokens now
+        # (queue, start, complete) on vCenter's clock of tasks whose leases were released:
+        # what vCenter had a moment ago, which a completion still needs to count.
+        self.finished: deque[_Times] = deque(maxlen=_FINISHED_KEPT)
+        self.released = 0  # how many were ever appended to ``finished``
+
+    def running_before(self, lease: Lease, t: float) -> int:
+        """How many tasks of this limiter's leases vCenter was running just before ``t``
+        (its clock, a moment of ``lease``'s task): started before ``t`` and not completed
+        before it."""
+        return sum(1 for _, start, end in self._recent(lease)
+                   if start is not None and start < t <= end)
+
+    def running_at(self, lease: Lease, t: float) -> int:
+        """How many tasks of this limiter's leases vCenter was running at ``t`` (its
+        clock, a moment of ``lease``'s task): started by then and not yet completed (one
+        that ended at ``t`` left its slot to whatever started then)."""
+        return sum(1 for _, start, end in self._recent(lease)
+                   if start is not None and start <= t < end)
+
+    def _recent(self, lease: Lease) -> Iterator[_Times]:
+        """The vCenter times of the tasks this limiter holds and of those released while
+        ``lease`` was held: a task that ran at any moment of ``lease``'s task ended after
+        vCenter received it, so after ``lease`` was taken, and we heard of that end later
+        still. A task vCenter has told us nothing about yet is left out."""
+        since = self.released - lease.released_before.get(self.key, self.released)
+        yield from islice(reversed(self.finished), min(since, len(self.finished)))
+        for holder in self.holders.values():
+            snap = _times(holder)
+            if snap is not None and snap.queue_time is not None:
+                yield (snap.queue_time, snap.start_time,
+                       math.inf if snap.complete_time is None else snap.complete_time)
 
     @property
     def limit(self) -> float:
@@ -235,6 +308,20 @@ class Limiter:
                             c.increases if c else 0, c.decreases if c else 0)
 
 
+#: A task's (queue, start, complete) times on vCenter's clock; start None: never ran.
+_Times = tuple[float, float | None, float]
+
+#: Released tasks' times kept per limiter: more than any limit runs at once (host_max,
+#: and the overall limit's 640 is never the narrowest when it matters). A count reads
+#: only those released while the lease it is for was held, about a limit's worth.
+_FINISHED_KEPT = 1024
+
+
+def _times(lease: Lease) -> TaskSnapshot | None:
+    """The snapshot of the lease's task, or None before it was submitted."""
+    return lease.task.snapshot if lease.task is not None else None
+
+
 def _tokens(limit: float) -> float:
     return limit if math.isinf(limit) else int(limit)
 
@@ -247,6 +334,8 @@ class Lease:
     limiters: tuple[Limiter, ...]
     in_flight_before: dict[LimitKey, int] = field(default_factory=dict)
     was_limited: dict[LimitKey, bool] = field(default_factory=dict)
+    #: each limiter's count of released tasks' times when this lease was taken
+    released_before: dict[LimitKey, int] = field(default_factory=dict)
     released: bool = False
     #: the vCenter task this lease covers, once submitted (its snapshot shows "queued")
     task: TaskHandle | None = None
@@ -365,6 +454,7 @@ class Limiters:
         in_use = lim.in_use
         lim.peak = max(lim.peak, in_use)
         lease.in_flight_before[lim.key] = in_use - 1
+        lease.released_before[lim.key] = lim.released
         # "Limited" as in TCP's congestion window validation (RFC 7661): the limit was at
         # least half used. Requiring it full would count only the last job of each burst
         # of dispatches, and slow start would add half a window per round trip, not one.
@@ -374,8 +464,15 @@ class Limiters:
         if lease.released:
             return
         lease.released = True
+        snap = _times(lease)
+        ran: _Times | None = None
+        if snap is not None and snap.queue_time is not None and snap.complete_time is not None:
+            ran = (snap.queue_time, snap.start_time, snap.complete_time)
         for lim in reversed(lease.limiters):
             lim.holders.pop(id(lease), None)
+            if ran is not None and lim.controller is not None:
+                lim.finished.append(ran)
+                lim.released += 1
             lim.capacity.release_on_behalf_of(lease.owner)
         self._on_change()
 
@@ -386,8 +483,11 @@ class Limiters:
         (host, else datastore, else overall); a prompt task lets each of them grow.
 
         Besides this task's own queue time, any sibling holding the same limiter
-        whose task has sat ``queued`` past the threshold (as of ``now``) counts as
-        push-back: waiting for those to finish would let a slow start overshoot."""
+        whose task vCenter reported ``queued`` for longer than the threshold as of this
+        task's completion counts as push-back: waiting for those to finish would let a
+        slow start overshoot. When the task reports vCenter's times, the slot count
+        revealed and the stuck siblings are read on vCenter's clock (module docstring);
+        ``now`` (this process's clock) is used only for a task without times."""
         autos = [lim for kind in ("host", "datastore", "overall") for lim in lease.limiters
                  if lim.key.kind == kind and lim.controller is not None]
         if not autos:
@@ -397,7 +497,25 @@ class Limiters:
         assert first is not None
         verdict = first.classify(queue_s=queue_s, run_s=run_s)
         capacity = lease.in_flight_before.get(narrow.key, 0)
-        if verdict == "ok" and now is not None:
+        snap = _times(lease)
+        started = snap.start_time if snap is not None else None
+        ended = snap.complete_time if snap is not None else None
+        if verdict == "queued" and started is not None:
+            # It started the moment one of the tasks ahead of it ended: just before, vCenter
+            # ran its full slot count (what we had in flight when we handed it over also
+            # counts tasks vCenter had finished and we had not yet heard of).
+            capacity = max(1, narrow.running_before(lease, started))
+        if verdict == "ok" and ended is not None:
+            threshold = first.queued_threshold_s()
+            stuck = sum(1 for other in narrow.holders.values()
+                        if other is not lease and (o := _times(other)) is not None
+                        and o.state == "queued" and o.queue_time is not None
+                        and ended - o.queue_time > threshold)
+            if stuck:
+                verdict = "queued"
+                # vCenter's slots were full until this one ended (someone was waiting).
+                capacity = max(1, narrow.running_before(lease, ended))
+        elif verdict == "ok" and now is not None:
             threshold = first.queued_threshold_s()
             stuck = sum(1 for other in narrow.holders.values()
                         if other is not lease and other.task is not None
@@ -412,7 +530,12 @@ class Limiters:
             assert c is not None
             old = c.limit
             if verdict == "ok":
-                new = c.prompt(run_s=run_s, was_limited=lease.was_limited.get(lim.key, False))
+                limited = lease.was_limited.get(lim.key, False)
+                shown = None
+                if limited and c.needs_shown and snap is not None and \
+                        snap.start_time is not None:
+                    shown = lim.running_at(lease, snap.start_time)
+                new = c.prompt(run_s=run_s, was_limited=limited, shown=shown)
             else:
                 new = c.congested(capacity=capacity if verdict == "queued" else None)
             if new != old:

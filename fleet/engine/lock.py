@@ -302,6 +302,7 @@ class FleetLock:
         self._keeper: anyio.CancelScope | None = None
         self._keeping = False
         self._released = False
+        self._release_by: float | None = None
 
     # -- state -------------------------------------------------------------------
     @property
@@ -467,14 +468,21 @@ class FleetLock:
         log.warning("fleet %s: took its stale lock over from %s", self.fleet, view.describe())
         return None
 
-    async def _destroy_quietly(self, ref: Ref) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CALL_S):
+    async def _destroy_quietly(self, ref: Ref, bound_s: float = CALL_S) -> bool:
+        """Destroy a lock folder of ours; False (and a warning) if it may still be there."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bound_s):
             try:
                 await self.vs.destroy_folder(ref)
+            except NotFound:
+                pass
             except VSphereError as exc:
-                if not isinstance(exc, NotFound):
-                    log.warning("fleet lock %s: could not remove %s: %s (its lease will "
-                                "expire)", self.folder_path, ref.id, exc)
+                log.warning("fleet lock %s: could not remove %s: %s (its lease will "
+                            "expire)", self.folder_path, ref.id, exc)
+                return False
+            return True
+        log.warning("fleet lock %s: gave up removing %s after %g s (its lease will expire)",
+                    self.folder_path, ref.id, bound_s)
+        return False
 
     # -- keeping it --------------------------------------------------------------
     async def _keep(self) -> None:
@@ -531,13 +539,24 @@ class FleetLock:
             self._keeper.cancel()
 
     # -- releasing it ------------------------------------------------------------
+    def release_by(self, deadline: float) -> None:
+        """Give up releasing at ``deadline`` (of ``clock``): a stopped run must end within
+        its bound (``cancel_grace_s`` + ``cleanup_s`` after a signal), and a release
+        vCenter is slow to carry out would otherwise add up to :data:`CALL_S`. A lock
+        left behind lapses with its lease, or at once for a contender on this machine
+        (its holder's process is gone)."""
+        self._release_by = deadline
+
     async def release(self) -> None:
         """Destroy the lock folder this run made (by id: never another run's)."""
         if self._released or self._lock is None:
             return
         self._released = True
-        await self._destroy_quietly(self._lock)
-        log.info("fleet %s: lock released", self.fleet)
+        bound = CALL_S
+        if self._release_by is not None:
+            bound = max(0.0, min(bound, self._release_by - self.clock()))
+        if await self._destroy_quietly(self._lock, bound):
+            log.info("fleet %s: lock released", self.fleet)
 
     def forget(self) -> None:
         """The lock folder went with the fleet's folder: nothing is left to release."""

@@ -59,7 +59,7 @@ from fleet.vsphere.model import GuestCredentials
 #: vSphere fails a clone past MAX_CHAIN_DEPTH delta-disk levels; a clone of a source at
 #: the budget must still fit.
 VSPHERE_CHAIN_LIMIT = MAX_CHAIN_DEPTH - 1
-#: vCenter runs about this many operations at once and queues the rest.
+#: vCenter runs about this many operations at once and queues the rest (docs/vsphere.md).
 VCENTER_MAX_OPERATIONS = MAX_CONCURRENT_OPERATIONS
 MAX_VM_NAME = 80
 MAX_COUNT = 100_000

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from pyVmomi import vim
 
 from fleet.sim.core import Inventory
-from fleet.sim.faults import Injection
+from fleet.sim.injection import Injection
 from fleet.sim.stats import Stats
 
 log = logging.getLogger("fleet.sim")
@@ -34,8 +34,9 @@ class Closeable(Protocol):
     def close(self) -> None: ...
 
 
-class Session:
-    """One client session (one cookie)."""
+class UserSession:
+    """One client session (one cookie): vSphere's ``vim.UserSession`` seen from the server
+    (the client's side of it is ``fleet.vsphere.session.Session``)."""
 
     def __init__(self, inventory: Inventory, ip: str = "127.0.0.1",
                  user_agent: str = "") -> None:
@@ -101,7 +102,7 @@ class Sessions:
         self.idle_timeout_s = idle_timeout_s
         #: user -> (password, privileges denied to them)
         self.users = users
-        self.by_key: dict[str, Session] = {}
+        self.by_key: dict[str, UserSession] = {}
 
     def authenticate(self, user: str, password: str) -> str | None:
         record = self.users.get(user)
@@ -114,7 +115,7 @@ class Sessions:
         return record is not None and privilege in record[1]
 
     def session_for(self, key: str | None, ip: str = "127.0.0.1", user_agent: str = "",
-                    *, create: bool = True) -> tuple[Session, bool]:
+                    *, create: bool = True) -> tuple[UserSession, bool]:
         """The caller's session, or a new unauthenticated one (True when new).
 
         With ``create=False`` (a call that needs a login anyway) an unknown or
@@ -129,12 +130,12 @@ class Sessions:
                     session = None
                 elif session.alive:
                     return session, False
-        session = Session(self.inventory, ip, user_agent)
+        session = UserSession(self.inventory, ip, user_agent)
         if create:
             self.by_key[session.key] = session
         return session, create
 
-    def expire(self, session: Session) -> None:
+    def expire(self, session: UserSession) -> None:
         session.close()
         self.by_key.pop(session.key, None)
         self.stats.counters["sessions_expired"] += 1
@@ -156,7 +157,7 @@ class Sessions:
 class CallContext:
     """Who is calling, with which API version, and what fault injection fired."""
 
-    session: Session
+    session: UserSession
     version: str
     injection: Injection | None = None
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pyVmomi import VmomiSupport, vmodl
 
-from fleet.sim.faults import Injection
+from fleet.sim.injection import Injection
 from fleet.sim.simulator import Simulator
 from fleet.sim.soap import (
     SoapDecodeError,

@@ -14,7 +14,7 @@ per version, a client repeating a call with an older version (a lost reply)
 gets the changes again instead of losing them. Collector state is per session,
 as in vCenter: a new session gets ``InvalidCollectorVersion`` for old versions.
 
-:class:`~fleet.sim.faults.UpdateFaults` makes the update stream fail the way clients must survive
+:class:`~fleet.sim.injection.UpdateFaults` makes the update stream fail the way clients must survive
 (topology ``[updates]``, ``POST /_sim/updates``; docs/watching.md): a filter
 created while a ``WaitForUpdatesEx`` of its collector is pending can have its
 objects' initial state withheld (never reported; later changes are), as an
@@ -33,7 +33,7 @@ from typing import Any, cast
 
 from pyVmomi import VmomiSupport, vim, vmodl
 
-from fleet.sim.calls import CallContext, Session
+from fleet.sim.calls import CallContext, UserSession
 from fleet.sim.core import (
     Inventory,
     SimObject,
@@ -41,7 +41,7 @@ from fleet.sim.core import (
     resolve_path,
     typed_value,
 )
-from fleet.sim.faults import UpdateFaults
+from fleet.sim.injection import UpdateFaults
 
 PC = vmodl.query.PropertyCollector
 
@@ -418,7 +418,7 @@ class PropertyCollector(SimObject):
     id_prefix = "session"
 
     def __init__(self, inventory: Inventory, updates: UpdateFaults, moid: str | None = None,
-                 owner: Session | None = None) -> None:
+                 owner: UserSession | None = None) -> None:
         super().__init__(inventory, moid)
         self.updates = updates
         self.owner = owner  # None for the shared, per-session 'propertyCollector'

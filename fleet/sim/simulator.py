@@ -20,7 +20,7 @@ from typing import Any
 
 from pyVmomi import VmomiSupport, vim, vmodl
 
-from fleet.sim.calls import CallContext, Session, Sessions, current_call
+from fleet.sim.calls import CallContext, Sessions, UserSession, current_call
 from fleet.sim.clock import Clock
 from fleet.sim.content import (
     GuestOperationsManager,
@@ -42,7 +42,7 @@ from fleet.sim.entities import (
     ManagedEntity,
     Network,
 )
-from fleet.sim.faults import FaultInjector, Injection, UpdateFaults
+from fleet.sim.injection import FaultInjector, Injection, UpdateFaults
 from fleet.sim.names import Addresses, NameHolds
 from fleet.sim.propcollector import PropertyCollector
 from fleet.sim.runtime import Runtime, about_info
@@ -110,7 +110,7 @@ class Simulator:
         self.session_table = Sessions(
             self.inventory, stats, users=users,
             idle_timeout_s=topology.vcenter.session_idle_timeout_s)
-        self.sessions: dict[str, Session] = self.session_table.by_key
+        self.sessions: dict[str, UserSession] = self.session_table.by_key
         vc = topology.vcenter
         self.task_manager = TaskManager(
             self.inventory, "TaskManager", clock=self.clock, scheduler=self.scheduler,
@@ -355,7 +355,7 @@ class Simulator:
 
     # -- sessions ----------------------------------------------------------------
     def session_for(self, key: str | None, ip: str = "127.0.0.1", user_agent: str = "",
-                    *, create: bool = True) -> tuple[Session, bool]:
+                    *, create: bool = True) -> tuple[UserSession, bool]:
         return self.session_table.session_for(key, ip, user_agent, create=create)
 
     def expire_all_sessions(self) -> int:
@@ -370,7 +370,7 @@ class Simulator:
             "ServiceInstance")
 
     # -- dispatch -------------------------------------------------------------------
-    def check_privilege(self, session: Session, privilege: str | None, obj: SimObject) -> None:
+    def check_privilege(self, session: UserSession, privilege: str | None, obj: SimObject) -> None:
         if not privilege or privilege.startswith(FREE_PRIVILEGES):
             return
         if self.session_table.denied(session.user, privilege):
@@ -378,7 +378,7 @@ class Simulator:
                 msg=f"Permission to perform this operation was denied: {privilege} on "
                     f"'{obj.display_name}'.", object=obj.ref, privilegeId=privilege)
 
-    async def invoke(self, call: SoapRequest, session: Session, version: str,
+    async def invoke(self, call: SoapRequest, session: UserSession, version: str,
                      injection: Injection | None = None) -> tuple[Any, Any, int]:
         """Run one call. Returns (value, declared result type, result flags)."""
         self.calls[call.method] += 1

@@ -33,7 +33,7 @@ from pyVmomi import VmomiSupport, vim, vmodl
 from fleet.sim.calls import CallContext
 from fleet.sim.clock import Clock
 from fleet.sim.core import Inventory, SimObject
-from fleet.sim.faults import Injection
+from fleet.sim.injection import Injection
 from fleet.sim.stats import Stats
 
 log = logging.getLogger("fleet.sim")

@@ -12,7 +12,7 @@ from typing import Any
 
 from pyVmomi import VmomiSupport, vim
 
-from fleet.sim.calls import CallContext, Session
+from fleet.sim.calls import CallContext, UserSession
 from fleet.sim.core import Inventory, SimObject, contained
 
 
@@ -21,7 +21,7 @@ class ContainerView(SimObject):
     id_prefix = "session-view-"
 
     def __init__(self, inventory: Inventory, container: SimObject, types: list[Any],
-                 recursive: bool, owner: Session) -> None:
+                 recursive: bool, owner: UserSession) -> None:
         super().__init__(inventory)
         self.container = container
         self.types = tuple(types or ())

@@ -1,6 +1,6 @@
 """VirtualMachine: power, instant clone, full clone, relocate, reconfigure, destroy.
 
-Instant Clone semantics (DESIGN.md section 3):
+Instant Clone semantics (docs/vsphere.md):
 
 - The source must be powered on (running or frozen); otherwise InvalidState.
 - A *running* source is stunned and cloned one task at a time (the scheduler's

@@ -8,7 +8,7 @@ Layers, bottom up (each its own module):
 - ``session``: login, keep-alive, single-flight re-login, the retry rule;
 - ``watch``: one property collector and one ``WaitForUpdatesEx`` loop for all
   tasks in flight and all VM waits;
-- ``inventory`` / ``specs``: property paths, conversions, spec builders;
+- ``inventory`` / ``vim_specs``: property paths, conversions, spec builders;
 - ``faults``: the one translation of vim faults into ``fleet.errors``.
 
 Use it as an async context manager (entered and left in the same task)::
@@ -54,7 +54,7 @@ from fleet.errors import (
 )
 from fleet.urls import redact_url
 from fleet.vsphere import inventory as inv
-from fleet.vsphere import specs
+from fleet.vsphere import vim_specs
 from fleet.vsphere.faults import translate
 from fleet.vsphere.model import (
     CloneRequest,
@@ -70,14 +70,15 @@ from fleet.vsphere.model import (
     VSphere,
 )
 from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session, method_info
+from fleet.vsphere.tasks import VCenterTask
 from fleet.vsphere.tls import TlsOptions
 from fleet.vsphere.transport import MAX_REPLY_BYTES, MIN_VERSION, SoapTransport, Transport
-from fleet.vsphere.watch import PropertyWatcher, VCenterTask, Watch
+from fleet.vsphere.watch import PropertyWatcher, Watch
 
 log = logging.getLogger("fleet.vsphere")
 PC = vmodl.query.PropertyCollector
 
-#: Faults after which an instant clone's source chain is re-read (DESIGN.md section 3).
+#: Faults after which an instant clone's source chain is re-read (docs/vsphere.md).
 _CHAIN_SUSPECTS = ("GenericVmConfigFault", "SystemError")
 _NIC_CACHE_S = 30.0
 
@@ -146,7 +147,7 @@ class VSphereClient:
         self._datacenters: list[tuple[str, Any, Any]] | None = None
         self._nic_cache: dict[str, tuple[float, list[Any]]] = {}
         self._nic_edits: dict[str, tuple[list[Any], Any, list[Any]]] = {}
-        self._clone_bodies = specs.CloneBodies()
+        self._clone_bodies = vim_specs.CloneBodies()
         self._process_manager: Any = None
         self._folder_lock = anyio.Lock()
 
@@ -612,7 +613,7 @@ class VSphereClient:
                 "nic_edits": edits}
 
     async def _clone_spec(self, request: CloneRequest, source: Any) -> Any:
-        return specs.instant_clone_spec(request, **await self._clone_where(request, source))
+        return vim_specs.instant_clone_spec(request, **await self._clone_where(request, source))
 
     def _migrate_edits(self, source_id: str, nics: list[Any],
                        connect: Mapping[int, NicConnect] | NicConnect) -> list[Any]:
@@ -623,8 +624,8 @@ class VSphereClient:
         if cached is not None and cached[0] is nics and cached[1] == connect:
             edits: list[Any] = cached[2]
             return edits
-        plan = specs.migrate_plan([n.key for n in nics], connect)
-        edits = specs.migrate_connect_edits(nics, plan)
+        plan = vim_specs.migrate_plan([n.key for n in nics], connect)
+        edits = vim_specs.migrate_connect_edits(nics, plan)
         self._nic_edits[source_id] = (nics, connect if isinstance(connect, str)
                                       else dict(connect), edits)
         return edits
@@ -662,7 +663,7 @@ class VSphereClient:
         if body is not None:
             task_mo = await self._clone_call(source, method, request.source, body=body)
         else:
-            spec = specs.instant_clone_spec(request, **where)
+            spec = vim_specs.instant_clone_spec(request, **where)
             task_mo = await self._clone_call(source, method, request.source, spec)
 
         async def translate_error(fault: Any) -> VSphereError:
@@ -700,7 +701,7 @@ class VSphereClient:
     # -- other VM operations --------------------------------------------------------------
     async def full_clone(self, source: Ref, name: str, folder: Ref, *, host: Ref | None = None,
                          datastore: Ref | None = None, power_on: bool = True) -> Ref:
-        spec = specs.clone_spec(host=self.mo(host) if host else None,
+        spec = vim_specs.clone_spec(host=self.mo(host) if host else None,
                                 datastore=self.mo(datastore) if datastore else None,
                                 power_on=power_on)
         result: Ref = await self._run_task(self.mo(source), "CloneVM_Task", self.mo(folder),
@@ -762,16 +763,16 @@ class VSphereClient:
             if unknown:
                 raise NotFound(f"{vm} has no NIC with key {', '.join(map(str, sorted(unknown)))}",
                                obj=vm.id)
-        edits = specs.nic_edits(nics, connected, nic_keys)
+        edits = vim_specs.nic_edits(nics, connected, nic_keys)
         if edits or extra_config:
             await self._run_task(mo, "ReconfigVM_Task",
-                                 specs.device_change_spec(edits, extra_config), safe=True)
+                                 vim_specs.device_change_spec(edits, extra_config), safe=True)
 
     async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None:
         """Set extraConfig keys (an empty value removes the key)."""
         if values:
             await self._run_task(self.mo(vm), "ReconfigVM_Task",
-                                 specs.extra_config_spec(values), safe=True)
+                                 vim_specs.extra_config_spec(values), safe=True)
 
     # -- guest ----------------------------------------------------------------------------
     async def _processes(self) -> Any:
@@ -797,7 +798,7 @@ class VSphereClient:
         deadline = anyio.current_time() + timeout_s
         with anyio.move_on_after(timeout_s):
             pid = await self.session.call(manager, "StartProgramInGuest", mo, auth,
-                                          specs.program_spec(program))
+                                          vim_specs.program_spec(program))
             log.debug("started %s in %s as pid %s", program.path, vm.id, pid)
             delay, max_delay = self.guest_poll_s
             while True:

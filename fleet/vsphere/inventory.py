@@ -46,6 +46,7 @@ _LINUX_HINTS = ("linux", "ubuntu", "debian", "rhel", "centos", "sles", "suse", "
 
 
 def ref_of(mo: Any) -> Ref:
+    """The model's reference to a pyVmomi managed object."""
     return Ref(str(mo._wsdlName), str(mo._moId))
 
 

@@ -5,7 +5,7 @@ a guest. These command lines are a contract: the simulator's guest
 (``fleet.sim.guest``) recognises them by their stable markers, so change them
 only together with it (``tests/engine/test_recipes.py`` holds the two equal).
 
-NIC refresh (DESIGN.md section 3: after an instant clone the guest still uses
+NIC refresh (docs/vsphere.md: after an instant clone the guest still uses
 its source's MAC; refreshing the NIC makes it pick up the new one):
 
 - Linux: ``/bin/sh -c '<script>'``. For every interface under

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from fleet.api.cli import main as serve_main
 from fleet.api.config import config_from_dict, load_config, parse_listen
 from fleet.cli import build_parser
+from fleet.cli.serve import main as serve_main
 from fleet.engine.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def test_tokens_must_be_long_and_come_from_env_or_file(tmp_path: Path) -> None:
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    from fleet.sim.tls import generate
+    from fleet.sim.certs import generate
 
     # A real certificate: the CA file is parsed at load time now.
     (tmp_path / "ca.pem").write_bytes(generate().cert_pem)

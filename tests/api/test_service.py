@@ -16,8 +16,8 @@ import pytest
 from fleet.api.config import ServiceConfig, config_from_dict
 from fleet.api.requests import fleet_request, scale_request
 from fleet.api.service import FleetRecord, FleetService
-from fleet.engine.api import provision
 from fleet.engine.lifetime import LABEL_EXPIRES_AT
+from fleet.engine.operations import provision
 from fleet.engine.reconcile import LABEL_NAME
 from fleet.engine.run import EngineOptions
 from fleet.engine.spec import spec_from_dict

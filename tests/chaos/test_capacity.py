@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import pytest
 
-from fleet.engine.api import provision, status
+from fleet.engine.operations import provision, status
 from fleet.engine.run import EngineOptions
 from tests.chaos.audit import audit, inventory, power_off, vm_ids
 from tests.chaos.conftest import ENV, FROZEN, client, make_spec

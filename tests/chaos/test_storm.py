@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import pytest
 
-from fleet.engine.api import provision
+from fleet.engine.operations import provision
 from fleet.engine.run import EngineOptions
 from tests.chaos.audit import audit, vm_ids
 from tests.chaos.conftest import FULL, client, make_spec, report

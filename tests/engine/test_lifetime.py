@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+from fleet.engine import provision
 from fleet.engine.lifetime import (
     LABEL_EXPIRES_AT,
     expires_at_of,
     expiry_labels,
     fleet_expiry,
     parse_duration,
+    stamp_expiry,
 )
 from fleet.engine.reconcile import Member
-from fleet.errors import ConfigError
+from fleet.errors import ConfigError, FleetError
 from fleet.vsphere.model import Ref, VmInfo
+from tests.engine.conftest import CLONE_ONLY, FROZEN4, make_spec, vcenter
+from tests.engine.conftest import options as opts
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -46,3 +50,25 @@ def test_fleet_expiry_is_the_latest_and_none_if_any_member_has_none() -> None:
     assert expires_at_of({LABEL_EXPIRES_AT: "-5"}) is None
     assert expiry_labels(None) == {}
     assert expiry_labels(99.2) == {LABEL_EXPIRES_AT: "100"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("landed", [True, False])
+async def test_an_expiry_write_that_landed_without_a_reply_is_not_a_failure(
+        landed: bool) -> None:
+    """Issue 11, item 10: a label write whose reply was lost is looked up before it is
+    called failed. The TTL stamp (``fleet provision --ttl``, a service PATCH of
+    ``ttl_s``) is such a write: absolute, so a landed one is done."""
+    spec = make_spec(sources=FROZEN4[:2], count=4, **CLONE_ONLY)
+    async with vcenter(hosts=2) as (vs, vc):
+        assert (await provision(spec, vs, options=opts())).ready == 4
+        # Every reply is lost: after the write was made, or before vCenter had it.
+        vc.add_fault(method="ReconfigVM_Task",
+                     fault="http:lost_reply" if landed else "http:reset")
+        if landed:
+            assert await stamp_expiry(spec, vs, 2_000_000_000) == 4
+        else:
+            with pytest.raises(FleetError, match="could not label 4 of 4 members"):
+                await stamp_expiry(spec, vs, 2_000_000_000)
+    stamped = {vm.extra_config.get(LABEL_EXPIRES_AT) for vm in vc.folder_vms(spec.folder_path)}
+    assert stamped == ({"2000000000"} if landed else {None})

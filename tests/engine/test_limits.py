@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.engine.limits import AimdController, AutoTuning, Limiters, LimitKey
+from fleet.engine.limits import AimdController, AutoTuning, Lease, Limiters, LimitKey
 from fleet.engine.spec import LimitsSpec
-from fleet.vsphere.model import Ref, TaskSnapshot
+from fleet.vsphere.model import Ref, TaskSnapshot, TaskState
 
 # A small initial host window keeps the arithmetic below short (the default is 8).
 T = AutoTuning(host_initial=2, queued_min_s=0.01, queued_fraction=0.0, latency_floor_s=0.05)
@@ -189,13 +191,14 @@ def test_host_slow_start_stops_at_vspheres_eight_slots() -> None:
 
 
 class _Task:
-    """A task handle as the client holds one: its snapshot is what vCenter last said."""
+    """A vCenter task as the client last saw it: a state and vCenter's own times."""
 
-    def __init__(self, snapshot: TaskSnapshot) -> None:
-        self.ref = snapshot.ref
-        self.snapshot = snapshot
+    def __init__(self, state: TaskState, queued: float | None = None,
+                 started: float | None = None, ended: float | None = None):
+        self.ref = Ref("Task", f"task-{id(self)}")
+        self.snapshot = TaskSnapshot(self.ref, state, queued, started, ended)
 
-    async def wait(self, timeout_s: float | None = None) -> None:
+    async def wait(self, timeout_s: float | None = None) -> Any:
         raise NotImplementedError
 
     async def cancel(self) -> None:
@@ -216,8 +219,124 @@ async def test_a_sibling_vcenter_has_said_nothing_of_is_not_push_back(reported: 
     a = lim.try_acquire(keys, "a")
     b = lim.try_acquire(keys, "b")
     assert a is not None and b is not None and host.limit == 2
-    ref = Ref("Task", "task-2")
-    a.submitted(_Task(TaskSnapshot(Ref("Task", "task-1"), "running", 100.0, 100.0)), 0.0)
-    b.submitted(_Task(TaskSnapshot(ref, "queued", 100.0 if reported else None)), 0.0)
+    a.submitted(_Task("running", 100.0, 100.0), 0.0)
+    b.submitted(_Task("queued", 100.0 if reported else None), 0.0)
     lim.completed(a, queue_s=0.0, run_s=0.1, now=1.0)
     assert (host.limit < 2) is cut, host.limit
+
+
+def _hold(lim: Limiters, n: int, name: str) -> list[Lease]:
+    keys = lim.keys_for(host="h", datastore=None, running_source=None)
+    leases = [lim.try_acquire(keys, f"{name}{i}") for i in range(n)]
+    assert all(lease is not None for lease in leases)
+    return [lease for lease in leases if lease is not None]
+
+
+@pytest.mark.anyio
+async def test_queued_task_reveals_the_slots_vcenter_ran_not_our_lagging_count() -> None:
+    """A loaded client hears of finished tasks late: when it handed a task over, its
+    leases still counted three that vCenter had finished. vCenter queued the task behind
+    its 8 slots; the cut goes to 8 (what vCenter ran just before starting it, on
+    vCenter's clock), not to the 11 leases we held."""
+    lim = Limiters(LimitsSpec(per_host="auto"), tuning=AutoTuning(host_initial=15))
+    host = lim.get(LimitKey.of("host", "h"))
+    done = _hold(lim, 3, "done")  # finished at 99.9, not yet heard of
+    running = _hold(lim, 8, "run")  # vCenter's 8 slots from 100.0; 4 free at 101.0
+    queued = _hold(lim, 4, "q")  # arrived at 100.1, waited for those slots
+    for lease in done:
+        lease.submitted(_Task("success", 99.0, 99.0, 99.9), 0.0)
+    for i, lease in enumerate(running):
+        lease.submitted(_Task("success", 100.0, 100.0, 101.0) if i < 4
+                        else _Task("running", 100.0, 100.0), 0.0)
+    for lease in queued:
+        lease.submitted(_Task("success", 100.1, 101.0, 102.0), 0.0)
+    first = queued[0]
+    assert first.in_flight_before[host.key] == 11
+    lim.completed(first, queue_s=0.9, run_s=1.0, now=10.0)
+    assert host.limit == 8
+
+
+@pytest.mark.anyio
+async def test_a_sibling_is_stuck_only_if_vcenter_said_queued_long_enough() -> None:
+    """A completion counts a sibling as push-back only on vCenter's word and clock: not
+    a task the client has had no update for yet (it shows ``queued`` by default), nor
+    one vCenter queued a moment before this one ended, however long this process took
+    to get round to it (a stalled event loop: ``now`` is seconds after submission)."""
+    def run(sibling: _Task) -> int:
+        lim = Limiters(LimitsSpec(per_host="auto"), tuning=T)
+        host = lim.get(LimitKey.of("host", "h"))
+        # vCenter ran a peer beside this task: a window of 2, which slow start may
+        # double. We heard of the peer's end and handed the sibling over in its place.
+        peer, me = _hold(lim, 2, "x")
+        peer.submitted(_Task("success", 100.0, 100.0, 100.05), 0.0)
+        me.submitted(_Task("success", 100.0, 100.0, 100.1), 0.0)
+        lim.release(peer)
+        other, = _hold(lim, 1, "o")
+        other.submitted(sibling, 0.0)
+        lim.completed(me, queue_s=0.0, run_s=0.1, now=5.0)
+        return int(host.limit)
+
+    assert T.host_initial == 2
+    assert run(_Task("queued")) == 3  # never heard of: prompt, slow start grows
+    assert run(_Task("queued", queued=100.095)) == 3  # queued 5 ms before 100.1
+    # Queued 40 ms (threshold 10 ms) when this one ended: the slot count is what
+    # vCenter ran just before 100.1, this task alone.
+    assert run(_Task("queued", queued=100.06)) == 1
+
+
+def _rounds(lim: Limiters, *, slots: int, gap_s: float, rounds: int, t0: float = 100.0
+            ) -> list[int]:
+    """The host limit after each of ``rounds`` rounds on a host with ``slots``, where
+    10 ms clones start first come first served. Each round fills the limit; a loaded
+    client hands the tasks over ``gap_s`` apart on vCenter's clock, and hears of all
+    their ends afterwards in one backlog (its leases counted them all in flight)."""
+    host = lim.get(LimitKey.of("host", "h"))
+    limits = []
+    for r in range(rounds):
+        leases = _hold(lim, int(host.limit), f"{t0}-{r}-")
+        starts: list[float] = []
+        for i, lease in enumerate(leases):
+            arrived = t0 + r + i * gap_s
+            start = arrived if i < slots else max(arrived, starts[i - slots] + 0.01)
+            starts.append(start)
+            lease.submitted(_Task("success", arrived, start, start + 0.01), 0.0)
+        for lease, start in zip(leases, starts, strict=True):
+            snap = lease.task.snapshot if lease.task is not None else None
+            assert snap is not None and snap.queue_time is not None
+            lim.completed(lease, queue_s=start - snap.queue_time, run_s=0.01, now=1e4)
+            lim.release(lease)
+        limits.append(int(host.limit))
+    return limits
+
+
+def _auto_host() -> Limiters:
+    return Limiters(LimitsSpec(per_host="auto"), tuning=AutoTuning(queued_min_s=0.005))
+
+
+@pytest.mark.anyio
+async def test_slow_start_doubles_at_most_the_window_vcenter_ran() -> None:
+    """A prompt completion is evidence only for the window vCenter ran of ours when it
+    started the task. A loaded client hands tasks over slower than 8 slots run them
+    (2.5 ms apart: vCenter runs 4 at once), or a little faster (1 ms apart: each waits
+    a few ms, under the 5 ms threshold): our leases count the whole limit in flight,
+    but slow start must not take the limit past twice what vCenter ran, round after
+    round. It went 13, 20, 31, 47, 64 at 2.5 ms, and 13, 20, 31 at 1 ms before a task
+    at last waited past the threshold. Shown a whole window at once, it grows on."""
+    for gap_s in (0.0025, 0.001):
+        limits = _rounds(_auto_host(), slots=8, gap_s=gap_s, rounds=6)
+        assert max(limits) <= 2 * 8, (gap_s, limits)
+    limits = _rounds(_auto_host(), slots=64, gap_s=0.0001, rounds=3)
+    assert limits[-1] > 2 * 8, limits
+
+
+@pytest.mark.anyio
+async def test_a_ceiling_is_passed_only_once_vcenter_ran_that_many() -> None:
+    """After a cut to the 8 slots a queued task revealed, the limit probes 9 (its
+    ceiling). A loaded client's 9th task arrives as a slot frees and waits a moment, under
+    the threshold: a prompt completion, but vCenter still ran only 8, so the ceiling
+    stands. Before, the limit passed it on our own count and grew on (10, 11, ...)."""
+    lim = _auto_host()
+    # All at once: slow start past 8, then the tasks past 8 wait 10 ms: cut to 8.
+    assert _rounds(lim, slots=8, gap_s=0.0, rounds=2)[-1] == 8
+    limits = _rounds(lim, slots=8, gap_s=0.001, rounds=40, t0=200.0)
+    assert 9 in limits and max(limits) == 9, limits

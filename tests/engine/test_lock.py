@@ -17,8 +17,8 @@ from typing import Any
 import anyio
 import pytest
 
-from fleet.engine.api import destroy, provision, status
 from fleet.engine.lock import (
+    CALL_S,
     LOCK_NAME,
     FleetLock,
     Holder,
@@ -29,6 +29,7 @@ from fleet.engine.lock import (
     lock_state,
     process_space,
 )
+from fleet.engine.operations import destroy, provision, status
 from fleet.errors import NotFound
 from fleet.vsphere.model import Ref, VSphere
 from tests.engine.conftest import CLONE_ONLY, make_spec, vcenter
@@ -373,3 +374,29 @@ async def test_a_run_cancelled_while_its_lock_is_being_made_leaves_no_lock(step:
         # The next run takes the lock at once.
         held = await _acquire(vs, "bbbbbbbbbbbb")
         assert held.acquired and held.took_over is None
+
+
+async def test_a_release_gives_up_at_the_stopping_deadline(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A run stopped by a signal ends within ``cancel_grace_s`` + ``cleanup_s``; its lock
+    release, when vCenter is slow to destroy folders, waited up to CALL_S (30 s) more.
+    With ``release_by`` it gives up at the deadline and the lock lapses with its lease."""
+    async with vcenter() as (vs, vc):
+        # The release is shielded from cancellation, so a deadline cannot cut it short:
+        # a release that waited CALL_S shows as this scope's deadline having passed.
+        with anyio.move_on_after(CALL_S / 2) as guard:
+            async with lock(vs, "aaaaaaaaaaaa", lease_s=2.0) as held:
+                # vCenter sits on the lock folder's Destroy_Task for an hour before doing it.
+                slow = vc.add_fault(method="Destroy_Task", object=LOCK_NAME, fault="slow",
+                                    phase="call", delay_s=3600)
+                held.release_by(anyio.current_time() + 0.1)
+        assert not guard.cancel_called
+        assert slow.fired == 1  # the release was made and it was slow
+        [gave_up] = [r for r in caplog.records if "gave up removing" in r.getMessage()]
+        assert gave_up.args is not None and gave_up.args[-1] < CALL_S  # type: ignore[index]
+        assert len(await locks_in(vs)) == 1  # left to lapse
+        vc.remove_fault(slow)
+        # Without a deadline the release is made (bounded by CALL_S, as before).
+        async with lock(vs, "bbbbbbbbbbbb", wait_s=None, poll_s=0.05, lease_s=2.0):
+            pass
+        assert await locks_in(vs) == []

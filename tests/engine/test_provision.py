@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from fleet.engine import provision
+from fleet.engine.dispatch import _PlacementCapacity
 from fleet.engine.events import (
     Event,
     HostExcluded,
@@ -27,10 +28,12 @@ from fleet.engine.events import (
 from fleet.engine.limits import AutoTuning, Limiters, LimitKey
 from fleet.engine.placement import SourceState
 from fleet.engine.reconcile import LABEL_STATE
-from fleet.engine.run import Provisioner, _PlacementCapacity
+from fleet.engine.run import Provisioner
 from fleet.engine.spec import FleetSpec, LimitsSpec
 from fleet.errors import ConfigError, UnsupportedEndpoint
+from fleet.sim.core import SimObject
 from fleet.sim.topology import VmConfig
+from fleet.sim.vm import VirtualMachine
 from fleet.vsphere.model import Ref, VmInfo, VSphere
 from tests.engine.conftest import (
     CLONE_ONLY,
@@ -257,12 +260,19 @@ async def test_host_lost_mid_burst_jobs_are_replaced() -> None:
     rec = Recorder()
     async with vcenter(hosts=4, latency={"instant_clone_s": 0.004}) as (vs, vc):
 
-        def on_event(event: Event) -> None:
-            rec(event)
-            if len(rec.of(JobReady)) == 60:  # a quarter in: the host goes away
+        def lose_host(source: SimObject) -> None:
+            # A quarter in, with members made on esx-02 and this clone going there: the
+            # host goes away under it (a point in what was handed to vCenter, not in the
+            # run's events, which can come after the burst on a loaded machine).
+            assert isinstance(source, VirtualMachine)
+            if source.host.connection_state == "connected" and source.host.name == "esx-02" \
+                    and vc.calls["InstantClone_Task"] >= 60 and any(
+                        vm.host is source.host for vm in vc.folder_vms(spec.folder_path)):
                 vc.set_host_state("esx-02", "notResponding")
 
-        summary = await provision(spec, vs, on_event=on_event, options=opts())
+        vc.before_call("InstantClone_Task", lose_host)
+        summary = await provision(spec, vs, on_event=rec, options=opts())
+    assert vc.sim.hosts["esx-02"].connection_state == "notResponding"
     assert summary.ready == 240, summary.failures
     assert_complete(vc, spec)
     assert [e.host for e in rec.of(HostExcluded)] == ["esx-02"]
@@ -277,12 +287,16 @@ async def test_source_powered_off_mid_burst_is_retired() -> None:
     rec = Recorder()
     async with vcenter(hosts=4, latency={"instant_clone_s": 0.004}) as (vs, vc):
 
-        def on_event(event: Event) -> None:
-            rec(event)
-            if len(rec.of(JobReady)) == 40:
+        def power_off(source: SimObject) -> None:
+            # A fifth in, as a clone of frozen-03 is handed over: pulled from under it.
+            assert isinstance(source, VirtualMachine)
+            if source.name == "frozen-03" and source.power_state == "poweredOn" and \
+                    vc.calls["InstantClone_Task"] >= 40:
                 vc.power_off_now("frozen-03")
 
-        summary = await provision(spec, vs, on_event=on_event, options=opts())
+        vc.before_call("InstantClone_Task", power_off)
+        summary = await provision(spec, vs, on_event=rec, options=opts())
+    assert vc.vm("frozen-03").power_state == "poweredOff"
     assert summary.ready == 200
     assert_complete(vc, spec)
     retired = rec.of(SourceRetired)

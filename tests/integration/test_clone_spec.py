@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import ssl
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,14 +23,14 @@ from pyVmomi import vim
 
 from fleet.api.config import config_from_dict
 from fleet.api.service import FleetService
-from fleet.engine.api import provision
 from fleet.engine.lifetime import LABEL_EXPIRES_AT
+from fleet.engine.operations import provision
 from fleet.engine.reconcile import LABEL_NAME, LABEL_RUN_ID, LABEL_SOURCE
 from fleet.engine.sources import FLEET_LABELS
 from fleet.metrics import FleetMetrics
 from fleet.vsphere.client import VSphereClient
 from tests.simproc import PASSWORD, USER, SimProcess
-from tests.specs import ENV, make_spec, write_spec
+from tests.specs import make_spec, run_fleet, write_spec
 
 pytestmark = pytest.mark.anyio
 
@@ -42,11 +39,6 @@ pytestmark = pytest.mark.anyio
 def sim() -> Iterator[SimProcess]:
     with SimProcess(time_scale=0.05) as proc:
         yield proc
-
-
-def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
-                          text=True, timeout=180, env=dict(os.environ, **ENV))
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
@@ -83,7 +75,7 @@ def nic_macs(sim: SimProcess, folder: str) -> dict[str, list[str]]:
 async def test_a_fleet_sourcing_a_ttl_members_clone_neither_inherits_nor_dies_of_its_ttl(
         sim: SimProcess, tmp_path: Path) -> None:
     spec_a = write_spec(tmp_path / "a.toml", sim, "ttla", 1, sources=["frozen-01"])
-    made = fleet_cli("provision", "--spec", str(spec_a), "--ttl", "1h", "--json",
+    made = run_fleet("provision", "--spec", str(spec_a), "--ttl", "1h", "--json",
                      "--no-progress")
     assert made.returncode == 0, made.stderr
     expires_at = json.loads(made.stdout)["expires_at"]
@@ -92,7 +84,7 @@ async def test_a_fleet_sourcing_a_ttl_members_clone_neither_inherits_nor_dies_of
 
     source = "fleet/ttla/ttla-0000"
     spec_b = write_spec(tmp_path / "b.toml", sim, "plainb", 3, sources=[source])
-    made = fleet_cli("provision", "--spec", str(spec_b), "--json", "--no-progress")
+    made = run_fleet("provision", "--spec", str(spec_b), "--json", "--no-progress")
     assert made.returncode == 0, made.stderr
     summary = json.loads(made.stdout)
     assert summary["ready"] == 3 and summary["expires_at"] is None

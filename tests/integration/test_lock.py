@@ -256,7 +256,8 @@ def test_a_holder_killed_with_sigkill_is_taken_over(sim: SimProcess, tmp_path: P
     # From another machine (its record's process space made foreign, as a holder's on
     # another host is): only vCenter's clock can say it is stale. A run that waits
     # takes it over once its lease has expired.
-    doomed = provision(spec, 250, "--lock-lease", "10")
+    # A short lease (the check is that it is waited out, not how long it is).
+    doomed = provision(spec, 250, "--lock-lease", "5")
     wait_for_clones(sim, 30, doomed)
     dead = holder_of(sim, "lockkill")
     assert dead is not None
@@ -281,12 +282,17 @@ def test_the_service_and_the_cli_exclude_each_other(sim: SimProcess, tmp_path: P
         status, _ = svc.call("POST", "/v1/fleets", {"name": "lockcs", "count": 100})
         assert status == 202
         spec = write_spec(tmp_path / "cs.toml", sim, "lockcs", 100)
+        # Paused as soon as its first clones land (read from the simulator's counters,
+        # which is quick): a slower look (a login and every member's labels) let the
+        # service finish its 100 first, and the destroy then rightly took the free lock.
+        base = sim.stats()["clones_total"]
         deadline = time.monotonic() + 120
-        while holder_of(sim, "lockcs") is None or not members(sim, "lockcs"):
+        while sim.stats()["clones_total"] < base + 10:
             assert time.monotonic() < deadline, "the service never started"
-            time.sleep(0.05)
+            time.sleep(0.02)
         os.kill(svc.proc.pid, signal.SIGSTOP)  # mid-build, lock held
         try:
+            assert holder_of(sim, "lockcs") is not None
             refused = destroy(spec)
             code, body = refused.result()
             assert code == EXIT_LOCKED, refused.err
@@ -325,7 +331,12 @@ def test_the_service_and_the_cli_exclude_each_other(sim: SimProcess, tmp_path: P
             seen["error"], seen
         done = svc.wait_for("locksc", timeout_s=120)
         assert done["ready"] == 40
-        assert done["run"]["summary"]["removed"] == 60  # the CLI's 100 were all there
+        # The CLI's 100 were all there: the service's run removed 60. A run the service
+        # had to start again (a transient fault: under load, a call past its deadline)
+        # reports what its last attempt removed, the rest having gone in earlier ones.
+        retried = [line for line in svc.stderr_lines if "fleet locksc: retrying: " in line]
+        removed = done["run"]["summary"]["removed"]
+        assert removed == 60 or (retried and 0 < removed < 60), (removed, retried)
         got = members(sim, "locksc")
         assert len(got) == 40 and set(got.values()) == {"ready"}
 

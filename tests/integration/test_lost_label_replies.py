@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.engine.api import provision, status
+from fleet.engine.operations import provision, status
 from fleet.vsphere.client import VSphereClient
 from tests.simproc import PASSWORD, USER, SimProcess
 from tests.specs import make_spec

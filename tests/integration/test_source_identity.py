@@ -6,10 +6,7 @@ its budget and it would be cloned twice at once."""
 from __future__ import annotations
 
 import json
-import os
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 from pyVim.connect import Disconnect, SmartConnect
 
 from tests.simproc import PASSWORD, USER, SimProcess
-from tests.specs import ENV, write_spec
+from tests.specs import run_fleet, write_spec
 
 TWICE = ["golden-running", "dc1/vm/sources/golden-running"]
 
@@ -26,11 +23,6 @@ TWICE = ["golden-running", "dc1/vm/sources/golden-running"]
 def sim() -> Iterator[SimProcess]:
     with SimProcess(time_scale=0.05) as proc:
         yield proc
-
-
-def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
-                          text=True, timeout=180, env=dict(os.environ, **ENV))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +42,7 @@ def test_one_vm_named_twice_is_refused_naming_both_entries(
         sim: SimProcess, golden_id: str, tmp_path: Path, command: tuple[str, ...]) -> None:
     spec = write_spec(tmp_path / "dup.toml", sim, "dup", 6, sources=TWICE, chain_budget=4)
     before = sim.stats()
-    result = fleet_cli(*command, "--spec", str(spec))
+    result = run_fleet(*command, "--spec", str(spec))
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert f'dup.toml: sources[1]: "dc1/vm/sources/golden-running" is the same VM ({golden_id}) ' \
         f'as sources[0] "golden-running"' in result.stderr
@@ -65,7 +57,7 @@ def test_each_spelling_alone_plans_within_the_budget(sim: SimProcess, tmp_path: 
     # One spelling of the running source, budget 4 from depth 1: 3 clones fit, 3 do not.
     spec = write_spec(tmp_path / "one.toml", sim, "dupone", 6, sources=TWICE[1:],
                       chain_budget=4)
-    result = fleet_cli("plan", "--spec", str(spec), "--json")
+    result = run_fleet("plan", "--spec", str(spec), "--json")
     assert result.returncode == 1, result.stderr  # not feasible as it stands
     plan = json.loads(result.stdout)
     (row,) = plan["rows"]

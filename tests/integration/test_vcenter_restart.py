@@ -7,8 +7,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from fleet.engine.api import provision, status
 from fleet.engine.events import Event, JobReady
+from fleet.engine.operations import provision, status
 from fleet.engine.run import Provisioner
 from fleet.vsphere.client import VSphereClient
 from tests.simproc import PASSWORD, USER, SimProcess

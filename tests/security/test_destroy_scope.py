@@ -21,7 +21,7 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from fleet.engine.api import destroy, provision, status
+from fleet.engine.operations import destroy, provision, status
 from fleet.engine.reconcile import LABEL_INDEX, LABEL_NAME, LABEL_STATE, member_index
 from tests.chaos.audit import inventory
 from tests.chaos.conftest import client, make_spec

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from tests.simproc import USER, SimProcess
-from tests.specs import ENV, to_toml
+from tests.specs import ENV, run_fleet, to_toml
 
 SECRET = "Hunter2-url-secret-8c1f0e"
 TOKEN = "a-good-long-token-0123456789"
@@ -40,9 +40,7 @@ DEEP = "a = " + "[" * 5000 + "]" * 5000 + "\n"
 
 def fleet(*args: str, env: dict[str, str] | None = None, timeout: float = 60
           ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})),
-                          stdin=subprocess.DEVNULL)
+    return run_fleet(*args, env=env or {}, timeout=timeout)
 
 
 def assert_usage_error(run: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -281,6 +279,37 @@ def test_a_certificate_for_the_simulator_that_is_a_fifo(fifo: Path) -> None:
     assert_usage_error(fleet("sim", "--cert-file", str(fifo), "--key-file", str(fifo),
                              "--listen", "127.0.0.1:0"),
                        "--cert-file: cannot use the certificate: it is a FIFO")
+
+
+def test_an_event_log_fifo_without_a_reader_is_refused_not_waited_for(fifo: Path) -> None:
+    """Opening a FIFO for writing waits for a reader: ``--events FIFO`` with nobody
+    reading it hung before the run began, for ever."""
+    assert_usage_error(fleet("provision", "--count", "1", "--sim-time-scale", "0.05",
+                             "--events", str(fifo), timeout=60),
+                       "--events", f"{str(fifo)!r}", "nobody is reading that FIFO")
+
+
+def test_an_event_log_fifo_with_a_reader_gets_every_event(fifo: Path) -> None:
+    """A FIFO someone reads (``--events >(jq ...)``, a log shipper) is a fine event log."""
+    lines: list[bytes] = []
+
+    def read() -> None:
+        with fifo.open("rb") as log:  # returns once fleet opens it for writing
+            lines.extend(log)
+
+    # A reader is there before fleet starts: this end, opened without waiting.
+    present = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
+        run = fleet("provision", "--count", "2", "--sim-time-scale", "0.05", "--json",
+                    "--events", str(fifo), timeout=120)
+        reading.join(30)
+    finally:
+        os.close(present)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kinds = [json.loads(line)["event"] for line in lines]
+    assert kinds.count("job_ready") == 2, kinds
 
 
 def test_a_ten_megabyte_spec_is_refused_before_parsing(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ import pytest
 
 from fleet import cli
 from tests.simproc import USER, SimProcess
+from tests.specs import run_fleet
 
 VC_PASSWORD = "Vc-Pa55-9d1e7c-never-shown"
 GUEST_PASSWORD = "Gu3st-Pa55-41ab0f-never-shown"
@@ -88,9 +89,7 @@ guest_password_env = "GUEST_PW"
 
 def fleet(*args: str, env: dict[str, str], timeout: float = 120
           ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleet", *args],
-                          env=dict(os.environ, **env), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_fleet(*args, env=env, timeout=timeout)
 
 
 # -- TLS -----------------------------------------------------------------------------------

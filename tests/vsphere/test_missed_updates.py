@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from fleet.engine.api import provision
+from fleet.engine.operations import provision
 from fleet.vsphere.client import VSphereClient
 from fleet.vsphere.model import CloneRequest, Ref
 from tests.simproc import SimProcess

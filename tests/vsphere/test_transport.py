@@ -21,8 +21,8 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from fleet import __version__, errors
-from fleet.api.cli import connect
 from fleet.api.config import config_from_dict
+from fleet.cli.serve import connect
 from fleet.engine.spec import SpecError
 from fleet.metrics import FleetMetrics
 from fleet.target import open_target

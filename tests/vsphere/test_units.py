@@ -9,7 +9,7 @@ from pyVmomi import VmomiSupport, vim, vmodl
 
 from fleet.errors import ConfigError
 from fleet.vsphere import inventory as inv
-from fleet.vsphere import specs
+from fleet.vsphere import vim_specs
 from fleet.vsphere.client import endpoint_problem
 from fleet.vsphere.model import CloneRequest, GuestProgram, Ref
 from fleet.vsphere.session import Secret, method_info
@@ -98,21 +98,21 @@ def _nic(key: int, connected: bool = True) -> object:
 
 
 def test_migrate_plan() -> None:
-    assert specs.migrate_plan([4000, 4001], "disconnect") == {4000: "disconnect",
+    assert vim_specs.migrate_plan([4000, 4001], "disconnect") == {4000: "disconnect",
                                                               4001: "disconnect"}
-    assert specs.migrate_plan([4000, 4001], {4001: "connect", 4999: "connect"}) == {
+    assert vim_specs.migrate_plan([4000, 4001], {4001: "connect", 4999: "connect"}) == {
         4001: "connect"}
-    assert specs.migrate_plan([4000], None) == {}
-    assert specs.migrate_plan([4000], {}) == {}
+    assert vim_specs.migrate_plan([4000], None) == {}
+    assert vim_specs.migrate_plan([4000], {}) == {}
 
 
 def test_instant_clone_spec() -> None:
     nics = [_nic(4000), _nic(4001)]
-    edits = specs.migrate_connect_edits(nics, {4001: "disconnect"})
+    edits = vim_specs.migrate_connect_edits(nics, {4001: "disconnect"})
     request = CloneRequest(source=Ref("VirtualMachine", "vm-1"), name="web-1",
                            folder=Ref("Folder", "group-v3"),
                            extra_config={"guestinfo.a": "1"}, bios_uuid="4211-aaaa")
-    spec = specs.instant_clone_spec(request, folder=vim.Folder("group-v3"),
+    spec = vim_specs.instant_clone_spec(request, folder=vim.Folder("group-v3"),
                                     datastore=vim.Datastore("datastore-1"), nic_edits=edits)
     assert isinstance(spec, vim.vm.InstantCloneSpec)
     assert spec.name == "web-1" and spec.biosUuid == "4211-aaaa"
@@ -130,7 +130,7 @@ def test_instant_clone_spec() -> None:
     assert change.device.backing.deviceName == nics[1].backing.deviceName
     assert nics[1].macAddress is not None
     assert nics[1].connectable.migrateConnect is None
-    plain = specs.instant_clone_spec(request, folder=vim.Folder("group-v3"))
+    plain = vim_specs.instant_clone_spec(request, folder=vim.Folder("group-v3"))
     assert not plain.location.deviceChange  # no edits at all
     # Everything serializes (types checked by pyVmomi).
     VimStub("vim.version.v8_0_3_0").serialize(
@@ -143,8 +143,8 @@ def test_clone_bodies_are_what_pyvmomi_serializes(version: str) -> None:
     stub = VimStub(version)
     source = vim.VirtualMachine("vm-1", stub)
     info = method_info(source, "InstantClone_Task")
-    edits = specs.migrate_connect_edits([_nic(4000), _nic(4001)], {4001: "connect"})
-    bodies = specs.CloneBodies()
+    edits = vim_specs.migrate_connect_edits([_nic(4000), _nic(4001)], {4001: "connect"})
+    bodies = vim_specs.CloneBodies()
     odd = ["", "a&b<c>d", "quote \" and ' apostrophe", "été ☃", "]]>", "&amp;"]
     for i in range(12):
         request = CloneRequest(
@@ -157,7 +157,7 @@ def test_clone_bodies_are_what_pyvmomi_serializes(version: str) -> None:
         where = {"folder": vim.Folder("group-v3", stub),
                  "datastore": vim.Datastore("datastore-1", stub) if request.datastore else None,
                  "nic_edits": edits if i % 2 else []}
-        expected = stub.serialize(source, info, [specs.instant_clone_spec(request, **where)])
+        expected = stub.serialize(source, info, [vim_specs.instant_clone_spec(request, **where)])
         assert bodies.render(stub, source, info, request, **where) == expected
     # Not a string: no promise, the caller serializes as usual.
     numeric = CloneRequest(source=Ref("VirtualMachine", "vm-1"), name="web-x",
@@ -168,11 +168,11 @@ def test_clone_bodies_are_what_pyvmomi_serializes(version: str) -> None:
 
 
 def test_nic_edits_and_program_spec() -> None:
-    edits = specs.nic_edits([_nic(4000, False), _nic(4001, False)], True, [4001])
+    edits = vim_specs.nic_edits([_nic(4000, False), _nic(4001, False)], True, [4001])
     assert [e.device.key for e in edits] == [4001]
     assert edits[0].device.connectable.connected is True
     assert edits[0].device.macAddress is None and edits[0].device.backing is not None
-    program = specs.program_spec(GuestProgram("/bin/sh", "-c true", env={"A": "1"}))
+    program = vim_specs.program_spec(GuestProgram("/bin/sh", "-c true", env={"A": "1"}))
     assert program.programPath == "/bin/sh" and program.envVariables == ["A=1"]
 
 
@@ -183,16 +183,16 @@ def test_no_serialized_clone_spec_carries_a_source_mac(version: str) -> None:
     info = method_info(source, "InstantClone_Task")
     nics = [_nic(4000), _nic(4001)]
     macs = [n.macAddress for n in nics]
-    bodies = specs.CloneBodies()
+    bodies = vim_specs.CloneBodies()
     for connect in ("disconnect", "connect"):
-        edits = specs.migrate_connect_edits(nics, specs.migrate_plan([4000, 4001], connect))
+        edits = vim_specs.migrate_connect_edits(nics, vim_specs.migrate_plan([4000, 4001], connect))
         assert [e.device.key for e in edits] == [4000, 4001]
         for i in range(3):
             request = CloneRequest(source=Ref("VirtualMachine", "vm-1"), name=f"web-{i}",
                                    folder=Ref("Folder", "group-v3"),
                                    extra_config={"guestinfo.fleet.index": str(i)})
             where = {"folder": vim.Folder("group-v3", stub), "nic_edits": edits}
-            plain = stub.serialize(source, info, [specs.instant_clone_spec(request, **where)])
+            plain = stub.serialize(source, info, [vim_specs.instant_clone_spec(request, **where)])
             fast = bodies.render(stub, source, info, request, **where)
             assert fast == plain  # the fast path is pyVmomi's serialization, byte for byte
             text = plain.decode()
@@ -200,7 +200,7 @@ def test_no_serialized_clone_spec_carries_a_source_mac(version: str) -> None:
             assert not [mac for mac in macs if mac in text]
             assert "macAddress" not in text
     # The reconfiguration that connects NICs (and labels) carries no MAC either.
-    reconfig = specs.device_change_spec(specs.nic_edits(nics, True), {"guestinfo.a": "1"})
+    reconfig = vim_specs.device_change_spec(vim_specs.nic_edits(nics, True), {"guestinfo.a": "1"})
     text = stub.serialize(vim.VirtualMachine("vm-2", stub),
                           method_info(vim.VirtualMachine("vm-2", stub), "ReconfigVM_Task"),
                           [reconfig]).decode()
@@ -217,7 +217,7 @@ def test_a_distributed_switch_nic_edit_asks_for_a_new_port() -> None:
     nic = vim.vm.device.VirtualVmxnet3(
         key=4000, macAddress="00:50:56:00:00:01", backing=dvs,
         connectable=vim.vm.device.VirtualDevice.ConnectInfo(connected=True))
-    (edit,) = specs.migrate_connect_edits([nic], {4000: "disconnect"})
+    (edit,) = vim_specs.migrate_connect_edits([nic], {4000: "disconnect"})
     port = edit.device.backing.port
     assert (port.switchUuid, port.portgroupKey, port.portKey) == ("50 1a", "dvportgroup-7", None)
     assert nic.backing.port.portKey == "42" and edit.device.macAddress is None

@@ -52,32 +52,19 @@ async def connect(config: ServiceConfig, metrics: FleetMetrics,
                   announce: Callable[[str], Any] = _eprint, *,
                   max_connections: int | None = None) -> AsyncIterator[VSphere]:
     """The service's one vCenter client (or a built-in simulator's)."""
-    from fleet.target import SIM_USER, builtin_simulator
-    from fleet.vsphere.client import VSphereClient
+    from fleet.target import open_vcenter
 
-    vc = config.vcenter
     # Small pages: the API shares the event loop with inventory reads, and decoding a
     # 1,000-VM page blocks it for ~0.8 s; 100 VMs a page keeps each pause near 0.15 s.
     options: dict[str, Any] = {"observer": metrics, "page_size": PAGE_SIZE}
     if max_connections is not None:
         options["max_connections"] = max_connections
-    if vc is not None:
-        client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
-                               ca_file=config.ca_file, thumbprint=vc.thumbprint,
-                               insecure=vc.insecure, use_env_proxy=vc.use_env_proxy,
-                               **options)
-        async with client:
-            announce(f"connected to {redact_url(vc.url)}")
-            yield client
-        return
     sim = config.simulator
-    async with builtin_simulator(time_scale=sim.time_scale, topology=sim.topology) as (
-            url, password, thumbprint):
-        announce(f"no [vcenter] configured: using the built-in simulator at "
-                 f"{redact_url(url)}")
-        async with VSphereClient(url, SIM_USER, password, thumbprint=thumbprint,
-                                 **options) as client:
-            yield client
+    async with open_vcenter(config.vcenter, announce=announce, sim_time_scale=sim.time_scale,
+                            sim_topology=sim.topology, **options) as target:
+        if not target.simulated:
+            announce(f"connected to {target.url}")
+        yield target.client
 
 
 async def serve(config: ServiceConfig, host: str, port: int, *,

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from fleet.sim import tls as simtls
+    from fleet.sim import certs
     from fleet.sim.server import serve
     from fleet.sim.simulator import Simulator
     from fleet.sim.topology import load_topology
@@ -79,8 +79,8 @@ async def _run(args: argparse.Namespace) -> int:
     context = None
     if not args.http:
         try:
-            cert = (simtls.load(args.cert_file, args.key_file) if args.cert_file
-                    else simtls.generate())
+            cert = (certs.load(args.cert_file, args.key_file) if args.cert_file
+                    else certs.generate())
             context = cert.server_context()
         except (OSError, ValueError, FileProblem) as exc:
             raise ConfigError(f"cannot use the certificate: {exc}", key="--cert-file") from None

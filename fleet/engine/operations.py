@@ -1,4 +1,4 @@
-"""The engine's front door: what the CLI and the REST service call.
+"""The engine's front door: the operations on a fleet that the CLI and the REST service call.
 
 - :func:`provision` brings the fleet to the spec (create, resume, adopt, scale down).
 - :func:`destroy` removes every member (and nothing else).
@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from fleet.engine.events import Emitter, EventCallback, RemovalSummary, Summary
+from fleet.engine.events import Emitter, EventCallback
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, read_lock
 from fleet.engine.placement import (
     ClusterView,
@@ -38,8 +38,10 @@ from fleet.engine.placement import (
     place,
 )
 from fleet.engine.reconcile import as_member, reconcile
-from fleet.engine.run import EngineOptions, Provisioner, load_view, remove_members
+from fleet.engine.refresher import load_view
+from fleet.engine.run import EngineOptions, Provisioner, remove_members
 from fleet.engine.spec import FleetSpec
+from fleet.engine.summary import RemovalSummary, Summary
 from fleet.errors import NotEmpty, NotFound
 from fleet.vcenter import HOST_PROVISIONING_SLOTS
 from fleet.vsphere.model import CloneRequest, Ref, VSphere

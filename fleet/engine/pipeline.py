@@ -1,0 +1,479 @@
+"""The per-clone pipeline: clone -> network -> reconnect -> ready, each timed and retried.
+
+:meth:`Pipeline.run_job` takes one job from where it is: a placed clone (with
+its source and limiter lease), or a member resumed or adopted part-way. The
+``clone`` phase hands vCenter an InstantClone (NICs disconnected when the
+network workflow asks for it) and feeds the ``auto`` limits how vCenter ran
+it. ``network`` runs the NIC refresh recipe in the guest; ``reconnect``
+connects the NICs in the same reconfiguration that labels the member, so the
+label never says more (or less) than was done; ``ready`` waits for the guest's
+IP or its guestinfo flag. Each phase has a deadline; transient faults are
+retried with exponential backoff and jitter, permanent ones end the job. A
+member is labelled with the last phase it finished, for a later run to resume.
+
+A clone that fails is judged here: a fault scoped to its source or host takes
+that out of the run (:class:`~fleet.engine.refresher.Refresher`) and sends the
+job back to placement, as does a clone that did not find the fleet's folder
+(looked up again, once); a clone whose outcome is unknown, or that was refused
+its name, goes to :class:`~fleet.engine.recovery.Recovery` before any retry.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal
+
+import anyio
+
+from fleet.engine.events import JobReplaced, JobRetried, JobStarted
+from fleet.engine.limits import Lease, LimitKey
+from fleet.engine.placement import HostState, SourceState
+from fleet.engine.reconcile import LABEL_STATE, MemberState, labels
+from fleet.engine.recovery import Recovery
+from fleet.engine.refresher import Refresher
+from fleet.engine.runstate import Job, JobQueue, RunContext
+from fleet.engine.sources import clone_config
+from fleet.engine.spec import FleetSpec
+from fleet.errors import (
+    DuplicateName,
+    NotAuthenticated,
+    NotDelivered,
+    NotFound,
+    RequestTimeout,
+    VSphereError,
+)
+from fleet.vsphere import recipes
+from fleet.vsphere.model import CloneRequest, GuestProgram, Ref, VmInfo
+
+
+class _PhaseFailed(Exception):
+    def __init__(self, phase: str, reason: str, message: str, error: VSphereError | None = None):
+        super().__init__(message)
+        self.phase = phase
+        self.reason = reason
+        self.message = message
+        self.error = error
+
+
+def _backoff_s(spec: FleetSpec, attempt: int, rng: random.Random) -> float:
+    r = spec.retries
+    delay: float = min(r.backoff_max_s, r.backoff_base_s * 2.0 ** max(0, attempt - 1))
+    return delay * (1.0 - r.jitter * rng.random())
+
+
+class Pipeline:
+    """Brings one run's jobs from their phase to ``ready`` (or ends them)."""
+
+    def __init__(self, ctx: RunContext, refresher: Refresher, recovery: Recovery,
+                 queue: JobQueue, folder: Ref, *, labels: Mapping[str, str]) -> None:
+        self._ctx = ctx
+        self._refresher = refresher
+        self._view = refresher.view
+        self._recovery = recovery
+        self._queue = queue
+        self._labels = labels  # more guestinfo.fleet.* labels for every new clone
+        self._folder = folder  # the fleet's folder, as last looked up
+        self._folder_lock = anyio.Lock()
+        self._lost_folders: set[str] = set()  # ids of the fleet's folder vCenter lost
+
+    async def run_job(self, job: Job, src: SourceState | None, lease: Lease | None,
+                      scope: anyio.CancelScope) -> None:
+        """The job's phases in ``scope`` (shielded; cut at the end of a stop's grace),
+        then, if it was cut off or the run stopped before it was ready, its cleanup."""
+        stop = self._ctx.stop
+        with scope:
+            if src is not None and lease is not None:
+                await self._clone_phase(job, src, lease)
+            if job.outcome is None and job.phase in ("network", "ready", "done"):
+                await self._post_clone(job)
+        if scope.cancelled_caught or (stop.stopping and job.outcome is None
+                                      and job.phase != "clone"):
+            await self._recovery.cleanup(job)
+
+    # -- the clone phase -----------------------------------------------------------
+    def _clone_request(self, job: Job, src: SourceState) -> CloneRequest:
+        ctx = self._ctx
+        spec = ctx.spec
+        state: MemberState = "ready" if self._no_post_phases() else "cloned"
+        extra = spec.guestinfo_for(index=job.index, name=job.name, source=src.name,
+                                   run_id=ctx.run_id)
+        extra.update(self._labels)
+        extra.update(labels(fleet=spec.name, index=job.index, run_id=ctx.run_id,
+                            source=src.name, state=state))
+        # Exactly this fleet's labels: nothing inherited from a source that is a VM of
+        # another fleet (its expiry!), nor a readiness flag its guest did not set.
+        readiness = spec.readiness.guestinfo_key if spec.readiness.wait_for == "guestinfo" \
+            else None
+        extra = clone_config(extra, src.info, readiness_key=readiness)
+        connect: Literal["connect", "disconnect"] = \
+            "disconnect" if spec.network.disconnect_at_clone else "connect"
+        return CloneRequest(source=src.ref, name=job.name, folder=self._folder,
+                            extra_config=extra, nic_connect=connect)
+
+    def _no_post_phases(self) -> bool:
+        spec = self._ctx.spec
+        net = spec.network
+        return net.refresh == "none" and not (net.disconnect_at_clone and net.reconnect) and \
+            spec.readiness.wait_for == "none"
+
+    async def _clone_phase(self, job: Job, src: SourceState, lease: Lease) -> None:
+        ctx = self._ctx
+        view = self._view
+        job.attempt += 1
+        host = view.host_of(src)
+        ctx.emit(JobStarted, index=job.index, name=job.name, source=src.name,
+                 host=host.info.name if host else "?", attempt=job.attempt)
+        t0 = anyio.current_time()
+        made: Ref | None = None
+        error: BaseException | None = None
+        if ctx.stop.stopping:  # stopped between placement and here: hand vCenter nothing
+            ctx.limiters.release(lease)
+            view.unreserve(src, made=False)
+            ctx.finish(job, "cancelled", "queue", "cancelled", "not started: stopping")
+            return
+        try:
+            with anyio.fail_after(ctx.spec.timeouts.clone_s):
+                job.submit_started = anyio.current_time()
+                job.task = await ctx.vs.start_instant_clone(self._clone_request(job, src))
+                job.submit_started = None
+                lease.submitted(job.task, anyio.current_time())
+                made = await job.task.wait()
+        except (VSphereError, TimeoutError) as exc:
+            error = exc
+            if job.task is None:
+                if (not isinstance(exc, VSphereError) or exc.transient) and \
+                        not isinstance(exc, NotDelivered | NotAuthenticated):
+                    # The request may have reached vCenter and be cloning without us.
+                    job.lost_submit_at = job.submit_started
+                job.submit_started = None
+            if job.task is not None and not (isinstance(exc, VSphereError)
+                                             and not exc.transient):
+                # The task may still be running in vCenter: keep its tokens until it ends,
+                # or fleet would hand vCenter more than the limits allow.
+                with ctx.stop.bounded(math.inf, shield=True):
+                    await self._recovery.settle_task(job.task)
+        finally:
+            self._feed_limiters(job, lease, made is not None)
+            info: VmInfo | None = None
+            before = src.info
+            if src.running and made is None:
+                # A failed attempt may or may not have deepened the chain (the stun comes
+                # first; a lost reply hides a made clone): read it while this attempt
+                # still holds the source's token and its reservation, which placement
+                # counts, so the read sees no other clone of the source (one at a time)
+                # and none can slip past the budget meanwhile. Shielded: the depth must
+                # be right even if this job is being cancelled.
+                with ctx.stop.bounded(math.inf, shield=True):
+                    info = await self._refresher.read_source(src)
+                if job.lost_submit_at is not None or (
+                        job.task is not None and job.task.snapshot.state != "error"):
+                    # It may land later still: count it until it must have.
+                    src.phantoms.append(anyio.current_time() + ctx.spec.timeouts.clone_s)
+            # A clone made from a running source deepened its chain by exactly one:
+            # unreserve counts it, with no need to read the chain back.
+            view.unreserve(src, made=made is not None)
+            self._refresher.update_source(src, info or src.info, before=before)
+            ctx.limiters.release(lease)
+        if made is not None:
+            ctx.tally.created += 1
+            job.vm, job.source = made, src.name
+            job.labelled = "ready" if self._no_post_phases() else "cloned"
+            job.phase = "done" if self._no_post_phases() else "network"
+            ctx.record(job, "queue", job.queue_s)
+            ctx.record(job, "clone", anyio.current_time() - t0)
+            job.attempt = 0
+            if job.phase == "done":
+                ctx.finish(job, "ready", "clone")
+            return
+        assert error is not None
+        await self._clone_failed(job, src, host, error)
+
+    def _feed_limiters(self, job: Job, lease: Lease, ok: bool) -> None:
+        """Tell the ``auto`` limits how this clone went: vCenter's own queue and run times
+        when the task reports them, else the time we waited (all of it counted as run)."""
+        if not ok or job.task is None:
+            return
+        now = anyio.current_time()
+        snap = job.task.snapshot
+        if snap.queue_time is not None and snap.start_time is not None and \
+                snap.complete_time is not None:
+            queue_s = max(0.0, snap.start_time - snap.queue_time)
+            run_s = max(0.0, snap.complete_time - snap.start_time)
+        else:
+            queue_s, run_s = 0.0, max(0.0, now - lease.submitted_at)
+        self._ctx.limiters.completed(lease, queue_s=queue_s, run_s=run_s, now=now)
+
+    async def _clone_failed(self, job: Job, src: SourceState, host: HostState | None,
+                            error: BaseException) -> None:
+        ctx = self._ctx
+        spec = ctx.spec
+        recovery = self._recovery
+        if isinstance(error, DuplicateName):
+            holder = await recovery.holder(job, error)
+            if holder is None:
+                # vCenter holds the name for a clone still in flight (our own submit whose
+                # reply was lost, or one of a run that died) and no VM has it yet: wait for
+                # it to land, then judge it like any holder.
+                holder = await recovery.await_holder(job)
+            if holder is not None and recovery.is_ours(job, holder):
+                recovery.adopt(job, holder)
+                return
+            if holder is not None:
+                ctx.finish(job, "failed", "clone", "name_taken",
+                           f"the name {job.name} is taken by {holder.ref.id}, which is not a "
+                           f"member of fleet {spec.name}; it was left alone")
+                return
+            # No VM took the name: the clone that held it failed, and the name is free.
+            await self._retry_clone(job, error.reason,
+                                    f"{error} (no VM took the name within "
+                                    f"{spec.timeouts.clone_s}s)")
+            return
+        if isinstance(error, NotFound) and await self._folder_lost(error):
+            # Not the job's fault: place it again, into the folder found anew.
+            self._replace(job, "folder_lost", error)
+            return
+        if isinstance(error, VSphereError) and not error.transient and error.scope != "call":
+            if error.scope == "source":
+                # Before any await, so no new job is placed on it.
+                self._refresher.retire(src, error.reason, str(error))
+                # Re-read it (its chain, its power): the summary and the gauges then show
+                # the source as vCenter has it, not as fleet believed it was.
+                info = None
+                with ctx.stop.bounded(math.inf, shield=True):
+                    info = await self._refresher.read_source(src)
+                if info is not None:
+                    self._refresher.update_source(src, info)
+            elif host is not None:
+                self._refresher.exclude_host(host.info.ref, host.info.name, error)
+            self._replace(job, error.reason, error)
+            return
+        vanished = isinstance(error, NotFound) and job.task is not None and \
+            error.obj == job.task.ref.id  # vCenter forgot the task: its outcome is unknown
+        if isinstance(error, VSphereError) and not error.transient and not vanished:
+            ctx.finish(job, "failed", "clone", error.reason, str(error))
+            return
+        # Transient, a timeout or a task vCenter forgot: the clone may exist. Settle that
+        # before trying again.
+        reason = error.reason if isinstance(error, VSphereError) else "timeout"
+        message = str(error) or f"clone did not finish in {spec.timeouts.clone_s}s"
+        found = None
+        with ctx.stop.bounded(math.inf, shield=True):
+            found = await recovery.settle(job)
+        if found is not None:
+            recovery.adopt(job, found)
+            return
+        await self._retry_clone(job, reason, message)
+
+    def _replace(self, job: Job, why: str, error: VSphereError) -> None:
+        """Back to placement, not the job's fault (its source, host or folder is gone);
+        failed once it went round every source and host and more."""
+        job.replaced += 1
+        job.attempt -= 1
+        if job.replaced > len(self._view.sources) + len(self._view.hosts):
+            self._ctx.finish(job, "failed", "clone", error.reason, str(error))
+            return
+        self._ctx.emit(JobReplaced, index=job.index, name=job.name, reason=why)
+        self._queue.requeue(job, 0.0)
+
+    async def _folder_lost(self, error: NotFound) -> bool:
+        """Whether the object a clone did not find is the fleet's folder, which the run
+        looked up once at its start: vCenter lost it (it lost its state, or someone
+        removed the folder). If so it is looked up (made) again, once per lost folder
+        whatever the number of clones that failed on it, and True is returned."""
+        lost = error.obj
+        if lost is None:
+            return False
+        if lost in self._lost_folders:
+            return True  # found anew already; this clone was submitted before
+        if lost != self._folder.id:
+            return False
+        async with self._folder_lock:
+            if lost != self._folder.id:
+                return True
+            spec = self._ctx.spec
+            try:
+                with anyio.fail_after(spec.timeouts.call_s):
+                    fresh = await self._ctx.vs.ensure_folder(spec.folder_path)
+            except (VSphereError, TimeoutError):
+                return False
+            if fresh == self._folder:
+                return False
+            self._lost_folders.add(lost)
+            self._folder = fresh
+        return True
+
+    async def _retry_clone(self, job: Job, reason: str, message: str) -> None:
+        """Back to the queue after a backoff, or failed when out of attempts."""
+        ctx = self._ctx
+        if job.attempt >= ctx.spec.retries.attempts:
+            # A submit whose reply was lost may still land (each retry's reply may have
+            # been lost too): give it the clone timeout before calling the job failed,
+            # or a member would appear that the summary says is missing.
+            found = await self._recovery.landed_late(job)
+            if found is not None:
+                self._recovery.adopt(job, found)
+                return
+            ctx.finish(job, "failed", "clone", reason,
+                       f"{message} (after {job.attempt} attempts)")
+            return
+        delay = _backoff_s(ctx.spec, job.attempt, ctx.rng)
+        ctx.emit(JobRetried, index=job.index, name=job.name, phase="clone",
+                 attempt=job.attempt, reason=reason, delay_s=round(delay, 6), message=message)
+        self._queue.requeue(job, delay)
+
+    # -- after the clone -----------------------------------------------------------
+    def _refresh_program(self, family: str) -> GuestProgram:
+        net = self._ctx.spec.network
+        if net.refresh == "custom":
+            assert net.command is not None
+            return recipes.custom_program(net.command, net.arguments)
+        if net.refresh == "linux" or (net.refresh == "auto" and family == "linux"):
+            return recipes.linux_refresh()
+        return recipes.windows_refresh()
+
+    async def _post_clone(self, job: Job) -> None:
+        """network -> reconnect -> ready, each retried and timed. Failures leave the VM
+        labeled with the last phase it finished, for the next run to resume."""
+        assert job.vm is not None
+        ctx = self._ctx
+        vm = job.vm
+        spec = ctx.spec
+        net = spec.network
+        wait_ready = spec.readiness.wait_for != "none"
+        try:
+            if job.phase == "network":
+                if net.refresh != "none":
+                    creds = net.credentials
+                    assert creds is not None  # the spec requires them with a refresh
+                    src = self._view.sources.get(job.source or "")
+                    family = src.info.guest_family if src else (await self._vm(vm)).guest_family
+                    program = self._refresh_program(family)
+                    timeout = spec.timeouts.network_s
+
+                    async def refresh() -> None:
+                        code = await ctx.vs.run_in_guest(vm, creds, program, timeout_s=timeout)
+                        if code != 0:
+                            raise _PhaseFailed("network", "network_refresh_failed",
+                                               f"{program.path} exited with {code}")
+
+                    await self._phase(job, "network", timeout, refresh)
+                reconnect = net.disconnect_at_clone and net.reconnect
+                if net.refresh != "none" or reconnect:
+                    # With a reconnect, one ReconfigVM_Task connects the NICs and labels
+                    # the member: the label never says more (or less) than was done.
+                    await self._label(job, "network" if wait_ready else "ready",
+                                      reconnect=reconnect)
+                    job.phase = "ready" if wait_ready else "done"
+                else:
+                    job.phase = "ready"
+            if job.phase == "ready":
+                if wait_ready:
+                    await self._phase(job, "ready", spec.readiness.timeout_s, self._ready_wait(vm),
+                                      retry_timeouts=False)
+                job.phase = "done"
+            if job.labelled != "ready":
+                await self._label(job, "ready")
+            ctx.finish(job, "ready", "ready")
+        except _PhaseFailed as exc:
+            if exc.error is not None and exc.error.scope == "host":
+                await self._exclude_vm_host(vm, exc.error)
+            ctx.finish(job, "failed", exc.phase, exc.reason, exc.message)
+
+    def _ready_wait(self, vm: Ref) -> Callable[[], Awaitable[object]]:
+        vs = self._ctx.vs
+        r = self._ctx.spec.readiness
+        if r.wait_for == "guest_ip":
+            return lambda: vs.wait_for_vm_state(vm, timeout_s=r.timeout_s, guest_ip=True)
+        return lambda: vs.wait_for_vm_state(vm, timeout_s=r.timeout_s,
+                                            extra_config_key=r.guestinfo_key)
+
+    async def _vm(self, vm: Ref) -> VmInfo:
+        with anyio.fail_after(self._ctx.spec.timeouts.call_s):
+            return await self._ctx.vs.get_vm(vm)
+
+    async def _label(self, job: Job, state: MemberState, *, reconnect: bool = False) -> None:
+        """Label the member with the phase it finished. ``reconnect``: connect its NICs in
+        the same reconfiguration (the timed ``reconnect`` phase), so a run that stops at
+        any point leaves NICs connected exactly when the label says the network is done."""
+        assert job.vm is not None
+        ctx = self._ctx
+        vm = job.vm
+        values = {LABEL_STATE: state}
+
+        async def write() -> None:
+            lease = await ctx.limiters.acquire([LimitKey.of("overall")], (job, "label"))
+            try:
+                if reconnect:
+                    await ctx.vs.set_nics_connected(vm, True, extra_config=values)
+                else:
+                    await ctx.vs.update_extra_config(vm, values)
+            finally:
+                ctx.limiters.release(lease)
+
+        t0 = anyio.current_time()
+        try:
+            if reconnect:
+                await self._phase(job, "reconnect", ctx.spec.timeouts.reconnect_s, write)
+            else:
+                await self._phase(job, None, ctx.spec.timeouts.call_s, write)
+        except _PhaseFailed as exc:
+            # The write is absolute (these labels, NICs connected): one whose reply was lost
+            # or came too late may have landed all the same. Look before calling it failed.
+            refused = exc.error is not None and not exc.error.transient
+            if refused or not await self._labelled(vm, values, reconnect):
+                raise
+            if reconnect:
+                ctx.record(job, "reconnect", anyio.current_time() - t0)
+        job.labelled = state
+
+    async def _labelled(self, vm: Ref, values: Mapping[str, str], nics_connected: bool) -> bool:
+        """Whether ``vm`` carries ``values`` (and, if asked, has every NIC connected)."""
+        try:
+            info = await self._vm(vm)
+        except (VSphereError, TimeoutError):
+            return False
+        if any(info.extra_config.get(k, "") != v for k, v in values.items()):
+            return False
+        return not nics_connected or all(n.connected for n in info.nics)
+
+    async def _phase(self, job: Job, phase: str | None, timeout_s: float,
+                     fn: Callable[[], Awaitable[object]], *, retry_timeouts: bool = True) -> None:
+        """Run one phase step with a deadline and retries of transient faults.
+        ``phase`` None is bookkeeping (labels): retried but not timed."""
+        ctx = self._ctx
+        attempts = ctx.spec.retries.attempts
+        name = phase or "label"
+        t0 = anyio.current_time()
+        for attempt in range(1, attempts + 1):
+            try:
+                with anyio.fail_after(timeout_s):
+                    await fn()
+            except (TimeoutError, RequestTimeout) as exc:
+                reason, message = "timeout", f"{name} did not finish in {timeout_s}s"
+                if not retry_timeouts:
+                    raise _PhaseFailed(name, f"{name}_timeout", message) from exc
+                err: VSphereError | None = exc if isinstance(exc, VSphereError) else None
+            except VSphereError as exc:
+                if not exc.transient:
+                    raise _PhaseFailed(name, exc.reason, str(exc), exc) from exc
+                reason, message, err = exc.reason, str(exc), exc
+            else:
+                if phase is not None:
+                    ctx.record(job, phase, anyio.current_time() - t0)
+                return
+            if attempt >= attempts:
+                raise _PhaseFailed(name, reason, f"{message} (after {attempt} attempts)", err)
+            delay = _backoff_s(ctx.spec, attempt, ctx.rng)
+            ctx.emit(JobRetried, index=job.index, name=job.name, phase=name, attempt=attempt,
+                     reason=reason, delay_s=round(delay, 6), message=message)
+            await anyio.sleep(delay)
+
+    async def _exclude_vm_host(self, vm: Ref, error: VSphereError) -> None:
+        try:
+            info = await self._vm(vm)
+        except (VSphereError, TimeoutError):
+            return
+        if info.host is not None:
+            self._refresher.exclude_host(info.host, info.host_name or info.host.id, error)
