@@ -178,7 +178,7 @@ def test_the_layer_check_sees_a_break() -> None:
 
 #: The simulator's top: the composition root and what serves it. Everything else in
 #: fleet/sim is given narrow services (fleet.sim.runtime) and never sees these.
-SIM_TOP = ("fleet.sim.simulator", "fleet.sim.server")
+SIM_TOP = ("fleet.sim.simulator", "fleet.sim.dispatch", "fleet.sim.server")
 
 
 def test_sim_objects_never_reach_the_simulator() -> None:

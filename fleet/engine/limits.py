@@ -59,6 +59,7 @@ from typing import Literal
 import anyio
 
 from fleet.engine.spec import LimitsSpec
+from fleet.vcenter import DATASTORE_COST_UNITS, HOST_PROVISIONING_SLOTS, MAX_CONCURRENT_OPERATIONS
 from fleet.vsphere.model import TaskHandle, TaskSnapshot
 
 LimitKind = Literal["overall", "host", "datastore", "source"]
@@ -90,7 +91,7 @@ class AutoTuning:
     # task cuts the limit to the slots it revealed; starting at 2 cost three round
     # trips of slow start on every host (0.88 of the true limit's throughput over a
     # 1,000-clone burst on 16-slot hosts, benchmark scenario 5).
-    host_initial: int = 8
+    host_initial: int = HOST_PROVISIONING_SLOTS
     host_max: int = 64
     # Where a host's slow start ends without push-back (TCP's ssthresh); None: at the
     # first push-back only. Stopping at vSphere's documented 8 slots made a host with
@@ -100,9 +101,10 @@ class AutoTuning:
     # queue keeps its slots busy, and the cut goes straight to the revealed count.
     host_slow_start_until: int | None = None
     datastore_initial: int = 8
-    datastore_max: int = 128
-    overall_initial: int = 64  # a tenth of the 640 operations vCenter runs at once
-    overall_max: int = 640
+    datastore_max: int = DATASTORE_COST_UNITS
+    # a tenth of the operations vCenter runs at once
+    overall_initial: int = MAX_CONCURRENT_OPERATIONS // 10
+    overall_max: int = MAX_CONCURRENT_OPERATIONS
     decrease: float = 0.7  # multiplicative cut on a latency spike (CUBIC's beta)
     # A task counts as queued when it waited longer than this before vCenter started
     # it, and longer than queued_fraction of the usual run time.
@@ -344,6 +346,13 @@ class Lease:
         self.submitted_at = now
 
 
+def _seen_queued(snapshot: TaskSnapshot) -> bool:
+    """vCenter said the task is queued. A task it has not reported yet (the client's
+    first update of it is still to come: no queue time) only looks queued, and under
+    client load that lag alone would read as push-back."""
+    return snapshot.state == "queued" and snapshot.queue_time is not None
+
+
 class Limiters:
     """Every limiter of a run, created on first use, plus the ``changed`` callback the
     dispatcher uses to wake up when capacity frees or a limit moves."""
@@ -510,7 +519,7 @@ class Limiters:
             threshold = first.queued_threshold_s()
             stuck = sum(1 for other in narrow.holders.values()
                         if other is not lease and other.task is not None
-                        and other.task.snapshot.state == "queued"
+                        and _seen_queued(other.task.snapshot)
                         and now - other.submitted_at > threshold)
             if stuck:
                 verdict = "queued"

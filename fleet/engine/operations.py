@@ -10,7 +10,7 @@ fleet (from any machine, or the service) exclude each other; ``plan`` and
 ``status`` take no lock but say who holds it (docs/locking.md).
 
 Everything takes a validated :class:`~fleet.engine.spec.FleetSpec` and any
-:class:`~fleet.vsphere.model.VSphere` (the real client, or the in-memory fake).
+:class:`~fleet.vsphere.model.VSphere` (the client, on a vCenter or a simulator).
 Results are dataclasses with ``to_dict()`` for ``--json``.
 """
 
@@ -43,6 +43,7 @@ from fleet.engine.run import EngineOptions, Provisioner, remove_members
 from fleet.engine.spec import FleetSpec
 from fleet.engine.summary import RemovalSummary, Summary
 from fleet.errors import NotEmpty, NotFound
+from fleet.vcenter import HOST_PROVISIONING_SLOTS
 from fleet.vsphere.model import CloneRequest, Ref, VSphere
 
 log = logging.getLogger("fleet.engine")
@@ -264,7 +265,8 @@ async def plan(spec: FleetSpec, vsphere: VSphere, *,
 def _simulate(spec: FleetSpec, view: ClusterView, indexes: list[int], planned: Counter[str],
               first_name: dict[str, str], rng: random.Random
               ) -> tuple[int, dict[str, list[str]]]:
-    per_host = spec.limits.per_host if isinstance(spec.limits.per_host, int) else 8
+    per_host = spec.limits.per_host if isinstance(spec.limits.per_host, int) \
+        else HOST_PROVISIONING_SLOTS
     per_source = spec.limits.per_running_source \
         if isinstance(spec.limits.per_running_source, int) else 1
 

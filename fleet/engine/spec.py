@@ -48,13 +48,19 @@ from fleet.files import (
     read_user_file,
 )
 from fleet.urls import redact_url, url_problem
+from fleet.vcenter import (
+    DATASTORE_COST_UNITS,
+    HOST_PROVISIONING_SLOTS,
+    MAX_CHAIN_DEPTH,
+    MAX_CONCURRENT_OPERATIONS,
+)
 from fleet.vsphere.model import GuestCredentials
 
-#: vSphere fails a clone past 255 delta-disk levels; a clone at the budget must still fit.
-VSPHERE_CHAIN_LIMIT = 254
-#: vCenter runs about this many operations at once and queues the rest
-#: (docs/architecture.md, "vSphere facts").
-VCENTER_MAX_OPERATIONS = 640
+#: vSphere fails a clone past MAX_CHAIN_DEPTH delta-disk levels; a clone of a source at
+#: the budget must still fit.
+VSPHERE_CHAIN_LIMIT = MAX_CHAIN_DEPTH - 1
+#: vCenter runs about this many operations at once and queues the rest (docs/vsphere.md).
+VCENTER_MAX_OPERATIONS = MAX_CONCURRENT_OPERATIONS
 MAX_VM_NAME = 80
 MAX_COUNT = 100_000
 #: twice vCenter's 2,500-host maximum: a frozen source on every host, and more
@@ -177,8 +183,8 @@ class LimitsSpec(_Model):
     """Operations fleet hands vCenter at once. Each is a positive int or ``"auto"``."""
 
     in_flight: Limit = "auto"
-    per_host: Limit = 8
-    per_datastore: Limit = 128
+    per_host: Limit = HOST_PROVISIONING_SLOTS
+    per_datastore: Limit = DATASTORE_COST_UNITS
     per_running_source: Limit = 1
 
     @field_validator("in_flight")

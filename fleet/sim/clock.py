@@ -13,17 +13,26 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 
 class Clock:
-    """Latency (jittered, scaled), sleeps, timers and background tasks."""
+    """Latency (jittered, scaled), sleeps, timers and background tasks, and vCenter's
+    wall clock."""
 
     def __init__(self, rng: random.Random, *, time_scale: float, jitter: float) -> None:
         self.rng = rng
         self.time_scale = time_scale
         self.jitter = jitter
+        #: vCenter's wall clock is the local one plus this: a vCenter whose clock is not
+        #: its clients' (``ServiceInstance.CurrentTime``); the fleet lock must not care
+        self.offset_s = 0.0
         self._background: set[asyncio.Task[Any]] = set()
+
+    def now(self) -> datetime:
+        """vCenter's wall clock."""
+        return datetime.now(UTC) + timedelta(seconds=self.offset_s)
 
     def latency(self, base_s: float) -> float:
         """Simulated duration of ``base_s`` (time scale 1): jittered and scaled."""

@@ -246,15 +246,16 @@ class ServiceInstance(SimObject):
     vim_type = vim.ServiceInstance
 
     def __init__(self, inventory: Inventory, moid: str, *,
-                 content: Callable[[], Any]) -> None:
+                 content: Callable[[], Any], now: Callable[[], datetime]) -> None:
         super().__init__(inventory, moid)
         self.content = content  # builds ServiceInstanceContent
+        self.now = now  # vCenter's wall clock
 
     def prop_content(self) -> Any:
         return self.content()
 
     def prop_serverClock(self) -> Any:
-        return datetime.now(UTC)
+        return self.now()
 
     def prop_capability(self) -> Any:
         return vim.Capability(provisioningSupported=True, multiHostSupported=True,
@@ -264,4 +265,4 @@ class ServiceInstance(SimObject):
         return self.content()
 
     def CurrentTime(self, ctx: CallContext) -> Any:
-        return datetime.now(UTC)
+        return self.now()

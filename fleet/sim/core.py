@@ -215,8 +215,12 @@ def property_type(mo_type: Any, path: str) -> Any:
     return typ
 
 
-def resolve_path(obj: SimObject, path: str) -> Any:
-    """Read a (possibly nested or keyed) property path; ``None`` if any step is unset."""
+def resolve_path(obj: SimObject, path: str, tops: dict[str, Any] | None = None) -> Any:
+    """Read a (possibly nested or keyed) property path; ``None`` if any step is unset.
+
+    ``tops``: top-level values already built during one read of several paths of
+    ``obj`` (``config`` for ``config.guestId`` and ``config.extraConfig``), filled as
+    they are built: a top-level property is built once per read, not once per path."""
     getter = obj.path_getters.get(path)
     if getter is not None:
         return getattr(obj, getter)()
@@ -224,7 +228,15 @@ def resolve_path(obj: SimObject, path: str) -> Any:
     value: Any = None
     for i, part in enumerate(parts):
         name, key = _split(part)
-        value = obj.get_property(name) if i == 0 else getattr(value, name, None)
+        if i == 0:
+            if tops is None:
+                value = obj.get_property(name)
+            elif name in tops:
+                value = tops[name]
+            else:
+                value = tops[name] = obj.get_property(name)
+        else:
+            value = getattr(value, name, None)
         if value is None:
             return None
         if key is not None:

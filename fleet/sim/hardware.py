@@ -1,7 +1,7 @@
 """A VM's devices and guest as plain data: NICs, disks, the guest OS and its processes.
 
-Also the numbers vSphere fixes for them: the 255-level disk chain limit, device
-keys, and the size of a fresh delta disk.
+Also the numbers vSphere fixes for them: device keys and the size of a fresh delta
+disk (the chain limit is ``fleet.vcenter``'s).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pyVmomi import vim
 from fleet.sim import guest as guestcmd
 from fleet.sim.entities import MB, Datastore, Network
 
-MAX_CHAIN = 255
 DELTA_BYTES = 64 * MB  # a fresh instant-clone delta disk, roughly
 NIC_KEY_BASE = 4000
 DISK_KEY_BASE = 2000
@@ -24,6 +23,7 @@ GUEST_IDS = {
     "linux": ("ubuntu64Guest", "Ubuntu Linux (64-bit)", "linuxGuest"),
     "windows": ("windows2019srv_64Guest", "Microsoft Windows Server 2019 (64-bit)",
                 "windowsGuest"),
+    "other": ("freebsd13_64Guest", "FreeBSD 13 (64-bit)", "otherGuestFamily"),
 }
 
 

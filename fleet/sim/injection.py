@@ -1,7 +1,8 @@
 """Fault injection: declarative rules from the topology file or added at run time.
 
 A rule matches calls by method glob and object glob (over the object's moref id
-and its name), fires with a probability, at most ``max_count`` times, after an
+and its name, the name of the VM a guest operation runs in and the name of what
+the call makes: a clone, a folder), fires with a probability, at most ``max_count`` times, after an
 optional delay. It injects a vim fault (into the call or into the task the call
 starts), an HTTP-level failure (``http:reset``, ``http:503``, ``http:lost_reply``)
 or just slowness (``slow``: the task takes ``delay_s`` longer).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +44,7 @@ class Injection:
     """What to do to one call."""
 
     rule: FaultRule
-    phase: str  # "http" | "call" | "task"
+    phase: str  # "http" | "call" | "task" | "after"
 
     @property
     def kind(self) -> str:
@@ -100,8 +102,11 @@ class FaultInjector:
         self.rules = [r for r in self.rules if r.id != rule_id]
         return len(self.rules) != before
 
-    def match(self, method: str, moid: str, name: str, *, http: bool) -> Injection | None:
-        """The first rule that fires for this call; HTTP rules only when ``http``."""
+    def match(self, method: str, moid: str, name: str | Sequence[str], *,
+              http: bool) -> Injection | None:
+        """The first rule that fires for this call; HTTP rules only when ``http``.
+        ``name``: the names the call is about (its object's, and see ``FaultRule.object``)."""
+        names = (name,) if isinstance(name, str) else name
         for active in self.rules:
             rule = active.rule
             is_http = rule.fault.startswith("http:")
@@ -110,7 +115,8 @@ class FaultInjector:
             if not fnmatch.fnmatchcase(method, rule.method):
                 continue
             if rule.object != "*" and not (fnmatch.fnmatchcase(moid, rule.object)
-                                           or fnmatch.fnmatchcase(name, rule.object)):
+                                           or any(fnmatch.fnmatchcase(n, rule.object)
+                                                  for n in names)):
                 continue
             if rule.probability < 1.0 and self.rng.random() >= rule.probability:
                 continue

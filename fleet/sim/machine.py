@@ -176,6 +176,15 @@ class Machine(ManagedEntity):
     def chain_depth(self) -> int:
         return max((len(d.chain) for d in self.disks), default=0)
 
+    def set_chain_depth(self, depth: int) -> None:
+        """Every disk's chain becomes ``depth`` levels deep, as if another tool had made
+        snapshots or clones of this VM behind fleet's back."""
+        for disk in self.disks:
+            disk.chain = [disk.chain[0]] + [
+                f"[{disk.datastore.name}] {self.name}/{self.name}-ext-"
+                f"{disk.key - DISK_KEY_BASE:02d}{level:06d}.vmdk" for level in range(1, depth)]
+        self.touch("layoutEx", "config")
+
     def host_memory_cost_mb(self) -> int:
         if self.power_state != "poweredOn":
             return 0
@@ -426,12 +435,36 @@ class Machine(ManagedEntity):
         nic = self.nics[0]
         guest_mac = self.guest.macs[0] if self.guest.macs else nic.mac
         if nic.connected and guest_mac == nic.mac:
-            self.guest.ip = self.runtime.addresses.ip_for(nic.mac)
+            ip = self.runtime.addresses.ip_for(nic.mac)
+            clock = self.runtime.clock
+            delay = clock.latency(self.runtime.latency.dhcp_s)
+            if delay > 0 and self.guest.ip != ip:
+                self._dhcp_later(delay)
+                return
+            self.guest.ip = ip
             self._maybe_ready()
         elif guest_mac != nic.mac:
             pass  # keeps whatever it had (a clone: the source's IP)
         else:
             self.guest.ip = None
+
+    def _dhcp_later(self, delay_s: float) -> None:
+        """A DHCP server that takes ``delay_s`` to answer: the IP comes then, if the guest
+        still runs and its first NIC is still up with the guest's MAC."""
+        self.guest.ip = None
+        generation = self.guest.generation
+
+        def lease() -> None:
+            nic = self.nics[0]
+            guest_mac = self.guest.macs[0] if self.guest.macs else nic.mac
+            if self.guest.generation != generation or self.power_state != "poweredOn" or \
+                    not nic.connected or guest_mac != nic.mac or self.guest.ip is not None:
+                return
+            self.guest.ip = self.runtime.addresses.ip_for(nic.mac)
+            self._maybe_ready()
+            self._touch_guest()
+
+        self.runtime.clock.later(delay_s, lease)
 
     def _maybe_ready(self) -> None:
         key = self.guest.ready_key

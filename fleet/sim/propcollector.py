@@ -139,12 +139,19 @@ def validate_prop_set(prop_set: Iterable[Any]) -> None:
 
 def read_props(obj: SimObject, paths: Iterable[str]) -> list[Any]:
     out = []
+    tops: dict[str, Any] = {}
     for path in paths:
-        value = resolve_path(obj, path)
+        value = resolve_path(obj, path, tops)
         if value is None:
             continue
         out.append(vmodl.DynamicProperty(name=path, val=typed_value(obj.vim_type, path, value)))
     return out
+
+
+def _read(obj: SimObject, paths: Iterable[str]) -> dict[str, Any]:
+    """Each path's value, every top-level property built once."""
+    tops: dict[str, Any] = {}
+    return {p: resolve_path(obj, p, tops) for p in paths}
 
 
 def retrieve(inventory: Inventory, spec_set: Iterable[Any]) -> list[Any]:
@@ -248,7 +255,7 @@ class PropertyFilter(SimObject):
             tops = frozenset(p.split(".", 1)[0].split("[", 1)[0] for p in paths)
             self.tracked[moid] = _Tracked(obj, paths, tops,
                                           version if entered is None else entered,
-                                          values={p: resolve_path(obj, p) for p in paths})
+                                          values=_read(obj, paths))
             self.left.pop(moid, None)
             self.inventory.watch(moid, self)
 
@@ -261,8 +268,9 @@ class PropertyFilter(SimObject):
             return
         # vCenter reports values that changed, not every path below a touched property.
         really: list[tuple[str, Any]] = []
+        tops: dict[str, Any] = {}
         for path in hit:
-            value = resolve_path(obj, path)
+            value = resolve_path(obj, path, tops)
             if path in tracked.values and same(tracked.values[path], value):
                 continue
             really.append((path, value))
@@ -329,8 +337,9 @@ class PropertyFilter(SimObject):
 
     def _changes(self, tracked: _Tracked, paths: Iterable[str], modify: bool = False) -> list[Any]:
         changes = []
+        tops: dict[str, Any] = {}
         for path in paths:
-            value = resolve_path(tracked.obj, path)
+            value = resolve_path(tracked.obj, path, tops)
             if value is None:
                 if modify:
                     changes.append(PC.Change(name=path, op="assign"))

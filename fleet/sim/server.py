@@ -14,6 +14,9 @@ Endpoints:
 - ``GET|POST /_sim/updates``: how the property collector's update stream fails
   (``{"withhold_initial": bool, "drop_fraction": 0..1}``, the topology's ``[updates]``
   at start) and how often it did (``withheld``, ``dropped``); docs/watching.md.
+
+The SOAP endpoints are thin wrappers over ``fleet.sim.dispatch.SoapEndpoint``,
+which a socket-less transport (``fleet.testing.loopback``) calls too.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import socket
 import ssl
 import struct
@@ -32,47 +34,20 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
-from pyVmomi import VmomiSupport, vmodl
 
-from fleet.sim.injection import Injection
+from fleet.sim.dispatch import SoapEndpoint, SoapReply
 from fleet.sim.simulator import Simulator
-from fleet.sim.soap import (
-    SoapDecodeError,
-    decode_request,
-    encode_client_fault,
-    encode_fault,
-    encode_response,
-    version_from_soap_action,
-)
 from fleet.sim.topology import FaultRule, UpdatesConfig
-from fleet.sim.vm import DISK_KEY_BASE, VirtualMachine
+from fleet.sim.vm import VirtualMachine
+from fleet.vcenter import MAX_CHAIN_DEPTH
 
 log = logging.getLogger("fleet.sim.server")
 
-_COOKIE = re.compile(r'vmware_soap_session="?([0-9A-Za-z]+)"?')
-_XML = "text/xml; charset=utf-8"
 MAX_BODY = 16 * 1024 * 1024
 
 
 class _ConnectionDropped(Exception):
     """The handler dropped the connection on purpose (injected fault)."""
-
-
-def versions_xml(api_version: str) -> str:
-    """``vimServiceVersions.xml`` for an endpoint speaking ``api_version``."""
-    current = VmomiSupport.versionMap["vim25/" + api_version]
-    prior = []
-    for ns, name in VmomiSupport.versionMap.items():
-        if not isinstance(ns, str) or not ns.startswith("vim25/") or ns == "vim25/" + api_version:
-            continue
-        if name != current and VmomiSupport.IsChildVersion(current, name):
-            prior.append(ns.split("/", 1)[1])
-    prior_xml = "".join(f"<version>{v}</version>" for v in sorted(set(prior), reverse=True))
-    return (
-        '<?xml version="1.0" encoding="UTF-8" ?>\n<namespaces version="1.0">\n <namespace>\n'
-        f"  <name>urn:vim25</name>\n  <version>{api_version}</version>\n"
-        f"  <priorVersions>{prior_xml}</priorVersions>\n </namespace>\n</namespaces>\n"
-    )
 
 
 def _drop(request: web.Request) -> None:
@@ -92,7 +67,7 @@ class SimApp:
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
-        self._versions = versions_xml(sim.topology.vcenter.api_version)
+        self.endpoint = SoapEndpoint(sim)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -124,62 +99,24 @@ class SimApp:
             await task
         await self.sim.close()
 
-    # -- SOAP ----------------------------------------------------------------
+    # -- SOAP (fleet.sim.dispatch does the work) --------------------------------
     async def soap(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        version = version_from_soap_action(request.headers.get("SOAPAction"))
-        try:
-            call = decode_request(body, version)
-        except SoapDecodeError as exc:
-            return web.Response(status=500, body=encode_client_fault(str(exc)),
-                                content_type="text/xml", charset="utf-8")
-        match = _COOKIE.search(request.headers.get("Cookie", ""))
-        session, new = self.sim.session_for(
-            match.group(1) if match else None, request.remote or "127.0.0.1",
-            request.headers.get("User-Agent", ""), create=self.sim.may_open_session(call))
-        headers = {}
-        if new:
-            headers["Set-Cookie"] = (f'vmware_soap_session="{session.key}"; Path=/; HttpOnly; '
-                                     "Secure")
-        moid = call.this._moId
-        name = self.sim.object_name(moid)
-        http = self.sim.faults.match(call.method, moid, name, http=True)
-        if http is not None:
-            await self.sim.clock.sleep(http.rule.delay_s)
-            if http.kind == "http:reset":
-                _drop(request)
-                raise _ConnectionDropped
-            if http.kind == "http:503":
-                return web.Response(status=503, text="Service Unavailable", headers=headers)
-        injection: Injection | None = self.sim.faults.match(call.method, moid, name, http=False)
-        try:
-            value, result_type, flags = await self.sim.invoke(call, session, version, injection)
-            payload = encode_response(call.method, result_type, flags, value, version)
-            status = 200
-        except vmodl.MethodFault as fault:
-            payload, status = self._fault(fault, call.method, moid, version), 500
-        except Exception as exc:
-            log.exception("simulator error in %s on %s", call.method, moid)
-            payload, status = self._fault(vmodl.fault.SystemError(
-                msg=f"simulator error: {exc!r}", reason=repr(exc)), call.method, moid, version), 500
-        if http is not None and http.kind == "http:lost_reply":
-            _drop(request)
-            raise _ConnectionDropped
-        return web.Response(status=status, body=payload, content_type="text/xml",
-                            charset="utf-8", headers=headers)
+        reply = await self.endpoint.post(
+            body, soap_action=request.headers.get("SOAPAction"),
+            cookie=request.headers.get("Cookie"), remote=request.remote or "127.0.0.1",
+            user_agent=request.headers.get("User-Agent", ""))
+        return self._respond(request, reply)
+
+    async def versions(self, request: web.Request) -> web.StreamResponse:
+        return self._respond(request, self.endpoint.get(request.path))
 
     @staticmethod
-    def _fault(fault: Any, method: str, moid: str, version: str) -> bytes:
-        try:
-            return encode_fault(fault, version)
-        except Exception as exc:  # a fault we built wrong must still reach the client
-            log.exception("cannot serialize %s from %s on %s", type(fault).__name__, method, moid)
-            return encode_fault(vmodl.fault.SystemError(
-                msg=f"simulator error serializing {type(fault).__name__}: {exc!r}",
-                reason=repr(exc)), version)
-
-    async def versions(self, request: web.Request) -> web.Response:
-        return web.Response(text=self._versions, content_type="text/xml")
+    def _respond(request: web.Request, reply: SoapReply) -> web.StreamResponse:
+        if reply.drop is not None:
+            _drop(request)
+            raise _ConnectionDropped
+        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
     # -- control API -----------------------------------------------------------
     async def stats(self, request: web.Request) -> web.Response:
@@ -279,15 +216,11 @@ class SimApp:
         raw = await self._json(request)
         depth = raw.get("chain_depth")
         if depth is not None:
-            if not isinstance(depth, int) or not 1 <= depth <= 255:
-                return web.json_response({"error": "chain_depth must be an integer 1..255"},
+            if not isinstance(depth, int) or not 1 <= depth <= MAX_CHAIN_DEPTH:
+                return web.json_response({"error": "chain_depth must be an integer "
+                                                   f"1..{MAX_CHAIN_DEPTH}"},
                                          status=400)
-            for disk in vm.disks:
-                base = disk.chain[0]
-                disk.chain = [base] + [
-                    f"[{disk.datastore.name}] {vm.name}/{vm.name}-ext-"
-                    f"{disk.key - DISK_KEY_BASE:02d}{level:06d}.vmdk" for level in range(1, depth)]
-            vm.touch("layoutEx", "config")
+            vm.set_chain_depth(depth)
         frozen = raw.get("frozen")
         if frozen is not None:
             if not isinstance(frozen, bool):

@@ -137,7 +137,8 @@ class Simulator:
         self.process_manager = GuestProcessManager(inv, "guestOperationsProcessManager",
                                                    stats=stats)
         singletons: list[SimObject] = [
-            ServiceInstance(inv, "ServiceInstance", content=self.service_content),
+            ServiceInstance(inv, "ServiceInstance", content=self.service_content,
+                            now=self.clock.now),
             PropertyCollector(inv, self.update_faults, "propertyCollector"),
             ViewManager(inv, "ViewManager"),
             SessionManager(inv, "SessionManager", sessions=self.session_table, stats=stats),
@@ -282,6 +283,20 @@ class Simulator:
         self._register(vm)
         return vm
 
+    def add_vm(self, cfg: VmConfig, *, source: bool = False) -> VirtualMachine:
+        """A VM that appears while the simulator runs (another tool made it), placed as
+        the topology's are and announced to views and property collectors."""
+        if cfg.count is not None:
+            raise ValueError("add_vm makes one VM: no count")
+        vm = self._create_vm(cfg, 0, sum(1 for _ in self.inventory.of_type(VirtualMachine)))
+        self.inventory.add(vm)
+        if isinstance(vm.parent, Folder):
+            vm.parent.touch("childEntity")
+        vm.host.touch("vm", "summary")
+        if source:
+            self.runtime.stats.source_names.add(vm.name)
+        return vm
+
     # -- what the server and tests use ----------------------------------------------
     def about(self, *, esxi: bool = False) -> Any:
         return about_info(self.topology.vcenter, self.instance_uuid, esxi=esxi)
@@ -333,6 +348,7 @@ class Simulator:
             "logins": self.counters["logins"],
             "guest_programs": self.counters["guest_programs"],
             "clone_task_s": self.clone_task_s.summary(),
+            "clones": self.runtime.stats.clones.as_dict(),
             "calls": sum(self.calls.values()),
             "calls_by_method": dict(self.calls),
         }

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 
+from fleet.sim.watermarks import CloneWatermarks
+
 log = logging.getLogger("fleet.sim")
 
 
@@ -46,11 +48,13 @@ class Stats:
         self.source_names: set[str] = set()
         self.max_clone_chain_depth = 0
         self.clone_task_s = RunTimes()  # run times of successful instant clone tasks
+        self.clones = CloneWatermarks()
 
     def clone_made(self, source_name: str, chain_depth: int) -> None:
         self.counters["clones_total"] += 1
         self.source_names.add(source_name)
         self.max_clone_chain_depth = max(self.max_clone_chain_depth, chain_depth)
+        self.clones.clone_made(source_name, chain_depth)
 
     def network_conflict(self, vm_name: str) -> None:
         self.counters["network_conflicts"] += 1

@@ -50,6 +50,8 @@ class Scheduler:
     def __init__(self, vc_capacity: int) -> None:
         self.capacity: dict[str, int] = {VC: vc_capacity}
         self.in_use: dict[str, int] = {}
+        #: the most each resource ever had in use at once (``host:<id>``, ``vc``)
+        self.peak: dict[str, int] = {}
         self._queues: dict[str, deque[Task]] = {}
         self.queued = 0
         self.running = 0
@@ -78,7 +80,9 @@ class Scheduler:
 
     def _start(self, task: Task) -> None:
         for key in task.resources:
-            self.in_use[key] = self.in_use.get(key, 0) + 1
+            used = self.in_use[key] = self.in_use.get(key, 0) + 1
+            if used > self.peak.get(key, 0):
+                self.peak[key] = used
         self.running += 1
         task.begin()
 
@@ -313,7 +317,7 @@ class TaskManager(SimObject):
               cancelable: bool = False) -> Any:
         """Start a ``*_Task`` method's work in the background; its reference at once."""
         injection = ctx.injection
-        if injection is not None and injection.phase == "task":
+        if injection is not None and injection.phase in ("task", "after"):
             body = _inject_into_task(injection, method, entity, body)
         task = Task(self, entity=entity, method=method, description_id=description_id,
                     user=ctx.session.user or "", resources=resources, body=body,
@@ -325,9 +329,14 @@ class TaskManager(SimObject):
         return task.ref
 
     def completed(self, task: Task) -> None:
-        if task.method == "InstantClone_Task" and task.state == "success" and task.start_time:
-            run_s = ((task.complete_time or task.start_time) - task.start_time).total_seconds()
-            self.stats.clone_task_s.add(run_s)
+        if task.method == "InstantClone_Task":
+            if task.state == "success" and task.start_time:
+                run_s = ((task.complete_time or task.start_time)
+                         - task.start_time).total_seconds()
+                self.stats.clone_task_s.add(run_s)
+            error = task.error
+            self.stats.clones.finished_task(task.moid, None if error is None else str(
+                getattr(error, "_wsdlName", None) or type(error).__name__))
         self.active.pop(task.moid, None)
         loop = asyncio.get_running_loop()
         self.finished[task.moid] = (loop.time(), task)
@@ -374,7 +383,8 @@ class TaskManager(SimObject):
 def _inject_into_task(injection: Injection, method: str, entity: SimObject | None,
                       body: TaskBody) -> TaskBody:
     """The task's work as a fired fault-injection rule changes it: a delay, then the
-    real work (``slow``) or the injected fault instead."""
+    real work (``slow``), the injected fault instead, or the work and then the fault
+    (phase ``after``)."""
     rule = injection.rule
     name = entity.display_name if entity is not None else ""
 
@@ -382,6 +392,8 @@ def _inject_into_task(injection: Injection, method: str, entity: SimObject | Non
         await task.sleep(rule.delay_s)
         if rule.fault == "slow":
             return await body(task)
+        if injection.phase == "after":
+            await body(task)  # the work is done all the same
         raise injection.make_fault(method, name, entity.ref if entity is not None else None)
 
     return injected

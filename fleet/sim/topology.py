@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fleet.errors import ConfigError
 from fleet.files import CONFIG_MAX_BYTES, FileProblem, parse_toml, read_user_file
+from fleet.vcenter import HOST_PROVISIONING_SLOTS, MAX_CHAIN_DEPTH, MAX_CONCURRENT_OPERATIONS
 
-MAX_CHAIN_DEPTH = 255
 #: the longest simulated duration (latency, delay, readiness; at time scale 1)
 MAX_LATENCY_S = 3600.0
 #: the longest session idle timeout or task retention (a day, like the service's scans)
@@ -49,7 +49,7 @@ class VCenterConfig(_Model):
     api_version: str = "8.0.3.0"
     name: str = "fleet-sim vCenter"
     # Operations vCenter runs at once before queueing the rest (task state "queued").
-    max_concurrent_operations: Annotated[int, Field(ge=1)] = 640
+    max_concurrent_operations: Annotated[int, Field(ge=1)] = MAX_CONCURRENT_OPERATIONS
     session_idle_timeout_s: Annotated[float, Field(gt=0, le=MAX_RETENTION_S)] = 1800.0
     user: str = "administrator@vsphere.local"
     password: str = "fleet-sim"
@@ -94,6 +94,9 @@ class LatencyConfig(_Model):
     freeze_s: Latency = 1.0
     # Time after power-on/resume until VMware Tools runs and the guest has an IP.
     guest_boot_s: Latency = 0.5
+    # Time a DHCP server takes to give a NIC that comes up with its own MAC an address
+    # (after a NIC refresh or a reconnect); 0 answers at once.
+    dhcp_s: Latency = 0.0
     # Relative jitter: each duration is multiplied by a factor in [1-j, 1+j].
     jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
@@ -102,7 +105,7 @@ class HostConfig(_Model):
     name: str
     count: Count | None = None
     # Provisioning operations the host runs at once; more are queued.
-    slots: Annotated[int, Field(ge=1)] = 8
+    slots: Annotated[int, Field(ge=1)] = HOST_PROVISIONING_SLOTS
     memory_gb: Annotated[float, Field(gt=0)] = 512.0
     # Memory the host may hand out relative to physical memory before
     # InsufficientResourcesFault (page sharing counted).
@@ -124,7 +127,8 @@ class NetworkConfig(_Model):
 
 
 class GuestConfig(_Model):
-    family: Literal["linux", "windows"] = "linux"
+    # "other": a guest OS fleet has no network recipe for (FreeBSD here)
+    family: Literal["linux", "windows", "other"] = "linux"
     user: str = "root"
     password: str = "fleet-guest"
     tools: bool = True
@@ -184,16 +188,20 @@ class FaultRule(_Model):
     connection before doing anything), ``http:503`` or ``http:lost_reply`` (do
     the work, then drop the connection without answering), or ``slow`` (the
     task takes ``delay_s`` longer). ``phase`` decides whether a vim fault fails
-    the call itself or the task it started.
+    the call itself, the task it started, or the task *after* its work was done
+    (``after``: the clone exists, the task says it failed, as vCenter reports a
+    task whose host finished it while vpxd lost track of it).
     """
 
     method: str = "*"
-    object: str = "*"  # glob over the object's moref id and its name
+    # glob over the object's moref id and name, the name of the VM a guest operation runs
+    # in, and the name of what the call makes (an instant or full clone, a folder, a rename)
+    object: str = "*"
     fault: str
     probability: Annotated[float, Field(ge=0, le=1)] = 1.0
     delay_s: Latency = 0.0  # at time scale 1, like latencies
     max_count: Annotated[int, Field(ge=0)] | None = None
-    phase: Literal["call", "task"] | None = None  # default: task for *_Task methods
+    phase: Literal["call", "task", "after"] | None = None  # default: task for *_Task
     message: str | None = None
 
     @field_validator("fault")

@@ -4,9 +4,10 @@ Instant Clone semantics (docs/vsphere.md):
 
 - The source must be powered on (running or frozen); otherwise InvalidState.
 - A *running* source is stunned and cloned one task at a time (the scheduler's
-  ``source:`` resource); it gains a delta disk per clone, and the clone gets a
-  delta on the source's previous top. A *frozen* source is unchanged and can be
-  cloned concurrently. Either way the clone's chain is the source's + 1.
+  ``source:`` resource); it gains a delta disk per clone at the stun (kept if
+  the clone then fails), and the clone gets a delta on the source's previous
+  top. A *frozen* source is unchanged and can be cloned concurrently. Either
+  way the clone's chain is the source's + 1.
 - A chain past 255 fails the clone with GenericVmConfigFault ("Unable to
   prepare migration"), as seen in the field. Deeper chains clone slower.
 - The clone lands on the source's host with new MACs and UUIDs, extraConfig
@@ -40,7 +41,6 @@ from fleet.sim.entities import (
 from fleet.sim.hardware import (
     DELTA_BYTES,
     DISK_KEY_BASE,
-    MAX_CHAIN,
     NIC_KEY_BASE,
     Disk,
     Guest,
@@ -49,6 +49,7 @@ from fleet.sim.hardware import (
 )
 from fleet.sim.machine import Machine
 from fleet.sim.tasks import VC, Task
+from fleet.vcenter import MAX_CHAIN_DEPTH
 
 __all__ = ["DISK_KEY_BASE", "NIC_KEY_BASE", "Disk", "Guest", "Nic", "VirtualMachine"]
 
@@ -304,8 +305,9 @@ class VirtualMachine(Machine):
                 macs[device.key] = str(device.macAddress)
         return plan, macs
 
-    def clone_problems(self, name: str, folder: Folder) -> list[Any]:
-        """Why an instant clone from this VM would fail now (faults, in check order)."""
+    def clone_problems(self, name: str, folder: Folder, *, grown: bool = False) -> list[Any]:
+        """Why an instant clone from this VM would fail now (faults, in check order).
+        ``grown``: the source's chain already holds the clone's level (after the stun)."""
         problems: list[Any] = []
         if not self.host.connected:
             try:
@@ -322,12 +324,12 @@ class VirtualMachine(Machine):
             problems.append(vim.fault.DuplicateName(
                 msg=f"The name '{name}' already exists.", name=name,
                 object=existing.ref if existing is not None else folder.ref))
-        depth = self.chain_depth() + 1
-        if depth > MAX_CHAIN:
+        depth = self.chain_depth() + (0 if grown else 1)
+        if depth > MAX_CHAIN_DEPTH:
             problems.append(vim.fault.GenericVmConfigFault(
                 msg=f"Unable to prepare migration: the disk chain of '{self.name}' is already "
-                    f"{self.chain_depth()} levels deep; a clone would exceed the limit of "
-                    f"{MAX_CHAIN}.",
+                    f"{depth - 1} levels deep; a clone would exceed the limit of "
+                    f"{MAX_CHAIN_DEPTH}.",
                 reason="Unable to prepare migration"))
         cost = int(self.memory_mb * (1 - self.runtime.clone_memory_shared))
         try:
@@ -367,6 +369,7 @@ class VirtualMachine(Machine):
             try:
                 lat = rt.latency
                 duration = lat.instant_clone_s + lat.per_chain_level_s * self.chain_depth()
+                chains = None  # the source's chains before the stun (a running source)
                 if not frozen_now:
                     stun = min(lat.stun_s, duration)
                     self.stunned = True
@@ -376,29 +379,48 @@ class VirtualMachine(Machine):
                     finally:
                         self.stunned = False
                         self.touch("runtime")
+                    # The stun moved the source onto a new delta disk: its chain is one
+                    # level deeper from now on, whatever becomes of the clone.
+                    chains = self._add_deltas()
                     duration -= stun
                 task.set_progress(50)
                 await task.sleep(duration)
                 # The source may have changed while we worked.
-                problems = [p for p in self.clone_problems(name, folder)
+                problems = [p for p in self.clone_problems(name, folder,
+                                                           grown=chains is not None)
                             if not isinstance(p, vim.fault.DuplicateName)]
                 if problems:
                     raise problems[0]
                 task.commit()
                 clone = self._make_instant_clone(name, folder, pool, datastore, extra, plan,
-                                                 macs, spec.biosUuid, frozen_now)
+                                                 macs, spec.biosUuid, chains)
             finally:
                 rt.names.release(folder.moid, name)
             return clone.ref
 
-        return rt.tasks.start(ctx, entity=self, method="InstantClone_Task",
-                              description_id="VirtualMachine.instantClone", body=body,
-                              resources=(VC, *resources), cancelable=True)
+        ref = rt.tasks.start(ctx, entity=self, method="InstantClone_Task",
+                             description_id="VirtualMachine.instantClone", body=body,
+                             resources=(VC, *resources), cancelable=True)
+        task = rt.inventory.get(ref._moId)
+        rt.stats.clones.submitted_task(ref._moId, host=self.host.name, datastore=datastore.name,
+                                       source=self.name,
+                                       queued=getattr(task, "state", None) == "queued")
+        return ref
+
+    def _add_deltas(self) -> list[list[str]]:
+        """A running source's stun: each disk gets a new top delta. Returns the chains
+        as they were (what the clone's deltas sit on)."""
+        before = [list(disk.chain) for disk in self.disks]
+        for disk in self.disks:
+            disk.chain.append(self._delta_path(disk, disk.chain))
+        self.touch("layoutEx", "summary", "config")
+        return before
 
     def _make_instant_clone(self, name: str, folder: Folder, pool: ResourcePool,
                             datastore: Datastore, extra: dict[str, str], plan: dict[int, str],
                             macs: dict[int, str], bios_uuid: str | None,
-                            frozen_source: bool) -> VirtualMachine:
+                            chains: list[list[str]] | None) -> VirtualMachine:
+        """The clone; ``chains``: the source's chains before its stun (None: frozen)."""
         rt = self.runtime
         nics = []
         for nic in self.nics:
@@ -407,10 +429,8 @@ class VirtualMachine(Machine):
             nics.append(Nic(key=nic.key, mac=rt.addresses.new_mac(), network=nic.network,
                             connected=connected, start_connected=nic.start_connected))
         disks = []
-        for disk in self.disks:
-            previous = list(disk.chain)
-            if not frozen_source:
-                disk.chain.append(self._delta_path(disk, previous))
+        for i, disk in enumerate(self.disks):
+            previous = chains[i] if chains is not None else list(disk.chain)
             delta = f"[{datastore.name}] {name}/{name}-{disk.key - DISK_KEY_BASE:06d}.vmdk"
             disks.append(Disk(key=disk.key, capacity_kb=disk.capacity_kb, datastore=datastore,
                               chain=[*previous, delta]))
@@ -439,11 +459,9 @@ class VirtualMachine(Machine):
             if nic.key in macs:
                 clone.set_mac(nic, macs[nic.key])
         self.clones += 1
-        if not frozen_source:
-            self.touch("layoutEx", "summary", "config")
         rt.stats.clone_made(self.name, clone.chain_depth())
         clone.check_conflict()
-        if self.frozen or frozen_source:
+        if self.frozen or chains is None:
             clone.resume_in_clone(self.guest.processes)
         clone._touch_guest()
         return clone

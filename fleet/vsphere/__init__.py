@@ -9,5 +9,6 @@ the client modules are the only place (besides ``fleet.sim``) that use pyVmomi.
 - ``tls``: how the server certificate is trusted (CA file, pinned thumbprint).
 - ``faults``: the one translation of vim faults into ``fleet.errors``.
 - ``inventory`` / ``specs``: property paths, conversions and spec builders.
-- ``fake``: an in-memory ``VSphere`` for engine tests.
+
+Tests run the client on a simulator in the same process (``fleet.testing``).
 """

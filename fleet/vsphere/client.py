@@ -72,7 +72,7 @@ from fleet.vsphere.model import (
 from fleet.vsphere.session import CallObserver, RetryPolicy, Secret, Session, method_info
 from fleet.vsphere.tasks import VCenterTask
 from fleet.vsphere.tls import TlsOptions
-from fleet.vsphere.transport import MAX_REPLY_BYTES, MIN_VERSION, SoapTransport
+from fleet.vsphere.transport import MAX_REPLY_BYTES, MIN_VERSION, SoapTransport, Transport
 from fleet.vsphere.watch import PropertyWatcher, Watch
 
 log = logging.getLogger("fleet.vsphere")
@@ -120,14 +120,17 @@ class VSphereClient:
                  observer: CallObserver | None = None,
                  guest_poll_s: tuple[float, float] = (0.1, 2.0),
                  compress: bool = False, use_env_proxy: bool = False,
-                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+                 max_reply_bytes: int = MAX_REPLY_BYTES,
+                 transport: Transport | None = None) -> None:
         if tls is None:
             tls = TlsOptions(ca_file=ca_file, thumbprint=thumbprint, insecure=insecure)
         elif ca_file or thumbprint or insecure:
             raise ConfigError("give either tls= or ca_file/thumbprint/insecure", key="tls")
-        self.transport = SoapTransport(url, tls=tls, max_connections=max_connections,
-                                       compress=compress, use_env_proxy=use_env_proxy,
-                                       max_reply_bytes=max_reply_bytes)
+        # ``transport`` replaces the HTTP one (a simulator in the same process,
+        # fleet.testing); ``url`` and the HTTP options are then unused.
+        self.transport: Transport = transport if transport is not None else SoapTransport(
+            url, tls=tls, max_connections=max_connections, compress=compress,
+            use_env_proxy=use_env_proxy, max_reply_bytes=max_reply_bytes)
         self.session = Session(self.transport, user, password, call_timeout_s=call_timeout_s,
                                retry=retry, observer=observer)
         self.watcher = PropertyWatcher(self.session, max_wait_s=wait_max_s,
@@ -705,12 +708,6 @@ class VSphereClient:
                                            name, spec)
         return result
 
-    async def relocate(self, vm: Ref, *, host: Ref | None = None,
-                       datastore: Ref | None = None) -> None:
-        spec = vim_specs.relocate_spec(host=self.mo(host) if host else None,
-                                   datastore=self.mo(datastore) if datastore else None)
-        await self._run_task(self.mo(vm), "RelocateVM_Task", spec, None, safe=True)
-
     async def _power(self, vm: Ref, method: str, wanted: str) -> None:
         try:
             await self._run_task(self.mo(vm), method, safe=True)
@@ -734,9 +731,6 @@ class VSphereClient:
     async def power_off(self, vm: Ref) -> None:
         """Power off (hard); a VM already off is fine."""
         await self._power(vm, "PowerOffVM_Task", "poweredOff")
-
-    async def reset(self, vm: Ref) -> None:
-        await self._run_task(self.mo(vm), "ResetVM_Task")
 
     async def destroy(self, vm: Ref) -> None:
         """Power off if needed, then destroy. A VM already gone is not an error."""

@@ -76,9 +76,7 @@ from fleet.errors import (
     VSphereError,
     VSphereFault,
 )
-
-#: A disk chain may be this deep; a clone adds one level (docs/vsphere.md).
-MAX_CHAIN_DEPTH = 255
+from fleet.vcenter import MAX_CHAIN_DEPTH
 
 #: Methods whose faults describe the *source* of an instant clone.
 INSTANT_CLONE_METHODS = frozenset({"InstantClone_Task", "CheckInstantClone_Task"})

@@ -2,8 +2,9 @@
 
 This module is the seam between deciding (``fleet.engine``) and talking
 (``fleet.vsphere.client``). It imports nothing from pyVmomi, so the engine can
-use it freely; the real client and the in-memory fake (``fleet.vsphere.fake``)
-both implement :class:`VSphere`.
+use it freely; the client (``fleet.vsphere.client``) implements :class:`VSphere`,
+against a vCenter or a simulator (``fleet.sim``, in process for tests:
+``fleet.testing``).
 
 All calls raise only ``fleet.errors`` types. Durations are seconds (``_s``).
 """
@@ -165,7 +166,7 @@ class TaskHandle(Protocol):
 
 @runtime_checkable
 class VSphere(Protocol):
-    """The small async interface the engine drives. Implemented by the client and the fake."""
+    """The small async interface the engine drives. Implemented by the client."""
 
     async def server_info(self) -> ServerInfo:
         """About the endpoint; raises UnsupportedEndpoint if it cannot instant-clone."""
@@ -232,14 +233,9 @@ class VSphere(Protocol):
     async def full_clone(self, source: Ref, name: str, folder: Ref, *, host: Ref | None = None,
                          datastore: Ref | None = None, power_on: bool = True) -> Ref: ...
 
-    async def relocate(self, vm: Ref, *, host: Ref | None = None,
-                       datastore: Ref | None = None) -> None: ...
-
     async def power_on(self, vm: Ref) -> None: ...
 
     async def power_off(self, vm: Ref) -> None: ...
-
-    async def reset(self, vm: Ref) -> None: ...
 
     async def destroy(self, vm: Ref) -> None:
         """Power off if needed, then destroy. A VM already gone is not an error."""

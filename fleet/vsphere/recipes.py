@@ -1,10 +1,9 @@
 """Guest programs fleet runs through VMware Tools: NIC refresh recipes and the freeze command.
 
-They live beside the client (not in the engine) because the in-memory fake
-recognises them as well as the engine choosing them. These command lines are a
-contract: the simulator (``fleet.sim``) and the
-in-memory fake (``fleet.vsphere.fake``) recognise them by their stable markers,
-so change them only together with those recognisers.
+They live beside the client (not in the engine): they are what fleet sends into
+a guest. These command lines are a contract: the simulator's guest
+(``fleet.sim.guest``) recognises them by their stable markers, so change them
+only together with it (``tests/engine/test_recipes.py`` holds the two equal).
 
 NIC refresh (docs/vsphere.md: after an instant clone the guest still uses
 its source's MAC; refreshing the NIC makes it pick up the new one):
@@ -95,28 +94,3 @@ def freeze_program(family: GuestFamily) -> GuestProgram:
     if family == "windows":
         return GuestProgram(path=WINDOWS_VMTOOLSD, arguments=f'--cmd "{FREEZE_COMMAND}"')
     raise ValueError(f"no freeze command for guest family {family!r}")
-
-
-def is_refresh(program: GuestProgram) -> GuestFamily | None:
-    """Which built-in refresh recipe ``program`` is (by its markers), or None.
-
-    Shared by the fake and available to the simulator so both recognise the
-    same forms."""
-    args = program.arguments
-    if program.path.endswith("/sh") and "/unbind" in args and "/bind" in args and (
-            "dhclient" in args or "networkctl renew" in args or "nmcli" in args):
-        return "linux"
-    if program.path.lower().endswith("powershell.exe") and "Restart-NetAdapter" in args:
-        return "windows"
-    return None
-
-
-def is_freeze(program: GuestProgram) -> GuestFamily | None:
-    """Which freeze command ``program`` is, or None."""
-    if FREEZE_COMMAND not in program.arguments:
-        return None
-    if program.path.endswith("vmware-rpctool"):
-        return "linux"
-    if program.path.lower().endswith("vmtoolsd.exe") and "--cmd" in program.arguments:
-        return "windows"
-    return None

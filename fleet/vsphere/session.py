@@ -17,7 +17,7 @@ on its own (everything else surfaces to the caller, which decides):
    (the engine reconciles by name: a repeated clone answers DuplicateName with
    the existing VM's id). A caller may pass ``safe=True`` for a task-starting
    call that is idempotent by construction: the client does so for power on/off,
-   destroy, relocate and reconfigurations to absolute values, whose repeat
+   destroy and reconfigurations to absolute values, whose repeat
    converges to the same end state (and treats "already so" as success).
    Each call is repeated at most ``RetryPolicy.max_retries`` times, with
    exponential backoff and jitter.
@@ -65,7 +65,7 @@ from fleet.errors import (
 )
 from fleet.urls import redact_url
 from fleet.vsphere.faults import map_vsphere_faults, translate
-from fleet.vsphere.transport import MIN_VERSION, SoapTransport, VimStub, version_name
+from fleet.vsphere.transport import MIN_VERSION, Transport, VimStub, version_name
 
 log = logging.getLogger("fleet.vsphere")
 
@@ -146,7 +146,7 @@ class SessionStats:
 class Session:
     """One authenticated vCenter session over one transport."""
 
-    def __init__(self, transport: SoapTransport, user: str, password: str | Secret, *,
+    def __init__(self, transport: Transport, user: str, password: str | Secret, *,
                  call_timeout_s: float = 60.0, retry: RetryPolicy | None = None,
                  observer: CallObserver | None = None) -> None:
         self.transport = transport

@@ -48,7 +48,7 @@ import ssl
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -282,11 +282,59 @@ class Reply(NamedTuple):
     session_key: str | None  # from Set-Cookie, if the server sent one
 
 
-def _session_key(set_cookie: str | None) -> str | None:
+def session_key_of(set_cookie: str | None) -> str | None:
+    """The session key a ``Set-Cookie`` header sets, if any."""
     if not set_cookie:
         return None
     match = _SET_COOKIE.search(set_cookie)
     return match.group(1) if match else None
+
+
+def cookie_header(session_key: str) -> str:
+    """The ``Cookie`` header that presents ``session_key``."""
+    return f'{COOKIE_NAME}="{session_key}"'
+
+
+def check_reply(status: int, body: bytes, *, method: str, obj: str | None) -> None:
+    """Raise the fleet error for a reply that is neither a SOAP result (200) nor a SOAP
+    fault (500 with an XML body)."""
+    if status != 200 and status != 500:
+        raise transport_error(HttpStatusError(status), method=method, obj=obj)
+    if status == 500 and not body.lstrip().startswith(b"<"):
+        raise transport_error(BadReply(f"HTTP 500 without a SOAP body ({len(body)} bytes)"),
+                              method=method, obj=obj)
+
+
+def version_of_reply(status: int, body: bytes) -> str | None:
+    """The version to speak from a ``GET /sdk/vimServiceVersions.xml`` reply: None when
+    the file is missing or lists nothing pyVmomi knows."""
+    if status == 404:
+        return None
+    if status != 200:
+        raise transport_error(HttpStatusError(status), method="vimServiceVersions.xml")
+    try:
+        advertised = parse_versions_xml(body.decode("utf-8", "replace"))
+    except ET.ParseError:
+        return None
+    return pick_version(advertised)
+
+
+class Transport(Protocol):
+    """What a session needs of a transport: :class:`SoapTransport` over HTTP, or one
+    that hands the same bytes to a simulator in the same process
+    (``fleet.testing.loopback``). ``post`` returns a 200 or 500 reply and raises
+    fleet errors for everything else (docs/transport.md)."""
+
+    url: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def negotiate(self, timeout_s: float = 30.0) -> str | None: ...
+
+    async def post(self, body: bytes, *, action: str, session_key: str | None,
+                   timeout_s: float | None, method: str, obj: str | None = None) -> Reply: ...
 
 
 def env_proxy(url: str) -> URL | None:
@@ -420,7 +468,7 @@ class SoapTransport:
                 (("User-Agent", USER_AGENT), ("Accept-Encoding", self._encoding),
                  ("Content-Type", "text/xml; charset=utf-8"), ("SOAPAction", action)))
             if session_key is not None:
-                headers["Cookie"] = f'{COOKIE_NAME}="{session_key}"'
+                headers["Cookie"] = cookie_header(session_key)
         return headers
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
@@ -484,10 +532,8 @@ class SoapTransport:
         status = resp.status
         if status != 200 and status != 500:
             raise transport_error(HttpStatusError(status, resp.reason), method=method, obj=obj)
-        if status == 500 and not data.lstrip().startswith(b"<"):
-            raise transport_error(BadReply(f"HTTP 500 without a SOAP body ({len(data)} bytes)"),
-                                  method=method, obj=obj)
-        return Reply(status, data, _session_key(resp.headers.get("Set-Cookie")))
+        check_reply(status, data, method=method, obj=obj)
+        return Reply(status, data, session_key_of(resp.headers.get("Set-Cookie")))
 
     # -- the wrong scheme, and the API version -----------------------------------------
     async def wrong_scheme(self, exc: BaseException) -> ConfigError | None:
@@ -519,12 +565,4 @@ class SoapTransport:
         None when the file is missing or lists nothing pyVmomi knows (the caller
         then falls back to ``about.apiVersion``)."""
         status, body = await self.get(self.path + "/vimServiceVersions.xml", timeout_s)
-        if status == 404:
-            return None
-        if status != 200:
-            raise transport_error(HttpStatusError(status), method="vimServiceVersions.xml")
-        try:
-            advertised = parse_versions_xml(body.decode("utf-8", "replace"))
-        except ET.ParseError:
-            return None
-        return pick_version(advertised)
+        return version_of_reply(status, body)

@@ -1,7 +1,7 @@
 """A deleted fleet stays deleted (issue 11, item 6): its folder goes with it, and a
 scan that read vCenter before the delete finished does not bring it back.
 
-The first test plays the interleaving in-process against the fake, holding the
+The first test plays the interleaving in process (a simulator in process), holding the
 scan between its read of a fleet's members and its registration of what it read.
 The second is the reported repro, scaled down: ``fleet serve`` against the
 simulator, fleets created and deleted in cycles under a short scan interval.
@@ -29,11 +29,10 @@ pytestmark = pytest.mark.anyio
 
 async def test_a_scan_that_read_a_fleet_before_its_delete_does_not_bring_it_back(
         tmp_path: Path) -> None:
-    fake = folder_fake()
     metrics = FleetMetrics()
     # Scans only when asked (the start-up scan aside).
     config = make_config(tmp_path, scan_interval_s=3600.0)
-    async with fake, running(config, fake, Clock(), metrics) as service:
+    async with folder_fake() as (fake, _), running(config, fake, Clock(), metrics) as service:
         rec = await apply(service, {"name": "ghost", "count": 3})
         await until(lambda: rec.status == "ready")
         folder = await fake.find_folder("fleet/ghost")

@@ -1,11 +1,12 @@
-"""FleetService in-process against the in-memory fake: restarts, discovery, lifetimes,
-shared limits and the metrics it feeds. A controllable wall clock makes TTLs instant."""
+"""FleetService in-process against a simulator in process (the real client over the
+loopback transport): restarts, discovery, lifetimes, shared limits and the metrics it
+feeds. A controllable wall clock makes TTLs instant."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ from fleet.engine.reconcile import LABEL_NAME
 from fleet.engine.run import EngineOptions
 from fleet.engine.spec import spec_from_dict
 from fleet.metrics import FleetMetrics
-from fleet.vsphere.fake import FakeLatency, FakeVSphere, make_fake
+from fleet.testing.harness import SimVCenter
+from fleet.vsphere.client import VSphereClient
+from fleet.vsphere.model import VSphere
+from tests.engine.conftest import vcenter
 
 pytestmark = pytest.mark.anyio
 
@@ -38,8 +42,9 @@ class Clock:
         return self.now
 
 
-def folder_fake(**kw: Any) -> FakeVSphere:
-    return make_fake(hosts=4, **kw)
+def folder_fake(**kw: Any) -> AbstractAsyncContextManager[tuple[VSphereClient, SimVCenter]]:
+    """The client on a four-host simulator in process (``kw``: ``topology``'s)."""
+    return vcenter(hosts=4, **kw)
 
 
 def make_config(state: Path, **over: Any) -> ServiceConfig:
@@ -60,7 +65,7 @@ def make_config(state: Path, **over: Any) -> ServiceConfig:
 
 
 @asynccontextmanager
-async def running(config: ServiceConfig, fake: FakeVSphere, clock: Clock,
+async def running(config: ServiceConfig, fake: VSphere, clock: Clock,
                   metrics: FleetMetrics | None = None) -> AsyncIterator[FleetService]:
     async with FleetService(config, fake, metrics or FleetMetrics(), clock=clock) as service:
         yield service
@@ -75,7 +80,7 @@ async def until(predicate: Any, timeout_s: float = 10.0) -> None:
             await anyio.sleep(0.01)
 
 
-def members_of(fake: FakeVSphere, name: str) -> list[Any]:
+def members_of(fake: SimVCenter, name: str) -> list[Any]:
     return [vm for vm in fake.folder_vms(f"fleet/{name}")
             if vm.extra_config.get(LABEL_NAME) == name]
 
@@ -88,9 +93,8 @@ async def apply(service: FleetService, body: dict[str, Any]) -> FleetRecord:
 async def test_a_restart_resumes_a_build_and_loses_nothing(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     clock = Clock()
-    fake = folder_fake(latency=FakeLatency(clone_s=0.03))
-    async with fake:
-        async with running(config, fake, clock) as service:
+    async with folder_fake(latency={"instant_clone_s": 0.03}) as (vs, fake):
+        async with running(config, vs, clock) as service:
             rec = await apply(service, {"name": "big", "count": 120, "ttl_s": 3600})
             small = await apply(service, {"name": "small", "count": 3})
             await until(lambda: small.status == "ready" and
@@ -104,7 +108,7 @@ async def test_a_restart_resumes_a_build_and_loses_nothing(tmp_path: Path) -> No
         saved = (tmp_path / "big.json").read_text()
         assert '"status": "provisioning"' in saved and "GUEST_PW" not in saved
 
-        async with running(config, fake, clock) as service:
+        async with running(config, vs, clock) as service:
             assert set(service.fleets) == {"big", "small"}
             rec = service.fleets["big"]
             await until(lambda: rec.status == "ready")
@@ -119,17 +123,16 @@ async def test_a_restart_resumes_a_build_and_loses_nothing(tmp_path: Path) -> No
 async def test_fleets_made_elsewhere_are_discovered_and_their_ttl_enforced(
         tmp_path: Path) -> None:
     clock = Clock()
-    fake = folder_fake()
     cli_spec = spec_from_dict({"name": "fromcli", "count": 4, "sources": FROZEN4,
                                "network": {"refresh": "none", "disconnect_at_clone": False},
                                "readiness": {"wait_for": "none"}}, env=ENV)
-    async with fake:
+    async with folder_fake() as (vs, fake):
         labels = {LABEL_EXPIRES_AT: str(int(clock.now + 60))}
-        summary = await provision(cli_spec, fake, options=EngineOptions(labels=labels))
+        summary = await provision(cli_spec, vs, options=EngineOptions(labels=labels))
         assert summary.complete
         # A VM in the folder without the label is not a member and is never touched.
         fake.add_vm("stranger", host="esx-01", folder="fleet/fromcli")
-        async with running(make_config(tmp_path), fake, clock) as service:
+        async with running(make_config(tmp_path), vs, clock) as service:
             rec = service.fleets["fromcli"]
             assert rec.status == "discovered" and rec.requested is None
             assert rec.expires_at == clock.now + 60
@@ -144,16 +147,17 @@ async def test_fleets_made_elsewhere_are_discovered_and_their_ttl_enforced(
 async def test_a_fleet_whose_ttl_ended_while_the_service_was_down_is_destroyed(
         tmp_path: Path) -> None:
     clock = Clock()
-    fake = folder_fake()
     config = make_config(tmp_path)
-    async with fake:
-        async with running(config, fake, clock) as service:
+    async with folder_fake() as (vs, fake):
+        async with running(config, vs, clock) as service:
             rec = await apply(service, {"name": "lab", "count": 5, "ttl_s": 600})
             keep = await apply(service, {"name": "keep", "count": 2})
             await until(lambda: rec.status == "ready" and keep.status == "ready")
         clock.now += 601
-        async with running(config, fake, clock) as service:
-            await until(lambda: "lab" not in service.fleets)
+        async with running(config, vs, clock) as service:
+            # gone from the table, then its state file (the last step of a destroy)
+            await until(lambda: "lab" not in service.fleets
+                        and not (tmp_path / "lab.json").exists())
             assert service.fleets["keep"].status == "ready"
         assert members_of(fake, "lab") == [] and len(members_of(fake, "keep")) == 2
         assert not (tmp_path / "lab.json").exists()
@@ -162,8 +166,7 @@ async def test_a_fleet_whose_ttl_ended_while_the_service_was_down_is_destroyed(
 async def test_ttl_changes_relabel_members_and_unlabelled_members_keep_a_fleet(
         tmp_path: Path) -> None:
     clock = Clock()
-    fake = folder_fake()
-    async with fake, running(make_config(tmp_path), fake, clock) as service:
+    async with folder_fake() as (vs, fake), running(make_config(tmp_path), vs, clock) as service:
         rec = await apply(service, {"name": "relabel", "count": 3})
         await until(lambda: rec.status == "ready")
         assert rec.expires_at is None
@@ -179,6 +182,7 @@ async def test_ttl_changes_relabel_members_and_unlabelled_members_keep_a_fleet(
         # Someone strips the label from one member: the fleet no longer expires
         # (conservative: never destroy before every member says so).
         del vms[0].extra_config[LABEL_EXPIRES_AT]
+        vms[0].config_changed()
         await until(lambda: rec.expires_at is None)
         clock.now += 200
         # Two more scans: the second began after the clock moved, and every scan ends
@@ -191,30 +195,28 @@ async def test_ttl_changes_relabel_members_and_unlabelled_members_keep_a_fleet(
 
 async def test_fleets_share_the_limits_and_feed_one_metrics_object(tmp_path: Path) -> None:
     clock = Clock()
-    fake = folder_fake(latency=FakeLatency(clone_s=0.01))
     metrics = FleetMetrics()
-    async with fake:
-        async with running(make_config(tmp_path), fake, clock, metrics) as service:
+    async with folder_fake(latency={"instant_clone_s": 0.01}) as (vs, fake):
+        async with running(make_config(tmp_path), vs, clock, metrics) as service:
             recs = [await apply(service, {"name": f"f{i}", "count": 30}) for i in range(3)]
             await until(lambda: all(r.status == "ready" for r in recs))
             service.update_gauges()
-        assert fake.stats.max_in_flight_total <= 8  # [limits] in_flight, across all fleets
-        assert max(fake.stats.max_in_flight_per_host.values()) <= 2
+        assert fake.clones.max_in_flight[""] <= 8  # [limits] in_flight, across all fleets
+        assert max(fake.clones.peak("host").values()) <= 2
         sample = metrics.registry.get_sample_value
         for i in range(3):
             assert sample("fleet_fleet_members", {"fleet": f"f{i}", "state": "ready"}) == 30
         assert sample("fleet_clones_total", {"outcome": "ready"}) == 90
         assert sample("fleet_queue_length", {}) == 0
-        for host in fake.hosts:
+        for host in fake.sim.hosts:
             assert sample("fleet_clones_in_flight", {"host": host}) in (0, None)
         assert sample("fleet_fleets", {"state": "ready"}) == 3
 
 
 async def test_destroy_stops_a_run_and_removes_everything(tmp_path: Path) -> None:
     clock = Clock()
-    fake = folder_fake(latency=FakeLatency(clone_s=0.03))
-    async with fake:
-        async with running(make_config(tmp_path), fake, clock) as service:
+    async with folder_fake(latency={"instant_clone_s": 0.03}) as (vs, fake):
+        async with running(make_config(tmp_path), vs, clock) as service:
             rec = await apply(service, {"name": "doomed", "count": 100})
             await until(lambda: any(m.state == "ready" for m in rec.members.values()))
             await service.remove("doomed")
@@ -224,19 +226,17 @@ async def test_destroy_stops_a_run_and_removes_everything(tmp_path: Path) -> Non
 
 
 async def test_a_delete_of_a_discovered_fleet_survives_a_restart(tmp_path: Path) -> None:
-    from fleet.errors import PermissionDenied
-    from fleet.vsphere.fake import FaultRule
-
     clock = Clock()
-    fake = folder_fake()
     config = make_config(tmp_path)
     spec = spec_from_dict({"name": "found", "count": 3, "sources": FROZEN4,
                            "network": {"refresh": "none", "disconnect_at_clone": False},
                            "readiness": {"wait_for": "none"}}, env=ENV)
-    async with fake:
-        assert (await provision(spec, fake)).complete
-        rule = fake.add_fault(FaultRule("destroy", PermissionDenied))
-        async with running(config, fake, clock) as service:
+    async with folder_fake() as (vs, fake):
+        assert (await provision(spec, vs)).complete
+        # vCenter refuses to destroy every member (NoPermission: PermissionDenied)
+        rule = fake.add_fault(method="Destroy_Task", object="found-*", fault="NoPermission",
+                              phase="call")
+        async with running(config, vs, clock) as service:
             assert service.fleets["found"].status == "discovered"
             await service.remove("found")
             # vCenter refuses every destroy; the delete says so once it has let go of
@@ -244,8 +244,8 @@ async def test_a_delete_of_a_discovered_fleet_survives_a_restart(tmp_path: Path)
             await until(lambda: rule.fired >= 3 and service.fleets["found"].error is not None)
             assert service.fleets["found"].error is not None
         assert '"destroying"' in (tmp_path / "found.json").read_text()
-        fake.faults.clear()
-        async with running(config, fake, clock) as service:
+        fake.sim.faults.clear()
+        async with running(config, vs, clock) as service:
             await until(lambda: "found" not in service.fleets)
         assert members_of(fake, "found") == []
         assert not (tmp_path / "found.json").exists()

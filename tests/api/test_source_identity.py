@@ -1,5 +1,5 @@
 """The service refuses a fleet that names one source VM twice (a name and a path), as the
-CLI does, and clones nothing for it (in process, against the in-memory fake)."""
+CLI does, and clones nothing for it (in process, against a simulator in process)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fleet.api.config import config_from_dict
 from fleet.api.requests import fleet_request
 from fleet.api.service import FleetService
 from fleet.metrics import FleetMetrics
-from fleet.vsphere.fake import make_fake
+from tests.engine.conftest import vcenter
 
 pytestmark = pytest.mark.anyio
 
@@ -21,14 +21,14 @@ ENV = {"TOKEN": "in-process-token-0123456789"}
 
 
 async def test_a_fleet_naming_one_source_twice_fails_naming_both(tmp_path: Path) -> None:
-    fake = make_fake(hosts=2, frozen_per_host=0, running=1)
     config = config_from_dict({
         "state_dir": str(tmp_path), "scan_interval_s": 0.05, "api": {"token_env": "TOKEN"},
         "defaults": {"network": {"refresh": "none", "disconnect_at_clone": False},
                      "readiness": {"wait_for": "none"}}}, env=ENV)
     body = {"name": "dup", "count": 6, "chain_budget": 4,
             "sources": ["running-01", "dc1/vm/sources/running-01"]}
-    async with fake, FleetService(config, fake, FleetMetrics()) as service:
+    async with vcenter(hosts=2, frozen_per_host=0, running=1) as (vs, fake), \
+            FleetService(config, vs, FleetMetrics()) as service:
         rec, _ = await service.apply(fleet_request(body, service.config))
         with anyio.fail_after(10):
             for _ in itertools.count():
@@ -36,9 +36,9 @@ async def test_a_fleet_naming_one_source_twice_fails_naming_both(tmp_path: Path)
                     break
                 await anyio.sleep(0.01)
         assert rec.status == "failed"
-        vm_id = fake.vm("running-01").ref.id
+        vm_id = fake.vm("running-01").moid
         assert rec.error is not None
         assert f'sources[1]: "dc1/vm/sources/running-01" is the same VM ({vm_id}) as ' \
             f'sources[0] "running-01"' in rec.error
     assert fake.folder_vms("fleet/dup") == []
-    assert fake.vm("running-01").chain_depth == 1
+    assert fake.vm("running-01").chain_depth() == 1

@@ -1,7 +1,7 @@
 """Fault handling the chaos runs rely on, pinned down one fault at a time.
 
-Fast tests: the engine against the in-memory fake, the client against a small
-simulator.
+Fast tests: the engine and the client against a simulator in process, the client
+against a small simulator served over HTTP.
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ import anyio
 import pytest
 
 from fleet.engine import provision
-from fleet.errors import NotDelivered
-from fleet.vsphere.fake import FaultRule, make_fake
 from tests.chaos.conftest import client
-from tests.engine.conftest import CLONE_ONLY, FROZEN4, make_spec
+from tests.engine.conftest import CLONE_ONLY, FROZEN4, make_spec, vcenter
 from tests.engine.conftest import options as opts
 from tests.simproc import SimProcess
 
@@ -24,16 +22,18 @@ async def test_a_submit_that_never_reached_vcenter_is_not_waited_for() -> None:
     """A clone submit that provably never reached vCenter (connection refused, 503) made
     nothing: the job is retried and failed without waiting out the clone timeout for a
     clone that cannot land."""
-    fake = make_fake(hosts=2)
-    rule = fake.add_fault(FaultRule("start_instant_clone", NotDelivered, match="lt-0001"))
     # Waiting out the clone timeout once would take an hour; the run takes milliseconds,
     # so a bound of a minute tells the two apart on any machine.
     spec = make_spec(sources=FROZEN4[:2], count=4, retries={"attempts": 3},
                      timeouts={"clone_s": 3600.0}, **CLONE_ONLY)
-    async with fake:
+    async with vcenter(hosts=2) as (vs, vc):
+        # every submit of lt-0001 answered 503 by a proxy or balancer: never delivered
+        rule = vc.add_fault(method="InstantClone_Task", object="lt-0001", fault="http:503")
         with anyio.fail_after(60):
-            summary = await provision(spec, fake, options=opts())
-    assert rule.fired == 3
+            summary = await provision(spec, vs, options=opts())
+    # the session repeats a call that provably never ran: each engine attempt is
+    # 1 + max_retries submits
+    assert rule.fired == 3 * (1 + vs.session.retry.max_retries)
     assert summary.failures == {"connection": 1} and summary.ready == 3
 
 

@@ -1,7 +1,7 @@
 """A clone carries exactly its own fleet's labels, whatever its source carries.
 
-An instant clone is born with its source's extraConfig (the fake copies it as
-vCenter does), so a clone of another fleet's member would inherit that fleet's
+An instant clone is born with its source's extraConfig (the simulator copies it
+as vCenter does), so a clone of another fleet's member would inherit that fleet's
 labels, its expiry among them, and a clone of a ready VM its readiness flag.
 """
 
@@ -14,9 +14,8 @@ from fleet.engine.lifetime import LABEL_EXPIRES_AT, current_expiry
 from fleet.engine.reconcile import LABEL_NAME, LABEL_SOURCE
 from fleet.engine.run import EngineOptions
 from fleet.engine.sources import FLEET_LABELS, clone_config
-from fleet.vsphere.fake import make_fake
 from fleet.vsphere.model import Ref, VmInfo
-from tests.engine.conftest import CLONE_ONLY, CREDS, FROZEN4, make_spec
+from tests.engine.conftest import CLONE_ONLY, FROZEN4, make_spec, vcenter
 from tests.engine.conftest import options as opts
 
 pytestmark = pytest.mark.anyio
@@ -29,20 +28,20 @@ def fleet_keys(extra: dict[str, str]) -> set[str]:
 
 
 async def test_a_clone_of_a_ttl_fleets_member_inherits_no_label_of_that_fleet() -> None:
-    fake = make_fake(hosts=2)
     ttl = make_spec(name="ttla", count=1, sources=FROZEN4[:1], **CLONE_ONLY)
     plain = make_spec(name="plainb", count=3, sources=["fleet/ttla/ttla-0000"], **CLONE_ONLY)
-    async with fake:
-        made = await provision(ttl, fake, options=opts(labels={LABEL_EXPIRES_AT: "1900000000"}))
+    async with vcenter(hosts=2) as (vs, vc):
+        made = await provision(ttl, vs, options=opts(labels={LABEL_EXPIRES_AT: "1900000000"}))
         assert made.complete
-        source = fake.vm("ttla-0000")
+        source = vc.vm("ttla-0000")
         assert source.extra_config[LABEL_EXPIRES_AT] == "1900000000"
         # A label of some other fleet version, and a user key that is not fleet's.
         source.extra_config[PREFIX + "owner"] = "team-a"
         source.extra_config["guestinfo.app.role"] = "web"
-        summary = await provision(plain, fake, options=opts())
+        source.config_changed()
+        summary = await provision(plain, vs, options=opts())
         assert summary.complete
-        members = fake.folder_vms(plain.folder_path)
+        members = vc.folder_vms(plain.folder_path)
         assert len(members) == 3
         for vm in members:
             assert LABEL_EXPIRES_AT not in vm.extra_config
@@ -52,44 +51,44 @@ async def test_a_clone_of_a_ttl_fleets_member_inherits_no_label_of_that_fleet() 
             assert vm.extra_config[LABEL_SOURCE] == "fleet/ttla/ttla-0000"
             assert vm.extra_config["guestinfo.app.role"] == "web"  # not fleet's: kept
         # So the fleet has no lifetime: nothing would ever destroy it for one.
-        assert await current_expiry(plain, fake) is None
+        assert await current_expiry(plain, vs) is None
         # The source keeps its own labels (the clear is in the clone's spec only).
         assert source.extra_config[LABEL_EXPIRES_AT] == "1900000000"
 
 
 async def test_a_fleet_with_its_own_ttl_keeps_it_over_its_sources() -> None:
-    fake = make_fake(hosts=1)
     first = make_spec(name="one", count=1, sources=FROZEN4[:1], **CLONE_ONLY)
     second = make_spec(name="two", count=2, sources=["fleet/one/one-0000"], **CLONE_ONLY)
-    async with fake:
-        await provision(first, fake, options=opts(labels={LABEL_EXPIRES_AT: "1900000000"}))
-        await provision(second, fake, options=opts(labels={LABEL_EXPIRES_AT: "1800000000"}))
-        assert {vm.extra_config[LABEL_EXPIRES_AT] for vm in fake.folder_vms("fleet/two")} == \
+    async with vcenter(hosts=1) as (vs, vc):
+        await provision(first, vs, options=opts(labels={LABEL_EXPIRES_AT: "1900000000"}))
+        await provision(second, vs, options=opts(labels={LABEL_EXPIRES_AT: "1800000000"}))
+        assert {vm.extra_config[LABEL_EXPIRES_AT] for vm in vc.folder_vms("fleet/two")} == \
             {"1800000000"}
 
 
 async def test_a_clone_of_a_ready_vm_is_ready_only_when_its_own_guest_says_so() -> None:
     # The source's guest set the readiness flag long ago; the clones' guests never do
-    # (the fake writes no flag): they must time out, not count as ready at birth.
-    fake = make_fake(hosts=1, credentials=CREDS)
+    # (their guest has no agent that writes it): they must time out, not count as
+    # ready at birth.
     key = "guestinfo.app.ready"
-    fake.vm("frozen-01").extra_config[key] = "1"
     spec = make_spec(sources=FROZEN4[:1], count=2,
                      readiness={"wait_for": "guestinfo", "guestinfo_key": key,
                                 "timeout_s": 0.2})
-    async with fake:
-        summary = await provision(spec, fake, options=opts())
+    async with vcenter(hosts=1) as (vs, vc):
+        vc.vm("frozen-01").extra_config[key] = "1"
+        vc.vm("frozen-01").config_changed()
+        summary = await provision(spec, vs, options=opts())
     assert summary.ready == 0
     assert summary.failures == {"ready_timeout": 2}
-    assert all(key not in vm.extra_config for vm in fake.folder_vms(spec.folder_path))
+    assert all(key not in vm.extra_config for vm in vc.folder_vms(spec.folder_path))
 
     # With a guest that does say so, they are ready, with the flag their guest wrote.
-    fake = make_fake(hosts=1, credentials=CREDS, guest_ready_key=key)
-    fake.vm("frozen-01").extra_config[key] = "1"
-    async with fake:
-        summary = await provision(spec, fake, options=opts())
+    async with vcenter(hosts=1, ready_key=key) as (vs, vc):
+        vc.vm("frozen-01").extra_config[key] = "1"
+        vc.vm("frozen-01").config_changed()
+        summary = await provision(spec, vs, options=opts())
     assert summary.ready == 2
-    assert all(vm.extra_config[key] == "1" for vm in fake.folder_vms(spec.folder_path))
+    assert all(vm.extra_config[key] == "1" for vm in vc.folder_vms(spec.folder_path))
 
 
 def _source(extra: dict[str, str]) -> VmInfo:
@@ -117,10 +116,9 @@ def test_clone_config_clears_what_a_stale_view_of_the_source_does_not_show() -> 
 
 
 async def test_options_labels_still_reach_every_clone() -> None:
-    fake = make_fake(hosts=1)
     spec = make_spec(sources=FROZEN4[:1], count=2, **CLONE_ONLY)
-    async with fake:
-        await provision(spec, fake,
+    async with vcenter(hosts=1) as (vs, vc):
+        await provision(spec, vs,
                         options=EngineOptions(labels={LABEL_EXPIRES_AT: "1700000000"}))
-    assert {vm.extra_config[LABEL_EXPIRES_AT] for vm in fake.folder_vms(spec.folder_path)} == \
+    assert {vm.extra_config[LABEL_EXPIRES_AT] for vm in vc.folder_vms(spec.folder_path)} == \
         {"1700000000"}

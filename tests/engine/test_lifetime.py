@@ -14,10 +14,9 @@ from fleet.engine.lifetime import (
     stamp_expiry,
 )
 from fleet.engine.reconcile import Member
-from fleet.errors import ConfigError, ConnectionFailed, FleetError
-from fleet.vsphere.fake import FaultRule, make_fake
+from fleet.errors import ConfigError, FleetError
 from fleet.vsphere.model import Ref, VmInfo
-from tests.engine.conftest import CLONE_ONLY, CREDS, FROZEN4, make_spec
+from tests.engine.conftest import CLONE_ONLY, FROZEN4, make_spec, vcenter
 from tests.engine.conftest import options as opts
 
 
@@ -60,16 +59,16 @@ async def test_an_expiry_write_that_landed_without_a_reply_is_not_a_failure(
     """Issue 11, item 10: a label write whose reply was lost is looked up before it is
     called failed. The TTL stamp (``fleet provision --ttl``, a service PATCH of
     ``ttl_s``) is such a write: absolute, so a landed one is done."""
-    fake = make_fake(hosts=2, credentials=CREDS)
     spec = make_spec(sources=FROZEN4[:2], count=4, **CLONE_ONLY)
-    async with fake:
-        assert (await provision(spec, fake, options=opts())).ready == 4
+    async with vcenter(hosts=2) as (vs, vc):
+        assert (await provision(spec, vs, options=opts())).ready == 4
         # Every reply is lost: after the write was made, or before vCenter had it.
-        fake.add_fault(FaultRule("update_extra_config", ConnectionFailed, lost_reply=landed))
+        vc.add_fault(method="ReconfigVM_Task",
+                     fault="http:lost_reply" if landed else "http:reset")
         if landed:
-            assert await stamp_expiry(spec, fake, 2_000_000_000) == 4
+            assert await stamp_expiry(spec, vs, 2_000_000_000) == 4
         else:
             with pytest.raises(FleetError, match="could not label 4 of 4 members"):
-                await stamp_expiry(spec, fake, 2_000_000_000)
-    stamped = {vm.extra_config.get(LABEL_EXPIRES_AT) for vm in fake.folder_vms(spec.folder_path)}
+                await stamp_expiry(spec, vs, 2_000_000_000)
+    stamped = {vm.extra_config.get(LABEL_EXPIRES_AT) for vm in vc.folder_vms(spec.folder_path)}
     assert stamped == ({"2000000000"} if landed else {None})

@@ -205,6 +205,26 @@ class _Task:
         raise NotImplementedError
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(("reported", "cut"), [(False, False), (True, True)])
+async def test_a_sibling_vcenter_has_said_nothing_of_is_not_push_back(reported: bool,
+                                                                       cut: bool) -> None:
+    """A sibling long submitted whose task vCenter has not reported yet (the client's
+    first update of it is still to come: its snapshot says "queued", with no queue
+    time) is no evidence that vCenter queued it, and must not cut the host limit
+    below what it runs; one vCenter reported queued is."""
+    lim = Limiters(LimitsSpec(in_flight=64, per_host="auto"), tuning=T)
+    keys = lim.keys_for(host="h", datastore=None, running_source=None)
+    host = lim.get(LimitKey.of("host", "h"))
+    a = lim.try_acquire(keys, "a")
+    b = lim.try_acquire(keys, "b")
+    assert a is not None and b is not None and host.limit == 2
+    a.submitted(_Task("running", 100.0, 100.0), 0.0)
+    b.submitted(_Task("queued", 100.0 if reported else None), 0.0)
+    lim.completed(a, queue_s=0.0, run_s=0.1, now=1.0)
+    assert (host.limit < 2) is cut, host.limit
+
+
 def _hold(lim: Limiters, n: int, name: str) -> list[Lease]:
     keys = lim.keys_for(host="h", datastore=None, running_source=None)
     leases = [lim.try_acquire(keys, f"{name}{i}") for i in range(n)]

@@ -6,6 +6,7 @@ import shlex
 
 import pytest
 
+from fleet.sim import guest
 from fleet.vsphere import recipes
 from fleet.vsphere.model import GuestProgram
 
@@ -41,12 +42,18 @@ def test_freeze_forms() -> None:
         recipes.freeze_program("other")
 
 
-def test_recognisers() -> None:
-    assert recipes.is_refresh(recipes.linux_refresh()) == "linux"
-    assert recipes.is_refresh(recipes.windows_refresh()) == "windows"
-    assert recipes.is_refresh(recipes.custom_program("/bin/true")) is None
-    assert recipes.is_refresh(GuestProgram("/bin/sh", "-c 'echo /unbind /bind'")) is None
-    assert recipes.is_freeze(recipes.freeze_program("linux")) == "linux"
-    assert recipes.is_freeze(recipes.freeze_program("windows")) == "windows"
-    assert recipes.is_freeze(recipes.linux_refresh()) is None
+def test_the_simulated_guest_recognises_the_recipes() -> None:
+    """The recipes are a contract with the simulator's guest (fleet.sim.guest), which
+    plays each by its markers: a refresh, a freeze, or an ordinary program."""
+
+    def plays(program: GuestProgram, family: str) -> list[str]:
+        return [a.kind for a in guest.parse(program.path, program.arguments, family).actions]
+
+    assert plays(recipes.linux_refresh(), "linux") == [guest.REFRESH]
+    assert plays(recipes.windows_refresh(), "windows") == [guest.REFRESH]
+    assert plays(recipes.custom_program("/bin/true"), "linux") == []
+    assert plays(GuestProgram("/bin/sh", "-c 'echo /unbind /bind'"), "linux") == []
+    assert plays(recipes.freeze_program("linux"), "linux") == [guest.FREEZE]
+    assert plays(recipes.freeze_program("windows"), "windows") == [guest.FREEZE]
+    assert plays(recipes.linux_refresh(), "linux") == [guest.REFRESH]  # no freeze in it
     assert recipes.refresh_for("windows") == recipes.windows_refresh()

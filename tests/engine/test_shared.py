@@ -9,35 +9,32 @@ import pytest
 from fleet.engine.run import Provisioner
 from fleet.engine.shared import SharedLimits
 from fleet.engine.spec import LimitsSpec
-from fleet.vsphere.fake import FakeLatency, make_fake
-from tests.engine.conftest import CLONE_ONLY, assert_complete, make_spec, options
+from tests.engine.conftest import CLONE_ONLY, assert_complete, make_spec, options, vcenter
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_two_runs_stay_within_the_shared_limits() -> None:
     shared = SharedLimits(LimitsSpec(in_flight=6, per_host=2))
-    fake = make_fake(hosts=4, latency=FakeLatency(clone_s=0.003))
     a = make_spec(name="a", count=40, **CLONE_ONLY)
     b = make_spec(name="b", count=40, **CLONE_ONLY)
-    async with fake:
-        runs = [Provisioner(s, fake, options=options(seed=i, shared_limits=shared))
+    async with vcenter(hosts=4, latency={"instant_clone_s": 0.003}) as (vs, vc):
+        runs = [Provisioner(s, vs, options=options(seed=i, shared_limits=shared))
                 for i, s in enumerate((a, b))]
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 for run in runs:
                     tg.start_soon(run.run)
     assert all(r.summary is not None and r.summary.complete for r in runs)
-    assert fake.stats.max_in_flight_total <= 6
-    assert max(fake.stats.max_in_flight_per_host.values()) <= 2
-    assert_complete(fake, a)
-    assert_complete(fake, b)
+    assert vc.clones.max_in_flight[""] <= 6
+    assert max(vc.clones.peak("host").values()) <= 2
+    assert_complete(vc, a)
+    assert_complete(vc, b)
     assert shared.runs == 0  # both detached
 
 
 async def test_a_small_burst_is_not_starved_behind_a_big_one() -> None:
     shared = SharedLimits(LimitsSpec(in_flight=4, per_host=1))
-    fake = make_fake(hosts=4, latency=FakeLatency(clone_s=0.004))
     big = make_spec(name="big", count=300, **CLONE_ONLY)
     small = make_spec(name="small", count=12, **CLONE_ONLY)
     big_ready_when_small_done = -1
@@ -51,10 +48,10 @@ async def test_a_small_burst_is_not_starved_behind_a_big_one() -> None:
             if big_ready >= 20:  # the big burst is well under way
                 under_way.set()
 
-    async with fake:
-        big_run = Provisioner(big, fake, on_event=count_big,
+    async with vcenter(hosts=4, latency={"instant_clone_s": 0.004}) as (vs, vc):
+        big_run = Provisioner(big, vs, on_event=count_big,
                               options=options(seed=1, shared_limits=shared))
-        small_run = Provisioner(small, fake, options=options(seed=2, shared_limits=shared))
+        small_run = Provisioner(small, vs, options=options(seed=2, shared_limits=shared))
 
         async def small_later() -> None:
             nonlocal big_ready_when_small_done
@@ -71,18 +68,17 @@ async def test_a_small_burst_is_not_starved_behind_a_big_one() -> None:
     # Fair share: the small burst gets about half the capacity while both run, so it
     # ends after ~2x12 more clones, not after the big one's remaining 280.
     assert 0 < big_ready_when_small_done < 20 + 12 * 4, big_ready_when_small_done
-    assert fake.stats.max_in_flight_total <= 4
+    assert vc.clones.max_in_flight[""] <= 4
 
 
 async def test_extra_labels_go_on_new_clones_and_never_override_the_engine_s() -> None:
-    fake = make_fake(hosts=4)
     spec = make_spec(name="ttl", count=3, **CLONE_ONLY)
     labels = {"guestinfo.fleet.expires_at": "1999999999",
               "guestinfo.fleet.name": "not-this-one"}
-    async with fake:
-        summary = await Provisioner(spec, fake, options=options(labels=labels)).run()
+    async with vcenter(hosts=4) as (vs, vc):
+        summary = await Provisioner(spec, vs, options=options(labels=labels)).run()
     assert summary.complete
-    assert_complete(fake, spec)
-    for vm in fake.folder_vms(spec.folder_path):
+    assert_complete(vc, spec)
+    for vm in vc.folder_vms(spec.folder_path):
         assert vm.extra_config["guestinfo.fleet.expires_at"] == "1999999999"
         assert vm.extra_config["guestinfo.fleet.name"] == "ttl"
