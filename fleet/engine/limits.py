@@ -509,7 +509,7 @@ class Limiters:
             threshold = first.queued_threshold_s()
             stuck = sum(1 for other in narrow.holders.values()
                         if other is not lease and (o := _times(other)) is not None
-                        and o.state == "queued" and o.queue_time is not None
+                        and _seen_queued(o) and o.queue_time is not None
                         and ended - o.queue_time > threshold)
             if stuck:
                 verdict = "queued"
