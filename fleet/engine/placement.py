@@ -68,7 +68,7 @@ class SourceState:
     @property
     def running(self) -> bool:
         """Powered on and not frozen: every clone deepens its chain."""
-        return self.info.powered_on and not self.info.frozen
+        return self.info.running
 
     @property
     def datastore(self) -> Ref | None:
@@ -415,34 +415,34 @@ def place(view: ClusterView, capacity: Capacity, rng: random.Random, *,
 def _place(view: ClusterView, capacity: Capacity, rng: random.Random,
            filters: Sequence[FilterPlugin], scorers: dict[str, ScorePlugin],
            sample: int) -> Decision:
-    candidates = list(view.sources.values())
-    rng.shuffle(candidates)  # randomised order: no source is favoured by its position
     feasible: list[SourceState] = []
     rejected: dict[str, Status] = {}
-    for source in candidates:
+    for source in view.sources.values():
         status = filter_source(source, view, capacity, filters)
         if status is SUCCESS:
             feasible.append(source)
         else:
             rejected[source.name] = status
     if not feasible:
-        ordered = {name: rejected[name] for name in view.sources}
-        raise NoFit(ordered)
+        raise NoFit(rejected)
     if sample and len(feasible) > sample:
         feasible = rng.sample(feasible, sample)
     weighted = [(name, scorers[name].scorer(view), weight)
                 for name, weight in view.policy.weights if name in scorers]
+    # Ties are broken at random (the second element of the key), so no source is
+    # favoured by its position in the view.
     best: tuple[float, float] | None = None
-    chosen: tuple[SourceState, list[float]] | None = None
+    chosen: SourceState | None = None
     for source in feasible:
-        parts = [score(source) * weight for _, score, weight in weighted]
-        key = (sum(parts), rng.random())
+        total = 0.0
+        for _, score, weight in weighted:
+            total += score(source) * weight
+        key = (total, rng.random())
         if best is None or key > best:
-            best, chosen = key, (source, parts)
+            best, chosen = key, source
     assert best is not None and chosen is not None
-    source, parts = chosen
-    names = [name for name, _, _ in weighted]
-    return Decision(source, best[0], dict(zip(names, parts, strict=True)))
+    return Decision(chosen, best[0], {name: score(chosen) * weight
+                                      for name, score, weight in weighted})
 
 
 def explain(view: ClusterView, capacity: Capacity,

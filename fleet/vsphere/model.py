@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, Protocol, runtime_checkable
 
 PowerState = Literal["poweredOn", "poweredOff", "suspended"]
@@ -99,9 +100,15 @@ class VmInfo:
     guest_macs: tuple[str, ...] = ()  # MACs the guest OS uses, as VMware Tools reports them
     instance_uuid: str | None = None
 
-    @property
+    # Cached (the fields never change): placement asks for every source at every clone.
+    @cached_property
     def powered_on(self) -> bool:
         return self.power_state == "poweredOn"
+
+    @cached_property
+    def running(self) -> bool:
+        """Powered on and not frozen: an instant clone of it deepens its disk chains."""
+        return self.power_state == "poweredOn" and not self.frozen
 
 
 @dataclass(frozen=True)
