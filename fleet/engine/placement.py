@@ -126,8 +126,6 @@ class PlacementPolicy:
         ("shallower-chain", 1.0))
 
 
-_UNKNOWN = object()
-
 
 @dataclass
 class ClusterView:
@@ -146,9 +144,10 @@ class ClusterView:
     def host_of(self, source: SourceState) -> HostState | None:
         pinned = self._pinned
         if pinned is not None:
-            found = pinned.get(id(source), _UNKNOWN)
-            if found is not _UNKNOWN:
-                return found  # type: ignore[return-value]
+            try:
+                return pinned[id(source)]
+            except KeyError:
+                pass  # a source added meanwhile
         return self.hosts.get(source.info.host) if source.info.host else None
 
     @contextlib.contextmanager
