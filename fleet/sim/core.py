@@ -19,7 +19,6 @@ never the whole ``Simulator``, so no object module imports the one above it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -45,6 +44,10 @@ class SimObject:
     #: Clients watch and read a few small paths of big properties (``guest.ipAddress``,
     #: ``config.hardware.device``) once or more per clone.
     path_getters: ClassVar[dict[str, str]] = {}
+    #: Keyed paths read without building the array: the plain path of an array whose
+    #: items have a ``key`` (``config.extraConfig``) -> name of a method taking the key
+    #: (a string) and returning that item or ``None``, as a search of the array would.
+    keyed_getters: ClassVar[dict[str, str]] = {}
 
     def __init__(self, inventory: Inventory, moid: str | None = None) -> None:
         self.inventory = inventory
@@ -178,29 +181,87 @@ def contained(container: SimObject, recursive: bool) -> list[SimObject]:
 
 # -- property paths ----------------------------------------------------------
 
-_KEYED = re.compile(r"^(\w+)\[(.+)\]$")
-
-
 def invalid_property(path: str) -> vmodl.query.InvalidProperty:
     return vmodl.query.InvalidProperty(msg=f"Invalid property: {path}", name=path)
 
 
-def _split(part: str) -> tuple[str, str | None]:
-    match = _KEYED.match(part)
-    if match is None:
-        return part, None
-    key = match.group(2)
-    if len(key) >= 2 and key[0] == key[-1] and key[0] in "\"'":
-        key = key[1:-1]
-    return match.group(1), key
+class ParsedPath:
+    """A property path cut into steps, as vCenter reads one (docs/simulator-vms.md,
+    "Keyed property paths"): ``name`` steps joined by dots, any of them keyed with
+    ``[4000]`` (an integer key, e.g. a device's) or ``["guestinfo.fleet.state"]`` (a
+    quoted string key, which may hold dots and brackets; ``\\`` escapes a quote or a
+    backslash). A keyed step names the element of that array whose ``key`` is the key."""
+
+    __slots__ = ("keyed_at", "keyed_prefix", "steps")
+
+    def __init__(self, steps: tuple[tuple[str, str | None], ...]) -> None:
+        self.steps = steps
+        #: index of the first keyed step and the plain path up to its array (or None)
+        self.keyed_at: int | None = None
+        self.keyed_prefix: str | None = None
+        for i, (_, key) in enumerate(steps):
+            if key is not None:
+                self.keyed_at = i
+                self.keyed_prefix = ".".join(name for name, _ in steps[:i + 1])
+                break
+
+
+def _read_key(path: str, j: int) -> tuple[str, int]:
+    """The key of a step whose ``[`` is at ``j - 1``; returns it and the index after
+    its ``]``."""
+    n = len(path)
+    if j < n and path[j] in "\"'":
+        quote = path[j]
+        j += 1
+        chars: list[str] = []
+        while j < n and path[j] != quote:
+            if path[j] == "\\" and j + 1 < n:
+                j += 1
+            chars.append(path[j])
+            j += 1
+        if j >= n or j + 1 >= n or path[j + 1] != "]":
+            raise invalid_property(path)
+        return "".join(chars), j + 2
+    end = path.find("]", j)
+    if end < 0:
+        raise invalid_property(path)
+    try:
+        number = int(path[j:end].strip())
+    except ValueError:
+        raise invalid_property(path) from None
+    return str(number), end + 1
+
+
+@lru_cache(maxsize=8192)
+def parse_path(path: str) -> ParsedPath:
+    """``path`` cut into (name, key) steps; InvalidProperty if it is malformed."""
+    steps: list[tuple[str, str | None]] = []
+    n = len(path)
+    i = 0
+    while True:
+        j = i
+        while j < n and path[j] not in ".[":
+            j += 1
+        name = path[i:j]
+        if not name.isidentifier():
+            raise invalid_property(path)
+        key: str | None = None
+        if j < n and path[j] == "[":
+            key, j = _read_key(path, j + 1)
+        steps.append((name, key))
+        if j == n:
+            return ParsedPath(tuple(steps))
+        if path[j] != ".":
+            raise invalid_property(path)
+        i = j + 1
 
 
 @lru_cache(maxsize=4096)
 def property_type(mo_type: Any, path: str) -> Any:
-    """The declared pyVmomi type at ``path`` below ``mo_type``; InvalidProperty if none."""
+    """The declared pyVmomi type at ``path`` below ``mo_type``; InvalidProperty if none.
+    A keyed step needs an array of items that have a ``key``."""
     typ = mo_type
-    for part in path.split("."):
-        name, key = _split(part)
+    for name, key in parse_path(path).steps:
         if issubclass(typ, list):
             raise invalid_property(path)
         try:
@@ -212,22 +273,46 @@ def property_type(mo_type: Any, path: str) -> Any:
             if not issubclass(typ, list):
                 raise invalid_property(path)
             typ = typ.Item
+            try:
+                typ._GetPropertyInfo("key")
+            except (AttributeError, KeyError):
+                raise invalid_property(path) from None
     return typ
 
 
+def _keyed(items: Any, key: str) -> Any:
+    for item in items:
+        if str(getattr(item, "key", None)) == key:
+            return item
+    return None
+
+
 def resolve_path(obj: SimObject, path: str, tops: dict[str, Any] | None = None) -> Any:
-    """Read a (possibly nested or keyed) property path; ``None`` if any step is unset.
+    """Read a (possibly nested or keyed) property path; ``None`` if any step is unset
+    or a keyed element is missing (vCenter then leaves the property out of its reply).
 
     ``tops``: top-level values already built during one read of several paths of
     ``obj`` (``config`` for ``config.guestId`` and ``config.extraConfig``), filled as
-    they are built: a top-level property is built once per read, not once per path."""
+    they are built: a top-level property is built once per read, not once per path.
+    ``path_getters`` and ``keyed_getters`` answer the paths they name without building
+    the top-level property at all."""
     getter = obj.path_getters.get(path)
     if getter is not None:
         return getattr(obj, getter)()
-    parts = path.split(".")
+    parsed = parse_path(path)
+    steps = parsed.steps
     value: Any = None
-    for i, part in enumerate(parts):
-        name, key = _split(part)
+    start = 0
+    if parsed.keyed_prefix is not None:
+        keyed = obj.keyed_getters.get(parsed.keyed_prefix)
+        if keyed is not None:
+            assert parsed.keyed_at is not None
+            value = getattr(obj, keyed)(steps[parsed.keyed_at][1])
+            if value is None:
+                return None
+            start = parsed.keyed_at + 1
+    for i in range(start, len(steps)):
+        name, key = steps[i]
         if i == 0:
             if tops is None:
                 value = obj.get_property(name)
@@ -240,7 +325,7 @@ def resolve_path(obj: SimObject, path: str, tops: dict[str, Any] | None = None) 
         if value is None:
             return None
         if key is not None:
-            value = next((item for item in value if str(getattr(item, "key", None)) == key), None)
+            value = _keyed(value, key)
             if value is None:
                 return None
     return value
@@ -270,6 +355,7 @@ __all__ = [
     "SimObject",
     "contained",
     "fault",
+    "parse_path",
     "property_type",
     "refs",
     "resolve_path",

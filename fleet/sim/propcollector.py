@@ -37,6 +37,7 @@ from fleet.sim.calls import CallContext, UserSession
 from fleet.sim.core import (
     Inventory,
     SimObject,
+    parse_path,
     property_type,
     resolve_path,
     typed_value,
@@ -203,6 +204,29 @@ def same(a: Any, b: Any) -> bool:
         return False
 
 
+def _gone_op(obj: SimObject, path: str) -> str:
+    """How a change reports a watched path that has no value any more: a keyed element
+    that left its array is ``remove``d, a path below one whose element went is
+    ``indirectRemove``d, and any other path is ``assign``ed nothing (it became unset).
+    (PropertyChange in the vSphere API reference; docs/simulator-vms.md.)"""
+    parsed = parse_path(path)
+    if parsed.keyed_at is None:
+        return "assign"
+    if parsed.keyed_at == len(parsed.steps) - 1:
+        return "remove"
+    element = ".".join(_step_text(step) for step in parsed.steps[:parsed.keyed_at + 1])
+    return "assign" if resolve_path(obj, element) is not None else "indirectRemove"
+
+
+def _step_text(step: tuple[str, str | None]) -> str:
+    name, key = step
+    if key is None:
+        return name
+    quoted = key.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{name}["{quoted}"]'
+
+
+
 class PropertyFilter(SimObject):
     vim_type = PC.Filter
     id_prefix = "session"
@@ -342,7 +366,7 @@ class PropertyFilter(SimObject):
             value = resolve_path(tracked.obj, path, tops)
             if value is None:
                 if modify:
-                    changes.append(PC.Change(name=path, op="assign"))
+                    changes.append(PC.Change(name=path, op=_gone_op(tracked.obj, path)))
                 continue
             changes.append(PC.Change(name=path, op="assign",
                                      val=typed_value(tracked.obj.vim_type, path, value)))
