@@ -25,6 +25,7 @@ from pyVmomi import vim, vmodl
 from fleet.sim.calls import CallContext
 from fleet.sim.core import SimObject
 from fleet.sim.runtime import Runtime
+from fleet.sim.soap import share
 
 GREEN = "green"
 MB = 1024 * 1024
@@ -563,6 +564,17 @@ class Network(ManagedEntity):
         super().__init__(runtime, name, parent)
         self.vms: list[PlacedVm] = []
         self.hosts: list[HostSystem] = []
+        self._nic_backing: Any = None
+
+    def nic_backing(self) -> Any:
+        """What a NIC on this network reports as its backing: one object, shared by
+        every NIC (the reply serializer only reads it)."""
+        backing = self._nic_backing
+        if backing is None or backing.deviceName != self.name:
+            backing = self._nic_backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
+                deviceName=self.name, network=self.ref, useAutoDetect=False)
+            share(backing)
+        return backing
 
     def prop_summary(self) -> Any:
         return vim.Network.Summary(network=self.ref, name=self.name, accessible=True,

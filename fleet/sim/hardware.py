@@ -1,7 +1,7 @@
 """A VM's devices and guest as plain data: NICs, disks, the guest OS and its processes.
 
-Also the numbers vSphere fixes for them: device keys and the size of a fresh delta
-disk (the chain limit is ``fleet.vcenter``'s).
+Also the size of a fresh delta disk (the chain limit is ``fleet.vcenter``'s). Device
+keys and what a VM reports of its devices are ``fleet.sim.shapes``'.
 """
 
 from __future__ import annotations
@@ -14,17 +14,12 @@ from pyVmomi import vim
 
 from fleet.sim import guest as guestcmd
 from fleet.sim.entities import MB, Datastore, Network
+from fleet.sim.shapes import DISK_KEY_BASE, NIC_KEY_BASE
 
 DELTA_BYTES = 64 * MB  # a fresh instant-clone delta disk, roughly
-NIC_KEY_BASE = 4000
-DISK_KEY_BASE = 2000
 
-GUEST_IDS = {
-    "linux": ("ubuntu64Guest", "Ubuntu Linux (64-bit)", "linuxGuest"),
-    "windows": ("windows2019srv_64Guest", "Microsoft Windows Server 2019 (64-bit)",
-                "windowsGuest"),
-    "other": ("freebsd13_64Guest", "FreeBSD 13 (64-bit)", "otherGuestFamily"),
-}
+__all__ = ["DELTA_BYTES", "DISK_KEY_BASE", "NIC_KEY_BASE", "Disk", "Guest", "Nic", "Process",
+           "check_nic_type"]
 
 
 @dataclass
@@ -46,10 +41,6 @@ class Disk:
     capacity_kb: int
     datastore: Datastore
     chain: list[str]  # vmdk descriptor paths, base first
-
-    @property
-    def label(self) -> str:
-        return f"Hard disk {self.key - DISK_KEY_BASE + 1}"
 
 
 @dataclass
@@ -82,10 +73,10 @@ class Guest:
     generation: int = 0  # bumped on every boot, so stale timers do nothing
 
 
-def check_nic_type(device: Any, prop: str, index: int) -> None:
-    """An edit names a NIC by key and keeps its adapter type (the simulator's NICs are
-    all VMXNET 3): a change of type is not an edit."""
-    if type(device) is not vim.vm.device.VirtualVmxnet3:
+def check_nic_type(device: Any, nic_type: Any, prop: str, index: int) -> None:
+    """An edit names a NIC by key and keeps its adapter type (``nic_type``: VMXNET 3 on
+    a Linux VM, E1000e on a Windows one): a change of type is not an edit."""
+    if type(device) is not nic_type:
         raise vim.fault.InvalidDeviceSpec(
-            msg=f"Device {device.key} is a VirtualVmxnet3; an edit cannot make it a "
+            msg=f"Device {device.key} is a {nic_type.__name__}; an edit cannot make it a "
                 f"{type(device).__name__}.", property=prop, deviceIndex=index)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import uuid
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from pyVmomi import vim
 
 from fleet.sim import guest as guestcmd
+from fleet.sim import shapes
 from fleet.sim.entities import (
     Datastore,
     Folder,
@@ -31,14 +33,34 @@ from fleet.sim.entities import (
 from fleet.sim.hardware import (
     DELTA_BYTES,
     DISK_KEY_BASE,
-    GUEST_IDS,
-    NIC_KEY_BASE,
     Disk,
     Guest,
     Nic,
     Process,
 )
 from fleet.sim.runtime import Runtime
+from fleet.sim.shapes import TOOLS_VERSION, Shape, shape_for
+from fleet.sim.soap import share
+
+_DEV = vim.vm.device
+
+
+OptionValue = vim.option.OptionValue
+
+
+@lru_cache(maxsize=4096)
+def _nic_info(label: str, network: str) -> Any:
+    info = vim.Description(label=label, summary=network)
+    share(info)
+    return info
+
+
+def _nic_backing(network: Network | None) -> Any:
+    return _NO_NETWORK if network is None else network.nic_backing()
+
+
+_NO_NETWORK = _DEV.VirtualEthernetCard.NetworkBackingInfo(deviceName="", useAutoDetect=False)
+share(_NO_NETWORK)
 
 
 class Machine(ManagedEntity):
@@ -47,12 +69,20 @@ class Machine(ManagedEntity):
     vim_type = vim.VirtualMachine
     id_prefix = "vm-"
     path_getters = {"config.hardware.device": "_devices",
+                    "config.extraConfig": "extra_options",
+                    "config.hardware.memoryMB": "_config_memory_mb",
+                    "config.guestId": "_config_guest_id",
+                    "config.instanceUuid": "_config_instance_uuid",
                     "guest.ipAddress": "_guest_ip_address"}
+    keyed_getters = {"config.hardware.device": "_device_by_key",
+                     "config.extraConfig": "_extra_option"}
 
     def __init__(self, runtime: Runtime, name: str, folder: Folder, *, pool: ResourcePool,
                  host: HostSystem, datastore: Datastore, memory_mb: int, num_cpu: int,
                  guest: Guest, nics: list[Nic], disks: list[Disk],
-                 extra_config: dict[str, str], power_state: str = "poweredOff") -> None:
+                 extra_config: dict[str, str], power_state: str = "poweredOff",
+                 tools_published: bool = False,
+                 vmx_removed: frozenset[str] = frozenset()) -> None:
         super().__init__(runtime, name, folder)
         self.pool = pool
         self.host = host
@@ -67,7 +97,15 @@ class Machine(ManagedEntity):
         self.guest = guest
         self.nics = nics
         self.disks = disks
+        # extraConfig (docs/simulator-vms.md): what its shape and the VM itself put in
+        # the vmx, the keys VMware Tools published once it ran in the guest, and the
+        # keys set through the API, the topology and the guest (``extra_config``,
+        # which wins over the others). ``vmx_removed``: vmx or tools keys an empty
+        # value removed.
+        self.shape: Shape = shape_for(guest.family)
         self.extra_config = dict(extra_config)
+        self.tools_published = tools_published
+        self.vmx_removed = vmx_removed
         self.frozen = False
         self.uuid = str(uuid.uuid4())
         self.instance_uuid = str(uuid.uuid4())
@@ -199,7 +237,8 @@ class Machine(ManagedEntity):
 
     # -- properties ------------------------------------------------------
     def _guest_ids(self) -> tuple[str, str, str]:
-        return GUEST_IDS.get(self.guest.family, GUEST_IDS["linux"])
+        shape = self.shape
+        return shape.guest_id, shape.guest_full_name, shape.guest_family
 
     def vmx_path(self) -> str:
         return f"[{self.datastore.name}] {self.name}/{self.name}.vmx"
@@ -228,45 +267,137 @@ class Machine(ManagedEntity):
             suspendedToMemory=False)
 
     def _devices(self) -> list[Any]:
-        devices: list[Any] = []
-        for disk in self.disks:
-            devices.append(vim.vm.device.VirtualDisk(
-                key=disk.key, controllerKey=1000, unitNumber=disk.key - DISK_KEY_BASE,
-                capacityInKB=disk.capacity_kb, capacityInBytes=disk.capacity_kb * 1024,
-                deviceInfo=vim.Description(label=disk.label, summary=f"{disk.capacity_kb} KB"),
-                backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-                    fileName=disk.chain[-1], diskMode="persistent", thinProvisioned=True,
-                    datastore=disk.datastore.ref)))
-        for nic in self.nics:
-            devices.append(vim.vm.device.VirtualVmxnet3(
-                key=nic.key, controllerKey=100, unitNumber=7 + nic.key - NIC_KEY_BASE,
-                deviceInfo=vim.Description(label=nic.label,
-                                           summary=nic.network.name if nic.network else ""),
-                backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
-                    deviceName=nic.network.name if nic.network else "",
-                    network=nic.network.ref if nic.network else None),
-                connectable=vim.vm.device.VirtualDevice.ConnectInfo(
-                    startConnected=nic.start_connected, allowGuestControl=True,
-                    connected=nic.connected and self.power_state == "poweredOn",
-                    status="ok"),
-                addressType="assigned", macAddress=nic.mac, wakeOnLanEnabled=True))
+        """``config.hardware.device``: the shape's devices (shared, built once) and this
+        VM's disks and NICs (built now)."""
+        devices = list(shapes.static_devices(self.shape, len(self.disks), len(self.nics)))
+        devices.extend(self._disk_device(i, disk) for i, disk in enumerate(self.disks))
+        devices.extend(self._nic_device(i, nic) for i, nic in enumerate(self.nics))
         return devices
+
+    def _device_by_key(self, key: str) -> Any:
+        """``config.hardware.device[key]``, building only that device."""
+        try:
+            number = int(key)
+        except ValueError:
+            return None
+        for i, disk in enumerate(self.disks):
+            if disk.key == number:
+                return self._disk_device(i, disk)
+        for i, nic in enumerate(self.nics):
+            if nic.key == number:
+                return self._nic_device(i, nic)
+        return shapes.static_by_key(self.shape, len(self.disks), len(self.nics)).get(number)
+
+    def _disk_device(self, index: int, disk: Disk) -> Any:
+        controller, unit = shapes.disk_place(disk.key)
+        return _DEV.VirtualDisk(
+            key=disk.key, deviceInfo=shapes.disk_info(index, disk.capacity_kb),
+            backing=_DEV.VirtualDisk.FlatVer2BackingInfo(
+                fileName=disk.chain[-1], datastore=disk.datastore.ref, diskMode="persistent",
+                split=False, writeThrough=False, thinProvisioned=True, eagerlyScrub=False,
+                uuid=shapes.disk_uuid(self.instance_uuid, disk.key),
+                contentId=self.instance_uuid.replace("-", ""), digestEnabled=False,
+                sharing="sharingNone",
+                deltaDiskFormat="redoLogFormat" if len(disk.chain) > 1 else None),
+            controllerKey=controller, unitNumber=unit, capacityInKB=disk.capacity_kb,
+            capacityInBytes=disk.capacity_kb * 1024, shares=shapes.NORMAL_DISK_SHARES,
+            storageIOAllocation=shapes.DISK_IO, diskObjectId=f"{self.moid[3:]}-{disk.key}",
+            nativeUnmanagedLinkedClone=False)
+
+    def _nic_device(self, index: int, nic: Nic) -> Any:
+        network = nic.network
+        return self.shape.nic_type(
+            key=nic.key, deviceInfo=_nic_info(nic.label, network.name if network else ""),
+            backing=_nic_backing(network), connectable=_DEV.VirtualDevice.ConnectInfo(
+                startConnected=nic.start_connected, allowGuestControl=True,
+                connected=nic.connected and self.power_state == "poweredOn", status="ok"),
+            slotInfo=shapes.nic_slot_info(index), controllerKey=shapes.PCI_KEY,
+            unitNumber=shapes.NIC_PCI_UNIT + index, addressType="assigned",
+            macAddress=nic.mac, wakeOnLanEnabled=True, resourceAllocation=shapes.NIC_ALLOCATION,
+            uptCompatibilityEnabled=True if self.shape.nic_type is _DEV.VirtualVmxnet3
+            else None)
+
+    # -- extraConfig (docs/simulator-vms.md) ------------------------------------
+    def _own_options(self) -> list[tuple[str, str]]:
+        return shapes.own_options(self.shape, name=self.name, instance_uuid=self.instance_uuid,
+                                  datastore_url=self.datastore.url, num_cpu=self.num_cpu)
+
+    def extra_options(self) -> list[Any]:
+        """``config.extraConfig``: OptionValues of the vmx, the tools' keys and the keys
+        set through the API; the shared ones are shared objects."""
+        shape = self.shape
+        shared = shapes.vmx_options(shape, len(self.nics))
+        tools = shapes.tools_options(shape) if self.tools_published else ()
+        own = self._own_options()
+        user = self.extra_config
+        removed = self.vmx_removed
+        if removed or any(key in shape.keys for key in user):
+            hidden = removed | user.keys()
+            out = [o for o in (*shared, *tools) if o.key not in hidden]
+            out.extend(OptionValue(key=k, value=v) for k, v in own if k not in hidden)
+        else:
+            out = [*shared, *tools]
+            out.extend(OptionValue(key=k, value=v) for k, v in own)
+        out.extend(OptionValue(key=k, value=v) for k, v in user.items())
+        return out
+
+    def _extra_option(self, key: str) -> Any:
+        """``config.extraConfig["key"]``: that OptionValue, or None."""
+        value = self.extra_config.get(key)
+        if value is not None:
+            return OptionValue(key=key, value=value)
+        if key not in self.shape.keys or key in self.vmx_removed:
+            return None
+        for option in shapes.vmx_options(self.shape, len(self.nics)):
+            if option.key == key:
+                return option
+        if self.tools_published:
+            for option in shapes.tools_options(self.shape):
+                if option.key == key:
+                    return option
+        for own_key, own_value in self._own_options():
+            if own_key == key:
+                return OptionValue(key=key, value=own_value)
+        return None
+
+    def reported_extra_config(self) -> dict[str, str]:
+        """What ``config.extraConfig`` reports, as a dict (for tests and tools)."""
+        return {str(o.key): str(o.value) for o in self.extra_options()}
+
+    def set_extra_config(self, key: str, value: str | None) -> None:
+        """Set an extraConfig key as ReconfigVM_Task does: an empty value removes it,
+        whichever part of the configuration holds it."""
+        if value is None or value == "":
+            self.extra_config.pop(key, None)
+            if key in self.shape.keys and key not in self.vmx_removed:
+                self.vmx_removed = self.vmx_removed | {key}
+        else:
+            self.extra_config[key] = value
+            if key in self.vmx_removed:
+                self.vmx_removed = self.vmx_removed - {key}
+
+    def publish_tools_info(self) -> None:
+        """VMware Tools runs in the guest and publishes its guestinfo keys (once: they
+        stay, as vCenter keeps reporting what the vmx holds)."""
+        if not self.tools_published:
+            self.tools_published = True
+            self.config_changed()
 
     def prop_config(self) -> Any:
         guest_id, full_name, _ = self._guest_ids()
         return vim.vm.ConfigInfo(
             changeVersion=str(self.change_version), modified=self.modified, name=self.name,
-            guestFullName=full_name, version="vmx-19", uuid=self.uuid,
+            guestFullName=full_name, version="vmx-19", uuid=self.uuid, firmware=self.shape.firmware,
             instanceUuid=self.instance_uuid, template=False, guestId=guest_id,
             alternateGuestName="", createDate=self.created,
             files=vim.vm.FileInfo(vmPathName=self.vmx_path(),
                                   logDirectory=f"[{self.datastore.name}] {self.name}/"),
             flags=vim.vm.FlagInfo(), defaultPowerOps=vim.vm.DefaultPowerOpInfo(),
-            tools=vim.vm.ToolsConfigInfo(toolsVersion=12352 if self.guest.tools_installed else 0),
+            tools=vim.vm.ToolsConfigInfo(toolsVersion=TOOLS_VERSION if self.guest.tools_installed
+                                         else 0),
             hardware=vim.vm.VirtualHardware(numCPU=self.num_cpu, memoryMB=self.memory_mb,
                                             numCoresPerSocket=1, device=self._devices()),
-            extraConfig=[vim.option.OptionValue(key=k, value=v)
-                         for k, v in self.extra_config.items()])
+            extraConfig=self.extra_options())
 
     def prop_layoutEx(self) -> Any:
         files: list[Any] = []
@@ -314,7 +445,7 @@ class Machine(ManagedEntity):
             toolsStatus=status, toolsRunningStatus=running,
             toolsVersionStatus2="guestToolsCurrent" if self.guest.tools_installed
             else "guestToolsNotInstalled",
-            toolsVersion="12352" if self.guest.tools_installed else "0",
+            toolsVersion=str(TOOLS_VERSION) if self.guest.tools_installed else "0",
             guestId=guest_id if active else None, guestFamily=family if active else None,
             guestFullName=full_name if active else None,
             hostName=self.name if active else None,
@@ -322,6 +453,15 @@ class Machine(ManagedEntity):
             guestState="running" if active else "notRunning",
             guestOperationsReady=active and not self.frozen,
             interactiveGuestOperationsReady=False)
+
+    def _config_memory_mb(self) -> int:
+        return self.memory_mb  # prop_config().hardware.memoryMB
+
+    def _config_guest_id(self) -> str:
+        return self.shape.guest_id  # prop_config().guestId
+
+    def _config_instance_uuid(self) -> str:
+        return self.instance_uuid  # prop_config().instanceUuid
 
     def _guest_ip_address(self) -> str | None:
         # prop_guest().ipAddress
@@ -422,6 +562,7 @@ class Machine(ManagedEntity):
             if self.guest.generation != generation or self.power_state != "poweredOn":
                 return
             self.guest.tools_running = True
+            self.publish_tools_info()
             self._assign_ip()
             self._touch_guest()
 

@@ -46,12 +46,13 @@ from fleet.sim.injection import FaultInjector, Injection, UpdateFaults
 from fleet.sim.names import Addresses, NameHolds
 from fleet.sim.propcollector import PropertyCollector
 from fleet.sim.runtime import Runtime, about_info
+from fleet.sim.shapes import disk_key
 from fleet.sim.soap import FETCH_INFO, SoapRequest
 from fleet.sim.stats import Stats
 from fleet.sim.tasks import Scheduler, TaskManager
 from fleet.sim.topology import Topology, VmConfig
 from fleet.sim.views import ViewManager
-from fleet.sim.vm import DISK_KEY_BASE, NIC_KEY_BASE, Disk, Guest, Nic, VirtualMachine
+from fleet.sim.vm import NIC_KEY_BASE, Disk, Guest, Nic, VirtualMachine
 
 log = logging.getLogger("fleet.sim")
 
@@ -256,7 +257,7 @@ class Simulator:
             base = f"[{ds.name}] {name}/{name}{'' if d == 0 else f'_{d}'}.vmdk"
             chain = [base] + [f"[{ds.name}] {name}/{name}-{d:02d}{level:06d}.vmdk"
                               for level in range(1, cfg.chain_depth)]
-            disks.append(Disk(key=DISK_KEY_BASE + d, capacity_kb=int(cfg.disk_gb * 1024 * 1024),
+            disks.append(Disk(key=disk_key(d), capacity_kb=int(cfg.disk_gb * 1024 * 1024),
                               datastore=ds, chain=chain))
             ds.used += int(cfg.disk_gb * GB)
         guest = Guest(family=cfg.guest.family, user=cfg.guest.user,
@@ -265,7 +266,9 @@ class Simulator:
                       macs=[n.mac for n in nics])
         vm = VirtualMachine(self.runtime, name, folder, pool=self.cluster.pool, host=host,
                             datastore=ds, memory_mb=cfg.memory_mb, num_cpu=cfg.num_cpu,
-                            guest=guest, nics=nics, disks=disks, extra_config=cfg.extra_config)
+                            guest=guest, nics=nics, disks=disks, extra_config=cfg.extra_config,
+                            # a powered-on guest with Tools has published its keys
+                            tools_published=cfg.guest.tools and cfg.state != "poweredOff")
         if cfg.state in ("running", "frozen"):
             vm.power_state = "poweredOn"
             vm.boot_time = datetime.now(UTC)

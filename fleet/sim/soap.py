@@ -26,6 +26,7 @@ from xml.parsers.expat import ExpatError, ParserCreate
 
 from pyVmomi import VmomiSupport, vmodl
 from pyVmomi.SoapAdapter import (
+    F_LINK,
     NS_SEP,
     SOAP_NSMAP,
     XML_ENCODING,
@@ -210,6 +211,54 @@ def decode_request(body: bytes, version: str) -> SoapRequest:
     return SoapRequest(method=reader.method, this=reader.this, args=reader.args, info=reader.info)
 
 
+# -- shared values: serialized once ------------------------------------------------
+
+#: data objects the simulator shares between VMs and replies and never changes (the
+#: devices and extraConfig every VM of a shape has alike, fleet.sim.shapes): id ->
+#: (the object, its serialized content per API version and namespace)
+_SHARED: dict[int, tuple[Any, dict[tuple[str, str], str]]] = {}
+
+
+def share(*values: Any) -> None:
+    """Declare data objects immutable from now on: each reply then writes their content
+    from a copy serialized once (per API version), instead of walking them again. The
+    objects stay alive (their ids must not be reused)."""
+    for value in values:
+        _SHARED.setdefault(id(value), (value, {}))
+
+
+class _Serializer(SoapSerializer):  # type: ignore[misc]
+    """pyVmomi's serializer, writing the content of shared data objects from cache."""
+
+    writer: Any
+    version: str
+    xsiPrefix: str
+
+    def _SerializeDataObject(self, val: Any, info: Any, attr: str, currDefNS: str) -> None:
+        entry = _SHARED.get(id(val))
+        if entry is None or entry[0] is not val or info.flags & F_LINK:
+            super()._SerializeDataObject(val, info, attr, currDefNS)
+            return
+        key = (self.version, currDefNS)
+        content = entry[1].get(key)
+        if content is None:
+            outer = self.writer
+            buffer = self.writer = StringIO()
+            try:
+                for prop in val._GetPropertyList():
+                    self._Serialize(getattr(val, prop.name), prop, currDefNS)
+                content = entry[1][key] = buffer.getvalue()
+            finally:
+                self.writer = outer
+        # The element itself, as pyVmomi writes it: its xsi:type when the declared one
+        # differs (a VirtualDisk in a VirtualDevice[]), then the cached content.
+        dyn_type = VmomiSupport.GetCompatibleType(VmomiSupport.Type(val), self.version)
+        if dyn_type != info.type:
+            nsattr, qname = self._QName(dyn_type, currDefNS)
+            attr += f'{nsattr} {self.xsiPrefix}type="{qname}"'
+        self.writer.write(f"<{info.name}{attr}>{content}</{info.name}>")
+
+
 def _ns_map() -> dict[str, str]:
     ns_map = dict(SOAP_NSMAP)
     ns_map[VIM_NS] = ""
@@ -227,7 +276,7 @@ def encode_response(method: str, result_type: Any, result_flags: int, value: Any
         info = VmomiSupport.Object(name="returnval", type=result_type, version=version,
                                    flags=result_flags)
         writer = StringIO()
-        serializer = SoapSerializer(writer, version, _NS_MAP)
+        serializer = _Serializer(writer, version, _NS_MAP)
         serializer.outermostAttrs = ""  # vCenter sends no versionId attribute in replies
         serializer.Serialize(value, info)
         parts.append(writer.getvalue())

@@ -201,7 +201,7 @@ class VirtualMachine(Machine):
                 raise vim.fault.InvalidDeviceSpec(
                     msg=f"No network adapter with key {device.key}.",
                     property="deviceChange.device.key", deviceIndex=i)
-            check_nic_type(device, "deviceChange.device", i)
+            check_nic_type(device, self.shape.nic_type, "deviceChange.device", i)
         if spec.name is not None:
             check_entity_name(spec.name)
 
@@ -221,10 +221,7 @@ class VirtualMachine(Machine):
                 self.touch("name")
             for option in spec.extraConfig or ():
                 value = option.value
-                if value is None or value == "":
-                    self.extra_config.pop(option.key, None)
-                else:
-                    self.extra_config[option.key] = str(value)
+                self.set_extra_config(option.key, None if value is None else str(value))
             if spec.memoryMB:
                 self.memory_mb = int(spec.memoryMB)
             if spec.numCPUs:
@@ -297,7 +294,7 @@ class VirtualMachine(Machine):
                 raise vim.fault.InvalidDeviceSpec(
                     msg=f"No network adapter with key {device.key} on '{self.name}'.",
                     property="location.deviceChange.device.key", deviceIndex=i)
-            check_nic_type(device, "location.deviceChange.device", i)
+            check_nic_type(device, self.shape.nic_type, "location.deviceChange.device", i)
             conn = device.connectable
             if conn is not None and conn.migrateConnect in ("connect", "disconnect"):
                 plan[device.key] = conn.migrateConnect
@@ -443,13 +440,12 @@ class VirtualMachine(Machine):
                       ip=self.guest.ip or (rt.addresses.ip_for(self.nics[0].mac) if self.nics
                                            else None),
                       next_pid=self.guest.next_pid)
-        merged = dict(self.extra_config)
-        merged.update({k: v for k, v in extra.items()})
-        merged = {k: v for k, v in merged.items() if v != ""}
+        merged, removed = self.inherited_config(extra)
         clone = VirtualMachine(rt, name, folder, pool=pool, host=self.host,
                                datastore=datastore, memory_mb=self.memory_mb,
                                num_cpu=self.num_cpu, guest=guest, nics=nics, disks=disks,
-                               extra_config=merged, power_state="poweredOn")
+                               extra_config=merged, power_state="poweredOn",
+                               tools_published=self.tools_published, vmx_removed=removed)
         if bios_uuid:
             clone.uuid = bios_uuid
         clone.memory_parent = self
@@ -465,6 +461,23 @@ class VirtualMachine(Machine):
             clone.resume_in_clone(self.guest.processes)
         clone._touch_guest()
         return clone
+
+    def inherited_config(self, spec: dict[str, str]) -> tuple[dict[str, str], frozenset[str]]:
+        """A clone's extraConfig: this VM's, with the clone spec's keys set (an empty
+        value removes one). Returns the keys set through the API and the vmx keys
+        removed (the clone's own vmx keys, its file names, are its own)."""
+        merged = dict(self.extra_config)
+        removed = self.vmx_removed
+        for key, value in spec.items():
+            if value == "":
+                merged.pop(key, None)
+                if key in self.shape.keys:
+                    removed = removed | {key}
+            else:
+                merged[key] = value
+                if key in removed:
+                    removed = removed - {key}
+        return merged, removed
 
     def _delta_path(self, disk: Disk, chain: list[str]) -> str:
         return (f"[{disk.datastore.name}] {self.name}/{self.name}-"
@@ -519,12 +532,13 @@ class VirtualMachine(Machine):
                               tools_installed=self.guest.tools_installed,
                               ready_key=self.guest.ready_key,
                               ready_after_s=self.guest.ready_after_s)
-                config = dict(self.extra_config)
-                config.update(extra)
+                config, removed = self.inherited_config(extra)
                 clone = VirtualMachine(rt, name, target_folder, pool=pool, host=host,
                                        datastore=datastore, memory_mb=self.memory_mb,
                                        num_cpu=self.num_cpu, guest=guest, nics=nics, disks=disks,
-                                       extra_config=config, power_state="poweredOff")
+                                       extra_config=config, power_state="poweredOff",
+                                       tools_published=self.tools_published,
+                                       vmx_removed=removed)
                 clone.guest.macs = [n.mac for n in nics]
                 clone.register()
                 if power_on:

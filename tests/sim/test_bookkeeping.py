@@ -201,6 +201,43 @@ def test_path_getters_answer_what_the_whole_property_does() -> None:
     assert "10.0.0.9" in states and None in states
 
 
+def test_keyed_getters_answer_what_a_search_of_the_array_does() -> None:
+    """``config.extraConfig["k"]`` and ``config.hardware.device[k]`` are answered
+    without building the array: the same element a search of it finds, for every key
+    there is (vmx, tools, the VM's own and set keys; every device) and none else."""
+    sim = _sim()
+    vm = _vm(sim, "frozen-01")
+    vm.set_extra_config("guestinfo.fleet.state", "ready")
+    vm.set_extra_config("svga.present", "FALSE")  # a set key wins over the vmx's
+    vm.set_extra_config("hpet0.present", "")  # an empty value removes a vmx key
+    assert VirtualMachine.keyed_getters
+    for prefix in VirtualMachine.keyed_getters:
+        items = _generic(vm, prefix)
+        assert items
+        for item in items:
+            path = f'{prefix}["{item.key}"]' if isinstance(item.key, str) else \
+                f"{prefix}[{item.key}]"
+            assert same(resolve_path(vm, path), item), path
+        assert resolve_path(vm, f'{prefix}["no.such.key"]') is None
+        assert resolve_path(vm, f"{prefix}[999999]") is None
+    options = {o.key: o.value for o in _generic(vm, "config.extraConfig")}
+    assert options["svga.present"] == "FALSE" and "hpet0.present" not in options
+    assert options["guestinfo.fleet.state"] == "ready"
+
+
+def test_what_every_vm_of_a_shape_has_alike_is_shared_not_copied() -> None:
+    """A clone costs no copy of its source's configuration: the devices and keys every
+    VM of a shape has alike are one set of objects, whatever the number of VMs."""
+    sim = _sim()
+    a, b = _vm(sim, "frozen-01"), _vm(sim, "frozen-02")
+    static = [d for d in a._devices() if not isinstance(
+        d, vim.vm.device.VirtualDisk | vim.vm.device.VirtualEthernetCard)]
+    assert len(static) >= 10
+    assert all(x is y for x, y in zip(static, b._devices(), strict=False))
+    shared = [o for o in a.extra_options() if any(o is p for p in b.extra_options())]
+    assert len(shared) >= 30
+
+
 # -- nothing grows with the number of clones made and destroyed -----------------------------
 
 def test_clone_destroy_cycles_keep_every_registry_bounded() -> None:

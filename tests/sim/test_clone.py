@@ -15,12 +15,14 @@ from tests.simproc import SimProcess
 
 
 def clone_spec(name: str, folder: Any = None, *, extra: dict[str, str] | None = None,
-               nic: tuple[int, str] | None = None) -> Any:
+               nic: tuple[Any, str] | None = None) -> Any:
+    """``nic``: the source's NIC as read and its migrateConnect; the edit has the NIC's
+    own type (VMXNET 3 on a Linux VM, E1000e on a Windows one) and key."""
     location = vim.vm.RelocateSpec(folder=folder)
     if nic is not None:
-        key, mode = nic
-        device = vim.vm.device.VirtualVmxnet3(
-            key=key, connectable=vim.vm.device.VirtualDevice.ConnectInfo(
+        source_nic, mode = nic
+        device = type(source_nic)(
+            key=source_nic.key, connectable=vim.vm.device.VirtualDevice.ConnectInfo(
                 migrateConnect=mode, startConnected=True, allowGuestControl=True,
                 connected=mode == "connect"))
         location.deviceChange = [vim.vm.device.VirtualDeviceSpec(operation="edit",
@@ -120,8 +122,8 @@ def test_taken_name_gives_duplicate_name(si: Any) -> None:
 
 def test_migrate_connect_disconnect_leaves_nic_disconnected(si: Any) -> None:
     source = find_vm(si, "frozen-06")
-    key = nic_of(source).key
-    task = source.InstantClone_Task(clone_spec("ic-disc", vm_folder(si), nic=(key, "disconnect")))
+    task = source.InstantClone_Task(clone_spec("ic-disc", vm_folder(si),
+                                               nic=(nic_of(source), "disconnect")))
     WaitForTask(task)
     clone = task.info.result
     nic = nic_of(clone)
@@ -146,7 +148,7 @@ def test_a_nic_edit_that_carries_a_mac_sets_it_and_a_copied_one_is_a_duplicate(
     assert sim.stats()["duplicate_macs"] == before + 1
     # An edit without a MAC: the clone keeps the address vCenter generated for it.
     task = source.InstantClone_Task(clone_spec("ic-own-mac", vm_folder(si),
-                                               nic=(device.key, "disconnect")))
+                                               nic=(device, "disconnect")))
     WaitForTask(task)
     assert nic_of(task.info.result).macAddress != nic_of(source).macAddress
     assert sim.stats()["duplicate_macs"] == before + 1

@@ -110,7 +110,7 @@ def test_full_network_workflow_has_no_conflict(gsim: SimProcess, gsi: Any) -> No
     source = find_vm(gsi, "lin-frozen")
     before = conflicts(gsim)
     task = source.InstantClone_Task(clone_spec("net-ok", vm_folder(gsi),
-                                               nic=(nic_of(source).key, "disconnect")))
+                                               nic=(nic_of(source), "disconnect")))
     WaitForTask(task)
     clone = task.info.result
     vnic_mac = nic_of(clone).macAddress
@@ -129,7 +129,7 @@ def test_skipping_the_refresh_is_one_conflict_per_clone(gsim: SimProcess, gsi: A
     before = conflicts(gsim)
     for i in range(3):
         task = source.InstantClone_Task(clone_spec(f"net-bad-{i}", vm_folder(gsi),
-                                                   nic=(nic_of(source).key, "disconnect")))
+                                                   nic=(nic_of(source), "disconnect")))
         WaitForTask(task)
         clone = task.info.result
         connect_nic(clone, True)
@@ -149,7 +149,7 @@ def test_windows_refresh_recipe(gsim: SimProcess, gsi: Any) -> None:
     source = find_vm(gsi, "win-frozen")
     before = conflicts(gsim)
     task = source.InstantClone_Task(clone_spec("win-ok", vm_folder(gsi),
-                                               nic=(nic_of(source).key, "disconnect")))
+                                               nic=(nic_of(source), "disconnect")))
     WaitForTask(task)
     clone = task.info.result
     creds = auth("Administrator", "win-pass")
@@ -223,7 +223,7 @@ def test_code_after_the_freeze_line_runs_in_each_clone(gsim: SimProcess, gsi: An
     wait_until(lambda: source.runtime.instantCloneFrozen is True)
     before = conflicts(gsim)
     task = source.InstantClone_Task(clone_spec("resumed", folder,
-                                               nic=(nic_of(source).key, "disconnect")))
+                                               nic=(nic_of(source), "disconnect")))
     WaitForTask(task)
     clone = task.info.result
     wait_until(lambda: clone.guest.toolsRunningStatus == "guestToolsRunning")

@@ -99,3 +99,31 @@ def test_unknown_method_decodes_for_method_not_found() -> None:
             b"</_this><x>1</x></NoSuchMethod></soapenv:Body></soapenv:Envelope>")
     call = decode_request(body, VERSION)
     assert call.method == "NoSuchMethod" and call.info is None
+
+
+@pytest.mark.parametrize("version", [VERSION, "vim.version.version12"])
+def test_shared_values_are_written_as_pyvmomi_writes_them(version: str) -> None:
+    """What the simulator shares between VMs (fleet.sim.shapes) is serialized once and
+    copied into replies: the reply is byte for byte what pyVmomi's serializer writes,
+    for a whole ConfigInfo and for a device list on its own (another declared type),
+    in more than one API version."""
+    from fleet.sim import soap
+    from fleet.sim.simulator import Simulator
+    from fleet.sim.topology import GuestConfig, VmConfig, load_topology
+    from fleet.sim.vm import VirtualMachine
+
+    sim = Simulator(load_topology(None), time_scale=0.0)
+    windows = sim.add_vm(VmConfig(name="win", guest=GuestConfig(family="windows"), disks=2))
+    linux = next(v for v in sim.inventory.of_type(VirtualMachine) if v.name == "frozen-01")
+    values = [(vim.vm.ConfigInfo, vm.prop_config()) for vm in (linux, windows)]
+    values += [(vim.vm.device.VirtualDevice.Array, vm._devices()) for vm in (linux, windows)]
+    values += [(vim.option.OptionValue.Array, linux.extra_options())]
+    for result_type, value in values:
+        cached = [soap.encode_response("M", result_type, 0, value, version) for _ in range(2)]
+        shared = dict(soap._SHARED)
+        soap._SHARED.clear()
+        try:
+            plain = soap.encode_response("M", result_type, 0, value, version)
+        finally:
+            soap._SHARED.update(shared)
+        assert cached[0] == cached[1] == plain
