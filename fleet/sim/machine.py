@@ -76,6 +76,11 @@ class Machine(ManagedEntity):
                     "guest.ipAddress": "_guest_ip_address"}
     keyed_getters = {"config.hardware.device": "_device_by_key",
                      "config.extraConfig": "_extra_option"}
+    #: vmx or Tools keys an empty value removed (docs/simulator-vms.md); set on the
+    #: instance only when there are some. Python shares one key table between the
+    #: attribute dicts of a class's instances only up to 30 attributes: past that,
+    #: each VM's dict costs about 1.3 KB more.
+    vmx_removed: frozenset[str] = frozenset()
 
     def __init__(self, runtime: Runtime, name: str, folder: Folder, *, pool: ResourcePool,
                  host: HostSystem, datastore: Datastore, memory_mb: int, num_cpu: int,
@@ -100,12 +105,11 @@ class Machine(ManagedEntity):
         # extraConfig (docs/simulator-vms.md): what its shape and the VM itself put in
         # the vmx, the keys VMware Tools published once it ran in the guest, and the
         # keys set through the API, the topology and the guest (``extra_config``,
-        # which wins over the others). ``vmx_removed``: vmx or tools keys an empty
-        # value removed.
-        self.shape: Shape = shape_for(guest.family)
+        # which wins over the others).
         self.extra_config = dict(extra_config)
         self.tools_published = tools_published
-        self.vmx_removed = vmx_removed
+        if vmx_removed:
+            self.vmx_removed = vmx_removed
         self.frozen = False
         self.uuid = str(uuid.uuid4())
         self.instance_uuid = str(uuid.uuid4())
@@ -236,6 +240,11 @@ class Machine(ManagedEntity):
         self.touch("config", "summary")
 
     # -- properties ------------------------------------------------------
+    @property
+    def shape(self) -> Shape:
+        """Its devices' and vmx keys' shape, by its guest (fleet.sim.shapes)."""
+        return shape_for(self.guest.family)
+
     def _guest_ids(self) -> tuple[str, str, str]:
         shape = self.shape
         return shape.guest_id, shape.guest_full_name, shape.guest_family
