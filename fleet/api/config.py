@@ -119,11 +119,6 @@ class ServiceConfig(_Model):
         return self._base_dir
 
     @property
-    def ca_file(self) -> str | None:
-        """``vcenter.ca_file``, relative to the config file's directory."""
-        return None if self.vcenter is None else self.vcenter.ca_path
-
-    @property
     def listen_address(self) -> tuple[str, int]:
         m = _LISTEN.match(self.listen)
         assert m is not None  # validated at load
