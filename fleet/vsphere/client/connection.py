@@ -221,21 +221,11 @@ class Connection:
 
         ``make_specs`` may be a coroutine function so session-scoped objects (views)
         are recreated when a re-login happens mid-way; the read then starts over."""
-        pc = self.content.propertyCollector
         options = PC.RetrieveOptions(maxObjects=self.page_size)
         for attempt in range(3):
             try:
                 spec_set = make_specs if isinstance(make_specs, list) else await make_specs()
-                result = await self.session.call(pc, "RetrievePropertiesEx", spec_set, options,
-                                                 session_bound=True)
-                objects: list[Any] = []
-                while result is not None:
-                    objects.extend(result.objects or ())
-                    if not result.token:
-                        break
-                    result = await self.session.call(pc, "ContinueRetrievePropertiesEx",
-                                                     result.token, session_bound=True)
-                return objects
+                return await self.session.retrieve_all(spec_set, options, session_bound=True)
             except NotAuthenticated:
                 if attempt == 2:
                     raise
