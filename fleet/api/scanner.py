@@ -31,10 +31,10 @@ import anyio
 from fleet.api.context import ServiceContext
 from fleet.api.records import FleetRecord
 from fleet.api.requests import valid_name
-from fleet.engine.lifetime import fleet_expiry
+from fleet.engine.lifetime import FLEET_LABELS, fleet_expiry
 from fleet.engine.reconcile import Member, as_member
 from fleet.errors import FleetError, NotFound
-from fleet.vsphere.model import VmInfo, VSphere
+from fleet.vsphere.model import ListedVm, VSphere
 
 log = logging.getLogger("fleet.api")
 
@@ -42,7 +42,7 @@ log = logging.getLogger("fleet.api")
 CALL_TIMEOUT_S = 60.0
 
 
-def _members(vms: list[VmInfo], fleet: str) -> list[Member]:
+def _members(vms: list[ListedVm], fleet: str) -> list[Member]:
     return [m for m in (as_member(vm, fleet) for vm in vms) if m is not None]
 
 
@@ -50,7 +50,8 @@ async def refresh(vs: VSphere, rec: FleetRecord) -> None:
     """Read one fleet's members from vCenter into its view (unless a run has begun)."""
     with anyio.fail_after(CALL_TIMEOUT_S):
         folder = await vs.find_folder(rec.folder)
-        vms: list[VmInfo] = await vs.list_folder_vms(folder) if folder else []
+        vms: list[ListedVm] = (await vs.list_folder_vms(folder, FLEET_LABELS)
+                                if folder else [])
     members = _members(vms, rec.name)
     if not rec.running:
         rec.show_members(members)
@@ -100,7 +101,7 @@ class Scanner:
                 if rec is not None and rec.folder != ctx.config.fleet_folder(name):
                     continue
                 try:
-                    vms = await ctx.vs.list_folder_vms(ref)
+                    vms = await ctx.vs.list_folder_vms(ref, FLEET_LABELS)
                 except NotFound:
                     continue  # removed since the root was read (a delete finished)
                 found[name] = _members(vms, name)

@@ -21,12 +21,24 @@ from collections.abc import Iterable, Mapping
 
 import anyio
 
-from fleet.engine.reconcile import Member, as_member
+from fleet.engine.reconcile import (
+    LABEL_INDEX,
+    LABEL_NAME,
+    LABEL_RUN_ID,
+    LABEL_SOURCE,
+    LABEL_STATE,
+    Member,
+    as_member,
+)
 from fleet.engine.spec import FleetSpec
 from fleet.errors import ConfigError, FleetError, VSphereError
-from fleet.vsphere.model import VmInfo, VSphere
+from fleet.vsphere.model import ListedVm, VSphere
 
 LABEL_EXPIRES_AT = "guestinfo.fleet.expires_at"
+#: Every label fleet writes on a member: what a listing of a fleet's folder reads (by
+#: key, docs/reads.md), and what a clone clears when it does not set it.
+FLEET_LABELS = (LABEL_NAME, LABEL_INDEX, LABEL_RUN_ID, LABEL_SOURCE, LABEL_STATE,
+                LABEL_EXPIRES_AT)
 #: the longest lifetime accepted (a year): past it, "forever" is meant; say so by giving none
 MAX_TTL_S = 366 * 24 * 3600.0
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -78,7 +90,7 @@ def fleet_expiry(members: Iterable[Member]) -> float | None:
     """The latest expiry of the members; None if any has none, or there are no members."""
     latest: float | None = None
     for member in members:
-        at = expires_at_of(member.vm.extra_config)
+        at = expires_at_of(member.vm.labels)
         if at is None:
             return None
         latest = at if latest is None else max(latest, at)
@@ -88,7 +100,8 @@ def fleet_expiry(members: Iterable[Member]) -> float | None:
 async def _members(spec: FleetSpec, vs: VSphere) -> list[Member]:
     with anyio.fail_after(spec.timeouts.call_s):
         folder = await vs.find_folder(spec.folder_path)
-        vms: list[VmInfo] = await vs.list_folder_vms(folder) if folder is not None else []
+        vms: list[ListedVm] = (await vs.list_folder_vms(folder, FLEET_LABELS)
+                                if folder is not None else [])
     return [m for m in (as_member(vm, spec.name) for vm in vms) if m is not None]
 
 
@@ -104,7 +117,7 @@ async def stamp_expiry(spec: FleetSpec, vs: VSphere, expires_at: float, *,
     (after the others were tried), so a caller never believes a half-stamped fleet done."""
     value = expiry_labels(expires_at)
     todo = [m for m in (members if members is not None else await _members(spec, vs))
-            if m.vm.extra_config.get(LABEL_EXPIRES_AT) != value[LABEL_EXPIRES_AT]]
+            if m.vm.labels.get(LABEL_EXPIRES_AT) != value[LABEL_EXPIRES_AT]]
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     errors: list[FleetError | TimeoutError] = []
 

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 
 from fleet.engine.events import Emitter, EventCallback
+from fleet.engine.lifetime import FLEET_LABELS
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, is_claim, read_lock
 from fleet.engine.placement import (
     ClusterView,
@@ -124,7 +125,7 @@ async def _destroy(spec: FleetSpec, vsphere: VSphere, emit: Emitter, concurrency
                    held: FleetLock | None, remove_folder: bool) -> RemovalSummary:
     with anyio.fail_after(spec.timeouts.call_s):
         folder = held.folder if held is not None else await vsphere.find_folder(spec.folder_path)
-        vms = await vsphere.list_folder_vms(folder) if folder is not None else []
+        vms = await vsphere.list_folder_vms(folder, FLEET_LABELS) if folder is not None else []
     members = [m for m in (as_member(vm, spec.name) for vm in vms) if m is not None]
     summary = await remove_members(
         spec, vsphere, members, emit, concurrency=concurrency,
@@ -235,7 +236,7 @@ async def plan(spec: FleetSpec, vsphere: VSphere, *,
     view = await load_view(spec, vsphere, opts.policy)
     with anyio.fail_after(spec.timeouts.call_s):
         folder = await vsphere.find_folder(spec.folder_path)
-        vms = await vsphere.list_folder_vms(folder) if folder is not None else []
+        vms = await vsphere.list_folder_vms(folder, FLEET_LABELS) if folder is not None else []
     rec = reconcile(spec, vms)
     statuses = explain(view, Unlimited())
     start_depth = {name: s.info.chain_depth for name, s in view.sources.items()}
@@ -340,7 +341,7 @@ async def status(spec: FleetSpec, vsphere: VSphere) -> FleetStatus:
     """Count members by state, list missing and extra indexes. Changes nothing."""
     with anyio.fail_after(spec.timeouts.call_s):
         folder = await vsphere.find_folder(spec.folder_path)
-        vms = await vsphere.list_folder_vms(folder) if folder is not None else []
+        vms = await vsphere.list_folder_vms(folder, FLEET_LABELS) if folder is not None else []
     rec = reconcile(spec, vms)
     held = await read_lock(vsphere, folder) if folder is not None else None
     by_state: Counter[str] = Counter(m.state for m in rec.ready + rec.resume)

@@ -406,7 +406,8 @@ class Pipeline:
             lease = await ctx.limiters.acquire([LimitKey.of("overall")], (job, "label"))
             try:
                 if reconnect:
-                    await ctx.vs.set_nics_connected(vm, True, extra_config=values)
+                    await ctx.vs.set_nics_connected(vm, True, extra_config=values,
+                                                    known_nics=self._source_nics(job))
                 else:
                     await ctx.vs.update_extra_config(vm, values)
             finally:
@@ -427,6 +428,12 @@ class Pipeline:
             if reconnect:
                 ctx.record(job, "reconnect", anyio.current_time() - t0)
         job.labelled = state
+
+    def _source_nics(self, job: Job) -> list[int] | None:
+        """The clone's NIC keys, when its source's are known: an instant clone keeps its
+        source's devices, keys and all, so the client reads just those (docs/reads.md)."""
+        src = self._view.sources.get(job.source or "")
+        return [n.key for n in src.info.nics] if src is not None and src.info.nics else None
 
     async def _labelled(self, vm: Ref, values: Mapping[str, str], nics_connected: bool) -> bool:
         """Whether ``vm`` carries ``values`` (and, if asked, has every NIC connected)."""

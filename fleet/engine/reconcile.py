@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fleet.engine.spec import FleetSpec
-from fleet.vsphere.model import VmInfo
+from fleet.vsphere.model import ListedVm
 
 LABEL_NAME = "guestinfo.fleet.name"
 LABEL_INDEX = "guestinfo.fleet.index"
@@ -40,7 +40,7 @@ def labels(*, fleet: str, index: int, run_id: str, source: str,
 
 @dataclass(frozen=True)
 class Member:
-    vm: VmInfo
+    vm: ListedVm
     index: int
     state: MemberState
     run_id: str
@@ -68,15 +68,15 @@ def member_index(extra_config: Mapping[str, str], fleet: str) -> int | None:
     return int(raw)
 
 
-def as_member(vm: VmInfo, fleet: str) -> Member | None:
-    index = member_index(vm.extra_config, fleet)
+def as_member(vm: ListedVm, fleet: str) -> Member | None:
+    index = member_index(vm.labels, fleet)
     if index is None:
         return None
-    raw_state = vm.extra_config.get(LABEL_STATE, "cloned")
+    raw_state = vm.labels.get(LABEL_STATE, "cloned")
     # An unknown state (a newer fleet wrote it?) is redone from the start of the pipeline.
     st: MemberState = next((s for s in STATES if s == raw_state), "cloned")
-    return Member(vm, index, st, vm.extra_config.get(LABEL_RUN_ID, ""),
-                  vm.extra_config.get(LABEL_SOURCE, ""))
+    return Member(vm, index, st, vm.labels.get(LABEL_RUN_ID, ""),
+                  vm.labels.get(LABEL_SOURCE, ""))
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Reconciliation:
     resume: tuple[Member, ...]  # wanted members that have not finished the pipeline
     ready: tuple[Member, ...]  # wanted members that are done
     remove: tuple[Member, ...]  # scale-down (highest index first) and duplicates
-    foreign: tuple[VmInfo, ...]  # VMs in the folder without the fleet's label
+    foreign: tuple[ListedVm, ...]  # VMs in the folder without the fleet's label
     blocked: dict[int, str]  # index -> why it cannot be made (its name is held by a foreign VM)
 
     @property
@@ -99,10 +99,10 @@ def _rank(member: Member, expected_name: str) -> tuple[bool, int]:
     return member.name == expected_name, STATES.index(member.state)
 
 
-def reconcile(spec: FleetSpec, vms: Iterable[VmInfo]) -> Reconciliation:
+def reconcile(spec: FleetSpec, vms: Iterable[ListedVm]) -> Reconciliation:
     """Sort the folder's VMs into keep/resume/remove and list the indexes to create."""
     by_index: dict[int, list[Member]] = {}
-    foreign: list[VmInfo] = []
+    foreign: list[ListedVm] = []
     for vm in vms:
         member = as_member(vm, spec.name)
         if member is None:

@@ -21,6 +21,7 @@ import math
 import anyio
 
 from fleet.engine.events import JobAdopted, JobCleanedUp
+from fleet.engine.lifetime import FLEET_LABELS
 from fleet.engine.reconcile import as_member, member_index
 from fleet.engine.runstate import NEXT_PHASE, Job, RunContext
 from fleet.errors import DuplicateName, NotFound, VSphereError
@@ -119,7 +120,7 @@ class Recovery:
     def adopt(self, job: Job, vm: VmInfo) -> None:
         """Take ``vm`` (which carries the job's labels) as the job's member; it goes on
         from the phase after the one its label says it finished."""
-        member = as_member(vm, self._ctx.spec.name)
+        member = as_member(vm.listed(FLEET_LABELS), self._ctx.spec.name)
         assert member is not None
         job.vm, job.adopted, job.attempt = vm.ref, True, 0
         job.labelled = member.state

@@ -47,6 +47,7 @@ from fleet.engine.events import (
     RunFinished,
     RunStarted,
 )
+from fleet.engine.lifetime import FLEET_LABELS
 from fleet.engine.limits import AutoTuning, Limiters, LimitKey
 from fleet.engine.pipeline import Pipeline
 from fleet.engine.placement import ClusterView, PlacementPolicy
@@ -132,7 +133,7 @@ class Provisioner:
                 refresher.report(src)
             with anyio.fail_after(spec.timeouts.call_s):
                 folder = await self.vs.ensure_folder(spec.folder_path)
-                vms = await self.vs.list_folder_vms(folder)
+                vms = await self.vs.list_folder_vms(folder, FLEET_LABELS)
         if setup.cancelled_caught:  # stopped while reading the inventory
             return self._finish_run(t0)
         rec = reconcile(spec, vms)
@@ -258,7 +259,7 @@ async def remove_members(spec: FleetSpec, vs: VSphere, members: list[Member] | t
 
     async with anyio.create_task_group() as tg:
         for member in sorted(members, key=lambda m: m.index, reverse=True):
-            if member_index(member.vm.extra_config, spec.name) is None:
+            if member_index(member.vm.labels, spec.name) is None:
                 continue  # defensive: only labelled members are ever destroyed
             tg.start_soon(one, member)
     return RemovalSummary(spec.name, removed, sum(failures.values()),

@@ -26,15 +26,8 @@ from typing import Any
 import anyio
 
 from fleet.engine.events import Emitter, EventCallback, SourceFrozen, SourcePrepared
-from fleet.engine.lifetime import LABEL_EXPIRES_AT
+from fleet.engine.lifetime import FLEET_LABELS
 from fleet.engine.placement import SourceState
-from fleet.engine.reconcile import (
-    LABEL_INDEX,
-    LABEL_NAME,
-    LABEL_RUN_ID,
-    LABEL_SOURCE,
-    LABEL_STATE,
-)
 from fleet.engine.spec import LABEL_PREFIX, FleetSpec, SpecError
 from fleet.errors import ConfigError, DuplicateName, GuestOperationFailed, NotFound
 from fleet.vsphere import recipes
@@ -61,12 +54,6 @@ class SourceStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-#: Every label fleet writes on a member. A clone clears those it does not set even when
-#: the view of its source does not show them (the view may be older than a relabel).
-FLEET_LABELS = (LABEL_NAME, LABEL_INDEX, LABEL_RUN_ID, LABEL_SOURCE, LABEL_STATE,
-                LABEL_EXPIRES_AT)
 
 
 def clone_config(own: Mapping[str, str], source: VmInfo, *,

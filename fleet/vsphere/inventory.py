@@ -18,6 +18,8 @@ from fleet.vsphere.model import (
     DatastoreInfo,
     GuestFamily,
     HostInfo,
+    Labels,
+    ListedVm,
     NicInfo,
     PowerState,
     Ref,
@@ -32,6 +34,8 @@ VM_PATHS = (
     "config.extraConfig", "config.guestId", "config.instanceUuid", "guest.toolsRunningStatus",
     "guest.ipAddress", "guest.net", "guest.guestFamily",
 )
+#: What a folder listing decides on (docs/reads.md); the labels come as keyed paths.
+LISTED_PATHS = ("name", "runtime.powerState", "runtime.host")
 #: What a source needs to be judged (power, frozen, host, datastores, chain).
 SOURCE_PATHS = ("name", "runtime.powerState", "runtime.instantCloneFrozen", "runtime.host",
                 "datastore", "layoutEx.disk")
@@ -72,6 +76,47 @@ def object_spec_children(folder: Any) -> Any:
 def filter_spec(object_specs: Iterable[Any], mo_type: Any, paths: Iterable[str]) -> Any:
     return PC.FilterSpec(objectSet=list(object_specs),
                          propSet=[PC.PropertySpec(type=mo_type, all=False, pathSet=list(paths))])
+
+
+def keyed(path: str, key: str | int) -> str:
+    """A keyed property path (docs/simulator-vms.md): ``config.extraConfig["k"]`` for a
+    string key (quote and backslash escaped), ``config.hardware.device[4000]`` for an
+    integer one."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    escaped = key.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{path}["{escaped}"]'
+
+
+def extra_config_path(key: str) -> str:
+    return keyed("config.extraConfig", key)
+
+
+def device_path(key: int) -> str:
+    return keyed("config.hardware.device", key)
+
+
+def listed_paths(labels: Iterable[str]) -> list[str]:
+    return [*LISTED_PATHS, *(extra_config_path(k) for k in labels)]
+
+
+def listed_vm(content: Any, host_names: Mapping[str, str], labels: Iterable[str]) -> ListedVm:
+    """A folder listing's VM from ``listed_paths(labels)``: a label the VM does not have
+    is absent from the reply (no error), so it is read as not set."""
+    keys = tuple(labels)
+    p = props(content)
+    host = p.get("runtime.host")
+    host_ref = ref_of(host) if host is not None else None
+    power: PowerState = p.get("runtime.powerState") or "poweredOff"
+    values = {}
+    for key in keys:
+        option = p.get(extra_config_path(key))
+        if option is not None:
+            values[key] = "" if option.value is None else str(option.value)
+    return ListedVm(ref=ref_of(content.obj), name=str(p.get("name", content.obj._moId)),
+                    power_state=power, host=host_ref,
+                    host_name=host_names.get(host_ref.id) if host_ref else None,
+                    labels=Labels(values, keys))
 
 
 def chain_depth(layout_disks: Any) -> int:

@@ -11,7 +11,7 @@ All calls raise only ``fleet.errors`` types. Durations are seconds (``_s``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -100,6 +100,11 @@ class VmInfo:
     guest_macs: tuple[str, ...] = ()  # MACs the guest OS uses, as VMware Tools reports them
     instance_uuid: str | None = None
 
+    def listed(self, labels: Collection[str]) -> ListedVm:
+        """This VM as a listing of ``labels`` would read it (this read saw every key)."""
+        return ListedVm(self.ref, self.name, self.power_state, self.host, self.host_name,
+                        Labels(self.extra_config, labels))
+
     # Cached (the fields never change): placement asks for every source at every clone.
     @cached_property
     def powered_on(self) -> bool:
@@ -109,6 +114,66 @@ class VmInfo:
     def running(self) -> bool:
         """Powered on and not frozen: an instant clone of it deepens its disk chains."""
         return self.power_state == "poweredOn" and not self.frozen
+
+
+class NotRead(LookupError):
+    """A key a narrow read did not ask for was looked up: a bug in the reader's caller,
+    which must name every key it decides on (docs/reads.md)."""
+
+
+class Labels(Mapping[str, str]):
+    """Some of a VM's ``extraConfig`` keys, read one by one (``config.extraConfig["k"]``).
+
+    Only the keys read are known: an absent one among them is not set on the VM, and
+    looking up any other raises :class:`NotRead` (rather than answer "not set", which
+    would be a lie). Iterating gives the keys read that are set."""
+
+    __slots__ = ("_read", "_values")
+
+    def __init__(self, values: Mapping[str, str], read: Iterable[str]) -> None:
+        self._read = frozenset(read)
+        self._values = {k: v for k, v in values.items() if k in self._read}
+
+    @property
+    def read(self) -> frozenset[str]:
+        return self._read
+
+    def __getitem__(self, key: str) -> str:
+        if key not in self._read:
+            raise NotRead(f"extraConfig key {key!r} was not read (read: "
+                          f"{', '.join(sorted(self._read)) or 'none'})")
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Labels):
+            return self._read == other._read and self._values == other._values
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self._read, tuple(sorted(self._values.items()))))
+
+    def __repr__(self) -> str:
+        return f"Labels({self._values!r}, read={sorted(self._read)!r})"
+
+
+@dataclass(frozen=True)
+class ListedVm:
+    """A VM as a folder listing reads it: what reconcile, ``status``, destroy and the
+    service's scans decide on, and nothing more (docs/reads.md). No devices, no
+    addresses, no chain: those are read only where needed, into a :class:`VmInfo`."""
+
+    ref: Ref
+    name: str
+    power_state: PowerState
+    host: Ref | None
+    host_name: str | None
+    labels: Labels
 
 
 @dataclass(frozen=True)
@@ -197,8 +262,11 @@ class VSphere(Protocol):
 
     async def find_folder(self, path: str) -> Ref | None: ...
 
-    async def list_folder_vms(self, folder: Ref) -> list[VmInfo]:
-        """Every VM directly in ``folder`` (members are recognised by their labels)."""
+    async def list_folder_vms(self, folder: Ref,
+                              labels: Collection[str]) -> list[ListedVm]:
+        """Every VM directly in ``folder`` with its name, power state, host and the
+        ``extraConfig`` keys ``labels`` (read by key; members are recognised by their
+        labels). Paged, so a large folder is read in bounded pieces."""
         ...
 
     async def list_child_folders(self, folder: Ref) -> list[tuple[str, Ref]]:
@@ -250,9 +318,12 @@ class VSphere(Protocol):
 
     async def set_nics_connected(self, vm: Ref, connected: bool,
                                  nic_keys: Sequence[int] | None = None, *,
-                                 extra_config: Mapping[str, str] | None = None) -> None:
+                                 extra_config: Mapping[str, str] | None = None,
+                                 known_nics: Sequence[int] | None = None) -> None:
         """Connect or disconnect NICs (all, or ``nic_keys``); ``extra_config`` is set in
-        the same reconfiguration, so both happen or neither does."""
+        the same reconfiguration, so both happen or neither does. ``known_nics``: the
+        NIC keys the VM has (an instant clone's are its source's), read one by one
+        instead of the whole device list; all of them are "all" (docs/reads.md)."""
         ...
 
     async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None: ...

@@ -10,6 +10,7 @@ simulator, fleets created and deleted in cycles under a short scan interval.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from pyVmomi import vim
 
 from fleet.metrics import FleetMetrics
-from fleet.vsphere.model import Ref, VmInfo
+from fleet.vsphere.model import ListedVm, Ref
 from tests.api.serveproc import ServeProcess, service_config
 from tests.api.test_service import Clock, apply, folder_fake, make_config, running, until
 from tests.integration.test_provision import pyvmomi
@@ -45,8 +46,8 @@ async def test_a_scan_that_read_a_fleet_before_its_delete_does_not_bring_it_back
         plain = fake.list_folder_vms
         armed = [True]
 
-        async def held_read(ref: Ref) -> list[VmInfo]:
-            vms = await plain(ref)
+        async def held_read(ref: Ref, labels: Collection[str]) -> list[ListedVm]:
+            vms = await plain(ref, labels)
             if ref == folder and armed[0]:
                 armed[0] = False
                 read.set()

@@ -6,6 +6,7 @@ import pytest
 
 from fleet.engine import provision
 from fleet.engine.lifetime import (
+    FLEET_LABELS,
     LABEL_EXPIRES_AT,
     expires_at_of,
     expiry_labels,
@@ -15,7 +16,7 @@ from fleet.engine.lifetime import (
 )
 from fleet.engine.reconcile import Member
 from fleet.errors import ConfigError, FleetError
-from fleet.vsphere.model import Ref, VmInfo
+from fleet.vsphere.model import Labels, ListedVm, Ref
 from tests.engine.conftest import CLONE_ONLY, FROZEN4, make_spec, vcenter
 from tests.engine.conftest import options as opts
 
@@ -37,8 +38,8 @@ def test_bad_durations_name_the_option(text: str) -> None:
 
 def member(expires: str | None) -> Member:
     extra = {} if expires is None else {LABEL_EXPIRES_AT: expires}
-    vm = VmInfo(Ref("VirtualMachine", "vm-1"), "m", "poweredOn", False, None, None, None, (),
-                1, 1024, "linux", extra_config=extra)
+    vm = ListedVm(Ref("VirtualMachine", "vm-1"), "m", "poweredOn", None, None,
+                  Labels(extra, FLEET_LABELS))
     return Member(vm, 0, "ready", "r", "s")
 
 

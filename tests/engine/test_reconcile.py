@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from fleet.engine.lifetime import FLEET_LABELS
 from fleet.engine.reconcile import as_member, labels, member_index, reconcile
-from fleet.vsphere.model import Ref, VmInfo
+from fleet.vsphere.model import Labels, ListedVm, Ref
 from tests.engine.conftest import make_spec
 
 
-def vm(name: str, extra: dict[str, str] | None = None, n: int = 0) -> VmInfo:
-    return VmInfo(Ref("VirtualMachine", f"vm-{name}-{n}"), name, "poweredOn", False, None, None,
-                  None, (), 3, 4096, "linux", extra_config=extra or {})
+def vm(name: str, extra: dict[str, str] | None = None, n: int = 0) -> ListedVm:
+    return ListedVm(Ref("VirtualMachine", f"vm-{name}-{n}"), name, "poweredOn", None, None,
+                    Labels(extra or {}, FLEET_LABELS))
 
 
 def member(index: int, state: str = "ready", fleet: str = "lt", name: str | None = None,
-           n: int = 0) -> VmInfo:
+           n: int = 0) -> ListedVm:
     return vm(name or f"lt-{index:04d}",
               labels(fleet=fleet, index=index, run_id="r0", source="frozen-01",
                      state=state),  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from fleet.vsphere.model import (
     CloneRequest,
     GuestCredentials,
     GuestProgram,
+    NotRead,
     TaskHandle,
     VmInfo,
     VSphere,
@@ -116,7 +117,7 @@ async def test_folders(sim: SimProcess) -> None:
         parent = await vs.find_folder(f"{base}/a")
         assert parent is not None
         assert await vs.create_folder(parent, "c") == await vs.ensure_folder(f"{base}/a/c")
-        assert await vs.list_folder_vms(made) == []
+        assert await vs.list_folder_vms(made, ()) == []
         # concurrent ensure of one path makes one folder
         again = unique("f")
         refs = []
@@ -126,6 +127,38 @@ async def test_folders(sim: SimProcess) -> None:
             for _ in range(5):
                 tg.start_soon(one)
         assert len(set(refs)) == 1
+
+
+async def test_folder_listing_reads_the_labels_asked_by_key(sim: SimProcess) -> None:
+    """A listing reads each asked label by its keyed path: a set one has its value, an
+    unset one is absent, and one not asked for is NotRead, never "not set", even when
+    the VM has it (docs/reads.md)."""
+    async with client_for(sim) as vs:
+        folder = await vs.ensure_folder(unique("t/labels"))
+        odd = 'guestinfo.fleet.odd "key" \\ [1]'
+        made = await clone(vs, "frozen-05", "t/x", extra_config={
+            "guestinfo.fleet.name": "lt", odd: "v"})
+        await vs.full_clone(made.ref, unique("full"), folder, power_on=False)
+        src = (await vs.find_vms(["frozen-05"]))[0]
+        task = await vs.start_instant_clone(CloneRequest(
+            source=src.ref, name=unique("ic"), folder=folder,
+            extra_config={"guestinfo.fleet.name": "lt", "guestinfo.fleet.index": "3", odd: "v"}))
+        ref = await task.wait(timeout_s=30)
+        asked = ("guestinfo.fleet.name", "guestinfo.fleet.index", "guestinfo.fleet.state", odd)
+        listed = {v.ref: v for v in await vs.list_folder_vms(folder, asked)}
+        full = await vs.get_vm(ref)
+        vm = listed[ref]
+        assert (vm.name, vm.power_state, vm.host, vm.host_name) == \
+            (full.name, full.power_state, full.host, full.host_name)
+        assert dict(vm.labels) == {"guestinfo.fleet.name": "lt", "guestinfo.fleet.index": "3",
+                                   odd: "v"}
+        assert vm.labels.get("guestinfo.fleet.state") is None  # asked, not set
+        assert "guestinfo.vmtools.versionString" in full.extra_config
+        with pytest.raises(NotRead, match="versionString"):
+            vm.labels.get("guestinfo.vmtools.versionString")  # set, but not asked
+        assert vm == full.listed(asked)
+        other = next(v for r, v in listed.items() if r != ref)
+        assert "guestinfo.fleet.index" not in other.labels
 
 
 async def test_instant_clone(sim: SimProcess) -> None:
@@ -151,7 +184,7 @@ async def test_instant_clone(sim: SimProcess) -> None:
         assert vm.chain_depth == src.chain_depth + 1
         assert [n.connected for n in vm.nics] == [False]
         assert vm.powered_on and not vm.frozen
-        assert [v.ref for v in await vs.list_folder_vms(folder)].count(ref) == 1
+        assert [v.ref for v in await vs.list_folder_vms(folder, ())].count(ref) == 1
         # The same task awaited again gives the same answer.
         assert await task.wait(timeout_s=1) == ref
         # Per-NIC mapping, connect.
@@ -220,6 +253,12 @@ async def test_nics_and_extra_config(sim: SimProcess) -> None:
         assert [n.connected for n in (await vs.get_vm(vm.ref)).nics] == [False]
         with pytest.raises(errors.NotFound):
             await vs.set_nics_connected(vm.ref, True, [4999])
+        # NICs read by key, as the pipeline reconnects a clone (its source's keys)...
+        await vs.set_nics_connected(vm.ref, True, known_nics=[4000])
+        assert [n.connected for n in (await vs.get_vm(vm.ref)).nics] == [True]
+        # ...and a key the VM lacks sends the client back to the whole device list
+        await vs.set_nics_connected(vm.ref, False, known_nics=[4000, 4999])
+        assert [n.connected for n in (await vs.get_vm(vm.ref)).nics] == [False]
         await vs.update_extra_config(vm.ref, {"guestinfo.a": "1", "guestinfo.b": "2"})
         await vs.update_extra_config(vm.ref, {"guestinfo.a": ""})  # removes
         extra = (await vs.get_vm(vm.ref)).extra_config

@@ -55,7 +55,7 @@ async def test_folder_calls(sim: SimProcess) -> None:
             source=source.ref, name=unique("kept"), folder=deeper))).wait(60)
         with pytest.raises(NotEmpty):
             await vs.destroy_folder(inner)
-        assert [vm.ref for vm in await vs.list_folder_vms(deeper)] == [clone]
+        assert [vm.ref for vm in await vs.list_folder_vms(deeper, ())] == [clone]
         await vs.destroy(clone)
         await vs.destroy_folder(inner)
 

@@ -142,7 +142,7 @@ async def test_session_expiry_during_200_concurrent_clones(fsim: SimProcess) -> 
             for i in range(200):
                 tg.start_soon(one, i)
         assert len(set(results)) == 200
-        assert len(await vs.list_folder_vms(folder)) == 200
+        assert len(await vs.list_folder_vms(folder, ())) == 200
         stats = vs.stats
         assert stats["relogins"] >= 2, stats
         # First collector, then at least one more after the re-logins (two re-logins in a

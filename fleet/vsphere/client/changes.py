@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fleet.errors import NotFound, VSphereError
 from fleet.vsphere import inventory as inv
@@ -66,13 +67,16 @@ class VmChanges(Reads):
 
     async def set_nics_connected(self, vm: Ref, connected: bool,
                                  nic_keys: Sequence[int] | None = None, *,
-                                 extra_config: Mapping[str, str] | None = None) -> None:
+                                 extra_config: Mapping[str, str] | None = None,
+                                 known_nics: Sequence[int] | None = None) -> None:
         """Connect or disconnect NICs; ``extra_config`` goes in the same ReconfigVM_Task."""
         mo = self.mo(vm)
-        contents = await self._retrieve_objects([mo], ["config.hardware.device"])
-        if not contents:
-            raise NotFound(f"{vm} does not exist", obj=vm.id)
-        nics = inv.nic_devices(inv.props(contents[0]).get("config.hardware.device"))
+        nics = await self._nics_by_key(mo, known_nics) if known_nics else None
+        if nics is None:
+            contents = await self._retrieve_objects([mo], ["config.hardware.device"])
+            if not contents:
+                raise NotFound(f"{vm} does not exist", obj=vm.id)
+            nics = inv.nic_devices(inv.props(contents[0]).get("config.hardware.device"))
         if nic_keys is not None:
             unknown = set(nic_keys) - {n.key for n in nics}
             if unknown:
@@ -82,6 +86,16 @@ class VmChanges(Reads):
         if edits or extra_config:
             await self._run_task(mo, "ReconfigVM_Task",
                                  vim_specs.device_change_spec(edits, extra_config), safe=True)
+
+    async def _nics_by_key(self, mo: Any, keys: Sequence[int]) -> list[Any] | None:
+        """The NICs with ``keys``, each read by its keyed path (docs/reads.md); None when
+        one is absent or not a NIC: the caller reads the whole device list instead."""
+        paths = [inv.device_path(k) for k in dict.fromkeys(keys)]
+        contents = await self._retrieve_objects([mo], paths)
+        got = inv.props(contents[0]) if contents else {}
+        devices = [got.get(p) for p in paths]
+        nics = inv.nic_devices(devices)
+        return nics if len(nics) == len(paths) else None
 
     async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None:
         """Set extraConfig keys (an empty value removes the key)."""

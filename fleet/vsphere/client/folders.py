@@ -9,6 +9,7 @@ lost reply and ``destroy_folder`` refuses a folder that holds anything but folde
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from datetime import UTC
 from typing import Any
 
@@ -18,7 +19,7 @@ from pyVmomi import vim, vmodl
 from fleet.errors import ConfigError, NotEmpty, NotFound, VSphereError
 from fleet.vsphere import inventory as inv
 from fleet.vsphere.client.reads import Reads
-from fleet.vsphere.model import Ref, VmInfo
+from fleet.vsphere.model import ListedVm, Ref
 
 log = logging.getLogger("fleet.vsphere")
 PC = vmodl.query.PropertyCollector
@@ -85,11 +86,16 @@ class Folders(Reads):
                               "not a folder")
         return child
 
-    async def list_folder_vms(self, folder: Ref) -> list[VmInfo]:
-        """Every VM directly in ``folder``."""
+    async def list_folder_vms(self, folder: Ref,
+                              labels: Collection[str]) -> list[ListedVm]:
+        """Every VM directly in ``folder``: name, power state, host and the labels asked
+        for, each by its keyed path (docs/reads.md); paged like every bulk read."""
+        keys = tuple(dict.fromkeys(labels))
         spec = inv.filter_spec([inv.object_spec_children(self.mo(folder))], vim.VirtualMachine,
-                               inv.VM_PATHS)
-        return await self._vm_infos(await self.retrieve([spec]))
+                               inv.listed_paths(keys))
+        contents = await self.retrieve([spec])
+        names = await self._host_names_for(contents)
+        return [inv.listed_vm(c, names, keys) for c in contents]
 
     async def list_child_folders(self, folder: Ref) -> list[tuple[str, Ref]]:
         """(name, ref) of every folder directly in ``folder``, sorted by name."""

@@ -90,8 +90,10 @@ class GuestOps(Reads):
         paths: list[str] = []
         if guest_ip:
             paths.append("guest.ipAddress")
-        if extra_config_key is not None:
-            paths.append("config.extraConfig")
+        keyed = inv.extra_config_path(extra_config_key) if extra_config_key is not None else ""
+        if keyed:
+            # The one key, by its keyed path: not the whole list (docs/reads.md).
+            paths.append(keyed)
         if frozen is not None:
             paths.append("runtime.instantCloneFrozen")
         if tools_running:
@@ -104,9 +106,7 @@ class GuestOps(Reads):
             values = w.values
             if guest_ip and not values.get("guest.ipAddress"):
                 return False
-            if extra_config_key is not None and not any(
-                    o.key == extra_config_key and o.value not in (None, "")
-                    for o in values.get("config.extraConfig") or ()):
+            if keyed and getattr(values.get(keyed), "value", None) in (None, ""):
                 return False
             if frozen is not None and values.get("runtime.instantCloneFrozen") is not frozen:
                 return False

@@ -32,13 +32,17 @@ class Reads(Connection):
             self._host_names = {c.obj._moId: str(inv.props(c).get("name")) for c in contents}
         return self._host_names
 
-    async def _vm_infos(self, contents: list[Any]) -> list[VmInfo]:
+    async def _host_names_for(self, contents: list[Any]) -> dict[str, str]:
+        """Host names for the VMs read (re-read when one names a host not seen yet)."""
         names = await self._host_name_map()
         for c in contents:
             host = inv.props(c).get("runtime.host")
             if host is not None and host._moId not in names:
-                names = await self._host_name_map(refresh=True)
-                break
+                return await self._host_name_map(refresh=True)
+        return names
+
+    async def _vm_infos(self, contents: list[Any]) -> list[VmInfo]:
+        names = await self._host_names_for(contents)
         return [inv.vm_info(c, names) for c in contents]
 
     # -- inventory: server, datacenters, resolution ------------------------------------
