@@ -37,8 +37,8 @@ from fleet.engine.runstate import Job, JobQueue, RunContext
 from fleet.engine.sources import clone_config
 from fleet.engine.spec import FleetSpec
 from fleet.errors import (
+    ConnectionFailed,
     DuplicateName,
-    NotAuthenticated,
     NotDelivered,
     NotFound,
     RequestTimeout,
@@ -143,9 +143,12 @@ class Pipeline:
         except (VSphereError, TimeoutError) as exc:
             error = exc
             if job.task is None:
-                if (not isinstance(exc, VSphereError) or exc.transient) and \
-                        not isinstance(exc, NotDelivered | NotAuthenticated):
-                    # The request may have reached vCenter and be cloning without us.
+                if not isinstance(exc, VSphereError) or (
+                        isinstance(exc, ConnectionFailed | RequestTimeout)
+                        and not isinstance(exc, NotDelivered)):
+                    # No reply: the request may have reached vCenter and be cloning
+                    # without us. (A fault in reply, ResourceBusy say, is vCenter refusing
+                    # the call: no task was made, nothing is cloning.)
                     job.lost_submit_at = job.submit_started
                 job.submit_started = None
             if job.task is not None and not (isinstance(exc, VSphereError)
