@@ -127,6 +127,8 @@ class Pipeline:
                  host=host.info.name if host else "?", attempt=job.attempt)
         t0 = anyio.current_time()
         made: Ref | None = None
+        lost = False  # this attempt's submit got no reply: its clone may be running
+        landed: VmInfo | None = None  # what that clone made, found under the job's name
         error: BaseException | None = None
         if ctx.stop.stopping:  # stopped between placement and here: hand vCenter nothing
             ctx.limiters.release(lease)
@@ -147,9 +149,11 @@ class Pipeline:
                         isinstance(exc, ConnectionFailed | RequestTimeout)
                         and not isinstance(exc, NotDelivered)):
                     # No reply: the request may have reached vCenter and be cloning
-                    # without us. (A fault in reply, ResourceBusy say, is vCenter refusing
-                    # the call: no task was made, nothing is cloning.)
-                    job.lost_submit_at = job.submit_started
+                    # without us, received at the latest now (when we gave up on it), so
+                    # it may land until the clone timeout from now. (A fault in reply,
+                    # ResourceBusy say, is vCenter refusing the call: no task was made.)
+                    job.lost_submit_at = anyio.current_time()
+                    lost = True
                 job.submit_started = None
             if job.task is not None and not (isinstance(exc, VSphereError)
                                              and not exc.transient):
@@ -157,11 +161,19 @@ class Pipeline:
                 # or fleet would hand vCenter more than the limits allow.
                 with ctx.stop.bounded(math.inf, shield=True):
                     await self._recovery.settle_task(job.task)
+            if lost:
+                # Likewise a clone whose submit got no reply: vCenter may be running it
+                # (docs/architecture.md, unknown outcomes). Its tokens, the running
+                # source's one-at-a-time token among them, and its place in placement's
+                # count stay held until it has landed or no longer can (the clone timeout
+                # after the submit), or the run stops; then they go in the finally.
+                landed = await self._recovery.lost_submit(job)
         finally:
             self._feed_limiters(job, lease, made is not None)
             info: VmInfo | None = None
             before = src.info
-            if src.running and made is None:
+            settled = made is not None or landed is not None
+            if src.running and not settled:
                 # A failed attempt may or may not have deepened the chain (the stun comes
                 # first; a lost reply hides a made clone): read it while this attempt
                 # still holds the source's token and its reservation, which placement
@@ -170,15 +182,26 @@ class Pipeline:
                 # be right even if this job is being cancelled.
                 with ctx.stop.bounded(math.inf, shield=True):
                     info = await self._refresher.read_source(src)
-                if job.lost_submit_at is not None or (
-                        job.task is not None and job.task.snapshot.state != "error"):
+                now = anyio.current_time()
+                if lost and job.lost_submit_at is not None:
+                    # Still unsure (the wait above ended early: the run stops): it may
+                    # land until the clone timeout after its submit.
+                    deadline = job.lost_submit_at + ctx.spec.timeouts.clone_s
+                    if deadline > now:
+                        src.phantoms.append(deadline)
+                elif job.task is not None and job.task.snapshot.state != "error":
                     # It may land later still: count it until it must have.
-                    src.phantoms.append(anyio.current_time() + ctx.spec.timeouts.clone_s)
+                    src.phantoms.append(now + ctx.spec.timeouts.clone_s)
             # A clone made from a running source deepened its chain by exactly one:
             # unreserve counts it, with no need to read the chain back.
-            view.unreserve(src, made=made is not None)
+            view.unreserve(src, made=settled)
             self._refresher.update_source(src, info or src.info, before=before)
             ctx.limiters.release(lease)
+        if landed is not None:
+            # Made by this attempt, adopted (not counted as created: the summary counts
+            # each member once, as made or as adopted).
+            self._recovery.adopt(job, landed)
+            return
         if made is not None:
             ctx.tally.created += 1
             job.vm, job.source = made, src.name

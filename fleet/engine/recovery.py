@@ -4,7 +4,9 @@ A clone attempt can end without the engine knowing whether vCenter made the VM:
 the reply to the submit was lost, the task timed out, vCenter forgot the task,
 or the run stopped mid-submit. The name is the key: a member's name is fixed
 by its index, and a VM under that name carrying this job's labels is the
-job's. So :class:`Recovery` lets the task end (:meth:`~Recovery.settle`),
+job's. So :class:`Recovery` lets the task end (:meth:`~Recovery.settle`), or
+waits for a clone whose submit got no reply to land (:meth:`~Recovery.lost_submit`,
+while the attempt holds its tokens: vCenter may be running it),
 looks the name up, and either adopts the VM (:meth:`~Recovery.adopt`: the job
 goes on from the phase its label says it finished) or, when the run is
 stopping, destroys it (:meth:`~Recovery.reap`), going on looking until a clone
@@ -79,9 +81,29 @@ class Recovery:
             await anyio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 1.0)
 
+    async def lost_submit(self, job: Job) -> VmInfo | None:
+        """Right after a submit whose reply was lost, while the attempt still holds its
+        tokens: the clone may be running in vCenter, and handing them back would let fleet
+        give vCenter more than the limits allow (a second clone of a running source under
+        its stun, more than a host's slots). So wait for it: the VM it made, once it has
+        landed with this job's labels; None once it can no longer land (the clone timeout
+        after the submit), or at once when the run stops.
+
+        Once the clone has landed or can no longer land, the job has no lost submit any
+        more (``lost_submit_at`` is cleared): a retry, a stop or the job's last attempt has
+        nothing left to look for. A stop leaves it set, for :meth:`reap`."""
+        found = await self.landed_late(job)
+        since = job.lost_submit_at
+        if found is not None or (since is not None and anyio.current_time()
+                                 >= since + self._ctx.spec.timeouts.clone_s):
+            job.lost_submit_at = None
+        return found
+
     async def landed_late(self, job: Job) -> VmInfo | None:
-        """After a job's last attempt: the VM of a submit whose reply was lost, if it
-        lands within the clone timeout of that submit and carries this job's labels."""
+        """The VM of a submit whose reply was lost (``job.lost_submit_at``), if it lands
+        within the clone timeout of that submit and carries this job's labels; None once
+        it can no longer land, or at once when the run stops (:meth:`reap` goes on
+        looking)."""
         if job.lost_submit_at is None:
             return None
         found = await self.await_holder(
@@ -168,7 +190,8 @@ class Recovery:
             return
         ctx = self._ctx
         if job.submit_started is not None:  # cut off mid-submit: it may have gone through
-            job.lost_submit_at, job.submit_started = job.submit_started, None
+            # (received by vCenter, if at all, before now: it may land until clone_s after)
+            job.lost_submit_at, job.submit_started = anyio.current_time(), None
         with ctx.stop.bounded(ctx.spec.timeouts.cleanup_s, shield=True):
             try:
                 await self.reap(job)
