@@ -4,13 +4,13 @@ A clone attempt can end without the engine knowing whether vCenter made the VM:
 the reply to the submit was lost, the task timed out, vCenter forgot the task,
 or the run stopped mid-submit. The name is the key: a member's name is fixed
 by its index, and a VM under that name carrying this job's labels is the
-job's. So :class:`Recovery` lets the task end (:meth:`~Recovery.settle`), or
-waits for a clone whose submit got no reply to land (:meth:`~Recovery.lost_submit`,
-while the attempt holds its tokens: vCenter may be running it),
+job's. So :class:`Recovery` lets the task end (:meth:`~Recovery.settle`),
 looks the name up, and either adopts the VM (:meth:`~Recovery.adopt`: the job
 goes on from the phase its label says it finished) or, when the run is
 stopping, destroys it (:meth:`~Recovery.reap`), going on looking until a clone
-submitted without a reply can no longer land. Nothing here ever touches a VM
+submitted without a reply can no longer land. :meth:`~Recovery.until_named` tells
+the pipeline when such a clone can no longer be running (a VM holds its name), so
+that the tokens it keeps can go. Nothing here ever touches a VM
 without this job's labels. A job that ends without being ready is cleaned up
 the same way (:meth:`~Recovery.cleanup`).
 """
@@ -81,29 +81,31 @@ class Recovery:
             await anyio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 1.0)
 
-    async def lost_submit(self, job: Job) -> VmInfo | None:
-        """Right after a submit whose reply was lost, while the attempt still holds its
-        tokens: the clone may be running in vCenter, and handing them back would let fleet
-        give vCenter more than the limits allow (a second clone of a running source under
-        its stun, more than a host's slots). So wait for it: the VM it made, once it has
-        landed with this job's labels; None once it can no longer land (the clone timeout
-        after the submit), or at once when the run stops.
-
-        Once the clone has landed or can no longer land, the job has no lost submit any
-        more (``lost_submit_at`` is cleared): a retry, a stop or the job's last attempt has
-        nothing left to look for. A stop leaves it set, for :meth:`reap`."""
-        found = await self.landed_late(job)
-        since = job.lost_submit_at
-        if found is not None or (since is not None and anyio.current_time()
-                                 >= since + self._ctx.spec.timeouts.clone_s):
-            job.lost_submit_at = None
-        return found
+    async def until_named(self, job: Job, deadline: float) -> bool:
+        """Wait until a VM holds ``job.name`` (True), or ``deadline`` passes or the run
+        stops (False); looked up with backoff. A clone whose submit got no reply cannot
+        be running once the name is taken (the job has its VM, made or adopted, or the
+        lookup finds one): it made that VM, or it fails on the name."""
+        t = self._ctx.spec.timeouts
+        delay = 0.01
+        while True:
+            if job.vm is not None:
+                return True
+            try:
+                with anyio.fail_after(t.call_s):
+                    if await self.lookup(job.name) is not None:
+                        return True
+            except (VSphereError, TimeoutError):
+                pass
+            now = anyio.current_time()
+            if now >= deadline or self._ctx.stop.stopping:
+                return False
+            await anyio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 1.0)
 
     async def landed_late(self, job: Job) -> VmInfo | None:
-        """The VM of a submit whose reply was lost (``job.lost_submit_at``), if it lands
-        within the clone timeout of that submit and carries this job's labels; None once
-        it can no longer land, or at once when the run stops (:meth:`reap` goes on
-        looking)."""
+        """After a job's last attempt: the VM of a submit whose reply was lost, if it
+        lands within the clone timeout of that submit and carries this job's labels."""
         if job.lost_submit_at is None:
             return None
         found = await self.await_holder(
