@@ -56,6 +56,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fleet import __version__
+from fleet.engine.summary import PHASES
 
 if TYPE_CHECKING:
     from fleet.engine.events import Event
@@ -70,7 +71,6 @@ REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    30.0, 60.0)
 # API calls: sub-millisecond reads to a large fleet's JSON.
 API_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-PHASES = ("queue", "clone", "network", "reconnect", "ready")
 OUTCOMES = ("ready", "failed")
 MEMBER_STATES = ("cloned", "network", "ready")
 

@@ -35,15 +35,17 @@ from fleet.engine.spec import (
     LimitsSpec,
     SpecError,
     VCenterSpec,
-    _pydantic_problems,
-    _read_secret,
-    _show,
-    _vcenter_problems,
-    folder_problem,
     read_toml,
-    resolve_vcenter,
     spec_from_dict,
 )
+from fleet.engine.spec_checks import (
+    folder_problem,
+    pydantic_problems,
+    read_secret,
+    resolve_vcenter,
+    vcenter_problems,
+)
+from fleet.engine.spec_model import show
 from fleet.errors import ConfigError
 from fleet.urls import redact_url
 
@@ -119,11 +121,6 @@ class ServiceConfig(_Model):
         return self._base_dir
 
     @property
-    def ca_file(self) -> str | None:
-        """``vcenter.ca_file``, relative to the config file's directory."""
-        return None if self.vcenter is None else self.vcenter.ca_path
-
-    @property
     def listen_address(self) -> tuple[str, int]:
         m = _LISTEN.match(self.listen)
         assert m is not None  # validated at load
@@ -145,7 +142,7 @@ class ServiceConfig(_Model):
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     m = _LISTEN.match(value)
     if m is None or not 0 <= int(m.group("port")) <= 65535:
-        raise SpecError([(key, f"{_show(redact_url(value))} is not HOST:PORT "
+        raise SpecError([(key, f"{show(redact_url(value))} is not HOST:PORT "
                                "(like 127.0.0.1:8080)")],
                         source="--listen" if key == "--listen" else "<config>")
     return m.group("host").strip("[]"), int(m.group("port"))
@@ -167,7 +164,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<config>",
     try:
         config = ServiceConfig.model_validate(dict(data))
     except ValidationError as exc:
-        raise SpecError(_pydantic_problems(exc), source=source) from None
+        raise SpecError(pydantic_problems(exc), source=source) from None
     problems = list(_problems(config))
     if not problems:
         problems = list(_resolve(config, env, base))
@@ -185,12 +182,12 @@ def _problems(config: ServiceConfig) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     m = _LISTEN.match(config.listen)
     if m is None or int(m.group("port")) > 65535:
-        problems.append(("listen", f"{_show(redact_url(config.listen))} is not HOST:PORT "
+        problems.append(("listen", f"{show(redact_url(config.listen))} is not HOST:PORT "
                                    "(like 127.0.0.1:8080)"))
     root_problem = folder_problem(config.root_folder, "fleet")
     if root_problem:
         problems.append(("root_folder", root_problem))
-    problems.extend(_vcenter_problems(config.vcenter))
+    problems.extend(vcenter_problems(config.vcenter))
     api = config.api
     if (api.token_env is None) == (api.token_file is None):
         problems.append(("api.token_env", "set exactly one of api.token_env and "
@@ -224,7 +221,7 @@ def _resolve(config: ServiceConfig, env: Mapping[str, str],
             problems.append(("simulator.topology", str(exc)))
     api = config.api
     which = "token_env" if api.token_env is not None else "token_file"
-    secret, problem = _read_secret(which, api.token_env, api.token_file, env, base)
+    secret, problem = read_secret(which, api.token_env, api.token_file, env, base)
     if problem:
         problems.append((f"api.{which}", problem))
     elif secret is not None:

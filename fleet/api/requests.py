@@ -24,14 +24,9 @@ from typing import Any
 
 from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig, merge
 from fleet.engine.lifetime import MAX_TTL_S
-from fleet.engine.spec import (
-    _SECRETISH,
-    FleetSpec,
-    SpecError,
-    _show,
-    is_fleet_name,
-    spec_from_dict,
-)
+from fleet.engine.spec import FleetSpec, SpecError, is_fleet_name, spec_from_dict
+from fleet.engine.spec_checks import SECRETISH
+from fleet.engine.spec_model import show
 
 #: longest template (name_template, guestinfo values) accepted, and the widest field:
 #: a format spec like {index:0100000000d} would make the validator render gigabytes
@@ -124,7 +119,7 @@ def _pointer(parts: list[str | int]) -> str:
 
 def _secret(parts: list[str | int]) -> bool:
     names = [p for p in parts if isinstance(p, str)]
-    return any(_SECRETISH.search(n) for n in names) and not (
+    return any(SECRETISH.search(n) for n in names) and not (
         names and names[-1].endswith(("_env", "_file")))
 
 
@@ -215,11 +210,11 @@ def _template_problems(key: str, template: object) -> list[tuple[str, str]]:
         if field is None or not spec:
             continue
         if "{" in spec or "}" in spec:
-            return [(key, f"{_show(template)} nests a field in a format spec; "
+            return [(key, f"{show(template)} nests a field in a format spec; "
                           "give widths as numbers")]
         numbers = [int(n) for n in re.findall(r"\d+", spec)]
         if any(n > MAX_FORMAT_NUMBER for n in numbers):
-            return [(key, f"{_show(template)} asks for a field wider than "
+            return [(key, f"{show(template)} asks for a field wider than "
                           f"{MAX_FORMAT_NUMBER} characters")]
     return []
 
@@ -257,12 +252,12 @@ def ttl_problems(value: object, key: str = "ttl_s"
     if value is None:
         return None, []
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return None, [(key, f"{_show(value)} must be a number of seconds")]
+        return None, [(key, f"{show(value)} must be a number of seconds")]
     seconds = float(value)
     if not math.isfinite(seconds) or seconds <= 0:
-        return None, [(key, f"{_show(value)} must be above 0")]
+        return None, [(key, f"{show(value)} must be above 0")]
     if seconds > MAX_TTL_S:
-        return None, [(key, f"{_show(value)} is above {MAX_TTL_S:g} (366 days); leave ttl_s "
+        return None, [(key, f"{show(value)} is above {MAX_TTL_S:g} (366 days); leave ttl_s "
                             "out for a fleet that lives until it is destroyed")]
     return seconds, []
 
@@ -296,8 +291,8 @@ def fleet_request(body: Any, config: ServiceConfig, *, name: str | None = None
     ttl_s, problems = ttl_problems(body.pop("ttl_s", None))
     if name is not None:
         if "name" in body and body["name"] != name:
-            problems.append(("name", f"{_show(body['name'])} differs from the fleet in the URL "
-                                     f"({_show(name)})"))
+            problems.append(("name", f"{show(body['name'])} differs from the fleet in the URL "
+                                     f"({show(name)})"))
         body["name"] = name
     refused = _service_key_problems(body, config)
     problems.extend(refused)

@@ -3,12 +3,17 @@
 The design, and why, is in docs/locking.md. In short:
 
 - The lock of a fleet is a folder named :data:`LOCK_NAME` in the fleet's folder.
-  Taking it is ``CreateFolder``: vCenter makes at most one object of a name in a
-  folder, so of two runs creating it one gets ``DuplicateName``.
-- The one folder inside it is the *record*: its name says who holds the lock
+  The one folder inside it is the *record*: its name says who holds the lock
   and until when (:class:`Holder`), e.g.
   ``provision 4f2a9c1e0b12 4711 1764150003 1764150063 build-01``. The holder
   renews by renaming it (``Rename_Task``) every quarter of its lease.
+- Taking it is one step: a run makes a *claim*, a folder of its own beside the
+  lock named after it (:class:`Claim`), puts its record in it, and renames the
+  claim to :data:`LOCK_NAME`. vCenter keeps names unique in a folder, so of two
+  runs renaming one gets ``DuplicateName``; and the lock never shows without its
+  record, so a run killed while taking it holds nobody off. A claim is renamed
+  within three quarters of :data:`CLAIM_S` or not at all; a claim past its end,
+  or whose maker provably died, is litter any run removes.
 - Expiries are in vCenter's clock (``ServiceInstance.CurrentTime``): every
   holder writes and every contender reads the same clock, so machines' clocks
   need not agree. A holder measures its own lease with its monotonic clock,
@@ -16,11 +21,12 @@ The design, and why, is in docs/locking.md. In short:
 - A holder that has not renewed within three quarters of its lease, or whose
   renewal finds the record gone (taken over), has lost the lock: ``on_lost``
   runs once, and the caller stops dispatching at once.
-- A stale lock (vCenter's now past its expiry, no record for
-  :data:`RECORDLESS_S`, or a holder that provably died: it ran in this process
-  space and its pid is gone) is destroyed by its managed object id, which
-  vCenter never reuses, and taken anew: of two contenders one gets ``NotFound``
-  from the destroy or ``DuplicateName`` from the create, never both the lock.
+- A stale lock (vCenter's now past its expiry, a holder that provably died: it
+  ran in this process space and its pid is gone, or, from an older fleet that
+  made the lock before its record, no record for :data:`RECORDLESS_S`) is
+  destroyed by its managed object id, which vCenter never reuses, and taken
+  anew: of two contenders one gets ``NotFound`` from the destroy or
+  ``DuplicateName`` from the rename, never both the lock.
 - Release destroys the lock folder by id, and only if it holds folders only.
 
 :class:`FleetLock` takes (``acquire``), keeps and releases the lock; it is an async
@@ -67,15 +73,20 @@ MAX_NAME = 80
 DEFAULT_LEASE_S = 60.0
 MIN_LEASE_S = 2.0
 MAX_LEASE_S = 3600.0
-#: a taker writes its record within this long of creating the lock folder, or gives up
+#: the prefix of a claim's name: a lock in the making (:class:`Claim`)
+CLAIM_PREFIX = "fleet-claim"
+#: a claim's life in vCenter's clock: its maker renames it within three quarters of
+#: this (by its own clock) or not at all, so after it anyone may remove it
 CLAIM_S = 20.0
-#: a lock folder seen without a record for this long is stale (its taker died in between)
+#: a lock folder seen without a record for this long is stale (made by an older fleet,
+#: which created the lock before its record, and whose taker died in between)
 RECORDLESS_S = 60.0
 #: the deadline of one vCenter call the lock makes
 CALL_S = 30.0
 _OP = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
 _RUN = re.compile(r"^[0-9A-Za-z._-]{1,16}$")
 _PID = re.compile(r"^(\d{1,10})(?:@([0-9a-f]{8}))?$")
+_TAG = re.compile(r"^[0-9a-f]{4}$")
 _HOST_BAD = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -123,13 +134,14 @@ def process_space() -> str:
     return hashlib.sha256(f"{boot}:{namespace}".encode()).hexdigest()[:8]
 
 
-def _process_gone(holder: Holder) -> bool:
-    """The holder provably died: it ran in this process space and its pid is gone (a
-    pid reused since, or a process of another user, counts as alive: wait for expiry)."""
-    if not holder.space or holder.space != process_space() or holder.pid == os.getpid():
+def _process_gone(pid: int, space: str) -> bool:
+    """A holder (or a claim's maker) provably died: it ran in this process space and its
+    pid is gone (a pid reused since, or a process of another user, counts as alive:
+    wait for expiry)."""
+    if not space or space != process_space() or pid == os.getpid():
         return False
     try:
-        os.kill(holder.pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except OSError:
@@ -178,9 +190,53 @@ class Holder:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A lock in the making: a folder beside the lock, named after the run that made it,
+    which holds its record and is renamed to :data:`LOCK_NAME` (docs/locking.md). Its
+    name, e.g. ``fleet-claim 9c1e 4f2a9c1e0b12 4711@3fa9c2d1 1764150023 build-01``,
+    says whose it is (a tag that keeps two claims of one run apart, run id, pid and
+    process space, host) and when it ends (``until``, vCenter's clock)."""
+
+    tag: str
+    run_id: str
+    pid: int
+    space: str
+    until: int
+    host: str
+
+    def name(self) -> str:
+        """At most 80 characters (the host is cut to fit)."""
+        pid = f"{self.pid}@{self.space}" if self.space else str(self.pid)
+        head = f"{CLAIM_PREFIX} {self.tag} {self.run_id} {pid} {self.until} "
+        return head + self.host[:MAX_NAME - len(head)]
+
+    @classmethod
+    def parse(cls, name: str) -> Claim | None:
+        parts = name.split(" ", 5)
+        if len(parts) != 6 or parts[0] != CLAIM_PREFIX:
+            return None
+        _, tag, run_id, pid, until, host = parts
+        m = _PID.match(pid)
+        if not (_TAG.match(tag) and _RUN.match(run_id) and m and until.isdigit() and host):
+            return None
+        return cls(tag, run_id, int(m.group(1)), m.group(2) or "", int(until), host)
+
+    def stale(self, now: float) -> bool:
+        """Its maker will not rename it any more: its end passed (``now``: vCenter's
+        clock, read before the claim was seen), or its maker provably died."""
+        return now >= self.until or _process_gone(self.pid, self.space)
+
+
+def is_claim(name: str) -> bool:
+    """``name`` is a claim's: a lock in the making, which holds nothing but a record."""
+    return Claim.parse(name) is not None
+
+
+@dataclass(frozen=True)
 class LockView:
     """A lock as read from vCenter. ``holder`` is None while the lock folder has no
-    record (being taken right now, or its taker died in between)."""
+    record: made by an older fleet, which created the lock before its record (being
+    taken right now, or its taker died in between)."""
 
     lock: Ref
     record: Ref | None
@@ -194,12 +250,13 @@ class LockView:
     @property
     def holder_gone(self) -> bool:
         """Its holder's process provably died (on this machine): stale before expiry."""
-        return self.holder is not None and _process_gone(self.holder)
+        return self.holder is not None and _process_gone(self.holder.pid, self.holder.space)
 
     def describe(self) -> str:
         h = self.holder
         if h is None:
-            return f"a run that is taking it right now (lock folder {self.lock.id}, no record yet)"
+            return (f"a lock without a record (lock folder {self.lock.id}): a run of an "
+                    "older fleet taking it right now, or one that died doing so")
         age = max(0, round(self.now - h.since))
         text = (f"{h.op} run {h.run_id} (pid {h.pid} on {h.host}) since {_utc(h.since)} "
                 f"({age} s ago)")
@@ -216,28 +273,47 @@ class LockView:
                 "description": self.describe()}
 
 
+@dataclass(frozen=True)
+class _Survey:
+    """What a fleet's folder holds of the lock: vCenter's clock (read first), the lock
+    (None: free) and the claims of runs taking it."""
+
+    now: float
+    view: LockView | None
+    claims: list[tuple[Claim, Ref]]
+
+
+async def _survey(vs: VSphere, folder: Ref) -> _Survey:
+    """Read the lock and the claims in the fleet's ``folder`` (NotFound: no folder).
+    vCenter's clock is read first, so what is seen expired was expired when read."""
+    with anyio.fail_after(CALL_S):
+        now = await vs.server_time()
+        children = await vs.list_child_folders(folder)
+        lock = next((ref for name, ref in children if name == LOCK_NAME), None)
+        claims = [(c, ref) for c, ref in ((Claim.parse(name), ref) for name, ref in children)
+                  if c is not None]
+        if lock is None:
+            return _Survey(now, None, claims)
+        try:
+            inside = await vs.list_child_folders(lock)
+        except NotFound:
+            return _Survey(now, None, claims)  # released (or taken over) just now
+    records = [(h, ref) for h, ref in ((Holder.parse(name), ref) for name, ref in inside)
+               if h is not None]
+    if len(records) != 1:  # none (an older fleet's, being made); several cannot be fleet's
+        return _Survey(now, LockView(lock, None, None, now), claims)
+    return _Survey(now, LockView(lock, records[0][1], records[0][0], now), claims)
+
+
 async def read_lock(vs: VSphere, folder: Ref) -> LockView | None:
-    """The lock in the fleet's ``folder``, or None when nobody holds it. vCenter's clock
-    is read first, so a record seen expired was expired when it was read."""
+    """The lock in the fleet's ``folder``, or None when nobody holds it (claims, locks in
+    the making, are nobody's yet). vCenter's clock is read first, so a record seen
+    expired was expired when it was read."""
     try:
-        with anyio.fail_after(CALL_S):
-            now = await vs.server_time()
-            lock = next((ref for name, ref in await vs.list_child_folders(folder)
-                         if name == LOCK_NAME), None)
-            if lock is None:
-                return None
-            try:
-                inside = await vs.list_child_folders(lock)
-            except NotFound:
-                return None  # released (or taken over) just now
+        return (await _survey(vs, folder)).view
     except TimeoutError:
         raise RequestTimeout(f"vCenter did not answer within {CALL_S:g} s while reading "
                              f"the lock in {folder.id}") from None
-    records = [(h, ref) for h, ref in ((Holder.parse(name), ref) for name, ref in inside)
-               if h is not None]
-    if len(records) != 1:  # none yet; several cannot be fleet's: no readable holder
-        return LockView(lock, None, None, now)
-    return LockView(lock, records[0][1], records[0][0], now)
 
 
 async def lock_state(vs: VSphere, folder_path: str) -> LockView | None:
@@ -260,7 +336,8 @@ class LockOptions:
     op: str | None = None  # what the record says the run does, instead of the caller's
 
 
-#: what ``_attempt`` returns when the lock's name is taken but no lock folder shows
+#: what ``_attempt`` returns when the lock's name is taken but no lock folder shows (a
+#: claim being renamed to it right now, or something that is not a folder has the name)
 _INVISIBLE = _invisible()
 
 
@@ -298,6 +375,7 @@ class FleetLock:
         self._valid_until = -math.inf  # local monotonic time
         self._lost_callbacks: list[Callable[[str], None]] = []
         self._recordless: dict[Ref, float] = {}
+        self._cleared: set[Ref] = set()  # stale claims this run tried to remove
         self._tg: TaskGroup | None = None
         self._keeper: anyio.CancelScope | None = None
         self._keeping = False
@@ -371,8 +449,8 @@ class FleetLock:
                     return
                 continue  # a stale lock was cleared (by us or a rival): try again at once
             if view is _INVISIBLE:
-                # The name is taken but no lock folder is there: one is being created
-                # right now, or just went; or something else has the name.
+                # The name is taken but no lock folder is there: a claim is being
+                # renamed to it right now, or it just went; or something else has it.
                 invisible_since = invisible_since or self.clock()
                 if self.clock() - invisible_since > CLAIM_S:
                     raise FleetError(f"the name {LOCK_NAME!r} in folder {self.folder_path} "
@@ -399,55 +477,108 @@ class FleetLock:
         once); otherwise the lock as it stands, held by another run."""
         folder = self.folder or await self._resolve_folder()
         t0 = self.clock()
+        try:
+            seen = await _survey(self.vs, folder)
+        except NotFound:
+            self.folder = None  # the fleet's folder went away: find (or make) it again
+            return None
+        if seen.view is not None:
+            outcome = await self._judge(seen.view)
+        else:
+            outcome = await self._claim(folder, seen.now, t0)
+        await self._clear_claims(seen)
+        return outcome
+
+    async def _claim(self, folder: Ref, now: float, t0: float) -> LockView | None:
+        """Take the free lock in one step: a claim of our own holding our record, renamed
+        to LOCK_NAME. ``now`` is vCenter's clock as read from local time ``t0``."""
+        lease = self.options.lease_s
+        holder = Holder(self.op, self.run_id, os.getpid(), this_host(), math.floor(now),
+                        math.ceil(now + lease), process_space())
+        claim = Claim(os.urandom(2).hex(), self.run_id, os.getpid(), process_space(),
+                      math.ceil(now + CLAIM_S), this_host())
+        # After this (local clock, with a quarter's margin for clock rates) vCenter's clock
+        # may be past the claim's end and a contender may remove it: never rename it then.
+        by = t0 + 0.75 * CLAIM_S
         made: Ref | None = None
         try:
-            with anyio.fail_after(CALL_S):
-                now = await self.vs.server_time()
             try:
-                # Shielded: once sent, the create lands whether or not this run waits for
-                # its reply, and a lock without a record holds every contender off for
-                # RECORDLESS_S. So a cancel waits for the reply (bounded by CALL_S) and
-                # takes effect at the next await, where the handler below removes it.
-                with anyio.CancelScope(shield=True), anyio.fail_after(CALL_S):
-                    made = await self.vs.new_folder(folder, LOCK_NAME)
+                # Shielded as a create of the lock was: once sent, it lands whether or not
+                # this run waits for its reply. A claim holds nobody off, but a cancel that
+                # waits for the reply (bounded) can remove it rather than leave litter.
+                with anyio.CancelScope(shield=True), \
+                        anyio.fail_after(max(0.0, min(CALL_S, by - self.clock()))):
+                    made = await self._create(folder, claim.name())
+                if made is None:
+                    return None
+                with anyio.fail_after(max(0.0, by - self.clock())):
+                    record = await self._create(made, holder.record())
+                    if record is None:
+                        await self._destroy_quietly(made)
+                        return None
+                    won = await self._rename(folder, made)
             except NotFound:
-                self.folder = None  # the fleet's folder went away: find it again
-                await self._resolve_folder()
+                # The fleet's folder went, or our claim was judged stale and removed (this
+                # run was too slow): try again.
                 return None
-            assert made is not None  # neither scope swallows: fail_after raises
-            return await self._write_record(made, now, t0)
-        except DuplicateName:
-            return await self._contend(folder)
-        except TransientVSphereError:
-            # A lost reply: the folder may or may not have been made, and if it was we
-            # cannot tell it from a rival's without a record. Look, as a contender does;
-            # one of ours without a record goes stale like anybody's.
-            return await self._contend(folder)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"vCenter did not make the lock of fleet {self.fleet} within "
+                    f"{0.75 * CLAIM_S:g} s (three quarters of a claim's {CLAIM_S:g} s)") from None
+            if won:
+                self._lock, self._record, self.holder = made, record, holder
+                self._valid_until = t0 + 0.75 * lease
+                log.info("fleet %s: lock taken: %s", self.fleet, holder.record())
+                return None
+            # Refused: someone holds it, or is renaming a claim to it right now.
+            await self._destroy_quietly(made)
+            made = None
+            after = await _survey(self.vs, folder)
+            return _INVISIBLE if after.view is None else await self._judge(after.view)
         except BaseException:
             if made is not None and not self.acquired:
                 await self._destroy_quietly(made)
             raise
 
-    async def _write_record(self, lock: Ref, now: float, t0: float) -> LockView | None:
-        holder = Holder(self.op, self.run_id, os.getpid(), this_host(), math.floor(now),
-                        math.ceil(now + self.options.lease_s), process_space())
-        try:
-            with anyio.fail_after(max(0.0, t0 + CLAIM_S - self.clock())):
-                record = await self.vs.new_folder(lock, holder.record())
-        except NotFound:
-            return None  # judged stale and destroyed meanwhile: try again
-        except (VSphereError, TimeoutError):
-            await self._destroy_quietly(lock)
-            raise
-        self._lock, self._record, self.holder = lock, record, holder
-        self._valid_until = t0 + 0.75 * self.options.lease_s
-        log.info("fleet %s: lock taken: %s", self.fleet, holder.record())
+    async def _create(self, parent: Ref, name: str) -> Ref | None:
+        """Make folder ``name`` (a claim or a record: a name no other run uses) in
+        ``parent``; None if another claim has the name (a clash of tags: draw again).
+        CreateFolder is not repeated blindly after a lost reply: it may have landed, and
+        the name is ours alone, so look for it first."""
+        lost = False
+        for attempt in range(3):
+            try:
+                return await self.vs.new_folder(parent, name)
+            except DuplicateName:
+                if not lost:
+                    return None
+            except TransientVSphereError:
+                if attempt == 2:
+                    raise
+                lost = True
+            found = [ref for n, ref in await self.vs.list_child_folders(parent) if n == name]
+            if found:
+                return found[0]
         return None
 
-    async def _contend(self, folder: Ref) -> LockView | None:
-        view = await read_lock(self.vs, folder)
-        if view is None:
-            return _INVISIBLE
+    async def _rename(self, folder: Ref, claim: Ref) -> bool:
+        """Rename our claim to LOCK_NAME: True if it is the lock now, False if vCenter
+        refused (the name is taken). The client repeats a rename whose reply was lost;
+        a repeat of one that landed may itself be refused: so look before deciding."""
+        try:
+            await self.vs.rename_folder(claim, LOCK_NAME)
+            return True
+        except NotFound:
+            raise
+        except VSphereError as exc:
+            if (LOCK_NAME, claim) in await self.vs.list_child_folders(folder):
+                return True
+            if isinstance(exc, DuplicateName):
+                return False
+            raise
+
+    async def _judge(self, view: LockView) -> LockView | None:
+        """The lock another run made: ``view`` if it holds, else None once it is gone."""
         if view.holder is None:
             first = self._recordless.setdefault(view.lock, self.clock())
             if self.clock() - first < RECORDLESS_S:
@@ -455,7 +586,7 @@ class FleetLock:
         elif not view.expired and not view.holder_gone:
             return view
         # Stale. Destroy it by its id: of several contenders doing so, one succeeds and
-        # the others get NotFound; then each tries to create anew, and one of those wins.
+        # the others get NotFound; then each tries to take it anew, and one of those wins.
         try:
             with anyio.fail_after(CALL_S):
                 await self.vs.destroy_folder(view.lock)
@@ -467,6 +598,27 @@ class FleetLock:
         self.took_over = view
         log.warning("fleet %s: took its stale lock over from %s", self.fleet, view.describe())
         return None
+
+    async def _clear_claims(self, seen: _Survey) -> None:
+        """Remove the claims of runs that died or gave up while taking the lock. They
+        hold nobody off; this only keeps the fleet's folder tidy. A live claim is never
+        removed: its maker renames it before its end or not at all, so one seen past its
+        end (in vCenter's clock, read before it was seen) is nobody's lock, now or later."""
+        for claim, ref in seen.claims:
+            if ref in self._cleared or not claim.stale(seen.now):
+                continue
+            self._cleared.add(ref)  # tried once: a claim that cannot go is not retried
+            try:
+                with anyio.fail_after(CALL_S):
+                    await self.vs.destroy_folder(ref)
+            except NotFound:
+                continue
+            except (VSphereError, TimeoutError) as exc:
+                log.warning("fleet %s: could not remove the stale claim %r: %s", self.fleet,
+                            claim.name(), exc or "no answer")
+                continue
+            log.info("fleet %s: removed the stale claim of run %s (pid %d on %s)", self.fleet,
+                     claim.run_id, claim.pid, claim.host)
 
     async def _destroy_quietly(self, ref: Ref, bound_s: float = CALL_S) -> bool:
         """Destroy a lock folder of ours; False (and a warning) if it may still be there."""

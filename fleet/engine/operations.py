@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 
 from fleet.engine.events import Emitter, EventCallback
-from fleet.engine.lock import FleetLock, LockLost, LockOptions, read_lock
+from fleet.engine.lock import FleetLock, LockLost, LockOptions, is_claim, read_lock
 from fleet.engine.placement import (
     ClusterView,
     Code,
@@ -139,7 +139,8 @@ async def _destroy(spec: FleetSpec, vsphere: VSphere, emit: Emitter, concurrency
 
 async def remove_fleet_folder(spec: FleetSpec, vsphere: VSphere, folder: Ref,
                               held: FleetLock | None) -> bool:
-    """Destroy the fleet's (emptied) folder if it holds nothing but the lock ``held``.
+    """Destroy the fleet's (emptied) folder if it holds nothing but the lock ``held``
+    (and claims of runs taking the lock).
 
     vCenter's Destroy_Task on a folder destroys what is inside, so: the folder's
     child folders are checked here (only our lock), and the client reads the whole
@@ -149,7 +150,10 @@ async def remove_fleet_folder(spec: FleetSpec, vsphere: VSphere, folder: Ref,
     with anyio.fail_after(spec.timeouts.call_s):
         children = await vsphere.list_child_folders(folder)
     ours = held.lock_ref if held is not None else None
-    others = [name for name, ref in children if ref != ours]
+    # Claims (locks in the making, docs/locking.md) hold a record and nothing else, and
+    # none can become the lock while this run holds it: they go with the folder.
+    others = [name for name, ref in children
+              if ref != ours and not (ours is not None and is_claim(name))]
     if others:
         log.info("fleet %s: folder %s kept: it holds %s", spec.name, spec.folder_path,
                  ", ".join(others[:5]))

@@ -21,7 +21,8 @@ from fleet.engine.limits import Limiters
 from fleet.engine.placement import SourceState
 from fleet.engine.spec import FleetSpec
 
-#: the timed phases of a clone, in pipeline order (the summary's ``phases`` keys)
+#: the timed phases of a clone, in pipeline order: the summary's ``phases`` keys and the
+#: ``phase`` label values of fleet_clone_phase_duration_seconds (fleet.metrics)
 PHASES = ("queue", "clone", "network", "reconnect", "ready")
 
 

@@ -379,6 +379,12 @@ class VirtualMachine(Machine):
                     finally:
                         self.stunned = False
                         self.touch("runtime")
+                    # No chain grows past vSphere's limit: one made deeper during the stun
+                    # (another tool's snapshots) fails the clone before any new delta.
+                    problems = [p for p in self.clone_problems(name, folder)
+                                if isinstance(p, vim.fault.GenericVmConfigFault)]
+                    if problems:
+                        raise problems[0]
                     # The stun moved the source onto a new delta disk: its chain is one
                     # level deeper from now on, whatever becomes of the clone.
                     chains = self._add_deltas()

@@ -2,7 +2,8 @@
 the client modules are the only place (besides ``fleet.sim``) that use pyVmomi.
 
 - ``model``: domain objects and the ``VSphere`` / ``TaskHandle`` interfaces.
-- ``client``: :class:`~fleet.vsphere.client.VSphereClient`, the real implementation.
+- ``client``: :class:`~fleet.vsphere.client.VSphereClient`, the real implementation
+  (a package: one module per job, see its docstring).
 - ``session``: login, keep-alive, re-login, the rule for repeating calls.
 - ``watch``: one property collector and one ``WaitForUpdatesEx`` loop for all waits.
 - ``transport``: SOAP over aiohttp, and the translation of transport failures.

@@ -100,7 +100,11 @@ def _mo_type(value: Any) -> str | None:
     return str(name) if name is not None and _moid(value) is not None else None
 
 
-def _where(method: str | None, obj: str | None) -> str:
+def where_prefix(method: str | None, obj: str | None) -> str:
+    """The start of every vSphere error message, naming the call: ``"Destroy_Task on
+    vm-7: "``, ``"Login: "``, ``"vm-7: "`` or nothing. Shared with the transport's
+    translation (``fleet.vsphere.transport.transport_error``), so a failure reads
+    the same whichever layer saw it."""
     if method and obj:
         return f"{method} on {obj}: "
     if method:
@@ -131,7 +135,7 @@ def translate_fault(fault: Any, *, method: str | None = None, obj: str | None = 
     text = getattr(fault, "msg", None) or getattr(fault, "faultMessage", None) or name
     if not isinstance(text, str):
         text = name
-    message = _where(method, obj) + text
+    message = where_prefix(method, obj) + text
     kw: dict[str, Any] = {"fault": name, "method": method, "obj": obj}
     clone = method in INSTANT_CLONE_METHODS
 
@@ -195,7 +199,7 @@ def translate(exc: BaseException, *, method: str | None = None, obj: str | None 
     if isinstance(exc, vmodl.MethodFault):
         return translate_fault(exc, method=method, obj=obj,
                                source_chain_depth=source_chain_depth)
-    where = _where(method, obj)
+    where = where_prefix(method, obj)
     if isinstance(exc, ExpatError):
         return ConnectionFailed(f"{where}unreadable reply ({exc})", method=method, obj=obj)
     return VSphereFault(f"{where}{type(exc).__name__}: {exc}", method=method, obj=obj)

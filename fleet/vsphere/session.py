@@ -290,6 +290,22 @@ class Session:
         return await self.invoke(mo, info, list(args), timeout_s=timeout_s, safe=safe,
                                  session_bound=session_bound, body=body)
 
+    async def retrieve_all(self, spec_set: list[Any], options: Any, *,
+                           safe: bool | None = None, session_bound: bool = False) -> list[Any]:
+        """``RetrievePropertiesEx`` and its ``ContinueRetrievePropertiesEx`` pages until
+        vCenter has no more: every ObjectContent of ``spec_set``."""
+        pc = self.content.propertyCollector
+        result = await self.call(pc, "RetrievePropertiesEx", spec_set, options, safe=safe,
+                                 session_bound=session_bound)
+        objects: list[Any] = []
+        while result is not None:
+            objects.extend(result.objects or ())
+            if not result.token:
+                break
+            result = await self.call(pc, "ContinueRetrievePropertiesEx", result.token,
+                                     safe=safe, session_bound=session_bound)
+        return objects
+
     async def invoke(self, mo: Any, info: Any, args: list[Any], *,
                      timeout_s: float | None = None, safe: bool | None = None,
                      session_bound: bool = False, body: bytes | None = None) -> Any:

@@ -68,6 +68,7 @@ from fleet.errors import (
     VSphereError,
 )
 from fleet.urls import redact_url, url_problem
+from fleet.vsphere.faults import where_prefix
 from fleet.vsphere.tls import TlsOptions, ssl_for, unverified_context
 
 log = logging.getLogger("fleet.vsphere")
@@ -100,16 +101,6 @@ class BadReply(Exception):
     """A reply whose body is not a vim25 SOAP message we can read."""
 
 
-def _where(method: str | None, obj: str | None) -> str:
-    if method and obj:
-        return f"{method} on {obj}: "
-    if method:
-        return f"{method}: "
-    if obj:
-        return f"{obj}: "
-    return ""
-
-
 def transport_error(exc: BaseException, *, method: str | None = None, obj: str | None = None,
                     endpoint: str | None = None) -> VSphereError:
     """The fleet error for a failure of the HTTP exchange itself (the one place).
@@ -122,7 +113,7 @@ def transport_error(exc: BaseException, *, method: str | None = None, obj: str |
     failure is about reaching it. No request body, header or cookie is quoted."""
     if isinstance(exc, VSphereError):
         return exc
-    where = _where(method, obj)
+    where = where_prefix(method, obj)
     kw: dict[str, Any] = {"method": method, "obj": obj}
     if isinstance(exc, aiohttp.ServerFingerprintMismatch):
         return TlsVerificationFailed(

@@ -653,7 +653,6 @@ class PropertyWatcher:
     async def _retrieve(self, specs: dict[tuple[str, tuple[str, ...]], dict[str, Any]]
                         ) -> dict[str, dict[str, Any]]:
         """moid -> {path: value} for the objects of ``specs``; objects gone are marked gone."""
-        pc = self.session.content.propertyCollector
         while True:
             spec_set = [PC.FilterSpec(objectSet=[PC.ObjectSpec(obj=o, skip=False)
                                                  for o in objects.values()],
@@ -665,15 +664,8 @@ class PropertyWatcher:
             self.stats.direct_reads += 1
             self.stats.direct_read_objects += sum(len(o) for o in specs.values())
             try:
-                result = await self.session.call(pc, "RetrievePropertiesEx", spec_set,
-                                                 PC.RetrieveOptions(), safe=True)
-                contents: list[Any] = []
-                while result is not None:
-                    contents.extend(result.objects or ())
-                    if not result.token:
-                        break
-                    result = await self.session.call(pc, "ContinueRetrievePropertiesEx",
-                                                     result.token, safe=True)
+                contents = await self.session.retrieve_all(spec_set, PC.RetrieveOptions(),
+                                                           safe=True)
             except NotFound as exc:
                 if not any(exc.obj in objects for objects in specs.values()):
                     raise

@@ -3,6 +3,7 @@ secrets come from the environment or files only; the shipped example loads."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,12 @@ import pytest
 
 from fleet.api.config import config_from_dict, load_config, parse_listen
 from fleet.cli import build_parser
+from fleet.cli.serve import connect
 from fleet.cli.serve import main as serve_main
 from fleet.engine.spec import SpecError
+from fleet.errors import TlsVerificationFailed
+from fleet.metrics import FleetMetrics
+from tests.simproc import PASSWORD, USER, SimProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {"TOKEN": "a-good-long-token-123456", "VC_PW": "vc-secret", "GUEST": "guest-secret"}
@@ -89,9 +94,29 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
                                            "password_env": "VC_PW", "ca_file": "ca.pem"}},
                               env=ENV, base_dir=tmp_path)
     assert config.state_path == tmp_path / "state"
-    assert config.ca_file == str(tmp_path / "ca.pem")
     assert config.vcenter is not None
+    assert config.vcenter.ca_path == str(tmp_path / "ca.pem")
     assert config.vcenter.password.get_secret_value() == "vc-secret"
+
+
+@pytest.mark.anyio
+async def test_the_service_trusts_the_configured_ca_file(sim: SimProcess, tmp_path: Path) -> None:
+    """``vcenter.ca_file`` (relative to the config file) is what the service's client
+    trusts: with it the simulator's self-signed certificate is accepted, and the same
+    config without it is refused at the handshake, so nothing else made it work."""
+    shutil.copy(sim.cert_path, tmp_path / "ca.pem")
+    vcenter = {"url": sim.url, "user": USER, "password_env": "VC_PW"}
+    env = {**ENV, "VC_PW": PASSWORD}
+    config = config_from_dict({"api": {"token_env": "TOKEN"},
+                               "vcenter": {**vcenter, "ca_file": "ca.pem"}},
+                              env=env, base_dir=tmp_path)
+    async with connect(config, FleetMetrics(), lambda _: None) as vs:
+        assert (await vs.server_info()).api_type == "VirtualCenter"
+    untrusted = config_from_dict({"api": {"token_env": "TOKEN"}, "vcenter": vcenter},
+                                 env=env, base_dir=tmp_path)
+    with pytest.raises(TlsVerificationFailed):
+        async with connect(untrusted, FleetMetrics(), lambda _: None):
+            pass
 
 
 def test_listen_option_is_checked() -> None:

@@ -20,6 +20,7 @@ import pytest
 from fleet.engine.lock import (
     CALL_S,
     LOCK_NAME,
+    Claim,
     FleetLock,
     Holder,
     LockHeld,
@@ -140,6 +141,9 @@ async def test_of_many_contenders_for_a_free_lock_exactly_one_wins() -> None:
         assert len(winners) == 1 and len(refused) == 29
         [(_, records)] = await locks_in(vs)
         assert len(records) == 1 and records[0].split()[1] == winners[0]
+        folder = await vs.find_folder(FOLDER)
+        assert folder is not None  # and every loser removed its claim
+        assert [n for n, _ in await vs.list_child_folders(folder)] == [LOCK_NAME]
 
 
 async def _acquire(fake: VSphere, run_id: str) -> FleetLock:
@@ -217,8 +221,9 @@ async def test_a_holder_whose_renewals_fail_loses_the_lock_and_stops_dispatching
     spec = make_spec(count=2000, limits={"per_host": 2}, **CLONE_ONLY)
     submitted_at_loss: list[int] = []
     async with vcenter(hosts=4, latency={"instant_clone_s": 0.05}) as (vs, vc):
-        # every renewal (a rename of the lock's record) fails: vCenter's SystemError
-        vc.add_fault(method="Rename_Task", fault="SystemError")
+        # every renewal (a rename of the lock's record, named "provision ...") fails:
+        # vCenter's SystemError (the rename that takes the lock is not a renewal)
+        vc.add_fault(method="Rename_Task", object="provision *", fault="SystemError")
         original = FleetLock._lose
         sent = vs.session.stats.calls  # clone submits the client has sent
 
@@ -346,31 +351,41 @@ async def test_a_holder_alive_or_on_another_machine_is_waited_for(alive: bool) -
         assert "process is gone" not in str(refused.value)
 
 
-@pytest.mark.parametrize("step", ["lock", "record"])
+@pytest.mark.parametrize("step", ["claim", "record", "rename"])
 async def test_a_run_cancelled_while_its_lock_is_being_made_leaves_no_lock(step: str) -> None:
-    """A run cancelled (superseded, deleted, Ctrl-C) while its create of the lock folder,
-    or of its record, is on the wire: the create lands in vCenter all the same. The run
-    must remove what it made, or every later run waits for a lock nobody holds (a lock
-    without a record is judged stale only after 60 s)."""
+    """A run cancelled (superseded, deleted, Ctrl-C) while its create of its claim, or of
+    its record, or the rename of its claim to the lock, is on the wire: the call lands
+    in vCenter all the same. The run must remove what it made: a lock nobody holds
+    holds every later run off, and a claim is litter in the fleet's folder."""
     async with vcenter() as (vs, _):
-        await vs.ensure_folder(FOLDER)
+        folder = await vs.ensure_folder(FOLDER)
         landed = anyio.Event()
-        create = vs.new_folder
+        create, rename = vs.new_folder, vs.rename_folder
 
-        async def reply_in_transit(parent: Ref, name: str) -> Ref:
-            made = await create(parent, name)
-            if (name == LOCK_NAME) == (step == "lock") and not landed.is_set():
+        async def in_transit() -> None:
+            if not landed.is_set():
                 landed.set()
                 await anyio.sleep(0.2)  # landed; the reply is on its way back
+
+        async def create_in_transit(parent: Ref, name: str) -> Ref:
+            made = await create(parent, name)
+            if (parent == folder) == (step == "claim"):
+                await in_transit()
             return made
 
-        vs.new_folder = reply_in_transit  # type: ignore[method-assign]
+        async def rename_in_transit(ref: Ref, name: str) -> None:
+            await rename(ref, name)
+            if step == "rename" and name == LOCK_NAME:
+                await in_transit()
+
+        vs.new_folder = create_in_transit  # type: ignore[method-assign]
+        vs.rename_folder = rename_in_transit  # type: ignore[method-assign]
         async with anyio.create_task_group() as tg:
             tg.start_soon(lock(vs, "aaaaaaaaaaaa").acquire)
             with anyio.fail_after(10):
                 await landed.wait()
             tg.cancel_scope.cancel()
-        assert await locks_in(vs) == []
+        assert await vs.list_child_folders(folder) == []  # no lock, no claim
         # The next run takes the lock at once.
         held = await _acquire(vs, "bbbbbbbbbbbb")
         assert held.acquired and held.took_over is None
@@ -400,3 +415,86 @@ async def test_a_release_gives_up_at_the_stopping_deadline(
         async with lock(vs, "bbbbbbbbbbbb", wait_s=None, poll_s=0.05, lease_s=2.0):
             pass
         assert await locks_in(vs) == []
+
+
+async def _plant_claim(vs: VSphere, *, pid: int, space: str, until_in_s: float,
+                       run_id: str) -> str:
+    """A claim of run ``run_id`` (pid ``pid`` in process space ``space``) holding its
+    record, ending ``until_in_s`` from vCenter's now: a run taking the lock, or killed
+    while it did."""
+    folder = await vs.ensure_folder(FOLDER)
+    now = await vs.server_time()
+    name = Claim("0a0a", run_id, pid, space, math.ceil(now + until_in_s), "elsewhere").name()
+    claim = await vs.new_folder(folder, name)
+    await vs.new_folder(claim, Holder("provision", run_id, pid, "elsewhere", math.floor(now),
+                                      math.ceil(now + 600), space).record())
+    return name
+
+
+async def test_claims_are_nobodys_lock_and_stale_ones_are_removed() -> None:
+    """Claims (locks in the making) hold nobody off and show in no status; a run that
+    takes the lock removes those it can prove stale (ended in vCenter's clock, or made
+    by a process gone from this machine), never a live one, and nothing else."""
+    async with vcenter() as (vs, vc):
+        here = process_space()
+        live = [await _plant_claim(vs, pid=os.getppid(), space=here, until_in_s=3600,
+                                   run_id="1111111111"),  # alive here (or pid only)
+                await _plant_claim(vs, pid=os.getpid(), space=here, until_in_s=3600,
+                                   run_id="2222222222"),  # a run in this very process
+                await _plant_claim(vs, pid=_gone_pid(), space="00000000",
+                                   until_in_s=3600, run_id="3333333333")]  # elsewhere
+        ended = await _plant_claim(vs, pid=os.getpid(), space=here, until_in_s=-1,
+                                   run_id="4444444444")
+        dead = await _plant_claim(vs, pid=_gone_pid(), space=here, until_in_s=3600,
+                                  run_id="5555555555")
+        folder = await vs.find_folder(FOLDER)
+        assert folder is not None
+        stranger = await vs.new_folder(folder, "fleet-claim of somebody else")
+        assert await lock_state(vs, FOLDER) is None  # status and plan: nobody holds it
+        async with lock(vs, "bbbbbbbbbbbb") as held:
+            assert held.took_over is None
+            left = {n for n, _ in await vs.list_child_folders(folder)}
+            gone = {ended} | ({dead} if here else set())  # no /proc: only the end tells
+            assert left == {LOCK_NAME, "fleet-claim of somebody else", *live,
+                            *({dead} - gone)}
+        # Once vCenter's clock passes their end, every claim is stale: the next run
+        # removes them all (and the folder that is not a claim stays).
+        vc.clock_offset_s += 7200
+        async with lock(vs, "cccccccccccc"):
+            left = {n for n, _ in await vs.list_child_folders(folder)}
+            assert left == {LOCK_NAME, "fleet-claim of somebody else"}
+        assert await vs.list_child_folders(folder) == [("fleet-claim of somebody else",
+                                                        stranger)]
+
+
+@pytest.mark.parametrize("fault", ["http:lost_reply", "DuplicateName"])
+async def test_a_rename_that_landed_is_the_lock_whatever_its_reply_said(fault: str) -> None:
+    """The rename that takes the lock landed, but its reply was lost (the client asks
+    again: the same name again), or it answered DuplicateName (as vCenter may to a
+    repeat of a rename that landed): the run looks before deciding, and keeps the
+    lock it made rather than destroying it and taking it anew."""
+    async with vcenter() as (vs, vc):
+        await vs.ensure_folder(FOLDER)
+        rule = vc.add_fault(method="Rename_Task", object=LOCK_NAME, fault=fault,
+                            max_count=1, **({} if fault.startswith("http:") else
+                                            {"phase": "after"}))
+        async with lock(vs, "aaaaaaaaaaaa") as held:
+            assert rule.fired == 1
+            view = await lock_state(vs, FOLDER)
+            assert view is not None and view.lock == held.lock_ref
+            assert view.holder == held.holder
+        assert vc.calls["Destroy_Task"] == 1  # the release: nothing made twice
+        assert await lock_state(vs, FOLDER) is None
+
+
+async def test_destroy_removes_the_fleets_folder_with_claims_left_in_it() -> None:
+    """A claim left by a run killed while taking the lock (on another machine, and not
+    yet ended: nobody can tell it is stale) does not keep a destroyed fleet's folder."""
+    async with vcenter() as (vs, _):
+        spec = make_spec(count=3, **CLONE_ONLY)
+        await provision(spec, vs, options=opts())
+        await _plant_claim(vs, pid=_gone_pid(), space="00000000", until_in_s=3600,
+                           run_id="3333333333")
+        removed = await destroy(spec, vs, remove_folder=True)
+        assert removed.removed == 3
+        assert await vs.find_folder(FOLDER) is None

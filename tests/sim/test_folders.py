@@ -42,6 +42,50 @@ def test_concurrent_creates_of_one_name_make_one_folder(sim: SimProcess) -> None
     assert [e.name for e in parent.childEntity] == ["the-one"]
 
 
+def test_concurrent_renames_and_a_create_of_one_name_give_it_to_one(sim: SimProcess) -> None:
+    # Fleet's lock is taken by renaming a folder of one's own to the lock's name
+    # (docs/locking.md): of twelve sessions renaming their folders to one name, and one
+    # creating it, all at once, exactly one gets the name; the others DuplicateName,
+    # from the call or its task, and keep their own names.
+    parent = vm_folder(connect(sim)).CreateFolder("rename-race")
+    own = [parent.CreateFolder(f"claim-{i:02d}") for i in range(12)]
+    start = threading.Barrier(13)
+    won: list[str] = []
+    dups: list[str] = []
+
+    def rename(i: int) -> None:
+        si = connect(sim)
+        mine = vim.Folder(own[i]._moId, si._stub)
+        start.wait()
+        try:
+            WaitForTask(mine.Rename("the-one"))
+            won.append(f"rename {i}")
+        except vim.fault.DuplicateName:
+            dups.append(f"rename {i}")
+
+    def create() -> None:
+        si = connect(sim)
+        target = vim.Folder(parent._moId, si._stub)
+        start.wait()
+        try:
+            target.CreateFolder("the-one")
+            won.append("create")
+        except vim.fault.DuplicateName:
+            dups.append("create")
+
+    threads = [threading.Thread(target=rename, args=(i,)) for i in range(12)]
+    threads.append(threading.Thread(target=create))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(won) == 1 and len(dups) == 12, (won, dups)
+    names = sorted(e.name for e in parent.childEntity)
+    assert names.count("the-one") == 1 and len(names) == 12 + (won == ["create"])
+    assert sorted(n for n in names if n != "the-one") == sorted(
+        f"claim-{i:02d}" for i in range(12) if won != [f"rename {i}"])
+
+
 def test_rename_a_folder(si: Any) -> None:
     parent = vm_folder(si).CreateFolder("ren-parent")
     a = parent.CreateFolder("a")

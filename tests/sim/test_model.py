@@ -77,6 +77,24 @@ async def test_a_running_source_deepens_at_the_stun_and_keeps_the_level() -> Non
     assert vc.clones.faults == {"InvalidHostConnectionState": 1}
 
 
+async def test_a_chain_raised_to_the_limit_during_the_stun_never_grows_past_it() -> None:
+    """Another tool deepens a running source to vSphere's limit (255) while a clone of it
+    is in its stun: the clone fails with the chain fault, and the source's chain, which
+    vSphere cannot make deeper than 255, stays at 255 (the stun adds no delta)."""
+    topo = small_topology(hosts=1, frozen_per_host=0, running=1,
+                          latency={"stun_s": 0.5, "instant_clone_s": 1.0})
+    async with sim_vsphere(topo) as (vs, vc):
+        folder = await vs.ensure_folder("t")
+        source = vc.vm("running-01")
+        task = await clone(vs, "running-01", "r0", folder)
+        await eventually(lambda: source.stunned)
+        source.set_chain_depth(255)
+        with pytest.raises(errors.ChainTooDeep):
+            await task.wait(10)  # type: ignore[attr-defined]
+        assert source.chain_depth() == 255 and not source.stunned
+    assert vc.clones.faults == {"GenericVmConfigFault": 1}
+
+
 async def test_clones_beyond_the_slots_queue_and_are_counted() -> None:
     # a clone takes 0.3 s: all six are handed over long before the first ends
     topo = small_topology(hosts=1, slots=2, latency={"instant_clone_s": 0.3})
