@@ -263,12 +263,39 @@ class Pipeline:
         """Keep a lost clone's tokens and reservation until a VM holds the job's name
         (this clone's, or a retry's: then this one cannot make one) or its deadline has
         passed, or the run stops; then let them go. Not shielded: the run's cancellation
-        ends it at once (nothing is dispatched any more), and a stop within a second."""
-        landed = False
+        ends it at once (nothing is dispatched any more), and a stop within a second.
+
+        If the clone landed while the job still waits in the queue (for tokens, its
+        backoff, or a source: the clone may have taken the last of the budget), the job
+        is taken out and adopts it here, and goes on in this task."""
+        landed, found = False, None
         try:
-            landed = await self._recovery.until_named(job, lost.deadline)
+            landed, found = await self._recovery.until_named(job, lost.deadline)
         finally:
             await self._release(job, lost, landed=landed)
+        if found is None or not self._recovery.is_ours(job, found) or \
+                not self._unqueue(job):
+            return
+        self._recovery.adopt(job, found)
+        stop = self._ctx.stop
+        scope = stop.job_scope()
+        try:
+            await self.run_job(job, None, None, scope)
+        finally:
+            stop.job_done(scope)
+
+    def _unqueue(self, job: Job) -> bool:
+        """Take ``job`` out of the queue if it waits there (neither started nor ended)."""
+        queue = self._queue
+        if job.outcome is not None:
+            return False
+        if job in queue.ready:
+            queue.ready.remove(job)
+            return True
+        if job in queue.delayed:
+            queue.delayed.remove(job)
+            return True
+        return False
 
     async def _release(self, job: Job, lost: _LostClone, *, landed: bool) -> None:
         """A lost clone's tokens and reservation go; a running source's chain is read

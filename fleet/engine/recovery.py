@@ -81,25 +81,27 @@ class Recovery:
             await anyio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 1.0)
 
-    async def until_named(self, job: Job, deadline: float) -> bool:
-        """Wait until a VM holds ``job.name`` (True), or ``deadline`` passes or the run
-        stops (False); looked up with backoff. A clone whose submit got no reply cannot
-        be running once the name is taken (the job has its VM, made or adopted, or the
-        lookup finds one): it made that VM, or it fails on the name."""
+    async def until_named(self, job: Job, deadline: float) -> tuple[bool, VmInfo | None]:
+        """Wait until a VM holds ``job.name``, or ``deadline`` passes or the run stops;
+        looked up with backoff. Returns whether the name is held, and the VM found (None
+        when the job has its VM already, made or adopted). A clone whose submit got no
+        reply cannot be running once the name is held: it made that VM, or it fails on
+        the name."""
         t = self._ctx.spec.timeouts
         delay = 0.01
         while True:
             if job.vm is not None:
-                return True
+                return True, None
             try:
                 with anyio.fail_after(t.call_s):
-                    if await self.lookup(job.name) is not None:
-                        return True
+                    found = await self.lookup(job.name)
             except (VSphereError, TimeoutError):
-                pass
+                found = None
+            if found is not None:
+                return True, found
             now = anyio.current_time()
             if now >= deadline or self._ctx.stop.stopping:
-                return False
+                return False, None
             await anyio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 1.0)
 

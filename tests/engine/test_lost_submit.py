@@ -58,9 +58,9 @@ async def test_lost_submit_keeps_the_running_source_one_at_a_time() -> None:
     assert vc.clones.peak("source") == {"golden": 1}
     assert summary.ready == 3 and summary.adopted == 1 and summary.created == 2
     assert [e.index for e in rec.of(JobAdopted)] == [0]
-    # the retry of lt-0000 was refused its name, held by the lost clone, and adopted it
-    assert [e.index for e in rec.of(JobRetried)] == [0]
-    assert vc.clones.faults == {"DuplicateName": 1}
+    # the job adopted the lost clone's VM: where it landed, or when its retry was refused
+    # the name the lost clone held
+    assert set(vc.clones.faults) <= {"DuplicateName"} and vc.clones.faults["DuplicateName"] <= 1
     assert_complete(vc, spec)
     assert vc.vm("golden").clones == 3
     assert vc.vm("golden").chain_depth() == summary.sources["golden"].chain_depth == 4
@@ -81,7 +81,7 @@ async def test_lost_submit_keeps_its_host_datastore_and_overall_tokens(limit: st
     assert max(vc.clones.peak("datastore").values()) == 2
     assert vc.clones.queued == 0  # vCenter never had to queue one
     assert summary.ready == 4 and summary.adopted == 1 and summary.created == 3
-    assert vc.clones.faults == {"DuplicateName": 1}  # its retry, refused the lost one's name
+    assert set(vc.clones.faults) <= {"DuplicateName"} and vc.clones.faults["DuplicateName"] <= 1
     assert_complete(vc, spec)
 
 
@@ -174,3 +174,24 @@ async def test_a_refused_submit_is_not_a_lost_one() -> None:
     assert summary.ready == 3, summary.failures
     assert_complete(vc, spec)
     assert vc.vm("golden").chain_depth() == 4
+
+
+async def test_a_lost_clone_that_uses_the_last_of_the_budget_is_adopted() -> None:
+    """The lost clone lands and takes the running source to its budget: the source is
+    retired and no source can take the job's retry, but the job has its member (that
+    clone), and adopts it instead of failing as unschedulable."""
+    topo = topology(hosts=1, frozen_per_host=0, latency=SLOW,
+                    sources=[VmConfig(name="golden", host="esx-01", state="running",
+                                      chain_depth=1, guest=guest())])
+    spec = make_spec(count=1, sources=[{"name": "golden", "chain_budget": 2}],
+                     timeouts={"clone_s": 4 * CLONE_S}, **CLONE_ONLY)
+    rec = Recorder()
+    async with vcenter(topo) as (vs, vc):
+        lose_first_reply(vc)
+        summary = await provision(spec, vs, on_event=rec, options=opts())
+        await vc.wait_idle()
+    assert summary.ready == 1 and summary.adopted == 1, summary.failures
+    assert [e.index for e in rec.of(JobAdopted)] == [0]
+    assert vc.calls["InstantClone_Task"] == 1  # adopted where it landed, not re-submitted
+    assert_complete(vc, spec)
+    assert vc.vm("golden").chain_depth() == summary.sources["golden"].chain_depth == 2

@@ -91,6 +91,10 @@ def add_faults(vc: SimVCenter, sc: dict[str, Any]) -> None:
 @example({"hosts": [3, 7, 7, 1], "frozen": [0], "running": [(2, 1)], "budget": 25,
           "count": 80, "per_host": "auto", "in_flight": "auto", "fault_p": 0.0,
           "lost_p": 0.3, "seed": 14498})
+# two running sources, room for four clones, three asked: a lost clone that lands takes
+# the last of its source's budget while its job waits to retry; the job must adopt it
+@example({"hosts": [1], "frozen": [], "running": [(0, 1), (0, 1)], "budget": 3, "count": 3,
+          "per_host": "auto", "in_flight": "auto", "fault_p": 0.0, "lost_p": 0.3, "seed": 0})
 def test_property_run_invariants(sc: dict[str, Any]) -> None:
     topo, spec = build(sc)
     vc: SimVCenter
