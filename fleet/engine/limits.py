@@ -262,11 +262,17 @@ class Limiter:
         self.released = 0  # how many were ever appended to ``finished``
 
     def running_before(self, lease: Lease, t: float) -> int:
-        """How many tasks of this limiter's leases vCenter was running just before ``t``
-        (its clock, a moment of ``lease``'s task): started before ``t`` and not completed
-        before it."""
-        return sum(1 for _, start, end in self._recent(lease)
-                   if start is not None and start < t <= end)
+        """How many tasks of this limiter's leases vCenter was running just before the
+        slot that ``t`` (its clock, a moment of ``lease``'s task) followed was freed: the
+        last completion at or before ``t``, or ``t`` itself if none came before.
+
+        vCenter stamps a queued task's start a moment after the completion that freed
+        its slot (two events, two clock reads), so "running just before ``t``" would
+        miss the very task that held the slot, and a queued task would reveal one slot
+        fewer than vCenter has."""
+        ran = [(start, end) for _, start, end in self._recent(lease) if start is not None]
+        freed = max((end for _, end in ran if end <= t), default=t)
+        return sum(1 for start, end in ran if start < freed <= end)
 
     def running_at(self, lease: Lease, t: float) -> int:
         """How many tasks of this limiter's leases vCenter was running at ``t`` (its
