@@ -112,6 +112,16 @@ def _utc(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
+def _pid_text(pid: int, space: str) -> str:
+    """A pid as names carry it: with its process space (``4711@3fa9c2d1``) if known."""
+    return f"{pid}@{space}" if space else str(pid)
+
+
+def _fitted(head: str, host: str) -> str:
+    """``head`` and the host, cut to vCenter's 80 characters for a name."""
+    return head + host[:MAX_NAME - len(head)]
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds a lock, since and until when (epoch seconds of vCenter's clock)."""
@@ -126,9 +136,8 @@ class Holder:
 
     def record(self) -> str:
         """The record folder's name: at most 80 characters (the host is cut to fit)."""
-        pid = f"{self.pid}@{self.space}" if self.space else str(self.pid)
-        head = f"{self.op} {self.run_id} {pid} {self.since} {self.until} "
-        return head + self.host[:MAX_NAME - len(head)]
+        return _fitted(f"{self.op} {self.run_id} {_pid_text(self.pid, self.space)} "
+                       f"{self.since} {self.until} ", self.host)
 
     @classmethod
     def parse(cls, name: str) -> Holder | None:
@@ -165,9 +174,8 @@ class Claim:
 
     def name(self) -> str:
         """At most 80 characters (the host is cut to fit)."""
-        pid = f"{self.pid}@{self.space}" if self.space else str(self.pid)
-        head = f"{CLAIM_PREFIX} {self.tag} {self.run_id} {pid} {self.until} "
-        return head + self.host[:MAX_NAME - len(head)]
+        return _fitted(f"{CLAIM_PREFIX} {self.tag} {self.run_id} "
+                       f"{_pid_text(self.pid, self.space)} {self.until} ", self.host)
 
     @classmethod
     def parse(cls, name: str) -> Claim | None:

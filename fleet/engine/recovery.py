@@ -63,23 +63,10 @@ class Recovery:
         """The VM that lands under ``job.name`` by ``deadline`` (default: the clone timeout
         from now; a clone in flight holds its name before its VM exists), or None; looked
         up at least once, with backoff, given up early when the run stops."""
-        t = self._ctx.spec.timeouts
         if deadline is None:
-            deadline = anyio.current_time() + t.clone_s
-        delay = 0.01
-        while True:
-            try:
-                with anyio.fail_after(t.call_s):
-                    found = await self.lookup(job.name)
-            except (VSphereError, TimeoutError):
-                found = None
-            if found is not None:
-                return found
-            now = anyio.current_time()
-            if now >= deadline or self._ctx.stop.stopping:
-                return None
-            await anyio.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 1.0)
+            deadline = anyio.current_time() + self._ctx.spec.timeouts.clone_s
+        _, found = await self._poll_name(job, deadline, stop_when_made=False)
+        return found
 
     async def until_named(self, job: Job, deadline: float) -> tuple[bool, VmInfo | None]:
         """Wait until a VM holds ``job.name``, or ``deadline`` passes or the run stops;
@@ -87,13 +74,20 @@ class Recovery:
         when the job has its VM already, made or adopted). A clone whose submit got no
         reply cannot be running once the name is held: it made that VM, or it fails on
         the name."""
-        t = self._ctx.spec.timeouts
+        return await self._poll_name(job, deadline, stop_when_made=True)
+
+    async def _poll_name(self, job: Job, deadline: float, *, stop_when_made: bool
+                         ) -> tuple[bool, VmInfo | None]:
+        """Look ``job.name`` up, with backoff, until a VM holds it (True and the VM), the
+        job has its VM (if ``stop_when_made``: True and None), or ``deadline`` passes or
+        the run stops (False and None). Looked up at least once."""
+        call_s = self._ctx.spec.timeouts.call_s
         delay = 0.01
         while True:
-            if job.vm is not None:
+            if stop_when_made and job.vm is not None:
                 return True, None
             try:
-                with anyio.fail_after(t.call_s):
+                with anyio.fail_after(call_s):
                     found = await self.lookup(job.name)
             except (VSphereError, TimeoutError):
                 found = None
