@@ -143,8 +143,9 @@ class Dispatcher:
                 job = ready[0]
                 if now - job.queued_at > queue_s:
                     ready.popleft()
-                    ctx.finish(job, "failed", "queue", "queue_timeout",
-                               f"no source could take it for {queue_s}s")
+                    if not self._await_lost_clone(job, now):
+                        ctx.finish(job, "failed", "queue", "queue_timeout",
+                                   f"no source could take it for {queue_s}s")
                     continue
                 try:
                     decision = place(view, capacity, ctx.rng)
@@ -152,7 +153,8 @@ class Dispatcher:
                     if exc.may_fit_later:
                         break
                     ready.popleft()
-                    ctx.finish(job, "failed", "queue", "unschedulable", str(exc))
+                    if not self._await_lost_clone(job, now):
+                        ctx.finish(job, "failed", "queue", "unschedulable", str(exc))
                     continue
                 src = decision.source
                 keys = self._keys(src)
@@ -177,6 +179,19 @@ class Dispatcher:
                 # Ctrl-C or the caller's deadline: in-flight clones get the grace period.
                 stop.stop("cancelled")
                 raise
+
+    def _await_lost_clone(self, job: Job, now: float) -> bool:
+        """A job about to fail in the queue whose last submit got no reply may have its
+        member on the way (that clone may land, and take the last of a running source's
+        budget as it does): it waits, out of the way, until the clone can no longer land.
+        If it lands, the pipeline adopts the job from there (docs/architecture.md,
+        unknown outcomes); else the job fails then. True if it waits."""
+        since = job.lost_submit_at
+        if since is None or now >= since + self._ctx.spec.timeouts.clone_s:
+            return False
+        job.not_before = since + self._ctx.spec.timeouts.clone_s
+        self._queue.delayed.append(job)
+        return True
 
     def spawn(self, tg: TaskGroup, job: Job, src: SourceState | None, lease: Lease | None
               ) -> None:

@@ -262,11 +262,17 @@ class Limiter:
         self.released = 0  # how many were ever appended to ``finished``
 
     def running_before(self, lease: Lease, t: float) -> int:
-        """How many tasks of this limiter's leases vCenter was running just before ``t``
-        (its clock, a moment of ``lease``'s task): started before ``t`` and not completed
-        before it."""
-        return sum(1 for _, start, end in self._recent(lease)
-                   if start is not None and start < t <= end)
+        """How many tasks of this limiter's leases vCenter was running just before the
+        slot that ``t`` (its clock, a moment of ``lease``'s task) followed was freed: the
+        last completion at or before ``t``, or ``t`` itself if none came before.
+
+        vCenter stamps a queued task's start a moment after the completion that freed
+        its slot (two events, two clock reads), so "running just before ``t``" would
+        miss the very task that held the slot, and a queued task would reveal one slot
+        fewer than vCenter has."""
+        ran = [(start, end) for _, start, end in self._recent(lease) if start is not None]
+        freed = max((end for _, end in ran if end <= t), default=t)
+        return sum(1 for start, end in ran if start < freed <= end)
 
     def running_at(self, lease: Lease, t: float) -> int:
         """How many tasks of this limiter's leases vCenter was running at ``t`` (its
@@ -330,7 +336,7 @@ def _tokens(limit: float) -> float:
 class Lease:
     """Tokens one job holds. Release exactly once (:meth:`Limiters.release`)."""
 
-    owner: object
+    owner: object  # who the tokens are for (a job), for the reader
     limiters: tuple[Limiter, ...]
     in_flight_before: dict[LimitKey, int] = field(default_factory=dict)
     was_limited: dict[LimitKey, bool] = field(default_factory=dict)
@@ -340,6 +346,9 @@ class Lease:
     #: the vCenter task this lease covers, once submitted (its snapshot shows "queued")
     task: TaskHandle | None = None
     submitted_at: float = 0.0
+    #: the limiters' borrower: one per lease, not its owner, so that one owner may
+    #: hold two leases (a job's retry while the clone of its lost submit keeps its own)
+    borrower: object = field(default_factory=object, repr=False, compare=False)
 
     def submitted(self, task: TaskHandle, now: float) -> None:
         self.task = task
@@ -417,11 +426,11 @@ class Limiters:
         for key in sorted(keys):
             lim = self.get(key)
             try:
-                lim.capacity.acquire_on_behalf_of_nowait(owner)
+                lim.capacity.acquire_on_behalf_of_nowait(lease.borrower)
             except anyio.WouldBlock:
                 for got in reversed(taken):
                     got.holders.pop(id(lease), None)
-                    got.capacity.release_on_behalf_of(owner)
+                    got.capacity.release_on_behalf_of(lease.borrower)
                 return None
             taken.append(lim)
             self._note(lease, lim)
@@ -436,13 +445,13 @@ class Limiters:
         try:
             for key in sorted(keys):
                 lim = self.get(key)
-                await lim.capacity.acquire_on_behalf_of(owner)
+                await lim.capacity.acquire_on_behalf_of(lease.borrower)
                 taken.append(lim)
                 self._note(lease, lim)
         except BaseException:
             for got in reversed(taken):
                 got.holders.pop(id(lease), None)
-                got.capacity.release_on_behalf_of(owner)
+                got.capacity.release_on_behalf_of(lease.borrower)
             if taken:
                 self._on_change()
             raise
@@ -473,7 +482,7 @@ class Limiters:
             if ran is not None and lim.controller is not None:
                 lim.finished.append(ran)
                 lim.released += 1
-            lim.capacity.release_on_behalf_of(lease.owner)
+            lim.capacity.release_on_behalf_of(lease.borrower)
         self._on_change()
 
     def completed(self, lease: Lease, *, queue_s: float, run_s: float,

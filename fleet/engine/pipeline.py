@@ -16,6 +16,15 @@ that out of the run (:class:`~fleet.engine.refresher.Refresher`) and sends the
 job back to placement, as does a clone that did not find the fleet's folder
 (looked up again, once); a clone whose outcome is unknown, or that was refused
 its name, goes to :class:`~fleet.engine.recovery.Recovery` before any retry.
+
+A clone whose submit got no reply may be running in vCenter all the same. The
+job goes on (it looks for the VM, then retries: vCenter's one name per folder
+keeps it from making two), but the attempt's tokens, the running source's
+one-at-a-time token among them, and its place in placement's in-flight count stay
+with that clone (:class:`_LostClone`) until a VM holds the job's name or the
+clone timeout has passed, or the run stops: otherwise fleet would hand vCenter
+more than its limits (a host's slots, a second clone of a running source under
+the first one's stun).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import anyio
@@ -37,8 +47,8 @@ from fleet.engine.runstate import Job, JobQueue, RunContext
 from fleet.engine.sources import clone_config
 from fleet.engine.spec import FleetSpec
 from fleet.errors import (
+    ConnectionFailed,
     DuplicateName,
-    NotAuthenticated,
     NotDelivered,
     NotFound,
     RequestTimeout,
@@ -55,6 +65,17 @@ class _PhaseFailed(Exception):
         self.reason = reason
         self.message = message
         self.error = error
+
+
+@dataclass(frozen=True)
+class _LostClone:
+    """An attempt whose submit got no reply, and what it holds: the lease and the
+    reservation in placement's view of ``src``, until ``deadline`` at the latest (the
+    clone timeout after the reply was given up on: by then it has landed or failed)."""
+
+    src: SourceState
+    lease: Lease
+    deadline: float
 
 
 def _backoff_s(spec: FleetSpec, attempt: int, rng: random.Random) -> float:
@@ -81,13 +102,22 @@ class Pipeline:
     async def run_job(self, job: Job, src: SourceState | None, lease: Lease | None,
                       scope: anyio.CancelScope) -> None:
         """The job's phases in ``scope`` (shielded; cut at the end of a stop's grace),
-        then, if it was cut off or the run stopped before it was ready, its cleanup."""
+        then, if it was cut off or the run stopped before it was ready, its cleanup.
+
+        If its submit got no reply and the job went back to the queue, this task stays
+        with the clone that may be running, holding its tokens (:meth:`_hold`), while
+        the job goes on elsewhere."""
         stop = self._ctx.stop
+        lost: _LostClone | None = None
         with scope:
             if src is not None and lease is not None:
-                await self._clone_phase(job, src, lease)
-            if job.outcome is None and job.phase in ("network", "ready", "done"):
+                lost = await self._clone_phase(job, src, lease)
+            if lost is None and job.outcome is None and \
+                    job.phase in ("network", "ready", "done"):
                 await self._post_clone(job)
+        if lost is not None:
+            await self._hold(job, lost)
+            return
         if scope.cancelled_caught or (stop.stopping and job.outcome is None
                                       and job.phase != "clone"):
             await self._recovery.cleanup(job)
@@ -118,7 +148,10 @@ class Pipeline:
         return net.refresh == "none" and not (net.disconnect_at_clone and net.reconnect) and \
             spec.readiness.wait_for == "none"
 
-    async def _clone_phase(self, job: Job, src: SourceState, lease: Lease) -> None:
+    async def _clone_phase(self, job: Job, src: SourceState, lease: Lease
+                           ) -> _LostClone | None:
+        """One clone attempt. Returns the attempt's clone if its submit got no reply and
+        the job went back to the queue: it keeps the attempt's tokens (:meth:`_hold`)."""
         ctx = self._ctx
         view = self._view
         job.attempt += 1
@@ -127,12 +160,13 @@ class Pipeline:
                  host=host.info.name if host else "?", attempt=job.attempt)
         t0 = anyio.current_time()
         made: Ref | None = None
+        lost_at: float | None = None  # when the submit was given up on without a reply
         error: BaseException | None = None
         if ctx.stop.stopping:  # stopped between placement and here: hand vCenter nothing
             ctx.limiters.release(lease)
             view.unreserve(src, made=False)
             ctx.finish(job, "cancelled", "queue", "cancelled", "not started: stopping")
-            return
+            return None
         try:
             with anyio.fail_after(ctx.spec.timeouts.clone_s):
                 job.submit_started = anyio.current_time()
@@ -143,10 +177,14 @@ class Pipeline:
         except (VSphereError, TimeoutError) as exc:
             error = exc
             if job.task is None:
-                if (not isinstance(exc, VSphereError) or exc.transient) and \
-                        not isinstance(exc, NotDelivered | NotAuthenticated):
-                    # The request may have reached vCenter and be cloning without us.
-                    job.lost_submit_at = job.submit_started
+                if not isinstance(exc, VSphereError) or (
+                        isinstance(exc, ConnectionFailed | RequestTimeout)
+                        and not isinstance(exc, NotDelivered)):
+                    # No reply: the request may have reached vCenter and be cloning
+                    # without us, received at the latest now (when we gave up on it), so
+                    # it may land until the clone timeout from now. (A fault in reply,
+                    # ResourceBusy say, is vCenter refusing the call: no task was made.)
+                    lost_at = job.lost_submit_at = anyio.current_time()
                 job.submit_started = None
             if job.task is not None and not (isinstance(exc, VSphereError)
                                              and not exc.transient):
@@ -155,27 +193,12 @@ class Pipeline:
                 with ctx.stop.bounded(math.inf, shield=True):
                     await self._recovery.settle_task(job.task)
         finally:
-            self._feed_limiters(job, lease, made is not None)
-            info: VmInfo | None = None
-            before = src.info
-            if src.running and made is None:
-                # A failed attempt may or may not have deepened the chain (the stun comes
-                # first; a lost reply hides a made clone): read it while this attempt
-                # still holds the source's token and its reservation, which placement
-                # counts, so the read sees no other clone of the source (one at a time)
-                # and none can slip past the budget meanwhile. Shielded: the depth must
-                # be right even if this job is being cancelled.
-                with ctx.stop.bounded(math.inf, shield=True):
-                    info = await self._refresher.read_source(src)
-                if job.lost_submit_at is not None or (
-                        job.task is not None and job.task.snapshot.state != "error"):
-                    # It may land later still: count it until it must have.
-                    src.phantoms.append(anyio.current_time() + ctx.spec.timeouts.clone_s)
-            # A clone made from a running source deepened its chain by exactly one:
-            # unreserve counts it, with no need to read the chain back.
-            view.unreserve(src, made=made is not None)
-            self._refresher.update_source(src, info or src.info, before=before)
-            ctx.limiters.release(lease)
+            if lost_at is None:  # else the lost clone keeps them: below
+                await self._end_attempt(job, src, lease, made)
+        if lost_at is not None:
+            assert error is not None
+            return await self._lost_clone(
+                job, host, error, _LostClone(src, lease, lost_at + ctx.spec.timeouts.clone_s))
         if made is not None:
             ctx.tally.created += 1
             job.vm, job.source = made, src.name
@@ -186,9 +209,115 @@ class Pipeline:
             job.attempt = 0
             if job.phase == "done":
                 ctx.finish(job, "ready", "clone")
-            return
+            return None
         assert error is not None
         await self._clone_failed(job, src, host, error)
+        return None
+
+    async def _end_attempt(self, job: Job, src: SourceState, lease: Lease,
+                           made: Ref | None) -> None:
+        """An attempt is over: its tokens and its reservation go, the source as it is now."""
+        ctx = self._ctx
+        self._feed_limiters(job, lease, made is not None)
+        info: VmInfo | None = None
+        before = src.info
+        try:
+            if src.running and made is None:
+                # A failed attempt may or may not have deepened the chain (the stun comes
+                # first): read it while this attempt still holds the source's token and
+                # its reservation, which placement counts, so the read sees no other
+                # clone of the source (one at a time) and none can slip past the budget
+                # meanwhile. Shielded: the depth must be right even if this job is being
+                # cancelled.
+                with ctx.stop.bounded(math.inf, shield=True):
+                    info = await self._refresher.read_source(src)
+                if job.submit_started is not None or (
+                        job.task is not None and job.task.snapshot.state != "error"):
+                    # Cut off mid-submit, or its task's end unseen: it may land later
+                    # still. Count it until it must have.
+                    src.phantoms.append(anyio.current_time() + ctx.spec.timeouts.clone_s)
+        finally:
+            # A clone made from a running source deepened its chain by exactly one:
+            # unreserve counts it, with no need to read the chain back.
+            self._view.unreserve(src, made=made is not None)
+            self._refresher.update_source(src, info or src.info, before=before)
+            ctx.limiters.release(lease)
+
+    async def _lost_clone(self, job: Job, host: HostState | None, error: BaseException,
+                          lost: _LostClone) -> _LostClone | None:
+        """After a submit without a reply: the job is judged as after any transient fault
+        (the VM looked for and adopted, else retried), and the clone keeps the attempt's
+        tokens. Returned if the job went back to the queue (:meth:`run_job` then holds
+        them until the clone can no longer be running); else they go here (the VM was
+        found, or the job's last attempt waited out the clone timeout, or it ended)."""
+        handed_over = False
+        try:
+            await self._clone_failed(job, lost.src, host, error)
+            handed_over = job.outcome is None and job.phase == "clone"  # queued again
+        finally:
+            if not handed_over:
+                await self._release(job, lost, landed=job.vm is not None)
+        return lost if handed_over else None
+
+    async def _hold(self, job: Job, lost: _LostClone) -> None:
+        """Keep a lost clone's tokens and reservation until a VM holds the job's name
+        (this clone's, or a retry's: then this one cannot make one) or its deadline has
+        passed, or the run stops; then let them go. Not shielded: the run's cancellation
+        ends it at once (nothing is dispatched any more), and a stop within a second.
+
+        If the clone landed while the job still waits in the queue (for tokens, its
+        backoff, or a source: the clone may have taken the last of the budget), the job
+        is taken out and adopts it here, and goes on in this task."""
+        landed, found = False, None
+        try:
+            landed, found = await self._recovery.until_named(job, lost.deadline)
+        finally:
+            await self._release(job, lost, landed=landed)
+        if found is None or not self._recovery.is_ours(job, found) or \
+                not self._unqueue(job):
+            return
+        self._recovery.adopt(job, found)
+        stop = self._ctx.stop
+        scope = stop.job_scope()
+        try:
+            await self.run_job(job, None, None, scope)
+        finally:
+            stop.job_done(scope)
+
+    def _unqueue(self, job: Job) -> bool:
+        """Take ``job`` out of the queue if it waits there (neither started nor ended)."""
+        queue = self._queue
+        if job.outcome is not None:
+            return False
+        if job in queue.ready:
+            queue.ready.remove(job)
+            return True
+        if job in queue.delayed:
+            queue.delayed.remove(job)
+            return True
+        return False
+
+    async def _release(self, job: Job, lost: _LostClone, *, landed: bool) -> None:
+        """A lost clone's tokens and reservation go; a running source's chain is read
+        first (under its token), and counted as one deeper until the clone's deadline if
+        the clone may still land or the read failed."""
+        ctx = self._ctx
+        src = lost.src
+        info: VmInfo | None = None
+        before = src.info
+        try:
+            if src.running:
+                with ctx.stop.bounded(math.inf, shield=True):
+                    info = await self._refresher.read_source(src)
+                now = anyio.current_time()
+                unsure = not landed and now < lost.deadline  # the run stopped first
+                if (unsure or info is None) and lost.deadline > now:
+                    src.phantoms.append(lost.deadline)
+        finally:
+            # Not counted as made here: a clone it made is adopted by the job.
+            self._view.unreserve(src, made=False)
+            self._refresher.update_source(src, info or src.info, before=before)
+            ctx.limiters.release(lost.lease)
 
     def _feed_limiters(self, job: Job, lease: Lease, ok: bool) -> None:
         """Tell the ``auto`` limits how this clone went: vCenter's own queue and run times

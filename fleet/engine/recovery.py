@@ -8,7 +8,9 @@ job's. So :class:`Recovery` lets the task end (:meth:`~Recovery.settle`),
 looks the name up, and either adopts the VM (:meth:`~Recovery.adopt`: the job
 goes on from the phase its label says it finished) or, when the run is
 stopping, destroys it (:meth:`~Recovery.reap`), going on looking until a clone
-submitted without a reply can no longer land. Nothing here ever touches a VM
+submitted without a reply can no longer land. :meth:`~Recovery.until_named` tells
+the pipeline when such a clone can no longer be running (a VM holds its name), so
+that the tokens it keeps can go. Nothing here ever touches a VM
 without this job's labels. A job that ends without being ready is cleaned up
 the same way (:meth:`~Recovery.cleanup`).
 """
@@ -62,21 +64,39 @@ class Recovery:
         """The VM that lands under ``job.name`` by ``deadline`` (default: the clone timeout
         from now; a clone in flight holds its name before its VM exists), or None; looked
         up at least once, with backoff, given up early when the run stops."""
-        t = self._ctx.spec.timeouts
         if deadline is None:
-            deadline = anyio.current_time() + t.clone_s
+            deadline = anyio.current_time() + self._ctx.spec.timeouts.clone_s
+        _, found = await self._poll_name(job, deadline, stop_when_made=False)
+        return found
+
+    async def until_named(self, job: Job, deadline: float) -> tuple[bool, VmInfo | None]:
+        """Wait until a VM holds ``job.name``, or ``deadline`` passes or the run stops;
+        looked up with backoff. Returns whether the name is held, and the VM found (None
+        when the job has its VM already, made or adopted). A clone whose submit got no
+        reply cannot be running once the name is held: it made that VM, or it fails on
+        the name."""
+        return await self._poll_name(job, deadline, stop_when_made=True)
+
+    async def _poll_name(self, job: Job, deadline: float, *, stop_when_made: bool
+                         ) -> tuple[bool, VmInfo | None]:
+        """Look ``job.name`` up, with backoff, until a VM holds it (True and the VM), the
+        job has its VM (if ``stop_when_made``: True and None), or ``deadline`` passes or
+        the run stops (False and None). Looked up at least once."""
+        call_s = self._ctx.spec.timeouts.call_s
         delay = 0.01
         while True:
+            if stop_when_made and job.vm is not None:
+                return True, None
             try:
-                with anyio.fail_after(t.call_s):
+                with anyio.fail_after(call_s):
                     found = await self.lookup(job.name)
             except (VSphereError, TimeoutError):
                 found = None
             if found is not None:
-                return found
+                return True, found
             now = anyio.current_time()
             if now >= deadline or self._ctx.stop.stopping:
-                return None
+                return False, None
             await anyio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 1.0)
 
@@ -169,7 +189,8 @@ class Recovery:
             return
         ctx = self._ctx
         if job.submit_started is not None:  # cut off mid-submit: it may have gone through
-            job.lost_submit_at, job.submit_started = job.submit_started, None
+            # (received by vCenter, if at all, before now: it may land until clone_s after)
+            job.lost_submit_at, job.submit_started = anyio.current_time(), None
         with ctx.stop.bounded(ctx.spec.timeouts.cleanup_s, shield=True):
             try:
                 await self.reap(job)

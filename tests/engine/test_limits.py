@@ -257,6 +257,25 @@ async def test_queued_task_reveals_the_slots_vcenter_ran_not_our_lagging_count()
 
 
 @pytest.mark.anyio
+async def test_a_queued_task_that_started_a_moment_after_its_slot_freed_reveals_them_all(
+        ) -> None:
+    """vCenter starts a queued task a moment after the completion that freed its slot
+    (its own clock, read twice: 100.9 then 100.9002). The task queued behind 3 slots;
+    the cut goes to 3, not to the 2 still running at its start."""
+    lim = Limiters(LimitsSpec(per_host="auto"), tuning=AutoTuning(host_initial=4))
+    host = lim.get(LimitKey.of("host", "h"))
+    running = _hold(lim, 3, "run")  # vCenter's 3 slots from 100.0
+    queued = _hold(lim, 1, "q")  # arrived at 100.1, waited for the first slot to free
+    running[0].submitted(_Task("success", 100.0, 100.0, 100.9), 0.0)
+    for lease in running[1:]:
+        lease.submitted(_Task("running", 100.0, 100.0), 0.0)
+    queued[0].submitted(_Task("success", 100.1, 100.9002, 101.9), 0.0)
+    lim.release(running[0])  # heard of: its completion is history the count reads
+    lim.completed(queued[0], queue_s=0.8002, run_s=1.0, now=10.0)
+    assert host.limit == 3
+
+
+@pytest.mark.anyio
 async def test_a_sibling_is_stuck_only_if_vcenter_said_queued_long_enough() -> None:
     """A completion counts a sibling as push-back only on vCenter's word and clock: not
     a task the client has had no update for yet (it shows ``queued`` by default), nor
