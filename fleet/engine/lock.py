@@ -47,17 +47,17 @@ import anyio
 from anyio.abc import TaskGroup
 
 from fleet.engine.lock_records import (
-    _HOST_BAD,
-    _INVISIBLE,
-    _OP,
     CALL_S,
     CLAIM_PREFIX,
     CLAIM_S,
     DEFAULT_LEASE_S,
+    HOST_UNSAFE,
+    INVISIBLE,
     LOCK_NAME,
     MAX_LEASE_S,
     MAX_NAME,
     MIN_LEASE_S,
+    OP_NAME,
     RECORDLESS_S,
     Claim,
     Holder,
@@ -65,12 +65,12 @@ from fleet.engine.lock_records import (
     LockLost,
     LockOptions,
     LockView,
-    _Survey,
-    _survey,
+    Survey,
     is_claim,
     lock_state,
     process_space,
     read_lock,
+    survey,
     this_host,
 )
 from fleet.errors import (
@@ -100,7 +100,7 @@ class FleetLock:
                  clock: Callable[[], float] = anyio.current_time) -> None:
         opts = options or LockOptions()
         op = opts.op or op
-        if not _OP.match(op):
+        if not OP_NAME.match(op):
             raise ValueError(f"lock op {op!r}")
         if not MIN_LEASE_S <= opts.lease_s <= MAX_LEASE_S:
             raise ValueError(f"lease {opts.lease_s} s")
@@ -108,7 +108,7 @@ class FleetLock:
         self.fleet = fleet
         self.folder_path = folder_path
         self.op = op
-        self.run_id = _HOST_BAD.sub("-", run_id)[:16] or os.urandom(6).hex()
+        self.run_id = HOST_UNSAFE.sub("-", run_id)[:16] or os.urandom(6).hex()
         self.options = opts
         self.create_folder = create_folder
         self.clock = clock
@@ -194,7 +194,7 @@ class FleetLock:
                 if self.acquired:
                     return
                 continue  # a stale lock was cleared (by us or a rival): try again at once
-            if view is _INVISIBLE:
+            if view is INVISIBLE:
                 # The name is taken but no lock folder is there: a claim is being
                 # renamed to it right now, or it just went; or something else has it.
                 invisible_since = invisible_since or self.clock()
@@ -224,7 +224,7 @@ class FleetLock:
         folder = self.folder or await self._resolve_folder()
         t0 = self.clock()
         try:
-            seen = await _survey(self.vs, folder)
+            seen = await survey(self.vs, folder)
         except NotFound:
             self.folder = None  # the fleet's folder went away: find (or make) it again
             return None
@@ -279,8 +279,8 @@ class FleetLock:
             # Refused: someone holds it, or is renaming a claim to it right now.
             await self._destroy_quietly(made)
             made = None
-            after = await _survey(self.vs, folder)
-            return _INVISIBLE if after.view is None else await self._judge(after.view)
+            after = await survey(self.vs, folder)
+            return INVISIBLE if after.view is None else await self._judge(after.view)
         except BaseException:
             if made is not None and not self.acquired:
                 await self._destroy_quietly(made)
@@ -345,7 +345,7 @@ class FleetLock:
         log.warning("fleet %s: took its stale lock over from %s", self.fleet, view.describe())
         return None
 
-    async def _clear_claims(self, seen: _Survey) -> None:
+    async def _clear_claims(self, seen: Survey) -> None:
         """Remove the claims of runs that died or gave up while taking the lock. They
         hold nobody off; this only keeps the fleet's folder tidy. A live claim is never
         removed: its maker renames it before its end or not at all, so one seen past its

@@ -42,11 +42,13 @@ CLAIM_S = 20.0
 RECORDLESS_S = 60.0
 #: the deadline of one vCenter call the lock makes
 CALL_S = 30.0
-_OP = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
+#: what an operation name in a record may be (``provision``, ``destroy``)
+OP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
 _RUN = re.compile(r"^[0-9A-Za-z._-]{1,16}$")
 _PID = re.compile(r"^(\d{1,10})(?:@([0-9a-f]{8}))?$")
 _TAG = re.compile(r"^[0-9a-f]{4}$")
-_HOST_BAD = re.compile(r"[^A-Za-z0-9._-]")
+#: characters a name in a record never carries (replaced by ``-``)
+HOST_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class LockHeld(FleetError):
@@ -76,7 +78,7 @@ def _invisible() -> LockView:
 
 def this_host() -> str:
     """The host name as a record can carry it (vSphere escapes ``/ \\ %``: none here)."""
-    return _HOST_BAD.sub("-", socket.gethostname()) or "unknown"
+    return HOST_UNSAFE.sub("-", socket.gethostname()) or "unknown"
 
 
 @functools.cache
@@ -146,7 +148,7 @@ class Holder:
             return None
         op, run_id, pid, since, until, host = parts
         m = _PID.match(pid)
-        if not (_OP.match(op) and _RUN.match(run_id) and m and since.isdigit()
+        if not (OP_NAME.match(op) and _RUN.match(run_id) and m and since.isdigit()
                 and until.isdigit() and host):
             return None
         return cls(op, run_id, int(m.group(1)), host, int(since), int(until),
@@ -241,7 +243,7 @@ class LockView:
 
 
 @dataclass(frozen=True)
-class _Survey:
+class Survey:
     """What a fleet's folder holds of the lock: vCenter's clock (read first), the lock
     (None: free) and the claims of runs taking it."""
 
@@ -250,7 +252,7 @@ class _Survey:
     claims: list[tuple[Claim, Ref]]
 
 
-async def _survey(vs: VSphere, folder: Ref) -> _Survey:
+async def survey(vs: VSphere, folder: Ref) -> Survey:
     """Read the lock and the claims in the fleet's ``folder`` (NotFound: no folder).
     vCenter's clock is read first, so what is seen expired was expired when read."""
     with anyio.fail_after(CALL_S):
@@ -260,16 +262,16 @@ async def _survey(vs: VSphere, folder: Ref) -> _Survey:
         claims = [(c, ref) for c, ref in ((Claim.parse(name), ref) for name, ref in children)
                   if c is not None]
         if lock is None:
-            return _Survey(now, None, claims)
+            return Survey(now, None, claims)
         try:
             inside = await vs.list_child_folders(lock)
         except NotFound:
-            return _Survey(now, None, claims)  # released (or taken over) just now
+            return Survey(now, None, claims)  # released (or taken over) just now
     records = [(h, ref) for h, ref in ((Holder.parse(name), ref) for name, ref in inside)
                if h is not None]
     if len(records) != 1:  # none (an older fleet's, being made); several cannot be fleet's
-        return _Survey(now, LockView(lock, None, None, now), claims)
-    return _Survey(now, LockView(lock, records[0][1], records[0][0], now), claims)
+        return Survey(now, LockView(lock, None, None, now), claims)
+    return Survey(now, LockView(lock, records[0][1], records[0][0], now), claims)
 
 
 async def read_lock(vs: VSphere, folder: Ref) -> LockView | None:
@@ -277,7 +279,7 @@ async def read_lock(vs: VSphere, folder: Ref) -> LockView | None:
     the making, are nobody's yet). vCenter's clock is read first, so a record seen
     expired was expired when it was read."""
     try:
-        return (await _survey(vs, folder)).view
+        return (await survey(vs, folder)).view
     except TimeoutError:
         raise RequestTimeout(f"vCenter did not answer within {CALL_S:g} s while reading "
                              f"the lock in {folder.id}") from None
@@ -305,4 +307,4 @@ class LockOptions:
 
 #: what ``_attempt`` returns when the lock's name is taken but no lock folder shows (a
 #: claim being renamed to it right now, or something that is not a folder has the name)
-_INVISIBLE = _invisible()
+INVISIBLE = _invisible()

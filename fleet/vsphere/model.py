@@ -113,7 +113,7 @@ class VmInfo:
     @cached_property
     def running(self) -> bool:
         """Powered on and not frozen: an instant clone of it deepens its disk chains."""
-        return self.power_state == "poweredOn" and not self.frozen
+        return self.powered_on and not self.frozen
 
 
 class NotRead(LookupError):
