@@ -94,7 +94,8 @@ class FleetService:
         self.fleets: dict[str, FleetRecord] = {}
         self.started_at = clock()
         ctx = ServiceContext(config, vs, metrics, clock, self.fleets, self.shared)
-        self.workers = Workers(ctx, save=self._save, gone=self._gone)
+        self.workers = Workers(ctx, save=self._save, gone=self._gone,
+                               ran=lambda: self.scanner.wake())
         self.scanner = Scanner(ctx, start_worker=self.workers.ensure, doom=self._doom)
         self._tg: TaskGroup | None = None
         self._stopping = False
@@ -106,12 +107,16 @@ class FleetService:
             rec = restore(saved, self.config)
             if rec is not None:
                 self.fleets[rec.name] = rec
-        with anyio.fail_after(CALL_TIMEOUT_S * 4):
-            await self.scan()
         tg = anyio.create_task_group()
         await tg.__aenter__()
+        try:
+            # The first scan is done (or vCenter could not be read: raised) once started.
+            await tg.start(self.scanner.run)
+        except BaseException:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise
         self._tg = tg
-        tg.start_soon(self.scanner.run)
         self.workers.start(tg)
         log.info("service started: %d fleets (%d on record), root folder %s",
                  len(self.fleets), sum(1 for r in self.fleets.values() if r.spec),
@@ -176,11 +181,14 @@ class FleetService:
 
     async def _gone(self, rec: FleetRecord) -> None:
         """The fleet's destroy finished: forget it everywhere."""
-        # A scan under way read the root folder before this: it must not bring it back.
+        # The view of vCenter may still show it: it must not bring it back.
         self.scanner.bury(rec.name)
+        # Its file first, and whole: a fleet gone from the table has no record on disk,
+        # also when the service stops meanwhile.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CALL_TIMEOUT_S):
+            await self.store.delete(rec.name)
         if self.fleets.get(rec.name) is rec:
             del self.fleets[rec.name]
-        await self.store.delete(rec.name)
         self.metrics.forget_fleet(rec.name)
 
     # -- requests (called by the HTTP layer) ---------------------------------------

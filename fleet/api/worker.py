@@ -60,10 +60,12 @@ class Workers:
 
     def __init__(self, ctx: ServiceContext, *,
                  save: Callable[[FleetRecord], Awaitable[None]],
-                 gone: Callable[[FleetRecord], Awaitable[None]]) -> None:
+                 gone: Callable[[FleetRecord], Awaitable[None]],
+                 ran: Callable[[], None]) -> None:
         self.ctx = ctx
         self._save = save
         self._gone = gone
+        self._ran = ran  # a run ended: it may have made the service's root folder
         self.stopping = False
         self._tg: TaskGroup | None = None
         self._runs_done = anyio.Event()
@@ -205,6 +207,7 @@ class Workers:
             await refresh(self.ctx.vs, rec)
         except (FleetError, TimeoutError) as exc:
             log.warning("fleet %s: could not re-read members: %s", rec.name, exc)
+        self._ran()
         if rec.generation != generation or rec.want_destroy or self.stopping:
             return True
         rec.applied = generation

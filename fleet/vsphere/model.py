@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from anyio.abc import TaskStatus
+
 PowerState = Literal["poweredOn", "poweredOff", "suspended"]
 TaskState = Literal["queued", "running", "success", "error"]
 NicConnect = Literal["connect", "disconnect"]
@@ -176,6 +178,45 @@ class ListedVm:
     labels: Labels
 
 
+class FolderTree(Protocol):
+    """A live view of a folder, the folders in it and the VMs in those, kept current by
+    a watch (docs/watching.md, "The service's view"). Read it synchronously; run
+    :meth:`run` in a task group to keep it."""
+
+    #: the first full read is in the view
+    synced: bool
+    #: bumped at every change of the view
+    generation: int
+    #: why the watch does not work now, until it works again
+    error: str | None
+    #: the root folder was destroyed: the watch has ended
+    root_gone: bool
+    #: full reads of the tree so far (the first, and one after each lost watch)
+    full_reads: int
+
+    def folders(self) -> list[tuple[str, Ref]]:
+        """(name, ref) of every folder directly in the root, sorted by name."""
+        ...
+
+    def vms_in(self, folder: Ref) -> list[ListedVm]:
+        """Every VM directly in ``folder``, as a folder listing of the tree's labels
+        reads it."""
+        ...
+
+    def folder_version(self, folder: Ref) -> int:
+        """The view's generation when a VM in ``folder`` last entered, changed or left."""
+        ...
+
+    async def wait_changed(self, generation: int) -> None:
+        """Return once the view is past ``generation`` or the watch has ended."""
+        ...
+
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None:
+        """Keep the view until the root is gone; ``started`` once the first full read
+        is in (or has failed: ``error`` says why, and it keeps trying)."""
+        ...
+
+
 @dataclass(frozen=True)
 class CloneRequest:
     """One instant clone: what to make, from what, where."""
@@ -271,6 +312,10 @@ class VSphere(Protocol):
 
     async def list_child_folders(self, folder: Ref) -> list[tuple[str, Ref]]:
         """(name, ref) of every folder directly in ``folder``, sorted by name."""
+        ...
+
+    def folder_tree(self, root: Ref, labels: Collection[str]) -> FolderTree:
+        """A :class:`FolderTree` of ``root`` whose VMs carry ``labels`` (not started)."""
         ...
 
     # -- folders as records: the fleet lock (docs/locking.md) -------------

@@ -1,8 +1,9 @@
 """A deleted fleet stays deleted (issue 11, item 6): its folder goes with it, and a
 scan that read vCenter before the delete finished does not bring it back.
 
-The first test plays the interleaving in process (a simulator in process), holding the
-scan between its read of a fleet's members and its registration of what it read.
+The first test plays the interleaving in process (a simulator in process): the
+service's view of vCenter (its folder tree, kept by a watch) is held behind while the
+delete finishes, so it still shows the members when the service scans it.
 The second is the reported repro, scaled down: ``fleet serve`` against the
 simulator, fleets created and deleted in cycles under a short scan interval.
 """
@@ -10,16 +11,14 @@ simulator, fleets created and deleted in cycles under a short scan interval.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from pyVmomi import vim
 
 from fleet.metrics import FleetMetrics
-from fleet.vsphere.model import ListedVm, Ref
+from fleet.vsphere.model import FolderTree, ListedVm
 from tests.api.serveproc import ServeProcess, service_config
 from tests.api.test_service import Clock, apply, folder_fake, make_config, running, until
 from tests.integration.test_provision import pyvmomi
@@ -28,47 +27,47 @@ from tests.simproc import SimProcess
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_scan_that_read_a_fleet_before_its_delete_does_not_bring_it_back(
+async def test_a_view_that_lags_behind_a_delete_does_not_bring_the_fleet_back(
         tmp_path: Path) -> None:
     metrics = FleetMetrics()
-    # Scans only when asked (the start-up scan aside).
+    # Scans only when the view changes or when asked.
     config = make_config(tmp_path, scan_interval_s=3600.0)
     async with folder_fake() as (fake, _), running(config, fake, Clock(), metrics) as service:
         rec = await apply(service, {"name": "ghost", "count": 3})
         await until(lambda: rec.status == "ready")
-        folder = await fake.find_folder("fleet/ghost")
-        assert folder is not None
+        # The run made the root folder: the service watches it from now on.
+        await until(lambda: service.scanner.tree is not None)
+        tree = service.scanner.tree
+        assert tree is not None
+        await until(lambda: len(_vms(tree, "ghost")) == 3)
 
-        # The next read of the fleet's folder is the scan's: it gets the members as
-        # they are now, then is held until the delete has finished.
-        read = anyio.Event()
-        release = anyio.Event()
-        plain = fake.list_folder_vms
-        armed = [True]
-
-        async def held_read(ref: Ref, labels: Collection[str]) -> list[ListedVm]:
-            vms = await plain(ref, labels)
-            if ref == folder and armed[0]:
-                armed[0] = False
-                read.set()
-                await release.wait()
-            return vms
-
-        fake.list_folder_vms = held_read  # type: ignore[method-assign]
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(service.scan)
-            with anyio.fail_after(10):
-                await read.wait()
-            await service.remove("ghost")
-            await until(lambda: "ghost" not in service.fleets)
-            release.set()
-        # The scan ended after the delete, with three members read before it.
+        # From now on the view lags: updates are held, not applied.
+        held: list[tuple[Any, Any]] = []
+        apply_update = tree._apply  # type: ignore[attr-defined]
+        tree._apply = lambda view, update: held.append((view, update)) or False  # type: ignore[attr-defined]
+        await service.remove("ghost")
+        await until(lambda: "ghost" not in service.fleets)
+        # The view still shows the three members, and a scan of it does not bring them back.
+        assert len(_vms(tree, "ghost")) == 3 and held
+        await service.scan()
         assert "ghost" not in service.fleets
-        await service.scan()  # and a later scan finds nothing either
+
+        # The view catches up; later scans find nothing either.
+        tree._apply = apply_update  # type: ignore[attr-defined]
+        for view, update in held:
+            apply_update(view, update)
+        tree._notify()  # type: ignore[attr-defined]
+        assert "ghost" not in dict(tree.folders())
+        await service.scan()
         assert "ghost" not in service.fleets and service.ready
         service.update_gauges()
         assert 'fleet="ghost"' not in metrics.exposition().decode()
         assert await fake.find_folder("fleet/ghost") is None
+
+
+def _vms(tree: FolderTree, name: str) -> list[ListedVm]:
+    folder = dict(tree.folders()).get(name)
+    return [] if folder is None else tree.vms_in(folder)
 
 
 def _fleet_folders(sim: SimProcess) -> list[str]:

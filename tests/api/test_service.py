@@ -246,6 +246,15 @@ async def test_a_delete_of_a_discovered_fleet_survives_a_restart(tmp_path: Path)
         assert '"destroying"' in (tmp_path / "found.json").read_text()
         fake.sim.faults.clear()
         async with running(config, vs, clock) as service:
+            # The record's file goes after a wait (its lock is busy): the fleet stays in
+            # the table until its file is gone, and a stop meanwhile does not keep it.
+            plain = service.store.delete
+
+            async def slow_delete(name: str) -> None:
+                await anyio.sleep(0.3)
+                await plain(name)
+
+            service.store.delete = slow_delete  # type: ignore[method-assign]
             await until(lambda: "found" not in service.fleets)
         assert members_of(fake, "found") == []
         assert not (tmp_path / "found.json").exists()

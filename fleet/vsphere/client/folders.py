@@ -18,8 +18,9 @@ from pyVmomi import vim, vmodl
 
 from fleet.errors import ConfigError, NotEmpty, NotFound, VSphereError
 from fleet.vsphere import inventory as inv
+from fleet.vsphere import tree
 from fleet.vsphere.client.reads import Reads
-from fleet.vsphere.model import ListedVm, Ref
+from fleet.vsphere.model import FolderTree, ListedVm, Ref
 
 log = logging.getLogger("fleet.vsphere")
 PC = vmodl.query.PropertyCollector
@@ -96,6 +97,10 @@ class Folders(Reads):
         contents = await self.retrieve([spec])
         names = await self._host_names_for(contents)
         return [inv.listed_vm(c, names, keys) for c in contents]
+
+    def folder_tree(self, root: Ref, labels: Collection[str]) -> FolderTree:
+        """A live view of ``root``'s folders and their VMs (``fleet.vsphere.tree``)."""
+        return tree.FolderTree(self, root, labels)
 
     async def list_child_folders(self, folder: Ref) -> list[tuple[str, Ref]]:
         """(name, ref) of every folder directly in ``folder``, sorted by name."""
