@@ -44,10 +44,12 @@ the session cookie is ever logged or put in an error message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,11 +67,14 @@ from fleet.errors import (
 )
 from fleet.urls import redact_url
 from fleet.vsphere.faults import map_vsphere_faults, translate
+from fleet.vsphere.plain import NotPlain, decode_retrieve_result
 from fleet.vsphere.transport import MIN_VERSION, Transport, VimStub, version_name
 
 log = logging.getLogger("fleet.vsphere")
 
 #: Calls that change nothing on the server (or nothing that matters when done twice).
+_NOT_DECODED = object()
+
 SAFE_TO_REPEAT = frozenset({
     "RetrieveServiceContent", "CurrentTime", "SessionIsActive", "Fetch",
     "RetrieveProperties", "RetrievePropertiesEx", "ContinueRetrievePropertiesEx",
@@ -291,25 +296,32 @@ class Session:
                                  session_bound=session_bound, body=body)
 
     async def retrieve_all(self, spec_set: list[Any], options: Any, *,
-                           safe: bool | None = None, session_bound: bool = False) -> list[Any]:
+                           safe: bool | None = None, session_bound: bool = False,
+                           plain: bool = False) -> list[Any]:
         """``RetrievePropertiesEx`` and its ``ContinueRetrievePropertiesEx`` pages until
-        vCenter has no more: every ObjectContent of ``spec_set``."""
+        vCenter has no more: every ObjectContent of ``spec_set``. ``plain``: the paths
+        read are plain values, decoded fast (``fleet.vsphere.plain``)."""
         pc = self.content.propertyCollector
-        result = await self.call(pc, "RetrievePropertiesEx", spec_set, options, safe=safe,
-                                 session_bound=session_bound)
+        decode = decode_retrieve_result if plain else None
+        first = method_info(pc, "RetrievePropertiesEx")
+        result = await self.invoke(pc, first, [spec_set, options], safe=safe,
+                                   session_bound=session_bound, decode=decode)
         objects: list[Any] = []
+        more = method_info(pc, "ContinueRetrievePropertiesEx")
         while result is not None:
             objects.extend(result.objects or ())
             if not result.token:
                 break
-            result = await self.call(pc, "ContinueRetrievePropertiesEx", result.token,
-                                     safe=safe, session_bound=session_bound)
+            result = await self.invoke(pc, more, [result.token], safe=safe,
+                                       session_bound=session_bound, decode=decode)
         return objects
 
     async def invoke(self, mo: Any, info: Any, args: list[Any], *,
                      timeout_s: float | None = None, safe: bool | None = None,
-                     session_bound: bool = False, body: bytes | None = None) -> Any:
-        """One logical call with the retry rule of the module docstring."""
+                     session_bound: bool = False, body: bytes | None = None,
+                     decode: Callable[[bytes], Any] | None = None) -> Any:
+        """One logical call with the retry rule of the module docstring. ``decode``
+        reads a successful reply instead of pyVmomi unless it raises NotPlain."""
         method = info.wsdlName
         repeatable = method in SAFE_TO_REPEAT if safe is None else safe
         deadline = self.call_timeout_s if timeout_s is None else timeout_s
@@ -319,7 +331,7 @@ class Session:
             if self._closed:
                 raise NotAuthenticated(f"{method}: the client is closed", method=method)
             try:
-                value, _ = await self._exchange(mo, info, args, key, deadline, body)
+                value, _ = await self._exchange(mo, info, args, key, deadline, body, decode)
                 return value
             except NotAuthenticated:
                 if relogins >= self.retry.max_relogins or self._closed:
@@ -339,7 +351,8 @@ class Session:
                 await anyio.sleep(self.retry.pause_s(attempt))
 
     async def _exchange(self, mo: Any, info: Any, args: list[Any], key: str | None,
-                        timeout_s: float | None, prepared: bytes | None = None
+                        timeout_s: float | None, prepared: bytes | None = None,
+                        decode: Callable[[bytes], Any] | None = None
                         ) -> tuple[Any, str | None]:
         """One request and its reply; returns (value, Set-Cookie session key)."""
         method = info.wsdlName
@@ -356,8 +369,13 @@ class Session:
             reply = await self.transport.post(body, action=self.stub.versionId, session_key=key,
                                               timeout_s=timeout_s, method=method, obj=obj)
             del body
-            with map_vsphere_faults(method=method, obj=obj):
-                value = self.stub.deserialize(reply.body, info.result)
+            value = _NOT_DECODED
+            if decode is not None and reply.status == 200:
+                with contextlib.suppress(NotPlain):  # pyVmomi reads it below
+                    value = decode(reply.body)
+            if value is _NOT_DECODED:
+                with map_vsphere_faults(method=method, obj=obj):
+                    value = self.stub.deserialize(reply.body, info.result)
             if reply.status == 500:
                 if isinstance(value, BaseException):
                     raise translate(value, method=method, obj=obj) from value

@@ -138,7 +138,7 @@ async def test_a_lost_session_reads_everything_again() -> None:
 
 
 async def test_the_watch_ends_when_its_root_folder_is_destroyed() -> None:
-    async with sim_vsphere(small_topology(hosts=2)) as (vs, vc):
+    async with sim_vsphere(small_topology(hosts=2)) as (vs, _vc):
         root = await vs.ensure_folder("root")
         inner = await vs.ensure_folder("root/a")
         tree = vs.folder_tree(root, LABELS)

@@ -215,17 +215,19 @@ class Connection:
         self._views[types] = (generation, view)
         return view
 
-    async def retrieve(self, make_specs: Callable[[], Awaitable[list[Any]]] | list[Any]
-                       ) -> list[Any]:
+    async def retrieve(self, make_specs: Callable[[], Awaitable[list[Any]]] | list[Any],
+                       *, plain: bool = False) -> list[Any]:
         """``RetrievePropertiesEx`` continued until vCenter has no more pages.
 
         ``make_specs`` may be a coroutine function so session-scoped objects (views)
-        are recreated when a re-login happens mid-way; the read then starts over."""
+        are recreated when a re-login happens mid-way; the read then starts over.
+        ``plain``: every path read is a plain value (``fleet.vsphere.plain``)."""
         options = PC.RetrieveOptions(maxObjects=self.page_size)
         for attempt in range(3):
             try:
                 spec_set = make_specs if isinstance(make_specs, list) else await make_specs()
-                return await self.session.retrieve_all(spec_set, options, session_bound=True)
+                return await self.session.retrieve_all(spec_set, options, session_bound=True,
+                                                       plain=plain)
             except NotAuthenticated:
                 if attempt == 2:
                     raise
@@ -236,13 +238,14 @@ class Connection:
                 self._views.clear()
         raise AssertionError("unreachable")
 
-    async def _retrieve_view(self, type_name: str, paths: Sequence[str]) -> list[Any]:
+    async def _retrieve_view(self, type_name: str, paths: Sequence[str], *,
+                             plain: bool = False) -> list[Any]:
         async def make() -> list[Any]:
             view = await self._view((type_name,))
             return [inv.filter_spec([inv.object_spec_view(view, type_name)], inv_type(type_name),
                                     paths)]
 
-        return await self.retrieve(make)
+        return await self.retrieve(make, plain=plain)
 
     async def _retrieve_objects(self, mos: Sequence[Any], paths: Sequence[str]) -> list[Any]:
         if not mos:

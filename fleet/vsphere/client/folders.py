@@ -94,7 +94,7 @@ class Folders(Reads):
         keys = tuple(dict.fromkeys(labels))
         spec = inv.filter_spec([inv.object_spec_children(self.mo(folder))], vim.VirtualMachine,
                                inv.listed_paths(keys))
-        contents = await self.retrieve([spec])
+        contents = await self.retrieve([spec], plain=True)
         names = await self._host_names_for(contents)
         return [inv.listed_vm(c, names, keys) for c in contents]
 
@@ -106,7 +106,7 @@ class Folders(Reads):
         """(name, ref) of every folder directly in ``folder``, sorted by name."""
         spec = inv.filter_spec([inv.object_spec_children(self.mo(folder))], vim.Folder, ["name"])
         found = []
-        for content in await self.retrieve([spec]):
+        for content in await self.retrieve([spec], plain=True):
             ref = inv.ref_of(content.obj)
             if ref.type == "Folder":
                 found.append((str(inv.props(content).get("name", "")), ref))

@@ -28,7 +28,7 @@ class Reads(Connection):
 
     async def _host_name_map(self, refresh: bool = False) -> dict[str, str]:
         if refresh or not self._host_names:
-            contents = await self._retrieve_view("HostSystem", ["name"])
+            contents = await self._retrieve_view("HostSystem", ["name"], plain=True)
             self._host_names = {c.obj._moId: str(inv.props(c).get("name")) for c in contents}
         return self._host_names
 
@@ -95,7 +95,7 @@ class Reads(Connection):
                 raise NotFound(f"no {type_name} at inventory path {name_or_path!r}",
                                method="FindByInventoryPath")
             return ref
-        contents = await self._retrieve_view(type_name, ["name"])
+        contents = await self._retrieve_view(type_name, ["name"], plain=True)
         hits = [c.obj for c in contents if inv.props(c).get("name") == name_or_path]
         if not hits:
             raise NotFound(f"no {type_name} named {name_or_path!r}", method="resolve")
@@ -121,7 +121,7 @@ class Reads(Connection):
         names = [n for n in names_or_paths if "/" not in n]
         by_name: dict[str, list[Any]] = {}
         if names:
-            for c in await self._retrieve_view("VirtualMachine", ["name"]):
+            for c in await self._retrieve_view("VirtualMachine", ["name"], plain=True):
                 by_name.setdefault(str(inv.props(c).get("name")), []).append(c.obj)
         for item in names_or_paths:
             if "/" in item:

@@ -1,0 +1,188 @@
+"""A fast decoder for property reads of plain values (docs/reads.md, "Decoding").
+
+pyVmomi decodes a reply element by element in Python callbacks and builds a typed
+object for each: for a listing of 10,000 VMs that is 360,000 elements and 140,000
+objects, seconds of CPU. The reads fleet makes most (a fleet's folder, every VM's
+name) ask only for plain values, so :func:`decode_retrieve_result` reads a
+``RetrievePropertiesEx`` / ``ContinueRetrievePropertiesEx`` reply with the C
+parser of the standard library (``xml.etree.ElementTree``) and builds small
+objects with the same attributes callers use of pyVmomi's: ``result.objects``,
+``result.token``, ``content.obj`` (a real pyVmomi managed object),
+``content.propSet`` of ``name``/``val``.
+
+Plain means: strings, numbers, booleans, enumerations (as ``str``, as pyVmomi
+gives them), managed object references, arrays of references, and ``OptionValue``
+(``config.extraConfig["key"]`` reads one), whose ``value`` is a plain value. Any
+other value, an unknown type or a reply of another shape raises
+:class:`NotPlain`, and the caller decodes the same bytes with pyVmomi: a reply is
+never half understood.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from xml.etree import ElementTree
+
+from pyVmomi import VmomiSupport
+
+XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
+VIM = "{urn:vim25}"
+_OBJECTS = VIM + "objects"
+_TOKEN = VIM + "token"
+_OBJ = VIM + "obj"
+_PROPSET = VIM + "propSet"
+_NAME = VIM + "name"
+_VAL = VIM + "val"
+_KEY = VIM + "key"
+_VALUE = VIM + "value"
+_MISSING = VIM + "missingSet"
+_RESPONSES = {VIM + "RetrievePropertiesExResponse", VIM + "ContinueRetrievePropertiesExResponse"}
+
+
+class NotPlain(ValueError):
+    """The reply holds something this decoder does not read: use pyVmomi's."""
+
+
+class PlainResult:
+    __slots__ = ("objects", "token")
+
+    def __init__(self, objects: list[PlainContent], token: str | None) -> None:
+        self.objects = objects
+        self.token = token
+
+
+class PlainContent:
+    __slots__ = ("missingSet", "obj", "propSet")
+
+    def __init__(self, obj: Any, prop_set: list[PlainProperty]) -> None:
+        self.obj = obj
+        self.propSet = prop_set
+        self.missingSet: list[Any] = []
+
+
+class PlainProperty:
+    __slots__ = ("name", "val")
+
+    def __init__(self, name: str, val: Any) -> None:
+        self.name = name
+        self.val = val
+
+
+class PlainOption:
+    """An ``OptionValue``: what a keyed ``config.extraConfig["key"]`` read gives."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, key: str, value: Any) -> None:
+        self.key = key
+        self.value = value
+
+
+def _local(type_name: str) -> str:
+    return type_name.rpartition(":")[2]
+
+
+_NUMBERS = {"int": int, "long": int, "short": int, "byte": int, "double": float,
+            "float": float}
+_MO_TYPES: dict[str, Any] = {}
+_ENUMS: dict[str, bool] = {}
+
+
+def _mo(type_name: str | None, moid: str | None) -> Any:
+    if not type_name or moid is None:
+        raise NotPlain("a reference without its type or id")
+    cls = _MO_TYPES.get(type_name)
+    if cls is None:
+        try:
+            cls = VmomiSupport.GetWsdlType("urn:vim25", type_name)
+        except KeyError:
+            raise NotPlain(f"unknown managed object type {type_name}") from None
+        if not issubclass(cls, VmomiSupport.ManagedObject):
+            raise NotPlain(f"{type_name} is not a managed object type")
+        _MO_TYPES[type_name] = cls
+    return cls(moid)
+
+
+def _is_enum(type_name: str) -> bool:
+    known = _ENUMS.get(type_name)
+    if known is None:
+        try:
+            cls = VmomiSupport.GetWsdlType("urn:vim25", type_name)
+        except KeyError:
+            cls = None
+        known = _ENUMS[type_name] = cls is not None and issubclass(cls, VmomiSupport.Enum)
+    return known
+
+
+def _value(elem: ElementTree.Element) -> Any:
+    xsi = elem.get(XSI_TYPE)
+    if xsi is None:
+        raise NotPlain(f"a value without xsi:type in {elem.tag}")
+    kind = _local(xsi)
+    text = elem.text
+    if kind == "string":
+        return text or ""
+    if kind == "boolean":
+        return text in ("true", "1")
+    number = _NUMBERS.get(kind)
+    if number is not None:
+        if text is None:
+            raise NotPlain(f"an empty {kind}")
+        return number(text)
+    if kind in ("ManagedObjectReference", "ManagedObject"):
+        return _mo(elem.get("type"), text)
+    if kind == "ArrayOfManagedObjectReference":
+        return [_mo(child.get("type"), child.text) for child in elem]
+    if kind == "OptionValue":
+        key = elem.find(_KEY)
+        value = elem.find(_VALUE)
+        return PlainOption(key.text or "" if key is not None else "",
+                           None if value is None else _value(value))
+    if _is_enum(kind):
+        return text or ""
+    raise NotPlain(f"values of type {kind}")
+
+
+def decode_retrieve_result(body: bytes) -> PlainResult | None:
+    """A ``RetrieveResult`` from a successful ``RetrievePropertiesEx`` or
+    ``ContinueRetrievePropertiesEx`` reply; None when it holds nothing.
+    Raises :class:`NotPlain` for anything it does not read (see the module)."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise NotPlain(f"unreadable XML: {exc}") from None
+    response = None
+    for body_elem in root:
+        for child in body_elem:
+            if child.tag in _RESPONSES:
+                response = child
+    if response is None:
+        raise NotPlain("not a RetrievePropertiesEx reply")
+    returnval = response.find(VIM + "returnval")
+    if returnval is None:
+        return None
+    objects: list[PlainContent] = []
+    token: str | None = None
+    for part in returnval:
+        tag = part.tag
+        if tag == _OBJECTS:
+            obj = None
+            props: list[PlainProperty] = []
+            for field in part:
+                ftag = field.tag
+                if ftag == _PROPSET:
+                    name = field.find(_NAME)
+                    val = field.find(_VAL)
+                    if name is None or val is None:
+                        raise NotPlain("a propSet without name or val")
+                    props.append(PlainProperty(name.text or "", _value(val)))
+                elif ftag == _OBJ:
+                    obj = _mo(field.get("type"), field.text)
+                elif ftag == _MISSING:
+                    raise NotPlain("a property vCenter could not read (missingSet)")
+            if obj is None:
+                raise NotPlain("an ObjectContent without obj")
+            objects.append(PlainContent(obj, props))
+        elif tag == _TOKEN:
+            token = part.text
+    return PlainResult(objects, token)
