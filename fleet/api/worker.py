@@ -145,7 +145,9 @@ class Workers:
         lock = FleetLock(self.ctx.vs, rec.name, spec.folder_path, op="serve-provision",
                          run_id=run_id, options=self._lock_options(rec))
         try:
-            await check_spec(spec, self.ctx.vs)  # a wrong spec fails before anything is made
+            # A wrong spec fails before anything is made; the view starts a prompt run.
+            checked = await check_spec(spec, self.ctx.vs)
+            checked_at = anyio.current_time()
             rec.lock_wait = anyio.CancelScope()
             try:
                 with rec.lock_wait:
@@ -170,6 +172,7 @@ class Workers:
                                         labels=expiry_labels(rec.expires_at))
                 provisioner = rec.provisioner = Provisioner(spec, self.ctx.vs, on_event=on_event,
                                                             run_id=run_id, options=options)
+                provisioner.use_view(checked, checked_at)
                 lock.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
                 try:
                     summary = await provisioner.run()

@@ -197,12 +197,7 @@ async def _provision(args: argparse.Namespace) -> int:
     import time
     import uuid
 
-    from fleet.engine.lifetime import (
-        current_expiry,
-        expiry_labels,
-        parse_duration,
-        stamp_expiry,
-    )
+    from fleet.engine.lifetime import expiry_labels, parse_duration, stamp_expiry
     from fleet.engine.lock import FleetLock, LockHeld
     from fleet.engine.operations import check_spec, lost_message
     from fleet.engine.run import EngineOptions, Provisioner
@@ -233,7 +228,9 @@ async def _provision(args: argparse.Namespace) -> int:
             open_target(spec, observer=metrics, announce=eprint,
                         sim_time_scale=args.sim_time_scale))
         await stack.enter_async_context(_metrics_server(args.metrics_port, metrics))
-        await check_spec(spec, target.client)  # a wrong spec changes nothing, locks nothing
+        # A wrong spec changes nothing, locks nothing; the view it reads starts the run.
+        checked = await check_spec(spec, target.client)
+        checked_at = anyio.current_time()
         lock = FleetLock(target.client, spec.name, spec.folder_path, op="provision",
                          run_id=run_id, options=lock_options)
         try:
@@ -247,14 +244,16 @@ async def _provision(args: argparse.Namespace) -> int:
             eprint(f"fleet {spec.name} expires at "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(expires_at))}")
         else:
-            expires_at = await current_expiry(spec, target.client)
+            expires_at = None  # the members' own: the run reads it in its listing
         provisioner = Provisioner(spec, target.client,
                                   on_event=_fanout(metrics.on_event,
                                                    event_log.write if event_log else None,
                                                    progress.on_event if progress else None),
                                   run_id=run_id,
                                   options=EngineOptions(seed=args.seed,
-                                                        labels=expiry_labels(expires_at)))
+                                                        labels=expiry_labels(expires_at),
+                                                        keep_expiry=ttl_s is None))
+        provisioner.use_view(checked, checked_at)
         # Lost: dispatch nothing more, at once (in-flight clones finish or are cleaned up).
         lock.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
         with progress if progress is not None else contextlib.nullcontext():
@@ -282,6 +281,8 @@ async def _provision(args: argparse.Namespace) -> int:
                 tg.start_soon(watch_signals)
                 tg.start_soon(run)
     summary = provisioner.summary
+    if ttl_s is None:
+        expires_at = provisioner.expires_at
     if summary is None:
         eprint("aborted before a summary could be made")
         return EXIT_INTERRUPTED

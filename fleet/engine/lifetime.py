@@ -5,8 +5,9 @@ A fleet with a lifetime carries its expiry on every member, as the label
 it (``fleet serve``) finds it in vCenter after any restart. A request with a
 TTL sets the expiry to *now + TTL*: new clones get the label at birth
 (``EngineOptions.labels``) and existing members are relabelled
-(:func:`stamp_expiry`); a request without one keeps the fleet's expiry
-(:func:`current_expiry`), so the members always agree.
+(:func:`stamp_expiry`); a request without one keeps the fleet's expiry (the run
+reads it in its own listing of the folder: ``EngineOptions.keep_expiry``;
+:func:`current_expiry` reads it alone), so the members always agree.
 
 The fleet's expiry is read conservatively (:func:`fleet_expiry`): the latest of
 its members' labels, and none at all if any member has no label. A fleet is

@@ -70,7 +70,7 @@ async def provision(spec: FleetSpec, vsphere: VSphere, *, on_event: EventCallbac
     provisioner = Provisioner(spec, vsphere, on_event=on_event, run_id=run_id, options=options)
     if lock is None:
         return await provisioner.run()
-    await check_spec(spec, vsphere, options)
+    provisioner.use_view(await check_spec(spec, vsphere, options), anyio.current_time())
     held = FleetLock(vsphere, spec.name, spec.folder_path, op="provision",
                      run_id=provisioner.run_id, options=lock)
     async with held:
@@ -82,13 +82,14 @@ async def provision(spec: FleetSpec, vsphere: VSphere, *, on_event: EventCallbac
 
 
 async def check_spec(spec: FleetSpec, vsphere: VSphere,
-                     options: EngineOptions | None = None) -> None:
+                     options: EngineOptions | None = None) -> ClusterView:
     """What a run checks before it changes anything (the endpoint can instant-clone,
     every source exists), so a wrong spec fails before the fleet's lock is taken and
-    its folder made. The run checks again (the sources may change meanwhile)."""
+    its folder made. Returns the view it read: a run that starts at once may start
+    with it (``Provisioner.use_view``); a later one reads it again."""
     with anyio.fail_after(spec.timeouts.call_s):
         await vsphere.server_info()
-    await load_view(spec, vsphere, (options or EngineOptions()).policy)
+    return await load_view(spec, vsphere, (options or EngineOptions()).policy)
 
 
 def lost_message(fleet: str, reason: str) -> str:

@@ -47,11 +47,11 @@ from fleet.engine.events import (
     RunFinished,
     RunStarted,
 )
-from fleet.engine.lifetime import FLEET_LABELS
+from fleet.engine.lifetime import FLEET_LABELS, expiry_labels, fleet_expiry
 from fleet.engine.limits import AutoTuning, Limiters, LimitKey
 from fleet.engine.pipeline import Pipeline
 from fleet.engine.placement import ClusterView, PlacementPolicy
-from fleet.engine.reconcile import Member, member_index, reconcile
+from fleet.engine.reconcile import Member, as_member, member_index, reconcile
 from fleet.engine.recovery import Recovery
 from fleet.engine.refresher import Refresher, load_view
 from fleet.engine.runstate import NEXT_PHASE, Job, JobQueue, RunContext, Signal
@@ -78,6 +78,14 @@ class EngineOptions:
     #: more ``guestinfo.fleet.*`` labels for every new clone (e.g. the fleet's expiry);
     #: the engine's own labels win a clash
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: label new clones with the expiry the fleet's members already have (read in the
+    #: run's own listing of the folder; ``Provisioner.expires_at`` says what it was)
+    keep_expiry: bool = False
+
+
+#: how old a view of sources and hosts may be to start a run with (``use_view``): the
+#: run's refresher reads them again every ``refresh_interval_s`` anyway
+VIEW_FRESH_S = 5.0
 
 
 class Provisioner:
@@ -101,6 +109,9 @@ class Provisioner:
                      on_limit=self._limit_changed)
         self.view: ClusterView | None = None
         self.summary: Summary | None = None
+        #: with ``keep_expiry``: the fleet's expiry as its members had it at the start
+        self.expires_at: float | None = None
+        self._checked: tuple[ClusterView, float] | None = None
         self._stop_clock = StopClock(spec.timeouts, wake.set)
         self._ctx = RunContext(spec, vsphere, self.run_id, self.rng, self.limiters, wake,
                                self._stop_clock, Tally())
@@ -113,6 +124,18 @@ class Provisioner:
         ``run`` then returns a summary with ``cancelled`` set."""
         self._stop_clock.stop(reason)
 
+    def use_view(self, view: ClusterView, read_at: float) -> None:
+        """Start with ``view`` (``check_spec``'s, read at ``anyio.current_time()``
+        ``read_at``) rather than reading the sources and hosts again, if it is at most
+        ``VIEW_FRESH_S`` old when the run starts (a lock wait may have been long)."""
+        self._checked = (view, read_at)
+
+    def _fresh_view(self) -> ClusterView | None:
+        checked, self._checked = self._checked, None
+        if checked is None or anyio.current_time() - checked[1] > VIEW_FRESH_S:
+            return None
+        return checked[0]
+
     async def run(self) -> Summary:
         ctx = self._ctx
         ctx.events = emit = Emitter(self._on_event, anyio.current_time)
@@ -122,7 +145,8 @@ class Provisioner:
         with stop.stoppable() as setup:
             with anyio.fail_after(spec.timeouts.call_s):
                 await self.vs.server_info()
-            self.view = view = await load_view(spec, self.vs, self.options.policy)
+            self.view = view = self._fresh_view() or \
+                await load_view(spec, self.vs, self.options.policy)
             self._check_recipes(view)
             refresher = Refresher(ctx, view, self.options.refresh_interval_s)
             for src in view.sources.values():
@@ -136,6 +160,11 @@ class Provisioner:
                 vms = await self.vs.list_folder_vms(folder, FLEET_LABELS)
         if setup.cancelled_caught:  # stopped while reading the inventory
             return self._finish_run(t0)
+        labels = self.options.labels
+        if self.options.keep_expiry:
+            self.expires_at = fleet_expiry([m for m in (as_member(vm, spec.name) for vm in vms)
+                                            if m is not None])
+            labels = {**expiry_labels(self.expires_at), **labels}
         rec = reconcile(spec, vms)
         ctx.tally.already_ready = len(rec.ready)
         ctx.tally.blocked = dict(rec.blocked)
@@ -153,8 +182,7 @@ class Provisioner:
             emit(JobFailed, index=index, name=spec.vm_name(index), phase="queue",
                  reason="name_taken", message=why)
         recovery = Recovery(ctx)
-        pipeline = Pipeline(ctx, refresher, recovery, self._queue, folder,
-                            labels=self.options.labels)
+        pipeline = Pipeline(ctx, refresher, recovery, self._queue, folder, labels=labels)
         dispatcher = Dispatcher(ctx, view, self._queue, pipeline.run_job,
                                 on_dropped=recovery.unsettled, shared=self.options.shared_limits)
         try:

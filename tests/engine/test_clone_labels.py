@@ -12,7 +12,7 @@ import pytest
 from fleet.engine import provision
 from fleet.engine.lifetime import LABEL_EXPIRES_AT, current_expiry
 from fleet.engine.reconcile import LABEL_NAME, LABEL_SOURCE
-from fleet.engine.run import EngineOptions
+from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.sources import FLEET_LABELS, clone_config
 from fleet.vsphere.model import Ref, VmInfo
 from tests.engine.conftest import CLONE_ONLY, FROZEN4, make_spec, vcenter
@@ -122,3 +122,24 @@ async def test_options_labels_still_reach_every_clone() -> None:
                         options=EngineOptions(labels={LABEL_EXPIRES_AT: "1700000000"}))
     assert {vm.extra_config[LABEL_EXPIRES_AT] for vm in vc.folder_vms(spec.folder_path)} == \
         {"1700000000"}
+
+
+async def test_a_run_that_keeps_the_expiry_labels_new_clones_with_the_members_one() -> None:
+    small = make_spec(name="keep", count=2, sources=FROZEN4[:2], **CLONE_ONLY)
+    more = make_spec(name="keep", count=4, sources=FROZEN4[:2], **CLONE_ONLY)
+    async with vcenter(hosts=2) as (vs, vc):
+        assert (await provision(small, vs, options=opts(
+            labels={LABEL_EXPIRES_AT: "1900000000"}))).complete
+        # Scaled up without a TTL: the run reads the expiry in its own listing.
+        grown = Provisioner(more, vs, options=opts(keep_expiry=True))
+        assert (await grown.run()).complete
+        assert grown.expires_at == 1900000000
+        assert sorted(vm.extra_config[LABEL_EXPIRES_AT]
+                      for vm in vc.folder_vms(more.folder_path)) == ["1900000000"] * 4
+        # A member without the label: the fleet has no expiry, and new clones none.
+        vc.vm("keep-0000").set_extra_config(LABEL_EXPIRES_AT, None)
+        most = Provisioner(make_spec(name="keep", count=5, sources=FROZEN4[:2], **CLONE_ONLY),
+                           vs, options=opts(keep_expiry=True))
+        assert (await most.run()).complete
+        assert most.expires_at is None
+        assert LABEL_EXPIRES_AT not in vc.vm("keep-0004").extra_config
