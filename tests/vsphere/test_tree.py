@@ -66,12 +66,17 @@ async def fleet_of(vs: VSphereClient, vc: SimVCenter, name: str, count: int,
     return refs
 
 
+async def root_of(vs: VSphereClient) -> Ref:
+    root = await vs.find_folder("root")
+    assert root is not None
+    return root
+
+
 async def test_the_first_read_shows_folders_vms_and_labels() -> None:
     async with sim_vsphere(small_topology(hosts=2)) as (vs, vc):
         await fleet_of(vs, vc, "a", 3)
         await fleet_of(vs, vc, "b", 2)
-        root = await vs.find_folder("root")
-        assert root is not None
+        root = await root_of(vs)
         vc.add_vm("loose", host="esx-01", folder="root/b")  # no labels: someone else's
         async with tree_of(vs, root) as tree:
             assert tree.synced and tree.full_reads == 1 and tree.error is None
@@ -89,8 +94,7 @@ async def test_the_first_read_shows_folders_vms_and_labels() -> None:
 async def test_changes_reach_the_view_without_a_full_read() -> None:
     async with sim_vsphere(small_topology(hosts=2)) as (vs, vc):
         refs = await fleet_of(vs, vc, "a", 2)
-        root = await vs.find_folder("root")
-        assert root is not None
+        root = await root_of(vs)
         async with tree_of(vs, root) as tree:
             a = dict(tree.folders())["a"]
             before = tree.folder_version(a)
@@ -115,8 +119,7 @@ async def test_changes_reach_the_view_without_a_full_read() -> None:
 async def test_a_large_first_read_comes_in_pages_and_is_shown_whole() -> None:
     async with sim_vsphere(small_topology(hosts=2)) as (vs, vc):
         await fleet_of(vs, vc, "a", 7)
-        root = await vs.find_folder("root")
-        assert root is not None
+        root = await root_of(vs)
         seen: list[int] = []
         async with tree_of(vs, root, page=2) as tree:
             seen.append(len(tree.vms_in(dict(tree.folders())["a"])))
@@ -127,8 +130,7 @@ async def test_a_large_first_read_comes_in_pages_and_is_shown_whole() -> None:
 async def test_a_lost_session_reads_everything_again() -> None:
     async with sim_vsphere(small_topology(hosts=2)) as (vs, vc):
         refs = await fleet_of(vs, vc, "a", 3)
-        root = await vs.find_folder("root")
-        assert root is not None
+        root = await root_of(vs)
         async with tree_of(vs, root) as tree:
             vc.sim.expire_all_sessions()
             await vs.power_off(refs[2])  # logs in again
