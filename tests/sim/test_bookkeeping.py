@@ -190,15 +190,22 @@ def test_path_getters_answer_what_the_whole_property_does() -> None:
     vm = _vm(sim, "frozen-01")
     assert VirtualMachine.path_getters
     states = []
-    for tools, ip, power in ((True, "10.0.0.9", "poweredOn"), (False, "10.0.0.9", "poweredOn"),
-                             (True, None, "poweredOn"), (True, "10.0.0.9", "poweredOff")):
+    for tools, ip, power, frozen, host in (
+            (True, "10.0.0.9", "poweredOn", True, "connected"),
+            (False, "10.0.0.9", "poweredOn", False, "connected"),
+            (True, None, "poweredOn", False, "disconnected"),
+            (True, "10.0.0.9", "poweredOff", False, "notResponding")):
         vm.guest.tools_running, vm.guest.ip = tools, ip
         vm.power_state = power
+        vm.frozen = frozen
+        vm.host.set_connection_state(host)
         for path in VirtualMachine.path_getters:
             fast, slow = resolve_path(vm, path), _generic(vm, path)
-            assert same(fast, slow), (path, tools, ip, power)
+            assert same(fast, slow), (path, tools, ip, power, frozen, host)
             states.append(fast)
     assert "10.0.0.9" in states and None in states
+    assert {True, False, "poweredOn", "poweredOff", "connected", "disconnected",
+            vm.host.ref} <= {s for s in states if not isinstance(s, list)}
 
 
 def test_keyed_getters_answer_what_a_search_of_the_array_does() -> None:
