@@ -41,11 +41,19 @@ from fleet.sim.hardware import (
 from fleet.sim.runtime import Runtime
 from fleet.sim.shapes import TOOLS_VERSION, Shape, shape_for
 from fleet.sim.soap import share
+from fleet.vmomi import trusted
 
 _DEV = vim.vm.device
 
 
 OptionValue = vim.option.OptionValue
+
+
+def _option(key: str, value: str) -> Any:
+    """``OptionValue(key=key, value=value)``: a VM's own and set keys are built on every
+    read of them (by the ten thousand for a fleet's listing), so without pyVmomi's field
+    checks; keys and values are strings the simulator holds."""
+    return trusted(OptionValue, key=key, value=value)
 
 
 @lru_cache(maxsize=4096)
@@ -73,7 +81,12 @@ class Machine(ManagedEntity):
                     "config.hardware.memoryMB": "_config_memory_mb",
                     "config.guestId": "_config_guest_id",
                     "config.instanceUuid": "_config_instance_uuid",
-                    "guest.ipAddress": "_guest_ip_address"}
+                    "guest.ipAddress": "_guest_ip_address",
+                    # what listings and reconcile read of every VM (docs/reads.md)
+                    "runtime.powerState": "_runtime_power_state",
+                    "runtime.host": "_runtime_host",
+                    "runtime.connectionState": "connection_state",
+                    "runtime.instantCloneFrozen": "_runtime_frozen"}
     keyed_getters = {"config.hardware.device": "_device_by_key",
                      "config.extraConfig": "_extra_option"}
     #: vmx or Tools keys an empty value removed (docs/simulator-vms.md); set on the
@@ -275,6 +288,15 @@ class Machine(ManagedEntity):
             instantCloneFrozen=self.frozen, cleanPowerOff=self.power_state == "poweredOff",
             suspendedToMemory=False)
 
+    def _runtime_power_state(self) -> str:
+        return self.power_state  # prop_runtime().powerState
+
+    def _runtime_host(self) -> Any:
+        return self.host.ref  # prop_runtime().host
+
+    def _runtime_frozen(self) -> bool:
+        return self.frozen  # prop_runtime().instantCloneFrozen
+
     def _devices(self) -> list[Any]:
         """``config.hardware.device``: the shape's devices (shared, built once) and this
         VM's disks and NICs (built now)."""
@@ -343,18 +365,18 @@ class Machine(ManagedEntity):
         if removed or any(key in shape.keys for key in user):
             hidden = removed | user.keys()
             out = [o for o in (*shared, *tools) if o.key not in hidden]
-            out.extend(OptionValue(key=k, value=v) for k, v in own if k not in hidden)
+            out.extend(_option(k, v) for k, v in own if k not in hidden)
         else:
             out = [*shared, *tools]
-            out.extend(OptionValue(key=k, value=v) for k, v in own)
-        out.extend(OptionValue(key=k, value=v) for k, v in user.items())
+            out.extend(_option(k, v) for k, v in own)
+        out.extend(_option(k, v) for k, v in user.items())
         return out
 
     def _extra_option(self, key: str) -> Any:
         """``config.extraConfig["key"]``: that OptionValue, or None."""
         value = self.extra_config.get(key)
         if value is not None:
-            return OptionValue(key=key, value=value)
+            return _option(key, value)
         if key not in self.shape.keys or key in self.vmx_removed:
             return None
         for option in shapes.vmx_options(self.shape, len(self.nics)):
@@ -366,7 +388,7 @@ class Machine(ManagedEntity):
                     return option
         for own_key, own_value in self._own_options():
             if own_key == key:
-                return OptionValue(key=key, value=own_value)
+                return _option(key, own_value)
         return None
 
     def reported_extra_config(self) -> dict[str, str]:

@@ -15,18 +15,31 @@ other vim25 client) writes, and writes exactly what vCenter writes:
 
 ``Fetch`` (pyVmomi's accessor for ``mo.prop``) is not a WSDL method; it is
 decoded here like any other call with one string parameter ``prop``.
+
+Property reads are written without pyVmomi's serializer where that is cheap: a
+read of a fleet's 10,000 members is 90,000 properties, and pyVmomi builds an
+object per property to walk it again node by node. The property collector hands
+the encoder :class:`Contents` (``RetrieveProperties``) or :class:`Result`
+(``RetrievePropertiesEx``), plain objects of ``(path, value)`` pairs; the encoder
+writes their structure and every plain value (string, boolean, integer,
+reference, array of references, ``OptionValue`` of a plain value) itself, the
+bytes pyVmomi writes for them, and hands any other value (a device list, a
+layout) to pyVmomi's serializer in place (docs/simulator-vms.md, "Property reads
+written directly").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from io import StringIO
 from typing import Any
 from xml.parsers.expat import ExpatError, ParserCreate
 
-from pyVmomi import VmomiSupport, vmodl
+from pyVmomi import VmomiSupport, vim, vmodl
 from pyVmomi.SoapAdapter import (
     F_LINK,
+    F_OPTIONAL,
     NS_SEP,
     SOAP_NSMAP,
     XML_ENCODING,
@@ -272,6 +285,14 @@ def encode_response(method: str, result_type: Any, result_flags: int, value: Any
                     version: str) -> bytes:
     """Serialize ``value`` as the ``returnval`` of ``method``'s response."""
     parts = [_ENVELOPE_START, f'<{method}Response xmlns="{VIM_NS}">']
+    if isinstance(value, Result | Contents):
+        written = _write_read(value, result_type, result_flags, version)
+        if written is not None:
+            parts.append(written)
+            parts.append(f"</{method}Response>")
+            parts.append(_ENVELOPE_END)
+            return "".join(parts).encode(XML_ENCODING)
+        value = value.to_vmomi()
     if value is not None and result_type is not type(None):
         info = VmomiSupport.Object(name="returnval", type=result_type, version=version,
                                    flags=result_flags)
@@ -283,6 +304,261 @@ def encode_response(method: str, result_type: Any, result_flags: int, value: Any
     parts.append(f"</{method}Response>")
     parts.append(_ENVELOPE_END)
     return "".join(parts).encode(XML_ENCODING)
+
+
+# -- property reads, written directly ------------------------------------------------
+
+PC = vmodl.query.PropertyCollector
+_ManagedObject = VmomiSupport.ManagedObject
+_OptionValue = vim.option.OptionValue
+
+
+class Content:
+    """An ``ObjectContent`` not yet written: the object's reference and its properties
+    as (path, value) pairs (``DynamicProperty`` name and val). The simulator leaves out
+    what it cannot read, so there is no ``missingSet``."""
+
+    __slots__ = ("obj", "props")
+
+    def __init__(self, obj: Any, props: list[tuple[str, Any]]) -> None:
+        self.obj = obj
+        self.props = props
+
+    def to_vmomi(self) -> Any:
+        """The same content as pyVmomi objects."""
+        return PC.ObjectContent(obj=self.obj, propSet=[
+            vmodl.DynamicProperty(name=name, val=val) for name, val in self.props])
+
+
+#: An ``ObjectContent`` of plain values, already written: its XML without the element
+#: around it (``objects`` in a RetrieveResult, ``returnval`` in a RetrieveProperties
+#: reply). Plain values are written alike in every API version the writer serves.
+Written = str
+
+
+class Contents(list[Content | Written]):
+    """The ``ObjectContent[]`` of ``RetrieveProperties``."""
+
+    def to_vmomi(self) -> Any:
+        return PC.ObjectContent.Array([_unwritten(c).to_vmomi() for c in self])
+
+
+class Result:
+    """The ``RetrieveResult`` of ``RetrievePropertiesEx`` and its continuations."""
+
+    __slots__ = ("objects", "token")
+
+    def __init__(self, objects: list[Content | Written], token: str | None = None) -> None:
+        self.objects = objects
+        self.token = token
+
+    def to_vmomi(self) -> Any:
+        return PC.RetrieveResult(objects=[_unwritten(c).to_vmomi() for c in self.objects],
+                                 token=self.token)
+
+
+def _unwritten(content: Content | Written) -> Content:
+    if isinstance(content, Content):
+        return content
+    raise TypeError("an ObjectContent already written has no pyVmomi form")
+
+
+def _prop(typ: Any, name: str) -> Any:
+    return next(p for p in typ._GetPropertyList() if p.name == name)
+
+
+_TOKEN_INFO = _prop(PC.RetrieveResult, "token")
+_OBJECTS_INFO = _prop(PC.RetrieveResult, "objects")
+_OBJ_INFO = _prop(PC.ObjectContent, "obj")
+_NAME_INFO = _prop(vmodl.DynamicProperty, "name")
+_VAL_INFO = _prop(vmodl.DynamicProperty, "val")
+#: every field the direct writer writes, as pyVmomi declares it: the writer serves an
+#: API version only if pyVmomi writes each of them in it, in the vim25 namespace
+_WRITTEN_FIELDS = (_TOKEN_INFO, _OBJECTS_INFO, _OBJ_INFO, _prop(PC.ObjectContent, "propSet"),
+                   _NAME_INFO, _VAL_INFO, _prop(_OptionValue, "key"),
+                   _prop(_OptionValue, "value"))
+#: what a property's name is: the paths of a request are pyVmomi's PropertyPath
+_PATH_TYPES = (str, VmomiSupport.PropertyPath)
+_MAX_NAMES = 4096
+_mo_names: dict[type, str] = {}
+
+
+def _ref_attrs(ref: Any) -> str:
+    """The attributes pyVmomi gives a reference: ``serverGuid`` if any, its type."""
+    cls = ref.__class__
+    name = _mo_names.get(cls)
+    if name is None:
+        name = _mo_names[cls] = VmomiSupport.GetQualifiedWsdlName(cls)[1]
+    guid = ref._serverGuid
+    if guid is not None:
+        return f' serverGuid="{guid}" type="{name}"'
+    return f' type="{name}"'
+
+
+def _true_false(value: bool) -> str:
+    return "true" if value else "false"
+
+
+class ContentWriter:
+    """Writes ``ObjectContent`` as pyVmomi's serializer does for one API version: plain
+    values directly, any other value (and any field pyVmomi would refuse, so that it
+    raises what it raises) through pyVmomi's serializer, in place."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        ser = self._ser = _Serializer(StringIO(), version, _NS_MAP)
+        ser.outermostAttrs = ""  # as encode_response's
+
+        def xsi(typ: Any, suffix: str = "") -> str:
+            nsattr, qname = ser._QName(typ, VIM_NS)
+            return f'{nsattr} {ser.xsiPrefix}type="{qname}{suffix}"'
+
+        #: exact type -> (its xsi:type in an anyType element, how pyVmomi writes it)
+        self.scalars: dict[type, tuple[str, Any]] = {
+            str: (xsi(str), XmlEscape),
+            bool: (xsi(bool), _true_false),
+            int: (xsi(int), str),
+            VmomiSupport.long: (xsi(VmomiSupport.long), str),
+        }
+        self.ref = xsi(_ManagedObject)
+        refs = VmomiSupport.GetQualifiedWsdlName(_ManagedObject.Array)[1]
+        # pyVmomi names an array of references ArrayOfManagedObjectReference
+        self.refs = xsi(_ManagedObject.Array,
+                        "Reference" if refs.endswith("ArrayOfManagedObject") else "")
+        self.option = xsi(_OptionValue)
+        self._names: dict[str, str] = {}
+
+    def pyvmomi(self, val: Any, info: Any) -> str:
+        """``val`` in the field ``info``, by pyVmomi's serializer."""
+        ser = self._ser
+        ser.writer = writer = StringIO()
+        ser._Serialize(val, info, VIM_NS)
+        return writer.getvalue()
+
+    def plain(self, tag: str, val: Any) -> str | None:
+        """``val`` in an ``anyType`` element ``tag``; None if it is not a plain value."""
+        scalar = self.scalars.get(val.__class__)
+        if scalar is not None:
+            return f"<{tag}{scalar[0]}>{scalar[1](val)}</{tag}>"
+        if isinstance(val, _ManagedObject):
+            return f"<{tag}{self.ref}{_ref_attrs(val)}>{val._moId}</{tag}>"
+        if val.__class__ is _OptionValue:
+            state = val.__dict__
+            key = state["key"]
+            if state["dynamicType"] is not None or state["dynamicProperty"] or \
+                    key.__class__ is not str:
+                return None
+            inner = state["value"]
+            value = "" if inner is None else self.plain("value", inner)
+            if value is None:
+                return None
+            return f"<{tag}{self.option}><key>{XmlEscape(key)}</key>{value}</{tag}>"
+        item_type = getattr(val.__class__, "Item", None)
+        if isinstance(val, VmomiSupport.Array) and isinstance(item_type, type) and \
+                issubclass(item_type, _ManagedObject):
+            items = []
+            for item in val:
+                if not isinstance(item, _ManagedObject):
+                    return None
+                items.append(f"<ManagedObjectReference{_ref_attrs(item)}>{item._moId}"
+                             "</ManagedObjectReference>")
+            return f"<{tag}{self.refs}>{''.join(items)}</{tag}>"
+        return None
+
+    def _name(self, name: Any) -> str:
+        if name.__class__ not in _PATH_TYPES:
+            return f"<propSet>{self.pyvmomi(name, _NAME_INFO)}"
+        names = self._names
+        written = names.get(name)
+        if written is None:
+            if len(names) >= _MAX_NAMES:
+                names.clear()  # keyed paths are any number: keep the few in use
+            written = names[name] = f"<propSet><name>{XmlEscape(name)}</name>"
+        return written
+
+    def _obj(self, ref: Any) -> str:
+        if isinstance(ref, _ManagedObject):
+            return f"<obj{_ref_attrs(ref)}>{ref._moId}</obj>"
+        return self.pyvmomi(ref, _OBJ_INFO)
+
+    def write(self, obj: Any, props: list[tuple[str, Any]]) -> Content | Written:
+        """The content, written if its values are plain (they read alike in every version
+        this writer serves), else kept to be written with the reply."""
+        parts = [self._obj(obj)]
+        for name, val in props:
+            written = None if val is None else self.plain("val", val)
+            if written is None:
+                return Content(obj, props)
+            parts.append(self._name(name))
+            parts.append(written)
+            parts.append("</propSet>")
+        return "".join(parts)
+
+    def content(self, tag: str, content: Content | Written) -> str:
+        """``<tag>`` content ``</tag>``, writing a kept content now."""
+        if content.__class__ is str:
+            return f"<{tag}>{content}</{tag}>"
+        assert isinstance(content, Content)
+        parts = [f"<{tag}>", self._obj(content.obj)]
+        for name, val in content.props:
+            parts.append(self._name(name))
+            written = None if val is None else self.plain("val", val)
+            parts.append(self.pyvmomi(val, _VAL_INFO) if written is None else written)
+            parts.append("</propSet>")
+        parts.append(f"</{tag}>")
+        return "".join(parts)
+
+
+@lru_cache(maxsize=64)
+def content_writer(version: str) -> ContentWriter | None:
+    """The direct writer for ``version``, or None if pyVmomi writes a reply of it
+    otherwise (a field it leaves out in that version, another namespace, a type it maps
+    to an older one, a version pyVmomi does not know): then every content is kept and
+    pyVmomi writes the reply."""
+    try:
+        if VmomiSupport.GetWsdlNamespace(version) != VIM_NS:
+            return None
+    except KeyError:
+        return None
+    for info in _WRITTEN_FIELDS:
+        if not VmomiSupport.IsChildVersion(version, info.version) or \
+                VmomiSupport.GetWsdlNamespace(info.version) != VIM_NS:
+            return None
+    for typ in (PC.RetrieveResult, PC.ObjectContent, vmodl.DynamicProperty, _OptionValue):
+        if VmomiSupport.GetCompatibleType(typ, version) is not typ:
+            return None
+    return ContentWriter(version)
+
+
+def _write_read(value: Result | Contents, result_type: Any, result_flags: int,
+                version: str) -> str | None:
+    """The ``returnval`` of a property read, what pyVmomi writes of ``value.to_vmomi()``
+    for the declared result; None to leave it to pyVmomi."""
+    writer = content_writer(version)
+    if writer is None:
+        if not any(c.__class__ is str for c in (
+                value.objects if isinstance(value, Result) else value)):
+            return None
+        # Contents written for a client that now speaks an API older than
+        # RetrievePropertiesEx: written as they are (no such client continues a read).
+        writer = ContentWriter(version)
+    if isinstance(value, Result):
+        if result_type is not PC.RetrieveResult:
+            return None
+        out = ["<returnval>"]
+        token = value.token
+        if token is not None:
+            out.append(f"<token>{XmlEscape(token)}</token>" if token.__class__ is str
+                       else writer.pyvmomi(token, _TOKEN_INFO))
+        if not value.objects:
+            out.append(writer.pyvmomi(value.objects, _OBJECTS_INFO))  # pyVmomi refuses
+        out.extend(writer.content("objects", c) for c in value.objects)
+        out.append("</returnval>")
+        return "".join(out)
+    if result_type is not PC.ObjectContent.Array or \
+            (not value and not result_flags & F_OPTIONAL):
+        return None
+    return "".join(writer.content("returnval", c) for c in value)
 
 
 def encode_fault(fault: Any, version: str) -> bytes:

@@ -16,7 +16,7 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from fleet.sim.calls import CallContext
-from fleet.sim.core import resolve_path
+from fleet.sim.core import parse_path, resolve_path
 from fleet.sim.entities import Folder, HostSystem
 from fleet.sim.propcollector import PropertyCollector, PropertyFilter, same
 from fleet.sim.simulator import Simulator
@@ -190,15 +190,65 @@ def test_path_getters_answer_what_the_whole_property_does() -> None:
     vm = _vm(sim, "frozen-01")
     assert VirtualMachine.path_getters
     states = []
-    for tools, ip, power in ((True, "10.0.0.9", "poweredOn"), (False, "10.0.0.9", "poweredOn"),
-                             (True, None, "poweredOn"), (True, "10.0.0.9", "poweredOff")):
+    for tools, ip, power, frozen, host in (
+            (True, "10.0.0.9", "poweredOn", True, "connected"),
+            (False, "10.0.0.9", "poweredOn", False, "connected"),
+            (True, None, "poweredOn", False, "disconnected"),
+            (True, "10.0.0.9", "poweredOff", False, "notResponding")):
         vm.guest.tools_running, vm.guest.ip = tools, ip
         vm.power_state = power
+        vm.frozen = frozen
+        vm.host.set_connection_state(host)
         for path in VirtualMachine.path_getters:
             fast, slow = resolve_path(vm, path), _generic(vm, path)
-            assert same(fast, slow), (path, tools, ip, power)
+            assert same(fast, slow), (path, tools, ip, power, frozen, host)
             states.append(fast)
     assert "10.0.0.9" in states and None in states
+    assert {True, False, "poweredOn", "poweredOff", "connected", "disconnected",
+            vm.host.ref} <= {s for s in states if not isinstance(s, list)}
+
+
+def _walked(obj: Any, path: str) -> Any:
+    """A path read the long way: the whole top-level property, then each step, a keyed
+    step by a search of its array."""
+    value: Any = obj
+    for i, (name, key) in enumerate(parse_path(path).steps):
+        value = obj.get_property(name) if i == 0 else getattr(value, name, None)
+        if value is not None and key is not None:
+            value = next((v for v in value if str(v.key) == key), None)
+        if value is None:
+            return None
+    return value
+
+
+def test_every_path_reads_what_a_walk_of_the_whole_property_reads() -> None:
+    """How a class reads a path is worked out once (fleet.sim.core ``_readers``); what it
+    reads is what walking the whole property reads, for plain, nested, keyed and
+    missing paths, read alone or several at once (one top-level property built once),
+    first or again."""
+    sim = _sim()
+    vm = _vm(sim, "frozen-01")
+    vm.set_extra_config("guestinfo.fleet.state", "ready")
+    paths = ["name", "parent", "runtime.powerState", "runtime.bootTime", "runtime.paused",
+             "config.files.vmPathName", "config.hardware.memoryMB", "config.extraConfig",
+             "config.hardware.device[4000].deviceInfo.label", "config.hardware.device[4000]",
+             'config.extraConfig["guestinfo.fleet.state"].value',
+             'config.extraConfig["nvram"]', 'config.extraConfig["no.such"].value',
+             "config.hardware.device[4999].key", "guest.net", "layoutEx.disk",
+             "summary.config.name", "snapshot.currentSnapshot", "guest.ipAddress"]
+    host = vm.host
+    for _ in range(2):
+        tops: dict[str, Any] = {}
+        for path in paths:
+            expected = _walked(vm, path)
+            assert same(resolve_path(vm, path), expected), path
+            assert same(resolve_path(vm, path, tops), expected), path
+        assert set(tops) <= {p.split(".")[0] for p in paths}
+        for path in ("name", "runtime.connectionState", "summary.hardware.memorySize", "vm"):
+            assert same(resolve_path(host, path), _walked(host, path)), path
+    assert resolve_path(vm, "config.hardware.device[4000].deviceInfo.label") == \
+        "Network adapter 1"
+    assert resolve_path(vm, 'config.extraConfig["guestinfo.fleet.state"].value') == "ready"
 
 
 def test_keyed_getters_answer_what_a_search_of_the_array_does() -> None:
