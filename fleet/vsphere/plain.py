@@ -78,19 +78,17 @@ class PlainOption:
         self.value = value
 
 
-def _local(type_name: str) -> str:
-    return type_name.rpartition(":")[2]
-
-
 _NUMBERS = {"int": int, "long": int, "short": int, "byte": int, "double": float,
             "float": float}
 _MO_TYPES: dict[str, Any] = {}
 _ENUMS: dict[str, bool] = {}
+#: an xsi:type as written (``xsd:string``) -> its local name (``string``)
+_KINDS: dict[str, str] = {}
 
 
-def _mo(type_name: str | None, moid: str | None) -> Any:
-    if not type_name or moid is None:
-        raise NotPlain("a reference without its type or id")
+def _mo_type(type_name: str | None) -> Any:
+    if not type_name:
+        raise NotPlain("a reference without its type")
     cls = _MO_TYPES.get(type_name)
     if cls is None:
         try:
@@ -100,7 +98,7 @@ def _mo(type_name: str | None, moid: str | None) -> Any:
         if not issubclass(cls, VmomiSupport.ManagedObject):
             raise NotPlain(f"{type_name} is not a managed object type")
         _MO_TYPES[type_name] = cls
-    return cls(moid)
+    return cls
 
 
 def _is_enum(type_name: str) -> bool:
@@ -114,33 +112,63 @@ def _is_enum(type_name: str) -> bool:
     return known
 
 
-def _value(elem: ElementTree.Element) -> Any:
-    xsi = elem.get(XSI_TYPE)
-    if xsi is None:
-        raise NotPlain(f"a value without xsi:type in {elem.tag}")
-    kind = _local(xsi)
-    text = elem.text
-    if kind == "string":
-        return text or ""
-    if kind == "boolean":
-        return text in ("true", "1")
-    number = _NUMBERS.get(kind)
-    if number is not None:
-        if text is None:
-            raise NotPlain(f"an empty {kind}")
-        return number(text)
-    if kind in ("ManagedObjectReference", "ManagedObject"):
-        return _mo(elem.get("type"), text)
-    if kind == "ArrayOfManagedObjectReference":
-        return [_mo(child.get("type"), child.text) for child in elem]
-    if kind == "OptionValue":
-        key = elem.find(_KEY)
-        value = elem.find(_VALUE)
-        return PlainOption(key.text or "" if key is not None else "",
-                           None if value is None else _value(value))
-    if _is_enum(kind):
-        return text or ""
-    raise NotPlain(f"values of type {kind}")
+class _Decoder:
+    """One reply's decoding; references it meets again (a host named by every VM on
+    it) are made once."""
+
+    def __init__(self) -> None:
+        self._refs: dict[tuple[str | None, str | None], Any] = {}
+
+    def mo(self, elem: ElementTree.Element) -> Any:
+        type_name, moid = elem.get("type"), elem.text
+        key = (type_name, moid)
+        ref = self._refs.get(key)
+        if ref is None:
+            if moid is None:
+                raise NotPlain("a reference without its id")
+            ref = self._refs[key] = _mo_type(type_name)(moid)
+        return ref
+
+    def value(self, elem: ElementTree.Element) -> Any:
+        xsi = elem.get(XSI_TYPE)
+        if xsi is None:
+            raise NotPlain(f"a value without xsi:type in {elem.tag}")
+        kind = _KINDS.get(xsi)
+        if kind is None:
+            kind = _KINDS[xsi] = xsi.rpartition(":")[2]
+        text = elem.text
+        if kind == "string":
+            return text or ""
+        if kind in ("ManagedObjectReference", "ManagedObject"):
+            return self.mo(elem)
+        if kind == "OptionValue":
+            if len(elem) == 2 and elem[0].tag == _KEY and elem[1].tag == _VALUE:
+                return PlainOption(elem[0].text or "", self.value(elem[1]))
+            key = elem.find(_KEY)
+            value = elem.find(_VALUE)
+            return PlainOption("" if key is None else key.text or "",
+                               None if value is None else self.value(value))
+        if kind == "boolean":
+            return text in ("true", "1")
+        number = _NUMBERS.get(kind)
+        if number is not None:
+            if text is None:
+                raise NotPlain(f"an empty {kind}")
+            return number(text)
+        if kind == "ArrayOfManagedObjectReference":
+            return [self.mo(child) for child in elem]
+        if _is_enum(kind):
+            return text or ""
+        raise NotPlain(f"values of type {kind}")
+
+    def prop(self, field: ElementTree.Element) -> PlainProperty:
+        if len(field) == 2 and field[0].tag == _NAME and field[1].tag == _VAL:
+            return PlainProperty(field[0].text or "", self.value(field[1]))
+        name = field.find(_NAME)
+        val = field.find(_VAL)
+        if name is None or val is None:
+            raise NotPlain("a propSet without name or val")
+        return PlainProperty(name.text or "", self.value(val))
 
 
 def decode_retrieve_result(body: bytes) -> PlainResult | None:
@@ -163,6 +191,8 @@ def decode_retrieve_result(body: bytes) -> PlainResult | None:
         return None
     objects: list[PlainContent] = []
     token: str | None = None
+    decoder = _Decoder()
+    prop = decoder.prop
     for part in returnval:
         tag = part.tag
         if tag == _OBJECTS:
@@ -171,13 +201,9 @@ def decode_retrieve_result(body: bytes) -> PlainResult | None:
             for field in part:
                 ftag = field.tag
                 if ftag == _PROPSET:
-                    name = field.find(_NAME)
-                    val = field.find(_VAL)
-                    if name is None or val is None:
-                        raise NotPlain("a propSet without name or val")
-                    props.append(PlainProperty(name.text or "", _value(val)))
+                    props.append(prop(field))
                 elif ftag == _OBJ:
-                    obj = _mo(field.get("type"), field.text)
+                    obj = decoder.mo(field)
                 elif ftag == _MISSING:
                     raise NotPlain("a property vCenter could not read (missingSet)")
             if obj is None:
