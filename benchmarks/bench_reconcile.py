@@ -72,6 +72,11 @@ TOKEN = "reconcile-benchmark-token-0123456789"
 STEP_TIMEOUT_S = 1800.0
 START_TIMEOUT_S = 600.0
 POLL_S = 0.05
+#: ``timeouts.call_s`` of the fleet's spec, on both sides. Today's way reads every member
+#: whole, and its rerun's listing of 10,000 realistic members took longer than the
+#: default 60 s on the 2-core machine (its rerun failed with a TimeoutError); with a
+#: longer deadline both sides finish and their figures can be set side by side.
+CALL_S = 600.0
 #: a member's label read through a keyed path by the shape probe
 PROBE_LABEL = "guestinfo.fleet.state"
 #: the flags each command is run with, checked against the side's ``--help``
@@ -190,16 +195,17 @@ class Meter:
 # -- the steps ------------------------------------------------------------------------
 
 
-def _command(sim: SimProcess, side: Side, *args: str) -> tuple[dict[str, Any], Any]:
+def _command(sim: SimProcess, side: Side, step: str, *args: str
+             ) -> tuple[dict[str, Any], Any]:
     meter = Meter(sim)
     result = side.fleet(*args)
     figures = meter.done(wall_s=result.wall_s, client_cpu_s=result.cpu_s,
                          peak_rss_mb=result.max_rss_mb)
-    out = result.json()
     if result.returncode != 0:
-        raise BenchmarkError(f"{side.label}: fleet {' '.join(args[:1])} exited "
-                             f"{result.returncode}: {result.stderr[-1000:]}")
-    return figures, out
+        raise BenchmarkError(f"{side.label}, step {step}: fleet {args[0]} exited "
+                             f"{result.returncode} after {result.wall_s:.1f} s: "
+                             f"{result.stderr[-1500:]}")
+    return figures, result.json()
 
 
 def _expect(what: str, got: Any, want: Any) -> None:
@@ -367,16 +373,19 @@ def run_side(side: Side, sizes: Sizes, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"label": side.label}
     with sim_process(time_scale=sizes.reconcile_time_scale, topology="scale64.toml") as sim:
         spec = work / f"{FLEET}.toml"
-        spec.write_text(to_toml(spec_for(sim, FLEET, count, SOURCES, **CLONE_ONLY)))
+        spec.write_text(to_toml(spec_for(sim, FLEET, count, SOURCES, **CLONE_ONLY,
+                                         timeouts={"call_s": CALL_S})))
         provision = ("provision", "--spec", str(spec), "--json", "--no-progress")
-        out["create"], summary = _command(sim, side, *provision)
+        out["create"], summary = _command(sim, side, "create", *provision)
         _expect(f"{side.label}: create, members ready", summary["ready"], count)
-        out["rerun"], summary = _command(sim, side, *provision)
+        out["rerun"], summary = _command(sim, side, "rerun", *provision)
         _expect(f"{side.label}: rerun, members created and removed",
                 (summary["created"], summary["removed"], summary["ready"]), (0, 0, count))
-        out["status"], status = _command(sim, side, "status", "--spec", str(spec), "--json")
+        out["status"], status = _command(sim, side, "status", "status", "--spec", str(spec),
+                                         "--json")
         _expect(f"{side.label}: status, members", status["members"], count)
-        out["scale_down"], summary = _command(sim, side, *provision, "--count", str(after))
+        out["scale_down"], summary = _command(sim, side, "scale-down", *provision,
+                                              "--count", str(after))
         _expect(f"{side.label}: scale-down, members removed and ready",
                 (summary["removed"], summary["ready"]), (sizes.reconcile_destroy, after))
         out.update(_serve(sim, side, work, after, sizes.reconcile_idle_s,

@@ -407,7 +407,10 @@ def reconcile_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str
         "fresh simulator of this commit. Client CPU is user + system of the fleet process "
         "(`wait4`; `/proc` for `fleet serve`), simulator CPU is the simulator process's "
         "over the step (`/proc`), on the wire is the SOAP request and response bodies the "
-        "simulator carried (MB = 10^6 bytes).", ""]
+        "simulator carried (MB = 10^6 bytes)."
+        + (f" The spec's `timeouts.call_s` is {_num(r['call_s'], 0)} s on both sides: with "
+           "the default 60 s, today's way's rerun failed, its listing of every member "
+           "whole took longer." if r.get("call_s") else ""), ""]
     if note:
         lines += [note, ""]
     lines += ["| step | client | wall (s) | client CPU (s) | simulator CPU (s) | "

@@ -342,7 +342,7 @@ def reconcile(sizes: Sizes, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "members": sizes.reconcile, "destroyed": sizes.reconcile_destroy,
         "time_scale": sizes.reconcile_time_scale, "idle_s": sizes.reconcile_idle_s,
-        "baseline_commit": bench_reconcile.BASELINE_COMMIT}
+        "baseline_commit": bench_reconcile.BASELINE_COMMIT, "call_s": bench_reconcile.CALL_S}
     side = bench_reconcile.current_side()
     package = side.check()
     out["this_commit"] = {"fleet_package": package,
