@@ -327,7 +327,7 @@ def _destroy(si: Any, ref: str) -> None:
 
 
 def _serve(sim: SimProcess, side: Side, work: Path, members: int, idle_s: float,
-           bound_s: float) -> dict[str, Any]:
+           bound_s: float, out: dict[str, Any]) -> None:
     config = work / "serve.toml"
     config.write_text(to_toml({
         "root_folder": "fleet", "state_dir": str(work / "state"),
@@ -341,36 +341,36 @@ def _serve(sim: SimProcess, side: Side, work: Path, members: int, idle_s: float,
         if found is None:
             raise BenchmarkError(f"{side.label}: fleet serve did not show {members} members "
                                  f"in {START_TIMEOUT_S:.0f} s: {service.fleet()}")
-        start = meter.done(client_cpu_s=cpu_s(service.proc.pid),
-                           peak_rss_mb=peak_rss_mb(service.proc.pid))
+        out["serve_start"] = meter.done(client_cpu_s=cpu_s(service.proc.pid),
+                                        peak_rss_mb=peak_rss_mb(service.proc.pid))
         meter, cpu0 = Meter(sim), cpu_s(service.proc.pid)
         time.sleep(idle_s)
         cpu = cpu_s(service.proc.pid) - cpu0
         idle = meter.done(client_cpu_s=cpu, peak_rss_mb=peak_rss_mb(service.proc.pid))
         idle["client_cpu_percent"] = 100 * cpu / idle["wall_s"]
+        out["serve_idle"] = idle
         view = service.fleet(limit=1)
         assert view is not None
         ref = view["member_list"][0]["vm"]
         si = _connect(sim)
         try:
-            shape = shape_probe(si, ref)
+            out["shape"] = shape_probe(si, ref)
             _destroy(si, ref)
         finally:
             si.content.sessionManager.Logout()
         reflected = service.until(members - 1, bound_s)
-        change = {"reflected_s": reflected, "bound_s": bound_s,
-                  "peak_rss_mb": peak_rss_mb(service.proc.pid)}
+        out["external_change"] = {"reflected_s": reflected, "bound_s": bound_s,
+                                  "peak_rss_mb": peak_rss_mb(service.proc.pid)}
     finally:
         service.stop()
-    return {"serve_start": start, "serve_idle": idle, "external_change": change,
-            "shape": shape}
 
 
-def run_side(side: Side, sizes: Sizes, work: Path) -> dict[str, Any]:
-    """The whole sequence for one side, on a fresh simulator."""
+def run_side(side: Side, sizes: Sizes, work: Path, out: dict[str, Any]) -> None:
+    """The whole sequence for one side, on a fresh simulator. Each step's figures go
+    into ``out`` as they are measured, so a step that fails (BenchmarkError) leaves
+    those before it."""
     work.mkdir(parents=True, exist_ok=True)
     count, after = sizes.reconcile, sizes.reconcile - sizes.reconcile_destroy
-    out: dict[str, Any] = {"label": side.label}
     with sim_process(time_scale=sizes.reconcile_time_scale, topology="scale64.toml") as sim:
         spec = work / f"{FLEET}.toml"
         spec.write_text(to_toml(spec_for(sim, FLEET, count, SOURCES, **CLONE_ONLY,
@@ -388,6 +388,5 @@ def run_side(side: Side, sizes: Sizes, work: Path) -> dict[str, Any]:
                                               "--count", str(after))
         _expect(f"{side.label}: scale-down, members removed and ready",
                 (summary["removed"], summary["ready"]), (sizes.reconcile_destroy, after))
-        out.update(_serve(sim, side, work, after, sizes.reconcile_idle_s,
-                          sizes.reconcile_change_bound_s))
-    return out
+        _serve(sim, side, work, after, sizes.reconcile_idle_s,
+               sizes.reconcile_change_bound_s, out)

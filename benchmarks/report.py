@@ -390,10 +390,11 @@ def reconcile_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str
     note = ""
     if "baseline_skipped" in r:
         note = f"Today's way was skipped: {r['baseline_skipped']}"
-    elif baseline is not None and "error" in baseline:
-        note = f"Today's way did not finish: {baseline['error']}"
     elif baseline is not None:
         sides.append((f"today's way (`{r['baseline_commit']}`)", baseline))
+        if "error" in baseline:
+            note = ("Today's way did not finish; its figures stop at the step that failed:"
+                    f"\n\n```\n{baseline['error']}\n```")
     lines = [
         "## 6. Reconcile at scale", "",
         f"One fleet of {n:,} members on 64 hosts (`scale64.toml`), realistic VMs, clone "
@@ -418,12 +419,16 @@ def reconcile_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for key, label in RECONCILE_STEPS:
         for side, figures in sides:
+            if key not in figures:
+                continue
             f = figures[key]
             lines.append(f"| {label} | {side} | {_num(f['wall_s'])} | "
                          f"{_num(f['client_cpu_s'])} | {_num(f['sim_cpu_s'])} | "
                          f"{_num(f['wire_bytes'] / 1e6, 1)} | {_num(f['peak_rss_mb'], 0)} |")
     lines.append("")
     for side, figures in sides:
+        if "external_change" not in figures:
+            continue
         change = figures["external_change"]
         seen = change["reflected_s"]
         lines.append(
@@ -446,7 +451,9 @@ def reconcile_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str
     theirs = r.get("todays_way_targets", {})
     rows = []
     for key, label, digits, unit in RECONCILE_TARGETS:
-        t = targets[key]
+        t = targets.get(key)
+        if t is None:
+            continue
         b = theirs.get(key)
         bound = f"{t['op']} {t['bound']:g}{unit}"
         lines.append(f"| {label} | {bound} | {_reconcile_value(t, digits, unit)} | {_met(t)} | "

@@ -151,6 +151,23 @@ def test_reconcile_report_says_why_the_baseline_was_skipped() -> None:
     assert "| 62 | met | — |" in text
 
 
+def test_reconcile_report_keeps_the_steps_a_failed_baseline_ran() -> None:
+    theirs = _reconcile_side(rerun_cpu_s=12.0, reflected_s=None)
+    for step in ("serve_start", "serve_idle", "external_change", "shape"):
+        del theirs[step]
+    theirs["error"] = "today's way, step serve: fleet serve did not start"
+    targets = scenarios._reconcile_targets(theirs)
+    assert set(targets) == {"rerun_cpu_vs_create", "rerun_wall_vs_create", "status_wall_s",
+                            "peak_rss_mb"}
+    text = report.markdown(_reconcile_results(todays_way=theirs,
+                                              todays_way_targets=targets), {})
+    assert "figures stop at the step that failed" in text
+    assert "step serve: fleet serve did not start" in text
+    assert "| 4 scale-down | today's way (`45978d9`) |" in text
+    assert "| 5 serve: idle | today's way" not in text
+    assert "| 1.00% | met | — |" in text  # idle CPU: this commit's only
+
+
 def test_baseline_without_its_commit_is_an_error_naming_it(tmp_path: Path,
                                                            monkeypatch: Any) -> None:
     missing = "0" * 40
