@@ -12,7 +12,10 @@ on a fresh simulator of this commit's code:
 5. ``fleet serve`` with the fleet under its root folder: ``serve_start`` until
    ``GET /v1/fleets/{name}`` shows the members it found, ``serve_idle`` with no
    caller for ``reconcile_idle_s``, then one member destroyed in vCenter by
-   pyVmomi and the time until ``/v1/fleets/{name}`` shows one member fewer.
+   pyVmomi and the time until ``/v1/fleets/{name}`` shows one member fewer. The
+   service is measured as it is: a periodic re-scan of its root folder, or a watch
+   once it has one. A member read by stock pyVmomi (its devices, its extraConfig
+   and a keyed path) shows the simulator's VMs have a real VM's shape.
 
 Each step reports wall time, client CPU (user + system of the fleet process:
 ``wait4`` for a command, ``/proc`` for the service), simulator CPU (``/proc`` of
