@@ -347,9 +347,120 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                              topo["auto_vs_true"], 3))
         lines += ["", f"![adaptive]({plots['adaptive']})", ""]
 
+    r = results.get("reconcile")
+    if r:
+        section, reconcile_rows = reconcile_section(r)
+        lines += section
+        rows += reconcile_rows
+
     summary = ["## Targets", "", "| figure | measured | target | |", "| --- | ---: | ---: | --- |"]
     summary += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
     return "\n".join(header + summary + [""] + lines) + "\n"
+
+
+RECONCILE_STEPS = (("create", "1 create"), ("rerun", "2 rerun, no change"),
+                   ("status", "3 status"), ("scale_down", "4 scale-down"),
+                   ("serve_start", "5 serve: start until the fleet shows"),
+                   ("serve_idle", "5 serve: idle"))
+RECONCILE_TARGETS = (
+    ("rerun_cpu_vs_create", "no-op rerun: client CPU / the create's", 3, "x"),
+    ("rerun_wall_vs_create", "no-op rerun: wall / the create's", 3, "x"),
+    ("status_wall_s", "status: wall", 2, " s"),
+    ("idle_serve_cpu_percent", "idle fleet serve: client CPU, % of one core", 2, "%"),
+    ("change_reflected_s", "member destroyed in vCenter: shown by /v1/fleets/{name}", 2,
+     " s"),
+    ("peak_rss_mb", "peak RSS of the client", 0, " MB"),
+    ("extra_config_keys", "a member's extraConfig keys (pyVmomi)", 0, ""),
+    ("devices", "a member's devices (pyVmomi)", 0, ""),
+)
+
+
+def _reconcile_value(target: dict[str, Any], digits: int, unit: str) -> str:
+    if target.get("reflected") is False:
+        return f"not within {_num(target['value'], 0)} s"
+    return f"{_num(target['value'], digits)}{unit}"
+
+
+def reconcile_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+    """Section 6 and its rows of the targets table: this commit's figures beside
+    today's way's, step by step, then issue 16's targets for both."""
+    n, after = r["members"], r["members"] - r["destroyed"]
+    sides = [("this commit", r["this_commit"])]
+    baseline = r.get("todays_way")
+    note = ""
+    if "baseline_skipped" in r:
+        note = f"Today's way was skipped: {r['baseline_skipped']}"
+    elif baseline is not None:
+        sides.append((f"today's way (`{r['baseline_commit']}`)", baseline))
+        if "error" in baseline:
+            note = ("Today's way did not finish; its figures stop at the step that failed:"
+                    f"\n\n```\n{baseline['error']}\n```")
+    lines = [
+        "## 6. Reconcile at scale", "",
+        f"One fleet of {n:,} members on 64 hosts (`scale64.toml`), realistic VMs, clone "
+        f"phase only (no NIC refresh, no readiness wait), time scale {r['time_scale']}: "
+        f"create; the same `fleet provision` again; `fleet status`; `fleet provision "
+        f"--count {after}` (destroys {r['destroyed']:,}); `fleet serve` finding the fleet "
+        f"under its root folder and holding it idle for {_num(r['idle_s'], 0)} s. This "
+        "commit against today's way, the client at "
+        f"`{r['baseline_commit']}` taken with `git archive` (every member read with all its "
+        "property paths, the service re-scanning its root folder every 30 s), each on a "
+        "fresh simulator of this commit. Client CPU is user + system of the fleet process "
+        "(`wait4`; `/proc` for `fleet serve`), simulator CPU is the simulator process's "
+        "over the step (`/proc`), on the wire is the SOAP request and response bodies the "
+        "simulator carried (MB = 10^6 bytes)."
+        + (f" The spec's `timeouts.call_s` is {_num(r['call_s'], 0)} s on both sides: with "
+           "the default 60 s, today's way's rerun failed, its listing of every member "
+           "whole took longer." if r.get("call_s") else ""), ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| step | client | wall (s) | client CPU (s) | simulator CPU (s) | "
+              "on the wire (MB) | client peak RSS (MB) |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for key, label in RECONCILE_STEPS:
+        for side, figures in sides:
+            if key not in figures:
+                continue
+            f = figures[key]
+            lines.append(f"| {label} | {side} | {_num(f['wall_s'])} | "
+                         f"{_num(f['client_cpu_s'])} | {_num(f['sim_cpu_s'])} | "
+                         f"{_num(f['wire_bytes'] / 1e6, 1)} | {_num(f['peak_rss_mb'], 0)} |")
+    lines.append("")
+    for side, figures in sides:
+        if "external_change" not in figures:
+            continue
+        change = figures["external_change"]
+        seen = change["reflected_s"]
+        lines.append(
+            f"- {side}: idle `fleet serve` used {_num(figures['serve_idle']['client_cpu_percent'])}"
+            "% of one core; a member powered off and destroyed by pyVmomi was "
+            + (f"gone from `/v1/fleets/{{name}}` {_num(seen)} s after its destroy task ended"
+               if seen is not None else
+               f"still shown by `/v1/fleets/{{name}}` {_num(change['bound_s'], 0)} s after "
+               "its destroy task ended")
+            + " (polled every 50 ms).")
+    shape = r["this_commit"]["shape"]
+    value = shape["keyed_value"]
+    lines += ["", f"A member as stock pyVmomi reads it from the simulator (`{shape['vm']}`, "
+              f"guest `{shape['guest_id']}`): {shape['extra_config_keys']} `extraConfig` keys "
+              f"and {shape['devices']} devices; the keyed path `{shape['keyed_path']}` "
+              + (f"answered `{value}`." if value is not None else "answered nothing."), "",
+              "| issue 16: done when | target | this commit | | today's way |",
+              "| --- | ---: | ---: | --- | ---: |"]
+    targets = r["targets"]
+    theirs = r.get("todays_way_targets", {})
+    rows = []
+    for key, label, digits, unit in RECONCILE_TARGETS:
+        t = targets.get(key)
+        if t is None:
+            continue
+        b = theirs.get(key)
+        bound = f"{t['op']} {t['bound']:g}{unit}"
+        lines.append(f"| {label} | {bound} | {_reconcile_value(t, digits, unit)} | {_met(t)} | "
+                     + (f"{_reconcile_value(b, digits, unit)} |" if b else "— |"))
+        rows.append(_row(f"6 reconcile: {label}", t, digits, unit,
+                         shown=_reconcile_value(t, digits, unit)))
+    return [*lines, ""], rows
 
 
 def write(results: dict[str, Any], phase_values: dict[str, list[float]] | None,

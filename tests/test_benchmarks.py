@@ -1,25 +1,34 @@
-"""``python -m benchmarks --quick``: the whole benchmark command on tiny sizes.
+"""``python -m benchmarks --quick``: the benchmark command on tiny sizes.
 
 Figures from a quick run mean nothing (the machine is shared and the sizes tiny);
-this checks that every scenario runs against real simulator and fleet processes
-and that the report, its JSON and its plots are written and agree.
+this checks that the scenarios run against real simulator and fleet processes
+and that the report, its JSON and its plots are written and agree. The reconcile
+scenario is left out of that run: even at quick sizes it starts some twenty
+processes and waits up to a re-scan interval (30 s) of today's ``fleet serve``
+per side; its report and targets are checked here from figures given to them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from benchmarks.harness import Timeline, rate_series
+import pytest
+
+from benchmarks import bench_reconcile, report, scenarios
+from benchmarks.harness import BenchmarkError, Timeline, rate_series
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_run_writes_json_report_and_plots(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out",
-                             str(tmp_path), "--name", "smoke"], capture_output=True,
+                             str(tmp_path), "--name", "smoke", "--only", "burst", "tools",
+                             "chains", "scale", "adaptive"], capture_output=True,
                             text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "smoke.json").read_text())
@@ -80,3 +89,99 @@ def test_render_only_names_a_missing_run(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"--render-only: cannot read {tmp_path / 'nosuch.json'}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _step(wall_s: float, cpu_s: float) -> dict[str, float]:
+    return {"wall_s": wall_s, "client_cpu_s": cpu_s, "sim_cpu_s": 1.0,
+            "wire_bytes": 2_000_000, "peak_rss_mb": 120.0}
+
+
+def _reconcile_side(*, rerun_cpu_s: float, reflected_s: float | None) -> dict[str, Any]:
+    return {"create": _step(20.0, 10.0), "rerun": _step(4.0, rerun_cpu_s),
+            "status": _step(1.5, 1.0), "scale_down": _step(5.0, 2.0),
+            "serve_start": _step(3.0, 2.0),
+            "serve_idle": {**_step(60.0, 0.6), "client_cpu_percent": 1.0},
+            "external_change": {"reflected_s": reflected_s, "bound_s": 90.0,
+                                "peak_rss_mb": 310.0 if reflected_s is None else 150.0},
+            "shape": {"vm": "vm-42", "guest_id": "ubuntu64Guest", "extra_config_keys": 62,
+                      "devices": 14, "keyed_path": 'config.extraConfig["guestinfo.fleet.state"]',
+                      "keyed_value": "ready"}}
+
+
+def _reconcile_results(**extra: Any) -> dict[str, Any]:
+    mine = _reconcile_side(rerun_cpu_s=1.5, reflected_s=0.4)
+    return {"meta": {"date": "today", "commit": "abc", "cpus": 2, "machine": "x86_64",
+                     "python": "3.11", "elapsed_s": 1.0},
+            "reconcile": {"members": 10000, "destroyed": 1000, "time_scale": 0.02,
+                          "idle_s": 60.0, "baseline_commit": "45978d9", "this_commit": mine,
+                          "targets": scenarios._reconcile_targets(mine), **extra}}
+
+
+def test_reconcile_targets_follow_the_figures() -> None:
+    mine = scenarios._reconcile_targets(_reconcile_side(rerun_cpu_s=1.5, reflected_s=0.4))
+    assert all(t["met"] for t in mine.values())
+    assert mine["rerun_cpu_vs_create"]["value"] == 0.15
+    assert mine["rerun_wall_vs_create"]["value"] == 0.2
+    theirs = scenarios._reconcile_targets(_reconcile_side(rerun_cpu_s=12.0, reflected_s=None))
+    assert {k for k, t in theirs.items() if not t["met"]} == {
+        "rerun_cpu_vs_create", "change_reflected_s", "peak_rss_mb"}
+    assert theirs["change_reflected_s"]["reflected"] is False
+    assert theirs["peak_rss_mb"]["value"] == 310.0  # the service's, the largest of all steps
+
+
+def test_reconcile_report_puts_both_sides_side_by_side() -> None:
+    theirs = _reconcile_side(rerun_cpu_s=12.0, reflected_s=None)
+    text = report.markdown(_reconcile_results(
+        todays_way=theirs, todays_way_targets=scenarios._reconcile_targets(theirs)), {})
+    assert "## 6. Reconcile at scale" in text
+    assert "| 2 rerun, no change | this commit | 4.00 | 1.50 | 1.00 | 2.0 | 120 |" in text
+    assert "| 2 rerun, no change | today's way (`45978d9`) | 4.00 | 12.00 |" in text
+    assert ("| no-op rerun: client CPU / the create's | <= 0.2x | 0.150x | met | 1.200x |"
+            in text)
+    assert "| 0.40 s | met | not within 90 s |" in text
+    # the targets table at the top carries this commit's rows
+    assert "| 6 reconcile: status: wall | 1.50 s | <= 2 s | met |" in text
+
+
+def test_reconcile_report_says_why_the_baseline_was_skipped() -> None:
+    text = report.markdown(_reconcile_results(
+        baseline_skipped="git archive 45978d9: fatal: not a valid object name"), {})
+    assert "Today's way was skipped: git archive 45978d9: fatal" in text
+    assert "today's way (`" not in text  # no rows for it
+    assert "| 62 | met | — |" in text
+
+
+def test_reconcile_report_keeps_the_steps_a_failed_baseline_ran() -> None:
+    theirs = _reconcile_side(rerun_cpu_s=12.0, reflected_s=None)
+    for step in ("serve_start", "serve_idle", "external_change", "shape"):
+        del theirs[step]
+    theirs["error"] = "today's way, step serve: fleet serve did not start"
+    targets = scenarios._reconcile_targets(theirs)
+    assert set(targets) == {"rerun_cpu_vs_create", "rerun_wall_vs_create", "status_wall_s",
+                            "peak_rss_mb"}
+    text = report.markdown(_reconcile_results(todays_way=theirs,
+                                              todays_way_targets=targets), {})
+    assert "figures stop at the step that failed" in text
+    assert "step serve: fleet serve did not start" in text
+    assert "| 4 scale-down | today's way (`45978d9`) |" in text
+    assert "| 5 serve: idle | today's way" not in text
+    assert "| 1.00% | met | — |" in text  # idle CPU: this commit's only
+
+
+def test_baseline_without_its_commit_is_an_error_naming_it(tmp_path: Path,
+                                                           monkeypatch: Any) -> None:
+    missing = "0" * 40
+    monkeypatch.setattr(bench_reconcile, "BASELINE_COMMIT", missing)
+    with pytest.raises(BenchmarkError, match=f"git archive {missing}"):
+        bench_reconcile.baseline_side(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-unpacked is left
+
+
+def test_process_figures_come_from_proc() -> None:
+    assert bench_reconcile.cpu_s(os.getpid()) > 0
+    assert bench_reconcile.peak_rss_mb(os.getpid()) > 10
+    gone = 2**22 + 1  # above the largest pid_max Linux allows
+    with pytest.raises(BenchmarkError, match=str(gone)):
+        bench_reconcile.cpu_s(gone)
+    with pytest.raises(BenchmarkError, match=str(gone)):
+        bench_reconcile.peak_rss_mb(gone)

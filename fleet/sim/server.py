@@ -4,7 +4,9 @@ Endpoints:
 
 - ``POST /sdk``: SOAP calls (cookie ``vmware_soap_session``).
 - ``GET /sdk/vimServiceVersions.xml``: API version negotiation, as vCenter serves it.
-- ``GET /_sim/stats``: JSON statistics (VMs, clones, sources, conflicts, faults, tasks).
+- ``GET /_sim/stats``: JSON statistics (VMs, clones, sources, conflicts, faults, tasks),
+  and ``soap_bytes``: the request and response body bytes ``/sdk`` has carried, what
+  a client's reads cost on the wire (the benchmarks' reconcile scenario reads it).
 - ``GET|POST|DELETE /_sim/faults``: list, add (one rule object or a list) or clear
   fault-injection rules; ``DELETE /_sim/faults/{id}`` removes one.
 - ``POST /_sim/sessions/expire``: expire every authenticated session now.
@@ -28,6 +30,7 @@ import logging
 import socket
 import ssl
 import struct
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +71,8 @@ class SimApp:
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         self.endpoint = SoapEndpoint(sim)
+        # Counted here, not in the endpoint: the in-process transport has no wire.
+        self.soap_bytes: Counter[str] = Counter()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -102,6 +107,7 @@ class SimApp:
     # -- SOAP (fleet.sim.dispatch does the work) --------------------------------
     async def soap(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        self.soap_bytes["requests"] += len(body)
         reply = await self.endpoint.post(
             body, soap_action=request.headers.get("SOAPAction"),
             cookie=request.headers.get("Cookie"), remote=request.remote or "127.0.0.1",
@@ -111,16 +117,17 @@ class SimApp:
     async def versions(self, request: web.Request) -> web.StreamResponse:
         return self._respond(request, self.endpoint.get(request.path))
 
-    @staticmethod
-    def _respond(request: web.Request, reply: SoapReply) -> web.StreamResponse:
+    def _respond(self, request: web.Request, reply: SoapReply) -> web.StreamResponse:
         if reply.drop is not None:
             _drop(request)
             raise _ConnectionDropped
+        self.soap_bytes["responses"] += len(reply.body)
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
     # -- control API -----------------------------------------------------------
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.sim.stats())
+        return web.json_response({**self.sim.stats(), "soap_bytes": {
+            "requests": self.soap_bytes["requests"], "responses": self.soap_bytes["responses"]}})
 
     async def list_faults(self, request: web.Request) -> web.Response:
         return web.json_response({"rules": [r.as_dict() for r in self.sim.faults.rules],

@@ -209,6 +209,18 @@ def test_garbage_soap_is_a_client_fault(sim: SimProcess) -> None:
     assert b"ClientFaultCode" in err.value.read()
 
 
+def test_stats_count_soap_body_bytes(sim: SimProcess) -> None:
+    before = sim.stats()["soap_bytes"]
+    body = b"<not-soap"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _post(sim, "/sdk", body, "text/xml")
+    reply = err.value.read()
+    after = sim.stats()["soap_bytes"]
+    # the control API's own traffic (these stats) is not SOAP and is not counted
+    assert after["requests"] - before["requests"] == len(body)
+    assert after["responses"] - before["responses"] == len(reply) > 0
+
+
 def test_stats_keys(sim: SimProcess) -> None:
     stats = sim.stats()
     for key in ("vms", "clones_total", "sources", "max_clone_chain_depth", "network_conflicts",
