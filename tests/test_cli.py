@@ -348,3 +348,18 @@ def test_sigterm_during_a_scale_down_never_lingers(tmp_path: Path) -> None:
     assert "Traceback" not in err
     summary = json.loads(out)
     assert summary["cancelled"] is True
+
+
+def test_a_vcenter_slower_than_the_spec_deadline_is_a_clear_error(sim: SimProcess,
+                                                                  tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "slow.toml", sim, "slow", 3,
+                      timeouts={"call_s": 1.0})
+    # 3 s at the simulator's time scale (0.05): past the 1 s deadline
+    sim.add_faults({"method": "RetrievePropertiesEx", "fault": "slow", "delay_s": 60.0,
+                    "phase": "call"})
+    try:
+        result = fleet("status", "--spec", str(spec), env=ENV)
+    finally:
+        sim.clear_faults()
+    assert result.returncode == 1, result.stderr
+    assert "timeouts.call_s" in result.stderr and "Traceback" not in result.stderr

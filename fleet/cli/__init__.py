@@ -556,11 +556,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (FleetError, KeyboardInterrupt) as exc:
         return _report([exc])
+    except TimeoutError:
+        return _report([_timed_out()])
     except BaseExceptionGroup as group:
-        errors = _leaves(group)
+        errors = [_timed_out() if isinstance(e, TimeoutError) else e
+                  for e in _leaves(group)]
         if all(isinstance(e, FleetError | KeyboardInterrupt) for e in errors):
             return _report(errors)
         raise
+
+
+def _timed_out() -> FleetError:
+    """A deadline of the spec passed (``anyio.fail_after``): say which knob it was."""
+    return FleetError("vCenter did not answer within the spec's deadline "
+                      "(timeouts.call_s for a single call); it may be overloaded, or the "
+                      "fleet large enough to need a longer one")
 
 
 if __name__ == "__main__":
