@@ -38,7 +38,7 @@ from fleet.engine.placement import (
     make_capacity,
     place,
 )
-from fleet.engine.reconcile import as_member, reconcile
+from fleet.engine.reconcile import RECONCILE_LABELS, as_member, reconcile
 from fleet.engine.refresher import load_view
 from fleet.engine.run import EngineOptions, Provisioner, remove_members
 from fleet.engine.spec import FleetSpec
@@ -342,7 +342,9 @@ async def status(spec: FleetSpec, vsphere: VSphere) -> FleetStatus:
     """Count members by state, list missing and extra indexes. Changes nothing."""
     with anyio.fail_after(spec.timeouts.call_s):
         folder = await vsphere.find_folder(spec.folder_path)
-        vms = await vsphere.list_folder_vms(folder, FLEET_LABELS) if folder is not None else []
+        # The labels reconciliation decides on: half the bytes of every label.
+        vms = (await vsphere.list_folder_vms(folder, RECONCILE_LABELS)
+               if folder is not None else [])
     rec = reconcile(spec, vms)
     held = await read_lock(vsphere, folder) if folder is not None else None
     by_state: Counter[str] = Counter(m.state for m in rec.ready + rec.resume)

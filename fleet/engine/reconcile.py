@@ -27,6 +27,9 @@ LABEL_RUN_ID = "guestinfo.fleet.run_id"
 LABEL_SOURCE = "guestinfo.fleet.source"
 LABEL_STATE = "guestinfo.fleet.state"
 
+#: what reconciliation decides on (``status`` reads no more: docs/reads.md)
+RECONCILE_LABELS = (LABEL_NAME, LABEL_INDEX, LABEL_STATE)
+
 MemberState = Literal["cloned", "network", "ready"]
 STATES: tuple[MemberState, ...] = ("cloned", "network", "ready")
 
@@ -43,12 +46,20 @@ class Member:
     vm: ListedVm
     index: int
     state: MemberState
-    run_id: str
-    source: str
 
     @property
     def name(self) -> str:
         return self.vm.name
+
+    # Read from the labels when asked: a listing of RECONCILE_LABELS (status) did not
+    # read them, and asking then raises NotRead rather than answer "none".
+    @property
+    def run_id(self) -> str:
+        return self.vm.labels.get(LABEL_RUN_ID, "")
+
+    @property
+    def source(self) -> str:
+        return self.vm.labels.get(LABEL_SOURCE, "")
 
 
 #: An index exactly as fleet writes it (``str(index)``): ASCII digits, no sign, no
@@ -75,8 +86,7 @@ def as_member(vm: ListedVm, fleet: str) -> Member | None:
     raw_state = vm.labels.get(LABEL_STATE, "cloned")
     # An unknown state (a newer fleet wrote it?) is redone from the start of the pipeline.
     st: MemberState = next((s for s in STATES if s == raw_state), "cloned")
-    return Member(vm, index, st, vm.labels.get(LABEL_RUN_ID, ""),
-                  vm.labels.get(LABEL_SOURCE, ""))
+    return Member(vm, index, st)
 
 
 @dataclass(frozen=True)

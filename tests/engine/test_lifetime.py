@@ -40,7 +40,7 @@ def member(expires: str | None) -> Member:
     extra = {} if expires is None else {LABEL_EXPIRES_AT: expires}
     vm = ListedVm(Ref("VirtualMachine", "vm-1"), "m", "poweredOn", None, None,
                   Labels(extra, FLEET_LABELS))
-    return Member(vm, 0, "ready", "r", "s")
+    return Member(vm, 0, "ready")
 
 
 def test_fleet_expiry_is_the_latest_and_none_if_any_member_has_none() -> None:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fleet.engine.lifetime import FLEET_LABELS
-from fleet.engine.reconcile import as_member, labels, member_index, reconcile
-from fleet.vsphere.model import Labels, ListedVm, Ref
+from fleet.engine.reconcile import (
+    RECONCILE_LABELS,
+    as_member,
+    labels,
+    member_index,
+    reconcile,
+)
+from fleet.vsphere.model import Labels, ListedVm, NotRead, Ref
 from tests.engine.conftest import make_spec
 
 
@@ -69,3 +77,17 @@ def test_scale_down_to_zero_removes_every_member_only() -> None:
     rec = reconcile(spec, [member(i) for i in range(4)] + [vm("keep-me")])
     assert [m.index for m in rec.remove] == [3, 2, 1, 0]
     assert [v.name for v in rec.foreign] == ["keep-me"]
+
+
+def test_a_listing_of_the_reconcile_labels_reconciles_and_knows_what_it_did_not_read() -> None:
+    def narrow(index: int, state: str) -> ListedVm:
+        full = member(index, state)
+        return ListedVm(full.ref, full.name, full.power_state, None, None,
+                        Labels(dict(full.labels), RECONCILE_LABELS))
+
+    rec = reconcile(make_spec(count=3), [narrow(0, "ready"), narrow(1, "network"),
+                                         narrow(5, "ready")])
+    assert rec.create == (2,) and [m.index for m in rec.ready] == [0]
+    assert [m.index for m in rec.resume] == [1] and [m.index for m in rec.remove] == [5]
+    with pytest.raises(NotRead):  # not read: never answered as "no source"
+        _ = rec.ready[0].source
