@@ -172,3 +172,13 @@ async def test_a_listing_falls_back_to_pyvmomi_when_the_reply_is_not_plain() -> 
         finally:
             session_module.decode_retrieve_result = plain
         assert expected
+
+
+def test_a_reply_with_a_doctype_is_never_read_plainly() -> None:
+    laughs = ('<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa">'
+              '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>')
+    body = ENVELOPE.format('<objects><obj type="VirtualMachine">vm-1</obj><propSet>'
+                           '<name>name</name><val xsi:type="xsd:string">&b;</val></propSet>'
+                           '</objects>')
+    with pytest.raises(NotPlain):
+        decode_retrieve_result((laughs + body.split("\n", 1)[1]).encode())
