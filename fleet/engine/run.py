@@ -51,7 +51,7 @@ from fleet.engine.lifetime import FLEET_LABELS, expiry_labels, fleet_expiry
 from fleet.engine.limits import AutoTuning, Limiters, LimitKey
 from fleet.engine.pipeline import Pipeline
 from fleet.engine.placement import ClusterView, PlacementPolicy
-from fleet.engine.reconcile import Member, as_member, member_index, reconcile
+from fleet.engine.reconcile import Member, member_index, reconcile
 from fleet.engine.recovery import Recovery
 from fleet.engine.refresher import Refresher, load_view
 from fleet.engine.runstate import NEXT_PHASE, Job, JobQueue, RunContext, Signal
@@ -160,12 +160,12 @@ class Provisioner:
                 vms = await self.vs.list_folder_vms(folder, FLEET_LABELS)
         if setup.cancelled_caught:  # stopped while reading the inventory
             return self._finish_run(t0)
+        rec = reconcile(spec, vms)
         labels = self.options.labels
         if self.options.keep_expiry:
-            self.expires_at = fleet_expiry([m for m in (as_member(vm, spec.name) for vm in vms)
-                                            if m is not None])
+            # Every member of the folder, as reconcile sorted them (none twice).
+            self.expires_at = fleet_expiry([*rec.ready, *rec.resume, *rec.remove])
             labels = {**expiry_labels(self.expires_at), **labels}
-        rec = reconcile(spec, vms)
         ctx.tally.already_ready = len(rec.ready)
         ctx.tally.blocked = dict(rec.blocked)
         emit(RunStarted, fleet=spec.name, run_id=self.run_id, requested=spec.count,
