@@ -191,6 +191,7 @@ class Scanner:
             if root is None:
                 self.tree = None
                 await self._scan_once()
+                self._ensure_workers()
                 if first:
                     first = False
                     task_status.started()
@@ -226,10 +227,14 @@ class Scanner:
                     task_status = None
             else:
                 self.enforce_lifetimes()
-            for rec in self.ctx.fleets.values():
-                self._start_worker(rec)
+            self._ensure_workers()
             await self._pause(tree, seen, next_scan)
             await anyio.sleep(MIN_GAP_S)  # changes come in bursts: take them together
+
+    def _ensure_workers(self) -> None:
+        """Every fleet has its worker (one whose worker ended gets a new one)."""
+        for rec in self.ctx.fleets.values():
+            self._start_worker(rec)
 
     async def _scan_once(self) -> None:
         try:
