@@ -176,6 +176,42 @@ class _Decoder:
         return PlainProperty(name.text or "", self.value(val))
 
 
+_HEAD = 4096  # where a reply's token is, if it has one (it comes before the objects)
+
+
+class RawPage:
+    """A successful ``RetrievePropertiesEx`` reply not decoded yet, and its paging
+    token, read from its head: the next page can be asked for while this one is
+    decoded (``Session.retrieve_all``)."""
+
+    __slots__ = ("body", "token")
+
+    def __init__(self, body: bytes, token: str | None) -> None:
+        self.body = body
+        self.token = token
+
+    @classmethod
+    def of(cls, body: bytes) -> RawPage:
+        """The page and its token; NotPlain if its head does not say plainly whether
+        it has one (the WSDL puts ``token`` before ``objects`` in a RetrieveResult)."""
+        head = body[:_HEAD]
+        start = head.find(b"<returnval>")
+        if start < 0:
+            if b"RetrievePropertiesExResponse" in head:
+                return cls(body, None)  # no returnval: nothing found
+            raise NotPlain("not a RetrievePropertiesEx reply")
+        rest = head[start + len(b"<returnval>"):]
+        if rest.startswith((b"<objects>", b"<objects/>", b"</returnval>")):
+            return cls(body, None)
+        if rest.startswith(b"<token>"):
+            end = rest.find(b"</token>")
+            if end > 0:
+                token = rest[len(b"<token>"):end].decode("utf-8")
+                if "&" not in token:
+                    return cls(body, token)
+        raise NotPlain("a reply whose token is not where the WSDL puts it")
+
+
 def decode_retrieve_result(body: bytes) -> PlainResult | None:
     """A ``RetrieveResult`` from a successful ``RetrievePropertiesEx`` or
     ``ContinueRetrievePropertiesEx`` reply; None when it holds nothing.
