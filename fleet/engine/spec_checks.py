@@ -150,7 +150,15 @@ def folder_problem(path: str, example: str) -> str | None:
     return None
 
 
+#: a name with none of the characters ``_name_problem`` looks for (checked first: a
+#: spec's every member name is checked, 10,000 of them for a large fleet)
+_PLAIN_NAME = re.compile(r"[^/\\%\x00-\x1f\x7f]+")
+
+
 def _name_problem(name: str) -> str | None:
+    if name and len(name) <= MAX_VM_NAME and _PLAIN_NAME.fullmatch(name) \
+            and name == name.strip():
+        return None
     if not name or name != name.strip():
         return "is empty or has leading/trailing spaces"
     if len(name) > MAX_VM_NAME:

@@ -25,6 +25,7 @@ from fleet.vsphere.model import (
     Ref,
     VmInfo,
 )
+from fleet.vsphere.plain import PlainContent
 
 PC = vmodl.query.PropertyCollector
 
@@ -55,7 +56,10 @@ def ref_of(mo: Any) -> Ref:
 
 
 def props(content: Any) -> dict[str, Any]:
-    """An ObjectContent's properties as a dict (unset properties are absent)."""
+    """An ObjectContent's properties as a dict (unset properties are absent); not to
+    be changed (a plain decoder's content hands its own)."""
+    if isinstance(content, PlainContent):
+        return content.values
     return {p.name: p.val for p in content.propSet or ()}
 
 
@@ -100,23 +104,37 @@ def listed_paths(labels: Iterable[str]) -> list[str]:
     return [*LISTED_PATHS, *(extra_config_path(k) for k in labels)]
 
 
-def listed_vm(content: Any, host_names: Mapping[str, str], labels: Iterable[str]) -> ListedVm:
-    """A folder listing's VM from ``listed_paths(labels)``: a label the VM does not have
-    is absent from the reply (no error), so it is read as not set."""
+def listed_vms(contents: Iterable[Any], host_names: Mapping[str, str],
+               labels: Iterable[str]) -> list[ListedVm]:
+    """A folder listing's VMs from ``listed_paths(labels)``: a label a VM does not have
+    is absent from the reply (no error), so it is read as not set. The label paths
+    and the hosts' references are made once for the listing, not once per VM."""
     keys = tuple(labels)
-    p = props(content)
-    host = p.get("runtime.host")
-    host_ref = ref_of(host) if host is not None else None
-    power: PowerState = p.get("runtime.powerState") or "poweredOff"
-    values = {}
-    for key in keys:
-        option = p.get(extra_config_path(key))
-        if option is not None:
-            values[key] = "" if option.value is None else str(option.value)
-    return ListedVm(ref=ref_of(content.obj), name=str(p.get("name", content.obj._moId)),
-                    power_state=power, host=host_ref,
-                    host_name=host_names.get(host_ref.id) if host_ref else None,
-                    labels=Labels(values, keys))
+    read = frozenset(keys)
+    label_paths = [(key, extra_config_path(key)) for key in keys]
+    hosts: dict[str, tuple[Ref, str | None]] = {}
+    listed = []
+    for content in contents:
+        p = props(content)
+        host = p.get("runtime.host")
+        host_ref = host_name = None
+        if host is not None:
+            known = hosts.get(host._moId)
+            if known is None:
+                ref = ref_of(host)
+                known = hosts[host._moId] = (ref, host_names.get(ref.id))
+            host_ref, host_name = known
+        power: PowerState = p.get("runtime.powerState") or "poweredOff"
+        values = {}
+        for key, path in label_paths:
+            option = p.get(path)
+            if option is not None:
+                values[key] = "" if option.value is None else str(option.value)
+        listed.append(ListedVm(ref=ref_of(content.obj),
+                               name=str(p.get("name", content.obj._moId)),
+                               power_state=power, host=host_ref, host_name=host_name,
+                               labels=Labels(values, read)))
+    return listed
 
 
 def chain_depth(layout_disks: Any) -> int:

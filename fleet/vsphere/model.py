@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 from anyio.abc import TaskStatus
 
@@ -118,6 +118,9 @@ class VmInfo:
         return self.powered_on and not self.frozen
 
 
+_T = TypeVar("_T")
+
+
 class NotRead(LookupError):
     """A key a narrow read did not ask for was looked up: a bug in the reader's caller,
     which must name every key it decides on (docs/reads.md)."""
@@ -145,6 +148,19 @@ class Labels(Mapping[str, str]):
             raise NotRead(f"extraConfig key {key!r} was not read (read: "
                           f"{', '.join(sorted(self._read)) or 'none'})")
         return self._values[key]
+
+    @overload
+    def get(self, key: str) -> str | None: ...
+
+    @overload
+    def get(self, key: str, default: str | _T) -> str | _T: ...
+
+    def get(self, key: str, default: object = None) -> object:
+        # Mapping.get through __getitem__ and a KeyError, without the detour: reconcile
+        # asks three labels of every member.
+        if key not in self._read:
+            return self[key]  # NotRead
+        return self._values.get(key, default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
