@@ -179,7 +179,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<config>",
     if not problems:
         problems = list(_resolve(config, env, base))
     if not problems and config.vcenter is None:
-        config, problems = _from_environment(config, env, base)
+        config, problems = _from_environment(config, env)
     if not problems:
         problems = list(_defaults_problems(config, env, base))
     if problems:
@@ -246,11 +246,11 @@ def _resolve(config: ServiceConfig, env: Mapping[str, str],
     return problems
 
 
-def _from_environment(config: ServiceConfig, env: Mapping[str, str], base: Path
+def _from_environment(config: ServiceConfig, env: Mapping[str, str]
                       ) -> tuple[ServiceConfig, list[tuple[str, str]]]:
     """``config`` with the vCenter the environment names, when it has no ``[vcenter]``.
     A bad or incomplete variable raises (source "environment", naming it)."""
-    found = resolve_connection(None, env=env, cwd=base)
+    found = resolve_connection(None, env=env)  # its paths are the shell's: from the cwd
     if found.vcenter is None:
         return config, []
     if config.simulator.topology is not None:

@@ -471,8 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleet",
         description="Provision fleets of vSphere Instant Clones fast, within vCenter's limits. "
-                    "Without a vCenter in the spec (or without a spec), commands run against "
-                    "a built-in simulator.")
+                    "vCenter is named by --vcenter-url, the spec's [vcenter], "
+                    "FLEET_VCENTER_* or govc's GOVC_* variables, in that order "
+                    "(docs/connecting.md). Without one, provision, plan and sources run "
+                    "against a built-in simulator; status and destroy refuse.")
     parser.add_argument("--version", action="version", version=f"fleet {__version__}")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"],
