@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.simproc import PASSWORD, USER, SimProcess
-from tests.specs import run_fleet
+from tests.specs import ENV, run_fleet, write_spec
 
 #: no simulator is named anywhere: the tests' own environment is scrubbed (conftest)
 NO_VCENTER: dict[str, str] = {}
@@ -109,3 +110,31 @@ def test_a_vcenter_meant_but_incomplete_is_an_error_not_the_simulator(
     assert f"fleet: error: environment: {culprit}" in run.stderr
     assert "using the built-in simulator at" not in run.stderr and "Traceback" not in run.stderr
     assert PASSWORD not in run.stderr
+
+
+def test_flags_then_spec_then_environment_end_to_end(sim: SimProcess, tmp_path: Path) -> None:
+    """The flags' vCenter wins over the environment's, the spec's over the environment's;
+    what lost is named on stderr, and nothing is sent to the losing (closed) address."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        elsewhere = {"GOVC_URL": f"127.0.0.1:{closed.getsockname()[1]}",
+                     "GOVC_USERNAME": USER, "GOVC_PASSWORD": PASSWORD, "GOVC_INSECURE": "1"}
+        secret = tmp_path / "password"
+        secret.write_text(PASSWORD + "\n")
+        assert sim.thumbprint is not None
+        run = run_fleet("status", "--name", "flags", "--count", "0", "--json",
+                        "--vcenter-url", sim.url, "--vcenter-user", USER,
+                        "--vcenter-password-file", str(secret),
+                        "--vcenter-thumbprint", sim.thumbprint, env=elsewhere)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["requested"] == 0
+        assert "using the vCenter of --vcenter-url; ignoring GOVC_INSECURE, GOVC_PASSWORD, " \
+               "GOVC_URL, GOVC_USERNAME" in run.stderr
+        assert f"vCenter {sim.url} (from --vcenter-url)" in run.stderr
+
+        spec = write_spec(tmp_path / "fleet.toml", sim, "specwins", 0)
+        run = run_fleet("status", "--spec", str(spec), "--json",
+                        env={**ENV, **elsewhere})
+        assert run.returncode == 0, run.stderr
+        assert "using the vCenter of fleet.toml's [vcenter]; ignoring GOVC_INSECURE, " \
+               "GOVC_PASSWORD, GOVC_URL, GOVC_USERNAME" in run.stderr
