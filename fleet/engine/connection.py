@@ -153,13 +153,11 @@ def resolve_connection(spec_vc: VCenterSpec | None, *, env: Mapping[str, str] | 
                                   f"GOVC_PASSWORD, not {paired[0]})" if "url" in govc
                                   else ""))], source="environment")
         if "url" in govc:
-            vc, origin = _from_govc(govc, base), GOVC_VARS["url"]
-            if fleet.keys() & set(TRUST):
-                # FLEET_* above GOVC_*: fleet's trust variables stand in for govc's.
-                vc = _with_trust(vc, fleet, FLEET_VARS, "environment", base)
-                below = {GOVC_VARS[f]: v for f, v in govc.items() if f in TRUST}
-            else:
-                below = {}
+            # FLEET_* above GOVC_*: fleet's trust variables, if any, stand in for govc's.
+            fleet_trust = {f: v for f, v in fleet.items() if f in TRUST}
+            vc, origin = _from_govc(govc, base, fleet_trust), GOVC_VARS["url"]
+            below = {GOVC_VARS[f]: v for f, v in govc.items() if f in TRUST} \
+                if fleet_trust else {}
         elif fleet or govc:
             name = next(iter([FLEET_VARS[f] for f in fleet] + [GOVC_VARS[f] for f in govc]))
             raise SpecError([(name, "is set but no vCenter is named: set FLEET_VCENTER_URL "
@@ -272,7 +270,8 @@ def _govc_secret(value: str, name: str) -> str:
     return content
 
 
-def _from_govc(govc: Mapping[str, str], base: Path) -> VCenterSpec:
+def _from_govc(govc: Mapping[str, str], base: Path,
+               fleet_trust: Mapping[str, str]) -> VCenterSpec:
     url, user, password = _endpoint(govc["url"], "GOVC_URL", "environment")
     # As govc: GOVC_USERNAME and GOVC_PASSWORD override what GOVC_URL carries.
     if "user" in govc:
@@ -288,6 +287,8 @@ def _from_govc(govc: Mapping[str, str], base: Path) -> VCenterSpec:
                        "environment")
     vc = _model(url, user, "GOVC_URL", "environment")
     vc._password = SecretStr(password)
+    if fleet_trust:
+        return _with_trust(vc, fleet_trust, FLEET_VARS, "environment", base)
     return _with_trust(vc, govc, GOVC_VARS, "environment", base, govc=True)
 
 

@@ -229,6 +229,14 @@ def test_fleet_trust_variables_stand_in_for_govcs(tmp_path: Path) -> None:
     assert found.ignored == ("GOVC_INSECURE",)
 
 
+def test_fleet_insecure_allows_a_plain_http_govc_url() -> None:
+    """FLEET_VCENTER_INSECURE stands in for GOVC_INSECURE, for http too."""
+    found = resolve_connection(None, env={**GOVC, "GOVC_URL": "http://127.0.0.1:9/sdk",
+                                          "FLEET_VCENTER_INSECURE": "yes"})
+    assert found.vcenter is not None and found.vcenter.insecure
+    assert found.vcenter.url == "http://127.0.0.1:9/sdk"
+
+
 def test_trust_flags_apply_to_whichever_vcenter_wins(tmp_path: Path) -> None:
     vc = spec_vcenter(thumbprint=THUMB_A)
     found = resolve_connection(vc, env=SPEC_ENV, flags={"thumbprint": THUMB_B})
