@@ -293,12 +293,13 @@ def _from_govc(govc: Mapping[str, str], base: Path,
 
 
 def _model(url: str, user: str, name: str, source: str) -> VCenterSpec:
+    """The ``[vcenter]`` model of a checked URL and a non-empty user (password and trust
+    are set after)."""
     try:
         return VCenterSpec(url=url, user=user)
-    except ValidationError as exc:  # the URL was checked: only an odd user is left
+    except ValidationError as exc:  # not expected: both were checked before
         first = exc.errors(include_url=False)[0]
-        key = name if first["loc"] == ("url",) else name.replace("URL", "USER")
-        raise _problem(key, str(first["msg"]).removeprefix("Value error, "), source) from None
+        raise _problem(name, str(first["msg"]).removeprefix("Value error, "), source) from None
 
 
 def _with_trust(vc: VCenterSpec, values: Mapping[str, Any], names: Mapping[str, str],
