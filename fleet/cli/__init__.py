@@ -55,9 +55,37 @@ def _spec_options(parser: argparse.ArgumentParser, *, count: bool = True) -> Non
     parser.add_argument("--sim-time-scale", type=float, default=1.0, metavar="X",
                         help="time scale of the built-in simulator (when the spec names no "
                              "vCenter); default 1")
+    vc = parser.add_argument_group(
+        "vCenter", "where vCenter is, above the spec's [vcenter] and the FLEET_VCENTER_* and "
+                   "GOVC_* variables (docs/connecting.md); never a password on the command line")
+    vc.add_argument("--vcenter-url", metavar="URL",
+                    help="vCenter's SDK URL (https://host/sdk; a bare host means that)")
+    vc.add_argument("--vcenter-user", metavar="USER", help="the login (with --vcenter-url)")
+    vc.add_argument("--vcenter-password-file", metavar="FILE",
+                    help="a file holding the password (with --vcenter-url)")
+    vc.add_argument("--vcenter-thumbprint", metavar="SHA256",
+                    help="trust the server certificate with this SHA-256 thumbprint")
+    vc.add_argument("--vcenter-ca-file", metavar="FILE", help="trust the CAs in this PEM file")
+    vc.add_argument("--vcenter-insecure", action="store_true",
+                    help="do not verify the server certificate at all")
+
+
+def _vcenter_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"url": args.vcenter_url, "user": args.vcenter_user,
+            "password_file": args.vcenter_password_file,
+            "thumbprint": args.vcenter_thumbprint, "ca_file": args.vcenter_ca_file,
+            "insecure": args.vcenter_insecure}
 
 
 def _load_spec(args: argparse.Namespace) -> Any:
+    """The spec the command runs (``--spec``, or the demo fleet), pointing at the vCenter
+    the flags, the spec and the environment name (docs/connecting.md), if any."""
+    from fleet.target import connect_spec
+
+    return connect_spec(_read_spec(args), flags=_vcenter_flags(args), announce=eprint)
+
+
+def _read_spec(args: argparse.Namespace) -> Any:
     from fleet.engine.spec import spec_from_dict
     from fleet.target import demo_spec
 
@@ -349,7 +377,8 @@ async def _status(args: argparse.Namespace) -> int:
     from fleet.target import open_target
 
     spec = _load_spec(args)
-    async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
+    async with open_target(spec, simulator=False, command="status", announce=eprint,
+                           sim_time_scale=args.sim_time_scale) as target:
         result = await status(spec, target.client)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -371,7 +400,8 @@ async def _destroy(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args)
     lock_options = _lock_options(args, spec.name)
-    async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
+    async with open_target(spec, simulator=False, command="destroy", announce=eprint,
+                           sim_time_scale=args.sim_time_scale) as target:
         if not args.yes:
             current = await status(spec, target.client)
             if current.members == 0:
@@ -441,8 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleet",
         description="Provision fleets of vSphere Instant Clones fast, within vCenter's limits. "
-                    "Without a vCenter in the spec (or without a spec), commands run against "
-                    "a built-in simulator.")
+                    "vCenter is named by --vcenter-url, the spec's [vcenter], "
+                    "FLEET_VCENTER_* or govc's GOVC_* variables, in that order "
+                    "(docs/connecting.md). Without one, provision, plan and sources run "
+                    "against a built-in simulator; status and destroy refuse.")
     parser.add_argument("--version", action="version", version=f"fleet {__version__}")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"],

@@ -67,7 +67,7 @@ async def connect(config: ServiceConfig, metrics: FleetMetrics,
     async with open_vcenter(config.vcenter, announce=announce, sim_time_scale=sim.time_scale,
                             sim_topology=sim.topology, **options) as target:
         if not target.simulated:
-            announce(f"connected to {target.url}")
+            announce(f"connected to {target.url} (from {config.vcenter_origin})")
         yield target.client
 
 

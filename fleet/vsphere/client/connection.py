@@ -66,7 +66,8 @@ class Connection:
     """What every part of the client shares; see the module docstring."""
 
     def __init__(self, url: str, user: str, password: str | Secret, *,
-                 tls: TlsOptions | None = None, ca_file: str | Path | None = None,
+                 tls: TlsOptions | None = None,
+                 ca_file: str | Path | tuple[str | Path, ...] | None = None,
                  thumbprint: str | None = None, insecure: bool = False,
                  max_connections: int = 256, call_timeout_s: float = 60.0,
                  task_timeout_s: float = 1800.0, keepalive_s: float = 600.0,
