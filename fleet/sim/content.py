@@ -190,16 +190,35 @@ class GuestProcessManager(SimObject):
             proc.exit_code = 143
 
 
+class GuestAuthManager(SimObject):
+    """Guest logins: ``ValidateCredentialsInGuest`` answers as a guest program's start
+    would (powered off, frozen or Tools not running, wrong user or password)."""
+
+    vim_type = vim.vm.guest.AuthManager
+
+    def ValidateCredentialsInGuest(self, ctx: CallContext, vm: Any, auth: Any) -> None:
+        target = self.inventory.resolve(vm)
+        if not isinstance(target, VirtualMachine):
+            raise vmodl.fault.InvalidArgument(msg="vm is not a virtual machine",
+                                              invalidProperty="vm")
+        target.check_host()
+        target.guest_auth(auth)
+
+
 class GuestOperationsManager(SimObject):
     vim_type = vim.vm.guest.GuestOperationsManager
 
     def __init__(self, inventory: Inventory, moid: str,
-                 process_manager: GuestProcessManager) -> None:
+                 process_manager: GuestProcessManager, auth_manager: GuestAuthManager) -> None:
         super().__init__(inventory, moid)
         self.process_manager = process_manager
+        self.auth_manager = auth_manager
 
     def prop_processManager(self) -> Any:
         return self.process_manager.ref
+
+    def prop_authManager(self) -> Any:
+        return self.auth_manager.ref
 
 
 class ProvisioningChecker(SimObject):
