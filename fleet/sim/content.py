@@ -16,7 +16,7 @@ from pyVmomi import vim, vmodl
 from fleet.sim import guest as guestcmd
 from fleet.sim.calls import CallContext, Sessions, current_call
 from fleet.sim.core import Inventory, SimObject
-from fleet.sim.entities import Folder, ManagedEntity
+from fleet.sim.entities import Folder, ManagedEntity, check_entity_name
 from fleet.sim.stats import Stats
 from fleet.sim.tasks import VC, Task, TaskManager
 from fleet.sim.topology import LatencyConfig
@@ -239,14 +239,18 @@ class ProvisioningChecker(SimObject):
 
         async def body(task: Task) -> Any:
             await task.sleep(self.latency.check_s)
+            # The spec is judged as InstantClone_Task judges it: where it goes, its NIC
+            # edits, its name; then the source as it is now.
+            errors: list[Any] = []
             folder = source.parent
-            location = spec.location
-            if location is not None and location.folder is not None:
-                target = self.inventory.get(location.folder._moId)
-                if isinstance(target, Folder):
-                    folder = target
+            try:
+                folder, _, _ = source._clone_target(spec.location)
+                source._nic_edits(spec.location)
+                check_entity_name(spec.name)
+            except vmodl.MethodFault as exc:
+                errors.append(exc)
             assert isinstance(folder, Folder)
-            errors = source.clone_problems(spec.name, folder)
+            errors += source.clone_problems(spec.name, folder)
             warnings = []
             if source.chain_depth() + 1 > 100:
                 warnings.append(vim.fault.GenericVmConfigFault(

@@ -1,0 +1,172 @@
+"""``plan``'s preflight (docs/preflight.md): each condition a first run on a real vCenter
+would meet is found before anything changes, named with its fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fleet.engine import plan, provision
+from fleet.engine.preflight import NEEDS, Finding
+from fleet.sim.topology import (
+    GuestConfig,
+    UserConfig,
+    VCenterConfig,
+    VmConfig,
+)
+from fleet.testing.harness import PASSWORD, USER
+from fleet.vsphere.model import CloneRequest
+from tests.engine.conftest import CLONE_ONLY, CREDS, FROZEN4, make_spec, topology, vcenter
+from tests.engine.conftest import options as opts
+from tests.engine.test_api import assert_untouched
+
+pytestmark = pytest.mark.anyio
+
+
+def found(findings: list[Finding]) -> dict[tuple[str, str], Finding]:
+    return {(f.check, f.object): f for f in findings}
+
+
+def denied_admin(**denied_on: list[str]) -> list[UserConfig]:
+    """The login the tests' client uses, denied privileges on named entities."""
+    return [UserConfig(name=USER, password=PASSWORD, denied_on=denied_on)]
+
+
+async def test_plan_names_each_finding_with_its_fix_and_changes_nothing() -> None:
+    stopped = VmConfig(name="tools-off", host="esx-01", folder="sources", state="running",
+                       guest=GuestConfig(user=CREDS.username, password="not-the-spec's",
+                                         tools_running=False))
+    running = VmConfig(name="running-01", host="esx-02", folder="sources", state="running",
+                       guest=GuestConfig(user=CREDS.username, password="not-the-spec's"))
+    topo = topology(hosts=3, sources=[stopped, running],
+                    users=denied_admin(**{"frozen-01": ["VirtualMachine.Provisioning.Clone"]}))
+    spec = make_spec(count=6, sources=[*FROZEN4[:3], "tools-off", "running-01"])
+    async with vcenter(topo) as (vs, vc):
+        vc.sim.hosts["esx-03"].set_maintenance(True)
+        report = await plan(spec, vs, options=opts())
+        assert_untouched(vc)
+    got = found(report.findings)
+    privilege = got[("privileges", "source frozen-01")]
+    assert privilege.severity == "error"
+    assert "VirtualMachine.Provisioning.Clone" in privilege.problem
+    assert privilege.fix.startswith("grant VirtualMachine.Provisioning.Clone on source frozen-01")
+    tools = got[("source_tools", "source tools-off")]
+    assert tools.severity == "error" and "VMware Tools is not running" in tools.problem
+    assert "vmtoolsd" in tools.fix
+    unfrozen = got[("source_frozen", "source running-01")]
+    assert unfrozen.severity == "warning" and "fleet sources freeze running-01" in unfrozen.fix
+    host = got[("host", "host esx-03")]
+    assert "maintenance" in host.problem and "frozen-03" in host.problem
+    assert "out of maintenance mode" in host.fix
+    login = got[("guest_login", "source running-01")]
+    assert login.severity == "error" and "refuses the login 'root'" in login.problem
+    assert "network.guest_password_env" in login.fix
+    assert "not-the-spec's" not in repr(report.to_dict())  # no secret in the report
+    assert not report.feasible and report.errors
+    rows = {c.source: c for c in report.sources}
+    assert rows["running-01"].guest_login == "refused"
+    assert rows["tools-off"].guest_login == "not checked (VMware Tools not running)"
+    assert rows["frozen-01"].guest_login == "not checked (frozen)"
+    # nothing else was found: the other sources and the login are fine
+    assert set(got) == {("privileges", "source frozen-01"), ("source_tools", "source tools-off"),
+                        ("source_frozen", "source tools-off"),
+                        ("source_frozen", "source running-01"), ("host", "host esx-03"),
+                        ("guest_login", "source running-01")}
+
+
+async def test_a_clean_fleet_has_no_findings() -> None:
+    spec = make_spec(count=8, sources=FROZEN4)
+    async with vcenter(hosts=4) as (vs, vc):
+        report = await plan(spec, vs, options=opts())
+        assert_untouched(vc)
+    assert report.findings == [] and report.feasible and report.api_version == "8.0.3.0"
+
+
+async def test_privileges_on_the_folder_above_until_the_fleet_folder_exists() -> None:
+    spec = make_spec(count=4, sources=FROZEN4[:2], **CLONE_ONLY)
+    topo = topology(hosts=2, users=denied_admin(vm=["VirtualMachine.Config.AdvancedConfig"]))
+    async with vcenter(topo) as (vs, _):
+        before = await plan(spec, vs, options=opts())
+        # no fleet folder yet: the datacenter's VM folder is asked, where a run would make it
+        (only,) = before.findings
+        assert only.object == ("folder the datacenter's VM folder (the fleet's folder "
+                               "fleet/lt does not exist yet)")
+        assert "VirtualMachine.Config.AdvancedConfig" in only.problem
+        assert only.fix.startswith("grant VirtualMachine.Config.AdvancedConfig on folder "
+                                   "the datacenter's VM folder")
+    topo = topology(hosts=2, folders=["fleet/lt"],
+                    users=denied_admin(lt=["VirtualMachine.Inventory.Delete"]))
+    async with vcenter(topo) as (vs, _):
+        after = await plan(spec, vs, options=opts())
+    (only,) = after.findings
+    assert only.object == "folder fleet/lt" and "VirtualMachine.Inventory.Delete" in only.problem
+
+
+async def test_what_the_workflow_does_not_use_is_not_asked_for() -> None:
+    """Guest operations and NIC edits are asked for only when the spec's workflow uses
+    them; a running source's guest privileges (for `fleet sources freeze`) are a warning."""
+    denied = denied_admin(**{"lt": ["VirtualMachine.GuestOperations.Execute"],
+                             "running-01": ["VirtualMachine.GuestOperations.Query"]})
+    topo = topology(hosts=2, running=1, folders=["fleet/lt"], users=denied)
+    spec = make_spec(count=2, sources=["frozen-01", "running-01"], **CLONE_ONLY)
+    async with vcenter(topo) as (vs, _):
+        report = await plan(spec, vs, options=opts())
+    got = found(report.findings)
+    assert ("privileges", "folder fleet/lt") not in got
+    assert got[("privileges", "source running-01")].severity == "warning"
+    assert {n.privilege for n in NEEDS} >= {"VirtualMachine.GuestOperations.Execute",
+                                            "VirtualMachine.Config.EditDevice"}
+
+
+async def test_an_old_api_a_wrong_recipe_and_too_little_space() -> None:
+    other = VmConfig(name="bsd", host="esx-01", folder="sources", state="frozen",
+                     guest=GuestConfig(family="other", user="root"))
+    topo = topology(hosts=1, datastores=1, sources=[other]).model_copy(
+        update={"vcenter": VCenterConfig(api_version="6.5")})
+    spec = make_spec(count=4, sources=["frozen-01", "bsd"], network={"refresh": "auto"})
+    async with vcenter(topo) as (vs, vc):
+        ds = vc.sim.datastores["ds-01"]
+        ds.used = ds.capacity - 10 * 1024 ** 3
+        report = await plan(spec, vs, options=opts())
+        assert vc.calls["CheckInstantClone_Task"] == 0
+    got = found(report.findings)
+    api = got[("api_version", "vCenter")]
+    assert api.severity == "error" and "6.5" in api.problem and "6.7" in api.fix
+    assert report.api_version is None
+    recipe = got[("guest_os", "source bsd")]
+    assert recipe.severity == "error" and '"auto"' in recipe.problem
+    space = got[("datastore_space", "datastore ds-01")]
+    assert space.severity == "warning" and "10.0 GiB free" in space.problem
+
+
+async def test_vcenter_checks_the_very_request_a_run_sends() -> None:
+    """``CheckInstantClone_Task`` gets the request the run's pipeline builds for the same
+    member (labels, NIC edits, the fleet's folder), not a bare one."""
+    spec = make_spec(count=2, sources=["frozen-01"])
+    checked: list[CloneRequest] = []
+    sent: list[CloneRequest] = []
+    async with vcenter(hosts=1) as (vs, vc):
+        await provision(make_spec(count=1, sources=["frozen-01"]), vs, options=opts())
+        real_check, real_start = vs.check_instant_clone, vs.start_instant_clone
+
+        async def check(request: CloneRequest) -> list[str]:
+            checked.append(request)
+            return await real_check(request)
+
+        async def start(request: CloneRequest) -> Any:
+            sent.append(request)
+            return await real_start(request)
+
+        vs.check_instant_clone = check  # type: ignore[method-assign]
+        vs.start_instant_clone = start  # type: ignore[method-assign]
+        report = await plan(spec, vs, options=opts())
+        assert report.feasible, report.findings
+        await provision(spec, vs, options=opts())
+    (asked,), (made,) = checked, sent
+    assert asked.name == made.name == "lt-0001"
+    assert asked.folder == made.folder and asked.nic_connect == made.nic_connect == "disconnect"
+    run_id = "guestinfo.fleet.run_id"
+    assert {k: v for k, v in asked.extra_config.items() if k != run_id} == \
+        {k: v for k, v in made.extra_config.items() if k != run_id}
+    assert "guestinfo.fleet.name" in asked.extra_config
