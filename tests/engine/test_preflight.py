@@ -146,7 +146,7 @@ async def test_vcenter_checks_the_very_request_a_run_sends() -> None:
     spec = make_spec(count=2, sources=["frozen-01"])
     checked: list[CloneRequest] = []
     sent: list[CloneRequest] = []
-    async with vcenter(hosts=1) as (vs, vc):
+    async with vcenter(hosts=1) as (vs, _):
         await provision(make_spec(count=1, sources=["frozen-01"]), vs, options=opts())
         real_check, real_start = vs.check_instant_clone, vs.start_instant_clone
 
