@@ -206,8 +206,9 @@ async def _check_sources(spec: FleetSpec, vs: VSphere, view: ClusterView,
                 f"it is running, not frozen: each clone stuns it and adds a delta disk to its "
                 f"chain (depth {info.chain_depth} now, budget {src.budget}), and its clones "
                 "are made one at a time",
-                f"freeze it: `fleet sources freeze {src.name}` (frozen sources clone in "
-                "parallel and their chains do not grow)"))
+                f"freeze it: `fleet sources freeze {src.name}`"
+                + ("" if info.tools_running else ", once VMware Tools runs in it")
+                + " (frozen sources clone in parallel and their chains do not grow)"))
             if not info.tools_running:
                 findings.append(Finding(
                     "error" if guest else "warning", "source_tools", what,
