@@ -99,7 +99,8 @@ NEEDS: tuple[Need, ...] = (
          "the lock is released by destroying its folder; `fleet destroy` removes the "
          "emptied fleet folder"),
     Need("VirtualMachine.Config.AdvancedConfig", "folder",
-         "members' guestinfo.fleet.* labels are extraConfig, rewritten at each phase"),
+         "members' guestinfo.fleet.* labels are extraConfig, rewritten at each phase and "
+         "when the fleet's expiry changes"),
     Need("VirtualMachine.Config.EditDevice", "folder",
          "the NICs of each clone are connected after the refresh", reconnect=True),
     Need("VirtualMachine.GuestOperations.Execute", "folder",

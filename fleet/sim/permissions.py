@@ -12,9 +12,10 @@ privilege and the entity) and ``AuthorizationManager.HasPrivilegeOnEntities`` /
 Which privilege a call needs where (:func:`required_privileges`): the method's own
 on the call's object (the type info's ``privId``, or the simulator's table where
 vSphere decides by the arguments), each parameter's ``privId`` on the entity passed
-in it (a guest operation's VM), and for an instant clone the places it goes: the
-folder (``VirtualMachine.Inventory.CreateFromExisting``), the resource pool
-(``Resource.AssignVMToPool``) and the datastore (``Datastore.AllocateSpace``).
+in it (a guest operation's VM), for an instant clone the places it goes (the folder:
+``VirtualMachine.Inventory.CreateFromExisting``, the resource pool:
+``Resource.AssignVMToPool``, the datastore: ``Datastore.AllocateSpace``) and for a
+reconfiguration what it changes (:func:`reconfigure_privileges`).
 docs/preflight.md lists what fleet needs of each.
 """
 
@@ -105,7 +106,22 @@ def required_privileges(method: str, info: Any, obj: SimObject, args: Mapping[st
                 needed.append((priv, target))
     if method == "InstantClone_Task":
         needed.extend(_clone_targets(obj, args.get("spec"), inventory))
+    if method == "ReconfigVM_Task":
+        needed.extend((priv, obj) for priv in reconfigure_privileges(args.get("spec")))
     return needed
+
+
+def reconfigure_privileges(spec: Any) -> list[str]:
+    """What a ``ReconfigVM_Task`` needs, by what its ConfigSpec changes (the reconfigure
+    privilege vSphere documents per ConfigSpec property): ``extraConfig``
+    ``VirtualMachine.Config.AdvancedConfig``, a device edit
+    ``VirtualMachine.Config.EditDevice``, anything else ``VirtualMachine.Config.Settings``."""
+    needed = []
+    if getattr(spec, "extraConfig", None):
+        needed.append("VirtualMachine.Config.AdvancedConfig")
+    if getattr(spec, "deviceChange", None):
+        needed.append("VirtualMachine.Config.EditDevice")
+    return needed or ["VirtualMachine.Config.Settings"]
 
 
 def _clone_targets(source: SimObject, spec: Any, inventory: Inventory

@@ -71,7 +71,6 @@ ANONYMOUS = frozenset({"RetrieveServiceContent", "CurrentTime", "Login", "LoginB
 PRIVILEGES = {
     "CloneVM_Task": "VirtualMachine.Provisioning.Clone",
     "Destroy_Task": "VirtualMachine.Inventory.Delete",
-    "ReconfigVM_Task": "VirtualMachine.Config.Settings",
 }
 #: Methods of ManagedEntity whose privilege depends on the entity's type.
 TYPE_PRIVILEGES = {

@@ -170,3 +170,17 @@ async def test_vcenter_checks_the_very_request_a_run_sends() -> None:
     assert {k: v for k, v in asked.extra_config.items() if k != run_id} == \
         {k: v for k, v in made.extra_config.items() if k != run_id}
     assert "guestinfo.fleet.name" in asked.extra_config
+
+
+async def test_what_plan_says_is_missing_is_what_a_run_is_refused() -> None:
+    topo = topology(hosts=1, folders=["fleet/lt"],
+                    users=denied_admin(lt=["VirtualMachine.Config.AdvancedConfig"]))
+    spec = make_spec(count=2, sources=["frozen-01"])
+    async with vcenter(topo) as (vs, _):
+        report = await plan(spec, vs, options=opts())
+        (only,) = report.findings
+        assert (only.object, only.severity) == ("folder fleet/lt", "error")
+        assert "VirtualMachine.Config.AdvancedConfig" in only.problem
+        summary = await provision(spec, vs, options=opts())
+    assert summary.ready == 0 and summary.failed == 2
+    assert summary.failures == {"permission_denied": 2}, summary.failure_messages

@@ -46,6 +46,7 @@ password = "tester-pw"
 [users.denied_on]
 "src-a" = ["VirtualMachine.Provisioning.Clone"]
 "fleets" = ["VirtualMachine.Inventory.Delete"]
+"lt" = ["VirtualMachine.Config.AdvancedConfig"]
 """
 
 
@@ -91,6 +92,16 @@ def test_a_denial_on_a_folder_propagates_to_what_is_in_it(psim: SimProcess) -> N
     task = find_vm(si, "src-b").InstantClone_Task(clone_spec("in-lt", lt))
     WaitForTask(task)
     made = task.info.result
+    # a reconfiguration needs what it changes: extraConfig is refused here, a NIC edit is not
+    with pytest.raises(vim.fault.NoPermission) as refused:
+        made.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+            vim.option.OptionValue(key="guestinfo.x", value="1")]))
+    assert refused.value.privilegeId == "VirtualMachine.Config.AdvancedConfig"
+    nic = next(d for d in made.config.hardware.device
+               if isinstance(d, vim.vm.device.VirtualEthernetCard))
+    nic.connectable.connected = False
+    WaitForTask(made.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="edit", device=nic)])))
     WaitForTask(made.PowerOffVM_Task())
     with pytest.raises(vim.fault.NoPermission) as err:
         made.Destroy_Task()
