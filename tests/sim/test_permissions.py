@@ -5,6 +5,7 @@ ValidateCredentialsInGuest) answer what the calls then do."""
 from __future__ import annotations
 
 import time
+import urllib.error
 from typing import Any
 
 import pytest
@@ -146,3 +147,18 @@ def test_denied_on_names_an_entity_and_a_privilege() -> None:
     with pytest.raises(ConfigError) as err:
         parse_topology(base, "t.toml")
     assert "users[0].denied_on.esx-01[0]" in str(err.value)
+
+
+def test_maintenance_mode_from_the_control_api(psim: SimProcess) -> None:
+    si = connect(psim)
+    host = find_vm(si, "src-a").runtime.host  # esx-01
+    assert psim._call("POST", "/_sim/hosts/esx-01", {"maintenance": True}) == {
+        "host": "esx-01", "connection_state": "connected", "maintenance": True}
+    assert host.runtime.inMaintenanceMode is True
+    psim._call("POST", "/_sim/hosts/esx-01", {"maintenance": False})
+    assert host.runtime.inMaintenanceMode is False
+    for bad in ({"maintenance": "yes"}, {"maintenance": True, "colour": "red"}, {}):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            psim._call("POST", "/_sim/hosts/esx-01", bad)
+        assert err.value.code == 400
+    assert host.runtime.inMaintenanceMode is False
