@@ -265,7 +265,7 @@ async def plan(spec: FleetSpec, vsphere: VSphere, *,
     first_index: dict[str, int] = {}
     unplaced, reasons = _simulate(spec, view, list(rec.create), planned, first_index,
                                   random.Random(opts.seed))
-    checked = await preflight(spec, vsphere, view, planned=planned)
+    checked = await preflight(spec, vsphere, view, planned=planned, members=rec.ready)
     findings += checked.findings
     run_id = f"plan-{uuid.uuid4().hex[:7]}"
     rows: list[PlanRow] = []

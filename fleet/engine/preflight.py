@@ -29,6 +29,7 @@ from typing import Any, Literal
 import anyio
 
 from fleet.engine.placement import ClusterView, SourceState
+from fleet.engine.reconcile import Member
 from fleet.engine.spec import FleetSpec
 from fleet.errors import (
     GuestOperationFailed,
@@ -165,11 +166,13 @@ async def fleet_folder_or_above(spec: FleetSpec, vs: VSphere) -> tuple[Ref | Non
 
 
 async def preflight(spec: FleetSpec, vs: VSphere, view: ClusterView, *,
-                    planned: Mapping[str, int]) -> Preflight:
+                    planned: Mapping[str, int],
+                    members: Sequence[Member] = ()) -> Preflight:
     """Every check but the provisioning checker's (see the module docstring). ``planned``:
-    clones the dry run placed on each source."""
+    clones the dry run placed on each source; ``members``: the fleet's ready members (a
+    frozen source's guest login is checked on one of its clones)."""
     findings: list[Finding] = []
-    sources = await _check_sources(spec, vs, view, findings)
+    sources = await _check_sources(spec, vs, view, members, findings)
     _check_hosts(view, findings)
     resources: list[CloneResources] = []
     try:
@@ -187,7 +190,12 @@ async def preflight(spec: FleetSpec, vs: VSphere, view: ClusterView, *,
 # -- sources --------------------------------------------------------------------------
 
 async def _check_sources(spec: FleetSpec, vs: VSphere, view: ClusterView,
-                         findings: list[Finding]) -> list[SourceCheck]:
+                         members: Sequence[Member], findings: list[Finding]
+                         ) -> list[SourceCheck]:
+    clones: dict[str, Member] = {}
+    for member in members:
+        if member.vm.power_state == "poweredOn":
+            clones.setdefault(member.source, member)
     guest = uses_guest_ops(spec)
     refresh = spec.network.refresh
     out = []
@@ -235,42 +243,46 @@ async def _check_sources(spec: FleetSpec, vs: VSphere, view: ClusterView,
                 f'set network.refresh to "auto" or "{family}"' if known else
                 'set network.refresh to "custom" (with network.command) if the recipe '
                 "fails there"))
-        login = await _check_login(spec, vs, src, guest, findings)
+        login = await _check_login(spec, vs, src, guest, findings, clones.get(src.name))
         out.append(SourceCheck(src.name, info.power_state, info.frozen, info.tools_running,
                                family, login))
     return out
 
 
 async def _check_login(spec: FleetSpec, vs: VSphere, src: SourceState, guest: bool,
-                       findings: list[Finding]) -> str:
+                       findings: list[Finding], clone: Member | None) -> str:
     creds = spec.network.credentials
     info = src.info
     if not guest or creds is None:
         return "not checked (the workflow runs nothing in the guest)"
     if not info.powered_on:
         return f"not checked ({info.power_state})"
+    target, where, on = src.ref, "its guest", ""
     if info.frozen:
-        # Guest operations wait for a clone to resume: the first run's network phase
-        # is where a wrong login shows (docs/preflight.md).
-        return "not checked (frozen)"
-    if not info.tools_running:
+        # A frozen guest cannot be asked; a clone of it, resumed, has the same login.
+        # Without one, the first run's network phase is where a wrong login shows.
+        if clone is None:
+            return "not checked (frozen)"
+        target, where, on = clone.vm.ref, f"the guest of its clone {clone.name}", \
+            f" (on {clone.name})"
+    elif not info.tools_running:
         return "not checked (VMware Tools not running)"
     try:
         with anyio.fail_after(spec.timeouts.call_s):
-            await vs.check_guest_login(src.ref, creds)
+            await vs.check_guest_login(target, creds)
     except InvalidGuestLogin:
         findings.append(Finding(
             "error", "guest_login", f"source {src.name}",
-            f"its guest refuses the login {creds.username!r} with the spec's password: "
+            f"{where} refuses the login {creds.username!r} with the spec's password: "
             "every clone's NIC refresh would fail",
             "set network.guest_user and network.guest_password_env (or "
             "network.guest_password_file) to a login of the guest"))
-        return "refused"
+        return f"refused{on}"
     except PermissionDenied as exc:
-        return f"not checked ({exc.privilege or 'a privilege'} missing)"
+        return f"not checked ({exc.privilege or 'a privilege'} missing{on})"
     except GuestOperationFailed as exc:
-        return f"not checked ({exc.fault or exc.reason})"
-    return "ok"
+        return f"not checked ({exc.fault or exc.reason}{on})"
+    return f"ok{on}"
 
 
 # -- hosts and datastores --------------------------------------------------------------

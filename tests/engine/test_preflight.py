@@ -9,6 +9,7 @@ import pytest
 
 from fleet.engine import plan, provision
 from fleet.engine.preflight import NEEDS, Finding
+from fleet.engine.spec import spec_from_dict
 from fleet.sim.topology import (
     GuestConfig,
     UserConfig,
@@ -17,7 +18,16 @@ from fleet.sim.topology import (
 )
 from fleet.testing.harness import PASSWORD, USER
 from fleet.vsphere.model import CloneRequest
-from tests.engine.conftest import CLONE_ONLY, CREDS, FROZEN4, make_spec, topology, vcenter
+from tests.engine.conftest import (
+    CLONE_ONLY,
+    CREDS,
+    ENV,
+    FROZEN4,
+    make_spec,
+    spec_data,
+    topology,
+    vcenter,
+)
 from tests.engine.conftest import options as opts
 from tests.engine.test_api import assert_untouched
 
@@ -184,3 +194,24 @@ async def test_what_plan_says_is_missing_is_what_a_run_is_refused() -> None:
         summary = await provision(spec, vs, options=opts())
     assert summary.ready == 0 and summary.failed == 2
     assert summary.failures == {"permission_denied": 2}, summary.failure_messages
+
+
+async def test_a_frozen_sources_login_is_checked_on_one_of_its_clones() -> None:
+    """A frozen guest cannot be asked; a ready member cloned from it has its login."""
+    spec = make_spec(count=2, sources=["frozen-01"])
+    wrong = spec_from_dict(spec_data(count=2, sources=["frozen-01"]), source="test.toml",
+                           env={**ENV, "GUEST_PW": "not-the-guest-password"})
+    async with vcenter(hosts=1) as (vs, vc):
+        fresh = await plan(wrong, vs, options=opts())
+        assert fresh.sources[0].guest_login == "not checked (frozen)" and not fresh.findings
+        await provision(spec, vs, options=opts())
+        vc.sim.calls.clear()
+        good = await plan(spec, vs, options=opts())
+        bad = await plan(wrong, vs, options=opts())
+        assert_untouched(vc)
+    assert good.sources[0].guest_login == "ok (on lt-0000)" and not good.findings
+    assert bad.sources[0].guest_login == "refused (on lt-0000)"
+    (finding,) = bad.findings
+    assert (finding.check, finding.object, finding.severity) == \
+        ("guest_login", "source frozen-01", "error")
+    assert "the guest of its clone lt-0000 refuses the login 'root'" in finding.problem
