@@ -334,14 +334,9 @@ async def _check_space(spec: FleetSpec, vs: VSphere, view: ClusterView,
         ds = datastores.get(ref)
         if ds is None:
             continue
-        what = f"datastore {ds.name}"
-        if not ds.accessible:
-            findings.append(Finding("error", "datastore", what,
-                                    "it is not accessible: clones cannot be made on it",
-                                    "restore its connection to the hosts"))
-        elif ds.free_bytes < nbytes:
+        if ds.free_bytes < nbytes:
             findings.append(Finding(
-                "warning", "datastore_space", what,
+                "warning", "datastore_space", f"datastore {ds.name}",
                 f"{ds.free_bytes / 1024 ** 3:.1f} GiB free, the planned clones "
                 f"({', '.join(users[ref])}) are estimated at {nbytes / 1024 ** 3:.1f} GiB "
                 "(each its memory as swap plus 1 GiB of delta growth)",

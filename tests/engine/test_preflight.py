@@ -215,3 +215,15 @@ async def test_a_frozen_sources_login_is_checked_on_one_of_its_clones() -> None:
     assert (finding.check, finding.object, finding.severity) == \
         ("guest_login", "source frozen-01", "error")
     assert "the guest of its clone lt-0000 refuses the login 'root'" in finding.problem
+
+
+async def test_a_disconnected_host_is_named_with_its_sources() -> None:
+    spec = make_spec(count=4, sources=FROZEN4[:2], **CLONE_ONLY)
+    async with vcenter(hosts=2) as (vs, vc):
+        vc.set_host_state("esx-02", "notResponding")
+        report = await plan(spec, vs, options=opts())
+    (finding,) = report.findings
+    assert (finding.check, finding.object, finding.severity) == ("host", "host esx-02", "warning")
+    assert "notResponding" in finding.problem and "frozen-02" in finding.problem
+    assert "reconnect esx-02" in finding.fix
+    assert report.feasible  # frozen-01 takes the clones
