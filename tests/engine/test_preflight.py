@@ -227,3 +227,20 @@ async def test_a_disconnected_host_is_named_with_its_sources() -> None:
     assert "notResponding" in finding.problem and "frozen-02" in finding.problem
     assert "reconnect esx-02" in finding.fix
     assert report.feasible  # frozen-01 takes the clones
+
+
+async def test_a_powered_off_source_and_a_recipe_for_the_other_family() -> None:
+    windows = VmConfig(name="win", host="esx-01", folder="sources", state="frozen",
+                       guest=GuestConfig(family="windows", user="root"))
+    spec = make_spec(count=2, sources=["frozen-01", "frozen-02", "win"],
+                     network={"refresh": "linux"}, readiness={"wait_for": "none"})
+    async with vcenter(topology(hosts=2, sources=[windows])) as (vs, vc):
+        vc.power_off_now("frozen-02")
+        report = await plan(spec, vs, options=opts())
+    got = found(report.findings)
+    off = got[("source_power", "source frozen-02")]
+    assert off.severity == "warning" and "poweredOff" in off.problem
+    assert "fleet sources freeze frozen-02" in off.fix
+    recipe = got[("guest_os", "source win")]
+    assert recipe.severity == "error" and 'network.refresh is "linux"' in recipe.problem
+    assert recipe.fix == 'set network.refresh to "auto" or "windows"'
