@@ -219,11 +219,17 @@ async def _check_sources(spec: FleetSpec, vs: VSphere, view: ClusterView,
                 + ("" if info.tools_running else ", once VMware Tools runs in it")
                 + " (frozen sources clone in parallel and their chains do not grow)"))
             if not info.tools_running:
+                # Its clones' Tools are stopped too: no refresh, no guest IP reported.
+                needs_tools = [why for why, used in (
+                    ("their NIC refresh cannot run", guest),
+                    ("they never report the guest IP readiness waits for",
+                     spec.readiness.wait_for == "guest_ip")) if used]
                 findings.append(Finding(
-                    "error" if guest else "warning", "source_tools", what,
+                    "error" if needs_tools else "warning", "source_tools", what,
                     "VMware Tools is not running in its guest: it cannot be frozen, and its "
                     "clones start with Tools stopped too"
-                    + (", so their NIC refresh cannot run" if guest else ""),
+                    + "".join(f", so {why}" for why in needs_tools[:1])
+                    + "".join(f", and {why}" for why in needs_tools[1:]),
                     "start VMware Tools in the guest (e.g. `systemctl start vmtoolsd` for "
                     "open-vm-tools, or the VMware Tools service on Windows), or reboot it"))
         family = info.guest_family

@@ -244,3 +244,23 @@ async def test_a_powered_off_source_and_a_recipe_for_the_other_family() -> None:
     recipe = got[("guest_os", "source win")]
     assert recipe.severity == "error" and 'network.refresh is "linux"' in recipe.problem
     assert recipe.fix == 'set network.refresh to "auto" or "windows"'
+
+
+@pytest.mark.parametrize(("over", "severity", "why"), [
+    (CLONE_ONLY, "warning", None),
+    ({"network": {"refresh": "none", "disconnect_at_clone": False}}, "error",
+     "never report the guest IP"),
+])
+async def test_stopped_tools_matter_as_much_as_the_workflow_needs_them(
+        over: dict[str, Any], severity: str, why: str | None) -> None:
+    stopped = VmConfig(name="tools-off", host="esx-01", folder="sources", state="running",
+                       guest=GuestConfig(user=CREDS.username, tools_running=False))
+    spec = make_spec(count=1, sources=["tools-off"], **over)
+    async with vcenter(topology(hosts=1, frozen_per_host=0, sources=[stopped])) as (vs, _):
+        report = await plan(spec, vs, options=opts())
+    tools = found(report.findings)[("source_tools", "source tools-off")]
+    assert tools.severity == severity
+    if why is None:
+        assert ", so " not in tools.problem
+    else:
+        assert why in tools.problem
