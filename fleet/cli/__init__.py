@@ -368,8 +368,33 @@ async def _plan(args: argparse.Namespace) -> int:
             print(f"  index {index} blocked: {why}")
         if result.lock is not None:
             print(f"the fleet's lock is held by {result.lock['description']}")
+        _print_findings(result)
         print("feasible" if result.feasible else "NOT feasible as it stands")
     return EXIT_OK if result.feasible else EXIT_INCOMPLETE
+
+
+def _print_findings(result: Any) -> None:
+    """The preflight's view of the sources, then each finding with its fix
+    (docs/preflight.md)."""
+    from fleet.report import print_table
+
+    print_table("sources, as a run would use them",
+                ["source", "power", "frozen", "VMware Tools", "guest OS", "guest login"],
+                [[c.source, c.power_state, "yes" if c.frozen else "no",
+                  "- (frozen)" if c.frozen else "running" if c.tools_running
+                  else "not running", c.guest_family,
+                  c.guest_login] for c in result.sources])
+    if not result.findings:
+        print(f"preflight: nothing found (API {result.api_version})")
+        return
+    errors = len(result.errors)
+    warnings = len(result.findings) - errors
+    print(f"preflight: {errors} error{'s' * (errors != 1)}, {warnings} "
+          f"warning{'s' * (warnings != 1)} (API {result.api_version or 'unsupported'})")
+    order = {"error": 0, "warning": 1}
+    for f in sorted(result.findings, key=lambda f: order[f.severity]):
+        print(f"  {f.severity.upper():7} {f.object}: {f.problem}")
+        print(f"          fix: {f.fix}")
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -500,7 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     _lock_options_args(p)
     p.set_defaults(afunc=_provision)
 
-    p = sub.add_parser("plan", help="dry run: placement table and preflight checks, no changes")
+    p = sub.add_parser("plan", help="dry run: placement table and preflight checks, no changes",
+                       description="What provisioning would do, and everything that would "
+                                   "stop it (API version, privileges, sources, guest login, "
+                                   "hosts, datastore space, vCenter's own clone check), each "
+                                   "with its fix. Changes nothing. Exit status 1 when a "
+                                   "finding is an error or clones fit nowhere "
+                                   "(docs/preflight.md).")
     _spec_options(p)
     p.set_defaults(afunc=_plan)
 

@@ -44,6 +44,7 @@ class ServerInfo:
     api_version: str  # e.g. "8.0.3.0"
     api_type: str  # "VirtualCenter" or "HostAgent"
     instance_uuid: str
+    negotiated: str = ""  # the API version this client speaks with it (pyVmomi's name)
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,26 @@ class FolderTree(Protocol):
 
 
 @dataclass(frozen=True)
+class Named:
+    """An inventory entity and its name (what a report shows of it)."""
+
+    ref: Ref
+    name: str
+
+
+@dataclass(frozen=True)
+class CloneResources:
+    """What an instant clone of ``vm`` uses of the inventory besides ``vm`` itself, when
+    the request names no other place: the source's resource pool, its datastores (the
+    clone's delta disks) and the networks its NICs are on (docs/preflight.md)."""
+
+    vm: Ref
+    pool: Named | None
+    datastores: tuple[Named, ...]
+    networks: tuple[Named, ...]
+
+
+@dataclass(frozen=True)
 class CloneRequest:
     """One instant clone: what to make, from what, where."""
 
@@ -388,6 +409,25 @@ class VSphere(Protocol):
         ...
 
     async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None: ...
+
+    # -- preflight (docs/preflight.md): questions asked before anything changes -------
+    async def clone_resources(self, vms: Sequence[Ref]) -> list[CloneResources]:
+        """Where an instant clone of each VM would go and what it would use (same order;
+        NotFound if a VM is gone)."""
+        ...
+
+    async def missing_privileges(self, wanted: Mapping[Ref, Collection[str]]
+                                 ) -> dict[Ref, list[str]]:
+        """Of the privileges ``wanted`` on each entity, those this login does not hold
+        there (``AuthorizationManager.HasPrivilegeOnEntities`` for this session), sorted;
+        entities lacking none are left out."""
+        ...
+
+    async def check_guest_login(self, vm: Ref, credentials: GuestCredentials) -> None:
+        """``GuestAuthManager.ValidateCredentialsInGuest``: InvalidGuestLogin if the guest
+        refuses the login, GuestOperationFailed if it cannot be asked (Tools not
+        running, frozen); another VSphereError (InvalidPowerState) if the VM is off."""
+        ...
 
     # -- guest -----------------------------------------------------------
     async def run_in_guest(self, vm: Ref, credentials: GuestCredentials, program: GuestProgram,

@@ -14,8 +14,9 @@ Layers below it, bottom up (each its own module in ``fleet.vsphere``):
 The client itself is in rooms, one job each, and :class:`VSphereClient` is their sum:
 ``connection`` (lifecycle, calls, tasks, paged reads; the state they all share),
 ``reads`` (the inventory), ``folders`` (VM folders, the lock's records), ``clones``
-(instant and full clones), ``changes`` (power, destroy, NIC and extraConfig edits)
-and ``guest_ops`` (guest programs, waits for a VM's state). They are mixins rather
+(instant and full clones), ``changes`` (power, destroy, NIC and extraConfig edits),
+``guest_ops`` (guest programs, waits for a VM's state) and ``preflight`` (the
+questions ``fleet plan`` asks: privileges, guest logins, where clones go). They are mixins rather
 than parts the client delegates to, so each ``VSphere`` method is written once, in
 its room, and not again as a forwarding stub; each room inherits from the rooms it
 calls (every one from ``reads``), so mypy checks each call across rooms, and
@@ -45,6 +46,7 @@ from fleet.vsphere.client.clones import Clones
 from fleet.vsphere.client.connection import endpoint_problem
 from fleet.vsphere.client.folders import Folders
 from fleet.vsphere.client.guest_ops import GuestOps
+from fleet.vsphere.client.preflight import Preflight
 from fleet.vsphere.session import RetryPolicy, Secret
 from fleet.vsphere.tls import TlsOptions
 
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     from fleet.vsphere.tasks import VCenterTask
 
 
-class VSphereClient(Clones, VmChanges, GuestOps, Folders):
+class VSphereClient(Clones, VmChanges, GuestOps, Folders, Preflight):
     """An asyncio vCenter client; see the module docstring."""
 
 

@@ -149,7 +149,8 @@ class Connection:
                                   version=str(about.version or ""),
                                   api_version=str(about.apiVersion or ""),
                                   api_type=str(about.apiType or ""),
-                                  instance_uuid=str(about.instanceUuid or ""))
+                                  instance_uuid=str(about.instanceUuid or ""),
+                                  negotiated=str(self.session.stub.version))
         self._unsupported = endpoint_problem(self._server.api_type, self._server.api_version,
                                              self.session.stub.version)
         if self._unsupported:
