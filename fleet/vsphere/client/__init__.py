@@ -15,7 +15,8 @@ The client itself is in rooms, one job each, and :class:`VSphereClient` is their
 ``connection`` (lifecycle, calls, tasks, paged reads; the state they all share),
 ``reads`` (the inventory), ``folders`` (VM folders, the lock's records), ``clones``
 (instant and full clones), ``changes`` (power, destroy, NIC and extraConfig edits)
-and ``guest_ops`` (guest programs, waits for a VM's state). They are mixins rather
+``guest_ops`` (guest programs, waits for a VM's state) and ``addresses`` (members'
+addresses, for inventories). They are mixins rather
 than parts the client delegates to, so each ``VSphere`` method is written once, in
 its room, and not again as a forwarding stub; each room inherits from the rooms it
 calls (every one from ``reads``), so mypy checks each call across rooms, and
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fleet.vsphere.client.addresses import Addresses
 from fleet.vsphere.client.changes import VmChanges
 from fleet.vsphere.client.clones import Clones
 from fleet.vsphere.client.connection import endpoint_problem
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     from fleet.vsphere.tasks import VCenterTask
 
 
-class VSphereClient(Clones, VmChanges, GuestOps, Folders):
+class VSphereClient(Clones, VmChanges, GuestOps, Folders, Addresses):
     """An asyncio vCenter client; see the module docstring."""
 
 
