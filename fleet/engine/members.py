@@ -38,7 +38,7 @@ from fleet.engine.reconcile import (
     as_member,
 )
 from fleet.engine.spec import FleetSpec
-from fleet.vsphere.model import ListedVm, VmAddresses, VSphere
+from fleet.vsphere.model import ListedVm, Ref, VmAddresses, VSphere
 
 #: what a record reads of each member: every label fleet writes, and the ready time
 RECORD_LABELS = (*FLEET_LABELS, LABEL_READY_AT)
@@ -141,24 +141,28 @@ def record_of(member: Member, facts: VmAddresses, fleet: str) -> MemberRecord:
         expires_at=expires_at_of(labels))
 
 
-async def read_records(spec: FleetSpec, vs: VSphere, vms: Iterable[ListedVm]
+async def read_records(vs: VSphere, fleet: str, vms: Sequence[Ref], *, call_s: float
                        ) -> list[MemberRecord]:
-    """Records of the fleet's members among ``vms`` (a listing), sorted by index then
-    name. Membership is judged again on the labels read now: a VM relabelled or gone
-    since the listing is left out."""
-    refs = [vm.ref for vm in vms if as_member(vm, spec.name) is not None]
-    if not refs:
+    """Records of the VMs ``vms`` that are members of ``fleet``, sorted by index then
+    name. Membership is judged on the labels read now: a VM relabelled or gone since
+    the caller's listing is left out. ``call_s``: the deadline of one page's read."""
+    if not vms:
         return []
-    pages = max(1, math.ceil(len(refs) / _PAGE))
-    with anyio.fail_after(spec.timeouts.call_s * (pages + 1)):
-        read = await vs.read_addresses(refs, RECORD_LABELS)
+    pages = max(1, math.ceil(len(vms) / _PAGE))
+    with anyio.fail_after(call_s * (pages + 1)):
+        read = await vs.read_addresses(vms, RECORD_LABELS)
     records = []
     for facts in read:
-        member = as_member(facts.vm, spec.name)
+        member = as_member(facts.vm, fleet)
         if member is not None:
-            records.append(record_of(member, facts, spec.name))
+            records.append(record_of(member, facts, fleet))
     records.sort(key=lambda r: (r.index, r.name))
     return records
+
+
+def member_refs(vms: Iterable[ListedVm], fleet: str) -> list[Ref]:
+    """The VMs of a listing that are members of ``fleet``."""
+    return [vm.ref for vm in vms if as_member(vm, fleet) is not None]
 
 
 async def member_records(spec: FleetSpec, vs: VSphere) -> list[MemberRecord]:
@@ -167,8 +171,13 @@ async def member_records(spec: FleetSpec, vs: VSphere) -> list[MemberRecord]:
         folder = await vs.find_folder(spec.folder_path)
         vms = (await vs.list_folder_vms(folder, RECONCILE_LABELS)
                if folder is not None else [])
-    return await read_records(spec, vs, vms)
+    return await read_records(vs, spec.name, member_refs(vms, spec.name),
+                              call_s=spec.timeouts.call_s)
 
 
-def records_to_dicts(records: Sequence[MemberRecord]) -> list[dict[str, Any]]:
-    return [r.to_dict() for r in records]
+#: the fields a record adds to what the service's member view shows (``GET
+#: /v1/fleets/{name}``), and their values when a member has no VM (yet) to read
+RECORD_ONLY: dict[str, Any] = {
+    "fleet": None, "power_state": None, "ip": None, "ip_addresses": [], "macs": [],
+    "address_status": None, "datastore": None, "datastores": [], "instance_uuid": None,
+    "run_id": None, "created_at": None, "ready_at": None, "expires_at": None}
