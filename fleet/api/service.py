@@ -335,8 +335,9 @@ class FleetService:
         """The records of the fleet's members (those at ``indexes``), sorted by index.
         Members are found in the service's view of its folders when it has one (no
         call), else by a listing of the fleet's folder; their records are read for
-        those not read in the last :data:`RECORDS_FRESH_S` seconds (a caller polling a
-        fleet does not read every member each time)."""
+        those not read in the last :data:`RECORDS_FRESH_S` seconds with their address
+        and in the state they are in now (a caller polling a fleet does not read every
+        ready member each time)."""
         vms = await self._fleet_vms(rec)
         members = [m for m in (as_member(vm, rec.name) for vm in vms)
                    if m is not None and (indexes is None or m.index in indexes)]
@@ -344,13 +345,19 @@ class FleetService:
         cache = self._records
         for vm_id in [k for k, (at, _) in cache.items() if now - at > RECORDS_FRESH_S]:
             del cache[vm_id]
-        stale = [m.vm.ref for m in members if m.vm.ref.id not in cache]
+        kept: dict[str, MemberRecord] = {}
+        for m in members:
+            hit = cache.get(m.vm.ref.id)
+            # Only a member with its address, and still in the state it was read in:
+            # one without may get it any moment (DHCP, the run's next phase).
+            if hit is not None and hit[1].fleet == rec.name and hit[1].state == m.state:
+                kept[m.vm.ref.id] = hit[1]
+        stale = [m.vm.ref for m in members if m.vm.ref.id not in kept]
         for record in await read_records(self.vs, rec.name, stale, call_s=CALL_TIMEOUT_S):
-            cache[record.vm] = (now, record)
-        out = [cache[m.vm.ref.id][1] for m in members if m.vm.ref.id in cache
-               and cache[m.vm.ref.id][1].fleet == rec.name]
-        out.sort(key=lambda r: (r.index, r.name))
-        return out
+            kept[record.vm] = record
+            if record.address_status == "ok":
+                cache[record.vm] = (now, record)
+        return sorted(kept.values(), key=lambda r: (r.index, r.name))
 
     async def _fleet_vms(self, rec: FleetRecord) -> list[ListedVm]:
         tree = self.scanner.tree
