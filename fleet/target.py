@@ -1,11 +1,19 @@
-"""Where fleet's commands point: the spec's vCenter, or the built-in simulator.
+"""Where fleet's commands point: a vCenter, or the built-in simulator.
 
-A spec without a ``[vcenter]`` table (or no spec at all) targets a simulator
-that fleet starts for the command: ``python -m fleet sim`` on a free loopback
-port, in its own process (so it has its own core and survives our Ctrl-C long
-enough for a clean stop), with a random password passed through the
-environment and its self-signed certificate pinned by thumbprint. It is
-stopped when the command ends, and everything it held is gone with it.
+The vCenter is the first named by the command line (``--vcenter-url``), the spec's
+``[vcenter]``, ``FLEET_VCENTER_*`` or govc's ``GOVC_*`` variables
+(:func:`connect_spec`, by the rules of ``fleet.engine.connection`` and
+docs/connecting.md). When none is named, ``provision``, ``plan`` and ``sources``
+target a simulator that fleet starts for the command, and say so: ``python -m
+fleet sim`` on a free loopback port, in its own process (so it has its own core
+and survives our Ctrl-C long enough for a clean stop), with a random password
+passed through the environment and its self-signed certificate pinned by
+thumbprint. It is stopped when the command ends, and everything it held is gone
+with it. So commands that read what a fleet already is (``status``, ``destroy``,
+``inventory``) never use one: their answer from a fresh simulator would mean
+nothing. They open their target with ``open_target(spec, simulator=False)``
+(or check first with :func:`require_vcenter`), which refuses with how to point
+at a vCenter.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +37,9 @@ import anyio
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
+from fleet.engine.connection import HOW_TO_POINT, resolve_connection
 from fleet.engine.spec import FleetSpec, VCenterSpec, spec_from_dict
-from fleet.errors import ConnectionFailed
+from fleet.errors import ConfigError, ConnectionFailed
 from fleet.urls import redact_url
 from fleet.vsphere.client import VSphereClient
 from fleet.vsphere.session import CallObserver
@@ -136,8 +145,10 @@ async def open_vcenter(vc: VCenterSpec | None, *, observer: CallObserver | None 
     """A connected client for ``vc`` (a spec's or the service's ``[vcenter]``), or for
     a fresh built-in simulator when there is none. ``announce`` hears which simulator."""
     if vc is not None:
+        ca_files = vc.ca_paths
         client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
-                               ca_file=vc.ca_path, thumbprint=vc.thumbprint,
+                               ca_file=ca_files if len(ca_files) > 1 else vc.ca_path,
+                               thumbprint=vc.thumbprint,
                                insecure=vc.insecure, use_env_proxy=vc.use_env_proxy,
                                observer=observer, **client_options)
         async with client:
@@ -155,8 +166,46 @@ async def open_vcenter(vc: VCenterSpec | None, *, observer: CallObserver | None 
             yield Target(client, True, url)
 
 
+def connect_spec(spec: FleetSpec, *, env: Mapping[str, str] | None = None,
+                 flags: Mapping[str, Any] | None = None,
+                 announce: Callable[[str], Any] | None = None) -> FleetSpec:
+    """``spec`` pointing at the vCenter the command line, the spec and the environment
+    name together (``fleet.engine.connection``, docs/connecting.md): the spec itself
+    when that is its own ``[vcenter]`` or none at all, else a copy with that vCenter.
+    ``announce`` hears where a vCenter from outside the spec came from, and which
+    variables lost to the spec. A :class:`~fleet.engine.spec.SpecError` (exit 2) names
+    a bad or incomplete variable or flag."""
+    found = resolve_connection(spec.vcenter, env=env, flags=flags,
+                               spec_origin=f"{spec.origin}'s [vcenter]")
+    if announce is not None and found.ignored:
+        announce(f"using the vCenter of {found.origin}; ignoring "
+                 + ", ".join(found.ignored) + " (docs/connecting.md)")
+    if found.vcenter is spec.vcenter:
+        return spec
+    assert found.vcenter is not None
+    if announce is not None:
+        announce(f"vCenter {redact_url(found.vcenter.url)} (from {found.origin})")
+    # A copy keeps the private attributes: the spec's origin and guest password.
+    return spec.model_copy(update={"vcenter": found.vcenter})
+
+
+def require_vcenter(spec: FleetSpec, command: str) -> None:
+    """Refuse (exit 2) a command whose answer would mean nothing from a fresh built-in
+    simulator (``status``, ``destroy``, ``inventory``) when no vCenter is named."""
+    if spec.vcenter is None:
+        raise ConfigError(f"`fleet {command}` reads fleets that already exist, and no vCenter "
+                          f"is named (a built-in simulator would start empty, so its answer "
+                          f"would mean nothing): {HOW_TO_POINT}")
+
+
 @contextlib.asynccontextmanager
-async def open_target(spec: FleetSpec, **options: Any) -> AsyncIterator[Target]:
-    """:func:`open_vcenter` for a fleet spec's ``[vcenter]``."""
+async def open_target(spec: FleetSpec, *, simulator: bool = True, command: str = "",
+                      **options: Any) -> AsyncIterator[Target]:
+    """:func:`open_vcenter` for a fleet spec's ``[vcenter]``. With ``simulator=False``
+    (``status``, ``destroy``, ``inventory``: ``command`` names it for the message) a
+    spec without one is refused (:func:`require_vcenter`) instead of starting the
+    built-in simulator."""
+    if not simulator:
+        require_vcenter(spec, command or "this command")
     async with open_vcenter(spec.vcenter, **options) as target:
         yield target

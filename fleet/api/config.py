@@ -4,8 +4,11 @@ This module owns the service's keys and their rules; :func:`load_config` is the
 only way in and raises :class:`~fleet.engine.spec.SpecError` naming the file,
 the dotted key and the bad value, like a fleet spec. Unknown keys are errors.
 
-- ``[vcenter]`` is the fleet spec's table (same keys, same checks); without it
-  the service starts the built-in simulator (``[simulator]``).
+- ``[vcenter]`` is the fleet spec's table (same keys, same checks). Without it
+  the environment names the vCenter as it does for the CLI (``FLEET_VCENTER_*``,
+  then govc's ``GOVC_*``: ``fleet.engine.connection``, docs/connecting.md); with
+  neither, the service starts the built-in simulator (``[simulator]``). A variable
+  set but unusable is an error, never the simulator.
 - ``[api]``: the bearer token comes from ``token_env`` or ``token_file``, never
   the file itself or argv; at least 16 characters.
 - ``[limits]`` (the spec's table) are shared by every fleet the service runs.
@@ -29,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
+from fleet.engine.connection import resolve_connection
 from fleet.engine.spec import (
     MAX_COUNT,
     MAX_STEP_S,
@@ -105,10 +109,16 @@ class ServiceConfig(_Model):
     _origin: str = PrivateAttr(default="<config>")
     _base_dir: Path = PrivateAttr(default=Path("."))
     _env: dict[str, str] = PrivateAttr(default_factory=dict)
+    _vcenter_origin: str | None = PrivateAttr(default=None)
 
     @property
     def origin(self) -> str:
         return self._origin
+
+    @property
+    def vcenter_origin(self) -> str:
+        """Where ``vcenter`` came from: the config's table, or a variable (GOVC_URL...)."""
+        return self._vcenter_origin or f"{self._origin}'s [vcenter]"
 
     @property
     def env(self) -> Mapping[str, str]:
@@ -168,6 +178,8 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<config>",
     problems = list(_problems(config))
     if not problems:
         problems = list(_resolve(config, env, base))
+    if not problems and config.vcenter is None:
+        config, problems = _from_environment(config, env)
     if not problems:
         problems = list(_defaults_problems(config, env, base))
     if problems:
@@ -232,6 +244,21 @@ def _resolve(config: ServiceConfig, env: Mapping[str, str],
         else:
             api._token = SecretStr(token)
     return problems
+
+
+def _from_environment(config: ServiceConfig, env: Mapping[str, str]
+                      ) -> tuple[ServiceConfig, list[tuple[str, str]]]:
+    """``config`` with the vCenter the environment names, when it has no ``[vcenter]``.
+    A bad or incomplete variable raises (source "environment", naming it)."""
+    found = resolve_connection(None, env=env)  # its paths are the shell's: from the cwd
+    if found.vcenter is None:
+        return config, []
+    if config.simulator.topology is not None:
+        return config, [("simulator.topology", f"is only used with the built-in simulator, and "
+                                               f"{found.origin} names a vCenter")]
+    out = config.model_copy(update={"vcenter": found.vcenter})
+    out._vcenter_origin = found.origin
+    return out, []
 
 
 def _defaults_problems(config: ServiceConfig, env: Mapping[str, str],

@@ -20,16 +20,20 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from fleet.api.config import ServiceConfig, config_from_dict, parse_listen
-from fleet.engine.spec import read_toml
 from fleet.errors import ConfigError, FleetError
-from fleet.metrics import FleetMetrics
 from fleet.urls import redact_url
-from fleet.vsphere.model import VSphere
+
+if TYPE_CHECKING:
+    from fleet.api.config import ServiceConfig
+    from fleet.metrics import FleetMetrics
+    from fleet.vsphere.model import VSphere
+
+# The service's own modules (config, metrics, API) are imported when it runs: every
+# ``fleet`` command builds the parser, which only needs ``add_arguments``.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PAGE_SIZE = 100
@@ -63,7 +67,7 @@ async def connect(config: ServiceConfig, metrics: FleetMetrics,
     async with open_vcenter(config.vcenter, announce=announce, sim_time_scale=sim.time_scale,
                             sim_topology=sim.topology, **options) as target:
         if not target.simulated:
-            announce(f"connected to {target.url}")
+            announce(f"connected to {target.url} (from {config.vcenter_origin})")
         yield target.client
 
 
@@ -74,6 +78,7 @@ async def serve(config: ServiceConfig, host: str, port: int, *,
     from fleet.api.app import make_app
     from fleet.api.edge import fd_budget, serve_http
     from fleet.api.service import FleetService
+    from fleet.metrics import FleetMetrics
 
     # Before connecting: the fd limit sizes the vCenter client's pool too.
     budget = fd_budget(config.api.max_connections)
@@ -108,6 +113,8 @@ async def serve(config: ServiceConfig, host: str, port: int, *,
 
 
 def main(args: argparse.Namespace) -> int:
+    from fleet.api.config import config_from_dict, parse_listen
+    from fleet.engine.spec import read_toml
     from fleet.target import SIM_GUEST_ENV, SIM_GUEST_PASSWORD
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

@@ -2,7 +2,8 @@
 
 - :func:`provision` brings the fleet to the spec (create, resume, adopt, scale down).
 - :func:`destroy` removes every member (and nothing else).
-- :func:`plan` is a dry run: reconciliation, a placement table, preflight checks.
+- :func:`plan` is a dry run: reconciliation, a placement table, and the checks of
+  ``fleet.engine.preflight`` with a fix for each finding (docs/preflight.md).
 - :func:`status` reports the members and the sources as vCenter has them.
 
 ``provision`` and ``destroy`` hold the fleet's lock while they run, so runs on one
@@ -28,6 +29,7 @@ import anyio
 from fleet.engine.events import Emitter, EventCallback
 from fleet.engine.lifetime import FLEET_LABELS
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, is_claim, read_lock
+from fleet.engine.pipeline import clone_request, first_state
 from fleet.engine.placement import (
     ClusterView,
     Code,
@@ -38,14 +40,15 @@ from fleet.engine.placement import (
     make_capacity,
     place,
 )
+from fleet.engine.preflight import Finding, SourceCheck, preflight
 from fleet.engine.reconcile import RECONCILE_LABELS, as_member, reconcile
 from fleet.engine.refresher import load_view
 from fleet.engine.run import EngineOptions, Provisioner, remove_members
 from fleet.engine.spec import FleetSpec
 from fleet.engine.summary import RemovalSummary, Summary
-from fleet.errors import NotEmpty, NotFound
+from fleet.errors import NotEmpty, NotFound, UnsupportedEndpoint, VSphereError
 from fleet.vcenter import HOST_PROVISIONING_SLOTS
-from fleet.vsphere.model import CloneRequest, Ref, VSphere
+from fleet.vsphere.model import Ref, VSphere
 
 log = logging.getLogger("fleet.engine")
 
@@ -197,7 +200,8 @@ class PlanRow:
 
 @dataclass
 class Plan:
-    """A dry run: what provisioning would do. No change was made to vCenter."""
+    """A dry run: what provisioning would do, and what would stop it (``findings``, each
+    with its fix: docs/preflight.md). No change was made to vCenter."""
 
     fleet: str
     requested: int
@@ -211,10 +215,17 @@ class Plan:
     unplaced_reasons: dict[str, list[str]]
     rows: list[PlanRow]
     lock: dict[str, Any] | None = None  # who holds the fleet's lock now (LockView.to_dict)
+    api_version: str | None = None  # the endpoint's (None: it cannot instant-clone)
+    findings: list[Finding] = field(default_factory=list)
+    sources: list[SourceCheck] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
 
     @property
     def feasible(self) -> bool:
-        return self.unplaced == 0 and not self.blocked and \
+        return self.unplaced == 0 and not self.blocked and not self.errors and \
             all(not r.preflight for r in self.rows if r.planned)
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,14 +237,23 @@ class Plan:
 async def plan(spec: FleetSpec, vsphere: VSphere, *,
                options: EngineOptions | None = None) -> Plan:
     """Reconcile and place every clone that provisioning would make, without making
-    any; run vCenter's preflight (``CheckInstantClone``) once per source used.
+    any; check what would stop a run (:func:`fleet.engine.preflight.preflight`), and
+    have vCenter check (``CheckInstantClone_Task``) the request a run would send for
+    the first clone of each source used, in the fleet's folder when it exists.
 
     Placement is simulated in waves: each wave fills every host up to
     ``limits.per_host`` (8 if ``auto``), then its clones "land" (a running source
     deepens by one per clone) before the next wave, as dispatch would do."""
     opts = options or EngineOptions()
-    with anyio.fail_after(spec.timeouts.call_s):
-        await vsphere.server_info()
+    findings: list[Finding] = []
+    api_version: str | None = None
+    try:
+        with anyio.fail_after(spec.timeouts.call_s):
+            api_version = (await vsphere.server_info()).api_version
+    except UnsupportedEndpoint as exc:
+        findings.append(Finding(
+            "error", "api_version", "vCenter", str(exc),
+            "point the spec's [vcenter] at a vCenter Server 6.7 or later (not an ESXi host)"))
     view = await load_view(spec, vsphere, opts.policy)
     with anyio.fail_after(spec.timeouts.call_s):
         folder = await vsphere.find_folder(spec.folder_path)
@@ -242,9 +262,12 @@ async def plan(spec: FleetSpec, vsphere: VSphere, *,
     statuses = explain(view, Unlimited())
     start_depth = {name: s.info.chain_depth for name, s in view.sources.items()}
     planned: Counter[str] = Counter()
-    first_name: dict[str, str] = {}
-    unplaced, reasons = _simulate(spec, view, list(rec.create), planned, first_name,
+    first_index: dict[str, int] = {}
+    unplaced, reasons = _simulate(spec, view, list(rec.create), planned, first_index,
                                   random.Random(opts.seed))
+    checked = await preflight(spec, vsphere, view, planned=planned, members=rec.ready)
+    findings += checked.findings
+    run_id = f"plan-{uuid.uuid4().hex[:7]}"
     rows: list[PlanRow] = []
     for name, src in view.sources.items():
         status = statuses[name]
@@ -256,20 +279,32 @@ async def plan(spec: FleetSpec, vsphere: VSphere, *,
                          max(0, src.budget - start_depth[name])),
             planned=planned[name], final_depth=src.info.chain_depth,
             status="ok" if status.code is Code.SUCCESS else status.reason)
-        if planned[name]:
-            request = CloneRequest(source=src.ref, name=first_name[name],
-                                   folder=folder or src.info.folder or Ref("Folder", "?"))
-            with anyio.fail_after(spec.timeouts.call_s):
-                row.preflight = await vsphere.check_instant_clone(request)
+        if planned[name] and api_version is not None:
+            index = first_index[name]
+            request = clone_request(
+                spec, index=index, name=spec.vm_name(index), src=src,
+                folder=folder or src.info.folder or Ref("Folder", "?"), run_id=run_id,
+                labels=opts.labels, state=first_state(spec))
+            try:
+                with anyio.fail_after(spec.timeouts.call_s):
+                    row.preflight = await vsphere.check_instant_clone(request)
+            except VSphereError as exc:
+                row.preflight = [str(exc)]
+            for problem in row.preflight:
+                findings.append(Finding(
+                    "error", "instant_clone", f"source {name}",
+                    f"vCenter refuses a test clone with the request a run sends: {problem}",
+                    "fix what vCenter names; `fleet plan` checks again"))
         rows.append(row)
     held = await read_lock(vsphere, folder) if folder is not None else None
     return Plan(spec.name, spec.count, len(rec.create), len(rec.resume), len(rec.remove),
                 len(rec.ready), dict(rec.blocked), len(rec.foreign), unplaced, reasons, rows,
-                lock=held.to_dict() if held is not None else None)
+                lock=held.to_dict() if held is not None else None, api_version=api_version,
+                findings=findings, sources=checked.sources)
 
 
 def _simulate(spec: FleetSpec, view: ClusterView, indexes: list[int], planned: Counter[str],
-              first_name: dict[str, str], rng: random.Random
+              first_index: dict[str, int], rng: random.Random
               ) -> tuple[int, dict[str, list[str]]]:
     per_host = spec.limits.per_host if isinstance(spec.limits.per_host, int) \
         else HOST_PROVISIONING_SLOTS
@@ -302,7 +337,7 @@ def _simulate(spec: FleetSpec, view: ClusterView, indexes: list[int], planned: C
         view.reserve(src)
         wave.append(src)
         planned[src.name] += 1
-        first_name.setdefault(src.name, spec.vm_name(index))
+        first_index.setdefault(src.name, index)
     for src in wave:
         view.unreserve(src, made=True)
     return 0, {}

@@ -41,7 +41,8 @@ import anyio
 from fleet.engine.events import JobReplaced, JobRetried, JobStarted
 from fleet.engine.limits import Lease, LimitKey
 from fleet.engine.placement import HostState, SourceState
-from fleet.engine.reconcile import LABEL_READY_AT, LABEL_STATE, MemberState, labels
+from fleet.engine.reconcile import LABEL_READY_AT, LABEL_STATE, MemberState
+from fleet.engine.reconcile import labels as member_labels
 from fleet.engine.recovery import Recovery
 from fleet.engine.refresher import Refresher
 from fleet.engine.runstate import Job, JobQueue, RunContext
@@ -77,6 +78,40 @@ class _LostClone:
     src: SourceState
     lease: Lease
     deadline: float
+
+
+def no_post_phases(spec: FleetSpec) -> bool:
+    """A member is ready once cloned: no NIC refresh, no reconnect, no readiness wait."""
+    net = spec.network
+    return net.refresh == "none" and not (net.disconnect_at_clone and net.reconnect) and \
+        spec.readiness.wait_for == "none"
+
+
+def first_state(spec: FleetSpec) -> MemberState:
+    """A new clone's state label, written in its clone spec."""
+    return "ready" if no_post_phases(spec) else "cloned"
+
+
+def clone_request(spec: FleetSpec, *, index: int, name: str, src: SourceState, folder: Ref,
+                  run_id: str, labels: Mapping[str, str], state: MemberState) -> CloneRequest:
+    """The InstantClone request of member ``index`` from ``src``: the one a run sends, and
+    the one ``fleet plan`` has vCenter check (``CheckInstantClone_Task``, docs/preflight.md).
+
+    ``labels``: more ``guestinfo.fleet.*`` labels (the fleet's own win a clash);
+    ``state``: the member's label once the clone is made."""
+    extra = spec.guestinfo_for(index=index, name=name, source=src.name, run_id=run_id)
+    extra.update(labels)
+    extra.update(member_labels(fleet=spec.name, index=index, run_id=run_id,
+                               source=src.name, state=state))
+    # Exactly this fleet's labels: nothing inherited from a source that is a VM of
+    # another fleet (its expiry!), nor a readiness flag its guest did not set.
+    readiness = spec.readiness.guestinfo_key if spec.readiness.wait_for == "guestinfo" \
+        else None
+    extra = clone_config(extra, src.info, readiness_key=readiness)
+    connect: Literal["connect", "disconnect"] = \
+        "disconnect" if spec.network.disconnect_at_clone else "connect"
+    return CloneRequest(source=src.ref, name=name, folder=folder, extra_config=extra,
+                        nic_connect=connect)
 
 
 def _backoff_s(spec: FleetSpec, attempt: int, rng: random.Random) -> float:
@@ -125,29 +160,12 @@ class Pipeline:
 
     # -- the clone phase -----------------------------------------------------------
     def _clone_request(self, job: Job, src: SourceState) -> CloneRequest:
-        ctx = self._ctx
-        spec = ctx.spec
-        state: MemberState = "ready" if self._no_post_phases() else "cloned"
-        extra = spec.guestinfo_for(index=job.index, name=job.name, source=src.name,
-                                   run_id=ctx.run_id)
-        extra.update(self._labels)
-        extra.update(labels(fleet=spec.name, index=job.index, run_id=ctx.run_id,
-                            source=src.name, state=state))
-        # Exactly this fleet's labels: nothing inherited from a source that is a VM of
-        # another fleet (its expiry!), nor a readiness flag its guest did not set.
-        readiness = spec.readiness.guestinfo_key if spec.readiness.wait_for == "guestinfo" \
-            else None
-        extra = clone_config(extra, src.info, readiness_key=readiness)
-        connect: Literal["connect", "disconnect"] = \
-            "disconnect" if spec.network.disconnect_at_clone else "connect"
-        return CloneRequest(source=src.ref, name=job.name, folder=self._folder,
-                            extra_config=extra, nic_connect=connect)
+        return clone_request(self._ctx.spec, index=job.index, name=job.name, src=src,
+                             folder=self._folder, run_id=self._ctx.run_id,
+                             labels=self._labels, state=first_state(self._ctx.spec))
 
     def _no_post_phases(self) -> bool:
-        spec = self._ctx.spec
-        net = spec.network
-        return net.refresh == "none" and not (net.disconnect_at_clone and net.reconnect) and \
-            spec.readiness.wait_for == "none"
+        return no_post_phases(self._ctx.spec)
 
     async def _clone_phase(self, job: Job, src: SourceState, lease: Lease
                            ) -> _LostClone | None:

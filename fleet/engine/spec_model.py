@@ -121,7 +121,8 @@ class VCenterSpec(_Model):
     #: never reroutes fleet's session.
     use_env_proxy: bool = False
     _password: SecretStr = PrivateAttr(default=SecretStr(""))
-    _ca_path: str | None = PrivateAttr(default=None)
+    #: the CA files, resolved (one for ``ca_file``; govc's GOVC_TLS_CA_CERTS may list more)
+    _ca_paths: tuple[str, ...] = PrivateAttr(default=())
 
     @property
     def password(self) -> SecretStr:
@@ -130,7 +131,12 @@ class VCenterSpec(_Model):
     @property
     def ca_path(self) -> str | None:
         """``ca_file`` resolved against the directory of the file that named it."""
-        return self._ca_path
+        return self._ca_paths[0] if self._ca_paths else None
+
+    @property
+    def ca_paths(self) -> tuple[str, ...]:
+        """Every CA file to trust (docs/connecting.md: GOVC_TLS_CA_CERTS lists several)."""
+        return self._ca_paths
 
     @field_validator("url")
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -93,26 +94,15 @@ class UserSession:
 
 
 class Sessions:
-    """The session table and the users who may log in."""
+    """The session table; ``authenticate`` (``fleet.sim.permissions``) says who may log in."""
 
     def __init__(self, inventory: Inventory, stats: Stats, *, idle_timeout_s: float,
-                 users: dict[str, tuple[str, frozenset[str]]]) -> None:
+                 authenticate: Callable[[str, str], str | None]) -> None:
         self.inventory = inventory
         self.stats = stats
         self.idle_timeout_s = idle_timeout_s
-        #: user -> (password, privileges denied to them)
-        self.users = users
+        self.authenticate = authenticate
         self.by_key: dict[str, UserSession] = {}
-
-    def authenticate(self, user: str, password: str) -> str | None:
-        record = self.users.get(user)
-        if record is None or record[0] != password:
-            return None
-        return user
-
-    def denied(self, user: str | None, privilege: str) -> bool:
-        record = self.users.get(user or "")
-        return record is not None and privilege in record[1]
 
     def session_for(self, key: str | None, ip: str = "127.0.0.1", user_agent: str = "",
                     *, create: bool = True) -> tuple[UserSession, bool]:

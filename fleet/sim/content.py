@@ -16,7 +16,7 @@ from pyVmomi import vim, vmodl
 from fleet.sim import guest as guestcmd
 from fleet.sim.calls import CallContext, Sessions, current_call
 from fleet.sim.core import Inventory, SimObject
-from fleet.sim.entities import Folder, ManagedEntity
+from fleet.sim.entities import Folder, ManagedEntity, check_entity_name
 from fleet.sim.stats import Stats
 from fleet.sim.tasks import VC, Task, TaskManager
 from fleet.sim.topology import LatencyConfig
@@ -190,16 +190,35 @@ class GuestProcessManager(SimObject):
             proc.exit_code = 143
 
 
+class GuestAuthManager(SimObject):
+    """Guest logins: ``ValidateCredentialsInGuest`` answers as a guest program's start
+    would (powered off, frozen or Tools not running, wrong user or password)."""
+
+    vim_type = vim.vm.guest.AuthManager
+
+    def ValidateCredentialsInGuest(self, ctx: CallContext, vm: Any, auth: Any) -> None:
+        target = self.inventory.resolve(vm)
+        if not isinstance(target, VirtualMachine):
+            raise vmodl.fault.InvalidArgument(msg="vm is not a virtual machine",
+                                              invalidProperty="vm")
+        target.check_host()
+        target.guest_auth(auth)
+
+
 class GuestOperationsManager(SimObject):
     vim_type = vim.vm.guest.GuestOperationsManager
 
     def __init__(self, inventory: Inventory, moid: str,
-                 process_manager: GuestProcessManager) -> None:
+                 process_manager: GuestProcessManager, auth_manager: GuestAuthManager) -> None:
         super().__init__(inventory, moid)
         self.process_manager = process_manager
+        self.auth_manager = auth_manager
 
     def prop_processManager(self) -> Any:
         return self.process_manager.ref
+
+    def prop_authManager(self) -> Any:
+        return self.auth_manager.ref
 
 
 class ProvisioningChecker(SimObject):
@@ -220,14 +239,18 @@ class ProvisioningChecker(SimObject):
 
         async def body(task: Task) -> Any:
             await task.sleep(self.latency.check_s)
+            # The spec is judged as InstantClone_Task judges it: where it goes, its NIC
+            # edits, its name; then the source as it is now.
+            errors: list[Any] = []
             folder = source.parent
-            location = spec.location
-            if location is not None and location.folder is not None:
-                target = self.inventory.get(location.folder._moId)
-                if isinstance(target, Folder):
-                    folder = target
+            try:
+                folder, _, _ = source._clone_target(spec.location)
+                source._nic_edits(spec.location)
+                check_entity_name(spec.name)
+            except vmodl.MethodFault as exc:
+                errors.append(exc)
             assert isinstance(folder, Folder)
-            errors = source.clone_problems(spec.name, folder)
+            errors += source.clone_problems(spec.name, folder)
             warnings = []
             if source.chain_depth() + 1 > 100:
                 warnings.append(vim.fault.GenericVmConfigFault(

@@ -359,8 +359,10 @@ class HostSystem(ManagedEntity):
     id_prefix = "host-"
 
     def __init__(self, runtime: Runtime, name: str, parent: ManagedEntity, *, slots: int,
-                 memory_mb: int, overcommit: float, cpu_cores: int, connection_state: str) -> None:
+                 memory_mb: int, overcommit: float, cpu_cores: int, connection_state: str,
+                 maintenance: bool = False) -> None:
         super().__init__(runtime, name, parent)
+        self.maintenance = maintenance
         self.slots = slots
         self.memory_mb = memory_mb
         self.overcommit = overcommit
@@ -424,9 +426,14 @@ class HostSystem(ManagedEntity):
         for vm in self._vms.values():
             vm.touch("runtime", "summary")
 
+    def set_maintenance(self, on: bool) -> None:
+        """Enter or leave maintenance mode (the VMs stay: the simulator does not evacuate)."""
+        self.maintenance = on
+        self.touch("runtime", "summary")
+
     def prop_runtime(self) -> Any:
         return vim.host.RuntimeInfo(connectionState=self.connection_state,
-                                    powerState="poweredOn", inMaintenanceMode=False,
+                                    powerState="poweredOn", inMaintenanceMode=self.maintenance,
                                     bootTime=self.boot_time)
 
     def _hardware_summary(self) -> Any:

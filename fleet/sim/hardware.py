@@ -66,6 +66,8 @@ class Guest:
     ready_key: str | None = None
     ready_after_s: float = 1.0
     tools_running: bool = False
+    # the Tools service was stopped in the running guest: it stays down until a boot
+    tools_stopped: bool = False
     macs: list[str] = field(default_factory=list)  # what the guest OS uses, per NIC
     ip: str | None = None
     processes: dict[int, Process] = field(default_factory=dict)

@@ -588,6 +588,7 @@ class Machine(ManagedEntity):
         self.guest.generation += 1
         generation = self.guest.generation
         self.guest.tools_running = False
+        self.guest.tools_stopped = False  # the service starts with the guest
         self.guest.ip = None
         self.guest.processes.clear()
         if fresh:

@@ -43,7 +43,7 @@ from fleet.sim.core import (
     typed_value,
 )
 from fleet.sim.injection import UpdateFaults
-from fleet.sim.soap import Content, Contents, Result, Written, content_writer
+from fleet.sim.soap import Content, Contents, Result, content_writer
 
 PC = vmodl.query.PropertyCollector
 
@@ -159,15 +159,31 @@ def _read(obj: SimObject, paths: Iterable[str]) -> dict[str, Any]:
     return {p: resolve_path(obj, p, tops) for p in paths}
 
 
-def retrieve(inventory: Inventory, spec_set: Iterable[Any], version: str | None = None
-             ) -> Contents:
-    """The content of every object every FilterSpec selects, read now. For a reply in
-    API ``version`` each object's content is written as it is read when its values are
-    plain (``fleet.sim.soap.ContentWriter``): a page kept for a continuation is then a
-    string, and a read of 10,000 VMs leaves no objects behind for the garbage
-    collector to walk."""
-    writer = content_writer(version) if version is not None else None
-    contents = Contents()
+class Selected:
+    """What a retrieval reads, not read yet: the objects every FilterSpec selects and,
+    beside each, the paths its propSet asks of it (one tuple per class and spec,
+    shared). Two lists, so a read kept for its continuations holds no object per VM
+    for the garbage collector to walk."""
+
+    __slots__ = ("objects", "paths")
+
+    def __init__(self, objects: list[SimObject], paths: list[tuple[str, ...]]) -> None:
+        self.objects = objects
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def head(self, count: int) -> Selected:
+        return Selected(self.objects[:count], self.paths[:count])
+
+    def tail(self, start: int) -> Selected:
+        return Selected(self.objects[start:], self.paths[start:])
+
+
+def select(inventory: Inventory, spec_set: Iterable[Any]) -> Selected:
+    """Every object every FilterSpec selects, with the paths its propSet asks of it."""
+    selected = Selected([], [])
     for spec in spec_set:
         validate_prop_set(spec.propSet)
         # what the propSet asks depends on the object's class only
@@ -178,12 +194,34 @@ def retrieve(inventory: Inventory, spec_set: Iterable[Any], version: str | None 
                 paths = by_class[cls]
             else:
                 paths = by_class[cls] = paths_for(obj, spec.propSet)
-            if paths is None:
-                continue
-            props = read_props(obj, paths)
-            contents.append(Content(obj.ref, props) if writer is None
-                            else writer.write(obj.ref, props))
+            if paths is not None:
+                selected.objects.append(obj)
+                selected.paths.append(paths)
+    return selected
+
+
+def read_selected(inventory: Inventory, selected: Selected,
+                  version: str | None = None) -> Contents:
+    """The content of objects ``select`` chose, read now; one gone from the inventory
+    since (a continuation's page is read when it is asked for) is left out. For a
+    reply in API ``version`` each object's content is written as it is read when its
+    values are plain (``fleet.sim.soap.ContentWriter``)."""
+    writer = content_writer(version) if version is not None else None
+    objects = inventory.objects
+    contents = Contents()
+    for obj, paths in zip(selected.objects, selected.paths, strict=True):
+        if objects.get(obj.moid) is not obj:
+            continue
+        props = read_props(obj, paths)
+        contents.append(Content(obj.ref, props) if writer is None
+                        else writer.write(obj.ref, props))
     return contents
+
+
+def retrieve(inventory: Inventory, spec_set: Iterable[Any], version: str | None = None
+             ) -> Contents:
+    """The content of every object every FilterSpec selects, read now."""
+    return read_selected(inventory, select(inventory, spec_set), version)
 
 
 # -- filters and update tracking ---------------------------------------------
@@ -486,29 +524,32 @@ class PropertyCollector(SimObject):
 
     def RetrievePropertiesEx(self, ctx: CallContext, specSet: list[Any],
                              options: Any = None) -> Any:
-        contents = retrieve(self.inventory, specSet, ctx.version)
+        # Objects are chosen now; each page's properties are read when the page is
+        # asked for (docs/simulator-vms.md, "Paged reads"), so the first page of a large
+        # read answers at once and later pages are read while the client decodes.
+        selected = select(self.inventory, specSet)
         limit = options.maxObjects if options is not None and options.maxObjects else None
-        return self._page(ctx, contents, limit)
+        return self._page(ctx, selected, limit)
 
-    def _page(self, ctx: CallContext, contents: list[Content | Written], limit: int | None) -> Any:
-        if not contents:
+    def _page(self, ctx: CallContext, selected: Selected, limit: int | None) -> Any:
+        if not selected:
             return None
-        if limit is None or len(contents) <= limit:
-            return Result(contents)
+        if limit is None or len(selected) <= limit:
+            return Result(read_selected(self.inventory, selected, ctx.version))
         token = f"{next(_token_ids)}"
         tokens = ctx.session.retrieve_tokens
-        tokens[token] = (contents[limit:], limit)
+        tokens[token] = (selected.tail(limit), limit)
         while len(tokens) > MAX_RETRIEVE_TOKENS:
             del tokens[next(iter(tokens))]
-        return Result(contents[:limit], token)
+        return Result(read_selected(self.inventory, selected.head(limit), ctx.version), token)
 
     def ContinueRetrievePropertiesEx(self, ctx: CallContext, token: str) -> Any:
         pending = ctx.session.retrieve_tokens.pop(token, None)
         if pending is None:
             raise vmodl.fault.InvalidArgument(msg=f"unknown token {token!r}",
                                               invalidProperty="token")
-        contents, limit = pending
-        result = self._page(ctx, contents, limit)
+        selected, limit = pending
+        result = self._page(ctx, selected, limit)
         if result is None:
             return Result([])
         return result

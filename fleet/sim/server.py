@@ -10,7 +10,8 @@ Endpoints:
 - ``GET|POST|DELETE /_sim/faults``: list, add (one rule object or a list) or clear
   fault-injection rules; ``DELETE /_sim/faults/{id}`` removes one.
 - ``POST /_sim/sessions/expire``: expire every authenticated session now.
-- ``POST /_sim/hosts/{name}``: ``{"connection_state": "disconnected"}`` and back.
+- ``POST /_sim/hosts/{name}``: ``{"connection_state": "disconnected"}`` and back, and/or
+  ``{"maintenance": true}`` (maintenance mode) and back.
 - ``POST /_sim/vms/{name}``: ``{"chain_depth": N}`` and/or ``{"frozen": bool}``, to play
   another tool having changed a source behind fleet's back.
 - ``GET|POST /_sim/updates``: how the property collector's update stream fails
@@ -186,13 +187,26 @@ class SimApp:
         if host is None:
             return web.json_response({"error": f"no host {name!r}"}, status=404)
         raw = await self._json(request)
-        state = raw.get("connection_state")
+        unknown = sorted(set(raw) - {"connection_state", "maintenance"})
+        if unknown or not raw:
+            return web.json_response(
+                {"error": f"unknown key {unknown[0]!r} (connection_state, maintenance)"
+                 if unknown else "give connection_state and/or maintenance"}, status=400)
+        state = raw.get("connection_state", host.connection_state)
         if state not in ("connected", "disconnected", "notResponding"):
             return web.json_response(
                 {"error": "connection_state must be connected, disconnected or notResponding"},
                 status=400)
-        host.set_connection_state(state)
-        return web.json_response({"host": name, "connection_state": state})
+        maintenance = raw.get("maintenance", host.maintenance)
+        if not isinstance(maintenance, bool):
+            return web.json_response({"error": "maintenance must be true or false"},
+                                     status=400)
+        if state != host.connection_state:
+            host.set_connection_state(state)
+        if maintenance != host.maintenance:
+            host.set_maintenance(maintenance)
+        return web.json_response({"host": name, "connection_state": state,
+                                  "maintenance": maintenance})
 
     async def get_updates(self, request: web.Request) -> web.Response:
         return web.json_response(self.sim.update_faults.as_dict())

@@ -23,6 +23,7 @@ from pyVmomi import VmomiSupport, vim, vmodl
 from fleet.sim.calls import CallContext, Sessions, UserSession, current_call
 from fleet.sim.clock import Clock
 from fleet.sim.content import (
+    GuestAuthManager,
     GuestOperationsManager,
     GuestProcessManager,
     ProvisioningChecker,
@@ -44,6 +45,13 @@ from fleet.sim.entities import (
 )
 from fleet.sim.injection import FaultInjector, Injection, UpdateFaults
 from fleet.sim.names import Addresses, NameHolds
+from fleet.sim.permissions import (
+    FREE_PRIVILEGES,
+    AuthorizationManager,
+    Grants,
+    Permissions,
+    required_privileges,
+)
 from fleet.sim.propcollector import PropertyCollector
 from fleet.sim.runtime import Runtime, about_info
 from fleet.sim.shapes import disk_key
@@ -63,18 +71,13 @@ ANONYMOUS = frozenset({"RetrieveServiceContent", "CurrentTime", "Login", "LoginB
 PRIVILEGES = {
     "CloneVM_Task": "VirtualMachine.Provisioning.Clone",
     "Destroy_Task": "VirtualMachine.Inventory.Delete",
-    "ReconfigVM_Task": "VirtualMachine.Config.Settings",
-    "StartProgramInGuest": "VirtualMachine.GuestOperations.Execute",
-    "ListProcessesInGuest": "VirtualMachine.GuestOperations.Query",
-    "TerminateProcessInGuest": "VirtualMachine.GuestOperations.Execute",
-    "CheckInstantClone_Task": "VirtualMachine.Provisioning.Clone",
 }
 #: Methods of ManagedEntity whose privilege depends on the entity's type.
 TYPE_PRIVILEGES = {
     ("Folder", "Destroy_Task"): "Folder.Delete",
     ("Folder", "Rename_Task"): "Folder.Rename",
 }
-FREE_PRIVILEGES = ("System.Anonymous", "System.View", "System.Read")
+__all__ = ["FREE_PRIVILEGES", "MB", "Simulator"]
 
 
 class Simulator:
@@ -104,12 +107,14 @@ class Simulator:
                                                             topology.vcenter.api_version])
         admin_user = user or topology.vcenter.user
         admin_password = password if password is not None else topology.vcenter.password
-        users: dict[str, tuple[str, frozenset[str]]] = {
-            admin_user: (admin_password, frozenset())}
+        users = {admin_user: Grants(admin_password)}
         for extra in topology.users:
-            users[extra.name] = (extra.password, frozenset(extra.denied))
+            users[extra.name] = Grants(
+                extra.password, frozenset(extra.denied),
+                {name: frozenset(privs) for name, privs in extra.denied_on.items()})
+        self.permissions = Permissions(users)
         self.session_table = Sessions(
-            self.inventory, stats, users=users,
+            self.inventory, stats, authenticate=self.permissions.authenticate,
             idle_timeout_s=topology.vcenter.session_idle_timeout_s)
         self.sessions: dict[str, UserSession] = self.session_table.by_key
         vc = topology.vcenter
@@ -137,6 +142,7 @@ class Simulator:
                                   moid="group-d1")
         self.process_manager = GuestProcessManager(inv, "guestOperationsProcessManager",
                                                    stats=stats)
+        auth_manager = GuestAuthManager(inv, "guestOperationsAuthManager")
         singletons: list[SimObject] = [
             ServiceInstance(inv, "ServiceInstance", content=self.service_content,
                             now=self.clock.now),
@@ -145,7 +151,11 @@ class Simulator:
             SessionManager(inv, "SessionManager", sessions=self.session_table, stats=stats),
             SearchIndex(inv, "SearchIndex", root=self.root_folder),
             self.process_manager,
-            GuestOperationsManager(inv, "guestOperationsManager", self.process_manager),
+            auth_manager,
+            GuestOperationsManager(inv, "guestOperationsManager", self.process_manager,
+                                   auth_manager),
+            AuthorizationManager(inv, "AuthorizationManager", permissions=self.permissions,
+                                 sessions=self.session_table.by_key),
             ProvisioningChecker(inv, "VirtualMachineProvisioningChecker",
                                 tasks=self.task_manager, latency=topo.latency),
             self.task_manager,
@@ -194,7 +204,8 @@ class Simulator:
                 host = HostSystem(rt, name, cluster, slots=host_cfg.slots,
                                   memory_mb=int(host_cfg.memory_gb * 1024),
                                   overcommit=host_cfg.overcommit, cpu_cores=host_cfg.cpu_cores,
-                                  connection_state=host_cfg.connection_state)
+                                  connection_state=host_cfg.connection_state,
+                                  maintenance=host_cfg.maintenance)
                 cluster.hosts.append(host)
                 self._register(host)
                 self.scheduler.capacity[f"host:{host.moid}"] = host_cfg.slots
@@ -273,7 +284,8 @@ class Simulator:
             vm.power_state = "poweredOn"
             vm.boot_time = datetime.now(UTC)
             if cfg.guest.tools:
-                vm.guest.tools_running = cfg.state == "running"
+                vm.guest.tools_running = cfg.state == "running" and cfg.guest.tools_running
+                vm.guest.tools_stopped = not cfg.guest.tools_running
                 if nics and nics[0].connected:
                     vm.guest.ip = self.runtime.addresses.ip_for(nics[0].mac)
             vm.frozen = cfg.state == "frozen"
@@ -314,6 +326,7 @@ class Simulator:
             searchIndex=vim.SearchIndex("SearchIndex"),
             taskManager=vim.TaskManager("TaskManager"),
             guestOperationsManager=vim.vm.guest.GuestOperationsManager("guestOperationsManager"),
+            authorizationManager=vim.AuthorizationManager("AuthorizationManager"),
             vmProvisioningChecker=vim.vm.check.ProvisioningChecker(
                 "VirtualMachineProvisioningChecker"))
 
@@ -374,12 +387,7 @@ class Simulator:
 
     # -- dispatch -------------------------------------------------------------------
     def check_privilege(self, session: UserSession, privilege: str | None, obj: SimObject) -> None:
-        if not privilege or privilege.startswith(FREE_PRIVILEGES):
-            return
-        if self.session_table.denied(session.user, privilege):
-            raise vim.fault.NoPermission(
-                msg=f"Permission to perform this operation was denied: {privilege} on "
-                    f"'{obj.display_name}'.", object=obj.ref, privilegeId=privilege)
+        self.permissions.check(session.user, privilege, obj)
 
     async def invoke(self, call: SoapRequest, session: UserSession, version: str,
                      injection: Injection | None = None) -> tuple[Any, Any, int]:
@@ -428,6 +436,9 @@ class Simulator:
                                              call.method)) or \
                 PRIVILEGES.get(call.method, info.privId)
             self.check_privilege(session, privilege, obj)
+            for needed, target in required_privileges(call.method, info, obj, call.args,
+                                                      self.inventory):
+                self.check_privilege(session, needed, target)
             if injection is not None and injection.phase == "call":
                 await self.clock.sleep(injection.rule.delay_s)
                 if injection.rule.fault != "slow":
@@ -449,5 +460,3 @@ class Simulator:
         self.task_manager.close()
         await self.clock.close()
 
-
-__all__ = ["MB", "Simulator"]

@@ -112,6 +112,8 @@ class HostConfig(_Model):
     overcommit: Annotated[float, Field(gt=0)] = 1.0
     cpu_cores: Annotated[int, Field(ge=1)] = 32
     connection_state: Literal["connected", "disconnected", "notResponding"] = "connected"
+    # In maintenance mode: connected, but vCenter places and powers on nothing there.
+    maintenance: bool = False
     datastores: list[str] | None = None  # default: every datastore
 
 
@@ -132,6 +134,9 @@ class GuestConfig(_Model):
     user: str = "root"
     password: str = "fleet-guest"
     tools: bool = True
+    # Tools installed but its service stopped in the running guest (until the next boot):
+    # no guest operations, and a clone of the running VM has it stopped too.
+    tools_running: bool = True
     # A guest agent that sets this guestinfo key to "1" once the guest is networked
     # (its own MAC, NIC connected, an IP), ``ready_after_s`` later.
     ready_key: str | None = None
@@ -219,12 +224,19 @@ class FaultRule(_Model):
         return value
 
 
+Privilege = Annotated[str, Field(pattern=r"^[A-Z][A-Za-z]*(\.[A-Za-z]+)+$")]
+
+
 class UserConfig(_Model):
-    """An extra vCenter user, for permission tests: ``denied`` privileges fail with NoPermission."""
+    """An extra vCenter user, for permission tests: ``denied`` privileges fail with
+    NoPermission everywhere, ``denied_on`` ones on the named entity and everything below
+    it (``fleet.sim.permissions``)."""
 
     name: str
     password: str
-    denied: list[str] = []
+    denied: list[Privilege] = []
+    # entity name (a folder, host, datastore, network, VM, "Resources"...) -> privileges
+    denied_on: dict[str, list[Privilege]] = {}
 
 
 class Topology(_Model):
@@ -287,6 +299,17 @@ class Topology(_Model):
                                 f"{section}[{i}].{field_name}: {actual!r} is not a "
                                 f"{field_name} of this topology"
                             )
+        entities = {self.datacenter, self.cluster, "Resources", "vm", "host", "datastore",
+                    "network", *hosts, *datastores, *seen, *(n.name for n in self.networks),
+                    *(part for path in [*self.folders, *(v.folder for v in
+                                                         [*self.sources, *self.vms])]
+                      if path for part in path.strip("/").split("/"))}
+        for i, user in enumerate(self.users):
+            for name in user.denied_on:
+                if name not in entities:
+                    raise ValueError(f"users[{i}].denied_on: {name!r} is not an entity of this "
+                                     "topology (a folder, host, datastore, network, VM, the "
+                                     "datacenter, the cluster or \"Resources\")")
         for i, host in enumerate(self.hosts):
             for ds in host.datastores or ():
                 if ds not in datastores:

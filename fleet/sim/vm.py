@@ -311,6 +311,10 @@ class VirtualMachine(Machine):
                 self.check_host()
             except vim.fault.InvalidHostConnectionState as exc:
                 problems.append(exc)
+        elif self.host.maintenance:
+            problems.append(vim.fault.InvalidHostState(
+                msg=f"The host '{self.host.name}' is in maintenance mode: no VM can be created "
+                    "or powered on there.", host=self.host.ref))
         if self.power_state != "poweredOn":
             problems.append(vim.fault.InvalidPowerState(
                 msg=f"The source VM '{self.name}' must be powered on for an instant clone "
@@ -441,7 +445,10 @@ class VirtualMachine(Machine):
         guest = Guest(family=self.guest.family, user=self.guest.user,
                       password=self.guest.password, tools_installed=self.guest.tools_installed,
                       ready_key=self.guest.ready_key, ready_after_s=self.guest.ready_after_s,
-                      tools_running=self.guest.tools_installed,
+                      # a running source's stopped Tools are stopped in its clone too
+                      tools_running=self.guest.tools_installed and not (
+                          self.guest.tools_stopped and not self.frozen),
+                      tools_stopped=self.guest.tools_stopped and not self.frozen,
                       macs=list(self.guest.macs) or [n.mac for n in self.nics],
                       ip=self.guest.ip or (rt.addresses.ip_for(self.nics[0].mac) if self.nics
                                            else None),

@@ -28,6 +28,7 @@ from fleet.vsphere.model import (
     VmAddresses,
     VmInfo,
 )
+from fleet.vsphere.plain import PlainContent
 
 PC = vmodl.query.PropertyCollector
 
@@ -63,7 +64,10 @@ def ref_of(mo: Any) -> Ref:
 
 
 def props(content: Any) -> dict[str, Any]:
-    """An ObjectContent's properties as a dict (unset properties are absent)."""
+    """An ObjectContent's properties as a dict (unset properties are absent); not to
+    be changed (a plain decoder's content hands its own)."""
+    if isinstance(content, PlainContent):
+        return content.values
     return {p.name: p.val for p in content.propSet or ()}
 
 
@@ -108,23 +112,37 @@ def listed_paths(labels: Iterable[str]) -> list[str]:
     return [*LISTED_PATHS, *(extra_config_path(k) for k in labels)]
 
 
-def listed_vm(content: Any, host_names: Mapping[str, str], labels: Iterable[str]) -> ListedVm:
-    """A folder listing's VM from ``listed_paths(labels)``: a label the VM does not have
-    is absent from the reply (no error), so it is read as not set."""
+def listed_vms(contents: Iterable[Any], host_names: Mapping[str, str],
+               labels: Iterable[str]) -> list[ListedVm]:
+    """A folder listing's VMs from ``listed_paths(labels)``: a label a VM does not have
+    is absent from the reply (no error), so it is read as not set. The label paths
+    and the hosts' references are made once for the listing, not once per VM."""
     keys = tuple(labels)
-    p = props(content)
-    host = p.get("runtime.host")
-    host_ref = ref_of(host) if host is not None else None
-    power: PowerState = p.get("runtime.powerState") or "poweredOff"
-    values = {}
-    for key in keys:
-        option = p.get(extra_config_path(key))
-        if option is not None:
-            values[key] = "" if option.value is None else str(option.value)
-    return ListedVm(ref=ref_of(content.obj), name=str(p.get("name", content.obj._moId)),
-                    power_state=power, host=host_ref,
-                    host_name=host_names.get(host_ref.id) if host_ref else None,
-                    labels=Labels(values, keys))
+    read = frozenset(keys)
+    label_paths = [(key, extra_config_path(key)) for key in keys]
+    hosts: dict[str, tuple[Ref, str | None]] = {}
+    listed = []
+    for content in contents:
+        p = props(content)
+        host = p.get("runtime.host")
+        host_ref = host_name = None
+        if host is not None:
+            known = hosts.get(host._moId)
+            if known is None:
+                ref = ref_of(host)
+                known = hosts[host._moId] = (ref, host_names.get(ref.id))
+            host_ref, host_name = known
+        power: PowerState = p.get("runtime.powerState") or "poweredOff"
+        values = {}
+        for key, path in label_paths:
+            option = p.get(path)
+            if option is not None:
+                values[key] = "" if option.value is None else str(option.value)
+        listed.append(ListedVm(ref=ref_of(content.obj),
+                               name=str(p.get("name", content.obj._moId)),
+                               power_state=power, host=host_ref, host_name=host_name,
+                               labels=Labels(values, read)))
+    return listed
 
 
 def chain_depth(layout_disks: Any) -> int:
@@ -241,19 +259,25 @@ def epoch_of(value: Any) -> float | None:
     return float(value.timestamp())
 
 
-def vm_addresses(content: Any, host_names: Mapping[str, str],
+def vm_addresses(contents: list[Any], host_names: Mapping[str, str],
                  datastore_names: Mapping[str, str], labels: Iterable[str],
-                 devices: Mapping[int, Any]) -> VmAddresses:
-    """A VM read with ``ADDRESS_PATHS`` and ``labels``; ``devices``: its virtual NICs
-    read by key (key -> device)."""
-    p = props(content)
-    macs = {key: str(dev.macAddress).lower() for key, dev in devices.items()
-            if isinstance(dev, vim.vm.device.VirtualEthernetCard) and dev.macAddress}
-    return VmAddresses(
-        vm=listed_vm(content, host_names, labels),
-        datastores=tuple(datastore_names.get(d._moId, d._moId) for d in p.get("datastore") or ()),
-        instance_uuid=p.get("config.instanceUuid") or None,
-        created_at=epoch_of(p.get("config.createDate")),
-        guest_ip=p.get("guest.ipAddress") or None,
-        guest_nics=guest_nics(p.get("guest.net")),
-        nic_macs=macs)
+                 devices: Mapping[str, Mapping[int, Any]]) -> list[VmAddresses]:
+    """VMs read with ``ADDRESS_PATHS`` and ``labels``; ``devices``: VM id -> its virtual
+    NICs read by key (key -> device)."""
+    out = []
+    for content, listed in zip(contents, listed_vms(contents, host_names, labels),
+                               strict=True):
+        p = props(content)
+        macs = {key: str(dev.macAddress).lower()
+                for key, dev in devices.get(listed.ref.id, {}).items()
+                if isinstance(dev, vim.vm.device.VirtualEthernetCard) and dev.macAddress}
+        out.append(VmAddresses(
+            vm=listed,
+            datastores=tuple(datastore_names.get(d._moId, d._moId)
+                             for d in p.get("datastore") or ()),
+            instance_uuid=p.get("config.instanceUuid") or None,
+            created_at=epoch_of(p.get("config.createDate")),
+            guest_ip=p.get("guest.ipAddress") or None,
+            guest_nics=guest_nics(p.get("guest.net")),
+            nic_macs=macs))
+    return out

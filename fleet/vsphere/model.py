@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 from anyio.abc import TaskStatus
 
@@ -44,6 +44,7 @@ class ServerInfo:
     api_version: str  # e.g. "8.0.3.0"
     api_type: str  # "VirtualCenter" or "HostAgent"
     instance_uuid: str
+    negotiated: str = ""  # the API version this client speaks with it (pyVmomi's name)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,9 @@ class VmInfo:
         return self.powered_on and not self.frozen
 
 
+_T = TypeVar("_T")
+
+
 class NotRead(LookupError):
     """A key a narrow read did not ask for was looked up: a bug in the reader's caller,
     which must name every key it decides on (docs/reads.md)."""
@@ -145,6 +149,19 @@ class Labels(Mapping[str, str]):
             raise NotRead(f"extraConfig key {key!r} was not read (read: "
                           f"{', '.join(sorted(self._read)) or 'none'})")
         return self._values[key]
+
+    @overload
+    def get(self, key: str) -> str | None: ...
+
+    @overload
+    def get(self, key: str, default: str | _T) -> str | _T: ...
+
+    def get(self, key: str, default: object = None) -> object:
+        # Mapping.get through __getitem__ and a KeyError, without the detour: reconcile
+        # asks three labels of every member.
+        if key not in self._read:
+            return self[key]  # NotRead
+        return self._values.get(key, default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
@@ -245,6 +262,26 @@ class FolderTree(Protocol):
         """Keep the view until the root is gone; ``started`` once the first full read
         is in (or has failed: ``error`` says why, and it keeps trying)."""
         ...
+
+
+@dataclass(frozen=True)
+class Named:
+    """An inventory entity and its name (what a report shows of it)."""
+
+    ref: Ref
+    name: str
+
+
+@dataclass(frozen=True)
+class CloneResources:
+    """What an instant clone of ``vm`` uses of the inventory besides ``vm`` itself, when
+    the request names no other place: the source's resource pool, its datastores (the
+    clone's delta disks) and the networks its NICs are on (docs/preflight.md)."""
+
+    vm: Ref
+    pool: Named | None
+    datastores: tuple[Named, ...]
+    networks: tuple[Named, ...]
 
 
 @dataclass(frozen=True)
@@ -410,6 +447,25 @@ class VSphere(Protocol):
         ...
 
     async def update_extra_config(self, vm: Ref, values: Mapping[str, str]) -> None: ...
+
+    # -- preflight (docs/preflight.md): questions asked before anything changes -------
+    async def clone_resources(self, vms: Sequence[Ref]) -> list[CloneResources]:
+        """Where an instant clone of each VM would go and what it would use (same order;
+        NotFound if a VM is gone)."""
+        ...
+
+    async def missing_privileges(self, wanted: Mapping[Ref, Collection[str]]
+                                 ) -> dict[Ref, list[str]]:
+        """Of the privileges ``wanted`` on each entity, those this login does not hold
+        there (``AuthorizationManager.HasPrivilegeOnEntities`` for this session), sorted;
+        entities lacking none are left out."""
+        ...
+
+    async def check_guest_login(self, vm: Ref, credentials: GuestCredentials) -> None:
+        """``GuestAuthManager.ValidateCredentialsInGuest``: InvalidGuestLogin if the guest
+        refuses the login, GuestOperationFailed if it cannot be asked (Tools not
+        running, frozen); another VSphereError (InvalidPowerState) if the VM is off."""
+        ...
 
     # -- guest -----------------------------------------------------------
     async def run_in_guest(self, vm: Ref, credentials: GuestCredentials, program: GuestProgram,

@@ -57,12 +57,20 @@ class PlainResult:
 
 
 class PlainContent:
-    __slots__ = ("missingSet", "obj", "propSet")
+    """An ObjectContent: ``obj`` and its properties, kept as a dict of path -> value
+    (``values``, what ``fleet.vsphere.inventory.props`` gives; not to be changed);
+    ``propSet`` makes pyVmomi's list of them for callers that want it."""
 
-    def __init__(self, obj: Any, prop_set: list[PlainProperty]) -> None:
+    __slots__ = ("missingSet", "obj", "values")
+
+    def __init__(self, obj: Any, values: dict[str, Any]) -> None:
         self.obj = obj
-        self.propSet = prop_set
+        self.values = values
         self.missingSet: list[Any] = []
+
+    @property
+    def propSet(self) -> list[PlainProperty]:
+        return [PlainProperty(name, val) for name, val in self.values.items()]
 
 
 class PlainProperty:
@@ -147,8 +155,10 @@ class _Decoder:
         if kind in ("ManagedObjectReference", "ManagedObject"):
             return self.mo(elem)
         if kind == "OptionValue":
-            if len(elem) == 2 and elem[0].tag == _KEY and elem[1].tag == _VALUE:
-                return PlainOption(elem[0].text or "", self.value(elem[1]))
+            if len(elem) == 2:
+                key_elem, value_elem = elem
+                if key_elem.tag == _KEY and value_elem.tag == _VALUE:
+                    return PlainOption(key_elem.text or "", self.value(value_elem))
             key = elem.find(_KEY)
             value = elem.find(_VALUE)
             return PlainOption("" if key is None else key.text or "",
@@ -166,14 +176,68 @@ class _Decoder:
             return text or ""
         raise NotPlain(f"values of type {kind}")
 
-    def prop(self, field: Any) -> PlainProperty:
-        if len(field) == 2 and field[0].tag == _NAME and field[1].tag == _VAL:
-            return PlainProperty(field[0].text or "", self.value(field[1]))
-        name = field.find(_NAME)
-        val = field.find(_VAL)
-        if name is None or val is None:
-            raise NotPlain("a propSet without name or val")
-        return PlainProperty(name.text or "", self.value(val))
+    def content(self, part: Any) -> PlainContent:
+        """One ``objects`` element: ``obj`` and ``propSet`` elements of ``name`` and
+        ``val``, in any order; anything else (``missingSet``) is not plain."""
+        obj = None
+        values: dict[str, Any] = {}
+        value = self.value
+        for field in part:
+            tag = field.tag
+            if tag == _PROPSET:
+                try:
+                    name, val = field
+                except ValueError:
+                    raise NotPlain("a propSet without exactly a name and a val") from None
+                if name.tag == _NAME and val.tag == _VAL:
+                    values[name.text or ""] = value(val)
+                elif name.tag == _VAL and val.tag == _NAME:
+                    values[val.text or ""] = value(name)
+                else:
+                    raise NotPlain("a propSet without name or val")
+            elif tag == _OBJ:
+                obj = self.mo(field)
+            elif tag == _MISSING:
+                raise NotPlain("a property vCenter could not read (missingSet)")
+        if obj is None:
+            raise NotPlain("an ObjectContent without obj")
+        return PlainContent(obj, values)
+
+
+_HEAD = 4096  # where a reply's token is, if it has one (it comes before the objects)
+
+
+class RawPage:
+    """A successful ``RetrievePropertiesEx`` reply not decoded yet, and its paging
+    token, read from its head: the next page can be asked for while this one is
+    decoded (``Session.retrieve_all``)."""
+
+    __slots__ = ("body", "token")
+
+    def __init__(self, body: bytes, token: str | None) -> None:
+        self.body = body
+        self.token = token
+
+    @classmethod
+    def of(cls, body: bytes) -> RawPage:
+        """The page and its token; NotPlain if its head does not say plainly whether
+        it has one (the WSDL puts ``token`` before ``objects`` in a RetrieveResult)."""
+        head = body[:_HEAD]
+        start = head.find(b"<returnval>")
+        if start < 0:
+            if b"RetrievePropertiesExResponse" in head:
+                return cls(body, None)  # no returnval: nothing found
+            raise NotPlain("not a RetrievePropertiesEx reply")
+        rest = head[start + len(b"<returnval>"):]
+        if rest.startswith((b"<objects>", b"<objects/>", b"</returnval>")):
+            return cls(body, None)
+        if rest.startswith(b"<token>"):
+            end = rest.find(b"</token>")
+            if end > 0:
+                token = rest[len(b"<token>"):end].decode("utf-8")
+                if "&" not in token:
+                    return cls(body, token)
+        raise NotPlain("a reply whose token is not where the WSDL puts it")
 
 
 def decode_retrieve_result(body: bytes) -> PlainResult | None:
@@ -198,24 +262,11 @@ def decode_retrieve_result(body: bytes) -> PlainResult | None:
         return None
     objects: list[PlainContent] = []
     token: str | None = None
-    decoder = _Decoder()
-    prop = decoder.prop
+    content = _Decoder().content
     for part in returnval:
         tag = part.tag
         if tag == _OBJECTS:
-            obj = None
-            props: list[PlainProperty] = []
-            for field in part:
-                ftag = field.tag
-                if ftag == _PROPSET:
-                    props.append(prop(field))
-                elif ftag == _OBJ:
-                    obj = decoder.mo(field)
-                elif ftag == _MISSING:
-                    raise NotPlain("a property vCenter could not read (missingSet)")
-            if obj is None:
-                raise NotPlain("an ObjectContent without obj")
-            objects.append(PlainContent(obj, props))
+            objects.append(content(part))
         elif tag == _TOKEN:
             token = part.text
     return PlainResult(objects, token)

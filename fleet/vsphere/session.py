@@ -67,7 +67,7 @@ from fleet.errors import (
 )
 from fleet.urls import redact_url
 from fleet.vsphere.faults import map_vsphere_faults, translate
-from fleet.vsphere.plain import NotPlain, decode_retrieve_result
+from fleet.vsphere.plain import NotPlain, RawPage, decode_retrieve_result
 from fleet.vsphere.transport import MIN_VERSION, Transport, VimStub, version_name
 
 log = logging.getLogger("fleet.vsphere")
@@ -300,21 +300,55 @@ class Session:
                            plain: bool = False) -> list[Any]:
         """``RetrievePropertiesEx`` and its ``ContinueRetrievePropertiesEx`` pages until
         vCenter has no more: every ObjectContent of ``spec_set``. ``plain``: the paths
-        read are plain values, decoded fast (``fleet.vsphere.plain``)."""
+        read are plain values, decoded fast (``fleet.vsphere.plain``), and each page is
+        decoded (in a worker thread) while vCenter makes the next one."""
         pc = self.content.propertyCollector
-        decode = decode_retrieve_result if plain else None
-        first = method_info(pc, "RetrievePropertiesEx")
-        result = await self.invoke(pc, first, [spec_set, options], safe=safe,
-                                   session_bound=session_bound, decode=decode)
-        objects: list[Any] = []
+        info = method_info(pc, "RetrievePropertiesEx")
         more = method_info(pc, "ContinueRetrievePropertiesEx")
+        peek = RawPage.of if plain else None
+
+        async def fetch(call_info: Any, args: list[Any]) -> Any:
+            return await self.invoke(pc, call_info, args, safe=safe,
+                                     session_bound=session_bound, decode=peek)
+
+        result = await fetch(info, [spec_set, options])
+        objects: list[Any] = []
         while result is not None:
-            objects.extend(result.objects or ())
-            if not result.token:
-                break
-            result = await self.invoke(pc, more, [result.token], safe=safe,
-                                       session_bound=session_bound, decode=decode)
+            ahead: list[Any] = []
+            if isinstance(result, RawPage):
+                page = result
+                async with anyio.create_task_group() as tg:
+                    if page.token:
+                        async def next_page(token: str, into: list[Any]) -> None:
+                            into.append(await fetch(more, [token]))
+
+                        tg.start_soon(next_page, page.token, ahead)
+                    result = await self._decode_page(page, info)
+                token = None if result is None else result.token
+                if result is not None:
+                    objects.extend(result.objects or ())
+                if ahead:
+                    result = ahead[0]
+                elif token:  # a token the head did not show (not where the WSDL puts it)
+                    result = await fetch(more, [token])
+                else:
+                    result = None
+            else:
+                objects.extend(result.objects or ())
+                if not result.token:
+                    break
+                result = await fetch(more, [result.token])
+            info = more
         return objects
+
+    async def _decode_page(self, page: RawPage, info: Any) -> Any:
+        """A page peeked at (``RawPage``), decoded: plainly in a worker thread, or by
+        pyVmomi if it is not plain after all."""
+        try:
+            return await anyio.to_thread.run_sync(decode_retrieve_result, page.body)
+        except NotPlain:
+            with map_vsphere_faults(method=info.wsdlName):
+                return self.stub.deserialize(page.body, info.result)
 
     async def invoke(self, mo: Any, info: Any, args: list[Any], *,
                      timeout_s: float | None = None, safe: bool | None = None,

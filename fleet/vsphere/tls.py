@@ -38,7 +38,8 @@ KEYS = {"ca_file": "vcenter.ca_file", "thumbprint": "vcenter.thumbprint",
 
 @dataclass(frozen=True)
 class TlsOptions:
-    ca_file: str | Path | None = None
+    #: one CA file, or several (govc's GOVC_TLS_CA_CERTS lists them: docs/connecting.md)
+    ca_file: str | Path | tuple[str | Path, ...] | None = None
     thumbprint: str | None = None  # SHA-256 of the DER certificate
     insecure: bool = False
 
@@ -85,17 +86,24 @@ def ssl_for(options: TlsOptions, url: str) -> ssl.SSLContext | aiohttp.Fingerpri
     if options.thumbprint is not None:
         return aiohttp.Fingerprint(normalize_thumbprint(options.thumbprint))
     if options.ca_file is not None:
-        path = Path(options.ca_file)
+        files = options.ca_file if isinstance(options.ca_file, tuple) else (options.ca_file,)
+        pems: list[str] = []
+        for name in files:
+            path = Path(name)
+            try:
+                # Read as every user's file is (fleet.files): regular, capped, no FIFO wait.
+                pems.append(decode_utf8(read_user_file(path, PEM_MAX_BYTES)))
+            except FileProblem as exc:
+                raise ConfigError(f"{str(path)!r}: {exc.reason}", key=KEYS["ca_file"]) from None
+        if not "".join(pems).strip():
+            # An empty cadata would load the system's CAs instead of none.
+            raise ConfigError(f"{', '.join(repr(str(f)) for f in files)} holds no PEM "
+                              "certificate", key=KEYS["ca_file"])
         try:
-            # Read as every user's file is (fleet.files): regular, capped, no FIFO wait.
-            pem = decode_utf8(read_user_file(path, PEM_MAX_BYTES))
-        except FileProblem as exc:
-            raise ConfigError(f"{str(path)!r}: {exc.reason}", key=KEYS["ca_file"]) from None
-        try:
-            return ssl.create_default_context(cadata=pem)
+            return ssl.create_default_context(cadata="\n".join(pems))
         except ssl.SSLError as exc:
-            raise ConfigError(f"{str(path)!r} is not a PEM certificate file ({exc})",
-                              key=KEYS["ca_file"]) from exc
+            raise ConfigError(f"{', '.join(repr(str(f)) for f in files)} is not a PEM "
+                              f"certificate file ({exc})", key=KEYS["ca_file"]) from exc
     return ssl.create_default_context()
 
 

@@ -174,3 +174,44 @@ def test_state_files_a_user_could_break_do_not_hang_or_sink_the_start(tmp_path: 
         reader.join(60)
         pytest.fail("loading the state directory blocked on a FIFO")
     assert [s.name for s in loaded[0]] == ["good"]
+
+
+GOVC = {"GOVC_URL": "vc.example", "GOVC_USERNAME": "govc-user", "GOVC_PASSWORD": "pw-govc"}
+
+
+def test_without_vcenter_the_environment_names_it_as_for_the_cli() -> None:
+    """docs/connecting.md: the service follows the CLI's rules. A config without
+    [vcenter] takes FLEET_VCENTER_* (then GOVC_*); with one, the config wins whole."""
+    config = config_from_dict({"api": {"token_env": "TOKEN"}}, env={**ENV, **GOVC})
+    assert config.vcenter is not None and config.vcenter_origin == "GOVC_URL"
+    assert config.vcenter.url == "https://vc.example/sdk" and config.vcenter.user == "govc-user"
+    assert config.vcenter.password.get_secret_value() == "pw-govc"
+    assert "pw-govc" not in repr(config) and "pw-govc" not in config.model_dump_json()
+    own = config_from_dict({"api": {"token_env": "TOKEN"},
+                            "vcenter": {"url": "https://vc/sdk", "user": "u",
+                                        "password_env": "VC_PW"}}, env={**ENV, **GOVC})
+    assert own.vcenter is not None and own.vcenter.url == "https://vc/sdk"
+    assert own.vcenter_origin == "<config>'s [vcenter]"
+    assert config_from_dict({"api": {"token_env": "TOKEN"}}, env=ENV).vcenter is None
+
+
+@pytest.mark.parametrize(("env", "culprit"), [
+    ({"GOVC_PASSWORD": "pw-govc"}, "GOVC_PASSWORD: is set but no vCenter is named"),
+    ({**GOVC, "GOVC_INSECURE": "maybe"}, 'GOVC_INSECURE: "maybe" is not a boolean'),
+    ({"FLEET_VCENTER_URL": "https://vc/sdk", "FLEET_VCENTER_USER": "u"},
+     "FLEET_VCENTER_URL: names a vCenter but no password is given"),
+])
+def test_a_vcenter_meant_but_unusable_is_a_config_error_not_the_simulator(
+        env: dict[str, str], culprit: str) -> None:
+    with pytest.raises(SpecError) as info:
+        config_from_dict({"api": {"token_env": "TOKEN"}}, env={**ENV, **env})
+    assert str(info.value) == f"environment: {culprit}" or \
+        str(info.value).startswith(f"environment: {culprit}")
+    assert "pw-govc" not in str(info.value)
+
+
+def test_a_simulator_topology_with_a_vcenter_from_the_environment_is_refused() -> None:
+    topology = str(ROOT / "config" / "sim.toml")
+    found = problems({"simulator": {"topology": topology}}, env={**ENV, **GOVC})
+    assert found == {"simulator.topology": "is only used with the built-in simulator, and "
+                                           "GOVC_URL names a vCenter"}

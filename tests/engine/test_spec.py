@@ -338,3 +338,16 @@ def test_per_source_budget_and_fallback() -> None:
     spec = spec_from_dict(spec_data(sources=["a", {"name": "b", "chain_budget": 12}]), env=ENV)
     assert spec.budget_for("a") == 200
     assert spec.budget_for("b") == 12
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_ca_file_is_refused_not_taken_for_the_system_cas(tmp_path: Path,
+                                                                  content: str) -> None:
+    """An empty ``ca_file`` passed as holding certificates: ``ssl.create_default_context``
+    takes an empty ``cadata`` for none at all and loads the system's CAs, so a spec
+    meant to trust one private CA would have trusted every public one."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text(content)
+    with pytest.raises(SpecError) as exc:
+        spec_from_dict(merge(BASE, {"vcenter": {**VC, "ca_file": str(ca)}}), env=ENV)
+    assert "vcenter.ca_file" in str(exc.value) and "holds no PEM certificate" in str(exc.value)

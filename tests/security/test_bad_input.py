@@ -222,7 +222,14 @@ def test_the_cli_judges_the_spec_before_any_vsphere_call(
             code = cli.main(["provision", "--spec", str(path), "--json"])
         except Tripwire:
             code = None
-    if valid:
+    if valid and "vcenter" not in data:
+        # ENV's FLEET_VCENTER_PASSWORD now means "a vCenter" (docs/connecting.md): with no
+        # [vcenter] and no FLEET_VCENTER_URL beside it, the CLI refuses, still before any
+        # vSphere call and without starting the built-in simulator.
+        assert code == cli.EXIT_USAGE, stderr.getvalue()
+        assert "FLEET_VCENTER_PASSWORD: is set but FLEET_VCENTER_URL is not" in \
+            stderr.getvalue()
+    elif valid:
         assert code is None or data.get("count") == 0, stderr.getvalue()
     else:
         assert code == cli.EXIT_USAGE, stderr.getvalue()

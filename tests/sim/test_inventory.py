@@ -131,6 +131,45 @@ def test_container_view_paging(si: Any) -> None:
     view.DestroyView()
 
 
+def test_a_continuation_reads_its_page_when_asked(si: Any) -> None:
+    """Objects are chosen at RetrievePropertiesEx, each page's properties are read
+    when it is asked for: a VM reconfigured after the first page shows its new value,
+    one destroyed is left out, and no VM is in two pages."""
+    label = 'config.extraConfig["guestinfo.pr"]'
+    folder = si.content.rootFolder.childEntity[0].vmFolder.CreateFolder("paged-reads")
+    source = find_vm(si, "frozen-01")
+    for i in range(6):
+        WaitForTask(source.InstantClone_Task(vim.vm.InstantCloneSpec(
+            name=f"pr-{i}", location=vim.vm.RelocateSpec(folder=folder))))
+    traversal = PC.TraversalSpec(name="children", type=vim.Folder, path="childEntity")
+    spec = PC.FilterSpec(objectSet=[PC.ObjectSpec(obj=folder, skip=True, selectSet=[traversal])],
+                         propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=[label])])
+    pc = si.content.propertyCollector
+    result = pc.RetrievePropertiesEx([spec], PC.RetrieveOptions(maxObjects=2))
+    assert all(not o.propSet for o in result.objects)  # not set yet: absent
+    first = {o.obj._moId for o in result.objects}
+    later = [vm for vm in folder.childEntity if vm._moId not in first]
+    changed, destroyed = later[0], later[1]
+    WaitForTask(changed.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key="guestinfo.pr", value="changed")])))
+    WaitForTask(destroyed.PowerOffVM_Task())
+    WaitForTask(destroyed.Destroy_Task())
+    rest: dict[str, str] = {}
+    while result.token:
+        result = pc.ContinueRetrievePropertiesEx(result.token)
+        for o in result.objects:
+            assert o.obj._moId not in first and o.obj._moId not in rest
+            rest[o.obj._moId] = o.propSet[0].val.value if o.propSet else ""
+    assert len(first) == 2
+    assert rest[changed._moId] == "changed"
+    assert destroyed._moId not in rest
+    assert len(rest) == 3
+    for vm in folder.childEntity:
+        WaitForTask(vm.PowerOffVM_Task())
+        WaitForTask(vm.Destroy_Task())
+    WaitForTask(folder.Destroy_Task())
+
+
 def test_classic_traversal_from_root_folder(si: Any) -> None:
     """The folder/datacenter traversal specs older tools build by hand."""
     folder_to_child = PC.TraversalSpec(name="f2c", type=vim.Folder, path="childEntity",

@@ -366,8 +366,9 @@ def test_a_listing_builds_no_pyvmomi_data_object_per_vm(monkeypatch: pytest.Monk
 
 
 def test_pages_kept_for_a_continuation_hold_no_objects_per_vm() -> None:
-    """The pages of a read kept for ContinueRetrievePropertiesEx are written text: a read
-    of 10,000 VMs leaves nothing per VM for the garbage collector to walk."""
+    """What a read keeps for ContinueRetrievePropertiesEx (the objects still to read and
+    their paths, docs/simulator-vms.md "Paged reads") holds nothing per VM for the
+    garbage collector to walk, nor does the page written."""
     lab, body = _status_lab(200)
     gc.collect()
     before = len(gc.get_objects())

@@ -241,6 +241,9 @@ def test_stats_keys(sim: SimProcess) -> None:
     ("colour = 'blue'", "colour: unknown key"),
     ("[[hosts]]\nname = 'h-{index'\ncount = 2", "hosts[0].name"),
     ("this is = = not toml", "not valid TOML"),
+    ("[[users]]\nname = 'u'\npassword = 'p'\ndenied_on = { nowhere = ['Folder.Create'] }",
+     "users[0].denied_on: 'nowhere' is not an entity"),
+    ("[[hosts]]\nname = 'h'\nmaintenance = 'maybe'", "hosts[0].maintenance"),
 ])
 def test_bad_topology_is_a_clear_error(tmp_path: Any, text: str, expected: str) -> None:
     path = tmp_path / "bad.toml"

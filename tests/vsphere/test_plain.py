@@ -9,6 +9,7 @@ reads with pyVmomi.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from fleet.engine.lifetime import FLEET_LABELS
 from fleet.testing.harness import sim_vsphere, small_topology
 from fleet.vsphere import inventory as inv
 from fleet.vsphere.model import CloneRequest
-from fleet.vsphere.plain import NotPlain, PlainOption, decode_retrieve_result
+from fleet.vsphere.plain import NotPlain, PlainOption, RawPage, decode_retrieve_result
 from fleet.vsphere.transport import VimStub
 
 pytestmark = pytest.mark.anyio
@@ -182,3 +183,45 @@ def test_a_reply_with_a_doctype_is_never_read_plainly() -> None:
                            '</objects>')
     with pytest.raises(NotPlain):
         decode_retrieve_result((laughs + body.split("\n", 1)[1]).encode())
+
+
+def test_a_pages_token_is_read_from_its_head() -> None:
+    assert RawPage.of(ENVELOPE.format("<token>7</token><objects/>").encode()).token == "7"
+    assert RawPage.of(ENVELOPE.format("<objects/>").encode()).token is None
+    assert RawPage.of(ENVELOPE.replace("<returnval>{}</returnval>", "").encode()).token is None
+    with pytest.raises(NotPlain):  # an entity in it: decoded whole, not guessed at
+        RawPage.of(ENVELOPE.format("<token>a&amp;b</token><objects/>").encode())
+    with pytest.raises(NotPlain):
+        RawPage.of(ENVELOPE.replace("RetrievePropertiesExResponse", "FindChild").encode())
+
+
+async def test_pages_are_decoded_while_the_next_one_is_asked_for() -> None:
+    async with sim_vsphere(small_topology(hosts=2), page_size=2) as (vs, vc):
+        folder = await vs.ensure_folder("fleet/pages")
+        source = (await vs.find_vms(["frozen-01"]))[0].ref
+        for i in range(7):
+            task = await vs.start_instant_clone(CloneRequest(source=source, name=f"pg-{i}",
+                                                             folder=folder))
+            await task.wait(10)
+        before = vc.calls.get("ContinueRetrievePropertiesEx", 0)
+        overlapped: list[bool] = []
+        plain = session_module.decode_retrieve_result
+
+        def slow_decode(body: bytes) -> Any:
+            # The first page waits (in its thread) for the next one to reach vCenter.
+            if not overlapped:
+                deadline = time.monotonic() + 10
+                while vc.calls.get("ContinueRetrievePropertiesEx", 0) == before and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.005)
+                overlapped.append(vc.calls.get("ContinueRetrievePropertiesEx", 0) > before)
+            return plain(body)
+
+        session_module.decode_retrieve_result = slow_decode  # type: ignore[assignment]
+        try:
+            listed = await vs.list_folder_vms(folder, FLEET_LABELS)
+        finally:
+            session_module.decode_retrieve_result = plain
+        assert sorted(vm.name for vm in listed) == [f"pg-{i}" for i in range(7)]
+        assert overlapped == [True]
+        assert vc.calls["ContinueRetrievePropertiesEx"] - before == 3  # pages of 2, 2, 2, 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -83,6 +84,31 @@ def test_ca_file_that_is_not_pem_names_vcenter_ca_file(tmp_path: Path) -> None:
         ssl_for(TlsOptions(ca_file=junk), URL)
     assert info.value.key == "vcenter.ca_file"
     assert "not a PEM certificate" in str(info.value)
+
+
+def test_an_empty_ca_file_trusts_nothing_not_the_system_cas(tmp_path: Path) -> None:
+    """An empty cadata is none to ``ssl.create_default_context``, which then loads the
+    system's CAs: an empty CA file must be an error, not every public CA trusted."""
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    with pytest.raises(errors.ConfigError) as info:
+        ssl_for(TlsOptions(ca_file=empty), URL)
+    assert info.value.key == "vcenter.ca_file" and "holds no PEM certificate" in str(info.value)
+
+
+async def test_several_ca_files_are_trusted_together(sim: SimProcess, tmp_path: Path) -> None:
+    """govc's GOVC_TLS_CA_CERTS lists several files (docs/connecting.md): each is trusted."""
+    from fleet.sim import certs
+
+    other = tmp_path / "other.pem"
+    other.write_bytes(certs.generate().cert_pem)
+    ctx = ssl_for(TlsOptions(ca_file=(other, sim.cert_path)), URL)
+    assert isinstance(ctx, ssl.SSLContext) and ctx.cert_store_stats()["x509"] == 2
+    async with client_for(sim, ca_file=(other, sim.cert_path)) as vs:
+        assert (await vs.server_info()).api_type == "VirtualCenter"
+    with pytest.raises(errors.TlsVerificationFailed):
+        async with client_for(sim, ca_file=(other,)):
+            pass
 
 
 @pytest.mark.parametrize("thumbprint, why", [("AB:" * 19 + "CD", "SHA-1"),

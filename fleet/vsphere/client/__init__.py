@@ -14,9 +14,10 @@ Layers below it, bottom up (each its own module in ``fleet.vsphere``):
 The client itself is in rooms, one job each, and :class:`VSphereClient` is their sum:
 ``connection`` (lifecycle, calls, tasks, paged reads; the state they all share),
 ``reads`` (the inventory), ``folders`` (VM folders, the lock's records), ``clones``
-(instant and full clones), ``changes`` (power, destroy, NIC and extraConfig edits)
-``guest_ops`` (guest programs, waits for a VM's state) and ``addresses`` (members'
-addresses, for inventories). They are mixins rather
+(instant and full clones), ``changes`` (power, destroy, NIC and extraConfig edits),
+``guest_ops`` (guest programs, waits for a VM's state), ``preflight`` (the
+questions ``fleet plan`` asks: privileges, guest logins, where clones go) and
+``addresses`` (members' addresses, for inventories). They are mixins rather
 than parts the client delegates to, so each ``VSphere`` method is written once, in
 its room, and not again as a forwarding stub; each room inherits from the rooms it
 calls (every one from ``reads``), so mypy checks each call across rooms, and
@@ -47,6 +48,7 @@ from fleet.vsphere.client.clones import Clones
 from fleet.vsphere.client.connection import endpoint_problem
 from fleet.vsphere.client.folders import Folders
 from fleet.vsphere.client.guest_ops import GuestOps
+from fleet.vsphere.client.preflight import Preflight
 from fleet.vsphere.session import RetryPolicy, Secret
 from fleet.vsphere.tls import TlsOptions
 
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
     from fleet.vsphere.tasks import VCenterTask
 
 
-class VSphereClient(Clones, VmChanges, GuestOps, Folders, Addresses):
+class VSphereClient(Clones, VmChanges, GuestOps, Folders, Preflight, Addresses):
     """An asyncio vCenter client; see the module docstring."""
 
 

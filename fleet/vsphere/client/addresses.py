@@ -69,8 +69,7 @@ class Addresses(Reads):
             hosts = await self._host_names_for(contents)
             stores = await self._datastore_names_for(contents)
             devices = await self._guest_nic_devices(contents)
-            out.extend(inv.vm_addresses(c, hosts, stores, keys, devices.get(c.obj._moId, {}))
-                       for c in contents)
+            out.extend(inv.vm_addresses(contents, hosts, stores, keys, devices))
         return out
 
     async def _guest_nic_devices(self, contents: list[Any]) -> dict[str, dict[int, Any]]:

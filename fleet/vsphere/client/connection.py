@@ -66,7 +66,8 @@ class Connection:
     """What every part of the client shares; see the module docstring."""
 
     def __init__(self, url: str, user: str, password: str | Secret, *,
-                 tls: TlsOptions | None = None, ca_file: str | Path | None = None,
+                 tls: TlsOptions | None = None,
+                 ca_file: str | Path | tuple[str | Path, ...] | None = None,
                  thumbprint: str | None = None, insecure: bool = False,
                  max_connections: int = 256, call_timeout_s: float = 60.0,
                  task_timeout_s: float = 1800.0, keepalive_s: float = 600.0,
@@ -150,7 +151,8 @@ class Connection:
                                   version=str(about.version or ""),
                                   api_version=str(about.apiVersion or ""),
                                   api_type=str(about.apiType or ""),
-                                  instance_uuid=str(about.instanceUuid or ""))
+                                  instance_uuid=str(about.instanceUuid or ""),
+                                  negotiated=str(self.session.stub.version))
         self._unsupported = endpoint_problem(self._server.api_type, self._server.api_version,
                                              self.session.stub.version)
         if self._unsupported:

@@ -96,7 +96,7 @@ class Folders(Reads):
                                inv.listed_paths(keys))
         contents = await self.retrieve([spec], plain=True)
         names = await self._host_names_for(contents)
-        return [inv.listed_vm(c, names, keys) for c in contents]
+        return inv.listed_vms(contents, names, keys)
 
     def folder_tree(self, root: Ref, labels: Collection[str]) -> FolderTree:
         """A live view of ``root``'s folders and their VMs (``fleet.vsphere.tree``)."""
