@@ -150,3 +150,11 @@ def test_bad_inventory_input_is_refused_with_rc_2_naming_it_before_anything_chan
         assert got.returncode == 2, (args, got.stderr)
         assert message in got.stderr, (args, got.stderr)
     assert sim.stats()["vms"] == vms_before  # nothing was made
+    # No vCenter named: a fresh built-in simulator has no fleet to list.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FLEET_VCENTER_", "GOVC_"))}
+    got = subprocess.run([sys.executable, "-m", "fleet", "inventory", "--name", "x"],
+                         capture_output=True, text=True, timeout=120, env=env,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert got.returncode == 2, got.stderr
+    assert "`fleet inventory` reads fleets that already exist" in got.stderr
