@@ -9,7 +9,9 @@ GET      /metrics                     Prometheus exposition (no token)
 GET      /v1/openapi.json             the OpenAPI 3.1 document
 GET      /v1/fleets                   every fleet, summarised
 POST     /v1/fleets                   create or re-specify a fleet (spec in the body)
-GET      /v1/fleets/{name}            a fleet, its members, states, phase timings
+GET      /v1/fleets/{name}            a fleet, its members, states, phase timings,
+                                      addresses (docs/inventory.md)
+GET      /v1/fleets/{name}/inventory  its members as json, ansible, hosts or csv
 PUT      /v1/fleets/{name}            create or re-specify this fleet
 PATCH    /v1/fleets/{name}            change count and/or ttl_s
 DELETE   /v1/fleets/{name}            destroy the fleet (in the background)
@@ -21,8 +23,8 @@ token's length shows in the timing). Every refusal is JSON, ``{"error": {"status
 "message", "problems"?}}``, with a 4xx status: 400 (not JSON, bad query), 401,
 404, 405, 408 (body slower than ``api.body_timeout_s``), 409, 413 (body over
 ``api.max_body_bytes``), 415 (not ``application/json``), 422 (not a valid spec:
-``problems`` name each field). Connections themselves are bounded and timed out
-by :mod:`fleet.api.edge`.
+``problems`` name each field), and 503 for an inventory vCenter could not give.
+Connections themselves are bounded and timed out by :mod:`fleet.api.edge`.
 An unexpected exception is logged and answered 500 without detail; the tests'
 fuzzing makes sure none happens.
 """
@@ -44,6 +46,8 @@ from fleet.api.config import ServiceConfig
 from fleet.api.openapi import openapi_document
 from fleet.api.requests import ApiError, fleet_request, parse_json, scale_request
 from fleet.api.service import FleetRecord, FleetService
+from fleet.errors import FleetError
+from fleet.inventory import CONTENT_TYPES, FORMATS, render
 from fleet.metrics import CONTENT_TYPE, FleetMetrics
 
 log = logging.getLogger("fleet.api.http")
@@ -213,7 +217,23 @@ async def get_fleet(request: web.Request) -> web.Response:
     rec = service.get(request.match_info["name"])
     offset = _int_query(request, "offset", 0, 10**9)
     limit = _int_query(request, "limit", 1000, MAX_LIMIT)
-    return _json(service.detail(rec, offset=offset, limit=limit))
+    return _json(await service.detail(rec, offset=offset, limit=limit))
+
+
+async def get_inventory(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    rec = service.get(request.match_info["name"])
+    fmt = request.query.get("format", "json")
+    if fmt not in FORMATS:
+        raise ApiError(400, f"query format: {fmt[:40]!r} is not an inventory format; use "
+                            f"one of {', '.join(FORMATS)}")
+    try:
+        records = await service.member_records(rec)
+    except (FleetError, TimeoutError) as exc:
+        raise ApiError(503, f"the members of fleet {rec.name} could not be read from "
+                            f"vCenter: {exc or 'timed out'}") from None
+    return web.Response(text=render(fmt, rec.name, records), content_type=CONTENT_TYPES[fmt],
+                        charset="utf-8")
 
 
 async def put_fleet(request: web.Request) -> web.Response:
@@ -258,6 +278,7 @@ def make_app(service: FleetService, config: ServiceConfig, metrics: FleetMetrics
     r.add_get("/v1/fleets", list_fleets)
     r.add_post("/v1/fleets", create_fleet)
     r.add_get("/v1/fleets/{name}", get_fleet)
+    r.add_get("/v1/fleets/{name}/inventory", get_inventory)
     r.add_put("/v1/fleets/{name}", put_fleet)
     r.add_patch("/v1/fleets/{name}", patch_fleet)
     r.add_delete("/v1/fleets/{name}", delete_fleet)

@@ -15,7 +15,9 @@ from fleet import __version__
 from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig
 from fleet.api.requests import MAX_DEPTH
 from fleet.engine.lifetime import MAX_TTL_S
+from fleet.engine.members import RECORD_ONLY
 from fleet.engine.spec import FleetSpec
+from fleet.inventory import CONTENT_TYPES, FORMATS
 
 _REF = "#/components/schemas/{model}"
 
@@ -131,7 +133,47 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                          "description": "seconds per pipeline phase: queue, clone, network, "
                                         "reconnect, ready"},
             "reason": nullable_str, "message": nullable_str,
+            # the member's record (fleet.engine.members; docs/inventory.md): null or
+            # empty for a member with no VM yet, or when vCenter could not be read
+            "fleet": nullable_str,
+            "power_state": nullable_str,
+            "ip": {"type": ["string", "null"],
+                   "description": "the primary address of the guest's own (null until the "
+                                  "guest has one: never its source's, which an instant "
+                                  "clone reports until its network is refreshed)"},
+            "ip_addresses": {"type": "array", "items": {"type": "string"},
+                             "description": "every address of the guest's own, IPv4 and "
+                                            "IPv6, the primary first"},
+            "macs": {"type": "array", "items": {"type": "string"},
+                     "description": "the virtual NICs' MACs"},
+            "address_status": {"type": ["string", "null"],
+                               "enum": ["ok", "pending", "inherited", "none", None],
+                               "description": "why ip is null: pending (network phase "
+                                              "not done), inherited (the guest still uses "
+                                              "its source's network), none (no address "
+                                              "yet)"},
+            "datastore": nullable_str,
+            "datastores": {"type": "array", "items": {"type": "string"}},
+            "instance_uuid": nullable_str,
+            "run_id": nullable_str,
+            "created_at": {"type": ["number", "null"],
+                           "description": "epoch seconds, vCenter's creation time of the VM"},
+            "ready_at": {"type": ["number", "null"],
+                         "description": "epoch seconds, when fleet labelled it ready"},
+            "expires_at": {"type": ["integer", "null"], "description": "epoch seconds"},
         }}
+    member_props = schemas["Member"]["properties"]
+    schemas["MemberRecord"] = {
+        "type": "object",
+        "required": ["name", "index", "fleet", "state", "vm", "ip", "ip_addresses", "macs",
+                     "address_status", "host", "datastore", "source"],
+        "properties": {
+            **{k: member_props[k] for k in ("name", "index", "source", "host", "vm")},
+            **{k: member_props[k] for k in RECORD_ONLY},
+            "state": {"type": "string", "enum": ["cloned", "network", "ready"]},
+            "fleet": {"type": "string"}, "vm": {"type": "string"},
+            "address_status": {"type": "string",
+                               "enum": ["ok", "pending", "inherited", "none"]}}}
     schemas["FleetDetail"] = {
         "allOf": [_ref("FleetSummary"), {
             "type": "object",
@@ -147,6 +189,10 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                         "description": "the current or last provisioning run; summary "
                                        "has per-phase timings (p50/p95/p99)"},
                 "removal": {"type": ["object", "null"]},
+                "member_records_error": {
+                    "type": ["string", "null"],
+                    "description": "why the members come without their records "
+                                   "(addresses...): vCenter could not be read"},
             }}]}
     schemas["Accepted"] = {
         "type": "object", "required": ["fleet", "url"],
@@ -229,6 +275,31 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                                          "401": _error("no or wrong bearer token"),
                                          "404": _error("no such fleet")}},
             },
+            "/v1/fleets/{name}/inventory": {
+                "parameters": [name_param],
+                "get": {"operationId": "getInventory",
+                        "summary": "the fleet's members with their addresses, for Ansible, "
+                                   "/etc/hosts, a spreadsheet or a script",
+                        "parameters": [
+                            {"name": "format", "in": "query",
+                             "schema": {"type": "string", "enum": list(FORMATS),
+                                        "default": "json"}}],
+                        "responses": {"200": {
+                            "description": "the inventory (docs/inventory.md)",
+                            "content": {
+                                CONTENT_TYPES["json"]: {"schema": {
+                                    "type": "object", "required": ["fleet", "members"],
+                                    "properties": {
+                                        "fleet": {"type": "string"},
+                                        "members": {"type": "array",
+                                                    "items": _ref("MemberRecord")}}}},
+                                CONTENT_TYPES["ansible"]: {"schema": {"type": "string"}},
+                                CONTENT_TYPES["hosts"]: {"schema": {"type": "string"}},
+                                CONTENT_TYPES["csv"]: {"schema": {"type": "string"}}}},
+                            "400": _error("an unknown format"),
+                            "401": _error("no or wrong bearer token"),
+                            "404": _error("no such fleet"),
+                            "503": _error("vCenter could not be read")}}},
             "/v1/openapi.json": {
                 "get": {"operationId": "openapi", "summary": "this document",
                         "responses": {"200": {"description": "OpenAPI 3.1",

@@ -15,7 +15,9 @@ This module owns, and does no I/O for:
   (:meth:`FleetRecord.show_members`), so ``GET`` needs no vCenter call;
 - which part of a record is kept on disk (:meth:`FleetRecord.saved`) and how a
   record comes back from it (:func:`restore`), through ``fleet.api.state``;
-- the JSON the HTTP layer returns (:func:`summary_of`, :func:`detail_of`).
+- the JSON the HTTP layer returns (:func:`summary_of`, :func:`detail_of`, and
+  :func:`with_records`, which adds each member's record: addresses, datastore,
+  times; docs/inventory.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import anyio
 from fleet.api.config import ServiceConfig
 from fleet.api.state import SavedFleet
 from fleet.engine.events import Event
+from fleet.engine.members import RECORD_ONLY, MemberRecord
 from fleet.engine.reconcile import Member
 from fleet.engine.run import Provisioner
 from fleet.engine.spec import FleetSpec, spec_from_dict
@@ -279,3 +282,25 @@ def detail_of(rec: FleetRecord, now: float, *, offset: int = 0, limit: int = 100
     out["run"] = run
     out["removal"] = rec.removal.to_dict() if rec.removal is not None else None
     return out
+
+
+def with_records(members: list[dict[str, Any]], records: list[MemberRecord]) -> None:
+    """Add to each member of a page (``MemberView.to_dict()``) its record's fields
+    (:data:`~fleet.engine.members.RECORD_ONLY`; empty for a member with no VM read):
+    matched by VM, or by index while the view does not know the VM yet (a clone made
+    by the run under way). The record's host, source and VM are vCenter's now."""
+    by_vm = {r.vm: r for r in records}
+    by_index: dict[int, MemberRecord] = {}
+    for r in records:
+        by_index.setdefault(r.index, r)
+    for member in members:
+        vm = member.get("vm")
+        record = by_vm.get(vm) if vm else by_index.get(member["index"])
+        if record is None:
+            member.update(RECORD_ONLY)
+            continue
+        full = record.to_dict()
+        member.update({k: full[k] for k in RECORD_ONLY})
+        member["vm"] = record.vm
+        member["host"] = record.host
+        member["source"] = record.source or member.get("source")

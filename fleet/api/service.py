@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -64,19 +64,33 @@ from anyio.abc import TaskGroup
 
 from fleet.api.config import ServiceConfig
 from fleet.api.context import ServiceContext
-from fleet.api.records import STATUSES, FleetRecord, MemberView, detail_of, restore, summary_of
+from fleet.api.records import (
+    STATUSES,
+    FleetRecord,
+    MemberView,
+    detail_of,
+    restore,
+    summary_of,
+    with_records,
+)
 from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.scanner import CALL_TIMEOUT_S, Scanner
 from fleet.api.state import StateStore
 from fleet.api.worker import Workers
+from fleet.engine.members import MemberRecord, read_records
+from fleet.engine.reconcile import RECONCILE_LABELS, as_member
 from fleet.engine.shared import SharedLimits
 from fleet.engine.spec import FleetSpec
+from fleet.errors import FleetError
 from fleet.metrics import FleetMetrics
-from fleet.vsphere.model import VSphere
+from fleet.vsphere.model import ListedVm, VSphere
 
 __all__ = ["FleetRecord", "FleetService", "MemberView"]
 
 log = logging.getLogger("fleet.api")
+
+#: how long a member's record, once read, answers for it (docs/inventory.md)
+RECORDS_FRESH_S = 2.0
 
 
 class FleetService:
@@ -99,6 +113,8 @@ class FleetService:
         self.scanner = Scanner(ctx, start_worker=self.workers.ensure, doom=self._doom)
         self._tg: TaskGroup | None = None
         self._stopping = False
+        #: VM id -> (when read, its record): records read for callers, for a moment
+        self._records: dict[str, tuple[float, MemberRecord]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> FleetService:
@@ -296,6 +312,62 @@ class FleetService:
     def summary(self, rec: FleetRecord) -> dict[str, Any]:
         return summary_of(rec, self.clock())
 
-    def detail(self, rec: FleetRecord, *, offset: int = 0, limit: int = 1000
-               ) -> dict[str, Any]:
-        return detail_of(rec, self.clock(), offset=offset, limit=limit)
+    async def detail(self, rec: FleetRecord, *, offset: int = 0, limit: int = 1000
+                     ) -> dict[str, Any]:
+        """A page of the fleet, each member with its record (read for the page's
+        members only; docs/inventory.md). If vCenter cannot be read, the members
+        come without records and ``member_records_error`` says why."""
+        out = detail_of(rec, self.clock(), offset=offset, limit=limit)
+        page: list[dict[str, Any]] = out["member_list"]
+        error: str | None = None
+        records: list[MemberRecord] = []
+        if page:
+            try:
+                records = await self.member_records(rec, {m["index"] for m in page})
+            except (FleetError, TimeoutError) as exc:
+                error = str(exc) or "vCenter did not answer in time"
+        with_records(page, records)
+        out["member_records_error"] = error
+        return out
+
+    async def member_records(self, rec: FleetRecord, indexes: Collection[int] | None = None
+                             ) -> list[MemberRecord]:
+        """The records of the fleet's members (those at ``indexes``), sorted by index.
+        Members are found in the service's view of its folders when it has one (no
+        call), else by a listing of the fleet's folder; their records are read for
+        those not read in the last :data:`RECORDS_FRESH_S` seconds with their address
+        and in the state they are in now (a caller polling a fleet does not read every
+        ready member each time)."""
+        vms = await self._fleet_vms(rec)
+        members = [m for m in (as_member(vm, rec.name) for vm in vms)
+                   if m is not None and (indexes is None or m.index in indexes)]
+        now = anyio.current_time()
+        cache = self._records
+        for vm_id in [k for k, (at, _) in cache.items() if now - at > RECORDS_FRESH_S]:
+            del cache[vm_id]
+        kept: dict[str, MemberRecord] = {}
+        for m in members:
+            hit = cache.get(m.vm.ref.id)
+            # Only a member with its address, and still in the state it was read in:
+            # one without may get it any moment (DHCP, the run's next phase).
+            if hit is not None and hit[1].fleet == rec.name and hit[1].state == m.state:
+                kept[m.vm.ref.id] = hit[1]
+        stale = [m.vm.ref for m in members if m.vm.ref.id not in kept]
+        for record in await read_records(self.vs, rec.name, stale, call_s=CALL_TIMEOUT_S):
+            kept[record.vm] = record
+            if record.address_status == "ok":
+                cache[record.vm] = (now, record)
+        return sorted(kept.values(), key=lambda r: (r.index, r.name))
+
+    async def _fleet_vms(self, rec: FleetRecord) -> list[ListedVm]:
+        tree = self.scanner.tree
+        if tree is not None and tree.synced and tree.error is None and \
+                rec.folder == self.config.fleet_folder(rec.name):
+            for name, ref in tree.folders():
+                if name == rec.name:
+                    return tree.vms_in(ref)
+            return []
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            folder = await self.vs.find_folder(rec.folder)
+            return await self.vs.list_folder_vms(folder, RECONCILE_LABELS) \
+                if folder is not None else []

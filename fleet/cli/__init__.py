@@ -55,6 +55,10 @@ def _spec_options(parser: argparse.ArgumentParser, *, count: bool = True) -> Non
     parser.add_argument("--sim-time-scale", type=float, default=1.0, metavar="X",
                         help="time scale of the built-in simulator (when the spec names no "
                              "vCenter); default 1")
+    _vcenter_options(parser)
+
+
+def _vcenter_options(parser: argparse.ArgumentParser) -> None:
     vc = parser.add_argument_group(
         "vCenter", "where vCenter is, above the spec's [vcenter] and the FLEET_VCENTER_* and "
                    "GOVC_* variables (docs/connecting.md); never a password on the command line")
@@ -234,6 +238,7 @@ async def _provision(args: argparse.Namespace) -> int:
     from fleet.target import open_target
 
     ttl_s = parse_duration(args.ttl) if args.ttl is not None else None
+    inventory = _inventory_target(args, "--inventory", "--inventory-format")
     spec = _load_spec(args)
     if spec.count == 0:
         # Scaling to zero removes every member without asking: a slip of the finger
@@ -308,6 +313,13 @@ async def _provision(args: argparse.Namespace) -> int:
 
                 tg.start_soon(watch_signals)
                 tg.start_soon(run)
+        inventory_error: str | None = None
+        if inventory is not None and provisioner.summary is not None:
+            # What is there, also after an incomplete or interrupted run.
+            try:
+                await _write_inventory(spec, target.client, *inventory, "--inventory")
+            except (FleetError, TimeoutError) as exc:
+                inventory_error = f"the inventory was not written: {exc or 'timed out'}"
     summary = provisioner.summary
     if ttl_s is None:
         expires_at = provisioner.expires_at
@@ -323,16 +335,21 @@ async def _provision(args: argparse.Namespace) -> int:
         out["target"] = "simulator" if target.simulated else "vcenter"
         out["expires_at"] = None if expires_at is None else math.ceil(expires_at)
         out["lock_lost"] = lock.lost_reason
+        out["inventory"] = None if inventory is None or inventory_error else inventory[0]
         print(json.dumps(out))
     else:
         print_summary(summary)
+    if inventory_error is not None:
+        eprint(inventory_error)
+    elif inventory is not None and inventory[0] != "-":
+        eprint(f"wrote the {inventory[1]} inventory of fleet {spec.name} to {inventory[0]}")
     loss = event_log.loss() if event_log is not None else None
     if loss is not None:
         eprint(loss)
     lost_events = loss is not None
     if interrupted:
         return EXIT_INTERRUPTED
-    if lock.lost_reason is not None:
+    if lock.lost_reason is not None or inventory_error is not None:
         return EXIT_INCOMPLETE
     return EXIT_OK if summary.complete and not lost_events else EXIT_INCOMPLETE
 
@@ -402,11 +419,21 @@ async def _status(args: argparse.Namespace) -> int:
     from fleet.target import open_target
 
     spec = _load_spec(args)
+    records = None
     async with open_target(spec, simulator=False, command="status", announce=eprint,
                            sim_time_scale=args.sim_time_scale) as target:
         result = await status(spec, target.client)
+        if args.members:
+            # Only when asked: addresses cost a read of every member (docs/inventory.md),
+            # and `status` alone stays the listing it was (docs/reads.md).
+            from fleet.engine.members import member_records
+
+            records = await member_records(spec, target.client)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        out = result.to_dict()
+        if records is not None:
+            out["member_list"] = [r.to_dict() for r in records]
+        print(json.dumps(out))
     else:
         states = ", ".join(f"{k} {v}" for k, v in sorted(result.by_state.items())) or "none"
         print(f"fleet {result.fleet} in {result.folder}: {result.ready}/{result.requested} "
@@ -414,7 +441,67 @@ async def _status(args: argparse.Namespace) -> int:
               f"not members {result.foreign}")
         if result.lock is not None:
             print(f"locked by {result.lock['description']}")
+        if records is not None:
+            _print_members(records)
     return EXIT_OK if result.complete else EXIT_INCOMPLETE
+
+
+def _print_members(records: Sequence[Any]) -> None:
+    from fleet.report import print_table
+
+    print_table("members", ["name", "index", "state", "ip", "other addresses", "host",
+                            "datastore", "source", "vm"],
+                [[r.name, r.index, r.state, r.ip or f"- ({r.address_status})",
+                  " ".join(r.ip_addresses[1:]) or None, r.host, r.datastore, r.source, r.vm]
+                 for r in records])
+
+
+def _inventory_target(args: argparse.Namespace, path_key: str, format_key: str
+                      ) -> tuple[str, str] | None:
+    """(path, format) of the inventory a command is to write, checked before anything
+    else is done (docs/inventory.md); None when none is asked."""
+    from fleet.inventory import check_output, format_for
+
+    path = getattr(args, path_key.lstrip("-").replace("-", "_"))
+    given = getattr(args, format_key.lstrip("-").replace("-", "_"))
+    if path is None:
+        if given is not None and path_key == "--inventory":
+            raise ConfigError("an inventory format without --inventory FILE to write it to",
+                              key=format_key)
+        return None
+    if not path:
+        raise ConfigError("an empty path; give a file (or - for standard output)",
+                          key=path_key)
+    fmt = format_for(path, given, key=format_key)
+    check_output(path, key=path_key)
+    return path, fmt
+
+
+async def _write_inventory(spec: Any, client: Any, path: str, fmt: str, key: str) -> int:
+    """Read the fleet's member records and write them to ``path`` in ``fmt``."""
+    from fleet.engine.members import member_records
+    from fleet.inventory import render, write_output
+
+    records = await member_records(spec, client)
+    write_output(path, render(fmt, spec.name, records), key=key)
+    return len(records)
+
+
+async def _inventory(args: argparse.Namespace) -> int:
+    from fleet.inventory import format_for
+    from fleet.target import open_target
+
+    target_file = _inventory_target(args, "--output", "--format")
+    path, fmt = target_file if target_file is not None else \
+        ("-", format_for(None, args.format, key="--format"))
+    spec = _load_spec(args)
+    # A fresh built-in simulator has no fleet to list: vCenter must be named.
+    async with open_target(spec, simulator=False, command="inventory", announce=eprint,
+                           sim_time_scale=args.sim_time_scale) as target:
+        count = await _write_inventory(spec, target.client, path, fmt, "--output")
+    if path != "-":
+        eprint(f"wrote the {fmt} inventory of fleet {spec.name} ({count} members) to {path}")
+    return EXIT_OK
 
 
 async def _destroy(args: argparse.Namespace) -> int:
@@ -521,6 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", metavar="FILE",
                    help="write every engine event to FILE as JSON lines (one object per "
                         "event, with its elapsed seconds), for analysis after the run")
+    p.add_argument("--inventory", metavar="FILE",
+                   help="when the run ends (complete or not), write the members and their "
+                        "addresses to FILE (- for standard output), replacing it whole")
+    p.add_argument("--inventory-format", "--format", dest="inventory_format",
+                   metavar="FORMAT",
+                   help="the inventory's format: json, ansible, hosts or csv (default: "
+                        "from FILE's suffix, .yml/.yaml ansible, .csv csv, else json)")
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     _lock_options_args(p)
     p.set_defaults(afunc=_provision)
@@ -537,7 +631,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="members by state, missing and extra indexes")
     _spec_options(p, count=True)
+    p.add_argument("--members", action="store_true",
+                   help="also list every member: state, addresses, host, datastore, source "
+                        "(reads each member; --json: as member_list)")
     p.set_defaults(afunc=_status)
+
+    p = sub.add_parser("inventory", help="the members and their addresses, for Ansible, "
+                                         "/etc/hosts, a spreadsheet or a script",
+                       description="Write every member of a fleet with its addresses, host, "
+                                   "datastore and source, as JSON, an Ansible YAML "
+                                   "inventory, /etc/hosts lines or CSV. A member whose guest "
+                                   "has no address of its own yet shows none "
+                                   "(docs/inventory.md).")
+    p.add_argument("--spec", metavar="FILE", help="fleet spec (TOML)")
+    p.add_argument("--name", metavar="NAME", help="fleet name (overrides the spec's)")
+    p.add_argument("--format", metavar="FORMAT",
+                   help="json, ansible, hosts or csv (default: from --output's suffix, "
+                        ".yml/.yaml ansible, .csv csv, else json)")
+    p.add_argument("--output", "-o", metavar="FILE",
+                   help="write to FILE, replaced whole (a new file renamed over it); "
+                        "default standard output")
+    p.add_argument("--sim-time-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    _vcenter_options(p)
+    p.set_defaults(afunc=_inventory)
 
     p = sub.add_parser("destroy", help="power off and destroy every member of a fleet")
     _spec_options(p, count=False)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -40,7 +41,7 @@ import anyio
 from fleet.engine.events import JobReplaced, JobRetried, JobStarted
 from fleet.engine.limits import Lease, LimitKey
 from fleet.engine.placement import HostState, SourceState
-from fleet.engine.reconcile import LABEL_STATE, MemberState
+from fleet.engine.reconcile import LABEL_READY_AT, LABEL_STATE, MemberState
 from fleet.engine.reconcile import labels as member_labels
 from fleet.engine.recovery import Recovery
 from fleet.engine.refresher import Refresher
@@ -547,7 +548,11 @@ class Pipeline:
         assert job.vm is not None
         ctx = self._ctx
         vm = job.vm
-        values = {LABEL_STATE: state}
+        values: dict[str, str] = {LABEL_STATE: state}
+        if state == "ready":
+            # When it became ready, in the same reconfiguration (no call more): member
+            # records show it (fleet.engine.members; docs/inventory.md).
+            values[LABEL_READY_AT] = str(math.floor(time.time()))
 
         async def write() -> None:
             lease = await ctx.limiters.acquire([LimitKey.of("overall")], (job, "label"))

@@ -26,6 +26,10 @@ LABEL_INDEX = "guestinfo.fleet.index"
 LABEL_RUN_ID = "guestinfo.fleet.run_id"
 LABEL_SOURCE = "guestinfo.fleet.source"
 LABEL_STATE = "guestinfo.fleet.state"
+#: when fleet labelled the member ready (epoch seconds, fleet's clock), written in the
+#: same reconfiguration as the ``ready`` state; only member records read it
+#: (``fleet.engine.members``), so listings do not pay for it
+LABEL_READY_AT = "guestinfo.fleet.ready_at"
 
 #: what reconciliation decides on (``status`` reads no more: docs/reads.md)
 RECONCILE_LABELS = (LABEL_NAME, LABEL_INDEX, LABEL_STATE)

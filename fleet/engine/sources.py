@@ -28,6 +28,7 @@ import anyio
 from fleet.engine.events import Emitter, EventCallback, SourceFrozen, SourcePrepared
 from fleet.engine.lifetime import FLEET_LABELS
 from fleet.engine.placement import SourceState
+from fleet.engine.reconcile import LABEL_READY_AT
 from fleet.engine.spec import LABEL_PREFIX, FleetSpec, SpecError
 from fleet.errors import ConfigError, DuplicateName, GuestOperationFailed, NotFound
 from fleet.vsphere import recipes
@@ -68,7 +69,8 @@ def clone_config(own: Mapping[str, str], source: VmInfo, *,
     so no moment exists at which the clone carries a foreign label:
 
     - every ``guestinfo.fleet.*`` key the source shows (labels of any fleet version);
-    - every label fleet writes (:data:`FLEET_LABELS`), whatever the view shows;
+    - every label fleet writes (:data:`FLEET_LABELS` and the ready time), whatever the
+      view shows;
     - ``readiness_key``, the flag the guest sets when it is ready: a clone of a ready
       VM must not count as ready before its own guest says so.
 
@@ -77,6 +79,7 @@ def clone_config(own: Mapping[str, str], source: VmInfo, *,
     clears = {k for k in source.extra_config
               if k.startswith(LABEL_PREFIX) or k == LABEL_PREFIX.rstrip(".")}
     clears.update(FLEET_LABELS)
+    clears.add(LABEL_READY_AT)
     if readiness_key:
         clears.add(readiness_key)
     config = dict(own)

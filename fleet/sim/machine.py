@@ -38,6 +38,7 @@ from fleet.sim.hardware import (
     Nic,
     Process,
 )
+from fleet.sim.names import ipv6_for
 from fleet.sim.runtime import Runtime
 from fleet.sim.shapes import TOOLS_VERSION, Shape, shape_for
 from fleet.sim.soap import share
@@ -81,6 +82,7 @@ class Machine(ManagedEntity):
                     "config.hardware.memoryMB": "_config_memory_mb",
                     "config.guestId": "_config_guest_id",
                     "config.instanceUuid": "_config_instance_uuid",
+                    "config.createDate": "_config_create_date",
                     "guest.ipAddress": "_guest_ip_address",
                     # what listings and reconcile read of every VM (docs/reads.md)
                     "runtime.powerState": "_runtime_power_state",
@@ -468,7 +470,9 @@ class Machine(ManagedEntity):
         if active:
             for i, nic in enumerate(self.nics):
                 mac = self.guest.macs[i] if i < len(self.guest.macs) else nic.mac
-                ips = [self.guest.ip] if i == 0 and self.guest.ip else []
+                # A guest with an IPv4 lease also has a SLAAC IPv6 address, derived
+                # from the MAC it uses (an instant clone's: its source's until refreshed).
+                ips = [self.guest.ip, ipv6_for(mac)] if i == 0 and self.guest.ip else []
                 nets.append(vim.vm.GuestInfo.NicInfo(
                     network=nic.network.name if nic.network else None, ipAddress=ips,
                     macAddress=mac, connected=nic.connected, deviceConfigId=nic.key))
@@ -493,6 +497,9 @@ class Machine(ManagedEntity):
 
     def _config_instance_uuid(self) -> str:
         return self.instance_uuid  # prop_config().instanceUuid
+
+    def _config_create_date(self) -> datetime:
+        return self.created  # prop_config().createDate
 
     def _guest_ip_address(self) -> str | None:
         # prop_guest().ipAddress

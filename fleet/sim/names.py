@@ -3,7 +3,8 @@
 vCenter holds a name in a folder from the start of a create, clone or rename,
 so a concurrent one of the same name gets ``DuplicateName`` (fleet's lock relies
 on it: docs/locking.md). MACs come from VMware's ``00:50:56`` range; IPs from
-10.0.0.0/8 as a DHCP server would give them, a destroyed VM's first again.
+10.0.0.0/8 as a DHCP server would give them, a destroyed VM's first again, and an
+IPv6 address from the MAC as SLAAC makes one (EUI-64, in a unique local prefix).
 """
 
 from __future__ import annotations
@@ -58,3 +59,15 @@ class Addresses:
             ip = self.ips.pop(mac, None)
             if ip is not None:
                 self._free_ips.append(ip)
+
+
+#: the unique local /64 the simulated network's routers advertise (RFC 4193)
+IPV6_PREFIX = ipaddress.IPv6Network("fd00:f1ee:0:1::/64")
+
+
+def ipv6_for(mac: str) -> str:
+    """The SLAAC address a guest using ``mac`` takes: the prefix and the MAC's EUI-64
+    interface id (the universal/local bit flipped, ``ff:fe`` in the middle)."""
+    octets = [int(part, 16) for part in mac.split(":")]
+    eui = [octets[0] ^ 0x02, *octets[1:3], 0xFF, 0xFE, *octets[3:6]]
+    return str(IPV6_PREFIX[int.from_bytes(bytes(eui), "big")])

@@ -10,6 +10,7 @@ paths fleet uses. The functions that turn ``ObjectContent`` into
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import UTC
 from typing import Any
 
 from pyVmomi import vim, vmodl
@@ -17,12 +18,14 @@ from pyVmomi import vim, vmodl
 from fleet.vsphere.model import (
     DatastoreInfo,
     GuestFamily,
+    GuestNic,
     HostInfo,
     Labels,
     ListedVm,
     NicInfo,
     PowerState,
     Ref,
+    VmAddresses,
     VmInfo,
 )
 from fleet.vsphere.plain import PlainContent
@@ -37,6 +40,11 @@ VM_PATHS = (
 )
 #: What a folder listing decides on (docs/reads.md); the labels come as keyed paths.
 LISTED_PATHS = ("name", "runtime.powerState", "runtime.host")
+#: What an inventory of members reads (docs/inventory.md): the listing's paths, where the
+#: VM lives and what its guest reports of its network. ``guest.net`` is not a plain
+#: value (fleet.vsphere.plain): this read is for callers that show addresses only.
+ADDRESS_PATHS = (*LISTED_PATHS, "datastore", "config.instanceUuid", "config.createDate",
+                 "guest.ipAddress", "guest.net")
 #: What a source needs to be judged (power, frozen, host, datastores, chain).
 SOURCE_PATHS = ("name", "runtime.powerState", "runtime.instantCloneFrozen", "runtime.host",
                 "datastore", "layoutEx.disk")
@@ -225,3 +233,51 @@ def datastore_info(content: Any) -> DatastoreInfo:
                          capacity_bytes=int(p.get("summary.capacity") or 0),
                          free_bytes=int(p.get("summary.freeSpace") or 0),
                          accessible=bool(p.get("summary.accessible", True)))
+
+
+def guest_nics(nets: Any) -> tuple[GuestNic, ...]:
+    """``guest.net[]`` as the model's :class:`GuestNic` values (addresses de-duplicated,
+    in the guest's order)."""
+    out = []
+    for net in nets or ():
+        key = getattr(net, "deviceConfigId", None)
+        out.append(GuestNic(
+            mac=str(net.macAddress).lower() if net.macAddress else None,
+            ip_addresses=tuple(dict.fromkeys(str(a) for a in net.ipAddress or () if a)),
+            device_key=int(key) if key is not None and int(key) >= 0 else None,
+            connected=bool(net.connected)))
+    return tuple(out)
+
+
+def epoch_of(value: Any) -> float | None:
+    """An ``xsd:dateTime`` (pyVmomi's datetime) as epoch seconds; one without a zone is
+    UTC, as in vim25."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return float(value.timestamp())
+
+
+def vm_addresses(contents: list[Any], host_names: Mapping[str, str],
+                 datastore_names: Mapping[str, str], labels: Iterable[str],
+                 devices: Mapping[str, Mapping[int, Any]]) -> list[VmAddresses]:
+    """VMs read with ``ADDRESS_PATHS`` and ``labels``; ``devices``: VM id -> its virtual
+    NICs read by key (key -> device)."""
+    out = []
+    for content, listed in zip(contents, listed_vms(contents, host_names, labels),
+                               strict=True):
+        p = props(content)
+        macs = {key: str(dev.macAddress).lower()
+                for key, dev in devices.get(listed.ref.id, {}).items()
+                if isinstance(dev, vim.vm.device.VirtualEthernetCard) and dev.macAddress}
+        out.append(VmAddresses(
+            vm=listed,
+            datastores=tuple(datastore_names.get(d._moId, d._moId)
+                             for d in p.get("datastore") or ()),
+            instance_uuid=p.get("config.instanceUuid") or None,
+            created_at=epoch_of(p.get("config.createDate")),
+            guest_ip=p.get("guest.ipAddress") or None,
+            guest_nics=guest_nics(p.get("guest.net")),
+            nic_macs=macs))
+    return out

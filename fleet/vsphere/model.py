@@ -195,6 +195,36 @@ class ListedVm:
     labels: Labels
 
 
+@dataclass(frozen=True)
+class GuestNic:
+    """One NIC as the guest reports it through VMware Tools (``guest.net[]``)."""
+
+    mac: str | None  # the MAC the guest OS uses (an instant clone's: its source's until refreshed)
+    ip_addresses: tuple[str, ...]  # IPv4 and IPv6, as Tools lists them
+    device_key: int | None  # the virtual NIC's key (``deviceConfigId``), None if not tied to one
+    connected: bool
+
+
+@dataclass(frozen=True)
+class VmAddresses:
+    """A VM's addresses and where it runs, as :meth:`VSphere.read_addresses` reads them
+    (docs/inventory.md): the listing's fields, the datastores' names, its instance
+    UUID and creation time, what the guest reports of its network, and the MACs of its
+    virtual NICs. Which of the guest's addresses are the VM's own (and not its
+    source's, inherited by an instant clone) is the engine's call
+    (``fleet.engine.members``)."""
+
+    vm: ListedVm
+    datastores: tuple[str, ...]
+    instance_uuid: str | None
+    created_at: float | None  # ``config.createDate``, epoch seconds (vCenter's clock)
+    guest_ip: str | None  # ``guest.ipAddress``: the guest's primary address
+    guest_nics: tuple[GuestNic, ...]
+    #: virtual NIC key -> its MAC (``config.hardware.device[key].macAddress``), for the
+    #: NICs the guest names
+    nic_macs: Mapping[int, str] = field(default_factory=dict)
+
+
 class FolderTree(Protocol):
     """A live view of a folder, the folders in it and the VMs in those, kept current by
     a watch (docs/watching.md, "The service's view"). Read it synchronously; run
@@ -349,6 +379,14 @@ class VSphere(Protocol):
 
     async def list_child_folders(self, folder: Ref) -> list[tuple[str, Ref]]:
         """(name, ref) of every folder directly in ``folder``, sorted by name."""
+        ...
+
+    async def read_addresses(self, vms: Sequence[Ref],
+                             labels: Collection[str]) -> list[VmAddresses]:
+        """Where each VM of ``vms`` runs and the addresses its guest reports, with the
+        ``extraConfig`` keys ``labels`` (docs/inventory.md). Paged over the refs, only
+        the paths it needs; a VM gone meanwhile is left out. Costlier than a listing
+        (the guest's NICs are not plain values): for callers that show addresses."""
         ...
 
     def folder_tree(self, root: Ref, labels: Collection[str]) -> FolderTree:

@@ -11,7 +11,7 @@ import pytest
 
 from fleet.engine import provision
 from fleet.engine.lifetime import LABEL_EXPIRES_AT, current_expiry
-from fleet.engine.reconcile import LABEL_NAME, LABEL_SOURCE
+from fleet.engine.reconcile import LABEL_NAME, LABEL_READY_AT, LABEL_SOURCE
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.sources import FLEET_LABELS, clone_config
 from fleet.vsphere.model import Ref, VmInfo
@@ -102,7 +102,9 @@ def test_clone_config_clears_what_a_stale_view_of_the_source_does_not_show() -> 
     # The view was read before the source was labelled with an expiry: cleared anyway.
     config = clone_config(own, _source({}))
     assert config[LABEL_EXPIRES_AT] == ""
-    assert {k for k, v in config.items() if v == ""} == set(FLEET_LABELS) - set(own)
+    # Every label fleet writes, the ready time (member records, docs/inventory.md) too.
+    assert {k for k, v in config.items() if v == ""} == \
+        (set(FLEET_LABELS) | {LABEL_READY_AT}) - set(own)
     assert list(config)[:2] == list(own)  # own first: one body shape per source
     # Keys only the view shows, and the readiness flag, are cleared too; own ones win.
     config = clone_config({**own, "guestinfo.ready": "yes"},

@@ -15,8 +15,9 @@ The client itself is in rooms, one job each, and :class:`VSphereClient` is their
 ``connection`` (lifecycle, calls, tasks, paged reads; the state they all share),
 ``reads`` (the inventory), ``folders`` (VM folders, the lock's records), ``clones``
 (instant and full clones), ``changes`` (power, destroy, NIC and extraConfig edits),
-``guest_ops`` (guest programs, waits for a VM's state) and ``preflight`` (the
-questions ``fleet plan`` asks: privileges, guest logins, where clones go). They are mixins rather
+``guest_ops`` (guest programs, waits for a VM's state), ``preflight`` (the
+questions ``fleet plan`` asks: privileges, guest logins, where clones go) and
+``addresses`` (members' addresses, for inventories). They are mixins rather
 than parts the client delegates to, so each ``VSphere`` method is written once, in
 its room, and not again as a forwarding stub; each room inherits from the rooms it
 calls (every one from ``reads``), so mypy checks each call across rooms, and
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fleet.vsphere.client.addresses import Addresses
 from fleet.vsphere.client.changes import VmChanges
 from fleet.vsphere.client.clones import Clones
 from fleet.vsphere.client.connection import endpoint_problem
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
     from fleet.vsphere.tasks import VCenterTask
 
 
-class VSphereClient(Clones, VmChanges, GuestOps, Folders, Preflight):
+class VSphereClient(Clones, VmChanges, GuestOps, Folders, Preflight, Addresses):
     """An asyncio vCenter client; see the module docstring."""
 
 

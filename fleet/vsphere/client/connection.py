@@ -103,6 +103,8 @@ class Connection:
         # The parts' caches, declared here so an instance's whole state is in one place.
         # reads: host names for VmInfo, the datacenters and their VM folders
         self._host_names: dict[str, str] = {}
+        # addresses: datastore names for the members' records
+        self._datastore_names: dict[str, str] = {}
         self._datacenters: list[tuple[str, Any, Any]] | None = None
         # clones: a source's NICs, the NIC edits made from them, rendered request bodies
         self._nic_cache: dict[str, tuple[float, list[Any]]] = {}
