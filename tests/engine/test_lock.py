@@ -267,9 +267,13 @@ async def test_a_holder_whose_lock_was_taken_over_loses_it_at_the_next_renewal()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(take_over)
+            # An 8 s lease is renewed every 2 s, each renewal given 6 s: the take-over
+            # is found at the next renewal, well before the run of 2,000 ends. With
+            # 2 s (renewals given 1.5 s) a loaded machine let the run's own renewal
+            # time out first, which loses the lock for another reason.
             with pytest.raises(LockLost) as lost:
                 await provision(spec, vs, options=opts(), on_event=on_event,
-                                lock=LockOptions(lease_s=2.0))
+                                lock=LockOptions(lease_s=8.0))
         await vc.wait_idle()
     assert "record is gone" in str(lost.value)
     assert lost.value.result.ready < 2000

@@ -105,14 +105,22 @@ async def test_a_chain_raised_to_the_limit_during_the_stun_never_grows_past_it()
 
 
 async def test_clones_beyond_the_slots_queue_and_are_counted() -> None:
-    # a clone takes 0.3 s: all six are handed over long before the first ends
+    # A clone takes 0.3 s: on a quiet machine all six are handed over before the first
+    # ends, and four queue. On a loaded one a clone may end before the last is handed
+    # over, and then fewer queue, rightly: what the simulator guarantees is that a
+    # clone queues exactly when it arrives at a host whose slots are all taken.
     topo = small_topology(hosts=1, slots=2, latency={"instant_clone_s": 0.3})
     async with sim_vsphere(topo) as (vs, vc):
+        host_slots = f"host:{vc.sim.hosts['esx-01'].moid}"
+        full_at_arrival: list[bool] = []
+        vc.before_call("InstantClone_Task", lambda _source: full_at_arrival.append(
+            vc.sim.scheduler.busy(host_slots)))
         folder = await vs.ensure_folder("t")
         tasks = [await clone(vs, "frozen-01", f"q{i}", folder) for i in range(6)]
         for task in tasks:
             await task.wait(30)  # type: ignore[attr-defined]
-    assert vc.clones.submitted == 6 and vc.clones.queued == 4
+    assert len(full_at_arrival) == 6 and full_at_arrival[:2] == [False, False]
+    assert vc.clones.submitted == 6 and vc.clones.queued == sum(full_at_arrival) >= 1
     assert vc.max_running("esx-01") == 2
     assert vc.clones.peak("host") == {"esx-01": 6}
     assert vc.clones.in_flight[""] == 0 and not vc.clones.faults
