@@ -144,13 +144,7 @@ class GuestProcessManager(SimObject):
         self.stats = stats
 
     def _vm(self, ctx: CallContext, vm: Any, auth: Any) -> VirtualMachine:
-        target = self.inventory.resolve(vm)
-        if not isinstance(target, VirtualMachine):
-            raise vmodl.fault.InvalidArgument(msg="vm is not a virtual machine",
-                                              invalidProperty="vm")
-        target.check_host()
-        target.guest_auth(auth)
-        return target
+        return guest_vm(self.inventory, vm, auth)
 
     def StartProgramInGuest(self, ctx: CallContext, vm: Any, auth: Any, spec: Any) -> int:
         target = self._vm(ctx, vm, auth)
@@ -190,6 +184,18 @@ class GuestProcessManager(SimObject):
             proc.exit_code = 143
 
 
+def guest_vm(inventory: Inventory, vm: Any, auth: Any) -> VirtualMachine:
+    """The VM a guest operation names, once its host answers and ``auth`` logs in to
+    its guest (the faults a guest program's start would raise)."""
+    target = inventory.resolve(vm)
+    if not isinstance(target, VirtualMachine):
+        raise vmodl.fault.InvalidArgument(msg="vm is not a virtual machine",
+                                          invalidProperty="vm")
+    target.check_host()
+    target.guest_auth(auth)
+    return target
+
+
 class GuestAuthManager(SimObject):
     """Guest logins: ``ValidateCredentialsInGuest`` answers as a guest program's start
     would (powered off, frozen or Tools not running, wrong user or password)."""
@@ -197,12 +203,7 @@ class GuestAuthManager(SimObject):
     vim_type = vim.vm.guest.AuthManager
 
     def ValidateCredentialsInGuest(self, ctx: CallContext, vm: Any, auth: Any) -> None:
-        target = self.inventory.resolve(vm)
-        if not isinstance(target, VirtualMachine):
-            raise vmodl.fault.InvalidArgument(msg="vm is not a virtual machine",
-                                              invalidProperty="vm")
-        target.check_host()
-        target.guest_auth(auth)
+        guest_vm(self.inventory, vm, auth)
 
 
 class GuestOperationsManager(SimObject):
