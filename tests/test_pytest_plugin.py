@@ -97,3 +97,25 @@ def test_the_plugin_is_inert_unless_asked(pytester: pytest.Pytester) -> None:
                                    "    assert 'fleet.public' not in sys.modules\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=1)
+
+
+def test_under_xdist_each_worker_has_a_fleet_of_its_own(
+        pytester: pytest.Pytester, sim: SimProcess, env: None) -> None:
+    pytester.makefile(".toml", plugx=to_toml(spec_data(sim, "plugx", 2)))
+    pytester.makepyfile(test_inner="""
+import json, os, pathlib
+
+def test_a(fleet_members):
+    pathlib.Path(os.environ["PYTEST_XDIST_WORKER"] + ".json").write_text(
+        json.dumps([m.name for m in fleet_members]))
+
+test_b = test_a
+""")
+    result = pytester.runpytest_subprocess("--fleet-spec", "plugx.toml", "-n", "2",
+                                           "--dist", "each", "-p", "no:cacheprovider",
+                                           timeout=300)
+    result.assert_outcomes(passed=4)
+    for worker in ("gw0", "gw1"):
+        names = json.loads((pytester.path / f"{worker}.json").read_text())
+        assert names == [f"plugx-{worker}-0000", f"plugx-{worker}-0001"]
+        assert sim_vms(sim, f"fleet/plugx-{worker}") == {}
