@@ -33,7 +33,7 @@ from fleet.engine.lock import FleetLock, LockHeld, LockLost, LockOptions
 from fleet.engine.members import MemberRecord, member_records
 from fleet.engine.operations import FleetStatus, check_spec, destroy, lost_message, status
 from fleet.engine.run import EngineOptions, Provisioner
-from fleet.engine.spec import FleetSpec, read_toml, spec_from_dict
+from fleet.engine.spec import MAX_COUNT, FleetSpec, read_toml, spec_from_dict
 from fleet.engine.summary import RemovalSummary, Summary
 from fleet.errors import ConfigError, FleetError
 from fleet.target import Target, connect_spec, demo_spec, open_target
@@ -126,9 +126,10 @@ class Fleet:
         in-flight clones finish within ``timeouts.cancel_grace_s`` or are destroyed."""
         spec = self.spec
         if count is not None:
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ConfigError(f"{count!r} is not a count of 1 or more (destroy() "
-                                  "removes every member)", key="count")
+            if isinstance(count, bool) or not isinstance(count, int) or \
+                    not 1 <= count <= MAX_COUNT:
+                raise ConfigError(f"{count!r} is not a count from 1 to {MAX_COUNT} "
+                                  "(destroy() removes every member)", key="count")
             spec = spec_with(spec, count=count)
         ttl_s = _ttl_seconds(ttl)
         client = self._target.client
