@@ -55,8 +55,8 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from fleet import __version__
 from fleet.engine.summary import PHASES
+from fleet.version import __version__
 
 if TYPE_CHECKING:
     from fleet.engine.events import Event

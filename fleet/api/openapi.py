@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fleet import __version__
 from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig
 from fleet.api.requests import MAX_DEPTH
 from fleet.engine.lifetime import MAX_TTL_S
 from fleet.engine.members import RECORD_ONLY
 from fleet.engine.spec import FleetSpec
 from fleet.inventory import CONTENT_TYPES, FORMATS
+from fleet.version import __version__
 
 _REF = "#/components/schemas/{model}"
 

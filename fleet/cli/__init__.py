@@ -26,9 +26,9 @@ from typing import Any, NoReturn
 
 import anyio
 
-from fleet import __version__
 from fleet.cli.eventlog import EventLog
 from fleet.errors import ConfigError, FleetError
+from fleet.version import __version__
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_LOCKED = 75

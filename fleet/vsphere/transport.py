@@ -58,7 +58,7 @@ from pyVmomi import VmomiSupport
 from pyVmomi.SoapAdapter import SoapResponseDeserializer, SoapStubAdapterBase
 from yarl import URL
 
-from fleet import __version__, vmomi
+from fleet import vmomi
 from fleet.errors import (
     ConfigError,
     ConnectionFailed,
@@ -68,6 +68,7 @@ from fleet.errors import (
     VSphereError,
 )
 from fleet.urls import redact_url, url_problem
+from fleet.version import __version__
 from fleet.vsphere.faults import where_prefix
 from fleet.vsphere.tls import TlsOptions, ssl_for, unverified_context
 
