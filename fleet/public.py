@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,12 @@ import anyio.lowlevel
 
 from fleet.engine.connection import HOW_TO_POINT
 from fleet.engine.events import EventCallback
-from fleet.engine.lifetime import check_ttl, expiry_labels, parse_duration, stamp_expiry
-from fleet.engine.lock import FleetLock, LockHeld, LockLost, LockOptions
+from fleet.engine.lifetime import check_ttl, parse_duration
+from fleet.engine.lock import LockHeld, LockOptions
 from fleet.engine.members import MemberRecord, member_records
-from fleet.engine.operations import FleetStatus, check_spec, destroy, lost_message, status
-from fleet.engine.run import EngineOptions, Provisioner
+from fleet.engine.operations import FleetStatus, destroy, status
+from fleet.engine.operations import provision as provision_fleet
+from fleet.engine.run import EngineOptions
 from fleet.engine.spec import MAX_COUNT, FleetSpec, read_toml, spec_from_dict
 from fleet.engine.summary import RemovalSummary, Summary
 from fleet.errors import ConfigError, FleetError
@@ -132,25 +132,12 @@ class Fleet:
                                   "(destroy() removes every member)", key="count")
             spec = spec_with(spec, count=count)
         ttl_s = _ttl_seconds(ttl)
-        client = self._target.client
-        checked = await check_spec(spec, client)
-        checked_at = anyio.current_time()
-        run_id = uuid.uuid4().hex[:12]
-        expires_at = None if ttl_s is None else time.time() + ttl_s
-        provisioner = Provisioner(spec, client, on_event=self._on_event, run_id=run_id,
-                                  options=EngineOptions(labels=expiry_labels(expires_at),
-                                                        keep_expiry=ttl_s is None))
-        lock = FleetLock(client, spec.name, spec.folder_path, op="provision", run_id=run_id,
-                         options=self._lock())
-        async with lock:
-            if expires_at is not None:
-                await stamp_expiry(spec, client, expires_at)
-            provisioner.use_view(checked, checked_at)
-            lock.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
-            summary = await provisioner.run()
-        if lock.lost_reason is not None:
-            raise LockLost(lost_message(spec.name, lock.lost_reason), summary)
-        return summary
+        # Without a ttl the fleet keeps the expiry it has, as `fleet provision` does.
+        return await provision_fleet(spec, self._target.client, on_event=self._on_event,
+                                     options=EngineOptions(keep_expiry=ttl_s is None),
+                                     lock=self._lock(),
+                                     expires_at=None if ttl_s is None
+                                     else time.time() + ttl_s)
 
     async def members(self) -> list[MemberRecord]:
         """Every member as a record with its addresses, sorted by index: the records of

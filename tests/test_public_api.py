@@ -5,6 +5,7 @@ test reads with pyVmomi, so what the API says is checked against vCenter's own v
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +151,20 @@ async def test_bad_arguments_name_themselves(sim: SimProcess) -> None:
         with pytest.raises(ConfigError, match="ttl"):
             await f.provision(ttl="soon")
         assert await f.members() == []
+
+
+async def test_a_ttl_is_stamped_on_every_member_and_kept_by_a_run_without_one() -> None:
+    """provision(ttl=...) records the fleet's expiry on the members it finds and on
+    those it makes; a later provision() without a ttl keeps it, as the CLI does."""
+    async with fleet.open(fleet.demo_spec(2, "api-ttl"), sim_time_scale=0.05) as f:
+        await f.provision()
+        assert {m.expires_at for m in await f.members()} == {None}
+        before = time.time()
+        await f.provision(3, ttl="1h")
+        expiries = {m.expires_at for m in await f.members()}
+        assert len(expiries) == 1
+        [expiry] = expiries
+        assert expiry is not None and before + 3600 <= expiry <= time.time() + 3601
+        await f.provision(3)
+        assert {m.expires_at for m in await f.members()} == {expiry}
+        await f.destroy()

@@ -21,13 +21,13 @@ import logging
 import random
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import anyio
 
 from fleet.engine.events import Emitter, EventCallback
-from fleet.engine.lifetime import FLEET_LABELS
+from fleet.engine.lifetime import FLEET_LABELS, expiry_labels, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, is_claim, read_lock
 from fleet.engine.pipeline import clone_request, first_state
 from fleet.engine.placement import (
@@ -58,7 +58,8 @@ LOCK = LockOptions()
 
 async def provision(spec: FleetSpec, vsphere: VSphere, *, on_event: EventCallback | None = None,
                     run_id: str | None = None, options: EngineOptions | None = None,
-                    lock: LockOptions | None = LOCK) -> Summary:
+                    lock: LockOptions | None = LOCK,
+                    expires_at: float | None = None) -> Summary:
     """Bring the fleet to ``spec.count`` ready members; returns the run's summary.
 
     The run holds the fleet's lock (``lock``; None: the caller holds it). LockHeld
@@ -66,17 +67,31 @@ async def provision(spec: FleetSpec, vsphere: VSphere, *, on_event: EventCallbac
     if the run lost it (it stopped dispatching at once: the fleet may have changed
     since, so the summary is not the fleet's state).
 
+    ``expires_at`` (epoch seconds): the fleet's new expiry, stamped on every member
+    under the lock before the run and given to every new clone; without it the
+    run does what ``options.keep_expiry`` says.
+
     To stop it gracefully from elsewhere (Ctrl-C), build a :class:`Provisioner`
     and call its ``stop()``; cancelling this call also stops it cleanly (in-flight
     clones finish within ``timeouts.cancel_grace_s`` or are destroyed) and leaves
     the summary on ``Provisioner.summary`` before the cancellation propagates."""
+    if expires_at is not None:
+        opts = options or EngineOptions()
+        options = replace(opts, labels={**opts.labels, **expiry_labels(expires_at)},
+                          keep_expiry=False)
     provisioner = Provisioner(spec, vsphere, on_event=on_event, run_id=run_id, options=options)
     if lock is None:
+        if expires_at is not None:
+            await stamp_expiry(spec, vsphere, expires_at)
         return await provisioner.run()
-    provisioner.use_view(await check_spec(spec, vsphere, options), anyio.current_time())
+    checked = await check_spec(spec, vsphere, options)
+    checked_at = anyio.current_time()
     held = FleetLock(vsphere, spec.name, spec.folder_path, op="provision",
                      run_id=provisioner.run_id, options=lock)
     async with held:
+        if expires_at is not None:
+            await stamp_expiry(spec, vsphere, expires_at)
+        provisioner.use_view(checked, checked_at)
         held.on_lost(lambda why: provisioner.stop(f"lost the fleet's lock: {why}"))
         summary = await provisioner.run()
     if held.lost_reason is not None:
