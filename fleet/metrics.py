@@ -1,24 +1,34 @@
 """Prometheus metrics for fleet: one :class:`FleetMetrics` object, passed in, no globals.
 
 It consumes the engine's event stream (:meth:`FleetMetrics.on_event`) and the
-vSphere client's request hook (:meth:`FleetMetrics.observe_request`), and keeps
-everything in its own ``CollectorRegistry`` so tests and several services in
-one process never collide. Several runs may feed one object at once (``fleet
-serve``): give each its own callback with :meth:`FleetMetrics.events_for`, so
-their jobs (which events name by index only) are told apart. The service adds
-its own numbers: fleets by state, expiries, API requests.
+vSphere client's observer hooks (:meth:`FleetMetrics.observe_request` for every
+call, :meth:`FleetMetrics.observe_task_fault` for every task that ended in a
+fault), and keeps everything in its own ``CollectorRegistry`` so tests and
+several services in one process never collide. Several runs may feed one object
+at once (``fleet serve``): give each its own callback with
+:meth:`FleetMetrics.events_for`, so their jobs (which events name by index only)
+are told apart. The service adds its own numbers: fleets by state, expiries, API
+requests.
 
 Naming follows Prometheus practice: base units in names (``_seconds``),
 ``_total`` on counters, small fixed label sets, never a VM name or id as a
-label. Source names and host names are labels because a fleet has a handful of
-each (they are the things operators act on); fleet names label member counts.
+label, and no ``_created`` series (importing this module turns them off for
+every registry in the process: a ``fleet_clones_created`` series reads like a
+clone count). Source names and host names are labels because a fleet has a
+handful of each (they are the things operators act on); fleet names label
+member counts and clone outcomes, and a fleet that is gone loses those series
+(its outcome counters after :data:`GONE_FLEET_HOLD_S`, so its last numbers are
+scraped and the alerts' windows see them).
 
-=============================================  =========  ======================
+The README's "Metrics" section is the operator's copy of this table; a test
+keeps both equal to what the registry holds.
+
+=============================================  =========  =================================
 metric                                         type       labels
-=============================================  =========  ======================
+=============================================  =========  =================================
 fleet_build_info                               gauge      version, python
-fleet_clones_total                             counter    outcome (ready|failed)
-fleet_clone_failures_total                     counter    reason
+fleet_clones_total                             counter    fleet, outcome (ready|failed|cancelled)
+fleet_clone_failures_total                     counter    reason, fault
 fleet_clone_attempts_total                     counter    (none)
 fleet_clone_retries_total                      counter    reason
 fleet_clones_adopted_total                     counter    (none)
@@ -31,27 +41,29 @@ fleet_source_clones_left                       gauge      source
 fleet_source_clones_total                      counter    source
 fleet_sources_retired_total                    counter    reason
 fleet_hosts_excluded_total                     counter    reason
-fleet_limit                                    gauge      limiter
+fleet_limit                                    gauge      kind, key
 fleet_vsphere_request_duration_seconds         histogram  method
-fleet_vsphere_faults_total                     counter    fault
+fleet_vsphere_faults_total                     counter    fault, method, stage (call|task)
 fleet_vsphere_relogins_total                   counter    (none)
-fleet_fleet_members                            gauge      fleet, state
+fleet_members                                  gauge      fleet, state
 fleet_runs_total                               counter    outcome (complete|incomplete|cancelled)
 fleet_fleets                                   gauge      state (fleet serve)
 fleet_fleets_expired_total                     counter    (none)
 fleet_api_requests_total                       counter    route, method, code
 fleet_api_request_duration_seconds             histogram  route
-=============================================  =========  ======================
+=============================================  =========  =================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -62,6 +74,11 @@ if TYPE_CHECKING:
     from fleet.engine.events import Event
     from fleet.engine.limits import LimiterStats
 
+# Process-wide in prometheus_client (it is read when a registry is collected), so every
+# registry fleet builds, the CLI's, the service's, one pushed to a Pushgateway, has no
+# ``_created`` series; PROMETHEUS_DISABLE_CREATED_SERIES=True does the same.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 # 50 ms to 5 min: instant clones take about a second, guest phases tens of
 # seconds, and a stuck phase should still land in a bucket below +Inf.
 PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
@@ -71,8 +88,14 @@ REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    30.0, 60.0)
 # API calls: sub-millisecond reads to a large fleet's JSON.
 API_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-OUTCOMES = ("ready", "failed")
+#: fleet_clones_total's outcomes: a cancelled clone (its run was stopped by a delete, an
+#: expiry, a new request or Ctrl-C) is neither ready nor failed
+OUTCOMES = ("ready", "failed", "cancelled")
 MEMBER_STATES = ("cloned", "network", "ready")
+#: How long a gone fleet's outcome counters stay: past the failure-ratio alert's window
+#: and its ``for`` (config/prometheus/alerts.yml), so a fleet deleted right after its
+#: clones failed still alerts, and its last increments are scraped.
+GONE_FLEET_HOLD_S = 20 * 60.0
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _M = TypeVar("_M", PromCounter, Gauge, Histogram)
@@ -87,11 +110,13 @@ class FleetMetrics:
         self.build_info = Gauge("fleet_build_info", "fleet's version and Python version (always 1)",
                                 ["version", "python"], registry=r)
         self.build_info.labels(__version__, platform.python_version()).set(1)
-        self.clones = PromCounter("fleet_clones_total", "Clones that finished, by outcome",
-                                  ["outcome"], registry=r)
+        self.clones = PromCounter("fleet_clones_total",
+                                  "Clones that ended, by fleet and outcome (ready, failed, "
+                                  "cancelled)", ["fleet", "outcome"], registry=r)
         self.failures = PromCounter("fleet_clone_failures_total",
-                                    "Clones that failed for good, by reason", ["reason"],
-                                    registry=r)
+                                    "Clones that failed for good, by fleet's reason and "
+                                    "vCenter's fault type (empty: no fault)",
+                                    ["reason", "fault"], registry=r)
         self.attempts = PromCounter("fleet_clone_attempts_total",
                                     "Instant clone tasks handed to vCenter", registry=r)
         self.retries = PromCounter("fleet_clone_retries_total", "Retried clone phases, by reason",
@@ -124,16 +149,20 @@ class FleetMetrics:
         self.excluded = PromCounter("fleet_hosts_excluded_total",
                                     "Hosts taken out of placement, by reason", ["reason"],
                                     registry=r)
-        self.limit = Gauge("fleet_limit", "Current concurrency limit, per limiter", ["limiter"],
-                           registry=r)
+        self.limit = Gauge("fleet_limit",
+                           "Current concurrency limit, by limiter kind (overall, host, "
+                           "datastore, source) and key (what it limits; empty for overall)",
+                           ["kind", "key"], registry=r)
         self.request_duration = Histogram("fleet_vsphere_request_duration_seconds",
                                           "vSphere API call latency, per method", ["method"],
                                           buckets=REQUEST_BUCKETS, registry=r)
         self.faults = PromCounter("fleet_vsphere_faults_total",
-                                  "Faults vSphere answered, by fault type", ["fault"], registry=r)
+                                  "Faults vSphere answered, by fault type, method and stage "
+                                  "(call: the call failed; task: the task it started did)",
+                                  ["fault", "method", "stage"], registry=r)
         self.relogins = PromCounter("fleet_vsphere_relogins_total",
                                     "Transparent re-logins after an expired session", registry=r)
-        self.members = Gauge("fleet_fleet_members", "Fleet members as vCenter shows them",
+        self.members = Gauge("fleet_members", "Fleet members as vCenter shows them, by state",
                              ["fleet", "state"], registry=r)
         self.runs = PromCounter("fleet_runs_total", "Provisioning runs, by outcome", ["outcome"],
                                 registry=r)
@@ -148,8 +177,6 @@ class FleetMetrics:
                                       "REST API request latency, by route template", ["route"],
                                       buckets=API_BUCKETS, registry=r)
         # Known label values start at 0, so rate() and absent() behave from the first scrape.
-        for outcome in OUTCOMES:
-            self.clones.labels(outcome)
         for phase in PHASES:
             self.phase_duration.labels(phase)
         for outcome in ("complete", "incomplete", "cancelled"):
@@ -157,6 +184,10 @@ class FleetMetrics:
         self.queue_length.set(0)
         self._host_of: dict[tuple[str, int], str] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._outcomes: dict[str, dict[str, PromCounter]] = {}  # fleet -> outcome -> child
+        self._gone: dict[str, float] = {}  # fleet -> when (clock) its outcome counters go
+        #: monotonic seconds; a test replaces it to age gone fleets
+        self.clock: Callable[[], float] = time.monotonic
         self._queued: set[tuple[str, int]] = set()
         self._run_fleet = ""
 
@@ -176,6 +207,7 @@ class FleetMetrics:
         job = (fleet, index) if index is not None else None
         if kind == "run_started":
             self._run_fleet = fleet
+            self._outcomes_of(fleet)  # 0 for each outcome from the run's first scrape
         elif kind == "job_queued" and job is not None:
             self._queued.add(job)
             self.queue_length.set(len(self._queued))
@@ -202,13 +234,19 @@ class FleetMetrics:
         elif kind == "job_ready" and job is not None:
             self._dequeue(job)
             self._leave_host(job)
-            self._labelled(self.clones, "ready").inc()
+            self._outcomes_of(fleet)["ready"].inc()
             self.clone_duration.observe(float(getattr(event, "duration_s", 0.0)))
         elif kind == "job_failed" and job is not None:
             self._dequeue(job)
             self._leave_host(job)
-            self._labelled(self.clones, "failed").inc()
-            self.failures.labels(getattr(event, "reason", "unknown")).inc()
+            # Cancelled work (a delete, an expiry, Ctrl-C) is its own outcome: never a
+            # failure, never in the failure ratio.
+            outcome = "cancelled" if getattr(event, "outcome", "failed") == "cancelled" \
+                else "failed"
+            self._outcomes_of(fleet)[outcome].inc()
+            if outcome == "failed":
+                self._labelled(self.failures, getattr(event, "reason", "") or "unknown",
+                               getattr(event, "fault", "") or "").inc()
         elif kind == "source_retired":
             self.retired.labels(getattr(event, "reason", "unknown")).inc()
             source = getattr(event, "source", "unknown")
@@ -217,8 +255,8 @@ class FleetMetrics:
         elif kind == "host_excluded":
             self.excluded.labels(getattr(event, "reason", "unknown")).inc()
         elif kind == "limit_changed":
-            self.limit.labels(getattr(event, "limiter", "unknown")).set(
-                float(getattr(event, "new", 0.0)))
+            self.set_limit(getattr(event, "limiter_kind", "") or "unknown",
+                           getattr(event, "limiter_key", ""), float(getattr(event, "new", 0.0)))
         elif kind == "source_state":
             source = getattr(event, "source", "unknown")
             self.source_depth.labels(source).set(float(getattr(event, "chain_depth", 0)))
@@ -244,6 +282,15 @@ class FleetMetrics:
             child = self._children[key] = metric.labels(*values)
         return cast(_M, child)
 
+    def _outcomes_of(self, fleet: str) -> dict[str, PromCounter]:
+        """``fleet``'s fleet_clones_total children; a fleet that is back is no longer gone."""
+        children = self._outcomes.get(fleet)
+        if children is None:
+            children = self._outcomes[fleet] = {o: self.clones.labels(fleet, o)
+                                                for o in OUTCOMES}
+        self._gone.pop(fleet, None)
+        return children
+
     def _dequeue(self, job: tuple[str, int]) -> None:
         if job in self._queued:
             self._queued.discard(job)
@@ -254,12 +301,17 @@ class FleetMetrics:
         if host is not None:
             self._labelled(self.in_flight, host).dec()
 
-    # -- vSphere client hooks -------------------------------------------------
+    # -- vSphere client hooks (fleet.vsphere.session.CallObserver) ------------------
     def observe_request(self, method: str, duration_s: float, fault: str | None = None) -> None:
         """One vSphere call: ``method`` is its WSDL name, ``fault`` the fault's if it failed."""
-        self.request_duration.labels(method).observe(duration_s)
+        self._labelled(self.request_duration, method).observe(duration_s)
         if fault:
-            self.faults.labels(fault).inc()
+            self._labelled(self.faults, fault, method, "call").inc()
+
+    def observe_task_fault(self, method: str, fault: str) -> None:
+        """A task ended in a fault: ``method`` is the WSDL name of the call that started it
+        (``InstantClone_Task``), ``fault`` the fault's type (``FileNotFound``)."""
+        self._labelled(self.faults, fault, method, "task").inc()
 
     def relogin(self) -> None:
         self.relogins.inc()
@@ -274,21 +326,41 @@ class FleetMetrics:
             self.members.labels(fleet, state).set(states.get(state, 0))
 
     def forget_fleet(self, fleet: str) -> None:
-        """A fleet is gone: its member series go too (not a row of zeros forever)."""
+        """A fleet is gone: its member series go now (not a row of zeros forever), its
+        outcome counters :data:`GONE_FLEET_HOLD_S` later (:meth:`drop_gone_fleets`)."""
         for labels in [s.labels for m in self.members.collect() for s in m.samples
                        if s.labels.get("fleet") == fleet]:
             self.members.remove(labels["fleet"], labels["state"])
+        if fleet in self._outcomes:
+            self._gone[fleet] = self.clock() + GONE_FLEET_HOLD_S
+        self.drop_gone_fleets()
+
+    def drop_gone_fleets(self) -> None:
+        """Remove the outcome counters of fleets gone longer than the hold."""
+        now = self.clock()
+        for fleet in [f for f, at in self._gone.items() if at <= now]:
+            del self._gone[fleet]
+            self._outcomes.pop(fleet, None)
+            for outcome in OUTCOMES:
+                with contextlib.suppress(KeyError):
+                    self.clones.remove(fleet, outcome)
 
     def set_fleets(self, states: Mapping[str, int], known: Iterable[str] = ()) -> None:
         """Fleets by state; ``known`` states are shown at 0 when no fleet is in them."""
         for state in sorted(set(known) | set(states)):
             self.fleets.labels(state).set(states.get(state, 0))
 
+    def set_limit(self, kind: str, key: str, limit: float) -> None:
+        """One limiter's current limit: ``kind`` (overall, host, datastore, source) and
+        ``key``, the name of what it limits ("" for overall)."""
+        self._labelled(self.limit, kind, key).set(limit)
+
     def set_limits(self, stats: Iterable[LimiterStats]) -> None:
         """Current limits of shared limiters (``fleet serve`` reads them at scrape time)."""
         for s in stats:
             if s.limit != float("inf"):
-                self.limit.labels(s.key).set(s.limit)
+                # LimiterStats.key is str(LimitKey): "kind:id", or "kind" alone.
+                self.set_limit(s.kind, s.key.partition(":")[2], s.limit)
 
     def observe_api(self, route: str, method: str, code: int, duration_s: float) -> None:
         self.api_requests.labels(route, method, str(code)).inc()

@@ -77,6 +77,7 @@ from fleet.api.requests import ApiError, FleetRequest, valid_name
 from fleet.api.scanner import CALL_TIMEOUT_S, Scanner
 from fleet.api.state import StateStore
 from fleet.api.worker import Workers
+from fleet.engine.limits import LimitKey
 from fleet.engine.members import MemberRecord, read_records
 from fleet.engine.reconcile import RECONCILE_LABELS, as_member
 from fleet.engine.shared import SharedLimits
@@ -177,8 +178,8 @@ class FleetService:
     def next_expiry(self) -> float | None:
         return self.scanner.next_expiry()
 
-    def _limit_changed(self, key: Any, old: float, new: float) -> None:
-        self.metrics.limit.labels(str(key)).set(new)
+    def _limit_changed(self, key: LimitKey, old: float, new: float) -> None:
+        self.metrics.set_limit(key.kind, key.id, new)
 
     async def _save(self, rec: FleetRecord, *, must: bool = False) -> None:
         """Record the fleet's request. ``must``: a request is being accepted, and is not
@@ -308,6 +309,7 @@ class FleetService:
             self.metrics.set_members(rec.name, rec.in_vcenter())
         self.metrics.set_fleets(statuses, STATUSES)
         self.metrics.set_limits(self.shared.limiters.statistics())
+        self.metrics.drop_gone_fleets()
 
     def summary(self, rec: FleetRecord) -> dict[str, Any]:
         return summary_of(rec, self.clock())

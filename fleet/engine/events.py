@@ -139,6 +139,12 @@ class JobReady(Event):
 
 @dataclass(frozen=True)
 class JobFailed(Event):
+    """A job ended without a member. ``outcome`` says how: ``failed``, or ``cancelled``
+    (the run was stopped: a delete, an expiry, a newer request, Ctrl-C), which is no
+    failure (the metrics count it apart). ``reason`` is fleet's short, label-safe
+    cause; ``fault`` vCenter's fault type when a fault caused it (``FileNotFound``),
+    else empty."""
+
     kind: ClassVar[str] = "job_failed"
     level: ClassVar[int] = logging.WARNING
     index: int
@@ -146,6 +152,8 @@ class JobFailed(Event):
     phase: str
     reason: str
     message: str
+    outcome: str = "failed"
+    fault: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,11 +216,16 @@ class HostExcluded(Event):
 
 @dataclass(frozen=True)
 class LimitChanged(Event):
+    """An ``auto`` limit moved. ``limiter`` names it (``host:esx-01``); ``limiter_kind``
+    (``host``) and ``limiter_key`` (``esx-01``, empty for ``overall``) are its parts."""
+
     kind: ClassVar[str] = "limit_changed"
     level: ClassVar[int] = logging.INFO
     limiter: str
     old: float
     new: float
+    limiter_kind: str = ""
+    limiter_key: str = ""
 
 
 @dataclass(frozen=True)

@@ -376,7 +376,7 @@ class Pipeline:
             # No VM took the name: the clone that held it failed, and the name is free.
             await self._retry_clone(job, error.reason,
                                     f"{error} (no VM took the name within "
-                                    f"{spec.timeouts.clone_s}s)")
+                                    f"{spec.timeouts.clone_s}s)", error.fault)
             return
         if isinstance(error, NotFound) and await self._folder_lost(error):
             # Not the job's fault: place it again, into the folder found anew.
@@ -400,11 +400,12 @@ class Pipeline:
         vanished = isinstance(error, NotFound) and job.task is not None and \
             error.obj == job.task.ref.id  # vCenter forgot the task: its outcome is unknown
         if isinstance(error, VSphereError) and not error.transient and not vanished:
-            ctx.finish(job, "failed", "clone", error.reason, str(error))
+            ctx.finish(job, "failed", "clone", error.reason, str(error), fault=error.fault)
             return
         # Transient, a timeout or a task vCenter forgot: the clone may exist. Settle that
         # before trying again.
         reason = error.reason if isinstance(error, VSphereError) else "timeout"
+        fault = error.fault if isinstance(error, VSphereError) else None
         message = str(error) or f"clone did not finish in {spec.timeouts.clone_s}s"
         found = None
         with ctx.stop.bounded(math.inf, shield=True):
@@ -412,7 +413,7 @@ class Pipeline:
         if found is not None:
             recovery.adopt(job, found)
             return
-        await self._retry_clone(job, reason, message)
+        await self._retry_clone(job, reason, message, fault)
 
     def _replace(self, job: Job, why: str, error: VSphereError) -> None:
         """Back to placement, not the job's fault (its source, host or folder is gone);
@@ -420,7 +421,8 @@ class Pipeline:
         job.replaced += 1
         job.attempt -= 1
         if job.replaced > len(self._view.sources) + len(self._view.hosts):
-            self._ctx.finish(job, "failed", "clone", error.reason, str(error))
+            self._ctx.finish(job, "failed", "clone", error.reason, str(error),
+                             fault=error.fault)
             return
         self._ctx.emit(JobReplaced, index=job.index, name=job.name, reason=why)
         self._queue.requeue(job, 0.0)
@@ -452,8 +454,10 @@ class Pipeline:
             self._folder = fresh
         return True
 
-    async def _retry_clone(self, job: Job, reason: str, message: str) -> None:
-        """Back to the queue after a backoff, or failed when out of attempts."""
+    async def _retry_clone(self, job: Job, reason: str, message: str,
+                           fault: str | None = None) -> None:
+        """Back to the queue after a backoff, or failed when out of attempts (``fault``:
+        the vCenter fault of the last attempt, if any)."""
         ctx = self._ctx
         if job.attempt >= ctx.spec.retries.attempts:
             # A submit whose reply was lost may still land (each retry's reply may have
@@ -464,7 +468,7 @@ class Pipeline:
                 self._recovery.adopt(job, found)
                 return
             ctx.finish(job, "failed", "clone", reason,
-                       f"{message} (after {job.attempt} attempts)")
+                       f"{message} (after {job.attempt} attempts)", fault=fault)
             return
         delay = _backoff_s(ctx.spec, job.attempt, ctx.rng)
         ctx.emit(JobRetried, index=job.index, name=job.name, phase="clone",
@@ -527,7 +531,8 @@ class Pipeline:
         except _PhaseFailed as exc:
             if exc.error is not None and exc.error.scope == "host":
                 await self._exclude_vm_host(vm, exc.error)
-            ctx.finish(job, "failed", exc.phase, exc.reason, exc.message)
+            ctx.finish(job, "failed", exc.phase, exc.reason, exc.message,
+                       fault=exc.error.fault if exc.error is not None else None)
 
     def _ready_wait(self, vm: Ref) -> Callable[[], Awaitable[object]]:
         vs = self._ctx.vs

@@ -196,7 +196,7 @@ class Recovery:
                 await self.reap(job)
             except VSphereError as exc:
                 ctx.finish(job, "failed", job.phase, "cleanup_failed",
-                           f"could not destroy half-made {job.name}: {exc}")
+                           f"could not destroy half-made {job.name}: {exc}", fault=exc.fault)
                 return
         ctx.finish(job, "cancelled", job.phase, "cancelled",
                    f"{ctx.stop.reason or 'stopped'} before it was ready")

@@ -242,7 +242,8 @@ class Provisioner:
 
     def _limit_changed(self, key: LimitKey, old: float, new: float) -> None:
         if self._ctx.events is not None:
-            self._ctx.events(LimitChanged, limiter=str(key), old=old, new=new)
+            self._ctx.events(LimitChanged, limiter=str(key), old=old, new=new,
+                             limiter_kind=key.kind, limiter_key=key.id)
 
     def _check_recipes(self, view: ClusterView) -> None:
         if self.spec.network.refresh != "auto":

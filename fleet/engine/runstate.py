@@ -148,8 +148,9 @@ class RunContext:
                   duration_s=round(duration_s, 6))
 
     def finish(self, job: Job, outcome: Outcome, phase: str, reason: str = "",
-               message: str = "") -> None:
-        """End ``job`` (the first call counts) and say so."""
+               message: str = "", *, fault: str | None = None) -> None:
+        """End ``job`` (the first call counts) and say so. ``fault``: vCenter's fault
+        type, when one made it fail."""
         if job.outcome is not None:
             return
         job.outcome = outcome
@@ -160,5 +161,5 @@ class RunContext:
         else:
             self.tally.failed(reason or "unfinished", message)
             self.emit(JobFailed, index=job.index, name=job.name, phase=phase, reason=reason,
-                      message=message)
+                      message=message, outcome=outcome, fault=fault or "")
         self.wake.set()

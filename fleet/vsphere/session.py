@@ -112,13 +112,20 @@ class Secret:
 
 
 class CallObserver(Protocol):
-    """Told about every SOAP exchange and re-login (``fleet.metrics.FleetMetrics`` is one).
+    """Told about every SOAP exchange, every task that ended in a fault, and every
+    re-login (``fleet.metrics.FleetMetrics`` is one).
 
     ``method`` is the WSDL name, ``fault`` the vim fault's name (or fleet's reason
     for transport failures) when the exchange failed. Never anything else."""
 
     def observe_request(self, method: str, duration_s: float,
                         fault: str | None = None) -> None: ...
+
+    def observe_task_fault(self, method: str, fault: str) -> None:
+        """A task ended in error: ``method`` is the WSDL name of the call that started it
+        (``InstantClone_Task``), ``fault`` the vim fault's name (``FileNotFound``). Told
+        once per task, by ``fleet.vsphere.tasks.VCenterTask``; a ``RequestCanceled`` that
+        answers fleet's own ``CancelTask`` is no fault and is not told."""
 
     def relogin(self) -> None: ...
 

@@ -3,6 +3,11 @@
 A task is a watch on the task object's ``info`` (``fleet.vsphere.watch``): its state and
 vCenter's own queue, start and completion times come from the watcher's one
 ``WaitForUpdatesEx`` loop, never from polling the task.
+
+A task that ends in a fault is told to the session's observer (the metrics'
+``fleet_vsphere_faults_total{stage="task"}``) the moment the watch sees it end,
+whether or not anyone waits for it: the call that started it succeeded, so the
+session's own per-call report never sees that fault.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fleet.errors import NotFound, RequestTimeout, VSphereError
+from fleet.vsphere.faults import fault_name
 from fleet.vsphere.inventory import ref_of
 from fleet.vsphere.model import Ref, TaskSnapshot, TaskState
 from fleet.vsphere.session import Session
@@ -48,12 +54,37 @@ class VCenterTask:
         self.method = method
         self._convert = convert
         self._translate = translate_error
-        self._watch = watcher.watch(task, TASK_PATHS, done=_task_done, kind=method)
+        self._ended = False  # its end was seen (and a fault told to the observer)
+        self._cancel_asked = False
+        self._watch = watcher.watch(task, TASK_PATHS, done=self._done, kind=method)
         self.submitted = time.monotonic()
         self._snapshot: tuple[int, TaskSnapshot] | None = None
 
     def __repr__(self) -> str:
         return f"<VCenterTask {self._ref.id} {self.method} {self.snapshot.state}>"
+
+    def _done(self, w: Watch) -> bool:
+        """The watch's ``done``: whether the task ended; at the first sight of an end in
+        error, the fault goes to the observer."""
+        if not _task_done(w):
+            return False
+        if not self._ended:
+            self._ended = True
+            if w.values.get("info.state") == "error":
+                self._tell_fault(w.values.get("info.error"))
+        return True
+
+    def _tell_fault(self, fault: Any) -> None:
+        observer = self._session.observer
+        if observer is None:
+            return
+        name = fault_name(fault) if isinstance(fault, BaseException) else "unknown"
+        if self._cancel_asked and name == "RequestCanceled":
+            return  # the answer to our own CancelTask, not a fault of vCenter's
+        try:
+            observer.observe_task_fault(self.method, name)
+        except Exception:  # a metrics bug must not break the watcher's update loop
+            log.exception("the call observer failed on a fault of %s", self.method)
 
     @property
     def ref(self) -> Ref:
@@ -101,6 +132,7 @@ class VCenterTask:
         any more is left alone (its ``wait`` tells how it ended)."""
         if _task_done(self._watch):
             return
+        self._cancel_asked = True
         try:
             await self._session.call(self._task, "CancelTask")
         except VSphereError as exc:

@@ -228,7 +228,7 @@ def test_a_fleet_is_destroyed_when_its_ttl_ends(service: ServeProcess, sim: Any)
     assert time.time() >= before + 2.5
     assert expired_total(service) == expired_before + 1
     status, text = service.call("GET", "/metrics", token=None)
-    assert 'fleet_fleet_members{fleet="short"' not in text
+    assert 'fleet_members{fleet="short"' not in text
 
 
 # -- bad requests: always 4xx, with a message --------------------------------------------

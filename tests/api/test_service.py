@@ -205,8 +205,8 @@ async def test_fleets_share_the_limits_and_feed_one_metrics_object(tmp_path: Pat
         assert max(fake.clones.peak("host").values()) <= 2
         sample = metrics.registry.get_sample_value
         for i in range(3):
-            assert sample("fleet_fleet_members", {"fleet": f"f{i}", "state": "ready"}) == 30
-        assert sample("fleet_clones_total", {"outcome": "ready"}) == 90
+            assert sample("fleet_members", {"fleet": f"f{i}", "state": "ready"}) == 30
+            assert sample("fleet_clones_total", {"fleet": f"f{i}", "outcome": "ready"}) == 30
         assert sample("fleet_queue_length", {}) == 0
         for host in fake.sim.hosts:
             assert sample("fleet_clones_in_flight", {"host": host}) in (0, None)

@@ -48,6 +48,9 @@ class Recorder:
     def observe_request(self, method: str, duration_s: float, fault: str | None = None) -> None:
         self.seen.append((method, duration_s, fault))
 
+    def observe_task_fault(self, method: str, fault: str) -> None:
+        self.seen.append((method, fault))
+
     def relogin(self) -> None:
         self.seen.append("relogin")
 
