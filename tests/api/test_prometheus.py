@@ -2,11 +2,15 @@
 
 A real Prometheus (Debian's package ``prometheus``) runs on a free loopback port with the
 project's own scrape config and alert rules, only the target and the intervals
-rewritten. A burst goes through ``fleet serve`` against the simulator; then,
-through Prometheus's HTTP API, every Grafana panel's query (with ``$phase``,
-``$__rate_interval`` and ``$__range`` substituted as Grafana would) evaluates
-without error, and the throughput and latency panels return data. ``promtool``
-checks the shipped config and rules, and runs the rules' unit tests.
+rewritten. A burst goes through ``fleet serve`` against the simulator, beside a fleet
+whose clone tasks end in an injected ``FileNotFound`` (built, then grown) and a fleet
+deleted while its clones run; then, through Prometheus's HTTP API: the dashboard's ``job`` and
+``instance`` variables find the service, every Grafana panel's query (with the
+variables, ``$__rate_interval`` and ``$__range`` substituted as Grafana would) returns
+data, or its panel says what it shows until then (``noValue``); the task faults are in
+``fleet_vsphere_faults_total`` by type; and the failure-ratio alert is pending for the
+faulty fleet alone, never for the cancelled one. ``promtool`` checks the shipped config
+and rules, and runs the rules' unit tests.
 
 On a machine without the package these tests skip, naming it; ``.ci/run``
 installs it and sets ``FLEET_REQUIRE_PROMETHEUS=1``, under which a missing
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.api.serveproc import ServeProcess, service_config
 from tests.simproc import SimProcess
@@ -36,10 +42,12 @@ from tests.simproc import SimProcess
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "config" / "prometheus"
 DASHBOARD = ROOT / "config" / "grafana" / "fleet-dashboard.json"
+RUNBOOK = ROOT / "docs" / "runbook.md"
 # A scrape times out after one interval: 1 s leaves room on a loaded 2-core machine.
 SCRAPE_S = 1.0
 RATE_INTERVAL = f"{int(4 * SCRAPE_S * 1000)}ms"  # Grafana: at least 4 scrape intervals
 PHASES = "clone|network"  # a multi-value $phase, as Grafana renders it for a regex
+JOB = "fleet"  # prometheus.yml's job_name
 
 
 def tool(name: str) -> str:
@@ -64,23 +72,46 @@ def get_json(url: str, timeout_s: float = 10.0) -> Any:
         return json.loads(resp.read())
 
 
+def board() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
+
+
+def panels() -> list[dict[str, Any]]:
+    """Every panel that shows data (rows only group them)."""
+    return [p for p in board()["panels"] if p["type"] != "row"]
+
+
 def dashboard_queries() -> list[tuple[str, str, str]]:
     """(panel title, panel type, expr) of every target of every panel."""
-    board = json.loads(DASHBOARD.read_text())
-    out = []
-    for panel in board["panels"]:
-        for target in panel.get("targets", []):
-            out.append((panel["title"], panel["type"], target["expr"]))
-    return out
+    return [(p["title"], p["type"], t["expr"]) for p in panels() for t in p.get("targets", [])]
 
 
-def grafana_substitute(expr: str, range_s: int) -> str:
+def no_value(panel: dict[str, Any]) -> str | None:
+    """What the panel says while its queries return nothing (Grafana's noValue)."""
+    return panel.get("fieldConfig", {}).get("defaults", {}).get("noValue")  # type: ignore[no-any-return]
+
+
+def regex_value(value: str) -> str:
+    """A selected variable value inside ``=~"..."``, as Grafana writes it: regex-escaped,
+    then each backslash doubled for the PromQL string."""
+    return re.escape(value).replace("\\", "\\\\")
+
+
+def grafana_substitute(expr: str, range_s: int, instance: str) -> str:
+    """``expr`` as Grafana sends it, with job ``fleet`` and ``instance`` selected."""
     return (expr.replace("$__rate_interval", RATE_INTERVAL)
             .replace("$__range", f"{range_s}s")
-            .replace("$phase", PHASES))
+            .replace("$phase", PHASES)
+            .replace("$job", regex_value(JOB))
+            .replace("$instance", regex_value(instance)))
 
 
-# -- promtool on the shipped files -------------------------------------------------------
+def alert_rules() -> dict[str, dict[str, Any]]:
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    return {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+
+
+# -- the shipped files, without Prometheus ---------------------------------------------
 
 def test_promtool_checks_the_shipped_config_and_rules() -> None:
     promtool = tool("promtool")
@@ -105,6 +136,30 @@ def test_every_dashboard_query_names_only_metrics_fleet_exports() -> None:
             family = name.removesuffix("_bucket").removesuffix("_total") \
                 .removesuffix("_count").removesuffix("_sum")
             assert family in exported or name in exported, (title, name)
+
+
+def test_every_panel_has_a_unit_and_selects_the_chosen_job_and_instance() -> None:
+    names = [v["name"] for v in board()["templating"]["list"]]
+    assert {"job", "instance"} <= set(names), names
+    for panel in panels():
+        assert panel.get("fieldConfig", {}).get("defaults", {}).get("unit"), panel["title"]
+        for target in panel["targets"]:
+            # Every selector of a fleet metric names the variables.
+            for selector in re.findall(r"fleet_\w+(\{[^}]*\})?", target["expr"]):
+                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, \
+                    (panel["title"], target["expr"])
+
+
+def test_every_alert_aggregates_by_instance_and_has_a_runbook_section() -> None:
+    headings = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", RUNBOOK.read_text(), re.M)}
+    for name, rule in alert_rules().items():
+        url = rule["annotations"]["runbook_url"]
+        assert url == f"docs/runbook.md#{name.lower()}", (name, url)
+        assert name.lower() in headings, (name, sorted(headings))
+        for by in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", rule["expr"]):
+            assert {"job", "instance"} <= {w.strip() for w in by.split(",")}, (name, by)
+        assert not re.search(r"\bsum\s*\(", rule["expr"]), (name, "a sum over instances")
 
 
 def _tokens(expr: str) -> list[str]:
@@ -173,31 +228,101 @@ def stack() -> Iterator[tuple[SimProcess, ServeProcess, str]]:
                 log.close()
 
 
-def test_dashboard_queries_evaluate_and_show_the_burst(
+def query(prom: str, expr: str) -> list[dict[str, Any]]:
+    body = get_json(f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+def until(prom: str, expr: str, at_least: float, timeout_s: float = 60.0) -> None:
+    """Wait until Prometheus has scraped ``expr`` (one series) to ``at_least``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = query(prom, expr)
+        if got and float(got[0]["value"][1]) >= at_least:
+            return
+        assert time.monotonic() < deadline, (expr, got, at_least)
+        time.sleep(SCRAPE_S / 4)
+
+
+def pending_or_firing(prom: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(alert name, state, labels) of every active alert."""
+    groups = get_json(f"{prom}/api/v1/rules")["data"]["groups"]
+    return [(r["name"], a["state"], a["labels"]) for g in groups for r in g["rules"]
+            for a in r.get("alerts", [])]
+
+
+def test_dashboard_queries_and_alerts_through_a_burst_with_faults_and_a_cancellation(
         stack: tuple[SimProcess, ServeProcess, str]) -> None:
-    _, service, prom = stack
+    sim, service, prom = stack
+    instance = f"127.0.0.1:{service.port}"
+    # The fault fleet: every clone task ends in FileNotFound (the submit succeeds). The
+    # cancelled fleet: its clones run for 10 s at vCenter, and it is deleted meanwhile
+    # (past the service's 2 s cancel grace, fleet cancels the tasks).
+    sim.add_faults({"method": "InstantClone_Task", "object": "promfault-*",
+                    "fault": "FileNotFound", "phase": "task"},
+                   {"method": "InstantClone_Task", "object": "promcancel-*",
+                    "fault": "slow", "delay_s": 200.0})
     t0 = time.time()
-    for name, count in (("promburst", 150), ("promsmall", 8)):
+    for name, count in (("promburst", 150), ("promsmall", 8), ("promfault", 6),
+                        ("promcancel", 12)):
         status, _ = service.call("POST", "/v1/fleets", {"name": name, "count": count})
         assert status == 202
+    deadline = time.monotonic() + 60
+    while service.fleet("promcancel")["by_state"].get("cloning", 0) == 0:
+        assert time.monotonic() < deadline, service.fleet("promcancel")
+        time.sleep(0.05)
+    assert service.call("DELETE", "/v1/fleets/promcancel")[0] == 202
+    # Prometheus takes a counter's first sample as its start: failures that come before
+    # their series' first scrape are in the counter but not in its rate. Once they are
+    # scraped, the fault fleet is grown (a new run, whose clones fail too), so the rate
+    # panels see failures and faults arrive.
+    until(prom, 'sum(fleet_clone_failures_total{reason="fault"})', 6)
+    status, body = service.call("PATCH", "/v1/fleets/promfault", {"count": 8})
+    assert status == 202, body
+    until(prom, 'sum(fleet_clone_failures_total{reason="fault"})', 6 + 8)
     service.wait_for("promburst", timeout_s=60)
     service.wait_for("promsmall", timeout_s=60)
-    # Let Prometheus scrape the end state a few times.
-    time.sleep(3 * SCRAPE_S)
+    service.wait_for("promcancel", ("gone",), timeout_s=60)
+    # The alert's condition holds once Prometheus has two scrapes of the fault fleet's
+    # failures; it stays pending (for: 5m) for as long as this test runs.
+    deadline = time.monotonic() + 30
+    while not any(name == "FleetCloneFailureRatioHigh" for name, _, _ in
+                  pending_or_firing(prom)):
+        assert time.monotonic() < deadline, "the failure-ratio alert never became pending"
+        time.sleep(SCRAPE_S / 2)
+    time.sleep(2 * SCRAPE_S)  # a few more scrapes of the end state
     end = time.time()
     range_s = int(end - t0) + 1
 
     targets = get_json(f"{prom}/api/v1/targets")["data"]["activeTargets"]
     assert [t["health"] for t in targets] == ["up"], targets
 
+    # The dashboard's variables find the service (Grafana's label_values(metric, label)).
+    for variable in board()["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        got = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
+        assert got, variable["definition"]
+        match = got.group(1).replace("$job", regex_value(JOB))
+        values = get_json(f"{prom}/api/v1/label/{got.group(2)}/values?"
+                          + urllib.parse.urlencode({"match[]": match}))["data"]
+        assert {"job": JOB, "instance": instance}[variable["name"]] in values, values
+
+    # Every panel's queries evaluate; each panel shows data, or says what it waits for.
     results: dict[str, list[Any]] = {}
-    for title, _, expr in dashboard_queries():
-        query = grafana_substitute(expr, range_s)
-        params = urllib.parse.urlencode({"query": query, "start": f"{t0 - 5:.3f}",
-                                         "end": f"{end:.3f}", "step": f"{SCRAPE_S}"})
-        body = get_json(f"{prom}/api/v1/query_range?{params}")
-        assert body["status"] == "success", (title, query, body)
-        results[expr] = body["data"]["result"]
+    for panel in panels():
+        shown = False
+        for target in panel["targets"]:
+            expr = target["expr"]
+            params = urllib.parse.urlencode({
+                "query": grafana_substitute(expr, range_s, instance), "start": f"{t0 - 5:.3f}",
+                "end": f"{end:.3f}", "step": f"{SCRAPE_S}"})
+            body = get_json(f"{prom}/api/v1/query_range?{params}")
+            assert body["status"] == "success", (panel["title"], expr, body)
+            results[expr] = body["data"]["result"]
+            shown = shown or bool(results[expr])
+        assert shown or no_value(panel), f"panel {panel['title']!r} is empty and says nothing"
 
     def values(expr_part: str) -> list[float]:
         out: list[float] = []
@@ -208,23 +333,43 @@ def test_dashboard_queries_evaluate_and_show_the_burst(
         return out
 
     # Throughput: clones per second rose above zero during the burst.
-    assert max(values('fleet_clones_total{outcome="ready"}[')) > 0
-    assert max(values("fleet_clone_attempts_total[")) > 0
+    assert max(values('outcome="ready"}[')) > 0
+    assert max(values('outcome="cancelled"}[')) > 0
+    assert max(values("fleet_clone_attempts_total{")) > 0
     # Latency: per-phase percentiles, end-to-end time, the heatmap, vSphere calls.
-    assert values("fleet_clone_phase_duration_seconds_bucket[")
-    assert values('fleet_clone_phase_duration_seconds_bucket{phase=~')
-    assert values("fleet_clone_duration_seconds_bucket[")
-    assert values("fleet_vsphere_request_duration_seconds_bucket[")
+    assert values("fleet_clone_phase_duration_seconds_bucket{")
+    assert values('phase=~"$phase"')
+    assert values("fleet_clone_duration_seconds_bucket{")
+    assert values("fleet_vsphere_request_duration_seconds_bucket{")
+    # Failures and faults: the panels that are empty on a clean run show the task faults.
+    assert max(values("fleet_clone_failures_total{")) > 0
+    assert max(values("fleet_vsphere_faults_total{")) > 0
     # The service's own panels.
-    assert max(values("fleet_fleet_members")) >= 80
-    assert values("fleet_api_requests_total[")
-    assert values("fleet_api_request_duration_seconds_bucket[")
+    assert max(values("sum by (fleet, state) (fleet_members{")) >= 80
+    assert values("fleet_api_requests_total{")
+    assert values("fleet_api_request_duration_seconds_bucket{")
     # In flight per host: a gauge of instants (clone tasks last ~50 ms at this time
     # scale), so a scrape may see 0; its series must be there.
-    assert values("fleet_clones_in_flight")
+    assert values("fleet_clones_in_flight{")
 
-    rules = get_json(f"{prom}/api/v1/rules")["data"]["groups"]
-    loaded = [r for g in rules for r in g["rules"]]
-    assert len(loaded) == 5 and all(r["health"] == "ok" for r in loaded), loaded
-    firing = [r["name"] for r in loaded if r["state"] == "firing"]
-    assert not firing, firing  # a clean burst raises no alert
+    # The task faults, by type and method; failures name their fault; the cancelled
+    # fleet's clones are cancelled, none failed.
+    faults = {(s["metric"]["fault"], s["metric"]["method"], s["metric"]["stage"]):
+              float(s["value"][1])
+              for s in query(prom, "sum by (fault, method, stage) (fleet_vsphere_faults_total)")}
+    assert faults.get(("FileNotFound", "InstantClone_Task", "task"), 0) >= 14, faults
+    failures = {(s["metric"].get("reason"), s["metric"].get("fault")): float(s["value"][1])
+                for s in query(prom, "sum by (reason, fault) (fleet_clone_failures_total)")}
+    assert set(failures) == {("fault", "FileNotFound")}, failures
+    outcomes = {s["metric"]["outcome"]: float(s["value"][1]) for s in query(
+        prom, 'fleet_clones_total{fleet="promcancel"}')}
+    assert outcomes["cancelled"] > 0 and outcomes["failed"] == 0, outcomes
+
+    # The failure ratio alerts for the fault fleet, on this instance, and for nothing
+    # else: not the cancelled fleet, not the healthy ones. Nothing has fired (for: 5m).
+    active = pending_or_firing(prom)
+    assert [(name, state, labels.get("fleet"), labels.get("instance"))
+            for name, state, labels in active] == [
+        ("FleetCloneFailureRatioHigh", "pending", "promfault", instance)], active
+    rules = [r for g in get_json(f"{prom}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+    assert len(rules) == len(alert_rules()) and all(r["health"] == "ok" for r in rules), rules
