@@ -18,7 +18,7 @@ clone count). Source names and host names are labels because a fleet has a
 handful of each (they are the things operators act on); fleet names label
 member counts and clone outcomes, and a fleet that is gone loses those series
 (its outcome counters after :data:`GONE_FLEET_HOLD_S`, so its last numbers are
-scraped and the alerts' windows see them).
+scraped).
 
 The README's "Metrics" section is the operator's copy of this table; a test
 keeps both equal to what the registry holds.
@@ -92,10 +92,11 @@ API_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 #: expiry, a new request or Ctrl-C) is neither ready nor failed
 OUTCOMES = ("ready", "failed", "cancelled")
 MEMBER_STATES = ("cloned", "network", "ready")
-#: How long a gone fleet's outcome counters stay: past the failure-ratio alert's window
-#: and its ``for`` (config/prometheus/alerts.yml), so a fleet deleted right after its
-#: clones failed still alerts, and its last increments are scraped.
-GONE_FLEET_HOLD_S = 20 * 60.0
+#: How long a gone fleet's outcome counters stay: several scrapes at any usual interval
+#: (Prometheus' default is 1 min), so its last increments (the clones a delete or an
+#: expiry cancelled) are scraped. After that, rate() and the alerts go on using the
+#: samples already stored for as long as their window reaches back.
+GONE_FLEET_HOLD_S = 5 * 60.0
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _M = TypeVar("_M", PromCounter, Gauge, Histogram)

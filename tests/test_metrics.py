@@ -181,7 +181,7 @@ def test_overlapping_runs_keep_their_jobs_apart() -> None:
     assert sample(m, "fleet_members", fleet="b", state="ready") is None
 
 
-def test_a_gone_fleets_outcomes_stay_for_the_alerts_window_then_go() -> None:
+def test_a_gone_fleets_outcomes_stay_a_while_then_go() -> None:
     m = FleetMetrics()
     now = [1000.0]
     m.clock = lambda: now[0]
