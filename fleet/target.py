@@ -43,6 +43,7 @@ from fleet.errors import ConfigError, ConnectionFailed
 from fleet.urls import redact_url
 from fleet.vsphere.client import VSphereClient
 from fleet.vsphere.session import CallObserver
+from fleet.vsphere.tls import TlsOptions
 
 SIM_USER = "administrator@vsphere.local"
 SIM_GUEST_USER = "root"
@@ -146,11 +147,12 @@ async def open_vcenter(vc: VCenterSpec | None, *, observer: CallObserver | None 
     a fresh built-in simulator when there is none. ``announce`` hears which simulator."""
     if vc is not None:
         ca_files = vc.ca_paths
-        client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
-                               ca_file=ca_files if len(ca_files) > 1 else vc.ca_path,
-                               thumbprint=vc.thumbprint,
-                               insecure=vc.insecure, use_env_proxy=vc.use_env_proxy,
-                               observer=observer, **client_options)
+        tls = TlsOptions(ca_file=ca_files if len(ca_files) > 1 else vc.ca_path,
+                         thumbprint=vc.thumbprint, insecure=vc.insecure,
+                         insecure_from=vc.insecure_from)
+        client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(), tls=tls,
+                               use_env_proxy=vc.use_env_proxy, observer=observer,
+                               **client_options)
         async with client:
             yield Target(client, False, redact_url(vc.url))
         return

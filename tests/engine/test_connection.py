@@ -5,6 +5,7 @@ its URL, govc's own readings of its variables, and every bad value named (exit 2
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from fleet.engine.connection import resolve_connection
 from fleet.engine.spec import SpecError, spec_from_dict
 from fleet.engine.spec_model import VCenterSpec
 from fleet.sim import certs
+from fleet.vsphere.tls import TlsOptions, ssl_for
 
 THUMB_A = ":".join(["AB"] * 32)
 THUMB_B = "cd" * 32
@@ -261,3 +263,19 @@ def test_trust_flags_apply_to_whichever_vcenter_wins(tmp_path: Path) -> None:
 def test_an_empty_variable_is_unset_as_in_govc() -> None:
     assert resolve_connection(None, env={"GOVC_URL": "", "FLEET_VCENTER_URL": "",
                                          "GOVC_INSECURE": ""}).vcenter is None
+
+
+@pytest.mark.parametrize("env, named", [
+    ({**GOVC, "GOVC_INSECURE": "1"}, "GOVC_INSECURE"),
+    ({**GOVC, "FLEET_VCENTER_INSECURE": "true"}, "FLEET_VCENTER_INSECURE"),
+])
+def test_the_insecure_warning_names_the_setting_that_asked_for_it(
+        env: dict[str, str], named: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A user who set GOVC_INSECURE looks for GOVC_INSECURE, not a spec key never set."""
+    vc = resolve_connection(None, env=env).vcenter
+    assert vc is not None and vc.insecure and vc.insecure_from == named
+    options = TlsOptions(insecure=vc.insecure, insecure_from=vc.insecure_from)
+    with caplog.at_level(logging.WARNING, logger="fleet.vsphere"):
+        assert ssl_for(options, vc.url) is False
+    warned = [r.getMessage() for r in caplog.records if "verification is OFF" in r.getMessage()]
+    assert len(warned) == 1 and f"({named})" in warned[0] and "vcenter.insecure" not in warned[0]
