@@ -371,7 +371,11 @@ def typed_value(mo_type: Any, path: str, value: Any) -> Any:
     string at an enumeration's path its enum value, whose ``xsi:type`` vCenter writes
     (``VirtualMachinePowerState``, not ``xsd:string``)."""
     if value.__class__ is str:
-        enum = _enum_at(mo_type, path)
+        enum = _enums.get((mo_type, path), _UNKNOWN)
+        if enum is _UNKNOWN:
+            if len(_enums) >= _MAX_READERS:
+                _enums.clear()  # keyed paths are any number: keep the ones in use
+            enum = _enums[(mo_type, path)] = _enum_at(mo_type, path)
         return value if enum is None else enum(value)
     if isinstance(value, list) and not isinstance(value, VmomiSupport.Array):
         typ = property_type(mo_type, path)
@@ -380,7 +384,11 @@ def typed_value(mo_type: Any, path: str, value: Any) -> Any:
     return value
 
 
-@lru_cache(maxsize=1024)
+#: (type, path) -> the enumeration there or None; typed_value asks for every string
+_enums: dict[tuple[Any, str], Any] = {}
+_UNKNOWN = object()
+
+
 def _enum_at(mo_type: Any, path: str) -> Any:
     """The enumeration declared at ``path``, or None (a plain string, or no such path)."""
     try:
