@@ -59,6 +59,10 @@ class Target:
     url: str  # redacted (fleet.urls): for messages
 
 
+#: the origin of :func:`demo_spec`'s spec (its errors and :func:`open_target` name it)
+DEMO_ORIGIN = "built-in demo spec"
+
+
 def demo_spec(count: int, name: str = "demo") -> FleetSpec:
     """The spec ``fleet provision --count N`` uses without ``--spec``: every source of the
     built-in simulator's default topology, the Linux network workflow."""
@@ -76,7 +80,7 @@ def demo_spec(count: int, name: str = "demo") -> FleetSpec:
         "count": count,
         "sources": sources,
         "network": {"guest_user": SIM_GUEST_USER, "guest_password_env": SIM_GUEST_ENV},
-    }, source="built-in demo spec", env={SIM_GUEST_ENV: SIM_GUEST_PASSWORD})
+    }, source=DEMO_ORIGIN, env={SIM_GUEST_ENV: SIM_GUEST_PASSWORD})
 
 
 async def _read_until(stream: TextReceiveStream, pattern: re.Pattern[str], seen: list[str]
@@ -206,8 +210,17 @@ async def open_target(spec: FleetSpec, *, simulator: bool = True, command: str =
     """:func:`open_vcenter` for a fleet spec's ``[vcenter]``. With ``simulator=False``
     (``status``, ``destroy``, ``inventory``: ``command`` names it for the message) a
     spec without one is refused (:func:`require_vcenter`) instead of starting the
-    built-in simulator."""
+    built-in simulator. The demo spec is refused against a vCenter: its sources and guest
+    login are the built-in simulator's."""
     if not simulator:
         require_vcenter(spec, command or "this command")
+    elif spec.vcenter is not None and spec.origin == DEMO_ORIGIN:
+        shown = ", ".join(s.name for s in spec.sources[:3]) + \
+            (", ..." if len(spec.sources) > 3 else "")
+        raise ConfigError(f"a vCenter is named ({redact_url(spec.vcenter.url)}) but no fleet "
+                          f"spec: the demo fleet clones the built-in simulator's sources "
+                          f"({shown}) with its guest login, which that vCenter does not "
+                          f"have; name your sources in a spec and pass it (docs/connecting.md)",
+                          key="--spec")
     async with open_vcenter(spec.vcenter, **options) as target:
         yield target
