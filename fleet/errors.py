@@ -24,6 +24,7 @@ decides what to do by type, never by message text::
             ├── NotFound             the managed object no longer exists
             ├── NotEmpty             a folder to destroy holds more than folders
             ├── PermissionDenied     names the missing privilege and the object
+            │   └── SourcePermissionDenied  the same, on an instant clone's source (scope: source)
             ├── InvalidLogin         wrong vCenter user or password
             ├── InvalidGuestLogin    wrong guest credentials
             ├── GuestOperationFailed guest program failed / tools unavailable
@@ -185,6 +186,13 @@ class PermissionDenied(PermanentVSphereError):
     def __init__(self, message: str, *, privilege: str | None = None, **kw: str | None):
         super().__init__(message, **kw)
         self.privilege = privilege
+
+
+class SourcePermissionDenied(PermissionDenied):
+    """An instant clone refused for a privilege the login lacks on the source itself:
+    other sources may still give the clone."""
+
+    scope = "source"
 
 
 class InvalidLogin(PermanentVSphereError):

@@ -43,6 +43,7 @@ from fleet.errors import ConfigError, ConnectionFailed
 from fleet.urls import redact_url
 from fleet.vsphere.client import VSphereClient
 from fleet.vsphere.session import CallObserver
+from fleet.vsphere.tls import TlsOptions
 
 SIM_USER = "administrator@vsphere.local"
 SIM_GUEST_USER = "root"
@@ -56,6 +57,10 @@ class Target:
     client: VSphereClient
     simulated: bool
     url: str  # redacted (fleet.urls): for messages
+
+
+#: the origin of :func:`demo_spec`'s spec (its errors and :func:`open_target` name it)
+DEMO_ORIGIN = "built-in demo spec"
 
 
 def demo_spec(count: int, name: str = "demo") -> FleetSpec:
@@ -75,7 +80,7 @@ def demo_spec(count: int, name: str = "demo") -> FleetSpec:
         "count": count,
         "sources": sources,
         "network": {"guest_user": SIM_GUEST_USER, "guest_password_env": SIM_GUEST_ENV},
-    }, source="built-in demo spec", env={SIM_GUEST_ENV: SIM_GUEST_PASSWORD})
+    }, source=DEMO_ORIGIN, env={SIM_GUEST_ENV: SIM_GUEST_PASSWORD})
 
 
 async def _read_until(stream: TextReceiveStream, pattern: re.Pattern[str], seen: list[str]
@@ -146,11 +151,12 @@ async def open_vcenter(vc: VCenterSpec | None, *, observer: CallObserver | None 
     a fresh built-in simulator when there is none. ``announce`` hears which simulator."""
     if vc is not None:
         ca_files = vc.ca_paths
-        client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(),
-                               ca_file=ca_files if len(ca_files) > 1 else vc.ca_path,
-                               thumbprint=vc.thumbprint,
-                               insecure=vc.insecure, use_env_proxy=vc.use_env_proxy,
-                               observer=observer, **client_options)
+        tls = TlsOptions(ca_file=ca_files if len(ca_files) > 1 else vc.ca_path,
+                         thumbprint=vc.thumbprint, insecure=vc.insecure,
+                         insecure_from=vc.insecure_from)
+        client = VSphereClient(vc.url, vc.user, vc.password.get_secret_value(), tls=tls,
+                               use_env_proxy=vc.use_env_proxy, observer=observer,
+                               **client_options)
         async with client:
             yield Target(client, False, redact_url(vc.url))
         return
@@ -204,8 +210,17 @@ async def open_target(spec: FleetSpec, *, simulator: bool = True, command: str =
     """:func:`open_vcenter` for a fleet spec's ``[vcenter]``. With ``simulator=False``
     (``status``, ``destroy``, ``inventory``: ``command`` names it for the message) a
     spec without one is refused (:func:`require_vcenter`) instead of starting the
-    built-in simulator."""
+    built-in simulator. The demo spec is refused against a vCenter: its sources and guest
+    login are the built-in simulator's."""
     if not simulator:
         require_vcenter(spec, command or "this command")
+    elif spec.vcenter is not None and spec.origin == DEMO_ORIGIN:
+        shown = ", ".join(s.name for s in spec.sources[:3]) + \
+            (", ..." if len(spec.sources) > 3 else "")
+        raise ConfigError(f"a vCenter is named ({redact_url(spec.vcenter.url)}) but no fleet "
+                          f"spec: the demo fleet clones the built-in simulator's sources "
+                          f"({shown}) with its guest login, which that vCenter does not "
+                          f"have; name your sources in a spec and pass it (docs/connecting.md)",
+                          key="--spec")
     async with open_vcenter(spec.vcenter, **options) as target:
         yield target

@@ -100,7 +100,10 @@ class Scanner:
         tree = self.tree
         found: dict[str, list[Member] | None] = {}  # None: unchanged since the last scan
         if tree is not None and tree.synced:
-            for name, ref in tree.folders():
+            folders = list(tree.folders())
+            # A burial ends once the view no longer shows the folder (bounded memory).
+            self._buried.intersection_update(name for name, _ in folders)
+            for name, ref in folders:
                 if not valid_name(name):
                     continue
                 rec = ctx.fleets.get(name)
@@ -118,7 +121,9 @@ class Scanner:
                     members = await self._confirm(ref, name)
                     if not members:
                         continue  # the view lags behind the delete: not a fleet now
-                self._buried.discard(name)
+                    # Only a direct read lifts a burial: a scan that still finds the
+                    # record (it leaves the table after its file) proves nothing.
+                    self._buried.discard(name)
                 found[name] = members
                 self._seen[name] = version
         for name, got in found.items():

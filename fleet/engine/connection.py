@@ -338,6 +338,8 @@ def _with_trust(vc: VCenterSpec, values: Mapping[str, Any], names: Mapping[str, 
                                     "ca_file": chosen.get("ca_file"),
                                     "insecure": bool(chosen.get("insecure"))})
         out._ca_paths = paths
+        if out.insecure:
+            out._insecure_from = names["insecure"]
     if out.url.startswith("http://") and not out.insecure:
         raise _problem(names["insecure"], f"{show(out.url)} is plain http; set "
                        f"{names['insecure']} to allow it", source)

@@ -123,10 +123,17 @@ class VCenterSpec(_Model):
     _password: SecretStr = PrivateAttr(default=SecretStr(""))
     #: the CA files, resolved (one for ``ca_file``; govc's GOVC_TLS_CA_CERTS may list more)
     _ca_paths: tuple[str, ...] = PrivateAttr(default=())
+    #: the setting that turned verification off (a flag or variable may, docs/connecting.md)
+    _insecure_from: str = PrivateAttr(default="vcenter.insecure")
 
     @property
     def password(self) -> SecretStr:
         return self._password
+
+    @property
+    def insecure_from(self) -> str:
+        """The setting behind ``insecure``, which its warning names."""
+        return self._insecure_from
 
     @property
     def ca_path(self) -> str | None:

@@ -367,12 +367,35 @@ def _walk(value: Any, steps: tuple[tuple[str, str | None], ...]) -> Any:
 
 
 def typed_value(mo_type: Any, path: str, value: Any) -> Any:
-    """Make a value safe for an ``anyType`` slot: lists become typed arrays."""
+    """Make a value safe for an ``anyType`` slot: lists become typed arrays, and a
+    string at an enumeration's path its enum value, whose ``xsi:type`` vCenter writes
+    (``VirtualMachinePowerState``, not ``xsd:string``)."""
+    if value.__class__ is str:
+        enum = _enums.get((mo_type, path), _UNKNOWN)
+        if enum is _UNKNOWN:
+            if len(_enums) >= _MAX_READERS:
+                _enums.clear()  # keyed paths are any number: keep the ones in use
+            enum = _enums[(mo_type, path)] = _enum_at(mo_type, path)
+        return value if enum is None else enum(value)
     if isinstance(value, list) and not isinstance(value, VmomiSupport.Array):
         typ = property_type(mo_type, path)
         if issubclass(typ, list):
             return typ(value)
     return value
+
+
+#: (type, path) -> the enumeration there or None; typed_value asks for every string
+_enums: dict[tuple[Any, str], Any] = {}
+_UNKNOWN = object()
+
+
+def _enum_at(mo_type: Any, path: str) -> Any:
+    """The enumeration declared at ``path``, or None (a plain string, or no such path)."""
+    try:
+        typ = property_type(mo_type, path)
+    except vmodl.query.InvalidProperty:
+        return None
+    return typ if isinstance(typ, type) and issubclass(typ, VmomiSupport.Enum) else None
 
 
 def refs(objs: Iterable[SimObject], array_type: Any) -> Any:

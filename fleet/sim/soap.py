@@ -426,6 +426,7 @@ class ContentWriter:
         self.refs = xsi(_ManagedObject.Array,
                         "Reference" if refs.endswith("ArrayOfManagedObject") else "")
         self.option = xsi(_OptionValue)
+        self._xsi = xsi
         self._names: dict[str, str] = {}
 
     def pyvmomi(self, val: Any, info: Any) -> str:
@@ -442,6 +443,9 @@ class ContentWriter:
             return f"<{tag}{scalar[0]}>{scalar[1](val)}</{tag}>"
         if isinstance(val, _ManagedObject):
             return f"<{tag}{self.ref}{_ref_attrs(val)}>{val._moId}</{tag}>"
+        if isinstance(val, VmomiSupport.Enum):  # typed as its enumeration, as vCenter does
+            scalar = self.scalars[val.__class__] = (self._xsi(val.__class__), XmlEscape)
+            return f"<{tag}{scalar[0]}>{XmlEscape(val)}</{tag}>"
         if val.__class__ is _OptionValue:
             state = val.__dict__
             key = state["key"]

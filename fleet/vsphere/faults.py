@@ -14,7 +14,9 @@ vSphere says                                   fleet raises
 =============================================  ==========================================
 NotAuthenticated                               NotAuthenticated (transient)
 InvalidLogin                                   InvalidLogin
-NoPermission (``privilegeId``)                 PermissionDenied(privilege=...)
+NoPermission (``privilegeId``)                 PermissionDenied(privilege=...);
+                                                 SourcePermissionDenied (scope source)
+                                                 on InstantClone when it names the source
 InvalidGuestLogin                              InvalidGuestLogin
 GuestOperationsFault, ToolsUnavailable,        GuestOperationFailed
   FileFault in a guest operation
@@ -70,6 +72,7 @@ from fleet.errors import (
     RequestTimeout,
     ResourceBusy,
     SourceNotPoweredOn,
+    SourcePermissionDenied,
     TaskCancelled,
     TransientFault,
     UnsupportedEndpoint,
@@ -147,8 +150,12 @@ def translate_fault(fault: Any, *, method: str | None = None, obj: str | None = 
         privilege = _missing_privilege(fault)
         target = _moid(getattr(fault, "object", None)) or obj
         detail = f" (missing privilege {privilege} on {target})" if privilege else ""
-        return PermissionDenied(message + detail, privilege=privilege, fault=name,
-                                method=method, obj=target)
+        # Denied on the source itself: the source is out, not the clone (the folder,
+        # pool or datastore it goes to would refuse every source's clone alike).
+        denied = SourcePermissionDenied if clone and obj is not None and \
+            _moid(getattr(fault, "object", None)) == obj else PermissionDenied
+        return denied(message + detail, privilege=privilege, fault=name, method=method,
+                      obj=target)
     if isinstance(fault, vim.fault.InvalidGuestLogin):
         return InvalidGuestLogin(message, **kw)
     if isinstance(fault, vim.fault.GuestOperationsFault | vim.fault.ToolsUnavailable) or (

@@ -42,6 +42,8 @@ class TlsOptions:
     ca_file: str | Path | tuple[str | Path, ...] | None = None
     thumbprint: str | None = None  # SHA-256 of the DER certificate
     insecure: bool = False
+    #: the setting behind ``insecure``, named by its warning (GOVC_INSECURE, a flag...)
+    insecure_from: str = KEYS["insecure"]
 
     def __post_init__(self) -> None:
         chosen = [KEYS[n] for n, v in (("ca_file", self.ca_file),
@@ -79,9 +81,9 @@ def ssl_for(options: TlsOptions, url: str) -> ssl.SSLContext | aiohttp.Fingerpri
     if not url.lower().startswith("https:"):
         return False
     if options.insecure:
-        log.warning("TLS certificate verification is OFF for %s (vcenter.insecure): anyone on "
-                    "the path can read and change this session, credentials included",
-                    redact_url(url))
+        log.warning("TLS certificate verification is OFF for %s (%s): anyone on the path can "
+                    "read and change this session, credentials included", redact_url(url),
+                    options.insecure_from)
         return False
     if options.thumbprint is not None:
         return aiohttp.Fingerprint(normalize_thumbprint(options.thumbprint))

@@ -77,6 +77,37 @@ def _ghost_lines(text: str, names: list[str]) -> list[str]:
             and not line.startswith("fleet_clones_total{")]
 
 
+async def test_a_scan_while_the_delete_is_forgotten_does_not_unbury_it(
+        tmp_path: Path) -> None:
+    """A scan that lands after the fleet is buried but before it leaves the table (its
+    record's file is being removed) still sees it as a fleet; that must not lift the
+    burial, or the next scan of the lagging view brings it back."""
+    config = make_config(tmp_path, scan_interval_s=3600.0)
+    async with folder_fake() as (fake, _), running(config, fake, Clock(),
+                                                     FleetMetrics()) as service:
+        rec = await apply(service, {"name": "ghost", "count": 3})
+        await until(lambda: rec.status == "ready")
+        await until(lambda: service.scanner.tree is not None)
+        tree = service.scanner.tree
+        assert tree is not None
+        await until(lambda: len(_vms(tree, "ghost")) == 3)
+        tree._apply = lambda view, update: False  # type: ignore[attr-defined]
+        real_delete = service.store.delete
+        scanned: list[bool] = []
+
+        async def delete_after_a_scan(name: str) -> None:
+            await service.scan()
+            scanned.append(name in service.fleets)
+            await real_delete(name)
+
+        service.store.delete = delete_after_a_scan  # type: ignore[method-assign]
+        await service.remove("ghost")
+        await until(lambda: "ghost" not in service.fleets)
+        assert scanned == [True] and len(_vms(tree, "ghost")) == 3
+        await service.scan()
+        assert "ghost" not in service.fleets
+
+
 def _vms(tree: FolderTree, name: str) -> list[ListedVm]:
     folder = dict(tree.folders()).get(name)
     return [] if folder is None else tree.vms_in(folder)

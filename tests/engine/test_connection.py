@@ -5,6 +5,7 @@ its URL, govc's own readings of its variables, and every bad value named (exit 2
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from fleet.engine.connection import resolve_connection
 from fleet.engine.spec import SpecError, spec_from_dict
 from fleet.engine.spec_model import VCenterSpec
 from fleet.sim import certs
+from fleet.vsphere.tls import TlsOptions, ssl_for
 
 THUMB_A = ":".join(["AB"] * 32)
 THUMB_B = "cd" * 32
@@ -261,3 +263,35 @@ def test_trust_flags_apply_to_whichever_vcenter_wins(tmp_path: Path) -> None:
 def test_an_empty_variable_is_unset_as_in_govc() -> None:
     assert resolve_connection(None, env={"GOVC_URL": "", "FLEET_VCENTER_URL": "",
                                          "GOVC_INSECURE": ""}).vcenter is None
+
+
+@pytest.mark.parametrize("env, named", [
+    ({**GOVC, "GOVC_INSECURE": "1"}, "GOVC_INSECURE"),
+    ({**GOVC, "FLEET_VCENTER_INSECURE": "true"}, "FLEET_VCENTER_INSECURE"),
+])
+def test_the_insecure_warning_names_the_setting_that_asked_for_it(
+        env: dict[str, str], named: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A user who set GOVC_INSECURE looks for GOVC_INSECURE, not a spec key never set."""
+    vc = resolve_connection(None, env=env).vcenter
+    assert vc is not None and vc.insecure and vc.insecure_from == named
+    options = TlsOptions(insecure=vc.insecure, insecure_from=vc.insecure_from)
+    with caplog.at_level(logging.WARNING, logger="fleet.vsphere"):
+        assert ssl_for(options, vc.url) is False
+    warned = [r.getMessage() for r in caplog.records if "verification is OFF" in r.getMessage()]
+    assert len(warned) == 1 and f"({named})" in warned[0] and "vcenter.insecure" not in warned[0]
+
+
+@pytest.mark.anyio
+async def test_the_demo_fleet_is_refused_against_a_named_vcenter() -> None:
+    """Without --spec, provision/plan/sources run the demo fleet, whose sources and guest
+    login are the built-in simulator's: against a vCenter from the environment that
+    would try to clone VMs it does not have, and send the simulator's guest password."""
+    from fleet.errors import ConfigError
+    from fleet.target import connect_spec, demo_spec, open_target
+
+    spec = connect_spec(demo_spec(2), env={**GOVC, "GOVC_URL": "https://127.0.0.1:9/sdk"})
+    with pytest.raises(ConfigError) as exc:
+        async with open_target(spec):
+            pass
+    assert exc.value.key == "--spec" and "frozen-01" in str(exc.value)
+    assert "https://127.0.0.1:9/sdk" in str(exc.value) and "pw-govc" not in str(exc.value)

@@ -94,6 +94,34 @@ def test_vm_properties_are_typed(si: Any) -> None:
     assert all(len(unit.fileKey) == 2 for unit in layout.disk[0].chain)
 
 
+def test_enumerations_come_typed_as_their_enumeration(si: Any) -> None:
+    """vCenter writes ``runtime.powerState`` as ``xsi:type="VirtualMachinePowerState"``,
+    and pyVmomi then gives its enum type; an ``xsd:string`` would come back a plain str.
+    The same for a nested path and for the values a watch reports."""
+    vm = si.content.searchIndex.FindByInventoryPath("dc1/vm/sources/frozen-01")
+    paths = ["runtime.powerState", "runtime.connectionState", "summary.runtime.powerState",
+             "guest.toolsRunningStatus", "name"]
+    spec = PC.FilterSpec(objectSet=[PC.ObjectSpec(obj=vm)],
+                         propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=paths)])
+    [content] = si.content.propertyCollector.RetrievePropertiesEx(
+        [spec], PC.RetrieveOptions()).objects
+    read = {p.name: p.val for p in content.propSet}
+    assert type(read["runtime.powerState"]) is vim.VirtualMachine.PowerState
+    assert type(read["summary.runtime.powerState"]) is vim.VirtualMachine.PowerState
+    assert type(read["runtime.connectionState"]) is vim.VirtualMachine.ConnectionState
+    assert read["runtime.powerState"] == "poweredOn"
+    assert type(read["name"]) is str  # a plain string stays one
+    pc = si.content.propertyCollector.CreatePropertyCollector()
+    try:
+        pc.CreateFilter(spec, True)
+        first = pc.WaitForUpdatesEx("", PC.WaitOptions(maxWaitSeconds=0))
+        [obj] = first.filterSet[0].objectSet
+        watched = {c.name: c.val for c in obj.changeSet}
+        assert type(watched["runtime.powerState"]) is vim.VirtualMachine.PowerState
+    finally:
+        pc.Destroy()
+
+
 def test_unknown_property_is_invalid_property(si: Any) -> None:
     pc = si.content.propertyCollector
     vm = si.content.searchIndex.FindByInventoryPath("dc1/vm/sources/frozen-01")

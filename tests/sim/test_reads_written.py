@@ -258,7 +258,7 @@ def _values() -> list[tuple[str, Any, bool]]:
         ("option of an option", option(key="k", value=option(key="in", value="v")), True),
         ("option with a dynamic type", typed, False),
         ("option of a float", option(key="k", value=1.5), False),
-        ("float", 2.5, False), ("enum", vim.VirtualMachine.PowerState.poweredOn, False),
+        ("float", 2.5, False), ("enum", vim.VirtualMachine.PowerState.poweredOn, True),
         ("strings", VmomiSupport.GetVmodlType("string[]")(["a", "<b>"]), False),
         ("ints", VmomiSupport.GetVmodlType("int[]")([1, 2]), False),
         ("a reference array holding a string", vim.Datastore.Array(["ds-1"]), False),

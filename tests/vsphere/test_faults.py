@@ -93,6 +93,24 @@ def test_permission_denied_names_the_privilege_and_object() -> None:
     assert "VirtualMachine.Provisioning.Clone" in str(error)
 
 
+def test_a_clone_denied_on_its_source_rules_out_the_source_only() -> None:
+    """Denied on the source: the source is out (scope source), other sources may clone.
+    Denied on the folder, pool or datastore the clone goes to: only that call failed."""
+    on_source = translate(vim.fault.NoPermission(msg="denied", object=vm("vm-3"),
+                                                 privilegeId="VirtualMachine.Provisioning.Clone"),
+                          method=IC, obj="vm-3")
+    assert type(on_source) is errors.SourcePermissionDenied and on_source.scope == "source"
+    assert on_source.reason == "permission_denied" and on_source.obj == "vm-3"
+    on_folder = translate(vim.fault.NoPermission(
+        msg="denied", object=vim.Folder("group-v9"),
+        privilegeId="VirtualMachine.Inventory.CreateFromExisting"), method=IC, obj="vm-3")
+    assert type(on_folder) is errors.PermissionDenied and on_folder.scope == "call"
+    elsewhere = translate(vim.fault.NoPermission(msg="denied", object=vm("vm-3"),
+                                                 privilegeId="VirtualMachine.Interact.PowerOn"),
+                          method="PowerOnVM_Task", obj="vm-3")
+    assert type(elsewhere) is errors.PermissionDenied
+
+
 def test_permission_denied_from_missing_privileges_list() -> None:
     fault = vim.fault.NoPermission(msg="denied", missingPrivileges=[
         vim.fault.NoPermission.EntityPrivileges(entity=vm("vm-7"),
