@@ -153,6 +153,18 @@ def test_sources_list_freeze_and_prepare(tmp_path: Path) -> None:
     (["provision", "--count", "-1"], "--count: -1 is negative"),
     (["provision", "--spec", "/no/such/spec.toml"], "cannot read the spec"),
     (["provision", "--count", "3", "--metrics-port", "99999"], "--metrics-port"),
+    (["provision", "--count", "3", "--metrics-port", "70000"],
+     "argument --metrics-port: 70000 is not a TCP port (1..65535)"),
+    (["provision", "--count", "3", "--metrics-listen", "127.0.0.1:0"],
+     "argument --metrics-listen: port 0 is out of range 1..65535"),
+    (["provision", "--count", "3", "--metrics-listen", "metrics.example:9100"],
+     "argument --metrics-listen: 'metrics.example' is not an IP address"),
+    (["provision", "--count", "3", "--metrics-port", "9100", "--metrics-listen",
+      "127.0.0.1:9100"], "argument --metrics-listen: not allowed with argument --metrics-port"),
+    (["provision", "--count", "3", "--pushgateway", "ftp://u:Pw-0f-Mine@127.0.0.1:9091"],
+     "argument --pushgateway: 'ftp://***@127.0.0.1:9091' is not an http(s) URL"),
+    (["provision", "--count", "3", "--pushgateway", "http://u:Pw-0f-Mine@127.0.0.1:99999"],
+     "argument --pushgateway: 'http://***@127.0.0.1:99999' is not an http(s) URL: its port"),
     (["provision", "--count", "3", "--sim-time-scale", "0"], "--sim-time-scale"),
     (["destroy", "--spec", "/no/such/spec.toml", "--yes"], "cannot read the spec"),
     (["provision", "--count", "3", "--events", "/no/such/dir/events.jsonl"],
@@ -163,6 +175,9 @@ def test_bad_options_are_clear_errors(args: list[str], expected: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert expected in result.stderr
+    # Refused before anything started (the built-in simulator announces itself).
+    assert "built-in simulator" not in result.stderr
+    assert "Pw-0f-Mine" not in result.stderr + result.stdout
 
 
 def test_a_bad_spec_names_file_key_and_value(sim: SimProcess, tmp_path: Path) -> None:
