@@ -43,6 +43,16 @@ def eprint(message: str) -> None:
     print(f"fleet: {message}", file=sys.stderr, flush=True)
 
 
+#: the version of every ``--json`` output's shape (docs/cli-json.md): raised when a key is
+#: removed or changes its meaning, not when one is added
+JSON_SCHEMA_VERSION = 1
+
+
+def print_json(out: dict[str, Any]) -> None:
+    """A ``--json`` output: one object on stdout, its ``schema_version`` first."""
+    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **out}))
+
+
 # -- shared option groups --------------------------------------------------------
 
 def _spec_options(parser: argparse.ArgumentParser, *, count: bool = True) -> None:
@@ -234,7 +244,7 @@ def _refused(exc: Any, args: argparse.Namespace) -> int:
     hint = "" if args.wait_lock else "; pass --wait-lock[=SECONDS] to wait for it"
     eprint(f"{exc}{hint}")
     if args.json:
-        print(json.dumps({"error": "locked", "message": str(exc), "lock": exc.view.to_dict()}))
+        print_json({"error": "locked", "message": str(exc), "lock": exc.view.to_dict()})
     return EXIT_LOCKED
 
 
@@ -367,7 +377,7 @@ async def _provision(args: argparse.Namespace) -> int:
         out["expires_at"] = None if expires_at is None else math.ceil(expires_at)
         out["lock_lost"] = lock.lost_reason
         out["inventory"] = None if inventory is None or inventory_error else inventory[0]
-        print(json.dumps(out))
+        print_json(out)
     else:
         print_summary(summary)
     if inventory_error is not None:
@@ -394,7 +404,7 @@ async def _plan(args: argparse.Namespace) -> int:
     async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
         result = await plan(spec, target.client)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print_json(result.to_dict())
     else:
         print(f"fleet {result.fleet}: {result.requested} wanted — create {result.create}, "
               f"resume {result.resume}, remove {result.remove}, already ready {result.ready}"
@@ -464,7 +474,7 @@ async def _status(args: argparse.Namespace) -> int:
         out = result.to_dict()
         if records is not None:
             out["member_list"] = [r.to_dict() for r in records]
-        print(json.dumps(out))
+        print_json(out)
     else:
         states = ", ".join(f"{k} {v}" for k, v in sorted(result.by_state.items())) or "none"
         print(f"fleet {result.fleet} in {result.folder}: {result.ready}/{result.requested} "
@@ -574,7 +584,7 @@ async def _destroy(args: argparse.Namespace) -> int:
     if args.json:
         out = result.to_dict()
         out["lock_lost"] = lost
-        print(json.dumps(out))
+        print_json(out)
     else:
         print_removal(result)
     return EXIT_OK if result.failed == 0 and not lost else EXIT_INCOMPLETE
@@ -598,7 +608,7 @@ async def _sources(args: argparse.Namespace) -> int:
                                   key="--per-host")
             result = await src_api.prepare_sources(spec, vs, args.golden)
     if args.json:
-        print(json.dumps([s.to_dict() for s in result]))
+        print_json({"fleet": spec.name, "sources": [s.to_dict() for s in result]})
     else:
         print_table("sources", ["source", "power", "frozen", "host", "chain depth", "budget",
                                 "clones left", "guest"],
