@@ -119,9 +119,23 @@ class LiveProgress:
               f"elapsed {now - self._t0:.0f}s, eta {eta:.0f}s", file=self.stream, flush=True)
 
 
+#: the width of text when stdout is not a terminal; a table that needs more gets more
+PIPE_WIDTH = 120
+
+
 def _console(stream: IO[str] | None = None) -> Console:
     return Console(file=stream or sys.stdout, width=None if (stream or sys.stdout).isatty()
-                   else 120)
+                   else PIPE_WIDTH)
+
+
+def _print_table(console: Console, table: Table) -> None:
+    """``table`` whole when it goes to a file or a pipe: as wide as its widest cells
+    need, never a cell cut to "golden-r…" or a header wrapped. On a terminal rich
+    fits it to the window, as usual."""
+    if not console.file.isatty():
+        unbounded = console.options.update_width(1 << 20)
+        console.width = max(PIPE_WIDTH, console.measure(table, options=unbounded).maximum)
+    console.print(table)
 
 
 def print_summary(summary: Summary, stream: IO[str] | None = None) -> None:
@@ -140,7 +154,7 @@ def print_summary(summary: Summary, stream: IO[str] | None = None) -> None:
         if st.count:
             phases.add_row(name, str(st.count), f"{st.p50_s:.3f}", f"{st.p95_s:.3f}",
                            f"{st.p99_s:.3f}", f"{st.max_s:.3f}")
-    console.print(phases)
+    _print_table(console, phases)
     sources = Table(title="sources", title_justify="left")
     for col in ("source", "host", "kind", "clones", "chain depth", "clones left", "retired"):
         sources.add_column(col, justify="right" if col in ("clones", "chain depth",
@@ -150,7 +164,7 @@ def print_summary(summary: Summary, stream: IO[str] | None = None) -> None:
                         str(src.clones), str(src.chain_depth),
                         "unlimited" if src.clones_left is None else str(src.clones_left),
                         src.retired or "")
-    console.print(sources)
+    _print_table(console, sources)
     if summary.failures:
         failures = Table(title="failures by reason", title_justify="left")
         failures.add_column("reason")
@@ -158,7 +172,7 @@ def print_summary(summary: Summary, stream: IO[str] | None = None) -> None:
         ordered = sorted(summary.failures.items(), key=lambda kv: -kv[1])
         for reason, count in ordered:
             failures.add_row(reason, str(count))
-        console.print(failures)
+        _print_table(console, failures)
         for reason, _ in ordered:
             message = summary.failure_messages.get(reason)
             if message:  # one line each, unwrapped, so it can be read and searched whole
@@ -182,4 +196,4 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(col)
     for row in rows:
         table.add_row(*("-" if v is None else str(v) for v in row))
-    _console(stream).print(table)
+    _print_table(_console(stream), table)

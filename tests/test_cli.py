@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests import specs
+from tests.cli_json import assert_documented
 from tests.simproc import SimProcess
 from tests.specs import ENV
 
@@ -75,6 +76,7 @@ def test_main_command_uses_the_builtin_simulator_from_any_directory(tmp_path: Pa
     assert set(summary["phases"]) >= {"queue", "clone", "network", "reconnect", "ready"}
     assert summary["phases"]["clone"]["count"] == 12
     assert summary["target"] == "simulator"
+    assert_documented(summary, "`fleet provision --json`")
 
 
 def test_events_file_holds_every_event_as_json_lines(tmp_path: Path) -> None:
@@ -105,15 +107,18 @@ def test_provision_status_plan_destroy_against_a_vcenter(sim: SimProcess, tmp_pa
     made = fleet("provision", "--spec", str(spec), "--json", env=ENV)
     assert made.returncode == 0, made.stderr
     assert json.loads(made.stdout)["ready"] == 20
+    assert_documented(json.loads(made.stdout), "`fleet provision --json`")
     assert "built-in simulator" not in made.stderr
     status = fleet("status", "--spec", str(spec), "--json", env=ENV)
     assert status.returncode == 0, status.stderr
     st = json.loads(status.stdout)
     assert st["ready"] == 20 and st["missing"] == [] and st["complete"] is True
+    assert_documented(st, "`fleet status --json`")
     plan = fleet("plan", "--spec", str(spec), "--count", "30", "--json", env=ENV)
     assert plan.returncode == 0, plan.stderr
     p = json.loads(plan.stdout)
     assert p["create"] == 10 and p["feasible"] is True
+    assert_documented(p, "`fleet plan --json`")
     assert sim.stats()["vms"] == 9 + 20  # the plan changed nothing
     shown = fleet("plan", "--spec", str(spec), env=ENV)
     assert "placement" in shown.stdout and "frozen-01" in shown.stdout
@@ -123,6 +128,7 @@ def test_provision_status_plan_destroy_against_a_vcenter(sim: SimProcess, tmp_pa
     gone = fleet("destroy", "--spec", str(spec), "--yes", "--json", env=ENV)
     assert gone.returncode == 0, gone.stderr
     assert json.loads(gone.stdout)["removed"] == 20
+    assert_documented(json.loads(gone.stdout), "`fleet destroy --json`")
     assert sim.stats()["vms"] == 9
 
 
@@ -131,21 +137,27 @@ def test_sources_list_freeze_and_prepare(tmp_path: Path) -> None:
         spec = write_spec(tmp_path / "fleet.toml", sim, "src", 1)
         listed = fleet("sources", "list", "--spec", str(spec), "--json", env=ENV)
         assert listed.returncode == 0, listed.stderr
-        rows = {r["name"]: r for r in json.loads(listed.stdout)}
+        out = json.loads(listed.stdout)
+        assert_documented(out, "`fleet sources list|freeze|prepare --json`")
+        assert out["fleet"] == "src"
+        rows = {r["name"]: r for r in out["sources"]}
         assert rows["frozen-01"]["frozen"] is True and rows["frozen-01"]["clones_left"] is None
         assert rows["golden-running"]["frozen"] is False
         assert rows["golden-running"]["clones_left"] == 199  # depth 1, budget 200
         frozen = fleet("sources", "freeze", "--spec", str(spec), "golden-running", "--json",
                        env=ENV)
         assert frozen.returncode == 0, frozen.stderr
-        assert json.loads(frozen.stdout)[0]["frozen"] is True
+        out = json.loads(frozen.stdout)
+        assert_documented(out, "`fleet sources list|freeze|prepare --json`")
+        assert [(s["name"], s["frozen"]) for s in out["sources"]] == [("golden-running", True)]
         assert sim.stats()["sources"]["golden-running"]["frozen"] is True
         prepared = fleet("sources", "prepare", "--spec", str(spec), "--per-host", "--golden",
                          "frozen-01", "--json", env=ENV)
         assert prepared.returncode == 0, prepared.stderr
         # esx-04..08 had no source of this spec; each gets a frozen one
         made = json.loads(prepared.stdout)
-        hosts = {r["host"] for r in made if r["frozen"]}
+        assert_documented(made, "`fleet sources list|freeze|prepare --json`")
+        hosts = {r["host"] for r in made["sources"] if r["frozen"]}
         assert {"esx-04", "esx-05", "esx-06", "esx-07", "esx-08"} <= hosts
 
 
@@ -153,6 +165,18 @@ def test_sources_list_freeze_and_prepare(tmp_path: Path) -> None:
     (["provision", "--count", "-1"], "--count: -1 is negative"),
     (["provision", "--spec", "/no/such/spec.toml"], "cannot read the spec"),
     (["provision", "--count", "3", "--metrics-port", "99999"], "--metrics-port"),
+    (["provision", "--count", "3", "--metrics-port", "70000"],
+     "argument --metrics-port: 70000 is not a TCP port (1..65535)"),
+    (["provision", "--count", "3", "--metrics-listen", "127.0.0.1:0"],
+     "argument --metrics-listen: port 0 is out of range 1..65535"),
+    (["provision", "--count", "3", "--metrics-listen", "metrics.example:9100"],
+     "argument --metrics-listen: 'metrics.example' is not an IP address"),
+    (["provision", "--count", "3", "--metrics-port", "9100", "--metrics-listen",
+      "127.0.0.1:9100"], "argument --metrics-listen: not allowed with argument --metrics-port"),
+    (["provision", "--count", "3", "--pushgateway", "ftp://u:Pw-0f-Mine@127.0.0.1:9091"],
+     "argument --pushgateway: 'ftp://***@127.0.0.1:9091' is not an http(s) URL"),
+    (["provision", "--count", "3", "--pushgateway", "http://u:Pw-0f-Mine@127.0.0.1:99999"],
+     "argument --pushgateway: 'http://***@127.0.0.1:99999' is not an http(s) URL: its port"),
     (["provision", "--count", "3", "--sim-time-scale", "0"], "--sim-time-scale"),
     (["destroy", "--spec", "/no/such/spec.toml", "--yes"], "cannot read the spec"),
     (["provision", "--count", "3", "--events", "/no/such/dir/events.jsonl"],
@@ -163,6 +187,9 @@ def test_bad_options_are_clear_errors(args: list[str], expected: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert expected in result.stderr
+    # Refused before anything started (the built-in simulator announces itself).
+    assert "built-in simulator" not in result.stderr
+    assert "Pw-0f-Mine" not in result.stderr + result.stdout
 
 
 def test_a_bad_spec_names_file_key_and_value(sim: SimProcess, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import yaml
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
+from tests.cli_json import assert_documented
 from tests.simproc import PASSWORD, USER, SimProcess
 from tests.specs import run_fleet, write_spec
 
@@ -122,6 +123,7 @@ def test_inventory_and_status_members_say_the_same_in_every_format(
     assert got.returncode == 0, got.stderr
     status = json.loads(got.stdout)
     assert {m["name"]: m["ip"] for m in status["member_list"]} == ips
+    assert_documented(status, "`fleet status --json`")
     got = run_fleet("status", "--spec", str(spec), "--members")
     assert got.returncode == 0, got.stderr
     assert "inv-0199" in got.stdout and ips["inv-0199"] in got.stdout

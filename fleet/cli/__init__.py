@@ -19,6 +19,7 @@ import gc
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -32,12 +33,24 @@ from fleet.version import __version__
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_LOCKED = 75
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+COMPLETION_SHELLS = ["bash", "zsh", "fish"]
 #: the slowest time scale of the built-in simulator: 100 makes a 1 s clone take 100 s
 MAX_SIM_TIME_SCALE = 100.0
 
 
 def eprint(message: str) -> None:
     print(f"fleet: {message}", file=sys.stderr, flush=True)
+
+
+#: the version of every ``--json`` output's shape (docs/cli-json.md): raised when a key is
+#: removed or changes its meaning, not when one is added
+JSON_SCHEMA_VERSION = 1
+
+
+def print_json(out: dict[str, Any]) -> None:
+    """A ``--json`` output: one object on stdout, its ``schema_version`` first."""
+    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **out}))
 
 
 # -- shared option groups --------------------------------------------------------
@@ -118,17 +131,27 @@ def _read_spec(args: argparse.Namespace) -> Any:
     return spec_from_dict(raw, source=source, base_dir=path.resolve().parent)
 
 
+def _metrics_listen(args: argparse.Namespace) -> tuple[str, int, str] | None:
+    """(host, port, the flag that named them) of the run's /metrics, if asked for:
+    ``--metrics-port N`` is ``--metrics-listen 127.0.0.1:N``."""
+    if args.metrics_listen is not None:
+        return (*args.metrics_listen, "--metrics-listen")
+    if args.metrics_port is not None:
+        return "127.0.0.1", args.metrics_port, "--metrics-port"
+    return None
+
+
 @contextlib.asynccontextmanager
-async def _metrics_server(port: int | None, metrics: Any) -> AsyncIterator[None]:
-    if port is None:
+async def _metrics_server(listen: tuple[str, int, str] | None,
+                          metrics: Any) -> AsyncIterator[None]:
+    if listen is None:
         yield
         return
     from aiohttp import web
 
     from fleet.metrics import CONTENT_TYPE
 
-    if not 0 < port < 65536:
-        raise ConfigError(f"{port} is not a TCP port", key="--metrics-port")
+    host, port, key = listen
 
     async def handle(request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(),
@@ -138,17 +161,29 @@ async def _metrics_server(port: int | None, metrics: Any) -> AsyncIterator[None]
     app.router.add_get("/metrics", handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        site = web.TCPSite(runner, "127.0.0.1", port)
+        site = web.TCPSite(runner, host, port)
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}",
-                              key="--metrics-port") from None
-        eprint(f"metrics at http://127.0.0.1:{port}/metrics")
+            raise ConfigError(f"cannot listen on {shown}: {exc.strerror}", key=key) from None
+        eprint(f"metrics at http://{shown}/metrics")
         yield
     finally:
         await runner.cleanup()
+
+
+def _pusher(args: argparse.Namespace, fleet: str, metrics: Any) -> Any:
+    """The run's Pushgateway pusher (``--pushgateway``), or None; docs/pushgateway.md."""
+    if args.pushgateway is None:
+        return None
+    from fleet.pushgateway import Pusher
+
+    pusher = Pusher(args.pushgateway, metrics.registry, {"fleet": fleet}, warn=eprint)
+    eprint(f"pushing metrics to {pusher.describe()} every {pusher.interval_s:g} s and "
+           "when the run ends")
+    return pusher
 
 
 # -- the fleet lock (docs/locking.md) -----------------------------------------------
@@ -209,7 +244,7 @@ def _refused(exc: Any, args: argparse.Namespace) -> int:
     hint = "" if args.wait_lock else "; pass --wait-lock[=SECONDS] to wait for it"
     eprint(f"{exc}{hint}")
     if args.json:
-        print(json.dumps({"error": "locked", "message": str(exc), "lock": exc.view.to_dict()}))
+        print_json({"error": "locked", "message": str(exc), "lock": exc.view.to_dict()})
     return EXIT_LOCKED
 
 
@@ -250,17 +285,21 @@ async def _provision(args: argparse.Namespace) -> int:
     lock_options = _lock_options(args, spec.name)
     run_id = uuid.uuid4().hex[:12]
     metrics = FleetMetrics()
+    pusher = _pusher(args, spec.name, metrics)
     show_progress = not args.json and not args.no_progress
     progress = LiveProgress() if show_progress else None
     interrupted = False
     event_log = EventLog(args.events) if args.events is not None else None
     async with contextlib.AsyncExitStack() as stack:
+        if pusher is not None:
+            # The last thing the run does, however it ends (failed, cancelled, refused).
+            stack.push_async_callback(pusher.push_final)
         if event_log is not None:
             stack.callback(event_log.close)
         target = await stack.enter_async_context(
             open_target(spec, observer=metrics, announce=eprint,
                         sim_time_scale=args.sim_time_scale))
-        await stack.enter_async_context(_metrics_server(args.metrics_port, metrics))
+        await stack.enter_async_context(_metrics_server(_metrics_listen(args), metrics))
         # A wrong spec changes nothing, locks nothing; the view it reads starts the run.
         checked = await check_spec(spec, target.client)
         checked_at = anyio.current_time()
@@ -313,6 +352,8 @@ async def _provision(args: argparse.Namespace) -> int:
 
                 tg.start_soon(watch_signals)
                 tg.start_soon(run)
+                if pusher is not None:
+                    tg.start_soon(pusher.run)
         inventory_error: str | None = None
         if inventory is not None and provisioner.summary is not None:
             # What is there, also after an incomplete or interrupted run.
@@ -336,7 +377,7 @@ async def _provision(args: argparse.Namespace) -> int:
         out["expires_at"] = None if expires_at is None else math.ceil(expires_at)
         out["lock_lost"] = lock.lost_reason
         out["inventory"] = None if inventory is None or inventory_error else inventory[0]
-        print(json.dumps(out))
+        print_json(out)
     else:
         print_summary(summary)
     if inventory_error is not None:
@@ -363,7 +404,7 @@ async def _plan(args: argparse.Namespace) -> int:
     async with open_target(spec, announce=eprint, sim_time_scale=args.sim_time_scale) as target:
         result = await plan(spec, target.client)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print_json(result.to_dict())
     else:
         print(f"fleet {result.fleet}: {result.requested} wanted — create {result.create}, "
               f"resume {result.resume}, remove {result.remove}, already ready {result.ready}"
@@ -433,7 +474,7 @@ async def _status(args: argparse.Namespace) -> int:
         out = result.to_dict()
         if records is not None:
             out["member_list"] = [r.to_dict() for r in records]
-        print(json.dumps(out))
+        print_json(out)
     else:
         states = ", ".join(f"{k} {v}" for k, v in sorted(result.by_state.items())) or "none"
         print(f"fleet {result.fleet} in {result.folder}: {result.ready}/{result.requested} "
@@ -543,7 +584,7 @@ async def _destroy(args: argparse.Namespace) -> int:
     if args.json:
         out = result.to_dict()
         out["lock_lost"] = lost
-        print(json.dumps(out))
+        print_json(out)
     else:
         print_removal(result)
     return EXIT_OK if result.failed == 0 and not lost else EXIT_INCOMPLETE
@@ -567,7 +608,7 @@ async def _sources(args: argparse.Namespace) -> int:
                                   key="--per-host")
             result = await src_api.prepare_sources(spec, vs, args.golden)
     if args.json:
-        print(json.dumps([s.to_dict() for s in result]))
+        print_json({"fleet": spec.name, "sources": [s.to_dict() for s in result]})
     else:
         print_table("sources", ["source", "power", "frozen", "host", "chain depth", "budget",
                                 "clones left", "guest"],
@@ -588,18 +629,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "(docs/connecting.md). Without one, provision, plan and sources run "
                     "against a built-in simulator; status and destroy refuse.")
     parser.add_argument("--version", action="version", version=f"fleet {__version__}")
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"],
+    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                        help="log to stderr at this level (default warning); before or "
+                             "after the command")
+    # The same option after the command: its default is no value, so that it does not
+    # undo one given before the command (`fleet --log-level debug sim`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                         help="log to stderr at this level (default warning)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("provision", help="bring a fleet to its count of ready members",
-                       description="Create missing members, finish half-configured ones and "
-                                   "remove extras, within vCenter's limits.")
+    def command(subs: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return subs.add_parser(name, parents=[common], **kwargs)  # type: ignore[no-any-return]
+
+    p = command(sub, "provision", help="bring a fleet to its count of ready members",
+                description="Create missing members, finish half-configured ones and "
+                            "remove extras, within vCenter's limits.")
     _spec_options(p)
-    p.add_argument("--metrics-port", type=int, metavar="N",
-                   help="serve Prometheus metrics on 127.0.0.1:N/metrics during the run")
+    _metrics_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.add_argument("--ttl", metavar="DURATION",
                    help="the fleet's lifetime from now (90s, 15m, 2h, 1d, 1h30m): recorded on "
@@ -619,30 +667,30 @@ def build_parser() -> argparse.ArgumentParser:
     _lock_options_args(p)
     p.set_defaults(afunc=_provision)
 
-    p = sub.add_parser("plan", help="dry run: placement table and preflight checks, no changes",
-                       description="What provisioning would do, and everything that would "
-                                   "stop it (API version, privileges, sources, guest login, "
-                                   "hosts, datastore space, vCenter's own clone check), each "
-                                   "with its fix. Changes nothing. Exit status 1 when a "
-                                   "finding is an error or clones fit nowhere "
-                                   "(docs/preflight.md).")
+    p = command(sub, "plan", help="dry run: placement table and preflight checks, no changes",
+                description="What provisioning would do, and everything that would "
+                            "stop it (API version, privileges, sources, guest login, "
+                            "hosts, datastore space, vCenter's own clone check), each "
+                            "with its fix. Changes nothing. Exit status 1 when a "
+                            "finding is an error or clones fit nowhere "
+                            "(docs/preflight.md).")
     _spec_options(p)
     p.set_defaults(afunc=_plan)
 
-    p = sub.add_parser("status", help="members by state, missing and extra indexes")
+    p = command(sub, "status", help="members by state, missing and extra indexes")
     _spec_options(p, count=True)
     p.add_argument("--members", action="store_true",
                    help="also list every member: state, addresses, host, datastore, source "
                         "(reads each member; --json: as member_list)")
     p.set_defaults(afunc=_status)
 
-    p = sub.add_parser("inventory", help="the members and their addresses, for Ansible, "
-                                         "/etc/hosts, a spreadsheet or a script",
-                       description="Write every member of a fleet with its addresses, host, "
-                                   "datastore and source, as JSON, an Ansible YAML "
-                                   "inventory, /etc/hosts lines or CSV. A member whose guest "
-                                   "has no address of its own yet shows none "
-                                   "(docs/inventory.md).")
+    p = command(sub, "inventory", help="the members and their addresses, for Ansible, "
+                                       "/etc/hosts, a spreadsheet or a script",
+                description="Write every member of a fleet with its addresses, host, "
+                            "datastore and source, as JSON, an Ansible YAML "
+                            "inventory, /etc/hosts lines or CSV. A member whose guest "
+                            "has no address of its own yet shows none "
+                            "(docs/inventory.md).")
     p.add_argument("--spec", metavar="FILE", help="fleet spec (TOML)")
     p.add_argument("--name", metavar="NAME", help="fleet name (overrides the spec's)")
     p.add_argument("--format", metavar="FORMAT",
@@ -655,21 +703,21 @@ def build_parser() -> argparse.ArgumentParser:
     _vcenter_options(p)
     p.set_defaults(afunc=_inventory)
 
-    p = sub.add_parser("destroy", help="power off and destroy every member of a fleet")
+    p = command(sub, "destroy", help="power off and destroy every member of a fleet")
     _spec_options(p, count=False)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _lock_options_args(p)
     p.set_defaults(afunc=_destroy)
 
-    p = sub.add_parser("sources", help="inspect, freeze or prepare instant-clone sources")
+    p = command(sub, "sources", help="inspect, freeze or prepare instant-clone sources")
     ssub = p.add_subparsers(dest="sources_command", metavar="ACTION")
     ssub.required = True
-    sp = ssub.add_parser("list", help="power state, frozen, host, chain depth, clones left")
+    sp = command(ssub, "list", help="power state, frozen, host, chain depth, clones left")
     _spec_options(sp, count=False)
-    sp = ssub.add_parser("freeze", help="freeze running sources through guest operations")
+    sp = command(ssub, "freeze", help="freeze running sources through guest operations")
     _spec_options(sp, count=False)
     sp.add_argument("names", nargs="*", help="sources to freeze (default: the spec's)")
-    sp = ssub.add_parser("prepare", help="make a frozen source on every host lacking one")
+    sp = command(ssub, "prepare", help="make a frozen source on every host lacking one")
     _spec_options(sp, count=False)
     sp.add_argument("--per-host", action="store_true", help="one frozen source per host")
     sp.add_argument("--golden", required=True, metavar="VM", help="the VM to clone them from")
@@ -677,21 +725,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fleet.cli import serve as serve_cli
 
-    p = sub.add_parser("serve", help="serve the REST API for fleets (many callers, one vCenter)",
-                       description="A long-running service that owns the vCenter session and "
-                                   "the limits, so many callers' bursts share them fairly. "
-                                   "Prints 'listening on URL' when ready.")
+    p = command(sub, "serve", help="serve the REST API for fleets (many callers, one vCenter)",
+                description="A long-running service that owns the vCenter session and "
+                            "the limits, so many callers' bursts share them fairly. "
+                            "Prints 'listening on URL' when ready.")
     serve_cli.add_arguments(p)
     p.set_defaults(func=serve_cli.main)
 
     from fleet.cli import sim as sim_cli
 
-    p = sub.add_parser("sim", help="serve a simulated vCenter (vim25 SOAP)",
-                       description="Serve a simulated vCenter that unmodified pyVmomi and fleet "
-                                   "talk to. Prints 'listening on URL' when ready.")
+    p = command(sub, "sim", help="serve a simulated vCenter (vim25 SOAP)",
+                description="Serve a simulated vCenter that unmodified pyVmomi and fleet "
+                            "talk to. Prints 'listening on URL' when ready.")
     sim_cli.add_arguments(p)
     p.set_defaults(func=sim_cli.main)
+
+    p = command(sub, "completion",
+                help="print the shell completion script for bash, zsh or fish",
+                description="Print the script that completes fleet's commands and options "
+                            "in SHELL; load it from the shell's startup file (README, "
+                            "'Shell completion').")
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="the shell")
+    p.set_defaults(func=_completion)
     return parser
+
+
+def _metrics_options(parser: argparse.ArgumentParser) -> None:
+    from fleet.cli.options import checked, parse_listen, tcp_port
+
+    m = parser.add_argument_group(
+        "metrics", "Prometheus metrics of the run (docs/pushgateway.md)")
+    where = m.add_mutually_exclusive_group()
+    where.add_argument("--metrics-port", type=tcp_port, metavar="N",
+                       help="serve them on 127.0.0.1:N/metrics during the run")
+    where.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       type=checked(lambda v: parse_listen(v, "--metrics-listen",
+                                                           any_port=False)),
+                       help="serve them on HOST:PORT/metrics during the run ([v6]:PORT for "
+                            "IPv6)")
+    m.add_argument("--pushgateway", metavar="URL", type=checked(_gateway),
+                   help="push them to the Prometheus Pushgateway at URL (job 'fleet', "
+                        "grouped by fleet) every few seconds and when the run ends; a "
+                        "gateway that fails is a warning, never the run's failure")
+
+
+def _gateway(text: str) -> Any:
+    from fleet.pushgateway import parse_gateway
+
+    return parse_gateway(text)
+
+
+def _completion(args: argparse.Namespace) -> int:
+    """``fleet completion SHELL``: argcomplete's script for the ``fleet`` command."""
+    from argcomplete.shell_integration import shellcode
+
+    print(shellcode(["fleet"], shell=args.shell), end="")
+    return EXIT_OK
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -738,6 +827,12 @@ def entry() -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:
+        # A shell asking for completions (`fleet completion`): argcomplete answers on
+        # the descriptor the shell gave it and exits.
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

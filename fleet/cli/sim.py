@@ -6,39 +6,19 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+from fleet.cli.options import parse_listen
 from fleet.errors import ConfigError
 from fleet.files import FileProblem
 from fleet.urls import redact_url
 
 #: the slowest time scale: 100 makes a 1 s clone take 100 s
 MAX_TIME_SCALE = 100.0
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a numeric port 0..65535."""
-    host, sep, port_s = value.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"{value!r} is not HOST:PORT", key="--listen")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost":
-            raise ConfigError(f"{host!r} is not an IP address", key="--listen") from None
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise ConfigError(f"port {port_s!r} is not a number", key="--listen") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} is out of range 0..65535", key="--listen")
-    return host, port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", metavar="PEM", help="... with this key")
     parser.add_argument("--write-cert", metavar="PATH",
                         help="write the certificate served (PEM) here, for clients to trust")
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"])
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -50,11 +50,11 @@ PHASES = "clone|network"  # a multi-value $phase, as Grafana renders it for a re
 JOB = "fleet"  # prometheus.yml's job_name
 
 
-def tool(name: str) -> str:
+def tool(name: str, package: str = "prometheus") -> str:
     path = shutil.which(name) or f"/usr/bin/{name}"
     if not Path(path).exists():
-        why = (f"{name} is not installed: Debian's package prometheus provides it "
-               "(apt-get install prometheus; .ci/run does)")
+        why = (f"{name} is not installed: Debian's package {package} provides it "
+               f"(apt-get install {package}; .ci/run does)")
         if os.environ.get("FLEET_REQUIRE_PROMETHEUS") == "1":
             pytest.fail(why + "; FLEET_REQUIRE_PROMETHEUS=1 forbids skipping")
         pytest.skip(why)

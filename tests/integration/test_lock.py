@@ -34,6 +34,7 @@ from pyVim.task import WaitForTask
 from fleet.engine.lock import LOCK_NAME, Holder
 from fleet.engine.reconcile import LABEL_NAME, LABEL_STATE
 from tests.api.serveproc import ServeProcess, service_config
+from tests.cli_json import assert_documented
 from tests.integration.test_provision import folder_vms, labels_of, pyvmomi
 from tests.simproc import SimProcess
 from tests.specs import ENV, write_spec
@@ -172,6 +173,7 @@ def test_destroy_while_a_provision_runs_refuses_or_waits_and_counts_are_true(
     code, body = refused.result()
     assert code == EXIT_LOCKED, refused.err
     assert body["error"] == "locked" and body["lock"]["holder"]["op"] == "provision"
+    assert_documented(body, "The lock refusal")
     holder = body["lock"]["holder"]["run_id"]
     assert f"fleet lockpd is locked by provision run {holder} (pid " in refused.err
     assert " since " in refused.err and "--wait-lock" in refused.err
