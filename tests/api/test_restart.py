@@ -42,6 +42,11 @@ FULL = os.environ.get("FLEET_FULL_CHAOS") == "1"
 FIRST, SECOND = (600, 400) if FULL else (200, 150)
 TIME_SCALE = 1.0 if FULL else 0.05
 WAIT_S = 300 if FULL else 60
+#: Members from index 100 on take this much longer to clone (seconds of the test's
+#: clock), so neither build can be complete when the service is killed, however
+#: slowly a loaded machine lets the test look at them: the kill is mid-build by
+#: construction, not by timing. Below WAIT_S, so the resumed builds never stall on it.
+HELD_S = 30.0
 
 
 def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
@@ -51,6 +56,9 @@ def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
         workdir = Path(tmp)
         config = service_config(sim, workdir / "state")
         first = ServeProcess(config)
+        sim.add_faults(*({"method": "InstantClone_Task", "object": f"{name}-0[1-9]??",
+                          "fault": "slow", "delay_s": HELD_S / TIME_SCALE}
+                         for name in ("crash", "crash2")))
         try:
             status, _ = first.call("POST", "/v1/fleets", {"name": "crash", "count": FIRST,
                                                           "ttl_s": 3600})
@@ -75,6 +83,7 @@ def test_sigkill_mid_build_then_restart_loses_nothing() -> None:
         made = cli_provision(sim, workdir, "clittl", 2, "3s")
         assert made["ready"] == 2 and made["expires_at"] is not None
 
+        sim.clear_faults()  # clones the new process starts are not held back
         second = ServeProcess(config)
         try:
             # Both builds resume; under load they take what the machine gives them, so
