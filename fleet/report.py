@@ -38,6 +38,8 @@ class LiveProgress:
         self.total = 0
         self.ready = 0
         self.failed = 0
+        #: jobs a stop ended (Ctrl-C, a lost lock): not failures, and shown apart
+        self.cancelled = 0
         self.in_flight = 0
         self.fleet = ""
         self._t0 = time.monotonic()
@@ -89,7 +91,10 @@ class LiveProgress:
         elif kind == "job_ready":
             self.ready += 1
         elif kind == "job_failed":
-            self.failed += 1
+            if getattr(event, "outcome", "failed") == "cancelled":
+                self.cancelled += 1
+            else:
+                self.failed += 1
             if getattr(event, "phase", "") == "clone":
                 self.in_flight = max(0, self.in_flight - 1)
         else:
@@ -102,7 +107,7 @@ class LiveProgress:
     def _update(self) -> None:
         assert self._progress is not None
         self._progress.update(self._task, total=self.total or None,
-                              completed=self.ready + self.failed,
+                              completed=self.ready + self.failed + self.cancelled,
                               description=f"provisioning {self.fleet}", rate=self.rate(),
                               failed=self.failed, in_flight=self.in_flight)
 
@@ -111,11 +116,12 @@ class LiveProgress:
         if not force and now - self._last_plain < self._interval:
             return
         self._last_plain = now
-        done = self.ready + self.failed
+        done = self.ready + self.failed + self.cancelled
         rate = self.rate()
         eta = (self.total - done) / rate if rate > 0 and self.total > done else 0.0
+        cancelled = f"{self.cancelled} cancelled, " if self.cancelled else ""
         print(f"{self.fleet}: {self.ready}/{self.total} ready, {self.failed} failed, "
-              f"{self.in_flight} in flight, {rate:.1f} clones/s, "
+              f"{cancelled}{self.in_flight} in flight, {rate:.1f} clones/s, "
               f"elapsed {now - self._t0:.0f}s, eta {eta:.0f}s", file=self.stream, flush=True)
 
 
@@ -142,8 +148,12 @@ def print_summary(summary: Summary, stream: IO[str] | None = None) -> None:
     console = _console(stream)
     verdict = "complete" if summary.complete else (
         "interrupted" if summary.cancelled else "INCOMPLETE")
+    # Clones a stop ended are no failures (the metrics count them apart too).
+    cancelled = summary.failures.get("cancelled", 0)
+    stopped = f", {cancelled} cancelled" if cancelled else ""
     console.print(f"fleet {summary.fleet}: {summary.ready}/{summary.requested} ready, "
-                  f"{summary.failed} failed, {verdict} — {summary.duration_s:.1f} s, "
+                  f"{summary.failed - cancelled} failed{stopped}, {verdict} — "
+                  f"{summary.duration_s:.1f} s, "
                   f"{summary.clones_per_s:.2f} clones/s "
                   f"(created {summary.created}, adopted {summary.adopted}, "
                   f"removed {summary.removed})", highlight=False)
