@@ -12,35 +12,17 @@ import json
 from pathlib import Path
 
 from tests import specs
-from tests.simproc import PASSWORD, USER, SimProcess
 
-TOPOLOGY = f"""
-[latency]
-jitter = 0.0
-[[hosts]]
-name = "esx-01"
-[[hosts]]
-name = "esx-02"
-[[sources]]
-name = "frozen-01"
-host = "esx-01"
-state = "frozen"
-[[sources]]
-name = "frozen-02"
-host = "esx-02"
-state = "frozen"
-[[users]]
-name = "{USER}"
-password = "{PASSWORD}"
-denied_on = {{ "frozen-01" = ["VirtualMachine.Provisioning.Clone"] }}
-"""
+# frozen-01 is denied VirtualMachine.Provisioning.Clone; running-02 may be cloned
+from tests.integration.test_preflight import TOPOLOGY
+from tests.simproc import SimProcess
 
 
 def test_a_source_the_login_cannot_clone_from_is_retired_and_its_work_moves(
         tmp_path: Path) -> None:
     with SimProcess(topology_text=TOPOLOGY, time_scale=0.05) as sim:
         spec = specs.write_spec(tmp_path / "fleet.toml", sim, "perm", 8,
-                                sources=["frozen-01", "frozen-02"])
+                                sources=["frozen-01", "running-02"])
         done = specs.run_fleet("provision", "--spec", str(spec), "--json")
         assert done.returncode == 0, done.stderr
         summary = json.loads(done.stdout)
@@ -50,5 +32,5 @@ def test_a_source_the_login_cannot_clone_from_is_retired_and_its_work_moves(
         assert retired == {"frozen-01"}, sources
         assert sources["frozen-01"]["retired"].startswith("permission_denied: ")
         assert "VirtualMachine.Provisioning.Clone" in sources["frozen-01"]["retired"]
-        assert sources["frozen-02"]["clones"] == 8, sources
+        assert sources["running-02"]["clones"] == 8, sources
         assert "frozen-01" in done.stderr and "retired" in done.stderr
