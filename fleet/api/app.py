@@ -44,7 +44,14 @@ from aiohttp import web
 
 from fleet.api.config import ServiceConfig
 from fleet.api.openapi import openapi_document
-from fleet.api.requests import ApiError, fleet_request, parse_json, scale_request
+from fleet.api.requests import (
+    MAX_LIMIT,
+    MAX_OFFSET,
+    ApiError,
+    fleet_request,
+    parse_json,
+    scale_request,
+)
 from fleet.api.service import FleetRecord, FleetService
 from fleet.errors import FleetError
 from fleet.inventory import CONTENT_TYPES, FORMATS, render
@@ -59,7 +66,6 @@ CONFIG_KEY: web.AppKey[ServiceConfig] = web.AppKey("config", ServiceConfig)
 TOKEN_KEY: web.AppKey[bytes] = web.AppKey("token", bytes)
 DOC_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 METRICS_KEY: web.AppKey[FleetMetrics] = web.AppKey("metrics", FleetMetrics)
-MAX_LIMIT = 100_000
 
 
 def _dumps(data: Any) -> str:
@@ -157,7 +163,7 @@ def _int_query(request: web.Request, key: str, default: int, maximum: int) -> in
     raw = request.query.get(key)
     if raw is None:
         return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 20:
         raise ApiError(400, f"query {key}: {raw[:20]!r} is not a non-negative integer")
     value = int(raw)
     if value > maximum:
@@ -207,15 +213,16 @@ async def list_fleets(request: web.Request) -> web.Response:
 
 async def create_fleet(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    req = fleet_request(await _body(request), request.app[CONFIG_KEY])
-    rec, created = await service.apply(req)
+    body = await _body(request)
+    req = fleet_request(body, request.app[CONFIG_KEY])
+    rec, created = await service.apply(req, body)
     return _accepted(service, rec, created)
 
 
 async def get_fleet(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     rec = service.get(request.match_info["name"])
-    offset = _int_query(request, "offset", 0, 10**9)
+    offset = _int_query(request, "offset", 0, MAX_OFFSET)
     limit = _int_query(request, "limit", 1000, MAX_LIMIT)
     return _json(await service.detail(rec, offset=offset, limit=limit))
 
@@ -241,7 +248,7 @@ async def put_fleet(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     body = await _body(request)
     req = fleet_request(body, request.app[CONFIG_KEY], name=name)
-    rec, created = await service.apply(req)
+    rec, created = await service.apply(req, body)
     return _accepted(service, rec, created)
 
 
