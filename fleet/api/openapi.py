@@ -24,6 +24,19 @@ from fleet.version import __version__
 _REF = "#/components/schemas/{model}"
 
 
+#: an Ansible YAML inventory as fleet writes it (fleet.inventory): groups of hosts
+_ANSIBLE = {
+    "type": "object", "required": ["all"], "additionalProperties": False,
+    "properties": {"all": {
+        "type": "object", "required": ["children"], "additionalProperties": False,
+        "properties": {"children": {
+            "type": "object", "additionalProperties": {
+                "type": "object", "required": ["hosts"], "additionalProperties": False,
+                "properties": {"hosts": {
+                    "type": "object",
+                    "additionalProperties": {"type": ["object", "null"]}}}}}}}}}
+
+
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
@@ -267,7 +280,8 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                                         "fleet": {"type": "string"},
                                         "members": {"type": "array",
                                                     "items": _ref("MemberRecord")}}}},
-                                CONTENT_TYPES["ansible"]: {"schema": {"type": "string"}},
+                                # YAML: its parsed shape (docs/inventory.md)
+                                CONTENT_TYPES["ansible"]: {"schema": _ANSIBLE},
                                 CONTENT_TYPES["hosts"]: {"schema": {"type": "string"}},
                                 CONTENT_TYPES["csv"]: {"schema": {"type": "string"}}}},
                             "400": _error("an unknown format"),
