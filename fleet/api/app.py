@@ -22,8 +22,10 @@ Everything under ``/v1`` needs ``Authorization: Bearer <token>``, compared with
 token's length shows in the timing). Every refusal is JSON, ``{"error": {"status",
 "message", "problems"?}}``, with a 4xx status: 400 (not JSON, bad query), 401,
 404, 405, 408 (body slower than ``api.body_timeout_s``), 409, 413 (body over
-``api.max_body_bytes``), 415 (not ``application/json``), 422 (not a valid spec:
-``problems`` name each field), and 503 for an inventory vCenter could not give.
+``api.max_body_bytes``), 415 (not ``application/json``), 422 (not a valid spec, or a
+source vCenter does not have: ``problems`` name each field), and 503 (the service is
+stopping; an inventory vCenter could not give). The OpenAPI document
+(``fleet.api.openapi``) lists them all; docs/api.md.
 Connections themselves are bounded and timed out by :mod:`fleet.api.edge`.
 An unexpected exception is logged and answered 500 without detail; the tests'
 fuzzing makes sure none happens.

@@ -4,12 +4,15 @@ Every problem with a request is an :class:`ApiError` with a 4xx status, a
 message and, for bodies, every :class:`Problem` at once (its dotted key, JSON
 Pointer, message, and the value sent unless it is a secret), so a caller learns
 which fields are wrong in one round trip. Nothing here touches
-vCenter: a bad request never costs a vSphere call.
+vCenter: a malformed request never costs a vSphere call (whether its sources
+exist is asked afterwards, by ``fleet.api.sources``).
 
-The body of a create or scale request is a fleet spec in JSON, with the TOML
-spec's keys, except those the service owns (``vcenter``, ``limits``,
-``folder``, and the guest password's ``*_env``/``*_file``), plus ``ttl_s``.
-The service config's ``[defaults]`` are merged underneath it.
+The body of a create request is a fleet spec in JSON, with the TOML spec's keys,
+except those the service owns (``vcenter``, ``limits``, ``folder``, and the
+guest password's ``*_env``/``*_file``), plus ``ttl_s``; a scale request's is
+``count`` and/or ``ttl_s``. Each is judged by the model the API's schema is made
+from (``fleet.api.bodies``); a key left out or null takes its default from the
+service config's ``[defaults]``, merged underneath, or the spec's. See docs/api.md.
 """
 
 from __future__ import annotations
@@ -292,6 +295,8 @@ def fleet_request(body: Any, config: ServiceConfig, *, name: str | None = None
         raise invalid(problems, body)
     given = parsed.model_dump(exclude_none=True)
     ttl_s = given.pop("ttl_s", None)
+    if "sources" in given:  # as the spec writes them: a source with no table of its own
+        given["sources"] = [s["name"] if set(s) == {"name"} else s for s in given["sources"]]
     if name is not None:
         given["name"] = name
     data = merge(config.defaults, given)

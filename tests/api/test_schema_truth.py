@@ -67,7 +67,7 @@ def test_count_is_bounded_by_max_count_in_the_schema_and_the_service() -> None:
     schemas = document["components"]["schemas"]
     for name in ("FleetSpec", "FleetSpecPut", "Scale"):
         count = schemas[name]["properties"]["count"]
-        branch = next((b for b in count.get("anyOf", [count]) if b.get("type") == "integer"))
+        branch = next(b for b in count.get("anyOf", [count]) if b.get("type") == "integer")
         assert branch["maximum"] == 7, (name, count)
     assert not body_errors(document, "FleetSpec", {"name": "seven", "count": 7})
     assert body_errors(document, "FleetSpec", {"name": "eight", "count": 8})
@@ -227,6 +227,14 @@ async def test_sources_are_checked_against_vcenter_in_process(tmp_path: Path) ->
         problems = {p.key: p.value for p in info.value.problems}
         assert problems == {"sources[1]": "gone-1", "sources[3]": "gone-2"}
         assert "checked" not in service.fleets and fake.folder_vms("fleet/checked") == []
+        # A name two VMs share is no one source: refused too, naming it.
+        for folder in ("twins/a", "twins/b"):
+            fake.add_vm("twin", host="esx-01", folder=folder)
+        twin = {"name": "checked", "count": 1, "sources": ["twin"]}
+        with pytest.raises(ApiError) as info:
+            await service.apply(fleet_request(twin, config), twin)
+        [problem] = info.value.problems
+        assert problem.key == "sources[0]" and "twin" in problem.message, problem
 
         # vCenter cannot say in time: the request is accepted and its run decides.
         service.sources.timeout_s = 0.0
