@@ -118,7 +118,10 @@ class Scanner:
                     members = await self._confirm(ref, name)
                     if not members:
                         continue  # the view lags behind the delete: not a fleet now
-                self._buried.discard(name)
+                if rec is None or not rec.want_destroy:
+                    # Found anew, or requested again. Not the fleet being destroyed:
+                    # it is buried before its record leaves the table (service._gone).
+                    self._buried.discard(name)
                 found[name] = members
                 self._seen[name] = version
         for name, got in found.items():
@@ -126,8 +129,8 @@ class Scanner:
             if got is None:
                 continue
             if rec is None:
-                if not got:
-                    continue
+                if not got or name in self._buried:
+                    continue  # buried while this scan waited for vCenter
                 rec = FleetRecord(name, ctx.config.fleet_folder(name),
                                   created_at=ctx.clock(), updated_at=ctx.clock())
                 ctx.fleets[name] = rec

@@ -65,6 +65,36 @@ async def test_a_view_that_lags_behind_a_delete_does_not_bring_the_fleet_back(
         assert await fake.find_folder("fleet/ghost") is None
 
 
+async def test_a_scan_while_the_deleted_fleet_is_forgotten_does_not_bring_it_back(
+        tmp_path: Path) -> None:
+    """The interleaving behind an occasional failure of the test above on a loaded
+    machine: the delete has finished and buried the name, and a scan runs while the
+    fleet's record is still being deleted from disk (before it leaves the table)."""
+    config = make_config(tmp_path, scan_interval_s=3600.0)
+    async with folder_fake() as (fake, _), running(config, fake, Clock()) as service:
+        rec = await apply(service, {"name": "ghost", "count": 3})
+        await until(lambda: rec.status == "ready")
+        await until(lambda: service.scanner.tree is not None)
+        tree = service.scanner.tree
+        assert tree is not None
+        await until(lambda: len(_vms(tree, "ghost")) == 3)
+        held: list[tuple[Any, Any]] = []
+        tree._apply = lambda view, update: held.append((view, update)) or False  # type: ignore[attr-defined]
+
+        delete = service.store.delete
+
+        async def delete_after_a_scan(name: str) -> None:
+            await service.scan()
+            await delete(name)
+
+        service.store.delete = delete_after_a_scan  # type: ignore[method-assign]
+        await service.remove("ghost")
+        await until(lambda: "ghost" not in service.fleets)
+        assert len(_vms(tree, "ghost")) == 3 and held  # the view still lags
+        await service.scan()
+        assert "ghost" not in service.fleets
+
+
 def _vms(tree: FolderTree, name: str) -> list[ListedVm]:
     folder = dict(tree.folders()).get(name)
     return [] if folder is None else tree.vms_in(folder)
