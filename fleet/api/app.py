@@ -22,8 +22,10 @@ Everything under ``/v1`` needs ``Authorization: Bearer <token>``, compared with
 token's length shows in the timing). Every refusal is JSON, ``{"error": {"status",
 "message", "problems"?}}``, with a 4xx status: 400 (not JSON, bad query), 401,
 404, 405, 408 (body slower than ``api.body_timeout_s``), 409, 413 (body over
-``api.max_body_bytes``), 415 (not ``application/json``), 422 (not a valid spec:
-``problems`` name each field), and 503 for an inventory vCenter could not give.
+``api.max_body_bytes``), 415 (not ``application/json``), 422 (not a valid spec, or a
+source vCenter does not have: ``problems`` name each field), and 503 (the service is
+stopping; an inventory vCenter could not give). The OpenAPI document
+(``fleet.api.openapi``) lists them all; docs/api.md.
 Connections themselves are bounded and timed out by :mod:`fleet.api.edge`.
 An unexpected exception is logged and answered 500 without detail; the tests'
 fuzzing makes sure none happens.
@@ -44,7 +46,14 @@ from aiohttp import web
 
 from fleet.api.config import ServiceConfig
 from fleet.api.openapi import openapi_document
-from fleet.api.requests import ApiError, fleet_request, parse_json, scale_request
+from fleet.api.requests import (
+    MAX_LIMIT,
+    MAX_OFFSET,
+    ApiError,
+    fleet_request,
+    parse_json,
+    scale_request,
+)
 from fleet.api.service import FleetRecord, FleetService
 from fleet.errors import FleetError
 from fleet.inventory import CONTENT_TYPES, FORMATS, render
@@ -59,7 +68,6 @@ CONFIG_KEY: web.AppKey[ServiceConfig] = web.AppKey("config", ServiceConfig)
 TOKEN_KEY: web.AppKey[bytes] = web.AppKey("token", bytes)
 DOC_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 METRICS_KEY: web.AppKey[FleetMetrics] = web.AppKey("metrics", FleetMetrics)
-MAX_LIMIT = 100_000
 
 
 def _dumps(data: Any) -> str:
@@ -157,7 +165,7 @@ def _int_query(request: web.Request, key: str, default: int, maximum: int) -> in
     raw = request.query.get(key)
     if raw is None:
         return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 20:
         raise ApiError(400, f"query {key}: {raw[:20]!r} is not a non-negative integer")
     value = int(raw)
     if value > maximum:
@@ -207,15 +215,16 @@ async def list_fleets(request: web.Request) -> web.Response:
 
 async def create_fleet(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    req = fleet_request(await _body(request), request.app[CONFIG_KEY])
-    rec, created = await service.apply(req)
+    body = await _body(request)
+    req = fleet_request(body, request.app[CONFIG_KEY])
+    rec, created = await service.apply(req, body)
     return _accepted(service, rec, created)
 
 
 async def get_fleet(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     rec = service.get(request.match_info["name"])
-    offset = _int_query(request, "offset", 0, 10**9)
+    offset = _int_query(request, "offset", 0, MAX_OFFSET)
     limit = _int_query(request, "limit", 1000, MAX_LIMIT)
     return _json(await service.detail(rec, offset=offset, limit=limit))
 
@@ -241,7 +250,7 @@ async def put_fleet(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     body = await _body(request)
     req = fleet_request(body, request.app[CONFIG_KEY], name=name)
-    rec, created = await service.apply(req)
+    rec, created = await service.apply(req, body)
     return _accepted(service, rec, created)
 
 

@@ -1,9 +1,12 @@
 """The OpenAPI 3.1 description of ``fleet serve``'s REST API (``GET /v1/openapi.json``).
 
-Written here by hand, except the fleet spec's schema, which is derived from the
-spec's pydantic models (so a new spec key shows up without an edit here), less
-the keys the service owns, plus ``ttl_s``. Tests check the document with
-``openapi-spec-validator`` and check real responses against its schemas.
+The request bodies' schemas are the JSON Schema of the very models the service
+validates bodies with (``fleet.api.bodies``), made for the service's config: its
+``max_count``, and which keys its ``[defaults]`` give. The query parameters' bounds
+are the constants the handlers check. The paths, responses and response shapes are
+written here; tests check the document with ``openapi-spec-validator``, check real
+responses against its schemas, and CI runs schemathesis against a live service
+(``.ci/schemathesis``, docs/api.md).
 """
 
 from __future__ import annotations
@@ -11,44 +14,27 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig
-from fleet.api.requests import MAX_DEPTH
-from fleet.engine.lifetime import MAX_TTL_S
+from fleet.api.bodies import NAME_PATTERN, body_models
+from fleet.api.config import ServiceConfig
+from fleet.api.requests import MAX_DEPTH, MAX_LIMIT, MAX_OFFSET
 from fleet.engine.members import RECORD_ONLY
-from fleet.engine.spec import FleetSpec
 from fleet.inventory import CONTENT_TYPES, FORMATS
 from fleet.version import __version__
 
 _REF = "#/components/schemas/{model}"
 
 
-def _spec_schemas() -> dict[str, Any]:
-    schema = FleetSpec.model_json_schema(ref_template=_REF)
-    defs: dict[str, Any] = schema.pop("$defs", {})
-    for key in SERVICE_KEYS:
-        schema["properties"].pop(key, None)
-    defs.pop("VCenterSpec", None)
-    defs.pop("LimitsSpec", None)
-    for key in SECRET_KEYS:
-        defs["NetworkSpec"]["properties"].pop(key, None)
-    props = schema["properties"]
-    props["name"]["pattern"] = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-    # A source is a name (or inventory path) or a table with its own chain budget.
-    props["sources"]["items"] = {"anyOf": [{"type": "string", "minLength": 1},
-                                           {"$ref": _REF.format(model="SourceSpec")}]}
-    props["ttl_s"] = {
-        "type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_TTL_S,
-        "title": "Ttl S",
-        "description": "Lifetime in seconds from this request; the service destroys the "
-                       "fleet when it ends (also across restarts). Absent: keep the "
-                       "fleet's current expiry, if any."}
-    schema["title"] = "FleetSpec"
-    schema["description"] = (
-        "A fleet spec: the TOML spec's keys as JSON, without vcenter, limits, folder and "
-        "the guest password's *_env/*_file (the service owns them), plus ttl_s. The "
-        "service's [defaults] are merged underneath. Unknown keys are errors.")
-    defs["FleetSpec"] = schema
-    return defs
+#: an Ansible YAML inventory as fleet writes it (fleet.inventory): groups of hosts
+_ANSIBLE = {
+    "type": "object", "required": ["all"], "additionalProperties": False,
+    "properties": {"all": {
+        "type": "object", "required": ["children"], "additionalProperties": False,
+        "properties": {"children": {
+            "type": "object", "additionalProperties": {
+                "type": "object", "required": ["hosts"], "additionalProperties": False,
+                "properties": {"hosts": {
+                    "type": "object",
+                    "additionalProperties": {"type": ["object", "null"]}}}}}}}}}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +50,7 @@ def _error(description: str) -> dict[str, Any]:
 
 
 def openapi_document(config: ServiceConfig) -> dict[str, Any]:
-    schemas = _spec_schemas()
+    schemas = body_models(config).schemas(_REF)
     nullable_str = {"type": ["string", "null"]}
     nullable_num = {"type": ["number", "null"]}
     schemas["Error"] = {
@@ -198,24 +184,22 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
         "type": "object", "required": ["fleet", "url"],
         "properties": {"fleet": _ref("FleetSummary"), "url": {"type": "string"},
                        "created": {"type": "boolean"}}}
-    schemas["Scale"] = {
-        "type": "object", "additionalProperties": False, "minProperties": 1,
-        "properties": {"count": {"type": "integer", "minimum": 0,
-                                 "maximum": config.max_count},
-                       "ttl_s": schemas["FleetSpec"]["properties"]["ttl_s"]}}
-
     name_param = {"name": "name", "in": "path", "required": True,
-                  "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}}
+                  "schema": {"type": "string", "pattern": NAME_PATTERN}}
     auth: list[dict[str, list[str]]] = [{"bearer": []}]
+    unauthorized = _error("no or wrong bearer token")
+    stopping = _error("the service is stopping, or cannot record requests now")
     bad_body = {
         "400": _error(f"the body is not JSON, or nests deeper than {MAX_DEPTH} levels"),
-        "401": _error("no or wrong bearer token"),
+        "401": unauthorized,
         "409": _error("the fleet is being destroyed, or too many fleets"),
         "408": _error(f"the body took longer than {config.api.body_timeout_s:g} s to arrive"),
         "413": _error(f"the body is larger than {config.api.max_body_bytes} bytes"),
         "415": _error("the body is not application/json"),
-        "422": _error("the body is not a valid fleet spec: problems lists every problem, each "
-                      "with its key, JSON Pointer, message and (unless secret) value"),
+        "422": _error("the body is not a valid fleet spec, or names a source vCenter does "
+                      "not have: problems lists every problem, each with its key, JSON "
+                      "Pointer, message and (unless secret) value"),
+        "503": stopping,
     }
     accepted = {"description": "accepted; progress shows in the fleet's status",
                 "headers": {"Location": {"schema": {"type": "string"}}},
@@ -237,7 +221,7 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                             "type": "object", "required": ["fleets"],
                             "properties": {"fleets": {"type": "array",
                                                       "items": _ref("FleetSummary")}}})},
-                                      "401": _error("no or wrong bearer token")}},
+                                      "401": unauthorized}},
                 "post": {"operationId": "createFleet",
                          "summary": "create a fleet, or re-specify (scale) one",
                          "requestBody": {"required": True,
@@ -250,19 +234,21 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                         "summary": "a fleet with its members, their states and phase timings",
                         "parameters": [
                             {"name": "offset", "in": "query",
-                             "schema": {"type": "integer", "minimum": 0}},
+                             "schema": {"type": "integer", "minimum": 0,
+                                        "maximum": MAX_OFFSET}},
                             {"name": "limit", "in": "query",
-                             "schema": {"type": "integer", "minimum": 0, "maximum": 100000}}],
+                             "schema": {"type": "integer", "minimum": 0,
+                                        "maximum": MAX_LIMIT}}],
                         "responses": {"200": {"description": "the fleet",
                                               "content": _json(_ref("FleetDetail"))},
                                       "400": _error("bad offset or limit"),
-                                      "401": _error("no or wrong bearer token"),
+                                      "401": unauthorized,
                                       "404": _error("no such fleet")}},
                 "put": {"operationId": "putFleet",
                         "summary": "create or re-specify this fleet (the body's name, if "
                                    "any, must match)",
                         "requestBody": {"required": True,
-                                        "content": _json(_ref("FleetSpec"))},
+                                        "content": _json(_ref("FleetSpecPut"))},
                         "responses": {"202": accepted, **bad_body}},
                 "patch": {"operationId": "scaleFleet",
                           "summary": "change count and/or ttl_s of a fleet",
@@ -272,8 +258,9 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                 "delete": {"operationId": "destroyFleet",
                            "summary": "destroy every member (in the background)",
                            "responses": {"202": accepted,
-                                         "401": _error("no or wrong bearer token"),
-                                         "404": _error("no such fleet")}},
+                                         "401": unauthorized,
+                                         "404": _error("no such fleet"),
+                                         "503": stopping}},
             },
             "/v1/fleets/{name}/inventory": {
                 "parameters": [name_param],
@@ -293,17 +280,19 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                                         "fleet": {"type": "string"},
                                         "members": {"type": "array",
                                                     "items": _ref("MemberRecord")}}}},
-                                CONTENT_TYPES["ansible"]: {"schema": {"type": "string"}},
+                                # YAML: its parsed shape (docs/inventory.md)
+                                CONTENT_TYPES["ansible"]: {"schema": _ANSIBLE},
                                 CONTENT_TYPES["hosts"]: {"schema": {"type": "string"}},
                                 CONTENT_TYPES["csv"]: {"schema": {"type": "string"}}}},
                             "400": _error("an unknown format"),
-                            "401": _error("no or wrong bearer token"),
+                            "401": unauthorized,
                             "404": _error("no such fleet"),
                             "503": _error("vCenter could not be read")}}},
             "/v1/openapi.json": {
                 "get": {"operationId": "openapi", "summary": "this document",
                         "responses": {"200": {"description": "OpenAPI 3.1",
-                                              "content": _json({"type": "object"})}}}},
+                                              "content": _json({"type": "object"})},
+                                      "401": unauthorized}}},
             "/healthz": {
                 "get": {"operationId": "healthz", "security": [],
                         "summary": "the process serves",

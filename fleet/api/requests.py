@@ -4,26 +4,30 @@ Every problem with a request is an :class:`ApiError` with a 4xx status, a
 message and, for bodies, every :class:`Problem` at once (its dotted key, JSON
 Pointer, message, and the value sent unless it is a secret), so a caller learns
 which fields are wrong in one round trip. Nothing here touches
-vCenter: a bad request never costs a vSphere call.
+vCenter: a malformed request never costs a vSphere call (whether its sources
+exist is asked afterwards, by ``fleet.api.sources``).
 
-The body of a create or scale request is a fleet spec in JSON, with the TOML
-spec's keys, except those the service owns (``vcenter``, ``limits``,
-``folder``, and the guest password's ``*_env``/``*_file``), plus ``ttl_s``.
-The service config's ``[defaults]`` are merged underneath it.
+The body of a create request is a fleet spec in JSON, with the TOML spec's keys,
+except those the service owns (``vcenter``, ``limits``, ``folder``, and the
+guest password's ``*_env``/``*_file``), plus ``ttl_s``; a scale request's is
+``count`` and/or ``ttl_s``. Each is judged by the model the API's schema is made
+from (``fleet.api.bodies``); a key left out or null takes its default from the
+service config's ``[defaults]``, merged underneath, or the spec's. See docs/api.md.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from fleet.api.bodies import body_models
 from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig, merge
-from fleet.engine.lifetime import MAX_TTL_S
 from fleet.engine.spec import FleetSpec, SpecError, is_fleet_name, spec_from_dict
 from fleet.engine.spec_checks import SECRETISH
 from fleet.engine.spec_model import show
@@ -37,6 +41,9 @@ SCALE_KEYS = ("count", "ttl_s")
 #: the deepest JSON a body may be (a fleet spec is 4 deep); deeper nests would reach
 #: Python's recursion limit in the code that reads them
 MAX_DEPTH = 32
+#: the largest ``offset`` and ``limit`` a fleet's page takes (GET /v1/fleets/{name})
+MAX_OFFSET = 10**9
+MAX_LIMIT = 100_000
 #: longest string a problem repeats back to the caller
 MAX_SHOWN_CHARS = 200
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
@@ -246,30 +253,6 @@ def _service_key_problems(body: Mapping[str, Any], config: ServiceConfig
     return problems
 
 
-def ttl_problems(value: object, key: str = "ttl_s"
-                 ) -> tuple[float | None, list[tuple[str, str]]]:
-    """``ttl_s`` from a body: None (absent or null) or seconds in (0, MAX_TTL_S]."""
-    if value is None:
-        return None, []
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None, [(key, f"{show(value)} must be a number of seconds")]
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        return None, [(key, f"{show(value)} must be above 0")]
-    if seconds > MAX_TTL_S:
-        return None, [(key, f"{show(value)} is above {MAX_TTL_S:g} (366 days); leave ttl_s "
-                            "out for a fleet that lives until it is destroyed")]
-    return seconds, []
-
-
-def parse_ttl(value: object, key: str = "ttl_s") -> float | None:
-    """As :func:`ttl_problems`, raising 422 for a bad value."""
-    seconds, problems = ttl_problems(value, key)
-    if problems:
-        raise invalid(problems, {key: value})
-    return seconds
-
-
 @dataclass(frozen=True)
 class FleetRequest:
     """A validated create/scale request."""
@@ -281,76 +264,77 @@ class FleetRequest:
 
 def fleet_request(body: Any, config: ServiceConfig, *, name: str | None = None
                   ) -> FleetRequest:
-    """Validate a create/scale body. ``name`` is the fleet named in the URL, if any.
+    """Validate a create body. ``name`` is the fleet named in the URL (a PUT), if any.
 
-    Every problem is reported at once (422), each at its key."""
+    The body is judged by its model (``fleet.api.bodies``: the one the API's schema
+    describes), then merged over the service's ``[defaults]`` (a key left out or null
+    takes its default) and judged as a whole spec. Every problem of a stage is
+    reported at once (422), each at its key."""
     if not isinstance(body, dict):
         raise invalid([("", "the body must be a JSON object (a fleet spec)")])
-    sent = body
-    body = dict(body)
-    ttl_s, problems = ttl_problems(body.pop("ttl_s", None))
+    models = body_models(config)
+    problems = _service_key_problems(body, config)
+    if name is not None and body.get("name") not in (None, name):
+        problems.append(("name", f"{show(body['name'])} differs from the fleet in the URL "
+                                 f"({show(name)})"))
+    # The rest of the body is judged without the keys already refused.
+    judged = {k: v for k, v in body.items() if k not in SERVICE_KEYS}
+    if isinstance(judged.get("network"), Mapping):
+        judged["network"] = {k: v for k, v in judged["network"].items()
+                             if k not in SECRET_KEYS}
+    for key in ("name_template", "guestinfo"):
+        if any(k == key or k.startswith(f"{key}.") for k, _ in problems):
+            judged.pop(key, None)
     if name is not None:
-        if "name" in body and body["name"] != name:
-            problems.append(("name", f"{show(body['name'])} differs from the fleet in the URL "
-                                     f"({show(name)})"))
-        body["name"] = name
-    refused = _service_key_problems(body, config)
-    problems.extend(refused)
-    if refused:
-        # Report the rest of the body's problems too, judged without the refused keys.
-        body = {k: v for k, v in body.items() if k not in SERVICE_KEYS}
-        if isinstance(body.get("network"), Mapping):
-            body["network"] = {k: v for k, v in body["network"].items()
-                               if k not in SECRET_KEYS}
-        for key in ("name_template", "guestinfo"):
-            if any(k == key or k.startswith(f"{key}.") for k, _ in refused):
-                body.pop(key, None)
-    fleet = body.get("name")
-    data = merge(config.defaults, body)
-    if isinstance(fleet, str) and valid_name(fleet):
-        data["folder"] = config.fleet_folder(fleet)
-    count = data.get("count")
-    if isinstance(count, int) and not isinstance(count, bool) and count > config.max_count:
-        problems.append(("count", f"{count} is above this service's max_count of "
-                                  f"{config.max_count}"))
-        data["count"] = 0
+        judged.pop("name", None)
+    try:
+        parsed = (models.put if name is not None else models.create).model_validate(judged)
+    except ValidationError as exc:
+        problems.extend(models.problems(exc))
+    if problems:
+        raise invalid(problems, body)
+    given = parsed.model_dump(exclude_none=True)
+    ttl_s = given.pop("ttl_s", None)
+    if "sources" in given:  # as the spec writes them: a source with no table of its own
+        given["sources"] = [s["name"] if set(s) == {"name"} else s for s in given["sources"]]
+    if name is not None:
+        given["name"] = name
+    data = merge(config.defaults, given)
+    data["folder"] = config.fleet_folder(data["name"])
     try:
         spec = spec_from_dict(data, source="request body", env=config.env,
                               base_dir=config.base_dir)
     except SpecError as exc:
-        problems.extend(exc.problems)
-    if problems:
-        raise invalid(problems, sent)
+        raise invalid(exc.problems, body) from None
     return FleetRequest(spec, data, ttl_s)
 
 
 def scale_request(body: Any, current: Mapping[str, Any], config: ServiceConfig
                   ) -> FleetRequest:
-    """A PATCH body: ``count`` and/or ``ttl_s`` applied to the fleet's current spec.
+    """A PATCH body: ``count`` and/or ``ttl_s`` applied to the fleet's current spec (a
+    key left out or null keeps its value).
 
     Every problem is reported at once (422), each at its key."""
     if not isinstance(body, dict):
         raise invalid([("", "the body must be a JSON object like {\"count\": 10}")])
-    if not body:
-        raise invalid([("", "give count, ttl_s or both")])
+    models = body_models(config)
     problems = [(k, "unknown key (a scale request takes count and ttl_s; PUT the whole spec "
                     "to change more)") for k in sorted(set(body) - set(SCALE_KEYS))]
-    ttl_s, ttl_bad = ttl_problems(body.get("ttl_s"))
-    problems.extend(ttl_bad)
+    try:
+        parsed = models.scale.model_validate({k: v for k, v in body.items()
+                                              if k in SCALE_KEYS} if problems else body)
+    except ValidationError as exc:
+        problems.extend(models.problems(exc))
+    if problems:
+        raise invalid(problems, body)
+    given = parsed.model_dump(exclude_none=True)
     data = dict(current)
-    if "count" in body:
-        count = body["count"]
-        if isinstance(count, int) and not isinstance(count, bool) and count > config.max_count:
-            problems.append(("count", f"{count} is above this service's max_count of "
-                                      f"{config.max_count}"))
-            count = 0
-        data["count"] = count
+    if "count" in given:
+        data["count"] = given["count"]
     try:
         spec = spec_from_dict(data, source="request body", env=config.env,
                               base_dir=config.base_dir)
     except SpecError as exc:
         # The current spec was valid: what is wrong now came from this body.
-        problems.extend(exc.problems)
-    if problems:
-        raise invalid(problems, body)
-    return FleetRequest(spec, data, ttl_s)
+        raise invalid(exc.problems, body) from None
+    return FleetRequest(spec, data, given.get("ttl_s"))

@@ -131,8 +131,8 @@ class Scanner:
             if got is None:
                 continue
             if rec is None:
-                if not got:
-                    continue
+                if not got or name in self._buried:
+                    continue  # buried while this scan waited for vCenter
                 rec = FleetRecord(name, ctx.config.fleet_folder(name),
                                   created_at=ctx.clock(), updated_at=ctx.clock())
                 ctx.fleets[name] = rec

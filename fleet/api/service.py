@@ -73,8 +73,9 @@ from fleet.api.records import (
     summary_of,
     with_records,
 )
-from fleet.api.requests import ApiError, FleetRequest, valid_name
+from fleet.api.requests import ApiError, FleetRequest, invalid, valid_name
 from fleet.api.scanner import CALL_TIMEOUT_S, Scanner
+from fleet.api.sources import SourceCheck
 from fleet.api.state import StateStore
 from fleet.api.worker import Workers
 from fleet.engine.limits import LimitKey
@@ -112,6 +113,7 @@ class FleetService:
         self.workers = Workers(ctx, save=self._save, gone=self._gone,
                                ran=lambda: self.scanner.wake())
         self.scanner = Scanner(ctx, start_worker=self.workers.ensure, doom=self._doom)
+        self.sources = SourceCheck(vs)
         self._tg: TaskGroup | None = None
         self._stopping = False
         #: VM id -> (when read, its record): records read for callers, for a moment
@@ -220,10 +222,17 @@ class FleetService:
         if self._stopping or self._tg is None:
             raise ApiError(503, "the service is stopping")
 
-    async def apply(self, request: FleetRequest) -> tuple[FleetRecord, bool]:
-        """Create or re-specify a fleet; returns (record, created)."""
+    async def apply(self, request: FleetRequest, body: Any = None
+                    ) -> tuple[FleetRecord, bool]:
+        """Create or re-specify a fleet; returns (record, created). A request naming a
+        source vCenter does not have is refused (422; ``body``, as sent, gives the
+        values the problems show)."""
         self._check_accepting()
         spec = request.spec
+        missing = await self.sources.problems(spec)
+        if missing:
+            raise invalid(missing, body)
+        self._check_accepting()
         rec = self.fleets.get(spec.name)
         created = rec is None
         if rec is None:

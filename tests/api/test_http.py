@@ -194,16 +194,6 @@ def test_a_newer_request_supersedes_a_run_in_progress(service: ServeProcess) -> 
     service.wait_for("supersede", ("gone",))
 
 
-def test_a_bad_source_fails_the_fleet_with_the_reason(service: ServeProcess) -> None:
-    status, _ = service.call("POST", "/v1/fleets", {"name": "nosrc", "count": 2,
-                                                    "sources": ["no-such-vm"]})
-    assert status == 202  # vCenter is not asked before accepting
-    fleet = service.wait_for("nosrc", ("failed",))
-    assert "no-such-vm" in fleet["error"] and "sources" in fleet["error"]
-    assert service.call("DELETE", "/v1/fleets/nosrc")[0] == 202
-    service.wait_for("nosrc", ("gone",))
-
-
 # -- lifetimes -------------------------------------------------------------------------
 
 def expired_total(service: ServeProcess) -> float:
