@@ -58,6 +58,12 @@ _LINUX_HINTS = ("linux", "ubuntu", "debian", "rhel", "centos", "sles", "suse", "
                 "other24x", "vmwarePhoton", "genericLinux")
 
 
+
+def _power(value: Any) -> PowerState:
+    """A power state as a plain ``str``: pyVmomi gives vCenter's enum type (a subclass of
+    ``str`` that YAML and other writers refuse), the plain decoder a ``str``."""
+    return str(value) if value else "poweredOff"  # type: ignore[return-value]
+
 def ref_of(mo: Any) -> Ref:
     """The model's reference to a pyVmomi managed object."""
     return Ref(str(mo._wsdlName), str(mo._moId))
@@ -132,7 +138,7 @@ def listed_vms(contents: Iterable[Any], host_names: Mapping[str, str],
                 ref = ref_of(host)
                 known = hosts[host._moId] = (ref, host_names.get(ref.id))
             host_ref, host_name = known
-        power: PowerState = p.get("runtime.powerState") or "poweredOff"
+        power: PowerState = _power(p.get("runtime.powerState"))
         values = {}
         for key, path in label_paths:
             option = p.get(path)
@@ -197,7 +203,7 @@ def vm_info(content: Any, host_names: Mapping[str, str]) -> VmInfo:
     host = p.get("runtime.host")
     host_ref = ref_of(host) if host is not None else None
     parent = p.get("parent")
-    power: PowerState = p.get("runtime.powerState") or "poweredOff"
+    power: PowerState = _power(p.get("runtime.powerState"))
     guest_macs = tuple(str(n.macAddress) for n in p.get("guest.net") or () if n.macAddress)
     return VmInfo(
         ref=ref_of(content.obj), name=str(p.get("name", content.obj._moId)),

@@ -317,7 +317,9 @@ class FolderTree:
                     elif name == "parent":
                         view.set_parent(moid, node, None if value is None else value._moId)
                     elif name == "runtime.powerState":
-                        node.power = value or "poweredOff"
+                        # a plain str: pyVmomi gives its enum type, which YAML and
+                        # others refuse (docs/simulator-vms.md: typed as vCenter does)
+                        node.power = str(value) if value else "poweredOff"  # type: ignore[assignment]
                     elif name == "runtime.host":
                         node.host = None if value is None else value._moId
                         if node.host is not None and node.host not in known_hosts:
