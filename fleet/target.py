@@ -38,7 +38,7 @@ from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
 from fleet.engine.connection import HOW_TO_POINT, resolve_connection
-from fleet.engine.spec import FleetSpec, VCenterSpec, spec_from_dict
+from fleet.engine.spec import DEMO_ORIGIN, FleetSpec, VCenterSpec, spec_from_dict
 from fleet.errors import ConfigError, ConnectionFailed
 from fleet.urls import redact_url
 from fleet.vsphere.client import VSphereClient
@@ -57,10 +57,6 @@ class Target:
     client: VSphereClient
     simulated: bool
     url: str  # redacted (fleet.urls): for messages
-
-
-#: the origin of :func:`demo_spec`'s spec (its errors and :func:`open_target` name it)
-DEMO_ORIGIN = "built-in demo spec"
 
 
 def demo_spec(count: int, name: str = "demo") -> FleetSpec:
@@ -210,17 +206,8 @@ async def open_target(spec: FleetSpec, *, simulator: bool = True, command: str =
     """:func:`open_vcenter` for a fleet spec's ``[vcenter]``. With ``simulator=False``
     (``status``, ``destroy``, ``inventory``: ``command`` names it for the message) a
     spec without one is refused (:func:`require_vcenter`) instead of starting the
-    built-in simulator. The demo spec is refused against a vCenter: its sources and guest
-    login are the built-in simulator's."""
+    built-in simulator."""
     if not simulator:
         require_vcenter(spec, command or "this command")
-    elif spec.vcenter is not None and spec.origin == DEMO_ORIGIN:
-        shown = ", ".join(s.name for s in spec.sources[:3]) + \
-            (", ..." if len(spec.sources) > 3 else "")
-        raise ConfigError(f"a vCenter is named ({redact_url(spec.vcenter.url)}) but no fleet "
-                          f"spec: the demo fleet clones the built-in simulator's sources "
-                          f"({shown}) with its guest login, which that vCenter does not "
-                          f"have; name your sources in a spec and pass it (docs/connecting.md)",
-                          key="--spec")
     async with open_vcenter(spec.vcenter, **options) as target:
         yield target

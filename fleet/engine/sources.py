@@ -29,7 +29,7 @@ from fleet.engine.events import Emitter, EventCallback, SourceFrozen, SourcePrep
 from fleet.engine.lifetime import FLEET_LABELS
 from fleet.engine.placement import SourceState
 from fleet.engine.reconcile import LABEL_READY_AT
-from fleet.engine.spec import LABEL_PREFIX, FleetSpec, SpecError
+from fleet.engine.spec import DEMO_ORIGIN, LABEL_PREFIX, FleetSpec, SpecError
 from fleet.errors import ConfigError, DuplicateName, GuestOperationFailed, NotFound
 from fleet.vsphere import recipes
 from fleet.vsphere.model import GuestCredentials, Ref, VmInfo, VSphere
@@ -111,7 +111,13 @@ async def resolve_sources(spec: FleetSpec, vsphere: VSphere) -> list[VmInfo]:
         try:
             infos = await vsphere.find_vms([s.name for s in spec.sources])
         except NotFound as exc:
-            raise ConfigError(str(exc), key="sources", source=spec.origin) from None
+            hint = ""
+            if spec.origin == DEMO_ORIGIN and spec.vcenter is not None:
+                # GOVC_URL set, no --spec: a vCenter that is no fleet simulator
+                hint = ("; without --spec the demo fleet clones the built-in simulator's "
+                        "sources: name yours in a spec and pass --spec FILE "
+                        "(docs/connecting.md)")
+            raise ConfigError(f"{exc}{hint}", key="sources", source=spec.origin) from None
     first: dict[Ref, int] = {}
     problems: list[tuple[str, str]] = []
     for i, info in enumerate(infos):

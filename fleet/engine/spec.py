@@ -81,6 +81,10 @@ def load_spec(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = N
     return spec_from_dict(read_toml(p), source=p.name, env=env, base_dir=p.parent)
 
 
+#: the origin of the built-in demo spec (``fleet.target.demo_spec``: no ``--spec``)
+DEMO_ORIGIN = "built-in demo spec"
+
+
 def spec_from_dict(data: Mapping[str, Any], *, source: str = "<spec>",
                    env: Mapping[str, str] | None = None,
                    base_dir: str | os.PathLike[str] | None = None) -> FleetSpec:

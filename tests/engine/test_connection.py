@@ -279,19 +279,3 @@ def test_the_insecure_warning_names_the_setting_that_asked_for_it(
         assert ssl_for(options, vc.url) is False
     warned = [r.getMessage() for r in caplog.records if "verification is OFF" in r.getMessage()]
     assert len(warned) == 1 and f"({named})" in warned[0] and "vcenter.insecure" not in warned[0]
-
-
-@pytest.mark.anyio
-async def test_the_demo_fleet_is_refused_against_a_named_vcenter() -> None:
-    """Without --spec, provision/plan/sources run the demo fleet, whose sources and guest
-    login are the built-in simulator's: against a vCenter from the environment that
-    would try to clone VMs it does not have, and send the simulator's guest password."""
-    from fleet.errors import ConfigError
-    from fleet.target import connect_spec, demo_spec, open_target
-
-    spec = connect_spec(demo_spec(2), env={**GOVC, "GOVC_URL": "https://127.0.0.1:9/sdk"})
-    with pytest.raises(ConfigError) as exc:
-        async with open_target(spec):
-            pass
-    assert exc.value.key == "--spec" and "frozen-01" in str(exc.value)
-    assert "https://127.0.0.1:9/sdk" in str(exc.value) and "pw-govc" not in str(exc.value)

@@ -138,3 +138,16 @@ def test_flags_then_spec_then_environment_end_to_end(sim: SimProcess, tmp_path: 
         assert run.returncode == 0, run.stderr
         assert "using the vCenter of fleet.toml's [vcenter]; ignoring GOVC_INSECURE, " \
                "GOVC_PASSWORD, GOVC_URL, GOVC_USERNAME" in run.stderr
+
+
+def test_the_demo_fleet_against_a_vcenter_without_its_sources_says_to_give_a_spec() -> None:
+    """No --spec means the demo fleet, whose sources are the built-in simulator's; a
+    vCenter without them is told apart before anything is cloned, naming --spec."""
+    from tests.integration.test_preflight import TOPOLOGY  # lacks frozen-02 and others
+
+    with SimProcess(topology_text=TOPOLOGY) as other:
+        run = run_fleet("provision", "--count", "2", env=govc_env(other))
+        assert run.returncode == 2, run.stderr
+        assert "sources: no VM called" in run.stderr and "frozen-02" in run.stderr
+        assert "--spec FILE" in run.stderr and "Traceback" not in run.stderr
+        assert other.stats()["clones_total"] == 0
