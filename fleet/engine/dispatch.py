@@ -31,6 +31,9 @@ from fleet.vsphere.model import VmInfo
 
 #: a job's pipeline: the clone (given a placed source and its lease) and what follows
 RunJob = Callable[[Job, SourceState | None, Lease | None, anyio.CancelScope], Awaitable[None]]
+#: a job about to fail in the queue after a submit without reply: ``(job, reason,
+#: message)``; it adopts its member if that landed after all, or fails as said
+SettleLost = Callable[[Job, str, str], Awaitable[None]]
 
 
 class _PlacementCapacity:
@@ -78,12 +81,14 @@ class Dispatcher:
 
     def __init__(self, ctx: RunContext, view: ClusterView, queue: JobQueue, run_job: RunJob,
                  *, on_dropped: Callable[[Job], None],
+                 settle_lost: SettleLost | None = None,
                  shared: SharedLimits | None = None) -> None:
         self._ctx = ctx
         self._view = view
         self._queue = queue
         self._run_job = run_job
         self._on_dropped = on_dropped
+        self._settle_lost = settle_lost
         self._shared = shared
         self._active = 0  # jobs started and not yet ended
         self._key_cache: dict[str, tuple[VmInfo, tuple[LimitKey, ...]]] = {}
@@ -144,8 +149,8 @@ class Dispatcher:
                 if now - job.queued_at > queue_s:
                     ready.popleft()
                     if not self._await_lost_clone(job, now):
-                        ctx.finish(job, "failed", "queue", "queue_timeout",
-                                   f"no source could take it for {queue_s}s")
+                        self._fail_queued(tg, job, "queue_timeout",
+                                          f"no source could take it for {queue_s}s")
                     continue
                 try:
                     decision = place(view, capacity, ctx.rng)
@@ -154,7 +159,7 @@ class Dispatcher:
                         break
                     ready.popleft()
                     if not self._await_lost_clone(job, now):
-                        ctx.finish(job, "failed", "queue", "unschedulable", str(exc))
+                        self._fail_queued(tg, job, "unschedulable", str(exc))
                     continue
                 src = decision.source
                 keys = self._keys(src)
@@ -192,6 +197,26 @@ class Dispatcher:
         job.not_before = since + self._ctx.spec.timeouts.clone_s
         self._queue.delayed.append(job)
         return True
+
+    def _fail_queued(self, tg: TaskGroup, job: Job, reason: str, message: str) -> None:
+        """Fail a job that leaves the queue unplaced. If its last submit got no reply,
+        the clone may have landed after the last look for it (its holder polls with a
+        backoff, and a loaded vCenter is late): it is looked for once more, and adopted
+        if there (docs/architecture.md, unknown outcomes)."""
+        if job.lost_submit_at is None or self._settle_lost is None:
+            self._ctx.finish(job, "failed", "queue", reason, message)
+            return
+        self._active += 1
+        settle = self._settle_lost
+
+        async def settle_then_fail() -> None:
+            try:
+                await settle(job, reason, message)
+            finally:
+                self._active -= 1
+                self._ctx.wake.set()
+
+        tg.start_soon(settle_then_fail)
 
     def spawn(self, tg: TaskGroup, job: Job, src: SourceState | None, lease: Lease | None
               ) -> None:

@@ -303,6 +303,24 @@ class Pipeline:
         finally:
             stop.job_done(scope)
 
+    async def settle_lost(self, job: Job, reason: str, message: str) -> None:
+        """A job leaving the queue unplaced after a submit without reply: adopt the
+        member that submit made, if it landed, and go on from there; else fail it."""
+        found = await self._recovery.settle(job)
+        if found is None or job.outcome is not None:
+            if job.outcome is None:
+                self._ctx.finish(job, "failed", "queue", reason, message)
+            return
+        self._recovery.adopt(job, found)
+        if job.outcome is not None:
+            return
+        stop = self._ctx.stop
+        scope = stop.job_scope()
+        try:
+            await self.run_job(job, None, None, scope)
+        finally:
+            stop.job_done(scope)
+
     def _unqueue(self, job: Job) -> bool:
         """Take ``job`` out of the queue if it waits there (neither started nor ended)."""
         queue = self._queue

@@ -184,7 +184,9 @@ class Provisioner:
         recovery = Recovery(ctx)
         pipeline = Pipeline(ctx, refresher, recovery, self._queue, folder, labels=labels)
         dispatcher = Dispatcher(ctx, view, self._queue, pipeline.run_job,
-                                on_dropped=recovery.unsettled, shared=self.options.shared_limits)
+                                on_dropped=recovery.unsettled,
+                                settle_lost=pipeline.settle_lost,
+                                shared=self.options.shared_limits)
         try:
             if rec.remove:
                 with stop.stoppable() as removing:

@@ -367,9 +367,11 @@ def test_dashboard_queries_and_alerts_through_a_burst_with_faults_and_a_cancella
 
     # The failure ratio alerts for the fault fleet, on this instance, and for nothing
     # else: not the cancelled fleet, not the healthy ones. Nothing has fired (for: 5m).
+    # The latency alert says how fast vCenter answered, which a loaded test machine
+    # decides: it may be pending too, and is no answer to faults or a cancellation.
     active = pending_or_firing(prom)
     assert [(name, state, labels.get("fleet"), labels.get("instance"))
-            for name, state, labels in active] == [
+            for name, state, labels in active if name != "FleetVSphereLatencyHigh"] == [
         ("FleetCloneFailureRatioHigh", "pending", "promfault", instance)], active
     rules = [r for g in get_json(f"{prom}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
     assert len(rules) == len(alert_rules()) and all(r["health"] == "ok" for r in rules), rules
