@@ -10,7 +10,10 @@ the dotted key and the bad value, like a fleet spec. Unknown keys are errors.
   neither, the service starts the built-in simulator (``[simulator]``). A variable
   set but unusable is an error, never the simulator.
 - ``[api]``: the bearer token comes from ``token_env`` or ``token_file``, never
-  the file itself or argv; at least 16 characters.
+  the file itself or argv; at least 16 characters. ``tls_cert`` and ``tls_key``
+  (both or neither; relative to the config file) serve HTTPS: their files are
+  read and checked when ``fleet serve`` starts, where ``--tls-cert``/``--tls-key``
+  override them (fleet.cli.serve, docs/service-tls.md).
 - ``[limits]`` (the spec's table) are shared by every fleet the service runs.
 - ``[defaults]``: fleet spec keys merged under every request body (tables merge
   key by key; the request wins). Secrets (``network.guest_password_env`` or
@@ -46,6 +49,7 @@ from fleet.engine.spec_checks import (
     folder_problem,
     pydantic_problems,
     read_secret,
+    resolve_path,
     resolve_vcenter,
     vcenter_problems,
 )
@@ -77,6 +81,9 @@ class ApiSection(_Model):
     max_connections: int = Field(default=1024, ge=16, le=100_000)
     idle_timeout_s: float = Field(default=15.0, gt=0, le=3600, allow_inf_nan=False)
     body_timeout_s: float = Field(default=60.0, gt=0, le=3600, allow_inf_nan=False)
+    # HTTPS (docs/service-tls.md): PEM files, paths relative to the config file.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     _token: SecretStr = PrivateAttr(default=SecretStr(""))
 
     @property
@@ -129,6 +136,14 @@ class ServiceConfig(_Model):
     def base_dir(self) -> Path:
         """The config file's directory: relative paths in it start here."""
         return self._base_dir
+
+    @property
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """``api.tls_cert`` and ``api.tls_key`` as paths (from the config's directory)."""
+        if self.api.tls_cert is None or self.api.tls_key is None:
+            return None
+        return (resolve_path(self.api.tls_cert, self._base_dir),
+                resolve_path(self.api.tls_key, self._base_dir))
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -204,6 +219,13 @@ def _problems(config: ServiceConfig) -> list[tuple[str, str]]:
     if (api.token_env is None) == (api.token_file is None):
         problems.append(("api.token_env", "set exactly one of api.token_env and "
                                           "api.token_file (the API needs a bearer token)"))
+    for have, lack in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+        if getattr(api, have) is not None and getattr(api, lack) is None:
+            problems.append((f"api.{lack}", f"is missing: api.{have} is set, and HTTPS "
+                                            "needs both the certificate and its key"))
+    for name in ("tls_cert", "tls_key"):
+        if getattr(api, name) == "":
+            problems.append((f"api.{name}", "is empty; name a PEM file"))
     if config.simulator.topology is not None and config.vcenter is not None:
         problems.append(("simulator.topology", "is only used without [vcenter]"))
     for key in config.defaults:

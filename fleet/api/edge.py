@@ -48,6 +48,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -403,26 +404,38 @@ def handler_options(api: ApiSection) -> dict[str, Any]:
     }
 
 
-class _Site(web.BaseSite):
-    """aiohttp's TCPSite, with the guard's protocol factory."""
+def site_url(host: str, port: int, tls: bool) -> str:
+    """``http(s)://HOST:PORT``, an IPv6 address in brackets."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
 
-    __slots__ = ("_factory", "_host", "_port")
+
+class _Site(web.BaseSite):
+    """aiohttp's TCPSite, with the guard's protocol factory (and TLS, when given: the
+    handshake has the idle timeout, as a client that sends no request does)."""
+
+    __slots__ = ("_factory", "_handshake_timeout_s", "_host", "_port")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int,
-                 factory: Callable[[], asyncio.Protocol], backlog: int) -> None:
-        super().__init__(runner, backlog=backlog)
+                 factory: Callable[[], asyncio.Protocol], backlog: int, *,
+                 ssl_context: ssl.SSLContext | None = None,
+                 handshake_timeout_s: float | None = None) -> None:
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._host, self._port, self._factory = host, port, factory
+        self._handshake_timeout_s = handshake_timeout_s
 
     @property
     def name(self) -> str:
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._port}"
+        return site_url(self._host, self._port, self._ssl_context is not None)
 
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, self._host, self._port,
-                                                backlog=self._backlog)
+        tls = self._ssl_context is not None
+        self._server = await loop.create_server(
+            self._factory, self._host, self._port, backlog=self._backlog,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout_s if tls else None)
         # asyncio uses one number for the kernel's accept queue and for how many sockets
         # it accepts per wake-up. The batch must stay small (it costs fds, and a batch
         # larger than the limit would evict its own members), but a short queue
@@ -436,8 +449,10 @@ class _Site(web.BaseSite):
 
 @contextlib.asynccontextmanager
 async def serve_http(app: web.Application, api: ApiSection, budget: FdBudget, host: str,
-                     port: int) -> AsyncIterator[str]:
-    """Serve ``app`` on HOST:PORT behind a :class:`ConnectionGuard`; yields the URL."""
+                     port: int, *, ssl_context: ssl.SSLContext | None = None
+                     ) -> AsyncIterator[str]:
+    """Serve ``app`` on HOST:PORT behind a :class:`ConnectionGuard`, over TLS with
+    ``ssl_context`` (docs/service-tls.md); yields the URL."""
     loop = asyncio.get_running_loop()
     guard = ConnectionGuard(budget.api_connections, api.idle_timeout_s)
     app.middlewares.insert(0, guard.middleware)  # before the app freezes, in setup()
@@ -454,7 +469,8 @@ async def serve_http(app: web.Application, api: ApiSection, budget: FdBudget, ho
             def make() -> asyncio.Protocol:
                 return _RequestHandler(server, loop=loop, **options)
 
-            site = _Site(runner, host, port, guard.factory(make), budget.backlog)
+            site = _Site(runner, host, port, guard.factory(make), budget.backlog,
+                         ssl_context=ssl_context, handshake_timeout_s=api.idle_timeout_s)
             try:
                 await site.start()
             except OSError as exc:
@@ -462,7 +478,7 @@ async def serve_http(app: web.Application, api: ApiSection, budget: FdBudget, ho
                                   key="listen") from None
             log.info("serving %s", budget.describe())
             bound = runner.addresses[0]
-            yield f"http://{host}:{bound[1]}"
+            yield site_url(host, bound[1], ssl_context is not None)
         finally:
             with anyio.CancelScope(shield=True):
                 await runner.cleanup()
