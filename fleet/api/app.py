@@ -131,6 +131,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         response = _json(ApiError(500, "internal error").to_dict(), 500)
+        request[REFUSAL] = "internal error"
     request.app[METRICS_KEY].observe_api(_route(request), request.method, response.status,
                                          time.perf_counter() - t0)
     return response
