@@ -300,6 +300,10 @@ async def test_a_fleets_owner_lives_in_vcenter_and_survives_a_lost_state(
         assert saved["extra"]["owner"] == "alice"
         async with api_on(config, vs) as api:
             assert api.service.fleets["kept"].owner == "alice"
+            # A client cannot write the owner label itself (guestinfo.fleet.* is fleet's).
+            status, body = await api.call(BOB, "POST", "/v1/fleets", {
+                "name": "forged", "count": 1, "guestinfo": {LABEL_OWNER: "alice"}})
+            assert status == 422, body
         # ...but vCenter alone is enough: a service with a new state directory finds it.
         fresh = tokens_config(tmp_path, tmp_path / "other-state")
         async with api_on(fresh, vs) as api:
