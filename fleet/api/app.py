@@ -17,14 +17,19 @@ PATCH    /v1/fleets/{name}            change count and/or ttl_s
 DELETE   /v1/fleets/{name}            destroy the fleet (in the background)
 =======  ===========================  ==============================================
 
-Everything under ``/v1`` needs ``Authorization: Bearer <token>``, compared with
-:func:`hmac.compare_digest` on SHA-256 digests (equal lengths: not even the
-token's length shows in the timing). Every refusal is JSON, ``{"error": {"status",
-"message", "problems"?}}``, with a 4xx status: 400 (not JSON, bad query), 401,
+Everything under ``/v1`` needs ``Authorization: Bearer <token>``; the token names
+the client (``fleet.api.tokens``: its SHA-256 is compared with every client's by
+:func:`hmac.compare_digest`, equal lengths, so not even the token's length shows in
+the timing). A client sees and changes its own fleets only (another's is 404, its
+name on create 403) within its quotas (429); an admin sees all. Every
+state-changing request, and every 401, is written to the audit log
+(``fleet.api.audit``). Every refusal is JSON, ``{"error": {"status",
+"message", "problems"?}}``, with a 4xx status: 400 (not JSON, bad query), 401, 403,
 404, 405, 408 (body slower than ``api.body_timeout_s``), 409, 413 (body over
 ``api.max_body_bytes``), 415 (not ``application/json``), 422 (not a valid spec, or a
-source vCenter does not have: ``problems`` name each field), and 503 (the service is
-stopping; an inventory vCenter could not give). The OpenAPI document
+source vCenter does not have: ``problems`` name each field), 429 (a quota:
+``quota`` names it), and 503 (the service is stopping; an inventory vCenter could
+not give; the audit log cannot be written). The OpenAPI document
 (``fleet.api.openapi``) lists them all; docs/api.md.
 Connections themselves are bounded and timed out by :mod:`fleet.api.edge`.
 An unexpected exception is logged and answered 500 without detail; the tests'
@@ -33,8 +38,6 @@ fuzzing makes sure none happens.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -44,6 +47,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 
+from fleet.api.audit import AuditLog
 from fleet.api.config import ServiceConfig
 from fleet.api.openapi import openapi_document
 from fleet.api.requests import (
@@ -53,8 +57,10 @@ from fleet.api.requests import (
     fleet_request,
     parse_json,
     scale_request,
+    valid_name,
 )
 from fleet.api.service import FleetRecord, FleetService
+from fleet.api.tokens import Client, ClientTable
 from fleet.errors import FleetError
 from fleet.inventory import CONTENT_TYPES, FORMATS, render
 from fleet.metrics import CONTENT_TYPE, FleetMetrics
@@ -65,9 +71,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC = ("/healthz", "/readyz", "/metrics")
 SERVICE_KEY: web.AppKey[FleetService] = web.AppKey("service", FleetService)
 CONFIG_KEY: web.AppKey[ServiceConfig] = web.AppKey("config", ServiceConfig)
-TOKEN_KEY: web.AppKey[bytes] = web.AppKey("token", bytes)
+CLIENTS_KEY: web.AppKey[ClientTable] = web.AppKey("clients", ClientTable)
+AUDIT_KEY: web.AppKey[AuditLog] = web.AppKey("audit", AuditLog)
 DOC_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 METRICS_KEY: web.AppKey[FleetMetrics] = web.AppKey("metrics", FleetMetrics)
+#: who is calling (set once the token is known), what about, and why it was refused
+CLIENT: web.RequestKey[Client] = web.RequestKey("client", Client)
+OBJECT: web.RequestKey[str] = web.RequestKey("object", str)
+REFUSAL: web.RequestKey[str] = web.RequestKey("refusal", str)
+#: methods that change nothing (not audited unless refused a token)
+READS = ("GET", "HEAD", "OPTIONS")
+#: the longest name an audit line repeats from a URL that names no valid fleet
+MAX_OBJECT_CHARS = 80
 
 
 def _dumps(data: Any) -> str:
@@ -98,6 +113,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApiError as exc:
         headers = {"WWW-Authenticate": 'Bearer realm="fleet"'} if exc.status == 401 else None
         response = _json(exc.to_dict(), exc.status, headers)
+        request[REFUSAL] = _refusal(exc)
         if exc.status == 408:
             # Answer, then hang up: aiohttp would read and drop the rest of the body
             # for another 10 s (its lingering_time) first.
@@ -111,11 +127,49 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             message = f"the body is larger than {request.app[CONFIG_KEY].api.max_body_bytes} " \
                       "bytes"
         response = _json(ApiError(exc.status, message).to_dict(), exc.status, headers)
+        request[REFUSAL] = message
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         response = _json(ApiError(500, "internal error").to_dict(), 500)
+        request[REFUSAL] = "internal error"
     request.app[METRICS_KEY].observe_api(_route(request), request.method, response.status,
                                          time.perf_counter() - t0)
+    return response
+
+
+def _refusal(exc: ApiError) -> str:
+    """Why a request was refused, for the audit log: a body's problems by key only
+    (their messages may repeat what the body holds)."""
+    if exc.problems:
+        keys = ", ".join(p.key or "(body)" for p in exc.problems[:20])
+        return f"invalid request body; problems at: {keys}"
+    return exc.message
+
+
+def _object(request: web.Request) -> str | None:
+    if OBJECT in request:
+        return request[OBJECT]
+    name = request.match_info.get("name")
+    if not isinstance(name, str):
+        return None
+    return name if valid_name(name) else name[:MAX_OBJECT_CHARS]
+
+
+@web.middleware
+async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost (of the app's): write the audit line of every state-changing request
+    under /v1 and of every 401, once its answer is known (fleet.api.audit)."""
+    response = await handler(request)  # _errors answers every failure
+    changing = request.path.startswith("/v1") and request.method not in READS
+    if changing or response.status == 401:
+        client = request.get(CLIENT)
+        status = response.status
+        await request.app[AUDIT_KEY].write(
+            client=client.name if client is not None else "-",
+            action=f"{request.method} {_route(request)}", obj=_object(request),
+            status=status,
+            outcome="ok" if status < 400 else f"refused: {request.get(REFUSAL, '')}",
+            sync=status != 401)
     return response
 
 
@@ -131,8 +185,14 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         given_bytes = given.strip().encode("utf-8", "surrogateescape")
     except UnicodeError:
         given_bytes = b""
-    if not hmac.compare_digest(hashlib.sha256(given_bytes).digest(), request.app[TOKEN_KEY]):
+    client = request.app[CLIENTS_KEY].identify(given_bytes)
+    if client is None:
         raise ApiError(401, "the bearer token is not valid")
+    request[CLIENT] = client
+    audit = request.app[AUDIT_KEY]
+    if request.method not in READS and not await audit.ready():
+        raise ApiError(503, f"the audit log cannot be written ({audit.failing}); changes "
+                            "are refused until it can be")
     return await handler(request)
 
 
@@ -209,21 +269,24 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def list_fleets(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    fleets = [service.summary(rec) for _, rec in sorted(service.fleets.items())]
+    fleets = [service.summary(rec) for rec in service.visible(request[CLIENT])]
     return _json({"fleets": fleets})
 
 
 async def create_fleet(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     body = await _body(request)
+    name = body.get("name") if isinstance(body, dict) else None
+    if isinstance(name, str) and valid_name(name):
+        request[OBJECT] = name
     req = fleet_request(body, request.app[CONFIG_KEY])
-    rec, created = await service.apply(req, body)
+    rec, created = await service.apply(req, body, request[CLIENT])
     return _accepted(service, rec, created)
 
 
 async def get_fleet(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    rec = service.get(request.match_info["name"])
+    rec = service.get(request.match_info["name"], request[CLIENT])
     offset = _int_query(request, "offset", 0, MAX_OFFSET)
     limit = _int_query(request, "limit", 1000, MAX_LIMIT)
     return _json(await service.detail(rec, offset=offset, limit=limit))
@@ -231,7 +294,7 @@ async def get_fleet(request: web.Request) -> web.Response:
 
 async def get_inventory(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    rec = service.get(request.match_info["name"])
+    rec = service.get(request.match_info["name"], request[CLIENT])
     fmt = request.query.get("format", "json")
     if fmt not in FORMATS:
         raise ApiError(400, f"query format: {fmt[:40]!r} is not an inventory format; use "
@@ -250,7 +313,7 @@ async def put_fleet(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     body = await _body(request)
     req = fleet_request(body, request.app[CONFIG_KEY], name=name)
-    rec, created = await service.apply(req, body)
+    rec, created = await service.apply(req, body, request[CLIENT])
     return _accepted(service, rec, created)
 
 
@@ -258,26 +321,32 @@ async def patch_fleet(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     config = request.app[CONFIG_KEY]
     name = request.match_info["name"]
-    service.get(name)  # 404 before judging the body
+    client = request[CLIENT]
+    service.get(name, client)  # 404 before judging the body
     body = await _body(request)
-    rec = await service.scale(name, lambda current: scale_request(body, current, config))
+    rec = await service.scale(name, lambda current: scale_request(body, current, config),
+                              client)
     return _accepted(service, rec)
 
 
 async def delete_fleet(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    rec = await service.remove(request.match_info["name"])
+    rec = await service.remove(request.match_info["name"], request[CLIENT])
     return _accepted(service, rec)
 
 
-def make_app(service: FleetService, config: ServiceConfig, metrics: FleetMetrics
-             ) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth],
+def make_app(service: FleetService, config: ServiceConfig, metrics: FleetMetrics,
+             audit: AuditLog | None = None) -> web.Application:
+    """The API's application. ``audit``: the audit log (default: ``api.audit_log``, or
+    ``audit.jsonl`` in the service's state directory)."""
+    app = web.Application(middlewares=[_audit, _errors, _auth],
                           client_max_size=config.api.max_body_bytes)
     app[SERVICE_KEY] = service
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = metrics
-    app[TOKEN_KEY] = hashlib.sha256(config.api.token.get_secret_value().encode()).digest()
+    app[CLIENTS_KEY] = ClientTable(config.api.clients)
+    app[AUDIT_KEY] = audit or AuditLog(config.api.audit_path
+                                       or service.store.path / "audit.jsonl")
     app[DOC_KEY] = json.dumps(openapi_document(config)).encode()
     r = app.router
     r.add_get("/healthz", healthz)

@@ -10,9 +10,12 @@ the dotted key and the bad value, like a fleet spec. Unknown keys are errors.
   neither, the service starts the built-in simulator (``[simulator]``). A variable
   set but unusable is an error, never the simulator.
 - ``[api]``: the bearer token comes from ``token_env`` or ``token_file``, never
-  the file itself or argv; at least 16 characters. ``tls_cert`` and ``tls_key``
-  (both or neither; relative to the config file) serve HTTPS: their files are
-  read and checked when ``fleet serve`` starts, where ``--tls-cert``/``--tls-key``
+  the file itself or argv; at least 16 characters. It is one admin client; more
+  clients, each with its token's hash, role and quotas, come from ``tokens_file``
+  (``fleet.api.tokens``). Every state-changing request is written to ``audit_log``
+  (default ``<state_dir>/audit.jsonl``; ``fleet.api.audit``). ``tls_cert`` and
+  ``tls_key`` (both or neither; relative to the config file) serve HTTPS: their files
+  are read and checked when ``fleet serve`` starts, where ``--tls-cert``/``--tls-key``
   override them (fleet.cli.serve, docs/service-tls.md).
 - ``[limits]`` (the spec's table) are shared by every fleet the service runs.
 - ``[defaults]``: fleet spec keys merged under every request body (tables merge
@@ -31,7 +34,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
@@ -55,6 +58,9 @@ from fleet.engine.spec_checks import (
 )
 from fleet.engine.spec_model import show
 from fleet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fleet.api.tokens import Client
 from fleet.urls import redact_url
 
 MIN_TOKEN_CHARS = 16
@@ -76,6 +82,10 @@ class ApiSection(_Model):
 
     token_env: str | None = None
     token_file: str | None = None
+    #: more clients: names, token hashes, roles, quotas (fleet.api.tokens)
+    tokens_file: str | None = None
+    #: the audit log (JSON lines, fleet.api.audit); default <state_dir>/audit.jsonl
+    audit_log: str | None = None
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # The HTTP edge (fleet.api.edge): what a client may hold without making progress.
     max_connections: int = Field(default=1024, ge=16, le=100_000)
@@ -85,10 +95,23 @@ class ApiSection(_Model):
     tls_cert: str | None = None
     tls_key: str | None = None
     _token: SecretStr = PrivateAttr(default=SecretStr(""))
+    _clients: tuple[Client, ...] = PrivateAttr(default=())
+    _audit_path: Path | None = PrivateAttr(default=None)
 
     @property
     def token(self) -> SecretStr:
+        """The single token (empty when only ``tokens_file`` names clients)."""
         return self._token
+
+    @property
+    def clients(self) -> tuple[Client, ...]:
+        """Every client: the single token's admin first, then the tokens file's."""
+        return self._clients
+
+    @property
+    def audit_path(self) -> Path | None:
+        """``audit_log`` resolved; None: the service puts it in its state directory."""
+        return self._audit_path
 
 
 class SimulatorSection(_Model):
@@ -216,9 +239,14 @@ def _problems(config: ServiceConfig) -> list[tuple[str, str]]:
         problems.append(("root_folder", root_problem))
     problems.extend(vcenter_problems(config.vcenter))
     api = config.api
-    if (api.token_env is None) == (api.token_file is None):
+    if api.token_env is not None and api.token_file is not None:
         problems.append(("api.token_env", "set exactly one of api.token_env and "
-                                          "api.token_file (the API needs a bearer token)"))
+                                          "api.token_file (or neither, with "
+                                          "api.tokens_file)"))
+    elif api.token_env is None and api.token_file is None and api.tokens_file is None:
+        problems.append(("api.token_env", "set exactly one of api.token_env and "
+                                          "api.token_file, or api.tokens_file (the API "
+                                          "needs bearer tokens)"))
     for have, lack in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
         if getattr(api, have) is not None and getattr(api, lack) is None:
             problems.append((f"api.{lack}", f"is missing: api.{have} is set, and HTTPS "
@@ -253,7 +281,17 @@ def _resolve(config: ServiceConfig, env: Mapping[str, str],
             load_topology(config.simulator.topology)
         except ConfigError as exc:
             problems.append(("simulator.topology", str(exc)))
-    api = config.api
+    problems.extend(_resolve_clients(config.api, env, base))
+    return problems
+
+
+def _resolve_clients(api: ApiSection, env: Mapping[str, str], base: Path
+                     ) -> list[tuple[str, str]]:
+    """Read the single token and the tokens file into ``api.clients``."""
+    from fleet.api.tokens import load_tokens, single_token_client
+
+    problems: list[tuple[str, str]] = []
+    clients: list[Client] = []
     which = "token_env" if api.token_env is not None else "token_file"
     secret, problem = read_secret(which, api.token_env, api.token_file, env, base)
     if problem:
@@ -265,6 +303,15 @@ def _resolve(config: ServiceConfig, env: Mapping[str, str],
                              f"use at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 24`)"))
         else:
             api._token = SecretStr(token)
+            clients.append(single_token_client(token))
+    if api.tokens_file is not None:
+        reserved = {c.name: c.digest for c in clients}
+        listed, bad = load_tokens(resolve_path(api.tokens_file, base), reserved=reserved)
+        problems.extend(("api.tokens_file", p) for p in bad)
+        clients.extend(listed)
+    if api.audit_log is not None:
+        api._audit_path = resolve_path(api.audit_log, base)
+    api._clients = tuple(clients)
     return problems
 
 

@@ -60,6 +60,15 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
             "properties": {
                 "status": {"type": "integer"},
                 "message": {"type": "string"},
+                "quota": {
+                    "type": "object", "required": ["name", "limit", "usage", "requested"],
+                    "description": "with 429: the quota the request would pass",
+                    "properties": {"name": {"type": "string", "enum": ["max_members"]},
+                                   "limit": {"type": "integer"},
+                                   "usage": {"type": "integer",
+                                             "description": "what the client holds now"},
+                                   "requested": {"type": "integer",
+                                                 "description": "what the request adds"}}},
                 "problems": {
                     "type": "array",
                     "description": "with 422: every problem with the body, not just the "
@@ -105,6 +114,10 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
             "updated_at": nullable_num,
             "error": nullable_str,
             "destroy_reason": nullable_str,
+            "owner": {"type": ["string", "null"],
+                      "description": "the client the fleet belongs to (null: made outside "
+                                     "the service, or before owners were kept: admins "
+                                     "only)"},
         }}
     schemas["Member"] = {
         "type": "object", "required": ["index", "name", "state"],
@@ -188,7 +201,12 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                   "schema": {"type": "string", "pattern": NAME_PATTERN}}
     auth: list[dict[str, list[str]]] = [{"bearer": []}]
     unauthorized = _error("no or wrong bearer token")
-    stopping = _error("the service is stopping, or cannot record requests now")
+    stopping = _error("the service is stopping, or cannot record requests (state "
+                      "directory) or audit them (audit log) now")
+    quota = _error("the request would take the client past a quota: error.quota names it, "
+                   "with the limit and the current usage")
+    not_found = _error("no such fleet (or another client's)")
+    taken = _error("the fleet name is taken by another client's fleet")
     bad_body = {
         "400": _error(f"the body is not JSON, or nests deeper than {MAX_DEPTH} levels"),
         "401": unauthorized,
@@ -199,6 +217,7 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
         "422": _error("the body is not a valid fleet spec, or names a source vCenter does "
                       "not have: problems lists every problem, each with its key, JSON "
                       "Pointer, message and (unless secret) value"),
+        "429": quota,
         "503": stopping,
     }
     accepted = {"description": "accepted; progress shows in the fleet's status",
@@ -208,7 +227,9 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "fleet serve", "version": __version__,
                  "description": "Request bursts of vSphere Instant Clones. Fleets share the "
-                                "service's vCenter session and limits. Any request may also "
+                                "service's vCenter session and limits. A client sees and "
+                                "changes its own fleets only (another's is 404); an admin "
+                                "sees all (docs/api.md). Any request may also "
                                 "be refused before routing, in the Error shape: 400 (not "
                                 "HTTP/1.1), 431 (a line longer than 8190 bytes, or more "
                                 "than 32 headers), 503 (every connection busy)."},
@@ -226,7 +247,7 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                          "summary": "create a fleet, or re-specify (scale) one",
                          "requestBody": {"required": True,
                                          "content": _json(_ref("FleetSpec"))},
-                         "responses": {"202": accepted, **bad_body}},
+                         "responses": {"202": accepted, "403": taken, **bad_body}},
             },
             "/v1/fleets/{name}": {
                 "parameters": [name_param],
@@ -243,23 +264,23 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                                               "content": _json(_ref("FleetDetail"))},
                                       "400": _error("bad offset or limit"),
                                       "401": unauthorized,
-                                      "404": _error("no such fleet")}},
+                                      "404": not_found}},
                 "put": {"operationId": "putFleet",
                         "summary": "create or re-specify this fleet (the body's name, if "
                                    "any, must match)",
                         "requestBody": {"required": True,
                                         "content": _json(_ref("FleetSpecPut"))},
-                        "responses": {"202": accepted, **bad_body}},
+                        "responses": {"202": accepted, "403": taken, **bad_body}},
                 "patch": {"operationId": "scaleFleet",
                           "summary": "change count and/or ttl_s of a fleet",
                           "requestBody": {"required": True, "content": _json(_ref("Scale"))},
-                          "responses": {"202": accepted, "404": _error("no such fleet"),
+                          "responses": {"202": accepted, "404": not_found,
                                         **bad_body}},
                 "delete": {"operationId": "destroyFleet",
                            "summary": "destroy every member (in the background)",
                            "responses": {"202": accepted,
                                          "401": unauthorized,
-                                         "404": _error("no such fleet"),
+                                         "404": not_found,
                                          "503": stopping}},
             },
             "/v1/fleets/{name}/inventory": {
@@ -286,7 +307,7 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                                 CONTENT_TYPES["csv"]: {"schema": {"type": "string"}}}},
                             "400": _error("an unknown format"),
                             "401": unauthorized,
-                            "404": _error("no such fleet"),
+                            "404": not_found,
                             "503": _error("vCenter could not be read")}}},
             "/v1/openapi.json": {
                 "get": {"operationId": "openapi", "summary": "this document",

@@ -97,6 +97,9 @@ class FleetRecord:
     #: set while a run waits for the fleet's lock: a newer request or a delete cancels it
     lock_wait: anyio.CancelScope | None = None
     lock_holder: str | None = None  # who held the lock when we last looked (logged once)
+    #: the API client the fleet belongs to (fleet.api.tokens); None: admins only. Kept
+    #: in the saved request and, as a label, on every member made for it
+    owner: str | None = None
 
     @property
     def requested(self) -> int | None:
@@ -200,16 +203,27 @@ class FleetRecord:
         """What is kept of this fleet on disk; None when vCenter already says it all."""
         if self.spec_data is None and not self.want_destroy:
             return None
+        extra: dict[str, Any] = {"destroy_reason": self.destroy_reason} \
+            if self.want_destroy else {}
+        if self.owner is not None:
+            extra["owner"] = self.owner
         return SavedFleet(
             name=self.name, spec=self.spec_data, generation=self.generation,
             status=self.status, expires_at=self.expires_at, created_at=self.created_at,
-            updated_at=self.updated_at,
-            extra={"destroy_reason": self.destroy_reason} if self.want_destroy else {})
+            updated_at=self.updated_at, extra=extra)
 
 
 def restore(saved: SavedFleet, config: ServiceConfig) -> FleetRecord | None:
     """The record a saved request stands for, or None when there is nothing to do
     (vCenter says the rest: the next scan finds the fleet if it is there)."""
+    rec = _restore(saved, config)
+    owner = saved.extra.get("owner")
+    if rec is not None and isinstance(owner, str):
+        rec.owner = owner
+    return rec
+
+
+def _restore(saved: SavedFleet, config: ServiceConfig) -> FleetRecord | None:
     if saved.spec is None:
         # A fleet found in vCenter, not requested here, that a caller asked to destroy.
         if saved.status == "destroying":
@@ -259,6 +273,7 @@ def summary_of(rec: FleetRecord, now: float) -> dict[str, Any]:
         "updated_at": rec.updated_at or None,
         "error": rec.error,
         "destroy_reason": rec.destroy_reason or None,
+        "owner": rec.owner,
     }
 
 

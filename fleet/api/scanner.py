@@ -38,6 +38,7 @@ from anyio.abc import TaskStatus
 from fleet.api.context import ServiceContext
 from fleet.api.records import FleetRecord
 from fleet.api.requests import valid_name
+from fleet.api.tokens import owner_of
 from fleet.engine.lifetime import FLEET_LABELS, fleet_expiry
 from fleet.engine.reconcile import Member, as_member
 from fleet.errors import FleetError, NotFound
@@ -142,6 +143,10 @@ class Scanner:
                 self._seen.pop(name, None)  # shown by its run from now on
                 continue
             rec.show_members(got)
+            if rec.owner is None and got:
+                # Its owner as its members carry it: a fleet whose saved request was
+                # lost still belongs to the client that made it (fleet.api.tokens).
+                rec.owner = owner_of(m.vm.labels for m in got)
             if got and not rec.stamp_pending:
                 rec.expires_at = fleet_expiry(got)
         for name, rec in list(ctx.fleets.items()):

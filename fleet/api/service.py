@@ -55,6 +55,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -77,6 +78,7 @@ from fleet.api.requests import ApiError, FleetRequest, invalid, valid_name
 from fleet.api.scanner import CALL_TIMEOUT_S, Scanner
 from fleet.api.sources import SourceCheck
 from fleet.api.state import StateStore
+from fleet.api.tokens import Client
 from fleet.api.worker import Workers
 from fleet.engine.limits import LimitKey
 from fleet.engine.members import MemberRecord, read_records
@@ -211,22 +213,44 @@ class FleetService:
         self.metrics.forget_fleet(rec.name)
 
     # -- requests (called by the HTTP layer) ---------------------------------------
-    def get(self, name: str) -> FleetRecord:
+    def get(self, name: str, client: Client | None = None) -> FleetRecord:
+        """The fleet, if ``client`` (None: the service itself) may see it: another
+        client's fleet is "not found" (its existence is not revealed)."""
         rec = self.fleets.get(name) if valid_name(name) else None
-        if rec is None:
+        if rec is None or (client is not None and not client.owns(rec.owner)):
             raise ApiError(404, f"no fleet called {name!r}" if len(name) <= 80
                            else "no such fleet")
         return rec
+
+    def visible(self, client: Client | None = None) -> list[FleetRecord]:
+        """The fleets ``client`` may see, by name."""
+        return [rec for _, rec in sorted(self.fleets.items())
+                if client is None or client.owns(rec.owner)]
+
+    def usage(self, client: Client) -> int:
+        """The members ``client``'s fleets hold or are asked for. A fleet counts its
+        requested count, or the members it still has in vCenter when more (scaling
+        down, being destroyed)."""
+        return sum(_holds(rec) for rec in self.fleets.values() if rec.owner == client.name)
+
+    def _check_quota(self, client: Client | None, rec: FleetRecord | None, count: int,
+                     what: str) -> None:
+        if client is None:
+            return
+        held = _holds(rec) if rec is not None else 0
+        check_members(client, self.usage(client), count - held, what)
 
     def _check_accepting(self) -> None:
         if self._stopping or self._tg is None:
             raise ApiError(503, "the service is stopping")
 
-    async def apply(self, request: FleetRequest, body: Any = None
-                    ) -> tuple[FleetRecord, bool]:
+    async def apply(self, request: FleetRequest, body: Any = None,
+                    client: Client | None = None) -> tuple[FleetRecord, bool]:
         """Create or re-specify a fleet; returns (record, created). A request naming a
         source vCenter does not have is refused (422; ``body``, as sent, gives the
-        values the problems show)."""
+        values the problems show). ``client`` (None: the service itself) owns a fleet
+        it creates; another client's fleet name is taken (403), and its quota holds
+        (429)."""
         self._check_accepting()
         spec = request.spec
         missing = await self.sources.problems(spec)
@@ -234,17 +258,25 @@ class FleetService:
             raise invalid(missing, body)
         self._check_accepting()
         rec = self.fleets.get(spec.name)
+        if rec is not None and client is not None and not client.owns(rec.owner):
+            raise ApiError(403, f"the fleet name {spec.name} is taken by another client; "
+                                "choose another name")
+        if rec is not None and rec.want_destroy:
+            raise ApiError(409, f"fleet {spec.name} is being destroyed "
+                                f"({rec.destroy_reason}); try again when it is gone")
+        # No await between the quota's check and the record: requests of one client
+        # cannot pass it together.
+        self._check_quota(client, rec, spec.count,
+                          f"{'a' if rec is None else 'this'} fleet of {spec.count}")
         created = rec is None
         if rec is None:
             managed = sum(1 for r in self.fleets.values() if r.spec is not None)
             if managed >= self.config.max_fleets:
                 raise ApiError(409, f"this service already runs {managed} fleets "
                                     f"(max_fleets = {self.config.max_fleets})")
-            rec = FleetRecord(spec.name, spec.folder_path, created_at=self.clock())
+            rec = FleetRecord(spec.name, spec.folder_path, created_at=self.clock(),
+                              owner=client.name if client is not None else None)
             self.fleets[spec.name] = rec
-        elif rec.want_destroy:
-            raise ApiError(409, f"fleet {spec.name} is being destroyed "
-                                f"({rec.destroy_reason}); try again when it is gone")
         self._accept(rec, request, spec, request.data)
         with anyio.CancelScope(shield=True):  # accepted: a caller hanging up changes nothing
             await self._save(rec, must=True)
@@ -256,16 +288,18 @@ class FleetService:
                  f", expires at {rec.expires_at:.0f}")
         return rec, created
 
-    async def scale(self, name: str, make: Callable[[dict[str, Any]], FleetRequest]
-                    ) -> FleetRecord:
+    async def scale(self, name: str, make: Callable[[dict[str, Any]], FleetRequest],
+                    client: Client | None = None) -> FleetRecord:
         self._check_accepting()
-        rec = self.get(name)
+        rec = self.get(name, client)
         if rec.spec_data is None:
             raise ApiError(409, f"fleet {name} was discovered in vCenter, not requested "
                                 "here: PUT its whole spec first")
         if rec.want_destroy:
             raise ApiError(409, f"fleet {name} is being destroyed ({rec.destroy_reason})")
         request = make(rec.spec_data)
+        self._check_quota(client, rec, request.spec.count,
+                          f"scaling fleet {name} to {request.spec.count}")
         self._accept(rec, request, request.spec, request.data)
         with anyio.CancelScope(shield=True):
             await self._save(rec, must=True)
@@ -289,10 +323,10 @@ class FleetService:
         # Wait for the lock again, or run again, for the new request.
         rec.interrupt(f"superseded by request {rec.generation}")
 
-    async def remove(self, name: str) -> FleetRecord:
+    async def remove(self, name: str, client: Client | None = None) -> FleetRecord:
         """Destroy a fleet (in the background); idempotent while it is going."""
         self._check_accepting()
-        rec = self.get(name)
+        rec = self.get(name, client)
         if not rec.want_destroy:
             self._doom(rec, "deleted")
             with anyio.CancelScope(shield=True):
@@ -382,3 +416,43 @@ class FleetService:
             folder = await self.vs.find_folder(rec.folder)
             return await self.vs.list_folder_vms(folder, RECONCILE_LABELS) \
                 if folder is not None else []
+
+
+
+# -- quotas (docs/api.md, "Clients") ---------------------------------------------------
+
+def _holds(rec: FleetRecord) -> int:
+    """The members a fleet counts for its owner's quota (FleetService.usage)."""
+    existing = sum(rec.in_vcenter().values())
+    if rec.want_destroy or rec.spec is None:
+        return existing
+    return max(rec.spec.count, existing)
+
+
+@dataclass
+class QuotaExceeded(ApiError):
+    """429: a request would take a client past one of its quotas."""
+
+    quota: str = ""
+    limit: int = 0
+    usage: int = 0
+    wanted: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["error"]["quota"] = {"name": self.quota, "limit": self.limit,
+                                 "usage": self.usage, "requested": self.wanted}
+        return out
+
+
+def check_members(client: Client, usage: int, wanted: int, change: str) -> None:
+    """Refuse (429) ``change``, which would take the client from ``usage`` members to
+    ``usage + wanted``, if that is above its ``max_members``; growth only: a request
+    that does not add members passes even over the quota (it was lowered)."""
+    limit = client.max_members
+    if client.admin or limit is None or wanted <= 0 or usage + wanted <= limit:
+        return
+    raise QuotaExceeded(
+        429, f"quota max_members: {change} would take client {client.name} to "
+             f"{usage + wanted} members across its fleets; its quota is {limit} and it "
+             f"has {usage}", quota="max_members", limit=limit, usage=usage, wanted=wanted)

@@ -41,6 +41,7 @@ from anyio.abc import TaskGroup
 from fleet.api.context import ServiceContext
 from fleet.api.records import FleetRecord
 from fleet.api.scanner import refresh
+from fleet.api.tokens import owner_labels
 from fleet.engine.events import Event
 from fleet.engine.lifetime import expiry_labels, stamp_expiry
 from fleet.engine.lock import FleetLock, LockLost, LockOptions, LockView
@@ -168,8 +169,9 @@ class Workers:
                                  n, rec.expires_at)
                 if rec.generation != generation or rec.want_destroy or self.stopping:
                     return True
-                options = EngineOptions(shared_limits=self.ctx.shared,
-                                        labels=expiry_labels(rec.expires_at))
+                # New clones carry the fleet's owner: a restarted service knows it.
+                labels = {**expiry_labels(rec.expires_at), **owner_labels(rec.owner)}
+                options = EngineOptions(shared_limits=self.ctx.shared, labels=labels)
                 provisioner = rec.provisioner = Provisioner(spec, self.ctx.vs, on_event=on_event,
                                                             run_id=run_id, options=options)
                 provisioner.use_view(checked, checked_at)

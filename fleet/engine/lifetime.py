@@ -36,10 +36,13 @@ from fleet.errors import ConfigError, FleetError, VSphereError
 from fleet.vsphere.model import ListedVm, VSphere
 
 LABEL_EXPIRES_AT = "guestinfo.fleet.expires_at"
+#: the API client a fleet made by ``fleet serve`` belongs to (fleet.api.tokens); the
+#: engine only carries it (``EngineOptions.labels``), like the expiry
+LABEL_OWNER = "guestinfo.fleet.owner"
 #: Every label fleet writes on a member: what a listing of a fleet's folder reads (by
 #: key, docs/reads.md), and what a clone clears when it does not set it.
 FLEET_LABELS = (LABEL_NAME, LABEL_INDEX, LABEL_RUN_ID, LABEL_SOURCE, LABEL_STATE,
-                LABEL_EXPIRES_AT)
+                LABEL_EXPIRES_AT, LABEL_OWNER)
 #: the longest lifetime accepted (a year): past it, "forever" is meant; say so by giving none
 MAX_TTL_S = 366 * 24 * 3600.0
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from fleet.engine import provision
-from fleet.engine.lifetime import LABEL_EXPIRES_AT, current_expiry
+from fleet.engine.lifetime import LABEL_EXPIRES_AT, LABEL_OWNER, current_expiry
 from fleet.engine.reconcile import LABEL_NAME, LABEL_READY_AT, LABEL_SOURCE
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.sources import FLEET_LABELS, clone_config
@@ -45,8 +45,10 @@ async def test_a_clone_of_a_ttl_fleets_member_inherits_no_label_of_that_fleet() 
         assert len(members) == 3
         for vm in members:
             assert LABEL_EXPIRES_AT not in vm.extra_config
-            assert PREFIX + "owner" not in vm.extra_config
-            assert fleet_keys(vm.extra_config) == set(FLEET_LABELS) - {LABEL_EXPIRES_AT}
+            assert LABEL_OWNER not in vm.extra_config  # the source's "team-a": not inherited
+            # Every label fleet writes, but the expiry and owner only fleets given them have.
+            assert fleet_keys(vm.extra_config) == \
+                set(FLEET_LABELS) - {LABEL_EXPIRES_AT, LABEL_OWNER}
             assert vm.extra_config[LABEL_NAME] == "plainb"
             assert vm.extra_config[LABEL_SOURCE] == "fleet/ttla/ttla-0000"
             assert vm.extra_config["guestinfo.app.role"] == "web"  # not fleet's: kept
