@@ -295,25 +295,23 @@ class Pipeline:
         if found is None or not self._recovery.is_ours(job, found) or \
                 not self._unqueue(job):
             return
-        self._recovery.adopt(job, found)
-        stop = self._ctx.stop
-        scope = stop.job_scope()
-        try:
-            await self.run_job(job, None, None, scope)
-        finally:
-            stop.job_done(scope)
+        await self._go_on_adopted(job, found)
 
     async def settle_lost(self, job: Job, reason: str, message: str) -> None:
         """A job leaving the queue unplaced after a submit without reply: adopt the
         member that submit made, if it landed, and go on from there; else fail it."""
         found = await self._recovery.settle(job)
-        if found is None or job.outcome is not None:
-            if job.outcome is None:
-                self._ctx.finish(job, "failed", "queue", reason, message)
-            return
-        self._recovery.adopt(job, found)
         if job.outcome is not None:
             return
+        if found is None:
+            self._ctx.finish(job, "failed", "queue", reason, message)
+            return
+        await self._go_on_adopted(job, found)
+
+    async def _go_on_adopted(self, job: Job, found: VmInfo) -> None:
+        """``job`` takes ``found`` as its member and goes on from its next phase, in this
+        task, under a job scope of its own."""
+        self._recovery.adopt(job, found)
         stop = self._ctx.stop
         scope = stop.job_scope()
         try:

@@ -33,13 +33,7 @@ async def test_a_view_that_lags_behind_a_delete_does_not_bring_the_fleet_back(
     # Scans only when the view changes or when asked.
     config = make_config(tmp_path, scan_interval_s=3600.0)
     async with folder_fake() as (fake, _), running(config, fake, Clock(), metrics) as service:
-        rec = await apply(service, {"name": "ghost", "count": 3})
-        await until(lambda: rec.status == "ready")
-        # The run made the root folder: the service watches it from now on.
-        await until(lambda: service.scanner.tree is not None)
-        tree = service.scanner.tree
-        assert tree is not None
-        await until(lambda: len(_vms(tree, "ghost")) == 3)
+        tree = await _ghost_in_view(service)
 
         # From now on the view lags: updates are held, not applied.
         held: list[tuple[Any, Any]] = []
@@ -85,12 +79,7 @@ async def test_a_scan_while_the_delete_is_forgotten_does_not_unbury_it(
     config = make_config(tmp_path, scan_interval_s=3600.0)
     async with folder_fake() as (fake, _), running(config, fake, Clock(),
                                                      FleetMetrics()) as service:
-        rec = await apply(service, {"name": "ghost", "count": 3})
-        await until(lambda: rec.status == "ready")
-        await until(lambda: service.scanner.tree is not None)
-        tree = service.scanner.tree
-        assert tree is not None
-        await until(lambda: len(_vms(tree, "ghost")) == 3)
+        tree = await _ghost_in_view(service)
         tree._apply = lambda view, update: False  # type: ignore[attr-defined]
         real_delete = service.store.delete
         scanned: list[bool] = []
@@ -106,6 +95,18 @@ async def test_a_scan_while_the_delete_is_forgotten_does_not_unbury_it(
         assert scanned == [True] and len(_vms(tree, "ghost")) == 3
         await service.scan()
         assert "ghost" not in service.fleets
+
+
+async def _ghost_in_view(service: Any) -> FolderTree:
+    """Fleet "ghost" of three, ready and shown by the service's view of vCenter."""
+    rec = await apply(service, {"name": "ghost", "count": 3})
+    await until(lambda: rec.status == "ready")
+    # The run made the root folder: the service watches it from now on.
+    await until(lambda: service.scanner.tree is not None)
+    tree = service.scanner.tree
+    assert tree is not None
+    await until(lambda: len(_vms(tree, "ghost")) == 3)
+    return tree
 
 
 def _vms(tree: FolderTree, name: str) -> list[ListedVm]:
