@@ -24,6 +24,11 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//")
 _DNS_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT`` as a URL writes it: an IPv6 address in brackets (``[::1]:443``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def redact_url(url: str) -> str:
     """``url`` with any user info (everything up to its last ``@``) shown as ``***``."""
     if "@" not in url:

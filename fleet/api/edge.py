@@ -61,6 +61,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 
 from fleet.api.config import ApiSection
 from fleet.errors import ConfigError, FleetError
+from fleet.urls import host_port
 
 log = logging.getLogger("fleet.api.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -406,8 +407,7 @@ def handler_options(api: ApiSection) -> dict[str, Any]:
 
 def site_url(host: str, port: int, tls: bool) -> str:
     """``http(s)://HOST:PORT``, an IPv6 address in brackets."""
-    shown = f"[{host}]" if ":" in host else host
-    return f"{'https' if tls else 'http'}://{shown}:{port}"
+    return f"{'https' if tls else 'http'}://{host_port(host, port)}"
 
 
 class _Site(web.BaseSite):

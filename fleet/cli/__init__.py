@@ -150,6 +150,7 @@ async def _metrics_server(listen: tuple[str, int, str] | None,
     from aiohttp import web
 
     from fleet.metrics import CONTENT_TYPE
+    from fleet.urls import host_port
 
     host, port, key = listen
 
@@ -161,7 +162,7 @@ async def _metrics_server(listen: tuple[str, int, str] | None,
     app.router.add_get("/metrics", handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    shown = host_port(host, port)
     try:
         site = web.TCPSite(runner, host, port)
         try:

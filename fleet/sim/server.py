@@ -43,6 +43,7 @@ from fleet.sim.dispatch import SoapEndpoint, SoapReply
 from fleet.sim.simulator import Simulator
 from fleet.sim.topology import FaultRule, UpdatesConfig
 from fleet.sim.vm import VirtualMachine
+from fleet.urls import host_port
 from fleet.vcenter import MAX_CHAIN_DEPTH
 
 log = logging.getLogger("fleet.sim.server")
@@ -283,6 +284,5 @@ async def serve(sim: Simulator, host: str = "127.0.0.1", port: int = 8989,
     if sockets:
         actual_port = sockets[0].getsockname()[1]
     scheme = "https" if tls is not None else "http"
-    shown = f"[{host}]" if ":" in host else host
-    base = f"{scheme}://{shown}:{actual_port}"
+    base = f"{scheme}://{host_port(host, actual_port)}"
     return RunningSim(sim, runner, f"{base}/sdk", base)
