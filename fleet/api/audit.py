@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,14 @@ class AuditLog:
         self.lines = 0
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                       _MODE)
+        # O_NONBLOCK: a FIFO without a reader fails at once instead of holding the
+        # request (and its worker thread) for ever; only a regular file is a log.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NONBLOCK, _MODE)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{self.path} is not a regular file")
+        return fd
 
     def _probe(self) -> None:
         os.close(self._open())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -282,6 +284,21 @@ async def test_no_change_is_accepted_while_the_audit_log_cannot_be_written(
         status, _ = await api.call(ALICE, "POST", "/v1/fleets", {"name": "dos", "count": 0})
         assert status == 202
         assert [(e["object"], e["status"]) for e in api.lines()] == [("dos", 202)]
+
+
+async def test_an_audit_log_that_is_a_fifo_or_a_device_fails_at_once(
+        tmp_path: Path) -> None:
+    """A FIFO nobody reads would block the open (and the request) for ever; a device
+    swallows lines. Either is a failing log: refused at once, state changes stop."""
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/null")):
+        audit = AuditLog(path)
+        with anyio.fail_after(10):
+            await audit.write(client="alice", action="POST /v1/fleets", obj="x",
+                              status=202, outcome="ok", sync=True)
+            assert audit.failing is not None and audit.lines == 0
+            assert not await audit.ready()
 
 
 async def test_a_fleets_owner_lives_in_vcenter_and_survives_a_lost_state(
