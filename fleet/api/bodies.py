@@ -133,6 +133,11 @@ def _annotated(tp: Any, extra: list[Any]) -> Any:
     return Annotated[tp, *extra] if extra else tp
 
 
+def _capped(metadata: list[Any], maximum: int) -> list[Any]:
+    """A field's constraints with its upper bound replaced by the service's own."""
+    return [m for m in metadata if not isinstance(m, Le)] + [Le(maximum)]
+
+
 def _fields(model: type[BaseModel], *, required: Callable[[str], bool],
             limits: Mapping[str, int] | None = None) -> dict[str, Any]:
     """pydantic field definitions for a request's version of the spec table ``model``."""
@@ -144,7 +149,7 @@ def _fields(model: type[BaseModel], *, required: Callable[[str], bool],
         tp, wrappers = _body_type(info.annotation)
         metadata = list(info.metadata)
         if limits and key in limits:
-            metadata = [m for m in metadata if not isinstance(m, Le)] + [Le(limits[key])]
+            metadata = _capped(metadata, limits[key])
         # The spec's validators of this key (a null never reaches them: it is no value).
         for dec in decorators:
             if key in dec.info.fields and dec.info.mode in ("before", "after"):
@@ -254,8 +259,7 @@ class _ScaleBase(_Body):
 
 
 def _scale_model(max_count: int) -> type[BaseModel]:
-    count = FleetSpec.model_fields["count"]
-    metadata = [m for m in count.metadata if not isinstance(m, Le)] + [Le(max_count)]
+    metadata = _capped(FleetSpec.model_fields["count"].metadata, max_count)
     model: type[BaseModel] = create_model(
         "Scale", __base__=_ScaleBase,
         __doc__="A new count and/or lifetime for a fleet; the rest of its spec stays. A key "
