@@ -15,6 +15,13 @@ GET      /v1/fleets/{name}/inventory  its members as json, ansible, hosts or csv
 PUT      /v1/fleets/{name}            create or re-specify this fleet
 PATCH    /v1/fleets/{name}            change count and/or ttl_s
 DELETE   /v1/fleets/{name}            destroy the fleet (in the background)
+GET      /v1/pools                    the warm pools this client may lease from
+GET      /v1/pools/{pool}             one pool: its targets and members by state
+POST     /v1/pools/{pool}/leases      lease an idle member (docs/pools.md)
+GET      /v1/leases                   this client's leases (an admin's: all)
+GET      /v1/leases/{id}              one lease, with its member's record
+PATCH    /v1/leases/{id}              extend it (``ttl_s`` from now)
+DELETE   /v1/leases/{id}              return it: the member is destroyed
 =======  ===========================  ==============================================
 
 Everything under ``/v1`` needs ``Authorization: Bearer <token>``; the token names
@@ -50,11 +57,14 @@ from aiohttp import web
 from fleet.api.audit import AuditLog
 from fleet.api.config import ServiceConfig
 from fleet.api.openapi import openapi_document
+from fleet.api.pools import Lease
 from fleet.api.requests import (
     MAX_LIMIT,
     MAX_OFFSET,
     ApiError,
+    extend_request,
     fleet_request,
+    lease_request,
     parse_json,
     scale_request,
     valid_name,
@@ -111,7 +121,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except ApiError as exc:
-        headers = {"WWW-Authenticate": 'Bearer realm="fleet"'} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": 'Bearer realm="fleet"'} if exc.status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
         response = _json(exc.to_dict(), exc.status, headers)
         request[REFUSAL] = _refusal(exc)
         if exc.status == 408:
@@ -149,7 +161,8 @@ def _refusal(exc: ApiError) -> str:
 def _object(request: web.Request) -> str | None:
     if OBJECT in request:
         return request[OBJECT]
-    name = request.match_info.get("name")
+    info = request.match_info
+    name = info.get("name") or info.get("pool") or info.get("lease")
     if not isinstance(name, str):
         return None
     return name if valid_name(name) else name[:MAX_OBJECT_CHARS]
@@ -335,6 +348,63 @@ async def delete_fleet(request: web.Request) -> web.Response:
     return _accepted(service, rec)
 
 
+async def list_pools(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return _json({"pools": [p.summary() for p in service.visible_pools(request[CLIENT])]})
+
+
+async def get_pool(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return _json(service.pool(request.match_info["pool"], request[CLIENT]).summary())
+
+
+def _lease_answer(service: FleetService, lease: Lease, status: int = 200) -> web.Response:
+    return _json({"lease": lease.to_dict(service.clock())}, status,
+                 {"Location": f"/v1/leases/{lease.id}"} if status == 201 else None)
+
+
+async def create_lease(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    pool = request.match_info["pool"]
+    service.pool(pool, request[CLIENT])  # 404/403 before judging the body
+    # The body is optional: no body (or an empty one) takes the pool's defaults.
+    body: Any = {}
+    if request.body_exists and (request.content_length or 0) != 0:
+        body = await _body(request)
+    ttl_s, wait_s = lease_request(body, request.app[CONFIG_KEY])
+    lease = await service.lease(pool, request[CLIENT], ttl_s=ttl_s, wait_s=wait_s)
+    request[OBJECT] = f"{lease.pool}/{lease.id}"
+    return _lease_answer(service, lease, 201)
+
+
+async def list_leases(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    now = service.clock()
+    return _json({"leases": [lease.to_dict(now)
+                             for lease in service.visible_leases(request[CLIENT])]})
+
+
+async def get_lease(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return _lease_answer(service, service.get_lease(request.match_info["lease"],
+                                                    request[CLIENT]))
+
+
+async def patch_lease(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    client = request[CLIENT]
+    lease_id = request.match_info["lease"]
+    service.get_lease(lease_id, client)  # 404 before judging the body
+    ttl_s = extend_request(await _body(request), request.app[CONFIG_KEY])
+    return _lease_answer(service, await service.extend(lease_id, ttl_s, client))
+
+
+async def delete_lease(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return _lease_answer(service, await service.release(request.match_info["lease"],
+                                                        request[CLIENT]))
+
+
 def make_app(service: FleetService, config: ServiceConfig, metrics: FleetMetrics,
              audit: AuditLog | None = None) -> web.Application:
     """The API's application. ``audit``: the audit log (default: ``api.audit_log``, or
@@ -360,4 +430,11 @@ def make_app(service: FleetService, config: ServiceConfig, metrics: FleetMetrics
     r.add_put("/v1/fleets/{name}", put_fleet)
     r.add_patch("/v1/fleets/{name}", patch_fleet)
     r.add_delete("/v1/fleets/{name}", delete_fleet)
+    r.add_get("/v1/pools", list_pools)
+    r.add_get("/v1/pools/{pool}", get_pool)
+    r.add_post("/v1/pools/{pool}/leases", create_lease)
+    r.add_get("/v1/leases", list_leases)
+    r.add_get("/v1/leases/{lease}", get_lease)
+    r.add_patch("/v1/leases/{lease}", patch_lease)
+    r.add_delete("/v1/leases/{lease}", delete_lease)
     return app

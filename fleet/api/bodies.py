@@ -44,7 +44,7 @@ from pydantic import (
 )
 from pydantic.json_schema import models_json_schema
 
-from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig
+from fleet.api.config import MAX_POOL_TTL_S, MAX_WAIT_S, SECRET_KEYS, SERVICE_KEYS, ServiceConfig
 from fleet.engine.lifetime import MAX_TTL_S
 from fleet.engine.spec import (
     GUESTINFO_KEY_MAX,
@@ -192,6 +192,27 @@ _TTL_DESCRIPTION = ("Lifetime in seconds from this request; the service destroys
                     "current expiry, if any.")
 
 
+class LeaseCreate(_Body):
+    """A lease request (docs/pools.md). Both keys are optional; an empty body (or none)
+    takes the pool's lease_ttl_s and wait_s."""
+
+    ttl_s: float | None = Field(default=None, gt=0, le=MAX_POOL_TTL_S, title="Ttl S",
+                                description="The lease's lifetime in seconds, at most the "
+                                            "pool's max_lease_ttl_s; absent or null: the "
+                                            "pool's lease_ttl_s.")
+    wait_s: float | None = Field(default=None, ge=0, le=MAX_WAIT_S, title="Wait S",
+                                 description="How long to wait for a member when none is "
+                                             "idle (0: answer at once); absent or null: "
+                                             "the pool's wait_s.")
+
+
+class LeaseExtend(_Body):
+    """A lease's new lifetime: it ends ``ttl_s`` seconds from this request, within its
+    pool's max_lease_ttl_s counted from the grant."""
+
+    ttl_s: float = Field(gt=0, le=MAX_POOL_TTL_S, title="Ttl S")
+
+
 @dataclass(frozen=True)
 class BodyModels:
     """The request models of one service config (its ``max_count`` and ``[defaults]``)."""
@@ -204,7 +225,8 @@ class BodyModels:
     def schemas(self, ref_template: str) -> dict[str, Any]:
         """Every model's JSON Schema (validation mode), by name, refs to each other."""
         _, top = models_json_schema([(m, "validation") for m in
-                                     (self.create, self.put, self.scale)],
+                                     (self.create, self.put, self.scale, LeaseCreate,
+                                      LeaseExtend)],
                                     ref_template=ref_template)
         defs: dict[str, Any] = top["$defs"]
         return defs

@@ -42,9 +42,11 @@ from fleet.engine.connection import resolve_connection
 from fleet.engine.spec import (
     MAX_COUNT,
     MAX_STEP_S,
+    FleetSpec,
     LimitsSpec,
     SpecError,
     VCenterSpec,
+    is_fleet_name,
     read_toml,
     spec_from_dict,
 )
@@ -121,9 +123,41 @@ class SimulatorSection(_Model):
     topology: str | None = None
 
 
+#: a pool's lease and idle lifetimes: at most a week (a "forever" lease is a fleet)
+MAX_POOL_TTL_S = 7 * 86400.0
+#: the longest a lease request may wait for a member (``wait_s``)
+MAX_WAIT_S = 600.0
+
+
+class PoolSection(_Model):
+    """A warm pool (docs/pools.md): ``ready`` idle members kept, ``max`` in all.
+
+    ``spec`` holds fleet spec keys merged over ``[defaults]`` (not ``name``,
+    ``count`` or the service's own tables): the pool's members are that fleet's."""
+
+    ready: int = Field(ge=0, le=MAX_COUNT)
+    max: int = Field(ge=1, le=MAX_COUNT)
+    ready_ttl_s: float = Field(default=3600.0, gt=0, le=MAX_POOL_TTL_S)
+    lease_ttl_s: float = Field(default=3600.0, gt=0, le=MAX_POOL_TTL_S)
+    max_lease_ttl_s: float = Field(default=86400.0, gt=0, le=MAX_POOL_TTL_S)
+    #: how long a lease request waits for a member when it does not say (``wait_s``)
+    wait_s: float = Field(default=60.0, ge=0, le=MAX_WAIT_S)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    _spec: FleetSpec | None = PrivateAttr(default=None)
+
+    @property
+    def fleet_spec(self) -> FleetSpec:
+        """The pool's members' spec (resolved at load: name, folder, defaults merged)."""
+        assert self._spec is not None, "resolved by config_from_dict"
+        return self._spec
+
+
 class ServiceConfig(_Model):
     listen: str = "127.0.0.1:8080"
     root_folder: str = "fleet"
+    #: where pools keep their members: ``<pools_folder>/<pool>``; default
+    #: ``<root_folder>-pools`` (apart from the fleets, which the scanner discovers)
+    pools_folder: str | None = None
     state_dir: str | None = None
     scan_interval_s: float = Field(default=30.0, gt=0, le=86400)
     max_fleets: int = Field(default=100, ge=1, le=10_000)
@@ -136,6 +170,7 @@ class ServiceConfig(_Model):
     api: ApiSection = Field(default_factory=ApiSection)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     defaults: dict[str, Any] = Field(default_factory=dict)
+    pools: dict[str, PoolSection] = Field(default_factory=dict)
     _origin: str = PrivateAttr(default="<config>")
     _base_dir: Path = PrivateAttr(default=Path("."))
     _env: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -186,6 +221,13 @@ class ServiceConfig(_Model):
     def fleet_folder(self, name: str) -> str:
         return f"{self.root_folder.strip('/')}/{name}"
 
+    @property
+    def pools_root(self) -> str:
+        return (self.pools_folder or f"{self.root_folder.strip('/')}-pools").strip("/")
+
+    def pool_folder(self, name: str) -> str:
+        return f"{self.pools_root}/{name}"
+
 
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     m = _LISTEN.match(value)
@@ -220,6 +262,8 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<config>",
         config, problems = _from_environment(config, env)
     if not problems:
         problems = list(_defaults_problems(config, env, base))
+    if not problems:
+        problems = list(_pool_problems(config, env, base))
     if problems:
         raise SpecError(problems, source=source)
     config._origin = source
@@ -254,6 +298,35 @@ def _problems(config: ServiceConfig) -> list[tuple[str, str]]:
     for name in ("tls_cert", "tls_key"):
         if getattr(api, name) == "":
             problems.append((f"api.{name}", "is empty; name a PEM file"))
+    if config.pools_folder is not None:
+        pools_problem = folder_problem(config.pools_folder, "fleet-pools")
+        if pools_problem:
+            problems.append(("pools_folder", pools_problem))
+        elif config.pools_root.split("/")[:len(config.root_folder.strip("/").split("/"))] \
+                == config.root_folder.strip("/").split("/"):
+            problems.append(("pools_folder", f"{show(config.pools_folder)} is inside "
+                             f"root_folder {show(config.root_folder)}, where every folder "
+                             "is a fleet; choose a folder beside it"))
+    for name, pool in config.pools.items():
+        where = f"pools.{name}"
+        if not is_fleet_name(name):
+            problems.append((where, f"{show(name)} is not a valid pool name (letters, "
+                                    "digits, '-' and '_'; a VM folder's name)"))
+            continue
+        if pool.ready > pool.max:
+            problems.append((f"{where}.ready", f"{pool.ready} is above max ({pool.max}): "
+                                               "a pool cannot keep more idle members "
+                                               "than it may have"))
+        if pool.lease_ttl_s > pool.max_lease_ttl_s:
+            problems.append((f"{where}.lease_ttl_s", f"{pool.lease_ttl_s:g} is above "
+                             f"max_lease_ttl_s ({pool.max_lease_ttl_s:g})"))
+        for key in pool.spec:
+            if key in SERVICE_KEYS or key in ("name", "count"):
+                problems.append((f"{where}.spec.{key}", "is set by the service for a pool"
+                                 + (" (the pool's name)" if key == "name" else
+                                    " (from ready and max)" if key == "count" else
+                                    f" (from the service's [{key}])"
+                                    if key != "folder" else " (pools_folder/<pool>)")))
     if config.simulator.topology is not None and config.vcenter is not None:
         problems.append(("simulator.topology", "is only used without [vcenter]"))
     for key in config.defaults:
@@ -346,6 +419,23 @@ def _defaults_problems(config: ServiceConfig, env: Mapping[str, str],
         return [(f"defaults.{key}" if key else "defaults", message)
                 for key, message in exc.problems]
     return []
+
+
+def _pool_problems(config: ServiceConfig, env: Mapping[str, str],
+                   base: Path) -> list[tuple[str, str]]:
+    """Build each pool's fleet spec: its ``spec`` over ``[defaults]``, its own name,
+    folder and limits; a problem names the pool's key."""
+    problems: list[tuple[str, str]] = []
+    for name, pool in config.pools.items():
+        data = merge(config.defaults, pool.spec)
+        data.update(name=name, count=pool.max, folder=config.pool_folder(name),
+                    limits=config.limits.model_dump())
+        try:
+            pool._spec = spec_from_dict(data, source=config.origin, env=env, base_dir=base)
+        except SpecError as exc:
+            problems.extend((f"pools.{name}.spec.{key}" if key else f"pools.{name}.spec",
+                             message) for key, message in exc.problems)
+    return problems
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -60,10 +60,16 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
             "properties": {
                 "status": {"type": "integer"},
                 "message": {"type": "string"},
+                "reason": {"type": "string",
+                           "description": "with a lease's 429 or 503: at_max, "
+                                          "wait_timeout (docs/pools.md)"},
+                "retry_after_s": {"type": "integer",
+                                  "description": "as the Retry-After header"},
                 "quota": {
                     "type": "object", "required": ["name", "limit", "usage", "requested"],
                     "description": "with 429: the quota the request would pass",
-                    "properties": {"name": {"type": "string", "enum": ["max_members"]},
+                    "properties": {"name": {"type": "string",
+                                            "enum": ["max_members", "max_leases"]},
                                    "limit": {"type": "integer"},
                                    "usage": {"type": "integer",
                                              "description": "what the client holds now"},
@@ -193,6 +199,50 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                     "description": "why the members come without their records "
                                    "(addresses...): vCenter could not be read"},
             }}]}
+    counts = {"type": "object", "required": ["idle", "leased", "refilling", "recycling",
+                                             "doubt"],
+              "properties": {k: {"type": "integer"} for k in
+                             ("idle", "leased", "refilling", "recycling", "doubt")}}
+    schemas["Pool"] = {
+        "type": "object",
+        "required": ["name", "ready", "max", "ready_ttl_s", "lease_ttl_s", "max_lease_ttl_s",
+                     "wait_s", "folder", "serving", "holder", "members", "waiting", "error"],
+        "properties": {
+            "name": {"type": "string"},
+            "ready": {"type": "integer", "description": "idle members the pool keeps"},
+            "max": {"type": "integer", "description": "members in all, at most"},
+            "ready_ttl_s": {"type": "number"}, "lease_ttl_s": {"type": "number"},
+            "max_lease_ttl_s": {"type": "number"}, "wait_s": {"type": "number"},
+            "folder": {"type": "string"},
+            "serving": {"type": "boolean",
+                        "description": "this instance serves the pool (holds its lock)"},
+            "holder": {"type": ["string", "null"],
+                       "description": "who serves it, when another instance does"},
+            "members": counts,
+            "waiting": {"type": "integer", "description": "lease requests waiting"},
+            "error": nullable_str}}
+    schemas["Lease"] = {
+        "type": "object",
+        "required": ["id", "pool", "client", "state", "granted_at", "expires_at",
+                     "expires_in_s", "max_expires_at", "url", "member"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+            "pool": {"type": "string"}, "client": {"type": "string"},
+            "state": {"type": "string", "enum": ["active", "returned", "expired"]},
+            "granted_at": {"type": "number", "description": "epoch seconds"},
+            "expires_at": {"type": "number", "description": "epoch seconds"},
+            "expires_in_s": {"type": "number"},
+            "max_expires_at": {"type": "number",
+                               "description": "the latest a PATCH may extend it to"},
+            "url": {"type": "string"},
+            "member": {"type": "object", "required": ["name", "index", "vm"],
+                       "description": "the member's record (MemberRecord's fields: "
+                                      "addresses, MACs, host...)",
+                       "properties": {"name": {"type": "string"},
+                                      "index": {"type": "integer"},
+                                      "vm": {"type": "string"}}}}}
+    lease_one = _json({"type": "object", "required": ["lease"],
+                       "properties": {"lease": _ref("Lease")}})
     schemas["Accepted"] = {
         "type": "object", "required": ["fleet", "url"],
         "properties": {"fleet": _ref("FleetSummary"), "url": {"type": "string"},
@@ -223,6 +273,73 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
     accepted = {"description": "accepted; progress shows in the fleet's status",
                 "headers": {"Location": {"schema": {"type": "string"}}},
                 "content": _json(_ref("Accepted"))}
+    pool_param = {"name": "pool", "in": "path", "required": True,
+                  "schema": {"type": "string", "pattern": NAME_PATTERN}}
+    lease_param = {"name": "lease", "in": "path", "required": True,
+                   "schema": {"type": "string"}}
+    no_pool = _error("no such pool")
+    no_lease = _error("no such lease here (or another client's; or the pool is served by "
+                      "another instance)")
+    not_serving = _error("the service is stopping, cannot record leases or audit now, or "
+                         "another instance serves this pool (Retry-After)")
+    lease_body = {k: v for k, v in bad_body.items() if k not in ("409", "429", "503")}
+    pool_paths = {
+        "/v1/pools": {
+            "get": {"operationId": "listPools", "summary": "the pools this client may use",
+                    "responses": {"200": {"description": "the pools", "content": _json({
+                        "type": "object", "required": ["pools"],
+                        "properties": {"pools": {"type": "array", "items": _ref("Pool")}}})},
+                                  "401": unauthorized}}},
+        "/v1/pools/{pool}": {
+            "parameters": [pool_param],
+            "get": {"operationId": "getPool", "summary": "a pool and its members by state",
+                    "responses": {"200": {"description": "the pool",
+                                          "content": _json(_ref("Pool"))},
+                                  "401": unauthorized, "403": _error("not this client's pool"),
+                                  "404": no_pool}}},
+        "/v1/pools/{pool}/leases": {
+            "parameters": [pool_param],
+            "post": {"operationId": "createLease",
+                     "summary": "lease an idle member: at once, or within wait_s",
+                     "requestBody": {"required": False,
+                                     "content": _json(_ref("LeaseCreate"))},
+                     "responses": {
+                         "201": {"description": "leased: the member's record is in the lease",
+                                 "headers": {"Location": {"schema": {"type": "string"}}},
+                                 "content": lease_one},
+                         "403": _error("not this client's pool"), "404": no_pool,
+                         **lease_body,
+                         "429": _error("a quota (error.quota), the pool at its max "
+                                       "(reason at_max), or no member within wait_s "
+                                       "(wait_timeout); Retry-After says when to try again"),
+                         "503": not_serving}}},
+        "/v1/leases": {
+            "get": {"operationId": "listLeases",
+                    "summary": "this client's leases (an admin's: every lease)",
+                    "responses": {"200": {"description": "the leases", "content": _json({
+                        "type": "object", "required": ["leases"],
+                        "properties": {"leases": {"type": "array",
+                                                  "items": _ref("Lease")}}})},
+                                  "401": unauthorized}}},
+        "/v1/leases/{lease}": {
+            "parameters": [lease_param],
+            "get": {"operationId": "getLease", "summary": "a lease and its member",
+                    "responses": {"200": {"description": "the lease", "content": lease_one},
+                                  "401": unauthorized, "404": no_lease}},
+            "patch": {"operationId": "extendLease",
+                      "summary": "the lease ends ttl_s from now (within its max)",
+                      "requestBody": {"required": True,
+                                      "content": _json(_ref("LeaseExtend"))},
+                      "responses": {"200": {"description": "extended", "content": lease_one},
+                                    "404": no_lease, **lease_body,
+                                    "409": _error("the lease has ended"),
+                                    "503": not_serving}},
+            "delete": {"operationId": "returnLease",
+                       "summary": "return the lease: its member is destroyed",
+                       "responses": {"200": {"description": "returned", "content": lease_one},
+                                     "401": unauthorized, "404": no_lease,
+                                     "503": not_serving}}},
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "fleet serve", "version": __version__,
@@ -332,6 +449,7 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                         "responses": {"200": {"description": "text exposition format",
                                               "content": {"text/plain": {
                                                   "schema": {"type": "string"}}}}}}},
+            **pool_paths,
         },
         "components": {
             "schemas": copy.deepcopy(schemas),

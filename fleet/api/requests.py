@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fleet.api.bodies import body_models
+from fleet.api.bodies import LeaseCreate, LeaseExtend, body_models
 from fleet.api.config import SECRET_KEYS, SERVICE_KEYS, ServiceConfig, merge
 from fleet.engine.spec import FleetSpec, SpecError, is_fleet_name, spec_from_dict
 from fleet.engine.spec_checks import SECRETISH
@@ -75,6 +75,10 @@ class ApiError(Exception):
     status: int
     message: str
     problems: tuple[Problem, ...] = ()
+    #: seconds, sent as ``Retry-After`` (a 429 or 503 that a retry may pass)
+    retry_after: int | None = None
+    #: a short, label-safe cause (a lease refused: ``at_max``, ``wait_timeout``...)
+    reason: str | None = None
 
     def __str__(self) -> str:
         return self.message
@@ -83,6 +87,10 @@ class ApiError(Exception):
         out: dict[str, Any] = {"status": self.status, "message": self.message}
         if self.problems:
             out["problems"] = [p.to_dict() for p in self.problems]
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.retry_after is not None:
+            out["retry_after_s"] = self.retry_after
         return {"error": out}
 
 
@@ -338,3 +346,26 @@ def scale_request(body: Any, current: Mapping[str, Any], config: ServiceConfig
         # The current spec was valid: what is wrong now came from this body.
         raise invalid(exc.problems, body) from None
     return FleetRequest(spec, data, given.get("ttl_s"))
+
+
+def lease_request(body: Any, config: ServiceConfig) -> tuple[float | None, float | None]:
+    """A lease request's ``(ttl_s, wait_s)``; None: the pool's. 422 naming each problem."""
+    return _lease_body(LeaseCreate, body, config, '{"ttl_s": 3600, "wait_s": 30}')
+
+
+def extend_request(body: Any, config: ServiceConfig) -> float:
+    """A lease extension's ``ttl_s``. 422 naming each problem."""
+    ttl, _ = _lease_body(LeaseExtend, body, config, '{"ttl_s": 3600}')
+    assert ttl is not None
+    return ttl
+
+
+def _lease_body(model: type[LeaseCreate] | type[LeaseExtend], body: Any,
+                config: ServiceConfig, example: str) -> tuple[float | None, float | None]:
+    if not isinstance(body, dict):
+        raise invalid([("", f"the body must be a JSON object like {example}")])
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        raise invalid(body_models(config).problems(exc), body) from None
+    return parsed.ttl_s, getattr(parsed, "wait_s", None)

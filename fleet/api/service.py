@@ -52,6 +52,8 @@ will try again) ; ``destroying`` (deleted or expired) ; ``discovered``.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -65,6 +67,8 @@ from anyio.abc import TaskGroup
 
 from fleet.api.config import ServiceConfig
 from fleet.api.context import ServiceContext
+from fleet.api.lease_journal import LeaseJournal
+from fleet.api.pools import Lease, Pool, instance_id
 from fleet.api.records import (
     STATUSES,
     FleetRecord,
@@ -120,10 +124,22 @@ class FleetService:
         self._stopping = False
         #: VM id -> (when read, its record): records read for callers, for a moment
         self._records: dict[str, tuple[float, MemberRecord]] = {}
+        self._ctx = ctx
+        #: warm pools (fleet.api.pools), started with the service; every lease by id
+        self.pools: dict[str, Pool] = {}
+        self.leases: dict[str, Lease] = {}
+        #: lease requests under way per client (its quotas count them)
+        self._leasing: Counter[str] = Counter()
+        self.instance = ""
 
     # -- lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> FleetService:
         await self.store.prepare()
+        self.instance = await anyio.to_thread.run_sync(_instance_id, self.store.path)
+        for name, section in self.config.pools.items():
+            self.pools[name] = Pool(self._ctx, name, section, instance=self.instance,
+                                    journal=LeaseJournal(self.store.path / "pools", name),
+                                    leases=self.leases)
         for saved in await self.store.load_all():
             rec = restore(saved, self.config)
             if rec is not None:
@@ -139,6 +155,8 @@ class FleetService:
             raise
         self._tg = tg
         self.workers.start(tg)
+        for pool in self.pools.values():
+            await tg.start(pool.run)
         log.info("service started: %d fleets (%d on record), root folder %s",
                  len(self.fleets), sum(1 for r in self.fleets.values() if r.spec),
                  self.config.root_folder)
@@ -152,7 +170,12 @@ class FleetService:
         tg, self._tg = self._tg, None
         if tg is None:
             return
-        await self.workers.stop(self.config.shutdown_grace_s + CALL_TIMEOUT_S)
+        bound = self.config.shutdown_grace_s + CALL_TIMEOUT_S
+        async with anyio.create_task_group() as stopping:
+            # Pools release their locks (a standby takes over at once), beside the runs.
+            for pool in self.pools.values():
+                stopping.start_soon(pool.stop, bound)
+            stopping.start_soon(self.workers.stop, bound)
         tg.cancel_scope.cancel()
         # Exited where it was entered (not inside another scope), as anyio requires.
         await tg.__aexit__(None, None, None)
@@ -228,10 +251,17 @@ class FleetService:
                 if client is None or client.owns(rec.owner)]
 
     def usage(self, client: Client) -> int:
-        """The members ``client``'s fleets hold or are asked for. A fleet counts its
-        requested count, or the members it still has in vCenter when more (scaling
-        down, being destroyed)."""
-        return sum(_holds(rec) for rec in self.fleets.values() if rec.owner == client.name)
+        """The members ``client``'s fleets and leases hold or are asked for. A fleet
+        counts its requested count, or the members it still has in vCenter when more
+        (scaling down, being destroyed); a lease, or a lease request under way, one."""
+        return sum(_holds(rec) for rec in self.fleets.values() if rec.owner == client.name) \
+            + self.leases_held(client)
+
+    def leases_held(self, client: Client) -> int:
+        """Active leases of ``client``, and its lease requests under way."""
+        return self._leasing[client.name] + sum(
+            1 for lease in self.leases.values()
+            if lease.client == client.name and lease.state == "active")
 
     def _check_quota(self, client: Client | None, rec: FleetRecord | None, count: int,
                      what: str) -> None:
@@ -344,8 +374,78 @@ class FleetService:
         rec.poke()
         log.info("fleet %s: %s; destroying its members", rec.name, reason)
 
+    # -- pools and leases (docs/pools.md) ----------------------------------------------
+    def visible_pools(self, client: Client | None = None) -> list[Pool]:
+        return [pool for name, pool in sorted(self.pools.items())
+                if client is None or client.may_lease(name)]
+
+    def pool(self, name: str, client: Client | None = None) -> Pool:
+        """The pool, if ``client`` may use it: 404 for none, 403 for one it may not."""
+        pool = self.pools.get(name) if valid_name(name) else None
+        if pool is None:
+            raise ApiError(404, f"no pool called {name!r}" if len(name) <= 80
+                           else "no such pool")
+        if client is not None and not client.may_lease(name):
+            allowed = ", ".join(client.pools or ()) or "none"
+            raise ApiError(403, f"client {client.name} may not lease from pool {name} (its "
+                                f"pools: {allowed})")
+        return pool
+
+    async def lease(self, pool_name: str, client: Client, *, ttl_s: float | None = None,
+                    wait_s: float | None = None) -> Lease:
+        """Lease a member of the pool for ``client`` (docs/pools.md): at once, or
+        within ``wait_s``; quotas are checked first (429 naming the quota)."""
+        self._check_accepting()
+        pool = self.pool(pool_name, client)
+        if ttl_s is not None and ttl_s > pool.cfg.max_lease_ttl_s:
+            raise ApiError(422, f"ttl_s: {ttl_s:g} s is above pool {pool.name}'s "
+                                f"max_lease_ttl_s ({pool.cfg.max_lease_ttl_s:g} s)")
+        # No await between the quotas' checks and the reservation.
+        try:
+            check_leases(client, self.leases_held(client))
+            check_members(client, self.usage(client), 1, "a lease")
+        except QuotaExceeded:
+            self.metrics.count_lease_refused(pool.name, "quota", client.name)
+            raise
+        self._leasing[client.name] += 1
+        try:
+            return await pool.lease(client.name, ttl_s, wait_s)
+        finally:
+            self._leasing[client.name] -= 1
+            if not self._leasing[client.name]:
+                del self._leasing[client.name]
+
+    def get_lease(self, lease_id: str, client: Client | None = None) -> Lease:
+        """The lease, if ``client`` may see it (another's is 404, as for none)."""
+        lease = self.leases.get(lease_id) if _LEASE_ID_OK(lease_id) else None
+        if lease is None or (client is not None and not client.admin
+                             and lease.client != client.name):
+            raise ApiError(404, f"no lease {lease_id!r} here" if len(lease_id) <= 80
+                           else "no such lease")
+        return lease
+
+    def visible_leases(self, client: Client | None = None) -> list[Lease]:
+        return sorted((lease for lease in self.leases.values()
+                       if client is None or client.admin or lease.client == client.name),
+                      key=lambda lease: (lease.pool, lease.granted_at, lease.id))
+
+    async def release(self, lease_id: str, client: Client | None = None) -> Lease:
+        self._check_accepting()
+        lease = self.get_lease(lease_id, client)
+        await self.pools[lease.pool].release(lease)
+        return lease
+
+    async def extend(self, lease_id: str, ttl_s: float, client: Client | None = None
+                     ) -> Lease:
+        self._check_accepting()
+        lease = self.get_lease(lease_id, client)
+        await self.pools[lease.pool].extend(lease, ttl_s)
+        return lease
+
     # -- snapshots for the API and metrics -----------------------------------------
     def update_gauges(self) -> None:
+        for pool in self.pools.values():
+            pool.update_gauges()
         statuses: Counter[str] = Counter()
         for rec in self.fleets.values():
             statuses[rec.status] += 1
@@ -443,6 +543,43 @@ class QuotaExceeded(ApiError):
         out["error"]["quota"] = {"name": self.quota, "limit": self.limit,
                                  "usage": self.usage, "requested": self.wanted}
         return out
+
+
+def check_leases(client: Client, held: int) -> None:
+    """Refuse (429) one more lease if the client holds its ``max_leases``."""
+    limit = client.max_leases
+    if client.admin or limit is None or held + 1 <= limit:
+        return
+    raise QuotaExceeded(
+        429, f"quota max_leases: client {client.name} holds {held} leases (or requests "
+             f"under way); its quota is {limit}; return one first",
+        quota="max_leases", limit=limit, usage=held, wanted=1)
+
+
+def _instance_id(state: Path) -> str:
+    """This service's instance id, kept in its state directory (docs/pools.md): a
+    restart is the same instance, another directory another one."""
+    path = state / "instance"
+    try:
+        raw = path.read_text().strip()
+        if _INSTANCE.fullmatch(raw):
+            return raw
+    except (OSError, UnicodeError):
+        pass
+    new = instance_id()
+    tmp = path.with_name(".instance.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, new.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return new
+
+
+_INSTANCE = re.compile(r"[0-9a-f]{12}")
+_LEASE_ID_OK = re.compile(r"[0-9a-f]{16}").fullmatch
 
 
 def check_members(client: Client, usage: int, wanted: int, change: str) -> None:

@@ -65,6 +65,10 @@ class Client:
     def admin(self) -> bool:
         return self.role == "admin"
 
+    def may_lease(self, pool: str) -> bool:
+        """May this client lease from (and see) ``pool``?"""
+        return self.admin or self.pools is None or pool in self.pools
+
     def owns(self, owner: str | None) -> bool:
         """May this client see and change a fleet owned by ``owner`` (None: made
         before owners were kept, or outside the service: admins only)?"""

@@ -82,7 +82,8 @@ class Dispatcher:
     def __init__(self, ctx: RunContext, view: ClusterView, queue: JobQueue, run_job: RunJob,
                  *, on_dropped: Callable[[Job], None],
                  settle_lost: SettleLost | None = None,
-                 shared: SharedLimits | None = None) -> None:
+                 shared: SharedLimits | None = None,
+                 keep_open: Callable[[], bool] | None = None) -> None:
         self._ctx = ctx
         self._view = view
         self._queue = queue
@@ -90,6 +91,8 @@ class Dispatcher:
         self._on_dropped = on_dropped
         self._settle_lost = settle_lost
         self._shared = shared
+        #: an open-ended run (docs/pools.md) waits for more jobs while this says so
+        self._keep_open = keep_open or (lambda: False)
         self._active = 0  # jobs started and not yet ended
         self._key_cache: dict[str, tuple[VmInfo, tuple[LimitKey, ...]]] = {}
         self._interned_keys: dict[LimitKey, LimitKey] = {}
@@ -171,7 +174,7 @@ class Dispatcher:
                 job.queue_s += now - job.queued_at
                 view.reserve(src)
                 self.spawn(tg, job, src, lease)
-            if not queue and self._active == 0:
+            if not queue and self._active == 0 and not self._keep_open():
                 return
             timeout = 1.0
             if queue.delayed:

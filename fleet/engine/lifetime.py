@@ -39,10 +39,15 @@ LABEL_EXPIRES_AT = "guestinfo.fleet.expires_at"
 #: the API client a fleet made by ``fleet serve`` belongs to (fleet.api.tokens); the
 #: engine only carries it (``EngineOptions.labels``), like the expiry
 LABEL_OWNER = "guestinfo.fleet.owner"
+#: a warm pool's member: the pool's name (fleet.api.pools, docs/pools.md)
+LABEL_POOL = "guestinfo.fleet.pool"
+#: a pool member's lease: ``idle <instance>`` or ``leased <id> <client> <granted>
+#: <expires> <max>`` (docs/pools.md); the engine only carries it, like the owner
+LABEL_LEASE = "guestinfo.fleet.lease"
 #: Every label fleet writes on a member: what a listing of a fleet's folder reads (by
 #: key, docs/reads.md), and what a clone clears when it does not set it.
 FLEET_LABELS = (LABEL_NAME, LABEL_INDEX, LABEL_RUN_ID, LABEL_SOURCE, LABEL_STATE,
-                LABEL_EXPIRES_AT, LABEL_OWNER)
+                LABEL_EXPIRES_AT, LABEL_OWNER, LABEL_POOL, LABEL_LEASE)
 #: the longest lifetime accepted (a year): past it, "forever" is meant; say so by giving none
 MAX_TTL_S = 366 * 24 * 3600.0
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}

@@ -81,7 +81,14 @@ class EngineOptions:
     #: label new clones with the expiry the fleet's members already have (read in the
     #: run's own listing of the folder; ``Provisioner.expires_at`` says what it was)
     keep_expiry: bool = False
+    #: an open-ended run (a warm pool's refills, docs/pools.md): no reconcile, nothing
+    #: removed; it clones what :meth:`Provisioner.add` hands it until
+    #: :meth:`Provisioner.close` (or a stop), and forgets jobs once they end
+    stream: bool = False
 
+
+#: stream mode: ended jobs are forgotten once more than twice this many are kept
+STREAM_JOBS_KEPT = 1000
 
 #: how old a view of sources and hosts may be to start a run with (``use_view``): the
 #: run's refresher reads them again every ``refresh_interval_s`` anyway
@@ -117,12 +124,40 @@ class Provisioner:
                                self._stop_clock, Tally())
         self._queue = JobQueue(wake)
         self._jobs: list[Job] = []
+        #: stream mode: open until close(); set once the dispatcher takes jobs
+        self._open = self.options.stream
+        self.started = anyio.Event()
+        self._ended = 0  # stream mode: jobs ended and forgotten
 
     # -- public ------------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
         """Stop dispatching; in-flight clones get the grace period, then are cleaned up.
         ``run`` then returns a summary with ``cancelled`` set."""
         self._stop_clock.stop(reason)
+
+    def add(self, index: int) -> Job:
+        """Stream mode: queue a clone of member ``index`` (once :attr:`started` is set).
+        The caller hears of its end through the run's events (``JobReady``,
+        ``JobFailed`` with the index)."""
+        if not self.options.stream or not self.started.is_set():
+            raise RuntimeError("add() needs a started stream run")
+        if len(self._jobs) > 2 * STREAM_JOBS_KEPT:
+            # A pool's run lives for days: keep only the jobs not yet ended.
+            kept = [j for j in self._jobs if j.outcome is None]
+            self._ended += len(self._jobs) - len(kept)
+            self._jobs = kept
+        now = anyio.current_time()
+        job = Job(index, self.spec.vm_name(index), "clone", now, now)
+        self._jobs.append(job)
+        self._ctx.emit(JobQueued, index=job.index, name=job.name, phase=job.phase)
+        self._queue.ready.append(job)
+        self._ctx.wake.set()
+        return job
+
+    def close(self) -> None:
+        """Stream mode: take no more jobs; :meth:`run` returns once those queued end."""
+        self._open = False
+        self._ctx.wake.set()
 
     def use_view(self, view: ClusterView, read_at: float) -> None:
         """Start with ``view`` (``check_spec``'s, read at ``anyio.current_time()``
@@ -157,7 +192,9 @@ class Provisioner:
                 refresher.report(src)
             with anyio.fail_after(spec.timeouts.call_s):
                 folder = await self.vs.ensure_folder(spec.folder_path)
-                vms = await self.vs.list_folder_vms(folder, FLEET_LABELS)
+                # A stream's caller knows the folder's members (and owns them).
+                vms = [] if self.options.stream else \
+                    await self.vs.list_folder_vms(folder, FLEET_LABELS)
         if setup.cancelled_caught:  # stopped while reading the inventory
             return self._finish_run(t0)
         rec = reconcile(spec, vms)
@@ -172,7 +209,7 @@ class Provisioner:
              to_create=len(rec.create), to_resume=len(rec.resume), to_remove=len(rec.remove),
              already_ready=len(rec.ready))
         now = anyio.current_time()
-        for index in rec.create:
+        for index in () if self.options.stream else rec.create:  # a stream: add() only
             self._jobs.append(Job(index, spec.vm_name(index), "clone", now, now))
         for m in rec.resume:
             self._jobs.append(Job(m.index, m.name, NEXT_PHASE[m.state], now, now,
@@ -186,7 +223,8 @@ class Provisioner:
         dispatcher = Dispatcher(ctx, view, self._queue, pipeline.run_job,
                                 on_dropped=recovery.unsettled,
                                 settle_lost=pipeline.settle_lost,
-                                shared=self.options.shared_limits)
+                                shared=self.options.shared_limits,
+                                keep_open=lambda: self._open and not stop.stopping)
         try:
             if rec.remove:
                 with stop.stoppable() as removing:
@@ -206,6 +244,7 @@ class Provisioner:
                     else:
                         dispatcher.spawn(tg, job, None, None)
                 with dispatcher.shared_wakeups():
+                    self.started.set()
                     await dispatcher.run(tg)
                 tg.cancel_scope.cancel()  # the refresher; every job has finished
         except BaseException:

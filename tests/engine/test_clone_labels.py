@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 
 from fleet.engine import provision
-from fleet.engine.lifetime import LABEL_EXPIRES_AT, LABEL_OWNER, current_expiry
+from fleet.engine.lifetime import (
+    LABEL_EXPIRES_AT,
+    LABEL_LEASE,
+    LABEL_OWNER,
+    LABEL_POOL,
+    current_expiry,
+)
 from fleet.engine.reconcile import LABEL_NAME, LABEL_READY_AT, LABEL_SOURCE
 from fleet.engine.run import EngineOptions, Provisioner
 from fleet.engine.sources import FLEET_LABELS, clone_config
@@ -37,6 +43,9 @@ async def test_a_clone_of_a_ttl_fleets_member_inherits_no_label_of_that_fleet() 
         assert source.extra_config[LABEL_EXPIRES_AT] == "1900000000"
         # A label of some other fleet version, and a user key that is not fleet's.
         source.extra_config[PREFIX + "owner"] = "team-a"
+        # As if it were a leased pool member: its lease must not pass to a clone.
+        source.extra_config[LABEL_POOL] = "ci"
+        source.extra_config[LABEL_LEASE] = "leased 0123456789abcdef team-a 1 2 3"
         source.extra_config["guestinfo.app.role"] = "web"
         source.config_changed()
         summary = await provision(plain, vs, options=opts())
@@ -46,9 +55,11 @@ async def test_a_clone_of_a_ttl_fleets_member_inherits_no_label_of_that_fleet() 
         for vm in members:
             assert LABEL_EXPIRES_AT not in vm.extra_config
             assert LABEL_OWNER not in vm.extra_config  # the source's "team-a": not inherited
-            # Every label fleet writes, but the expiry and owner only fleets given them have.
+            assert LABEL_LEASE not in vm.extra_config and LABEL_POOL not in vm.extra_config
+            # Every label fleet writes, but those only some fleets have (expiry, owner,
+            # a pool's).
             assert fleet_keys(vm.extra_config) == \
-                set(FLEET_LABELS) - {LABEL_EXPIRES_AT, LABEL_OWNER}
+                set(FLEET_LABELS) - {LABEL_EXPIRES_AT, LABEL_OWNER, LABEL_POOL, LABEL_LEASE}
             assert vm.extra_config[LABEL_NAME] == "plainb"
             assert vm.extra_config[LABEL_SOURCE] == "fleet/ttla/ttla-0000"
             assert vm.extra_config["guestinfo.app.role"] == "web"  # not fleet's: kept

@@ -23,7 +23,7 @@ from pyVmomi import vim
 
 from fleet.api.config import config_from_dict
 from fleet.api.service import FleetService
-from fleet.engine.lifetime import LABEL_EXPIRES_AT, LABEL_OWNER
+from fleet.engine.lifetime import LABEL_EXPIRES_AT, LABEL_LEASE, LABEL_OWNER, LABEL_POOL
 from fleet.engine.operations import provision
 from fleet.engine.reconcile import LABEL_NAME, LABEL_READY_AT, LABEL_RUN_ID, LABEL_SOURCE
 from fleet.engine.sources import FLEET_LABELS
@@ -94,7 +94,8 @@ async def test_a_fleet_sourcing_a_ttl_members_clone_neither_inherits_nor_dies_of
         # Its own labels, and the time it became ready (docs/inventory.md), no expiry
         # (and no owner: only fleet serve's clients own fleets).
         assert {k for k in labels if k.startswith("guestinfo.fleet.")} == \
-            (set(FLEET_LABELS) | {LABEL_READY_AT}) - {LABEL_EXPIRES_AT, LABEL_OWNER}
+            (set(FLEET_LABELS) | {LABEL_READY_AT}) - {LABEL_EXPIRES_AT, LABEL_OWNER, LABEL_POOL,
+                                                      LABEL_LEASE}
         assert labels[LABEL_NAME] == "plainb" and labels[LABEL_SOURCE] == source
         assert labels[LABEL_RUN_ID] == summary["run_id"]
 
