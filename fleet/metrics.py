@@ -8,7 +8,9 @@ several services in one process never collide. Several runs may feed one object
 at once (``fleet serve``): give each its own callback with
 :meth:`FleetMetrics.events_for`, so their jobs (which events name by index only)
 are told apart. The service adds its own numbers: fleets by state, expiries, API
-requests.
+requests, and its warm pools (members by state, targets, which instance serves, leases
+and their waits, refills; :meth:`FleetMetrics.set_pool_members` and the methods after
+it, and docs/runbook.md for the alerts on them).
 
 Naming follows Prometheus practice: base units in names (``_seconds``),
 ``_total`` on counters, small fixed label sets, never a VM name or id as a
@@ -18,7 +20,10 @@ clone count). Source names and host names are labels because a fleet has a
 handful of each (they are the things operators act on); fleet names label
 member counts and clone outcomes, and a fleet that is gone loses those series
 (its outcome counters after :data:`GONE_FLEET_HOLD_S`, so its last numbers are
-scraped).
+scraped). Pool names are labels too (a config file lists them), and so are the clients
+that lease (the tokens file lists them, at most ``fleet.api.tokens.MAX_CLIENTS``); a
+pool taken out of the config loses every series at once
+(:meth:`FleetMetrics.forget_pool`).
 
 The README's "Metrics" section is the operator's copy of this table; a test
 keeps both equal to what the registry holds.
@@ -51,6 +56,14 @@ fleet_fleets                                   gauge      state (fleet serve)
 fleet_fleets_expired_total                     counter    (none)
 fleet_api_requests_total                       counter    route, method, code
 fleet_api_request_duration_seconds             histogram  route
+fleet_pool_members                             gauge      pool, state (POOL_STATES)
+fleet_pool_target                              gauge      pool, kind (ready|max)
+fleet_pool_serving                             gauge      pool
+fleet_lease_wait_seconds                       histogram  pool
+fleet_leases_total                             counter    pool, outcome (LEASE_OUTCOMES), client
+fleet_lease_refusals_total                     counter    pool, reason (REFUSAL_REASONS), client
+fleet_pool_refill_seconds                      histogram  pool
+fleet_lease_waiting                            gauge      pool
 =============================================  =========  =================================
 """
 
@@ -88,10 +101,22 @@ REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    30.0, 60.0)
 # API calls: sub-millisecond reads to a large fleet's JSON.
 API_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A lease: an idle member answers in well under 50 ms; a lease that waits for a refill
+# takes a clone's time (seconds) or, with the pool at its max, until a member comes back.
+LEASE_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                      10.0, 30.0, 60.0, 120.0, 300.0)
 #: fleet_clones_total's outcomes: a cancelled clone (its run was stopped by a delete, an
 #: expiry, a new request or Ctrl-C) is neither ready nor failed
 OUTCOMES = ("ready", "failed", "cancelled")
 MEMBER_STATES = ("cloned", "network", "ready")
+#: fleet_pool_members' states, every one exported for a known pool (0 when none):
+#: recycling is being destroyed (returned, expired or stale); doubt is what an instance
+#: that took the pool over cannot vouch for yet
+POOL_STATES = ("idle", "leased", "refilling", "recycling", "doubt")
+#: fleet_leases_total's outcomes; "refused" is counted by count_lease_refused alone
+LEASE_OUTCOMES = ("granted", "returned", "expired", "refused")
+#: fleet_lease_refusals_total's reasons
+REFUSAL_REASONS = ("at_max", "wait_timeout", "quota", "not_allowed", "not_serving")
 #: How long a gone fleet's outcome counters stay: several scrapes at any usual interval
 #: (Prometheus' default is 1 min), so its last increments (the clones a delete or an
 #: expiry cancelled) are scraped. After that, rate() and the alerts go on using the
@@ -177,6 +202,33 @@ class FleetMetrics:
         self.api_duration = Histogram("fleet_api_request_duration_seconds",
                                       "REST API request latency, by route template", ["route"],
                                       buckets=API_BUCKETS, registry=r)
+        self.pool_members = Gauge("fleet_pool_members",
+                                  "Warm pool members, by state (idle, leased, refilling, "
+                                  "recycling, doubt)", ["pool", "state"], registry=r)
+        self.pool_target = Gauge("fleet_pool_target",
+                                 "A warm pool's configured size: kind ready (idle members "
+                                 "it keeps) and max (members at most)", ["pool", "kind"],
+                                 registry=r)
+        self.pool_serving = Gauge("fleet_pool_serving",
+                                  "1 when this instance holds the pool and grants its "
+                                  "leases, 0 when it stands by", ["pool"], registry=r)
+        self.lease_wait = Histogram("fleet_lease_wait_seconds",
+                                    "From a lease request's arrival to its answer with a VM",
+                                    ["pool"], buckets=LEASE_WAIT_BUCKETS, registry=r)
+        self.leases = PromCounter("fleet_leases_total",
+                                  "Leases by pool, outcome (granted, returned, expired, "
+                                  "refused) and client", ["pool", "outcome", "client"],
+                                  registry=r)
+        self.lease_refusals = PromCounter("fleet_lease_refusals_total",
+                                          "Refused lease requests, by pool, reason and client",
+                                          ["pool", "reason", "client"], registry=r)
+        # A refill is a clone from queued to ready: the clone buckets.
+        self.pool_refill = Histogram("fleet_pool_refill_seconds",
+                                     "From a refill clone being queued to the member being "
+                                     "idle", ["pool"], buckets=PHASE_BUCKETS, registry=r)
+        self.lease_waiting = Gauge("fleet_lease_waiting",
+                                   "Lease requests waiting for a member now", ["pool"],
+                                   registry=r)
         # Known label values start at 0, so rate() and absent() behave from the first scrape.
         for phase in PHASES:
             self.phase_duration.labels(phase)
@@ -191,6 +243,9 @@ class FleetMetrics:
         self.clock: Callable[[], float] = time.monotonic
         self._queued: set[tuple[str, int]] = set()
         self._run_fleet = ""
+        #: pool -> (metric id, label values after the pool) -> (metric, child): every
+        #: series a pool has, so forget_pool removes them all
+        self._pool_series: dict[str, dict[tuple[int, tuple[str, ...]], tuple[Any, Any]]] = {}
 
     # -- engine events ---------------------------------------------------------
     def events_for(self, fleet: str) -> Callable[[Event], None]:
@@ -367,6 +422,96 @@ class FleetMetrics:
         self.api_requests.labels(route, method, str(code)).inc()
         self.api_duration.labels(route).observe(duration_s)
 
+    # -- warm pools (fleet serve) -------------------------------------------------
+    def set_pool_members(self, pool: str, states: Mapping[str, int]) -> None:
+        """A pool's members by state. Every state of :data:`POOL_STATES` is exported (0
+        when absent from ``states``); a pool's first call also starts its lease-wait and
+        refill histograms and its waiting gauge at 0."""
+        unknown = sorted(set(states) - set(POOL_STATES))
+        if unknown:
+            raise ValueError(f"pool {pool!r}: unknown member state(s) {unknown}; "
+                             f"expected {', '.join(POOL_STATES)}")
+        counts = {state: _count(pool, f"members {state}", states.get(state, 0))
+                  for state in POOL_STATES}  # all checked before any is set
+        for state, n in counts.items():
+            self._pool_child(self.pool_members, pool, state).set(n)
+        self._pool_child(self.lease_wait, pool)
+        self._pool_child(self.pool_refill, pool)
+        self._pool_child(self.lease_waiting, pool)  # a new gauge child is 0
+
+    def set_pool_target(self, pool: str, ready: int, max_: int) -> None:
+        """A pool's configured size: ``ready`` idle members to keep, ``max_`` at most."""
+        ready, max_ = _count(pool, "ready", ready), _count(pool, "max", max_)
+        self._pool_child(self.pool_target, pool, "ready").set(ready)
+        self._pool_child(self.pool_target, pool, "max").set(max_)
+
+    def set_pool_serving(self, pool: str, serving: bool) -> None:
+        """Whether this instance holds ``pool`` (grants its leases) or stands by."""
+        self._pool_child(self.pool_serving, pool).set(1 if serving else 0)
+
+    def observe_lease_wait(self, pool: str, seconds: float) -> None:
+        """A lease answered with a VM ``seconds`` after its request arrived."""
+        self._pool_child(self.lease_wait, pool).observe(seconds)
+
+    def count_lease(self, pool: str, outcome: str, client: str) -> None:
+        """A lease of ``client``'s was granted, returned or expired. Refusals go through
+        :meth:`count_lease_refused`, which also counts their reason."""
+        if outcome not in LEASE_OUTCOMES or outcome == "refused":
+            raise ValueError(f"pool {pool!r}: lease outcome {outcome!r} is not one of "
+                             "granted, returned, expired (refusals: count_lease_refused)")
+        self._lease_outcome(pool, outcome, client).inc()
+
+    def count_lease_refused(self, pool: str, reason: str, client: str) -> None:
+        """A lease request of ``client``'s was refused: counted in
+        ``fleet_lease_refusals_total`` by reason and in ``fleet_leases_total`` as
+        ``outcome="refused"`` (the sum over reasons)."""
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"pool {pool!r}: lease refusal reason {reason!r} is not one of "
+                             f"{', '.join(REFUSAL_REASONS)}")
+        self._pool_child(self.lease_refusals, pool, reason, client).inc()
+        self._lease_outcome(pool, "refused", client).inc()
+
+    def observe_refill(self, pool: str, seconds: float) -> None:
+        """A refill member became idle ``seconds`` after its clone was queued."""
+        self._pool_child(self.pool_refill, pool).observe(seconds)
+
+    def leases_waiting(self, pool: str, n: int) -> None:
+        """Lease requests waiting for one of ``pool``'s members now."""
+        n = _count(pool, "waiting", n)
+        self._pool_child(self.lease_waiting, pool).set(n)
+
+    def forget_pool(self, pool: str) -> None:
+        """``pool`` left the config: every series of it goes (a call for it afterwards
+        brings that series back)."""
+        for (_, rest), (metric, _) in self._pool_series.pop(pool, {}).items():
+            with contextlib.suppress(KeyError):
+                metric.remove(pool, *rest)
+
+    def _lease_outcome(self, pool: str, outcome: str, client: str) -> PromCounter:
+        """A (pool, client)'s fleet_leases_total child; its first use starts all outcomes
+        at 0, so rate() sees that client's first refusal or expiry."""
+        series = self._pool_series.get(pool, {})
+        if (id(self.leases), (outcome, client)) not in series:
+            for other in LEASE_OUTCOMES:
+                self._pool_child(self.leases, pool, other, client)
+        return self._pool_child(self.leases, pool, outcome, client)
+
+    def _pool_child(self, metric: _M, pool: str, *rest: str) -> _M:
+        """``metric.labels(pool, *rest)``, recorded as one of ``pool``'s series."""
+        series = self._pool_series.setdefault(pool, {})
+        key = (id(metric), rest)
+        got = series.get(key)
+        if got is None:
+            got = series[key] = (metric, metric.labels(pool, *rest))
+        return cast(_M, got[1])
+
     def exposition(self) -> bytes:
         """The text format a scrape gets."""
         return generate_latest(self.registry)
+
+
+def _count(pool: str, what: str, n: int) -> int:
+    """``n``, a number of members or requests: never negative."""
+    if n < 0:
+        raise ValueError(f"pool {pool!r}: {what} is {n}, a count cannot be negative")
+    return n

@@ -11,7 +11,13 @@ from prometheus_client.exposition import generate_latest
 from fleet import metrics as metrics_module
 from fleet.engine import events as ev
 from fleet.engine.limits import LimiterStats
-from fleet.metrics import GONE_FLEET_HOLD_S, FleetMetrics
+from fleet.metrics import (
+    GONE_FLEET_HOLD_S,
+    LEASE_OUTCOMES,
+    POOL_STATES,
+    REFUSAL_REASONS,
+    FleetMetrics,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,6 +221,150 @@ def test_api_and_service_numbers() -> None:
     assert sample(m, "fleet_api_request_duration_seconds_count", route="/v1/fleets/{name}") == 1
     assert sample(m, "fleet_fleets", state="ready") == 2
     assert sample(m, "fleet_fleets", state="pending") == 0
+
+
+# -- warm pools ---------------------------------------------------------------------------
+
+def pool_series(m: FleetMetrics, pool: str) -> list[str]:
+    """Every exposed sample line of ``pool``."""
+    return [line for line in m.exposition().decode().splitlines()
+            if not line.startswith("#") and f'pool="{pool}"' in line]
+
+
+def test_no_pool_series_until_a_pool_is_reported() -> None:
+    m = FleetMetrics()
+    assert 'pool="' not in m.exposition().decode()
+    m.set_pool_members("ci", {"idle": 3, "leased": 1})
+    assert pool_series(m, "ci")
+    assert 'pool="' not in "\n".join(line for line in m.exposition().decode().splitlines()
+                                     if 'pool="ci"' not in line)
+
+
+def test_every_member_state_is_exported_for_a_known_pool() -> None:
+    m = FleetMetrics()
+    m.set_pool_members("ci", {"idle": 3, "leased": 1})
+    assert {s: sample(m, "fleet_pool_members", pool="ci", state=s) for s in POOL_STATES} == {
+        "idle": 3, "leased": 1, "refilling": 0, "recycling": 0, "doubt": 0}
+    # A state that empties goes to 0, not away (an alert asks for idle == 0).
+    m.set_pool_members("ci", {"leased": 4, "doubt": 2})
+    assert sample(m, "fleet_pool_members", pool="ci", state="idle") == 0
+    assert sample(m, "fleet_pool_members", pool="ci", state="doubt") == 2
+    # Its first report starts the waits, refills and waiting requests at 0.
+    assert sample(m, "fleet_lease_wait_seconds_count", pool="ci") == 0
+    assert sample(m, "fleet_pool_refill_seconds_count", pool="ci") == 0
+    assert sample(m, "fleet_lease_waiting", pool="ci") == 0
+
+
+def test_pool_inputs_out_of_their_sets_are_refused_naming_them() -> None:
+    m = FleetMetrics()
+    with pytest.raises(ValueError, match=r"pool 'ci': unknown member state\(s\) \['ready'\]"):
+        m.set_pool_members("ci", {"ready": 1})
+    with pytest.raises(ValueError, match="pool 'ci': members idle is -1"):
+        m.set_pool_members("ci", {"idle": -1})
+    with pytest.raises(ValueError, match="pool 'ci': max is -2"):
+        m.set_pool_target("ci", 1, -2)
+    with pytest.raises(ValueError, match="pool 'ci': waiting is -1"):
+        m.leases_waiting("ci", -1)
+    with pytest.raises(ValueError, match=r"'refused' .*count_lease_refused"):
+        m.count_lease("ci", "refused", "ci-bot")
+    with pytest.raises(ValueError, match="outcome 'lost'"):
+        m.count_lease("ci", "lost", "ci-bot")
+    with pytest.raises(ValueError, match="reason 'busy'"):
+        m.count_lease_refused("ci", "busy", "ci-bot")
+    assert pool_series(m, "ci") == []  # nothing half-set
+
+
+def test_targets_serving_and_waiting_requests() -> None:
+    m = FleetMetrics()
+    m.set_pool_target("ci", 4, 10)
+    m.set_pool_serving("ci", True)
+    m.set_pool_serving("nightly", False)
+    m.leases_waiting("ci", 3)
+    assert sample(m, "fleet_pool_target", pool="ci", kind="ready") == 4
+    assert sample(m, "fleet_pool_target", pool="ci", kind="max") == 10
+    assert sample(m, "fleet_pool_serving", pool="ci") == 1
+    assert sample(m, "fleet_pool_serving", pool="nightly") == 0
+    assert sample(m, "fleet_lease_waiting", pool="ci") == 3
+    m.set_pool_members("ci", {"idle": 1})  # the waiting count is the caller's, not reset
+    assert sample(m, "fleet_lease_waiting", pool="ci") == 3
+    m.leases_waiting("ci", 0)
+    assert sample(m, "fleet_lease_waiting", pool="ci") == 0
+
+
+def test_leases_by_outcome_and_refusals_by_reason() -> None:
+    m = FleetMetrics()
+    m.count_lease("ci", "granted", "ci-bot")
+    m.count_lease("ci", "granted", "ci-bot")
+    m.count_lease("ci", "returned", "ci-bot")
+    m.count_lease("ci", "expired", "nightly")
+    # A client's first lease of a pool starts its other outcomes at 0.
+    assert {o: sample(m, "fleet_leases_total", pool="ci", outcome=o, client="ci-bot")
+            for o in LEASE_OUTCOMES} == {"granted": 2, "returned": 1, "expired": 0,
+                                         "refused": 0}
+    assert sample(m, "fleet_leases_total", pool="ci", outcome="expired", client="nightly") == 1
+    assert sample(m, "fleet_leases_total", pool="ci", outcome="granted", client="nightly") == 0
+    for reason in REFUSAL_REASONS:
+        m.count_lease_refused("ci", reason, "ci-bot")
+    m.count_lease_refused("ci", "at_max", "ci-bot")
+    assert sample(m, "fleet_lease_refusals_total", pool="ci", reason="at_max",
+                  client="ci-bot") == 2
+    assert sample(m, "fleet_lease_refusals_total", pool="ci", reason="quota",
+                  client="ci-bot") == 1
+    # outcome="refused" is the sum over reasons.
+    assert sample(m, "fleet_leases_total", pool="ci", outcome="refused",
+                  client="ci-bot") == len(REFUSAL_REASONS) + 1
+    assert sample(m, "fleet_lease_refusals_total", pool="ci", reason="at_max",
+                  client="nightly") is None
+
+
+def test_lease_waits_and_refills_land_in_their_buckets() -> None:
+    m = FleetMetrics()
+    buckets = metrics_module.LEASE_WAIT_BUCKETS
+    # An idle member's answer (tens of ms) and a wait for a refill (seconds to minutes)
+    # are told apart.
+    assert 0.05 in buckets and 0.01 in buckets and max(buckets) >= 300
+    m.observe_lease_wait("ci", 0.02)
+    m.observe_lease_wait("ci", 45.0)
+    assert sample(m, "fleet_lease_wait_seconds_bucket", pool="ci", le="0.01") == 0
+    assert sample(m, "fleet_lease_wait_seconds_bucket", pool="ci", le="0.025") == 1
+    assert sample(m, "fleet_lease_wait_seconds_bucket", pool="ci", le="0.05") == 1
+    assert sample(m, "fleet_lease_wait_seconds_bucket", pool="ci", le="30.0") == 1
+    assert sample(m, "fleet_lease_wait_seconds_bucket", pool="ci", le="60.0") == 2
+    assert sample(m, "fleet_lease_wait_seconds_sum", pool="ci") == pytest.approx(45.02)
+    m.observe_refill("ci", 4.0)
+    assert sample(m, "fleet_pool_refill_seconds_bucket", pool="ci", le="3.0") == 0
+    assert sample(m, "fleet_pool_refill_seconds_bucket", pool="ci", le="5.0") == 1
+    assert sample(m, "fleet_pool_refill_seconds_count", pool="ci") == 1
+
+
+def test_forget_pool_removes_every_series_of_that_pool_only() -> None:
+    m = FleetMetrics()
+    for pool in ("ci", "nightly"):
+        m.set_pool_members(pool, {"idle": 2})
+        m.set_pool_target(pool, 2, 5)
+        m.set_pool_serving(pool, True)
+        m.leases_waiting(pool, 1)
+        m.observe_lease_wait(pool, 0.01)
+        m.observe_refill(pool, 2.0)
+        m.count_lease(pool, "granted", "ci-bot")
+        m.count_lease_refused(pool, "quota", "ci-bot")
+    before = pool_series(m, "nightly")
+    m.forget_pool("ci")
+    assert pool_series(m, "ci") == []
+    assert pool_series(m, "nightly") == before
+    # Every pool metric had a series of "ci": all of them went.
+    names = {line.split("{")[0] for line in before}
+    assert {n.removesuffix("_total") for n in names if not n.endswith(("_bucket", "_sum",
+                                                                       "_count"))} | {
+        "fleet_lease_wait_seconds", "fleet_pool_refill_seconds"} == {
+        f.name for f in m.registry.collect() if f.name.startswith(("fleet_pool", "fleet_lease"))}
+    m.forget_pool("ci")  # twice, or a pool never reported: nothing to do
+    m.forget_pool("never")
+    # Reported again, it starts afresh.
+    m.count_lease("ci", "granted", "ci-bot")
+    assert sample(m, "fleet_leases_total", pool="ci", outcome="granted", client="ci-bot") == 1
+    assert sample(m, "fleet_lease_refusals_total", pool="ci", reason="quota",
+                  client="ci-bot") is None
 
 
 # -- the documentation lists exactly what is registered -----------------------------------

@@ -12,6 +12,10 @@ data, or its panel says what it shows until then (``noValue``); the task faults 
 faulty fleet alone, never for the cancelled one. ``promtool`` checks the shipped config
 and rules, and runs the rules' unit tests.
 
+The service runs no warm pool here, so the "Pools" row shows its ``noValue`` texts; its
+queries are evaluated by ``promtool`` instead, over series that ``FleetMetrics`` exports
+for a serving and a standby instance of one pool.
+
 On a machine without the package these tests skip, naming it; ``.ci/run``
 installs it and sets ``FLEET_REQUIRE_PROMETHEUS=1``, under which a missing
 binary is a failure, so CI never skips them.
@@ -47,6 +51,7 @@ RUNBOOK = ROOT / "docs" / "runbook.md"
 SCRAPE_S = 1.0
 RATE_INTERVAL = f"{int(4 * SCRAPE_S * 1000)}ms"  # Grafana: at least 4 scrape intervals
 PHASES = "clone|network"  # a multi-value $phase, as Grafana renders it for a regex
+POOLS = ".*"  # $pool at "All": the variable's allValue
 JOB = "fleet"  # prometheus.yml's job_name
 
 
@@ -102,8 +107,21 @@ def grafana_substitute(expr: str, range_s: int, instance: str) -> str:
     return (expr.replace("$__rate_interval", RATE_INTERVAL)
             .replace("$__range", f"{range_s}s")
             .replace("$phase", PHASES)
+            .replace("$pool", POOLS)
             .replace("$job", regex_value(JOB))
             .replace("$instance", regex_value(instance)))
+
+
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels under the row called ``title``, up to the next row."""
+    out: list[dict[str, Any]] = []
+    inside = False
+    for panel in board()["panels"]:
+        if panel["type"] == "row":
+            inside = panel["title"] == title
+        elif inside:
+            out.append(panel)
+    return out
 
 
 def alert_rules() -> dict[str, dict[str, Any]]:
@@ -160,6 +178,124 @@ def test_every_alert_aggregates_by_instance_and_has_a_runbook_section() -> None:
         for by in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", rule["expr"]):
             assert {"job", "instance"} <= {w.strip() for w in by.split(",")}, (name, by)
         assert not re.search(r"\bsum\s*\(", rule["expr"]), (name, "a sum over instances")
+
+
+POOL_METRICS = ("fleet_pool_", "fleet_lease")
+
+
+def test_the_pools_row_selects_the_chosen_pool_and_shows_every_pool_metric() -> None:
+    from fleet.metrics import FleetMetrics
+
+    variables = {v["name"]: v for v in board()["templating"]["list"]}
+    assert variables["pool"]["definition"] == (
+        'label_values(fleet_pool_members{job=~"$job", instance=~"$instance"}, pool)')
+    assert variables["pool"]["allValue"] == POOLS
+    pool_panels = row_panels("Pools")
+    assert pool_panels
+    shown: set[str] = set()
+    for panel in pool_panels:
+        # No pool (fleet provision, a service without one): the panel says so.
+        assert no_value(panel), panel["title"]
+        for target in panel["targets"]:
+            for name, selector in re.findall(r"(fleet_\w+)(\{[^}]*\})", target["expr"]):
+                assert name.startswith(POOL_METRICS), (panel["title"], name)
+                assert 'pool=~"$pool"' in selector, (panel["title"], target["expr"])
+                shown.add(name.removesuffix("_bucket").removesuffix("_total"))
+    families = {f.name for f in FleetMetrics().registry.collect()
+                if f.name.startswith(POOL_METRICS)}
+    assert families <= shown, families - shown
+    # No other row asks for pool metrics.
+    for panel in panels():
+        if panel not in pool_panels:
+            assert not any(m in t["expr"] for t in panel["targets"] for m in POOL_METRICS), \
+                panel["title"]
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def _pool_series(instance: str, serving: bool) -> list[dict[str, str]]:
+    """promtool input series of one instance's pool ``ci``, from what FleetMetrics exports:
+    gauges hold their value for 10 minutes, counters and histograms grow by theirs each
+    minute."""
+    from fleet.metrics import FleetMetrics
+
+    m = FleetMetrics()
+    if serving:
+        m.set_pool_members("ci", {"idle": 2, "leased": 3, "refilling": 1, "recycling": 1})
+        m.leases_waiting("ci", 1)
+        for outcome in ("granted", "granted", "granted", "returned", "returned"):
+            m.count_lease("ci", outcome, "ci-bot")
+        m.count_lease_refused("ci", "at_max", "ci-bot")
+        m.observe_lease_wait("ci", 0.02)
+        m.observe_refill("ci", 4.0)
+    else:  # a standby's own view of the pool, never shown as the pool's state
+        m.set_pool_members("ci", {"idle": 5, "doubt": 6})
+        m.count_lease_refused("ci", "not_serving", "ci-bot")
+    m.set_pool_target("ci", 2, 8)
+    m.set_pool_serving("ci", serving)
+    out = []
+    for family in m.registry.collect():
+        for s in family.samples:
+            if "pool" in s.labels:
+                labels = {**s.labels, "job": JOB, "instance": instance}
+                grows = family.type in ("counter", "histogram")
+                out.append({"series": s.name + _labels(labels),
+                            "values": f"0+{s.value:g}x10" if grows else f"{s.value:g}x10"})
+    return out
+
+
+def test_the_pools_row_shows_the_serving_instances_pool(tmp_path: Path) -> None:
+    """Every query of the "Pools" row, as Grafana sends it (all instances, all pools),
+    over a serving instance a and a standby b of pool ci: the members are a's alone, the
+    lease and refusal rates count both, the percentiles are a's observations."""
+    promtool = tool("promtool")
+    per_min = 1 / 60
+    pool = {"pool": "ci"}
+    expected: dict[str, dict[str, list[tuple[dict[str, str], float]]]] = {
+        "Pool members by state": {
+            "A": [({**pool, "state": "idle"}, 2), ({**pool, "state": "leased"}, 3),
+                  ({**pool, "state": "refilling"}, 1)],
+            "B": [(pool, 2)]},
+        # The one lease waited 0.02 s: in the (0.01, 0.025] bucket, interpolated.
+        "Lease wait (p50 / p99)": {"A": [(pool, 0.0175)], "B": [(pool, 0.02485)]},
+        "Leases per second by outcome": {
+            "A": [({**pool, "outcome": "granted"}, 3 * per_min),
+                  ({**pool, "outcome": "returned"}, 2 * per_min),
+                  ({**pool, "outcome": "expired"}, 0),
+                  ({**pool, "outcome": "refused"}, 2 * per_min)]},
+        # The one refill took 4 s: in the (3, 5] bucket.
+        "Refill time (p50 / p99)": {"A": [(pool, 4.0)], "B": [(pool, 4.98)]},
+        "Lease requests waiting": {"A": [(pool, 1)]},
+        "Lease refusals by reason": {
+            "A": [({**pool, "reason": "at_max"}, per_min),
+                  ({**pool, "reason": "not_serving"}, per_min)]},
+        "Members recycling or in doubt": {
+            "A": [({**pool, "state": "recycling"}, 1), ({**pool, "state": "doubt"}, 0)]},
+        "Serving instance per pool": {
+            "A": [({**pool, "instance": "a:8080"}, 1), ({**pool, "instance": "b:8080"}, 0)]},
+    }
+    pool_panels = row_panels("Pools")
+    assert {p["title"] for p in pool_panels} == set(expected)
+    tests = []
+    for panel in pool_panels:
+        for target in panel["targets"]:
+            expr = grafana_substitute(target["expr"].replace("$instance", ".*")
+                                      .replace("$__rate_interval", "5m"), 600, "")
+            exp = expected[panel["title"]][target["refId"]]
+            # promtool compares values exactly: both sides in millionths, as integers.
+            tests.append({"expr": f"round(({expr}) * 1e6)", "eval_time": "10m",
+                          "exp_samples": [{"labels": _labels(labels), "value": round(value * 1e6)}
+                                          for labels, value in exp]})
+    (tmp_path / "pools_test.yml").write_text(yaml.safe_dump({
+        "rule_files": [], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m",
+                   "input_series": _pool_series("a:8080", True) + _pool_series("b:8080", False),
+                   "promql_expr_test": tests}]}))
+    out = subprocess.run([promtool, "test", "rules", str(tmp_path / "pools_test.yml")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _tokens(expr: str) -> list[str]:
@@ -299,15 +435,19 @@ def test_dashboard_queries_and_alerts_through_a_burst_with_faults_and_a_cancella
     assert [t["health"] for t in targets] == ["up"], targets
 
     # The dashboard's variables find the service (Grafana's label_values(metric, label)).
+    # The service has no warm pool: the pool variable's query only has to be answered.
+    found = {"job": JOB, "instance": instance}
     for variable in board()["templating"]["list"]:
         if variable["type"] != "query":
             continue
         got = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
         assert got, variable["definition"]
-        match = got.group(1).replace("$job", regex_value(JOB))
-        values = get_json(f"{prom}/api/v1/label/{got.group(2)}/values?"
-                          + urllib.parse.urlencode({"match[]": match}))["data"]
-        assert {"job": JOB, "instance": instance}[variable["name"]] in values, values
+        match = grafana_substitute(got.group(1), range_s, instance)
+        body = get_json(f"{prom}/api/v1/label/{got.group(2)}/values?"
+                        + urllib.parse.urlencode({"match[]": match}))
+        assert body["status"] == "success", (variable["name"], body)
+        if variable["name"] != "pool":
+            assert found[variable["name"]] in body["data"], body
 
     # Every panel's queries evaluate; each panel shows data, or says what it waits for.
     results: dict[str, list[Any]] = {}
