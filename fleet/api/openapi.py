@@ -241,6 +241,18 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                        "properties": {"name": {"type": "string"},
                                       "index": {"type": "integer"},
                                       "vm": {"type": "string"}}}}}
+    if config.pools:
+        # No pool takes a lease longer than its max_lease_ttl_s: the largest is the bound.
+        longest = max(p.max_lease_ttl_s for p in config.pools.values())
+        for model in ("LeaseCreate", "LeaseExtend"):
+            ttl = schemas[model]["properties"]["ttl_s"]
+            for option in ttl.get("anyOf", [ttl]):
+                if option.get("type") == "number":
+                    option["maximum"] = longest
+    lease_links = {
+        name: {"operationId": op, "parameters": {"lease": "$response.body#/lease/id"}}
+        for name, op in (("GetLease", "getLease"), ("ExtendLease", "extendLease"),
+                         ("ReturnLease", "returnLease"))}
     lease_one = _json({"type": "object", "required": ["lease"],
                        "properties": {"lease": _ref("Lease")}})
     schemas["Accepted"] = {
@@ -273,8 +285,10 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
     accepted = {"description": "accepted; progress shows in the fleet's status",
                 "headers": {"Location": {"schema": {"type": "string"}}},
                 "content": _json(_ref("Accepted"))}
+    # This service's pools are its config's: any other name is 404.
     pool_param = {"name": "pool", "in": "path", "required": True,
-                  "schema": {"type": "string", "pattern": NAME_PATTERN}}
+                  "schema": {"type": "string", "enum": sorted(config.pools)} if config.pools
+                  else {"type": "string", "pattern": NAME_PATTERN}}
     lease_param = {"name": "lease", "in": "path", "required": True,
                    "schema": {"type": "string"}}
     no_pool = _error("no such pool")
@@ -306,7 +320,7 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
                      "responses": {
                          "201": {"description": "leased: the member's record is in the lease",
                                  "headers": {"Location": {"schema": {"type": "string"}}},
-                                 "content": lease_one},
+                                 "content": lease_one, "links": lease_links},
                          "403": _error("not this client's pool"), "404": no_pool,
                          **lease_body,
                          "429": _error("a quota (error.quota), the pool at its max "

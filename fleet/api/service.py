@@ -283,7 +283,7 @@ class FleetService:
         (429)."""
         self._check_accepting()
         spec = request.spec
-        missing = await self.sources.problems(spec)
+        missing = await self.sources.problems(spec, client)
         if missing:
             raise invalid(missing, body)
         self._check_accepting()

@@ -264,3 +264,32 @@ async def test_another_instance_never_leases_idle_members_it_did_not_make(
             assert status == 201 and body["lease"]["member"]["name"] not in a_idle
             status, body = await lease(b, BOB, {"wait_s": 1})
             assert status == 429 and body["error"]["reason"] == "at_max"
+
+
+async def test_a_client_may_not_clone_another_clients_member_or_a_pool_member(
+        tmp_path: Path) -> None:
+    """An instant clone copies its source's memory: naming another team's VM (or a
+    leased pool member) as a source would copy what runs in it."""
+    async with folder_fake() as (vs, sim), api_on(pool_config(tmp_path), vs) as api:
+        await filled(api)
+        assert (await api.call(ALICE, "POST", "/v1/fleets", {"name": "af", "count": 1}))[0] \
+            == 202
+        await until(lambda: any(vm.name == "af-0000" for vm in sim.folder_vms("fleet/af")),
+                    20)
+        member = (await lease(api, BOB))[1]["lease"]["member"]["name"]
+        for token, source, word in ((BOB, "af-0000", "fleet af"),
+                                    (CAROL, member, "warm pool ci"),
+                                    (ALICE, member, "warm pool ci")):
+            status, body = await api.call(token, "POST", "/v1/fleets",
+                                          {"name": f"steal-{token[:3]}", "count": 1,
+                                           "sources": [source]})
+            assert status == 422, body
+            problem = body["error"]["problems"][0]
+            assert problem["key"] == "sources[0]" and word in problem["message"], problem
+        # Its own fleet's member is alice's to clone; an admin may clone anything.
+        status, body = await api.call(ALICE, "POST", "/v1/fleets",
+                                      {"name": "own", "count": 0, "sources": ["af-0000"]})
+        assert status == 202, body
+        status, body = await api.call(TOKEN, "POST", "/v1/fleets",
+                                      {"name": "adm", "count": 0, "sources": [member]})
+        assert status == 202, body
