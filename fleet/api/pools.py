@@ -56,8 +56,9 @@ from fleet.vsphere.model import ListedVm, Ref
 
 log = logging.getLogger("fleet.api.pools")
 
-MemberState = Literal["idle", "granting", "leased", "recycling", "doubt"]
-#: the states ``fleet_pool_members`` shows (granting counts as leased)
+#: "made": cloned and ready, its record being read before it is idle
+MemberState = Literal["made", "idle", "granting", "leased", "recycling", "doubt"]
+#: the states ``fleet_pool_members`` shows (made counts as refilling, granting as leased)
 SHOWN_STATES = ("idle", "leased", "refilling", "recycling", "doubt")
 #: how often a serving pool looks at expiries and idle ages, at the latest
 TICK_S = 1.0
@@ -73,6 +74,9 @@ KEEP_ENDED_S = 300.0
 REFILL_BACKOFF_MAX_S = 60.0
 #: compact the journal once it is larger than this
 COMPACT_BYTES = 1024 * 1024
+
+
+_SHOWN = {"made": "refilling", "granting": "leased"}
 
 
 def new_lease_id() -> str:
@@ -202,8 +206,8 @@ class Pool:
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(SHOWN_STATES, 0)
         for m in self.members.values():
-            out["leased" if m.state == "granting" else m.state] += 1
-        out["refilling"] = len(self.refilling)
+            out[_SHOWN.get(m.state, m.state)] += 1
+        out["refilling"] += len(self.refilling)
         return out
 
     def total(self) -> int:
@@ -244,7 +248,7 @@ class Pool:
         t0 = anyio.current_time()
         ttl = self.cfg.lease_ttl_s if ttl_s is None else ttl_s
         wait = self.cfg.wait_s if wait_s is None else wait_s
-        if not self.serving:
+        if not self.serving or self._lock is None or not self._lock.valid:
             self._refused("not_serving", client)
             raise self._not_serving()
         member: PoolMember | None = self.idle.popleft() if self.idle else None
@@ -445,7 +449,13 @@ class Pool:
         await self._read_records([m for m in self.members.values() if m.state == "idle"])
         await self._compact()
         lost = anyio.Event()
-        lock.on_lost(lambda why: lost.set())
+
+        def on_lost(why: str) -> None:
+            self.serving = False  # no grant from now on, not even before the loop sees it
+            lost.set()
+            self.wake()
+
+        lock.on_lost(on_lost)
         labels = {LABEL_POOL: self.name, LABEL_LEASE: f"idle {self.instance}"}
         options = EngineOptions(shared_limits=self.ctx.shared, labels=labels, stream=True)
         provisioner = Provisioner(self.spec, self.ctx.vs, on_event=self._on_event,
@@ -635,7 +645,8 @@ class Pool:
         if anyio.current_time() < self._backoff_until:
             return
         waiting = sum(1 for w in self.waiters if w.member is None)
-        want = self.cfg.ready + waiting - len(self.idle) - len(self.refilling)
+        made = sum(1 for m in self.members.values() if m.state == "made")
+        want = self.cfg.ready + waiting - len(self.idle) - len(self.refilling) - made
         room = self.cfg.max - self.total()
         for _ in range(max(0, min(want, room))):
             index = self._next_index
@@ -651,7 +662,7 @@ class Pool:
             if job is None or queued is None:
                 return
             self._failures = 0
-            pm = PoolMember(event.index, event.name, job, "granting")
+            pm = PoolMember(event.index, event.name, job, "made")
             self.members[job.id] = pm
             if self._tg is not None:
                 self._tg.start_soon(self._became_ready, pm, queued)
@@ -676,7 +687,7 @@ class Pool:
 
     async def _became_ready(self, pm: PoolMember, queued: float) -> None:
         await self._read_records([pm])
-        if self.members.get(pm.vm.id) is not pm or pm.state != "granting":
+        if self.members.get(pm.vm.id) is not pm or pm.state != "made":
             return
         self.refilled += 1
         self.ctx.metrics.observe_refill(self.name, anyio.current_time() - queued)
@@ -684,7 +695,8 @@ class Pool:
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.gone:
-                waiter.member = pm  # stays "granting": the waiter's task grants it
+                pm.state = "granting"  # the waiter's task grants it
+                waiter.member = pm
                 waiter.got.set()
                 return
         pm.state = "idle"
