@@ -30,6 +30,8 @@ folder (``fleet/<name>``) are found too.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -144,12 +146,20 @@ class PoolSection(_Model):
     wait_s: float = Field(default=60.0, ge=0, le=MAX_WAIT_S)
     spec: dict[str, Any] = Field(default_factory=dict)
     _spec: FleetSpec | None = PrivateAttr(default=None)
+    _digest: str = PrivateAttr(default="")
 
     @property
     def fleet_spec(self) -> FleetSpec:
         """The pool's members' spec (resolved at load: name, folder, defaults merged)."""
         assert self._spec is not None, "resolved by config_from_dict"
         return self._spec
+
+    @property
+    def digest(self) -> str:
+        """8 hex digits of what the members are made from (the spec with its defaults,
+        not the pool's sizes or limits): an idle member made from another spec is
+        replaced, not leased (docs/pools.md)."""
+        return self._digest
 
 
 class ServiceConfig(_Model):
@@ -428,6 +438,8 @@ def _pool_problems(config: ServiceConfig, env: Mapping[str, str],
     problems: list[tuple[str, str]] = []
     for name, pool in config.pools.items():
         data = merge(config.defaults, pool.spec)
+        made_from = json.dumps(data, sort_keys=True, default=str).encode()
+        pool._digest = hashlib.sha256(made_from).hexdigest()[:8]
         data.update(name=name, count=pool.max, folder=config.pool_folder(name),
                     limits=config.limits.model_dump())
         try:

@@ -14,7 +14,7 @@ docs/pools.md; in short:
   per pool takes a clone job for each missing idle member (and one per waiting
   lease request), under the service's shared limits, so pools and fleets share
   vCenter's capacity fairly.
-- **A lease lives in vCenter.** A member is labelled ``idle <instance>`` in its
+- **A lease lives in vCenter.** A member is labelled ``idle <instance> <spec>`` in its
   clone spec, and ``leased <id> <client> <granted> <expires> <max>`` once leased.
   The grant is written to the pool's journal (``fleet.api.lease_journal``,
   fsynced) before the answer and to the label right after, so a lease survives a
@@ -170,6 +170,8 @@ class Pool:
         self.cfg = section
         self.spec = section.fleet_spec
         self.instance = instance
+        #: what a member this instance makes carries until it is leased
+        self._idle_label = f"idle {instance} {section.digest}"
         self.journal = journal
         self.leases = leases
         self.members: dict[str, PoolMember] = {}  # by VM id
@@ -456,7 +458,7 @@ class Pool:
             self.wake()
 
         lock.on_lost(on_lost)
-        labels = {LABEL_POOL: self.name, LABEL_LEASE: f"idle {self.instance}"}
+        labels = {LABEL_POOL: self.name, LABEL_LEASE: self._idle_label}
         options = EngineOptions(shared_limits=self.ctx.shared, labels=labels, stream=True)
         provisioner = Provisioner(self.spec, self.ctx.vs, on_event=self._on_event,
                                   options=options)
@@ -554,9 +556,12 @@ class Pool:
                 lease = self._lease_from(pm, *parsed)
                 lease.labelled = said
                 continue
+            mine = said.split()[:2] == ["idle", self.instance]
             if vm.labels.get(LABEL_STATE) != "ready":
                 recycle.append((pm, "an unfinished clone"))
-            elif said == f"idle {self.instance}":
+            elif mine and said != self._idle_label:
+                recycle.append((pm, "made from the pool's spec before it changed"))
+            elif said == self._idle_label:
                 ready_at = _float(vm.labels.get(LABEL_READY_AT))
                 age = now - ready_at if ready_at is not None else 0.0
                 pm.idle_since = mono - max(0.0, age)

@@ -84,6 +84,7 @@ from fleet.api.sources import SourceCheck
 from fleet.api.state import StateStore
 from fleet.api.tokens import Client
 from fleet.api.worker import Workers
+from fleet.engine.lifetime import LABEL_LEASE, LABEL_POOL
 from fleet.engine.limits import LimitKey
 from fleet.engine.members import MemberRecord, read_records
 from fleet.engine.reconcile import RECONCILE_LABELS, as_member
@@ -157,6 +158,7 @@ class FleetService:
         self.workers.start(tg)
         for pool in self.pools.values():
             await tg.start(pool.run)
+        tg.start_soon(self._unconfigured_pools)
         log.info("service started: %d fleets (%d on record), root folder %s",
                  len(self.fleets), sum(1 for r in self.fleets.values() if r.spec),
                  self.config.root_folder)
@@ -375,6 +377,30 @@ class FleetService:
         log.info("fleet %s: %s; destroying its members", rec.name, reason)
 
     # -- pools and leases (docs/pools.md) ----------------------------------------------
+    async def _unconfigured_pools(self) -> None:
+        """Say which folders of ``pools_folder`` hold members of a pool the config no
+        longer has: nobody serves them (their leases do not expire, nothing refills);
+        they are left alone, for an admin to destroy or to configure again."""
+        try:
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                root = await self.vs.find_folder(self.config.pools_root)
+                if root is None:
+                    return
+                for name, folder in await self.vs.list_child_folders(root):
+                    if name in self.pools:
+                        continue
+                    vms = await self.vs.list_folder_vms(folder, (LABEL_POOL, LABEL_LEASE))
+                    members = [vm for vm in vms if vm.labels.get(LABEL_POOL) == name]
+                    if members:
+                        leased = sum(1 for vm in members
+                                     if vm.labels.get(LABEL_LEASE, "").startswith("leased"))
+                        log.warning("%s/%s holds %d members (%d leased) of pool %s, which "
+                                    "this config does not have: nobody serves them; "
+                                    "configure the pool again, or destroy them",
+                                    self.config.pools_root, name, len(members), leased, name)
+        except (FleetError, TimeoutError) as exc:
+            log.info("could not look for unconfigured pools: %s", exc)
+
     def visible_pools(self, client: Client | None = None) -> list[Pool]:
         return [pool for name, pool in sorted(self.pools.items())
                 if client is None or client.may_lease(name)]

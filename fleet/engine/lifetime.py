@@ -41,7 +41,7 @@ LABEL_EXPIRES_AT = "guestinfo.fleet.expires_at"
 LABEL_OWNER = "guestinfo.fleet.owner"
 #: a warm pool's member: the pool's name (fleet.api.pools, docs/pools.md)
 LABEL_POOL = "guestinfo.fleet.pool"
-#: a pool member's lease: ``idle <instance>`` or ``leased <id> <client> <granted>
+#: a pool member's lease: ``idle <instance> <spec digest>`` or ``leased <id> <client> <granted>
 #: <expires> <max>`` (docs/pools.md); the engine only carries it, like the owner
 LABEL_LEASE = "guestinfo.fleet.lease"
 #: Every label fleet writes on a member: what a listing of a fleet's folder reads (by

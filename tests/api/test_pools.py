@@ -293,3 +293,37 @@ async def test_a_client_may_not_clone_another_clients_member_or_a_pool_member(
         status, body = await api.call(TOKEN, "POST", "/v1/fleets",
                                       {"name": "adm", "count": 0, "sources": [member]})
         assert status == 202, body
+
+
+async def test_a_changed_spec_replaces_the_idle_members_but_keeps_the_leased(
+        tmp_path: Path) -> None:
+    """A new golden image in the pool's spec: no lease hands out a VM of the old one."""
+    async with folder_fake() as (vs, sim):
+        async with api_on(pool_config(tmp_path), vs) as api:
+            await filled(api)
+            kept = (await lease(api, BOB))[1]["lease"]
+            await filled(api)
+            old_idle = {m.name for m in api.service.pools["ci"].idle}
+        changed = pool_config(tmp_path, spec={"sources": ["frozen-04"]})
+        async with api_on(changed, vs) as api:
+            pool = await filled(api)
+            await until(lambda: not old_idle & set(pool_vms(sim)))
+            assert all(m.record is not None and m.record.source == "frozen-04"
+                       for m in pool.idle)
+            assert (await api.call(BOB, "GET", f"/v1/leases/{kept['id']}"))[0] == 200
+
+
+async def test_a_pool_gone_from_the_config_is_reported_and_left_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with folder_fake() as (vs, sim):
+        async with api_on(pool_config(tmp_path), vs) as api:
+            await filled(api)
+            await lease(api, BOB)
+        before = set(pool_vms(sim))
+        config = make_config(tmp_path / "state", pools={"other": {"ready": 0, "max": 1}})
+        with caplog.at_level("WARNING", logger="fleet.api"):
+            async with api_on(config, vs):
+                await until(lambda: "pool ci, which this config does not have"
+                            in caplog.text)
+        assert "holds 3 members (1 leased)" in caplog.text
+        assert set(pool_vms(sim)) == before
