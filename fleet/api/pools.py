@@ -191,6 +191,7 @@ class Pool:
         self._backoff_until = 0.0
         self._labels: deque[Lease] = deque()
         self._label_wake = anyio.Event()
+        self._doubts: list[PoolMember] = []  # doubt deadlines to write on the members
         self._labels_in_flight = 0
         self._labels_drained = anyio.Event()
         self._refills_done = anyio.Event()
@@ -472,6 +473,7 @@ class Pool:
                 for member, why in recycle:
                     self._recycle(member, why)
                 tg.start_soon(self._label_writer)
+                tg.start_soon(self._mark_doubts, self._doubts)
                 with anyio.fail_after(CALL_S * 2):
                     await provisioner.started.wait()
                 self.serving = True
@@ -528,6 +530,7 @@ class Pool:
         mono = anyio.current_time()
         recycle: list[tuple[PoolMember, str]] = []
         self._next_index = 0
+        self._doubts = []
         for vm in vms:
             member = as_member(vm, self.name)
             if member is None or vm.labels.get(LABEL_POOL) != self.name:
@@ -569,9 +572,14 @@ class Pool:
             else:
                 # Made idle by another instance (or an unknown label): it may have been
                 # handed out in the moment before its label. Never leased from here;
-                # destroyed once any lease it might have had has ended.
+                # destroyed once any lease it might have had has ended. The deadline is
+                # written on it, so a restart does not push it back.
                 pm.state = "doubt"
-                pm.doubt_until = now + self.cfg.max_lease_ttl_s
+                until = _doubt_until(said)
+                if until is None:
+                    until = now + self.cfg.max_lease_ttl_s
+                    self._doubts.append(pm)
+                pm.doubt_until = until
         self.idle = deque(sorted(self.idle, key=lambda m: m.idle_since))
         for held in [m.lease for m in self.members.values() if m.lease is not None]:
             if held.state == "active" and held.expires_at <= now:
@@ -734,6 +742,25 @@ class Pool:
             del self.members[member.vm.id]
         self._refill()
 
+    async def _mark_doubts(self, members: list[PoolMember]) -> None:
+        """Write ``doubt <until>`` on members found in doubt (a few at once)."""
+        limit = anyio.Semaphore(LABEL_CONCURRENCY)
+
+        async def mark(m: PoolMember) -> None:
+            async with limit:
+                value = f"doubt {math.ceil(m.doubt_until or 0)}"
+                try:
+                    with anyio.fail_after(CALL_S):
+                        await self.ctx.vs.update_extra_config(m.vm, {LABEL_LEASE: value})
+                except (FleetError, TimeoutError) as exc:
+                    log.warning("pool %s: %s: could not mark it in doubt: %s", self.name,
+                                m.name, exc)
+
+        async with anyio.create_task_group() as tg:
+            for m in members:
+                if m.state == "doubt":
+                    tg.start_soon(mark, m)
+
     def _label(self, lease: Lease) -> None:
         self._labels.append(lease)
         if self._labels_drained.is_set():
@@ -777,6 +804,14 @@ class Pool:
             limit.release()
             self._labels_in_flight -= 1
             self._label_wake.set()
+
+
+def _doubt_until(label: str) -> float | None:
+    """``doubt <until>`` -> until (epoch seconds), or None."""
+    parts = label.split()
+    if len(parts) != 2 or parts[0] != "doubt":
+        return None
+    return _float(parts[1])
 
 
 def _float(raw: str | None) -> float | None:

@@ -238,7 +238,7 @@ async def test_another_instance_never_leases_idle_members_it_did_not_make(
     is gone, the second takes the pool over but keeps the first's idle members out of
     reach (they may have been handed out just before their label)."""
     first, second = pool_config(tmp_path, "state-a"), pool_config(tmp_path, "state-b")
-    async with folder_fake() as (vs, _sim):
+    async with folder_fake() as (vs, sim):
         async with api_on(first, vs) as a:
             await filled(a)
             leased = (await lease(a, BOB))[1]["lease"]
@@ -264,6 +264,14 @@ async def test_another_instance_never_leases_idle_members_it_did_not_make(
             assert status == 201 and body["lease"]["member"]["name"] not in a_idle
             status, body = await lease(b, BOB, {"wait_s": 1})
             assert status == 429 and body["error"]["reason"] == "at_max"
+            # Their deadline is on them (a restart keeps it), and they go when it passes.
+            vms = pool_vms(sim)
+            await until(lambda: all(vms[n].extra_config[LABEL_LEASE].startswith("doubt ")
+                                    for n in a_idle))
+            until_at = {int(vms[n].extra_config[LABEL_LEASE].split()[1]) for n in a_idle}
+            assert until_at == {int(b.service.clock()) + 86400}
+            b.service.clock.now += 86401  # type: ignore[attr-defined]
+            await until(lambda: not a_idle & set(pool_vms(sim)))
 
 
 async def test_a_client_may_not_clone_another_clients_member_or_a_pool_member(
