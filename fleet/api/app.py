@@ -366,7 +366,7 @@ def _lease_answer(service: FleetService, lease: Lease, status: int = 200) -> web
 async def create_lease(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     pool = request.match_info["pool"]
-    service.pool(pool, request[CLIENT])  # 404/403 before judging the body
+    service.pool(pool, request[CLIENT], leasing=True)  # 404/403 before judging the body
     # The body is optional: no body (or an empty one) takes the pool's defaults.
     body: Any = {}
     if request.body_exists and (request.content_length or 0) != 0:

@@ -405,13 +405,17 @@ class FleetService:
         return [pool for name, pool in sorted(self.pools.items())
                 if client is None or client.may_lease(name)]
 
-    def pool(self, name: str, client: Client | None = None) -> Pool:
-        """The pool, if ``client`` may use it: 404 for none, 403 for one it may not."""
+    def pool(self, name: str, client: Client | None = None, *, leasing: bool = False
+             ) -> Pool:
+        """The pool, if ``client`` may use it: 404 for none, 403 for one it may not
+        (``leasing``: a lease request, counted as refused)."""
         pool = self.pools.get(name) if valid_name(name) else None
         if pool is None:
             raise ApiError(404, f"no pool called {name!r}" if len(name) <= 80
                            else "no such pool")
         if client is not None and not client.may_lease(name):
+            if leasing:
+                self.metrics.count_lease_refused(name, "not_allowed", client.name)
             allowed = ", ".join(client.pools or ()) or "none"
             raise ApiError(403, f"client {client.name} may not lease from pool {name} (its "
                                 f"pools: {allowed})")
@@ -422,7 +426,7 @@ class FleetService:
         """Lease a member of the pool for ``client`` (docs/pools.md): at once, or
         within ``wait_s``; quotas are checked first (429 naming the quota)."""
         self._check_accepting()
-        pool = self.pool(pool_name, client)
+        pool = self.pool(pool_name, client, leasing=True)
         if ttl_s is not None and ttl_s > pool.cfg.max_lease_ttl_s:
             raise ApiError(422, f"ttl_s: {ttl_s:g} s is above pool {pool.name}'s "
                                 f"max_lease_ttl_s ({pool.cfg.max_lease_ttl_s:g} s)")

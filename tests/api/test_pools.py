@@ -176,6 +176,14 @@ async def test_clients_see_only_their_leases_within_their_pools_and_quotas(
         assert ("alice", "POST /v1/pools/{pool}/leases", 201) in actions
         assert ("bob", "DELETE /v1/leases/{lease}", 404) in actions
         assert f"ci/{lid}" in [x["object"] for x in api.lines()]
+        # And in the metrics: granted by client, refused by reason.
+        text = api.service.metrics.exposition().decode()
+        for line in ('fleet_leases_total{client="alice",outcome="granted",pool="ci"} 2.0',
+                     'fleet_lease_refusals_total{client="alice",pool="other",'
+                     'reason="not_allowed"} 1.0',
+                     'fleet_lease_refusals_total{client="alice",pool="ci",reason="quota"} 1.0',
+                     'fleet_lease_wait_seconds_count{pool="ci"} 3.0'):
+            assert line in text, (line, [x for x in text.splitlines() if "lease" in x])
 
 
 @pytest.mark.parametrize("body, key", [
