@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
 import math
 import os
@@ -27,30 +26,24 @@ from typing import Any, NoReturn
 
 import anyio
 
+from fleet.cli.common import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
+    eprint,
+    print_json,
+)
 from fleet.cli.eventlog import EventLog
 from fleet.errors import ConfigError, FleetError
 from fleet.version import __version__
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_LOCKED = 75
+EXIT_LOCKED = EXIT_TEMPFAIL
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 COMPLETION_SHELLS = ["bash", "zsh", "fish"]
 #: the slowest time scale of the built-in simulator: 100 makes a 1 s clone take 100 s
 MAX_SIM_TIME_SCALE = 100.0
-
-
-def eprint(message: str) -> None:
-    print(f"fleet: {message}", file=sys.stderr, flush=True)
-
-
-#: the version of every ``--json`` output's shape (docs/cli-json.md): raised when a key is
-#: removed or changes its meaning, not when one is added
-JSON_SCHEMA_VERSION = 1
-
-
-def print_json(out: dict[str, Any]) -> None:
-    """A ``--json`` output: one object on stdout, its ``schema_version`` first."""
-    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **out}))
 
 
 # -- shared option groups --------------------------------------------------------
