@@ -19,8 +19,8 @@ from fleet.cli import build_parser
 from tests.specs import run_fleet
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["provision", "plan", "status", "inventory", "destroy", "sources", "serve", "sim",
-            "completion"]
+COMMANDS = ["provision", "plan", "status", "inventory", "destroy", "sources", "lease",
+            "release", "renew", "pools", "serve", "sim", "completion"]
 
 
 # -- --log-level ------------------------------------------------------------------
@@ -76,7 +76,8 @@ def test_bash_completion_completes_commands_options_and_choices(tmp_path: Path) 
     ask = """
 source "$1"
 complete -p fleet
-for line in "fleet " "fleet provision --metrics-" "fleet --log-level " "fleet sources f"; do
+for line in "fleet " "fleet provision --metrics-" "fleet --log-level " "fleet sources f" \
+            "fleet lease --print i"; do
     COMP_LINE="$line"; COMP_POINT=${#line}; COMP_TYPE=9
     _python_argcomplete fleet
     echo "[$line]" "${COMPREPLY[@]}"
@@ -93,6 +94,8 @@ done
                                                                  "--metrics-listen"}
     assert lines["[fleet --log-level "].split() == ["debug", "info", "warning", "error"]
     assert lines["[fleet sources f"].split() == ["freeze"]
+    assert set(lines["[fleet lease --print i"].split()) == {"id", "ip", "ip_addresses",
+                                                            "instance_uuid"}
 
 
 @pytest.mark.parametrize(("shell", "registers"), [

@@ -1,5 +1,6 @@
-"""The ``fleet`` command; its subcommands ``serve`` and ``sim`` are in this package
-(``fleet.cli.serve``, ``fleet.cli.sim``), loaded only when run.
+"""The ``fleet`` command; its subcommands ``serve`` and ``sim``, and the warm-pool
+clients ``lease``, ``release``, ``renew`` and ``pools``, are in this package
+(``fleet.cli.serve``, ``fleet.cli.sim``, ``fleet.cli.lease``).
 
 Exit status: 0 when the command did what was asked (``provision``: every member
 ready), 1 when it did not (an incomplete fleet, failures, the run lost the fleet's
@@ -8,7 +9,9 @@ lock, or an ``--events`` log that could not be written: see
 topology: the message names the culprit), 75 when another run holds the fleet's
 lock and this one did not wait (or gave up waiting: ``--wait-lock``; 75 is sysexits'
 EX_TEMPFAIL, "try again later"), 130 when interrupted. ``provision`` and ``destroy``
-hold the fleet's lock in vCenter while they run (docs/locking.md).
+hold the fleet's lock in vCenter while they run (docs/locking.md). The pool commands
+use the same statuses, 75 for a pool with no member to give now
+(:mod:`fleet.cli.lease`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
 import math
 import os
@@ -27,30 +29,24 @@ from typing import Any, NoReturn
 
 import anyio
 
+from fleet.cli.common import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
+    eprint,
+    print_json,
+)
 from fleet.cli.eventlog import EventLog
 from fleet.errors import ConfigError, FleetError
 from fleet.version import __version__
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_LOCKED = 75
+EXIT_LOCKED = EXIT_TEMPFAIL
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 COMPLETION_SHELLS = ["bash", "zsh", "fish"]
 #: the slowest time scale of the built-in simulator: 100 makes a 1 s clone take 100 s
 MAX_SIM_TIME_SCALE = 100.0
-
-
-def eprint(message: str) -> None:
-    print(f"fleet: {message}", file=sys.stderr, flush=True)
-
-
-#: the version of every ``--json`` output's shape (docs/cli-json.md): raised when a key is
-#: removed or changes its meaning, not when one is added
-JSON_SCHEMA_VERSION = 1
-
-
-def print_json(out: dict[str, Any]) -> None:
-    """A ``--json`` output: one object on stdout, its ``schema_version`` first."""
-    print(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **out}))
 
 
 # -- shared option groups --------------------------------------------------------
@@ -723,6 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-host", action="store_true", help="one frozen source per host")
     sp.add_argument("--golden", required=True, metavar="VM", help="the VM to clone them from")
     p.set_defaults(afunc=_sources)
+
+    from fleet.cli import lease as lease_cli
+
+    lease_cli.add_commands(sub, command)
 
     from fleet.cli import serve as serve_cli
 

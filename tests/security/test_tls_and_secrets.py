@@ -139,9 +139,10 @@ def test_no_option_takes_a_secret() -> None:
                 continue
             for option in action.option_strings:
                 if any(word in option.lower() for word in ("pass", "secret", "token", "pwd")):
-                    if option == "--vcenter-password-file":
-                        # Its value is the path of a file holding the password, read as
-                        # every secret file is (fleet.files), never the password itself.
+                    if option in ("--vcenter-password-file", "--token-file"):
+                        # Its value is the path of a file holding the password (the pool
+                        # commands': the API token), read as every secret file is
+                        # (fleet.files), never the secret itself.
                         assert action.metavar == "FILE", path
                         files.append(path)
                     else:
@@ -153,6 +154,7 @@ def test_no_option_takes_a_secret() -> None:
     # reads $FLEET_SIM_PASSWORD, which is what fleet itself uses when it starts one.
     assert suspicious == ["fleet sim --password"], suspicious
     assert "fleet provision" in files and "fleet status" in files
+    assert {"fleet lease", "fleet release", "fleet renew", "fleet pools"} <= set(files)
 
 
 def _free_port() -> int:
