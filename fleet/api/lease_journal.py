@@ -11,7 +11,10 @@ compacted, so it stays small.
 
 Each pool has its own file, ``<state_dir>/pools/<pool>.jsonl`` (mode 0600). A
 torn last line (a crash mid-write) is ignored; so is any line that is not an
-entry, with a warning. File I/O runs in a worker thread, one write at a time.
+entry, with a warning. File I/O runs in a worker thread, one write at a time, and
+lines that arrive while a write is under way go out together in the next (one
+``write``, one ``fsync``: group commit), so a burst of leases costs a few flushes, not
+one each in a queue.
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ JOURNAL_MAX_BYTES = 256 * 1024 * 1024
 OPS = ("grant", "extend", "return")
 
 
+class _Batch:
+    """Lines waiting for one write; ``done`` once written (or ``error``)."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.done = False
+        self.error: OSError | None = None
+
+
 class LeaseJournal:
     """See the module docstring."""
 
@@ -43,8 +55,10 @@ class LeaseJournal:
         if not is_fleet_name(pool):
             raise ValueError(f"not a pool name: {pool!r}")
         self.path = directory / f"{pool}.jsonl"
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock()  # fair: writers in their order of arrival
+        self._open = _Batch()
         self.size = 0
+        self.writes = 0  # fsynced writes (the benchmark compares them with lines)
 
     def _load(self) -> list[dict[str, Any]]:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -89,10 +103,24 @@ class LeaseJournal:
         self.size += len(data)
 
     async def append(self, entry: dict[str, Any]) -> None:
-        """Add one entry and make it durable; OSError if it could not be."""
-        data = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+        """Add one entry and make it durable; OSError if it could not be. The first
+        caller to get the file writes every line waiting by then, its own among them;
+        the others find theirs written."""
+        batch = self._open
+        batch.lines.append(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
         async with self._lock:
-            await anyio.to_thread.run_sync(self._append, data)
+            if not batch.done:
+                self._open = _Batch()
+                try:
+                    await anyio.to_thread.run_sync(self._append, b"".join(batch.lines))
+                    self.writes += 1
+                except OSError as exc:
+                    batch.error = exc
+                finally:
+                    batch.done = True
+        if batch.error is not None:
+            raise OSError(batch.error.errno, f"lease journal {self.path}: "
+                                             f"{batch.error.strerror or batch.error}")
 
     def _rewrite(self, data: bytes) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
