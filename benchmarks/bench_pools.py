@@ -20,12 +20,17 @@ is sent at its scheduled time whether or not the earlier ones were answered.
    service's ``fleet_lease_wait_seconds`` over the segment is the service-side
    wait of exactly those leases.
 
-Every lease is returned (``DELETE``) a random ``pools_hold_s`` after its grant.
-``GET /metrics`` is sampled every :data:`SAMPLE_S` throughout: the pool's members
-by state, the requests waiting, and the refill and lease-wait histograms, whose
-differences between two samples are what happened in between. The service's,
-the simulator's and this client's CPU are read from ``/proc`` per segment, with
-the whole machine's, to tell a busy event loop from a busy machine.
+Every lease is returned (``DELETE``) a random ``pools_hold_min_s`` to
+``pools_hold_max_s`` after its grant. ``GET /metrics`` is sampled every
+:data:`SAMPLE_S` throughout: the pool's members by state, the requests waiting,
+the refill and lease-wait histograms (their differences between two samples are
+what happened in between) and the engine's view of the refills' clones (in flight,
+clone phase time), which splits a refill rate below the slots' into slots left idle
+and time lost per clone. ``GET /healthz`` is timed every :data:`PROBE_S`. Per
+segment, ``/proc`` gives the CPU of the service, the simulator and this client, how
+long each one's main thread (its event loop) ran and how long it waited for a CPU
+while runnable, and how busy the whole machine was: a busy event loop and a busy
+machine look alike from outside, not from there.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ if TYPE_CHECKING:
     from benchmarks.scenarios import Sizes
 
 POOL = "bench"
-#: how often the client samples ``GET /metrics``
-SAMPLE_S = 0.25
+#: how often the client samples ``GET /metrics`` (a scrape costs the service some 20 ms
+#: of its event loop on the loaded machine: every 0.25 s was a tenth of its time)
+SAMPLE_S = 1.0
 #: how often the client times ``GET /healthz``
 PROBE_S = 0.1
 #: a lease answered (client side) within this counts as answered at once
@@ -64,7 +70,9 @@ AT_ONCE_S = 0.05
 FILL_TIMEOUT_S = 300.0
 #: the lines of ``/metrics`` this scenario reads
 _WANTED = ("fleet_pool_members", "fleet_lease_waiting", "fleet_pool_refill_seconds",
-           "fleet_lease_wait_seconds", "fleet_leases_total", "fleet_lease_refusals_total")
+           "fleet_lease_wait_seconds", "fleet_lease_refusals_total",
+           "fleet_clones_in_flight", "fleet_clone_phase_duration_seconds",
+           "fleet_clones_total")
 
 
 # -- the service's metrics ----------------------------------------------------------------
@@ -79,8 +87,14 @@ class Sample:
     waiting: int
     refills: dict[float, float]  # cumulative histogram buckets: upper bound -> count
     lease_waits: dict[float, float]
-    leases: dict[str, float]  # outcome -> count
     refusals: dict[str, float]  # reason -> count
+    #: the engine's view of the refills' clone phase (only the pool clones here):
+    #: clones handed to vCenter and not yet seen done, the clone phases' summed
+    #: duration and count, and the clones made (ready, before the pool reads them)
+    in_flight: int = 0
+    clone_phase_sum: float = 0.0
+    clone_phase_count: float = 0.0
+    made: float = 0.0
 
     @property
     def refilled(self) -> float:
@@ -99,9 +113,20 @@ def parse_metrics(text: str, t: float, pool: str = POOL) -> Sample:
     """The pool's series from an exposition (prometheus_client's own parser)."""
     lines = "\n".join(line for line in text.splitlines() if line.startswith(_WANTED)
                       or line.startswith(tuple(f"# TYPE {n}" for n in _WANTED)))
-    sample = Sample(t, {}, 0, {}, {}, {}, {})
+    sample = Sample(t, {}, 0, {}, {}, {})
     for family in text_string_to_metric_families(lines + "\n"):
         for s in family.samples:
+            if s.name == "fleet_clones_in_flight":
+                sample.in_flight += int(s.value)
+            elif s.name == "fleet_clone_phase_duration_seconds_sum" \
+                    and s.labels.get("phase") == "clone":
+                sample.clone_phase_sum = s.value
+            elif s.name == "fleet_clone_phase_duration_seconds_count" \
+                    and s.labels.get("phase") == "clone":
+                sample.clone_phase_count = s.value
+            elif s.name == "fleet_clones_total" and s.labels.get("fleet") == pool \
+                    and s.labels.get("outcome") == "ready":
+                sample.made = s.value
             if s.labels.get("pool") != pool:
                 continue
             if s.name == "fleet_pool_members":
@@ -112,9 +137,6 @@ def parse_metrics(text: str, t: float, pool: str = POOL) -> Sample:
                 sample.refills[float(s.labels["le"])] = s.value
             elif s.name == "fleet_lease_wait_seconds_bucket":
                 sample.lease_waits[float(s.labels["le"])] = s.value
-            elif s.name == "fleet_leases_total":
-                outcome = s.labels["outcome"]
-                sample.leases[outcome] = sample.leases.get(outcome, 0.0) + s.value
             elif s.name == "fleet_lease_refusals_total":
                 reason = s.labels["reason"]
                 sample.refusals[reason] = sample.refusals.get(reason, 0.0) + s.value
@@ -289,8 +311,11 @@ class Client:
         return self._session
 
     async def __aenter__(self) -> Client:
-        # No connection limit: an open loop must not queue requests in the client.
-        connector = aiohttp.TCPConnector(limit=0)
+        # No connection limit: an open loop must not queue requests in the client. Idle
+        # connections are let go well before the service's keep-alive timeout (its
+        # api.idle_timeout_s, 15 s), which would otherwise close one as a request
+        # goes out on it (a reset, no answer).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=5.0)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self.wait_s + 120))
         return self
@@ -417,10 +442,16 @@ def _window(samples: list[Sample]) -> dict[str, Any] | None:
     first, last = outrun[0], outrun[-1]
     span = last.t - first.t
     refills = last.refilled - first.refilled
+    clones = last.clone_phase_count - first.clone_phase_count
     return {"start_s": first.t, "end_s": last.t, "duration_s": span,
             "samples": len(outrun), "refills": refills,
             "refills_per_s": refills / span if span > 0 else 0.0,
-            "peak_waiting": max(s.waiting for s in outrun)}
+            "peak_waiting": max(s.waiting for s in outrun),
+            # Little's law, the engine's view: clones/s = clones in flight / clone time
+            "clones_made_per_s": (last.made - first.made) / span if span > 0 else 0.0,
+            "mean_in_flight": sum(s.in_flight for s in outrun) / len(outrun),
+            "mean_clone_phase_s": (last.clone_phase_sum - first.clone_phase_sum) / clones
+            if clones else None}
 
 
 def segment_figures(requests: list[LeaseRequest], before: Sample, after: Sample,
@@ -429,16 +460,20 @@ def segment_figures(requests: list[LeaseRequest], before: Sample, after: Sample,
     waits = [r.wait_s for r in granted if r.wait_s is not None]
     at_once = [w for w in waits if w <= AT_ONCE_S]
     waited = [w for w in waits if w > AT_ONCE_S]
-    refused: dict[str, int] = {}
+    refused: dict[str, int] = {}  # answered, not 201: status and reason
+    failed: dict[str, int] = {}  # no answer (the connection failed)
     for r in requests:
-        if r.status != 201:
-            key = f"{r.status} {r.reason}" if r.status else str(r.reason)
+        if r.status is None:
+            failed[str(r.reason)] = failed.get(str(r.reason), 0) + 1
+        elif r.status != 201:
+            key = f"{r.status} {r.reason}"
             refused[key] = refused.get(key, 0) + 1
     returns_failed = sum(1 for r in granted if r.returned_status != 200)
     lag = [r.sent - r.scheduled for r in requests]
     inside = [s for s in samples if before.t <= s.t <= after.t]
     return {
         "requests": len(requests), "granted": len(granted), "refused": refused,
+        "failed": failed,
         "returns_failed": returns_failed,
         "client_wait": _stats(waits), "client_wait_at_once": _stats(at_once),
         "client_wait_waited": _stats(waited),

@@ -530,7 +530,7 @@ POOL_TARGETS = (
     ("waited_p99_vs_refill_p99", "leases that waited: p99 wait / refills' p99", 2, "x"),
     ("waited_max_vs_refill_max", "leases that waited: longest wait / refills' longest", 2, "x"),
     ("refills_vs_capacity", "refills/s while leases outrun them / slot capacity", 3, ""),
-    ("refused", "lease requests refused", 0, ""),
+    ("refused", "lease requests refused (or not answered)", 0, ""),
 )
 
 
@@ -572,7 +572,9 @@ def pools_section(pl: dict[str, Any], plot: str | None
         return " | ".join(get(seg) for seg in segments)
 
     def refused(seg: dict[str, Any]) -> str:
-        return ", ".join(f"{n} {why}" for why, n in seg["refused"].items()) or "0"
+        return ", ".join([f"{n} {why}" for why, n in seg["refused"].items()]
+                         + [f"{n} without an answer ({why})"
+                            for why, n in seg["failed"].items()]) or "0"
 
     lines = [
         "## 7. Warm pools", "",
@@ -600,7 +602,7 @@ def pools_section(pl: dict[str, Any], plot: str | None
         "member idle), their buckets differenced between scrapes at each segment's start "
         "and end, quantiles estimated as Prometheus' `histogram_quantile` does. The "
         f"steady segment starts once the pool is back at {pl['ready']} idle members; "
-        f"its lowest sampled idle count (every 0.25 s) is {st['min_idle_sampled']}"
+        f"its lowest sampled idle count (every second) is {st['min_idle_sampled']}"
         + (", so each of its leases had an idle member and its service-side waits are "
            "those of such leases." if (st["min_idle_sampled"] or 0) > 0 else
            ": some of its leases may have waited for a refill, and its service-side waits "
@@ -661,7 +663,13 @@ def pools_section(pl: dict[str, Any], plot: str | None
             f"{_s(out['client_wait_waited']['max_s'])} s (p99 "
             f"{_s(out['client_wait_waited']['p99_s'])} s) client side; the refills of the "
             f"segment took at most {_s(out['refill']['max_le_s'])} s (the histogram's "
-            f"bound; p99 about {_s(out['refill']['p99_s'])} s).", ""]
+            f"bound; p99 about {_s(out['refill']['p99_s'])} s). In the engine's view "
+            f"over the same span (`fleet_clones_in_flight`, "
+            f"`fleet_clone_phase_duration_seconds`): {_num(window['mean_in_flight'], 1)} "
+            f"clones at vCenter on average, each {_s(window['mean_clone_phase_s'])} s from "
+            "hand-over to seen done, against the simulator's "
+            f"{_num(pl['mean_clone_task_s'], 2)} s task; "
+            f"{_num(window['clones_made_per_s'], 2)} clones made/s.", ""]
     else:
         lines += ["Leases never outran refills in the first segment (no two samples with "
                   "no idle member and requests waiting): its refill rate is not measured.",

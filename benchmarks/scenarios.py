@@ -415,7 +415,9 @@ def _pools_targets(out: dict[str, Any]) -> dict[str, Any]:
     window = outrun["window"]
     targets["refills_vs_capacity"] = _target(
         window["refills_per_s"] / out["slot_capacity_per_s"] if window else 0.0, ">=", 0.9)
-    refused = sum(outrun["refused"].values()) + sum(steady["refused"].values())
+    # no answer (a connection failed) is counted with the refusals: a request lost
+    refused = sum(sum(seg["refused"].values()) + sum(seg["failed"].values())
+                  for seg in (outrun, steady))
     targets["refused"] = _target(refused, "<=", 0)
     return targets
 

@@ -110,6 +110,19 @@ fleet_pool_refill_seconds_sum{pool="bench"} 4.2
 # TYPE fleet_lease_refusals_total counter
 fleet_lease_refusals_total{client="a",pool="bench",reason="at_max"} 1.0
 fleet_lease_refusals_total{client="b",pool="bench",reason="at_max"} 2.0
+# TYPE fleet_clones_in_flight gauge
+fleet_clones_in_flight{host="esx-01"} 2.0
+fleet_clones_in_flight{host="esx-02"} 3.0
+# TYPE fleet_clone_phase_duration_seconds histogram
+fleet_clone_phase_duration_seconds_bucket{le="+Inf",phase="clone"} 10.0
+fleet_clone_phase_duration_seconds_count{phase="clone"} 10.0
+fleet_clone_phase_duration_seconds_sum{phase="clone"} 12.5
+fleet_clone_phase_duration_seconds_count{phase="network"} 4.0
+fleet_clone_phase_duration_seconds_sum{phase="network"} 99.0
+# TYPE fleet_clones_total counter
+fleet_clones_total{fleet="bench",outcome="ready"} 9.0
+fleet_clones_total{fleet="bench",outcome="failed"} 1.0
+fleet_clones_total{fleet="other",outcome="ready"} 5.0
 """
 
 
@@ -117,6 +130,10 @@ def test_pool_histograms_are_read_as_prometheus_reads_them() -> None:
     sample = bench_pools.parse_metrics(EXPOSITION, 1.5)
     assert sample.members == {"idle": 0, "leased": 7}  # the other pool's are not ours
     assert sample.waiting == 4 and sample.refusals == {"at_max": 3.0}
+    # the engine's view: every host's clones, the clone phase only, the pool's clones
+    assert sample.in_flight == 5
+    assert (sample.clone_phase_sum, sample.clone_phase_count) == (12.5, 10.0)
+    assert sample.made == 9.0
     refills = sample.refills
     assert sample.refilled == 10.0
     # histogram_quantile: linear within the bucket that holds the rank
@@ -138,6 +155,46 @@ def test_pool_histograms_are_read_as_prometheus_reads_them() -> None:
         bench_pools.fraction_within(0.05, refills)
     with pytest.raises(BenchmarkError, match="no fleet_pool_members for pool bench"):
         bench_pools.parse_metrics("# TYPE fleet_lease_waiting gauge\n", 0.0)
+
+
+def _pool_sample(t: float, idle: int, waiting: int, refilled: float, in_flight: int,
+                 phases: tuple[float, float]) -> bench_pools.Sample:
+    return bench_pools.Sample(t, {"idle": idle}, waiting, {float("inf"): refilled}, {}, {},
+                              in_flight=in_flight, clone_phase_sum=phases[0],
+                              clone_phase_count=phases[1], made=refilled)
+
+
+def test_pool_outrun_window_and_its_targets_follow_the_samples() -> None:
+    samples = [_pool_sample(0.0, 5, 0, 0, 2, (0.0, 0.0)),  # idle members left: not in it
+               _pool_sample(1.0, 0, 3, 10, 16, (10.0, 8.0)),
+               _pool_sample(2.0, 0, 9, 20, 14, (22.0, 18.0)),
+               _pool_sample(3.0, 0, 4, 36, 15, (40.0, 32.0)),
+               _pool_sample(4.0, 2, 0, 40, 3, (45.0, 36.0))]
+    window = bench_pools._window(samples)
+    assert window is not None
+    assert (window["start_s"], window["end_s"], window["refills"]) == (1.0, 3.0, 26.0)
+    assert window["refills_per_s"] == 13.0 and window["peak_waiting"] == 9
+    assert window["mean_in_flight"] == 15.0
+    assert window["mean_clone_phase_s"] == pytest.approx(30.0 / 24.0)
+    assert bench_pools._window(samples[:2] + samples[4:]) is None  # one sample is no span
+    wait = {"count": 3, "p50_s": 1.0, "p99_s": 4.0, "max_s": 5.0, "mean_s": 2.0}
+    refill = {"count": 30, "p99_s": 5.0, "max_le_s": 7.5}
+    outrun = {"client_wait_waited": wait, "refill": refill, "window": window,
+              "refused": {"429 at_max": 1}, "failed": {}}
+    steady = {"service_wait": {"fraction_within": 0.995}, "min_idle_sampled": 3,
+              "refused": {}, "failed": {"ClientOSError": 1}}
+    targets = scenarios._pools_targets({"outrun": outrun, "steady": steady,
+                                        "slot_capacity_per_s": 16.0})
+    assert {k: t["met"] for k, t in targets.items()} == {
+        "idle_within_50ms": True, "waited_p99_vs_refill_p99": True,
+        "waited_max_vs_refill_max": True, "refills_vs_capacity": False, "refused": False}
+    assert targets["refills_vs_capacity"]["value"] == 13.0 / 16.0
+    assert targets["waited_max_vs_refill_max"]["value"] == 5.0 / 7.5
+    assert targets["refused"]["value"] == 2  # a refusal and a request never answered
+    outrun["window"] = None  # leases never outran refills: nothing shows the rate
+    assert scenarios._pools_targets({"outrun": outrun, "steady": steady,
+                                     "slot_capacity_per_s": 16.0}
+                                    )["refills_vs_capacity"]["value"] == 0.0
 
 
 def test_timeline_reads_an_event_log(tmp_path: Path) -> None:
