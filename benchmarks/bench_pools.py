@@ -181,22 +181,32 @@ def fraction_within(bound: float, buckets: dict[float, float]) -> float | None:
     return buckets[bound] / total
 
 
-def max_bound(buckets: dict[float, float]) -> float | None:
-    """The least bucket bound holding every observation: the histogram's bound on the
-    largest one (inf if some fell past the last finite bound)."""
+def bucket_holding(q: float, buckets: dict[float, float]) -> tuple[float, float] | None:
+    """The bucket (lower, upper bound) holding the observation of rank ``q * count``:
+    that observation is above the lower bound and at most the upper (q = 1: the
+    largest; an upper bound of inf: past the last finite bound). None if empty."""
     total = buckets.get(float("inf"), 0.0)
     if total <= 0:
         return None
-    return min(le for le, count in buckets.items() if count >= total)
+    lower = 0.0
+    for le in sorted(buckets):
+        if buckets[le] >= q * total:
+            return lower, le
+        lower = le
+    return lower, float("inf")
 
 
 def histogram_figures(buckets: dict[float, float], within: float | None = None
                       ) -> dict[str, Any]:
-    """Count, estimated p50/p99, the bound on the max (and a fraction within a bound)."""
+    """Count, estimated p50/p99, the buckets holding the p99 and the largest (what the
+    histogram proves about them), and a fraction within a bound if asked."""
+    p99, largest = bucket_holding(0.99, buckets), bucket_holding(1.0, buckets)
     out: dict[str, Any] = {
         "count": int(buckets.get(float("inf"), 0.0)),
         "p50_s": histogram_quantile(0.50, buckets), "p99_s": histogram_quantile(0.99, buckets),
-        "max_le_s": max_bound(buckets),
+        "p99_above_s": p99[0] if p99 else None, "p99_le_s": p99[1] if p99 else None,
+        "max_above_s": largest[0] if largest else None,
+        "max_le_s": largest[1] if largest else None,
         "buckets": {("+Inf" if le == float("inf") else f"{le:g}"): int(n)
                     for le, n in buckets.items()}}
     if within is not None:

@@ -141,11 +141,17 @@ def test_pool_histograms_are_read_as_prometheus_reads_them() -> None:
     assert bench_pools.histogram_quantile(0.99, refills) == pytest.approx(0.9875)
     assert bench_pools.histogram_quantile(0.1, refills) == pytest.approx(0.05)
     assert bench_pools.fraction_within(0.5, refills) == 0.6
-    assert bench_pools.max_bound(refills) == 1.0
+    # the buckets holding the p99 and the largest: what the histogram proves
+    assert bench_pools.bucket_holding(0.99, refills) == (0.5, 1.0)
+    assert bench_pools.bucket_holding(0.5, refills) == (0.1, 0.5)
+    assert bench_pools.bucket_holding(0.1, refills) == (0.0, 0.1)
+    figures = bench_pools.histogram_figures(refills)
+    assert (figures["p99_above_s"], figures["max_above_s"], figures["max_le_s"]) == \
+        (0.5, 0.5, 1.0)
     # past the last finite bound: that bound (the quantile), inf (the bound on the max)
     later = {0.1: 2.0, 1.0: 5.0, float("inf"): 10.0}
     assert bench_pools.histogram_quantile(0.9, later) == 1.0
-    assert bench_pools.max_bound(later) == float("inf")
+    assert bench_pools.bucket_holding(1.0, later) == (1.0, float("inf"))
     # what happened between two scrapes
     assert bench_pools.bucket_delta({0.1: 5.0, float("inf"): 9.0},
                                     {0.1: 2.0, float("inf"): 3.0}) == {0.1: 3.0,
@@ -178,7 +184,7 @@ def test_pool_outrun_window_and_its_targets_follow_the_samples() -> None:
     assert window["mean_clone_phase_s"] == pytest.approx(30.0 / 24.0)
     assert bench_pools._window(samples[:2] + samples[4:]) is None  # one sample is no span
     wait = {"count": 3, "p50_s": 1.0, "p99_s": 4.0, "max_s": 5.0, "mean_s": 2.0}
-    refill = {"count": 30, "p99_s": 5.0, "max_le_s": 7.5}
+    refill = {"count": 30, "p99_s": 5.6, "p99_above_s": 5.0, "max_above_s": 7.5}
     outrun = {"client_wait_waited": wait, "refill": refill, "window": window,
               "refused": {"429 at_max": 1}, "failed": {}}
     steady = {"service_wait": {"fraction_within": 0.995}, "min_idle_sampled": 3,
