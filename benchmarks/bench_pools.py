@@ -15,10 +15,10 @@ is sent at its scheduled time whether or not the earlier ones were answered.
    then run at what the slots allow.
 2. Once the pool is back at ``ready`` idle members with nothing refilling,
    ``steady``: ``pools_steady_leases`` requests at a rate the refills keep up with
-   (about half the slot capacity). The sampled idle count never reaches 0 in it,
-   so every lease of this segment was answered from an idle member, and the
-   service's ``fleet_lease_wait_seconds`` over the segment is the service-side
-   wait of exactly those leases.
+   (about half the slot capacity). If the sampled idle count never reaches 0 in it
+   (the report says), every lease of this segment was answered from an idle
+   member, and the service's ``fleet_lease_wait_seconds`` over the segment is the
+   service-side wait of exactly those leases.
 
 Every lease is returned (``DELETE``) a random ``pools_hold_min_s`` to
 ``pools_hold_max_s`` after its grant. ``GET /metrics`` is sampled every

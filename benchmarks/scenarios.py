@@ -78,7 +78,7 @@ class Sizes:
                    # one slot per host at 0.5 s clones: 16 refills/s, outrun at 20/s
                    pools_ready=4, pools_max=60, pools_leases=40, pools_rate=20.0,
                    pools_steady_leases=12, pools_steady_rate=2.0, pools_per_host=1,
-                   pools_wait_s=30.0, pools_hold_min_s=0.5, pools_hold_max_s=1.5,
+                   pools_wait_s=120.0, pools_hold_min_s=0.5, pools_hold_max_s=1.5,
                    pools_time_scale=0.5)
 
     def to_dict(self) -> dict[str, Any]:
