@@ -4,7 +4,8 @@
 and a pyVmomi thread pool; 3. chain depth against naive round-robin; 4. scale
 (10,000 clones on 64 hosts); 5. adaptive limits against the true ones; 6. reconcile
 at scale (create, no-op rerun, status, scale-down and an idle ``fleet serve`` of
-10,000 members), this commit against today's way.
+10,000 members), this commit against today's way; 7. warm pools (lease waits and
+refills of a ``fleet serve`` pool under an open-loop load of lease requests).
 
 Writes ``<out>/<date>.json`` (every figure), ``<out>/<date>.md`` (the report) and
 its plots under ``<out>/<date>/``. ``--quick`` shrinks every scenario (a smoke
@@ -28,7 +29,7 @@ from typing import Any
 from benchmarks import report, scenarios
 from benchmarks.harness import ROOT, BenchmarkError
 
-SCENARIOS = ("burst", "tools", "chains", "scale", "adaptive", "reconcile")
+SCENARIOS = ("burst", "tools", "chains", "scale", "adaptive", "reconcile", "pools")
 
 
 def _commit() -> str:

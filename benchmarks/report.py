@@ -138,6 +138,33 @@ def plot_adaptive(results: dict[str, Any], out: Path) -> str:
     return _save(fig, out / "adaptive.png")
 
 
+def plot_pools(results: dict[str, Any], out: Path) -> str:
+    """The pool's members and waiting requests over time, and each lease's wait."""
+    pl = results["pools"]
+    s = pl["series"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for key in ("idle", "waiting", "leased", "refilling"):
+        top.plot(s["t"], s[key], label=key, linewidth=1)
+    window = pl["outrun"].get("window")
+    for ax in (top, bottom):
+        if window:
+            ax.axvspan(window["start_s"], window["end_s"], color="grey", alpha=0.15)
+    top.set_ylabel("members / requests")
+    top.set_title(f"Warm pool, ready = {pl['ready']}: members by state and requests waiting "
+                  "(shaded: leases outrun refills)")
+    top.legend(loc="upper right", fontsize=8, ncol=4)
+    for key, label in (("outrun", f"{pl['outrun']['rate_per_s']:g} requests/s"),
+                       ("steady", f"{pl['steady']['rate_per_s']:g} requests/s")):
+        seg = pl[key]["series"]
+        bottom.scatter(seg["sent"], [max(w, 1e-4) for w in seg["wait_s"]], s=4, label=label)
+    bottom.axhline(0.05, color="grey", linestyle="--", label="50 ms")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("seconds since the client started")
+    bottom.set_ylabel("lease wait, client side (s)")
+    bottom.legend(loc="upper right", fontsize=8)
+    return _save(fig, out / "pools.png")
+
+
 # -- Markdown -----------------------------------------------------------------------------
 
 
@@ -353,6 +380,12 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         lines += section
         rows += reconcile_rows
 
+    pl = results.get("pools")
+    if pl:
+        section, pool_rows = pools_section(pl, plots.get("pools"))
+        lines += section
+        rows += pool_rows
+
     summary = ["## Targets", "", "| figure | measured | target | |", "| --- | ---: | ---: | --- |"]
     summary += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
     return "\n".join(header + summary + [""] + lines) + "\n"
@@ -478,7 +511,7 @@ def write(results: dict[str, Any], phase_values: dict[str, list[float]] | None,
         return path
     makers = {"throughput": ("burst", plot_throughput), "in_flight": ("burst", plot_in_flight),
               "chains": ("chains", plot_chains), "scale": ("scale", plot_scale),
-              "adaptive": ("adaptive", plot_adaptive)}
+              "adaptive": ("adaptive", plot_adaptive), "pools": ("pools", plot_pools)}
     done = {k for k, v in results.items() if not (isinstance(v, dict) and "error" in v)}
     for name, (needs, maker) in makers.items():
         if needs in done:
@@ -489,3 +522,189 @@ def write(results: dict[str, Any], phase_values: dict[str, list[float]] | None,
     path = out_dir / f"{stem}.md"
     path.write_text(markdown(results, plots))
     return path
+
+
+POOL_TARGETS = (
+    ("idle_within_50ms", "leases with an idle member: answered within 50 ms, service side", 3,
+     ""),
+    ("waited_p99_vs_refill_p99", "leases that waited: p99 wait / least the refills' p99 "
+     "can be", 2, "x"),
+    ("waited_max_vs_refill_max", "leases that waited: longest wait / least the longest "
+     "refill can be", 2, "x"),
+    ("refills_vs_capacity", "refills/s while leases outrun them / slot capacity", 3, ""),
+    ("refused", "lease requests refused (or not answered)", 0, ""),
+)
+
+
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None else _num(1000 * seconds, 1)
+
+
+def _s(seconds: float | None) -> str:
+    return "—" if seconds is None else _num(seconds, 2)
+
+
+def _bucket(figures: dict[str, Any], which: str) -> str:
+    """A histogram bucket as the interval holding a value: (above, at most]."""
+    above, le = figures.get(f"{which}_above_s"), figures.get(f"{which}_le_s")
+    if above is None or le is None:
+        return "—"
+    return f"({above:g}, {le:g}]"
+
+
+def _contention_note(seg: dict[str, Any], label: str) -> str:
+    """What the scheduler figures say about who set the pace in a segment."""
+    cpu = seg["cpu"]
+    ran, queued = cpu["service_loop_ran_percent"], cpu["service_loop_runqueue_percent"]
+    words = (f"{label}, the service's event loop ran {_num(ran, 0)}% of the time and waited "
+             f"{_num(queued, 0)}% for a CPU while runnable (the simulator's "
+             f"{_num(cpu['sim_loop_ran_percent'], 0)}% and "
+             f"{_num(cpu['sim_loop_runqueue_percent'], 0)}%), with all CPUs "
+             f"{_num(cpu['machine_busy_percent'], 0)}% busy")
+    if queued > ran:
+        words += ("; it waited for a CPU longer than it ran: the machine's other work, not "
+                  "the service's own, set its pace.")
+    elif ran > 80:
+        words += "; the loop itself was nearly saturated."
+    else:
+        words += "."
+    return words + " "
+
+
+def pools_section(pl: dict[str, Any], plot: str | None
+                  ) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+    """Section 7 and its rows of the targets table."""
+    out, st = pl["outrun"], pl["steady"]
+    segments = (out, st)
+    window = out.get("window")
+
+    def cells(get: Any) -> str:
+        return " | ".join(get(seg) for seg in segments)
+
+    def refused(seg: dict[str, Any]) -> str:
+        return ", ".join([f"{n} {why}" for why, n in seg["refused"].items()]
+                         + [f"{n} without an answer ({why})"
+                            for why, n in seg["failed"].items()]) or "0"
+
+    lines = [
+        "## 7. Warm pools", "",
+        f"`fleet serve` with one pool (`ready = {pl['ready']}`, `max = {pl['max']}`) of the "
+        f"default topology's {pl['hosts']} hosts ({pl['host_slots']} host slots), full "
+        f"workflow (clone, guest NIC refresh, reconnect, guest IP), time scale "
+        f"{pl['time_scale']}. The service's `[limits] per_host = {pl['per_host']}` lets "
+        f"{pl['per_host'] * pl['hosts']} refill clones run at once: the slot capacity is "
+        f"{pl['per_host'] * pl['hosts']} / {_num(pl['mean_clone_task_s'], 3)} s (mean clone "
+        f"task, the simulator's records of the run) = {_num(pl['slot_capacity_per_s'], 1)} "
+        f"refills/s against the first segment's {out['rate_per_s']:g} requests/s "
+        f"(with the default limits the host slots would allow about "
+        f"{_num(pl['host_slots'] / pl['mean_clone_task_s'], 0)} clones/s, "
+        f"{_num(pl['host_slots'] / pl['mean_clone_task_s'] / out['rate_per_s'], 1)}x the "
+        "requests" + (", and leases would not outrun refills). "
+                      if pl["host_slots"] / pl["mean_clone_task_s"] > out["rate_per_s"]
+                      else "). ")
+        + "The client sends each request at its scheduled time (open loop, asyncio and "
+        f"aiohttp), with `wait_s = {pl['wait_s']:g}`, and returns each lease a random "
+        f"{pl['hold_s'][0]:g}-{pl['hold_s'][1]:g} s after its grant. Client-side wait is "
+        "request sent to 201 read, and a lease answered later than 50 ms counts as one "
+        "that waited (for a refill, in the first segment); service-side is "
+        "`fleet_lease_wait_seconds` (request "
+        "arrival to answer) and `fleet_pool_refill_seconds` (refill clone queued to "
+        "member idle), their buckets differenced between scrapes at each segment's start "
+        "and end, quantiles estimated as Prometheus' `histogram_quantile` does. The "
+        f"steady segment starts once the pool is back at {pl['ready']} idle members; "
+        f"its lowest sampled idle count (every second) is {st['min_idle_sampled']}"
+        + (", so each of its leases had an idle member and its service-side waits are "
+           "those of such leases." if (st["min_idle_sampled"] or 0) > 0 else
+           ": some of its leases may have waited for a refill, and its service-side waits "
+           "are not those of leases with an idle member alone."), "",
+        "| | leases outrun refills | steady |", "| --- | ---: | ---: |",
+        "| requests, requests/s | " + cells(lambda g: f"{g['requests']}, "
+                                            f"{g['rate_per_s']:g}") + " |",
+        "| granted; refused | " + cells(lambda g: f"{g['granted']}; {refused(g)}") + " |",
+        "| client wait p50 / p99 / max (ms) | " + cells(
+            lambda g: " / ".join(_ms(g["client_wait"][k]) for k in ("p50_s", "p99_s", "max_s")))
+        + " |",
+        "| answered within 50 ms, client side: leases; p99 (ms) | " + cells(
+            lambda g: f"{g['client_wait_at_once']['count']}; "
+                      f"{_ms(g['client_wait_at_once']['p99_s'])}") + " |",
+        "| longer, client side (outrun: leases that waited): leases; p50 / p99 / max (s) | "
+        + cells(
+            lambda g: f"{g['client_wait_waited']['count']}; " + " / ".join(
+                _s(g["client_wait_waited"][k]) if g["client_wait_waited"]["count"] else "—"
+                for k in ("p50_s", "p99_s", "max_s"))) + " |",
+        "| service side: fraction within 50 ms | " + cells(
+            lambda g: _num(g["service_wait"]["fraction_within"] or 0.0, 3)) + " |",
+        "| service side: p50 / p99, estimated (ms); p99 in bucket (s) | " + cells(
+            lambda g: f"{_ms(g['service_wait']['p50_s'])} / {_ms(g['service_wait']['p99_s'])}; "
+                      f"{_bucket(g['service_wait'], 'p99')}") + " |",
+        "| refills: count; p50 / p99 estimated (s); p99, longest in buckets (s) | " + cells(
+            lambda g: f"{g['refill']['count']}; {_s(g['refill']['p50_s'])} / "
+                      f"{_s(g['refill']['p99_s'])}; {_bucket(g['refill'], 'p99')}, "
+                      f"{_bucket(g['refill'], 'max')}") + " |",
+        "| lowest idle; most requests waiting; most members (sampled) | " + cells(
+            lambda g: f"{g['min_idle_sampled']}; {g['peak_waiting_sampled']}; "
+                      f"{g['peak_members_sampled']}") + " |",
+        "| request sent after its scheduled time: p99 (ms) | " + cells(
+            lambda g: _ms(g["send_lag"]["p99_s"])) + " |",
+        "| return (DELETE) p99 (ms); returns failed | " + cells(
+            lambda g: f"{_ms(g['return_latency']['p99_s'])}; {g['returns_failed']}") + " |",
+        "| CPU, % of one core: service / simulator / client | " + cells(
+            lambda g: " / ".join(_num(g["cpu"][f"{k}_cpu_percent"], 0)
+                                 for k in ("service", "sim", "client"))) + " |",
+        "| main thread (event loop) ran / waited for a CPU, % of the time: service; "
+        "simulator; client | " + cells(
+            lambda g: "; ".join(f"{_num(g['cpu'][f'{k}_loop_ran_percent'], 0)} / "
+                                f"{_num(g['cpu'][f'{k}_loop_runqueue_percent'], 0)}"
+                                for k in ("service", "sim", "client"))) + " |",
+        "| `GET /healthz` every 0.1 s: p50 / p99 / max (ms) | " + cells(
+            lambda g: " / ".join(_ms(g["healthz"][k]) for k in ("p50_s", "p99_s", "max_s")))
+        + " |",
+        "| machine: all CPUs busy; 1-min load at start, end | " + cells(
+            lambda g: f"{_num(g['cpu']['machine_busy_percent'], 0)}%; "
+                      + ", ".join(_num(x, 1) for x in g["cpu"]["loadavg_1m"])) + " |",
+        ""]
+    if window:
+        lines += [
+            f"Leases outran refills (no idle member, requests waiting) from "
+            f"{_num(window['start_s'], 1)} s to {_num(window['end_s'], 1)} s "
+            f"({_num(window['duration_s'], 1)} s, up to {window['peak_waiting']} requests "
+            f"waiting): the service counted {window['refills']:.0f} refills, "
+            f"{_num(window['refills_per_s'], 2)}/s, against the slot capacity's "
+            f"{_num(pl['slot_capacity_per_s'], 2)}/s. A lease that waited took at most "
+            f"{_s(out['client_wait_waited']['max_s'])} s (p99 "
+            f"{_s(out['client_wait_waited']['p99_s'])} s) client side; the refills' "
+            f"histogram over the segment puts its p99 in {_bucket(out['refill'], 'p99')} s "
+            f"(about {_s(out['refill']['p99_s'])} s) and the longest refill in "
+            f"{_bucket(out['refill'], 'max')} s; the targets compare the waits with the "
+            "lower ends of those buckets, the least the histogram shows the refills took. "
+            "In the engine's view "
+            f"over the same span (`fleet_clones_in_flight`, "
+            f"`fleet_clone_phase_duration_seconds`): {_num(window['mean_in_flight'], 1)} "
+            f"clones at vCenter on average, each {_s(window['mean_clone_phase_s'])} s from "
+            "hand-over to seen done, against the simulator's "
+            f"{_num(pl['mean_clone_task_s'], 2)} s task; "
+            f"{_num(window['clones_made_per_s'], 2)} clones made/s.", ""]
+    else:
+        lines += ["Leases never outran refills in the first segment (no two samples with "
+                  "no idle member and requests waiting): its refill rate is not measured.",
+                  ""]
+    handlers = pl.get("api_handler_mean_ms") or {}
+    shown = [(route, handlers[route]) for route in
+             ("/v1/pools/{pool}/leases", "/v1/leases/{lease}", "/metrics", "/healthz")
+             if route in handlers]
+    if shown:
+        lines += ["Mean handler time over the run, the service's own "
+                  "`fleet_api_request_duration_seconds` (a lease's includes its wait): "
+                  + ", ".join(f"`{route}` {_num(ms)} ms" for route, ms in shown) + ".", ""]
+    lines += [_contention_note(seg, label) for seg, label in
+              ((out, "While leases outran refills"), (st, "In the steady segment"))]
+    lines.append("")
+    if plot:
+        lines += [f"![pools]({plot})", ""]
+    rows = []
+    targets = pl["targets"]
+    for key, label, digits, unit in POOL_TARGETS:
+        t = targets.get(key)
+        if t is not None:
+            rows.append(_row(f"7 pools: {label}", t, digits, unit))
+    return lines, rows
