@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 
 from fleet.engine.spec import is_fleet_name
-from fleet.files import FileProblem, read_user_file
+from fleet.files import FileProblem, read_user_file, write_atomically
 
 log = logging.getLogger("fleet.api.pools")
 
@@ -123,14 +123,7 @@ class LeaseJournal:
                                              f"{batch.error.strerror or batch.error}")
 
     def _rewrite(self, data: bytes) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_atomically(self.path, data)
         self.size = len(data)
 
     async def rewrite(self, entries: list[dict[str, Any]]) -> None:

@@ -52,7 +52,6 @@ will try again) ; ``destroying`` (deleted or expired) ; ``discovered``.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections import Counter
@@ -91,6 +90,7 @@ from fleet.engine.reconcile import RECONCILE_LABELS, as_member
 from fleet.engine.shared import SharedLimits
 from fleet.engine.spec import FleetSpec
 from fleet.errors import FleetError
+from fleet.files import write_atomically
 from fleet.metrics import FleetMetrics
 from fleet.vsphere.model import ListedVm, VSphere
 
@@ -597,14 +597,7 @@ def _instance_id(state: Path) -> str:
     except (OSError, UnicodeError):
         pass
     new = instance_id()
-    tmp = path.with_name(".instance.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, new.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomically(path, new.encode())
     return new
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import anyio
 
 from fleet.engine.spec import is_fleet_name
-from fleet.files import FileProblem, read_user_file
+from fleet.files import FileProblem, read_user_file, write_atomically
 
 log = logging.getLogger("fleet.api.state")
 
@@ -87,16 +86,8 @@ class StateStore:
         return await anyio.to_thread.run_sync(self._load_all)
 
     def _save(self, saved: SavedFleet) -> None:
-        target = self._file(saved.name)
-        tmp = target.with_name(f".{target.name}.tmp")
-        data = json.dumps(asdict(saved), sort_keys=True, indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+        write_atomically(self._file(saved.name),
+                         json.dumps(asdict(saved), sort_keys=True, indent=1).encode())
 
     async def save(self, saved: SavedFleet) -> None:
         async with self._lock:
