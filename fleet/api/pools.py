@@ -20,7 +20,8 @@ docs/pools.md; in short:
   fsynced) before the answer and to the label right after, so a lease survives a
   SIGKILL; an instance that takes a pool over never leases an idle member another
   instance made (it may have been handed out in the moment before its label):
-  those are *in doubt* and are destroyed once any lease could have ended.
+  those are *in doubt* and are destroyed once any lease could have ended. Where
+  the journal and the label disagree on an end, the later one holds.
 - **Returned and expired members are destroyed**, never handed out again; so are
   idle members older than ``ready_ttl_s`` and unfinished clones found at start.
 
@@ -544,10 +545,15 @@ class Pool:
                 recycle.append((pm, "its lease was returned"))
                 continue
             if entry is not None and isinstance(entry.get("expires_at"), (int, float)):
-                # Granted (or extended) here, maybe not yet labelled: the journal is newer.
+                # Granted (or extended) here, maybe not yet labelled. The label may be
+                # newer all the same: another instance served the pool since and
+                # extended the lease. The later end holds (never sooner than told).
+                expires = float(entry["expires_at"])
+                parsed = parse_lease_label(said)
+                if parsed is not None and parsed[0] == entry["id"]:
+                    expires = max(expires, parsed[3])
                 lease = self._lease_from(pm, entry["id"], str(entry.get("client", "?")),
-                                         float(entry["granted_at"]),
-                                         float(entry["expires_at"]),
+                                         float(entry["granted_at"]), expires,
                                          float(entry["max_until"]))
                 if said != lease.label():
                     self._labels.append(lease)

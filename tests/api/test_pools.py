@@ -343,3 +343,29 @@ async def test_a_pool_gone_from_the_config_is_reported_and_left_alone(
                             in caplog.text)
         assert "holds 3 members (1 leased)" in caplog.text
         assert set(pool_vms(sim)) == before
+
+
+async def test_a_journal_line_older_than_another_instances_label_does_not_shorten_a_lease(
+        tmp_path: Path) -> None:
+    """a grants (its journal's line), b takes the pool over and extends the lease (b's
+    label), a takes it back: the lease ends when b said, not when a's older line says."""
+    first, second = pool_config(tmp_path, "state-a"), pool_config(tmp_path, "state-b")
+    async with folder_fake() as (vs, sim):
+        async with api_on(first, vs) as a:
+            await filled(a)
+            got = (await lease(a, BOB, {"ttl_s": 100}))[1]["lease"]
+            vm = pool_vms(sim)[got["member"]["name"]]
+            await until(lambda: vm.extra_config[LABEL_LEASE].startswith("leased "))
+        async with api_on(second, vs) as b:
+            await until(lambda: b.service.pools["ci"].serving, 30)
+            status, body = await b.call(BOB, "PATCH", f"/v1/leases/{got['id']}",
+                                        {"ttl_s": 500})
+            assert status == 200, body
+            extended = body["lease"]["expires_at"]
+            await until(lambda: vm.extra_config[LABEL_LEASE].split()[4] == str(int(extended)))
+        async with api_on(first, vs) as a:
+            await until(lambda: a.service.pools["ci"].serving, 30)
+            status, body = await a.call(BOB, "GET", f"/v1/leases/{got['id']}")
+            assert status == 200 and body["lease"]["expires_at"] >= extended, body
+            await anyio.sleep(0.3)  # a label rewrite would have landed
+            assert vm.extra_config[LABEL_LEASE].split()[4] == str(int(extended))
