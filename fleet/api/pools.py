@@ -20,7 +20,9 @@ docs/pools.md; in short:
   fsynced) before the answer and to the label right after, so a lease survives a
   SIGKILL; an instance that takes a pool over never leases an idle member another
   instance made (it may have been handed out in the moment before its label):
-  those are *in doubt* and are destroyed once any lease could have ended. Where
+  those are *in doubt* and are destroyed once any lease could have ended. An
+  extension is answered only once its label is written too (another instance
+  reads labels, not this journal); a lease's label writes go one at a time; where
   the journal and the label disagree on an end, the later one holds.
 - **Returned and expired members are destroyed**, never handed out again; so are
   idle members older than ``ready_ttl_s`` and unfinished clones found at start.
@@ -113,6 +115,9 @@ class Lease:
     #: the label value vCenter is known to carry (None: not yet written)
     labelled: str | None = None
     ended_at: float | None = None
+    #: held while its label is written: one write at a time, so an older value never
+    #: lands after a newer one
+    label_lock: anyio.Lock = field(default_factory=anyio.Lock, repr=False)
 
     def label(self) -> str:
         return (f"leased {self.id} {self.client} {math.floor(self.granted_at)} "
@@ -383,7 +388,16 @@ class Pool:
                 lease.expires_at = old
                 raise ApiError(503, "the service cannot record leases now (its state "
                                     "directory is not writable); try again later") from None
-        self._label(lease)
+            # Answered once vCenter carries the new end: an instance that takes the pool
+            # over reads the labels, not this instance's journal.
+            labelled = await self._put_label(lease)
+        if not labelled:
+            self._label(lease)  # kept trying in the background
+            err = ApiError(503, f"vCenter did not take the new end of lease {lease.id}: it "
+                                "holds on this instance, but another one taking the pool "
+                                "over would not know it; try again")
+            err.retry_after = 1
+            raise err
 
     # -- running ----------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -792,24 +806,32 @@ class Pool:
 
     async def _write_label(self, lease: Lease, limit: anyio.Semaphore) -> None:
         try:
-            value = lease.label()
-            if lease.state != "active" or lease.labelled == value:
-                return
-            try:
-                with anyio.fail_after(CALL_S):
-                    await self.ctx.vs.update_extra_config(lease.member.vm, {LABEL_LEASE: value})
-            except (FleetError, TimeoutError) as exc:
-                if lease.state == "active":
-                    log.warning("pool %s: lease %s: label not written (%s); trying again",
-                                self.name, lease.id, exc)
-                    await anyio.sleep(1.0)
-                    self._label(lease)
-                return
-            lease.labelled = value
+            if not await self._put_label(lease) and lease.state == "active":
+                await anyio.sleep(1.0)
+                self._label(lease)  # trying again
         finally:
             limit.release()
             self._labels_in_flight -= 1
             self._label_wake.set()
+
+    async def _put_label(self, lease: Lease) -> bool:
+        """Make vCenter carry the lease's label as it is now (nothing to do for a lease
+        that ended); False if a write failed. Writes of one lease go one at a time, each
+        of its value when it starts, until the label is the lease's latest: two at once
+        could land in either order, and leave vCenter with an older end than a client
+        was told."""
+        async with lease.label_lock:
+            while lease.state == "active" and lease.labelled != (value := lease.label()):
+                try:
+                    with anyio.fail_after(CALL_S):
+                        await self.ctx.vs.update_extra_config(lease.member.vm,
+                                                              {LABEL_LEASE: value})
+                except (FleetError, TimeoutError) as exc:
+                    log.warning("pool %s: lease %s: label not written: %s", self.name,
+                                lease.id, exc or "vCenter did not answer in time")
+                    return False
+                lease.labelled = value
+        return True
 
 
 def _doubt_until(label: str) -> float | None:

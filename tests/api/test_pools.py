@@ -13,6 +13,7 @@ import pytest
 
 from fleet.api.pools import Pool
 from fleet.engine.lifetime import LABEL_LEASE, LABEL_POOL
+from fleet.sim.topology import FaultRule
 from fleet.testing.harness import SimVCenter
 from tests.api.test_service import make_config, until
 from tests.api.test_tokens import ALICE, BOB, TOKEN, Api, api_on, folder_fake, write
@@ -369,3 +370,44 @@ async def test_a_journal_line_older_than_another_instances_label_does_not_shorte
             assert status == 200 and body["lease"]["expires_at"] >= extended, body
             await anyio.sleep(0.3)  # a label rewrite would have landed
             assert vm.extra_config[LABEL_LEASE].split()[4] == str(int(extended))
+
+
+async def test_an_extension_answered_is_in_vcenter_for_another_instance(
+        tmp_path: Path) -> None:
+    """An extension is answered once vCenter carries it: an instance that takes the pool
+    over (it reads no journal but its own) ends the lease when the client was told."""
+    first, second = pool_config(tmp_path, "state-a"), pool_config(tmp_path, "state-b")
+    async with folder_fake() as (vs, sim):
+        async with api_on(first, vs) as a:
+            await filled(a)
+            got = (await lease(a, BOB, {"ttl_s": 100}))[1]["lease"]
+            vm = pool_vms(sim)[got["member"]["name"]]
+            await until(lambda: vm.extra_config[LABEL_LEASE].startswith("leased "))
+            # No label write after the answer lands any more (as if killed right then).
+            a.service.pools["ci"]._label = lambda lease: None  # type: ignore[method-assign]
+            status, body = await a.call(BOB, "PATCH", f"/v1/leases/{got['id']}",
+                                        {"ttl_s": 500})
+            assert status == 200, body
+            extended = body["lease"]["expires_at"]
+        async with api_on(second, vs) as b:
+            await until(lambda: b.service.pools["ci"].serving, 30)
+            status, body = await b.call(BOB, "GET", f"/v1/leases/{got['id']}")
+            assert status == 200 and body["lease"]["expires_at"] >= extended, body
+
+
+async def test_the_label_writes_of_a_lease_land_in_order(tmp_path: Path) -> None:
+    """A slow write of a lease's grant label does not land after its extension's,
+    leaving vCenter (what another instance reads) with the older end."""
+    async with folder_fake() as (vs, sim), api_on(pool_config(tmp_path), vs) as api:
+        pool = await filled(api)
+        name = pool.idle[0].name  # the next lease's member (the oldest idle one)
+        sim.sim.faults.add(FaultRule(method="ReconfigVM_Task", object=name, fault="slow",
+                                     phase="call", delay_s=0.5, max_count=1))
+        got = (await lease(api, BOB, {"ttl_s": 100}))[1]["lease"]
+        assert got["member"]["name"] == name
+        status, body = await api.call(BOB, "PATCH", f"/v1/leases/{got['id']}",
+                                      {"ttl_s": 500})
+        assert status == 200, body
+        await until(lambda: not pool._labels and pool._labels_in_flight == 0)
+        vm = pool_vms(sim)[name]
+        assert vm.extra_config[LABEL_LEASE].split()[4] == str(int(body["lease"]["expires_at"]))
