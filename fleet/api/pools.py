@@ -26,6 +26,9 @@ docs/pools.md; in short:
   the journal and the label disagree on an end, the later one holds.
 - **Returned and expired members are destroyed**, never handed out again; so are
   idle members older than ``ready_ttl_s`` and unfinished clones found at start.
+  An idle member (or one in doubt) is labelled ``recycling`` before its destroy
+  begins, so one still being destroyed when its instance stops is not idle to the
+  next.
 
 :class:`Pool` is one pool's manager; :class:`Lease` one lease.
 """
@@ -54,7 +57,7 @@ from fleet.engine.lock import FleetLock, LockOptions, LockView
 from fleet.engine.members import MemberRecord, read_records
 from fleet.engine.reconcile import LABEL_READY_AT, LABEL_STATE, as_member
 from fleet.engine.run import EngineOptions, Provisioner
-from fleet.errors import FleetError
+from fleet.errors import FleetError, NotFound
 from fleet.vsphere.model import ListedVm, Ref
 
 log = logging.getLogger("fleet.api.pools")
@@ -77,6 +80,8 @@ KEEP_ENDED_S = 300.0
 REFILL_BACKOFF_MAX_S = 60.0
 #: compact the journal once it is larger than this
 COMPACT_BYTES = 1024 * 1024
+#: the lease label of an idle member (or one in doubt) whose destroy has begun
+RECYCLING = "recycling"
 
 
 _SHOWN = {"made": "refilling", "granting": "leased"}
@@ -582,6 +587,8 @@ class Pool:
             mine = said.split()[:2] == ["idle", self.instance]
             if vm.labels.get(LABEL_STATE) != "ready":
                 recycle.append((pm, "an unfinished clone"))
+            elif said.split(" ", 1)[0] == RECYCLING:
+                recycle.append((pm, "its destroy was under way"))
             elif mine and said != self._idle_label:
                 recycle.append((pm, "made from the pool's spec before it changed"))
             elif said == self._idle_label:
@@ -661,9 +668,11 @@ class Pool:
             elif m.state == "idle" and mono - m.idle_since >= self.cfg.ready_ttl_s:
                 with contextlib.suppress(ValueError):
                     self.idle.remove(m)
-                self._recycle(m, f"idle for {self.cfg.ready_ttl_s:g} s (ready_ttl_s)")
+                self._recycle(m, f"idle for {self.cfg.ready_ttl_s:g} s (ready_ttl_s)",
+                              mark=True)
             elif m.state == "doubt" and m.doubt_until is not None and m.doubt_until <= now:
-                self._recycle(m, "in doubt since a takeover, and any lease it had is over")
+                self._recycle(m, "in doubt since a takeover, and any lease it had is over",
+                              mark=True)
         for lid in [lid for lid, lease in self.leases.items()
                     if lease.pool == self.name and lease.ended_at is not None
                     and now - lease.ended_at > KEEP_ENDED_S]:
@@ -735,23 +744,32 @@ class Pool:
         pm.state = "idle"
         self.idle.append(pm)
 
-    def _recycle(self, member: PoolMember, why: str) -> None:
-        """Destroy ``member`` (in the background); it is never handed out again."""
+    def _recycle(self, member: PoolMember, why: str, *, mark: bool = False) -> None:
+        """Destroy ``member`` (in the background); it is never handed out again.
+        ``mark``: its label says idle; it says ``recycling`` before the destroy begins,
+        so a destroy still under way in vCenter when this instance stops (or dies)
+        leaves the next reading no idle member (powered off, about to vanish) to lease."""
         if member.state == "recycling":
             return
         member.state = "recycling"
         if self._tg is None:
             return  # the next reading finds it again
-        self._tg.start_soon(self._destroy, member, why)
+        self._tg.start_soon(self._destroy, member, why, mark)
 
-    async def _destroy(self, member: PoolMember, why: str) -> None:
+    async def _destroy(self, member: PoolMember, why: str, mark: bool = False) -> None:
         delay = 1.0
         while True:
             try:
                 async with self._destroy_limit:
                     with anyio.fail_after(CALL_S):
+                        if mark:
+                            await self.ctx.vs.update_extra_config(
+                                member.vm, {LABEL_LEASE: f"{RECYCLING} {self.instance}"})
+                            mark = False
                         await self.ctx.vs.destroy(member.vm)
                 break
+            except NotFound:
+                break  # gone already
             except (FleetError, TimeoutError) as exc:
                 log.warning("pool %s: could not destroy %s (%s): %s; trying again",
                             self.name, member.name, why, exc)

@@ -411,3 +411,25 @@ async def test_the_label_writes_of_a_lease_land_in_order(tmp_path: Path) -> None
         await until(lambda: not pool._labels and pool._labels_in_flight == 0)
         vm = pool_vms(sim)[name]
         assert vm.extra_config[LABEL_LEASE].split()[4] == str(int(body["lease"]["expires_at"]))
+
+
+async def test_a_member_being_destroyed_when_its_instance_stops_is_never_leased(
+        tmp_path: Path) -> None:
+    """An idle member past ready_ttl_s is being destroyed (powered off, its Destroy_Task
+    under way in vCenter) when its instance stops. Started again, the instance finds it
+    labelled as one of its own idle members, and must not lease it: it is on its way
+    out."""
+    async with folder_fake() as (vs, sim):
+        async with api_on(pool_config(tmp_path), vs) as a:
+            doomed = (await filled(a)).idle[0].name
+        # Its destroy takes longer than the test (a stop waits for refills under way).
+        sim.sim.faults.add(FaultRule(method="Destroy_Task", object=doomed, fault="slow",
+                                     delay_s=60.0, max_count=1))
+        vm = pool_vms(sim)[doomed]
+        async with api_on(pool_config(tmp_path, ready_ttl_s=0.5), vs):
+            await until(lambda: vm.power_state == "poweredOff")  # its destroy is under way
+        async with api_on(pool_config(tmp_path), vs) as a:
+            pool = a.service.pools["ci"]
+            await until(lambda: pool.serving, 30)
+            assert doomed not in {m.name for m in pool.idle}
+            await until(lambda: doomed not in pool_vms(sim))  # destroyed again, not idle
