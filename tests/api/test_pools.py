@@ -346,6 +346,16 @@ async def test_a_pool_gone_from_the_config_is_reported_and_left_alone(
         assert set(pool_vms(sim)) == before
 
 
+async def labelled_lease(api: Api, sim: SimVCenter) -> tuple[dict[str, Any], Any]:
+    """A lease (100 s) of a member of the filled pool, once vCenter carries its label;
+    and its VM."""
+    await filled(api)
+    got = (await lease(api, BOB, {"ttl_s": 100}))[1]["lease"]
+    vm = pool_vms(sim)[got["member"]["name"]]
+    await until(lambda: vm.extra_config[LABEL_LEASE].startswith("leased "))
+    return got, vm
+
+
 async def test_a_journal_line_older_than_another_instances_label_does_not_shorten_a_lease(
         tmp_path: Path) -> None:
     """a grants (its journal's line), b takes the pool over and extends the lease (b's
@@ -353,10 +363,7 @@ async def test_a_journal_line_older_than_another_instances_label_does_not_shorte
     first, second = pool_config(tmp_path, "state-a"), pool_config(tmp_path, "state-b")
     async with folder_fake() as (vs, sim):
         async with api_on(first, vs) as a:
-            await filled(a)
-            got = (await lease(a, BOB, {"ttl_s": 100}))[1]["lease"]
-            vm = pool_vms(sim)[got["member"]["name"]]
-            await until(lambda: vm.extra_config[LABEL_LEASE].startswith("leased "))
+            got, vm = await labelled_lease(a, sim)
         async with api_on(second, vs) as b:
             await until(lambda: b.service.pools["ci"].serving, 30)
             status, body = await b.call(BOB, "PATCH", f"/v1/leases/{got['id']}",
@@ -379,10 +386,7 @@ async def test_an_extension_answered_is_in_vcenter_for_another_instance(
     first, second = pool_config(tmp_path, "state-a"), pool_config(tmp_path, "state-b")
     async with folder_fake() as (vs, sim):
         async with api_on(first, vs) as a:
-            await filled(a)
-            got = (await lease(a, BOB, {"ttl_s": 100}))[1]["lease"]
-            vm = pool_vms(sim)[got["member"]["name"]]
-            await until(lambda: vm.extra_config[LABEL_LEASE].startswith("leased "))
+            got, _ = await labelled_lease(a, sim)
             # No label write after the answer lands any more (as if killed right then).
             a.service.pools["ci"]._label = lambda lease: None  # type: ignore[method-assign]
             status, body = await a.call(BOB, "PATCH", f"/v1/leases/{got['id']}",
