@@ -57,6 +57,7 @@ from fleet.engine.lock import FleetLock, LockOptions, LockView
 from fleet.engine.members import MemberRecord, read_records
 from fleet.engine.reconcile import LABEL_READY_AT, LABEL_STATE, as_member
 from fleet.engine.run import EngineOptions, Provisioner
+from fleet.engine.runstate import Job
 from fleet.errors import FleetError, NotFound
 from fleet.vsphere.model import ListedVm, Ref
 
@@ -187,7 +188,8 @@ class Pool:
         self.leases = leases
         self.members: dict[str, PoolMember] = {}  # by VM id
         self.idle: deque[PoolMember] = deque()  # oldest first
-        self.refilling: dict[int, float] = {}  # index -> monotonic time queued
+        #: index -> (monotonic time queued, its job: the VM once made)
+        self.refilling: dict[int, tuple[float, Job]] = {}
         self.waiters: deque[_Waiter] = deque()
         self.serving = False
         self.holder: str | None = None  # who serves it, when not this instance
@@ -693,19 +695,19 @@ class Pool:
         for _ in range(max(0, min(want, room))):
             index = self._next_index
             self._next_index += 1
-            self.refilling[index] = anyio.current_time()
-            prov.add(index)
+            now = anyio.current_time()
+            self.refilling[index] = (now, prov.add(index))
 
     def _on_event(self, event: Event) -> None:
         self._metrics_events(event)
         if isinstance(event, JobReady):
-            queued = self.refilling.pop(event.index, None)
-            job = self._job_vm(event.index)
-            if job is None or queued is None:
+            refill = self.refilling.pop(event.index, None)
+            if refill is None or refill[1].vm is None:
                 return
+            queued, vm = refill[0], refill[1].vm
             self._failures = 0
-            pm = PoolMember(event.index, event.name, job, "made")
-            self.members[job.id] = pm
+            pm = PoolMember(event.index, event.name, vm, "made")
+            self.members[vm.id] = pm
             if self._tg is not None:
                 self._tg.start_soon(self._became_ready, pm, queued)
         elif isinstance(event, JobFailed):
@@ -717,15 +719,6 @@ class Pool:
                 delay = min(REFILL_BACKOFF_MAX_S, 0.5 * 2.0 ** min(self._failures, 10))
                 self._backoff_until = anyio.current_time() + delay
             self.wake()
-
-    def _job_vm(self, index: int) -> Ref | None:
-        prov = self._provisioner
-        if prov is None:
-            return None
-        for job in reversed(prov._jobs):
-            if job.index == index:
-                return job.vm
-        return None
 
     async def _became_ready(self, pm: PoolMember, queued: float) -> None:
         await self._read_records([pm])
