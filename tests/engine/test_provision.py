@@ -77,22 +77,31 @@ async def test_full_workflow_every_member_ready_without_conflicts() -> None:
         summary = await provision(spec, vs, on_event=rec, options=opts())
     assert_complete(vc, spec)
     assert summary.ready == summary.requested == 120 and summary.failed == 0
-    assert summary.complete and summary.created == 120 and summary.adopted == 0
+    # Each member made once. A clone whose task this run did not see end within
+    # clone_s (a loaded machine) is looked for and adopted, never cloned again
+    # (docs/cli-json.md: adopted counts lost replies): vCenter finished exactly 120
+    # clone tasks, and with no earlier members every adopted one is this run's own.
+    assert summary.complete and summary.created + summary.adopted == 120
+    assert summary.adopted == len(rec.of(JobAdopted))
+    assert vc.clones.submitted - sum(vc.clones.faults.values()) == 120, vc.clones.faults
     assert vc.network_conflicts == 0
     assert max(vc.clones.peak("host").values()) <= 8
     assert vc.clones.queued == 0  # never more than vCenter runs at once
-    for phase in ("queue", "clone", "network", "reconnect", "ready"):
-        assert summary.phases[phase].count == 120, phase
+    # An adopted clone's queue and clone times are unknown (its end was not seen), so
+    # those phases count the clones made; every member went through the rest.
+    for phase, count in (("queue", summary.created), ("clone", summary.created),
+                         ("network", 120), ("reconnect", 120), ("ready", 120)):
+        assert summary.phases[phase].count == count, phase
         p = summary.phases[phase]
         assert p.p50_s <= p.p95_s <= p.p99_s <= p.max_s
-    assert sum(s.clones for s in summary.sources.values()) == 120
+    assert sum(s.clones for s in summary.sources.values()) == summary.created
     assert len(rec.of(JobReady)) == 120
     data = json.loads(summary.to_json())
     for key in ("requested", "ready", "failed", "duration_s", "clones_per_s", "phases",
                 "sources", "failures"):
         assert key in data
     assert data["sources"]["frozen-01"]["chain_depth"] == 2
-    assert data["phases"]["clone"]["count"] == 120
+    assert data["phases"]["clone"]["count"] == summary.created
     # every member got its labels, guestinfo and a real IP of its own
     ips = set()
     for vm in vc.folder_vms(spec.folder_path):
