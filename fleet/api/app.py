@@ -113,6 +113,10 @@ def _route(request: web.Request) -> str:
     return str(resource.canonical)
 
 
+#: Retry-After of a 503 that names no better time (the service stopping, a state
+#: directory or audit log that cannot be written, vCenter not answering)
+UNAVAILABLE_RETRY_S = 5
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time every request, and turn every refusal into the JSON error shape."""
@@ -122,6 +126,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except ApiError as exc:
         headers = {"WWW-Authenticate": 'Bearer realm="fleet"'} if exc.status == 401 else {}
+        if exc.status == 503 and exc.retry_after is None:
+            exc.retry_after = UNAVAILABLE_RETRY_S  # every 503 says when to come back
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
         response = _json(exc.to_dict(), exc.status, headers)
@@ -363,6 +369,13 @@ def _lease_answer(service: FleetService, lease: Lease, status: int = 200) -> web
                  {"Location": f"/v1/leases/{lease.id}"} if status == 201 else None)
 
 
+def _hung_up(request: web.Request) -> bool:
+    """Whether the caller has closed its connection (the service does not cancel a
+    handler then: edge.py), so an answer could no longer reach it."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def create_lease(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     pool = request.match_info["pool"]
@@ -372,7 +385,8 @@ async def create_lease(request: web.Request) -> web.Response:
     if request.body_exists and (request.content_length or 0) != 0:
         body = await _body(request)
     ttl_s, wait_s = lease_request(body, request.app[CONFIG_KEY])
-    lease = await service.lease(pool, request[CLIENT], ttl_s=ttl_s, wait_s=wait_s)
+    lease = await service.lease(pool, request[CLIENT], ttl_s=ttl_s, wait_s=wait_s,
+                                gone=lambda: _hung_up(request))
     request[OBJECT] = f"{lease.pool}/{lease.id}"
     return _lease_answer(service, lease, 201)
 

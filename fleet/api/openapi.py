@@ -294,8 +294,9 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
     no_pool = _error("no such pool")
     no_lease = _error("no such lease here (or another client's; or the pool is served by "
                       "another instance)")
-    not_serving = _error("the service is stopping, cannot record leases or audit now, or "
-                         "another instance serves this pool (Retry-After)")
+    not_serving = _error("the service is stopping, cannot record leases or audit now, "
+                         "vCenter did not take a lease's new end, or another instance "
+                         "serves this pool (each with Retry-After)")
     lease_body = {k: v for k, v in bad_body.items() if k not in ("409", "429", "503")}
     pool_paths = {
         "/v1/pools": {

@@ -274,7 +274,8 @@ class FleetService:
 
     def _check_accepting(self) -> None:
         if self._stopping or self._tg is None:
-            raise ApiError(503, "the service is stopping")
+            raise ApiError(503, "the service is stopping; retry (against it once it is "
+                                "back, or another instance)")
 
     async def apply(self, request: FleetRequest, body: Any = None,
                     client: Client | None = None) -> tuple[FleetRecord, bool]:
@@ -422,7 +423,8 @@ class FleetService:
         return pool
 
     async def lease(self, pool_name: str, client: Client, *, ttl_s: float | None = None,
-                    wait_s: float | None = None) -> Lease:
+                    wait_s: float | None = None,
+                    gone: Callable[[], bool] = lambda: False) -> Lease:
         """Lease a member of the pool for ``client`` (docs/pools.md): at once, or
         within ``wait_s``; quotas are checked first (429 naming the quota)."""
         self._check_accepting()
@@ -439,7 +441,7 @@ class FleetService:
             raise
         self._leasing[client.name] += 1
         try:
-            return await pool.lease(client.name, ttl_s, wait_s)
+            return await pool.lease(client.name, ttl_s, wait_s, gone)
         finally:
             self._leasing[client.name] -= 1
             if not self._leasing[client.name]:

@@ -278,6 +278,7 @@ async def test_no_change_is_accepted_while_the_audit_log_cannot_be_written(
         assert status == 202  # accepted; its line could not be written: logged, and...
         status, body = await api.call(ALICE, "POST", "/v1/fleets", {"name": "dos", "count": 0})
         assert status == 503 and "audit log" in body["error"]["message"]
+        assert body["error"]["retry_after_s"] == 5  # every 503 says when to come back
         assert "dos" not in api.service.fleets
         assert (await api.call(ALICE, "GET", "/v1/fleets/un"))[0] == 200  # reads go on
         audit.rmdir()
@@ -345,3 +346,15 @@ async def test_a_fleet_made_outside_the_service_is_for_admins_only(tmp_path: Pat
             assert status == 403, body
             status, body = await api.call(TOKEN, "GET", "/v1/fleets/fromcli")
             assert status == 200 and body["owner"] is None
+
+
+async def test_a_stopping_service_answers_503_with_retry_after(tmp_path: Path) -> None:
+    config = tokens_config(tmp_path, tmp_path / "state")
+    async with folder_fake() as (vs, _), api_on(config, vs) as api:
+        api.service._stopping = True  # what a SIGTERM sets first
+        resp = await api.http.post("/v1/fleets", json={"name": "late", "count": 0},
+                                   headers={"Authorization": f"Bearer {ALICE}"})
+        body = await resp.json()
+        assert resp.status == 503 and "stopping" in body["error"]["message"]
+        assert resp.headers["Retry-After"] == "5" and body["error"]["retry_after_s"] == 5
+        api.service._stopping = False
