@@ -116,7 +116,8 @@ POOL_STATES = ("idle", "leased", "refilling", "recycling", "doubt")
 #: fleet_leases_total's outcomes; "refused" is counted by count_lease_refused alone
 LEASE_OUTCOMES = ("granted", "returned", "expired", "refused")
 #: fleet_lease_refusals_total's reasons
-REFUSAL_REASONS = ("at_max", "wait_timeout", "quota", "not_allowed", "not_serving")
+REFUSAL_REASONS = ("at_max", "wait_timeout", "quota", "not_allowed", "not_serving",
+                   "client_gone")
 #: How long a gone fleet's outcome counters stay: several scrapes at any usual interval
 #: (Prometheus' default is 1 min), so its last increments (the clones a delete or an
 #: expiry cancelled) are scraped. After that, rate() and the alerts go on using the

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import ssl
 import subprocess
@@ -172,6 +173,33 @@ def test_lease_prints_the_member_and_release_destroys_it(service: Service) -> No
     # Returning it again is no error (a CI job's cleanup may run twice).
     again = service.fleet("release", lid)
     assert again.returncode == 0, again.stderr
+
+
+def test_a_lease_given_up_while_waiting_leaves_its_member_idle(service: Service) -> None:
+    """A CI job cancelled while its ``fleet lease`` waits: the member that then comes is
+    not leased to nobody (``fleet serve`` does not cancel a request whose caller hangs
+    up; the pool sees it gone), it stays idle and the next request gets it at once."""
+    admin = {"FLEET_API_TOKEN": service.proc.token}
+    full = {**service.env, **admin}
+    waiting = subprocess.Popen([sys.executable, "-m", "fleet", "lease", "--pool", "other",
+                                "--wait", "60s", "--json"], env=full, text=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        service.until("the request waiting", lambda: service.pool("other")["waiting"] == 1)
+        waiting.send_signal(signal.SIGINT)
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode != 0 and "lease" not in json.loads(out or "{}"), (out, err)
+    service.until("the refill idle", lambda: (
+        (p := service.pool("other"))["members"]["idle"] == 1
+        and p["members"]["refilling"] == 0 and p["waiting"] == 0))
+    assert not [x for x in service.api("/v1/leases")["leases"] if x["pool"] == "other"]
+    got = service.fleet("lease", "--pool", "other", "--wait", "0", "--json", env=admin)
+    assert got.returncode == 0, got.stderr
+    lid = json.loads(got.stdout)["lease"]["id"]
+    assert service.fleet("release", lid, env=admin).returncode == 0
 
 
 def test_json_env_and_print_give_the_lease_to_a_script(service: Service) -> None:

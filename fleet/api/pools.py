@@ -41,6 +41,7 @@ import math
 import secrets
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -200,8 +201,9 @@ class Pool:
         self._lock: FleetLock | None = None
         self._tg: TaskGroup | None = None
         self._wake = anyio.Event()
-        self._failures = 0
+        self._failures = 0  # rounds of refills that failed in a row
         self._backoff_until = 0.0
+        self._backoff_set_at = -math.inf  # when the last round's failure set the backoff
         self._labels: deque[Lease] = deque()
         self._label_wake = anyio.Event()
         self._doubts: list[PoolMember] = []  # doubt deadlines to write on the members
@@ -258,9 +260,16 @@ class Pool:
         err.retry_after = 5
         return err
 
-    async def lease(self, client: str, ttl_s: float | None, wait_s: float | None) -> Lease:
+    async def lease(self, client: str, ttl_s: float | None, wait_s: float | None,
+                    gone: Callable[[], bool] = lambda: False) -> Lease:
         """A lease of an idle member, at once or within ``wait_s``; ApiError otherwise
-        (429 at max or after the wait, 503 when this instance does not serve it)."""
+        (429 at max or after the wait, 503 when this instance does not serve it).
+
+        ``gone`` says whether the caller has hung up. A member that arrives for a caller
+        who has gone is handed to the next one (or goes back to idle) without a grant,
+        and a grant whose caller left while it was recorded is returned at once: no VM
+        stays leased to nobody until its TTL. (A caller who hangs up after that check
+        is not seen; its lease runs until it is returned or expires.)"""
         t0 = anyio.current_time()
         ttl = self.cfg.lease_ttl_s if ttl_s is None else ttl_s
         wait = self.cfg.wait_s if wait_s is None else wait_s
@@ -278,10 +287,31 @@ class Pool:
                 raise self._busy("no member is idle now and the request does not wait "
                                  "(wait_s = 0)")
             member = await self._wait_for_member(client, ttl, wait)
+        if gone():
+            self._hand_on(member, front=True)
+            self._refused("client_gone", client)
+            raise self._client_gone()
         member.state = "granting"
         lease = await self._grant(member, client, ttl)
+        if gone():
+            log.info("pool %s: lease %s's client %s hung up before the answer; returned",
+                     self.name, lease.id, client)
+            with contextlib.suppress(ApiError):  # not serving now: it runs to its TTL
+                await self.release(lease)
+            raise self._client_gone()
         self.ctx.metrics.observe_lease_wait(self.name, anyio.current_time() - t0)
         return lease
+
+    @staticmethod
+    def _cannot_record() -> ApiError:
+        return ApiError(503, "the service cannot record leases now (its state directory "
+                             "is not writable); try again later")
+
+    def _client_gone(self) -> ApiError:
+        err = ApiError(499, f"pool {self.name}: the client closed the connection before "
+                            "the answer; no lease is kept for it")
+        err.reason = "client_gone"
+        return err
 
     async def _wait_for_member(self, client: str, ttl: float, wait: float) -> PoolMember:
         waiter = _Waiter(client, ttl)
@@ -338,8 +368,7 @@ class Pool:
                           self.journal.path, exc)
                 member.state = "idle"
                 self.idle.appendleft(member)
-                raise ApiError(503, "the service cannot record leases now (its state "
-                                    "directory is not writable); try again later") from None
+                raise self._cannot_record() from None
         if member.state != "granting" or self.members.get(member.vm.id) is not member:
             # Taken from under the grant (the pool stopped serving and was re-read):
             # the journal's line makes the next reading treat it as leased.
@@ -393,8 +422,7 @@ class Pool:
                 await self.journal.append(lease.entry("extend"))
             except OSError:
                 lease.expires_at = old
-                raise ApiError(503, "the service cannot record leases now (its state "
-                                    "directory is not writable); try again later") from None
+                raise self._cannot_record() from None
             # Answered once vCenter carries the new end: an instance that takes the pool
             # over reads the labels, not this instance's journal.
             labelled = await self._put_label(lease)
@@ -711,13 +739,19 @@ class Pool:
             if self._tg is not None:
                 self._tg.start_soon(self._became_ready, pm, queued)
         elif isinstance(event, JobFailed):
-            if self.refilling.pop(event.index, None) is None:
+            refill = self.refilling.pop(event.index, None)
+            if refill is None:
                 return
             if event.outcome == "failed":
-                self._failures += 1
                 self.error = f"a refill failed: {event.reason}: {event.message}"
-                delay = min(REFILL_BACKOFF_MAX_S, 0.5 * 2.0 ** min(self._failures, 10))
-                self._backoff_until = anyio.current_time() + delay
+                # The backoff doubles per round, not per clone: the other clones queued
+                # before the last failure's backoff fail for the same cause, and a burst
+                # of ten must not push it to its max at once.
+                if refill[0] >= self._backoff_set_at:
+                    self._failures += 1
+                    now = anyio.current_time()
+                    delay = min(REFILL_BACKOFF_MAX_S, 0.5 * 2.0 ** min(self._failures, 10))
+                    self._backoff_until, self._backoff_set_at = now + delay, now
             self.wake()
 
     async def _became_ready(self, pm: PoolMember, queued: float) -> None:
@@ -727,6 +761,11 @@ class Pool:
         self.refilled += 1
         self.ctx.metrics.observe_refill(self.name, anyio.current_time() - queued)
         pm.idle_since = anyio.current_time()
+        self._hand_on(pm)
+
+    def _hand_on(self, pm: PoolMember, *, front: bool = False) -> None:
+        """``pm`` is free to lease: to the oldest waiter still waiting, else idle (at the
+        front of the idle members if ``front``)."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.gone:
@@ -735,7 +774,10 @@ class Pool:
                 waiter.got.set()
                 return
         pm.state = "idle"
-        self.idle.append(pm)
+        if front:  # it was the oldest idle member, taken for a caller who has gone
+            self.idle.appendleft(pm)
+        else:
+            self.idle.append(pm)
 
     def _recycle(self, member: PoolMember, why: str, *, mark: bool = False) -> None:
         """Destroy ``member`` (in the background); it is never handed out again.

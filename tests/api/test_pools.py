@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from fleet.api.pools import Pool
+from fleet.api.requests import ApiError
 from fleet.engine.lifetime import LABEL_LEASE, LABEL_POOL
 from fleet.sim.topology import FaultRule
 from fleet.testing.harness import SimVCenter
@@ -437,3 +438,36 @@ async def test_a_member_being_destroyed_when_its_instance_stops_is_never_leased(
             await until(lambda: pool.serving, 30)
             assert doomed not in {m.name for m in pool.idle}
             await until(lambda: doomed not in pool_vms(sim))  # destroyed again, not idle
+
+
+async def test_a_grant_whose_caller_hung_up_meanwhile_is_returned_at_once(
+        tmp_path: Path) -> None:
+    async with folder_fake() as (vs, sim), api_on(pool_config(tmp_path), vs) as api:
+        pool = await filled(api)
+        first = pool.idle[0]
+        asked = iter([False, True])  # there before the grant, gone once it is recorded
+        with pytest.raises(ApiError) as refused:
+            await pool.lease("bob", None, None, gone=lambda: next(asked))
+        assert refused.value.status == 499 and refused.value.reason == "client_gone"
+        (lease_,) = pool.leases.values()
+        assert lease_.state == "returned" and lease_.member is first
+        await until(lambda: first.name not in pool_vms(sim))  # destroyed, never handed out
+        # Gone before the grant: nothing is recorded and the member stays first in line.
+        await filled(api)
+        head = pool.idle[0]
+        with pytest.raises(ApiError):
+            await pool.lease("bob", None, None, gone=lambda: True)
+        assert pool.idle[0] is head and len(pool.leases) == 1
+
+
+async def test_a_burst_of_failed_refills_backs_off_once_not_once_per_clone(
+        tmp_path: Path) -> None:
+    """Four refills queued together fail for one cause: the backoff is one round's (1 s),
+    where doubling per clone made it 8 s (and ten made it the 60 s max)."""
+    async with folder_fake() as (vs, sim), api_on(pool_config(tmp_path, ready=4), vs) as api:
+        sim.sim.faults.add(FaultRule(method="InstantClone_Task", fault="InvalidState",
+                                     phase="task"))
+        pool = api.service.pools["ci"]
+        await until(lambda: pool.error is not None and not pool.refilling, 20)
+        assert pool._failures == 1, pool.error
+        assert pool._backoff_until - pool._backoff_set_at == 1.0
