@@ -57,8 +57,9 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 class Service:
     """The module's ``fleet serve`` (HTTPS, with a CA file), and its client's environment."""
 
-    def __init__(self, proc: ServeProcess, ca: Path, tmp: Path) -> None:
+    def __init__(self, proc: ServeProcess, ca: Path, tmp: Path, sim: SimProcess) -> None:
         self.proc = proc
+        self.sim = sim
         self.url = proc.url
         self.ca = ca
         self.tmp = tmp
@@ -128,7 +129,7 @@ def service() -> Iterator[Service]:
         proc = ServeProcess(config)
         try:
             assert proc.url.startswith("https://127.0.0.1:")
-            yield Service(proc, tmp / "cert.pem", tmp)
+            yield Service(proc, tmp / "cert.pem", tmp, sim)
         finally:
             proc.stop()
 
@@ -181,17 +182,24 @@ def test_a_lease_given_up_while_waiting_leaves_its_member_idle(service: Service)
     up; the pool sees it gone), it stays idle and the next request gets it at once."""
     admin = {"FLEET_API_TOKEN": service.proc.token}
     full = {**service.env, **admin}
-    waiting = subprocess.Popen([sys.executable, "-m", "fleet", "lease", "--pool", "other",
-                                "--wait", "60s", "--json"], env=full, text=True,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+    # The pool's clones fail until the caller has gone, so no member can come before.
+    service.sim.add_faults({"method": "InstantClone_Task", "object": "other-*",
+                            "fault": "FileNotFound", "phase": "task"})
     try:
-        service.until("the request waiting", lambda: service.pool("other")["waiting"] == 1)
-        waiting.send_signal(signal.SIGINT)
-        out, err = waiting.communicate(timeout=60)
+        waiting = subprocess.Popen([sys.executable, "-m", "fleet", "lease", "--pool",
+                                    "other", "--wait", "60s", "--json"], env=full,
+                                   text=True, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            service.until("the request waiting",
+                          lambda: service.pool("other")["waiting"] == 1)
+            waiting.send_signal(signal.SIGINT)
+            out, err = waiting.communicate(timeout=60)
+        finally:
+            waiting.kill()
     finally:
-        waiting.kill()
-    assert waiting.returncode != 0 and "lease" not in json.loads(out or "{}"), (out, err)
+        service.sim.clear_faults()
+    assert waiting.returncode != 0 and out == "", (out, err)
     service.until("the refill idle", lambda: (
         (p := service.pool("other"))["members"]["idle"] == 1
         and p["members"]["refilling"] == 0 and p["waiting"] == 0))
@@ -200,7 +208,6 @@ def test_a_lease_given_up_while_waiting_leaves_its_member_idle(service: Service)
     assert got.returncode == 0, got.stderr
     lid = json.loads(got.stdout)["lease"]["id"]
     assert service.fleet("release", lid, env=admin).returncode == 0
-
 
 def test_json_env_and_print_give_the_lease_to_a_script(service: Service) -> None:
     service.filled("ci")

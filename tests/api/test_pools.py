@@ -465,7 +465,7 @@ async def test_a_burst_of_failed_refills_backs_off_once_not_once_per_clone(
     """Four refills queued together fail for one cause: the backoff is one round's (1 s),
     where doubling per clone made it 8 s (and ten made it the 60 s max)."""
     async with folder_fake() as (vs, sim), api_on(pool_config(tmp_path, ready=4), vs) as api:
-        sim.sim.faults.add(FaultRule(method="InstantClone_Task", fault="InvalidState",
+        sim.sim.faults.add(FaultRule(method="InstantClone_Task", fault="FileNotFound",
                                      phase="task"))
         pool = api.service.pools["ci"]
         await until(lambda: pool.error is not None and not pool.refilling, 20)
