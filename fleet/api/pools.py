@@ -170,6 +170,8 @@ class _Waiter:
     got: anyio.Event = field(default_factory=anyio.Event)
     member: PoolMember | None = None
     gone: bool = False
+    #: whether the caller has hung up (looked at on every tick)
+    hung_up: Callable[[], bool] = lambda: False
 
 
 class Pool:
@@ -286,7 +288,7 @@ class Pool:
                 self._refused("wait_timeout", client)
                 raise self._busy("no member is idle now and the request does not wait "
                                  "(wait_s = 0)")
-            member = await self._wait_for_member(client, ttl, wait)
+            member = await self._wait_for_member(client, ttl, wait, gone)
         if gone():
             self._hand_on(member, front=True)
             self._refused("client_gone", client)
@@ -313,8 +315,9 @@ class Pool:
         err.reason = "client_gone"
         return err
 
-    async def _wait_for_member(self, client: str, ttl: float, wait: float) -> PoolMember:
-        waiter = _Waiter(client, ttl)
+    async def _wait_for_member(self, client: str, ttl: float, wait: float,
+                               gone: Callable[[], bool]) -> PoolMember:
+        waiter = _Waiter(client, ttl, hung_up=gone)
         self.waiters.append(waiter)
         self._refill()
         try:
@@ -326,6 +329,9 @@ class Pool:
                 with contextlib.suppress(ValueError):
                     self.waiters.remove(waiter)
         if waiter.member is None:
+            if gone():
+                self._refused("client_gone", client)
+                raise self._client_gone()
             if not self.serving:
                 self._refused("not_serving", client)
                 raise self._not_serving()
@@ -691,6 +697,11 @@ class Pool:
     def _tick(self) -> None:
         now = self.ctx.clock()
         mono = anyio.current_time()
+        # A request whose caller hung up stops waiting (and asking for a clone): the
+        # service does not cancel it, so without this it would wait out its wait_s.
+        for waiter in [w for w in self.waiters if w.member is None and w.hung_up()]:
+            self.waiters.remove(waiter)
+            waiter.got.set()
         for m in list(self.members.values()):
             if m.state == "leased" and m.lease is not None and m.lease.state == "active" \
                     and m.lease.expires_at <= now:
