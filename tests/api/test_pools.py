@@ -481,6 +481,7 @@ async def test_a_member_that_comes_for_a_caller_who_hung_up_stays_idle(
     async with folder_fake() as (vs, _sim), api_on(pool_config(tmp_path), vs) as api:
         await filled(api)
         other = api.service.pools["other"]  # keeps none idle: a request waits
+        await until(lambda: other.serving)
         hung_up = False
         outcome: list[BaseException] = []
 
