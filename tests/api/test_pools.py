@@ -475,26 +475,15 @@ async def test_a_burst_of_failed_refills_backs_off_once_not_once_per_clone(
 
 async def test_a_member_that_comes_for_a_caller_who_hung_up_stays_idle(
         tmp_path: Path) -> None:
-    """The request waits for a refill, its caller hangs up: the refill's member is not
-    granted to it (whether the tick drops the request first or the member finds it),
-    it stays idle, and the request ends as client_gone."""
+    """The request waits for a refill, and its caller hangs up once the refill's VM
+    exists: the member is not granted to it (whether a tick drops the request first or
+    the member finds it gone), it stays idle, and the request ends as client_gone."""
     async with folder_fake() as (vs, _sim), api_on(pool_config(tmp_path), vs) as api:
         await filled(api)
         other = api.service.pools["other"]  # keeps none idle: a request waits
         await until(lambda: other.serving)
-        hung_up = False
-        outcome: list[BaseException] = []
-
-        async def ask() -> None:
-            try:
-                await other.lease("bob", None, 30, gone=lambda: hung_up)
-            except ApiError as exc:
-                outcome.append(exc)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ask)
-            await until(lambda: len(other.waiters) == 1)
-            hung_up = True
+        with pytest.raises(ApiError) as refused:
+            await other.lease("bob", None, 30, gone=lambda: bool(other.members))
+        assert (refused.value.status, refused.value.reason) == (499, "client_gone")
         await until(lambda: len(other.idle) == 1 and not other.refilling, 20)
-        assert [(e.status, e.reason) for e in outcome] == [(499, "client_gone")]  # type: ignore[attr-defined]
         assert not other.waiters and not [x for x in other.leases.values() if x.pool == "other"]
