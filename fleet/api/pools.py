@@ -51,7 +51,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from fleet.api.config import PoolSection
 from fleet.api.context import ServiceContext
 from fleet.api.lease_journal import LeaseJournal
-from fleet.api.requests import ApiError
+from fleet.api.requests import ApiError, stopping_error
 from fleet.engine.events import Event, JobFailed, JobReady
 from fleet.engine.lifetime import FLEET_LABELS, LABEL_LEASE, LABEL_POOL
 from fleet.engine.lock import FleetLock, LockOptions, LockView
@@ -255,7 +255,7 @@ class Pool:
     # -- leases (called by the service) ---------------------------------------------
     def _not_serving(self) -> ApiError:
         if self.stopping:
-            return ApiError(503, "the service is stopping")
+            return stopping_error()
         who = self.holder or "another instance (or this one is still taking it over)"
         err = ApiError(503, f"pool {self.name} is served by {who}; send lease requests "
                             "there, or retry: this instance takes over if that one stops")

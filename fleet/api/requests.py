@@ -94,6 +94,13 @@ class ApiError(Exception):
         return {"error": out}
 
 
+
+def stopping_error() -> ApiError:
+    """The refusal of a service that is stopping (its fleets' and pools' alike); the
+    error middleware adds its Retry-After."""
+    return ApiError(503, "the service is stopping; retry (against it once it is back, or "
+                         "another instance)")
+
 def key_parts(key: str) -> list[str | int] | None:
     """A dotted key (``sources[1].name``, ``guestinfo."guestinfo.x"``) as its parts."""
     parts: list[str | int] = []

@@ -77,7 +77,7 @@ from fleet.api.records import (
     summary_of,
     with_records,
 )
-from fleet.api.requests import ApiError, FleetRequest, invalid, valid_name
+from fleet.api.requests import ApiError, FleetRequest, invalid, stopping_error, valid_name
 from fleet.api.scanner import CALL_TIMEOUT_S, Scanner
 from fleet.api.sources import SourceCheck
 from fleet.api.state import StateStore
@@ -274,8 +274,7 @@ class FleetService:
 
     def _check_accepting(self) -> None:
         if self._stopping or self._tg is None:
-            raise ApiError(503, "the service is stopping; retry (against it once it is "
-                                "back, or another instance)")
+            raise stopping_error()
 
     async def apply(self, request: FleetRequest, body: Any = None,
                     client: Client | None = None) -> tuple[FleetRecord, bool]:
