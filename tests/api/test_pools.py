@@ -464,13 +464,15 @@ async def test_a_burst_of_failed_refills_backs_off_once_not_once_per_clone(
         tmp_path: Path) -> None:
     """Four refills queued together fail for one cause: the backoff is one round's (1 s),
     where doubling per clone made it 8 s (and ten made it the 60 s max)."""
-    async with folder_fake() as (vs, sim), api_on(pool_config(tmp_path, ready=4), vs) as api:
+    async with folder_fake() as (vs, sim):
+        # Before the service starts, so no refill can be made before the fault is there.
         sim.sim.faults.add(FaultRule(method="InstantClone_Task", fault="FileNotFound",
                                      phase="task"))
-        pool = api.service.pools["ci"]
-        await until(lambda: pool.error is not None and not pool.refilling, 20)
-        assert pool._failures == 1, pool.error
-        assert pool._backoff_until - pool._backoff_set_at == 1.0
+        async with api_on(pool_config(tmp_path, ready=4), vs) as api:
+            pool = api.service.pools["ci"]
+            await until(lambda: pool.error is not None and not pool.refilling, 20)
+            assert pool._failures == 1, pool.error
+            assert pool._backoff_until - pool._backoff_set_at == 1.0
 
 
 async def test_a_member_that_comes_for_a_caller_who_hung_up_stays_idle(
